@@ -1,0 +1,58 @@
+//! # colo-transport
+//!
+//! The wire between a COLO primary and its secondary:
+//!
+//! - [`control`]: the versioned handshake and the COLO control messages (checkpoint
+//!   request/reply, vmstate send/size/received/loaded, heartbeat, failover).
+//! - [`push`]: the one-sided page-push model: a registered receive region, posted writes of
+//!   page runs, a fence, and an epoch commit carrying the bitmap of pages written.
+//! - Backends of that model: [`tcp`] (default), `rdma` (feature `rdma`, verbs through
+//!   rdma-sys), and [`double`], an in-process double that enforces the verbs rules and
+//!   injects faults.
+//!
+//! Every frame is checked before use (magic, version, lengths, offsets inside the region);
+//! a bad frame closes its connection with a typed [`Error`], and no write ever lands
+//! outside the region.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use colo_transport::{Region, push::{PushReceiver, PushSender, WriteRun, push_epoch}};
+//! use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
+//!
+//! let cache = Arc::new(Region::anonymous(64 * 4096)?);
+//! let guest = Arc::new(Region::anonymous(64 * 4096)?);
+//! guest.write_at(5 * 4096, b"dirty page")?;
+//!
+//! let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), 4096)?;
+//! let desc = *listener.desc();
+//! let rx = std::thread::spawn(move || -> colo_transport::Result<_> {
+//!     let mut rx = listener.accept(std::time::Duration::from_secs(5))?;
+//!     let c = rx.next_commit(std::time::Duration::from_secs(5))?;
+//!     rx.release(c.epoch)?;
+//!     Ok(c)
+//! });
+//! let addr = ([127, 0, 0, 1], desc.port).into();
+//! let mut tx = TcpPushSender::connect(addr, desc, guest, TcpPushOptions::default())?;
+//! push_epoch(&mut tx, [WriteRun::pages(5, 1, 4096)], &[1 << 5])?;
+//! let commit = rx.join().unwrap()?;
+//! assert_eq!((commit.epoch, commit.bitmap[0], commit.bytes), (1, 1 << 5, 4096));
+//! let mut b = [0u8; 10];
+//! cache.read_at(5 * 4096, &mut b)?;
+//! assert_eq!(&b, b"dirty page");
+//! # Ok::<(), colo_transport::Error>(())
+//! ```
+
+pub mod control;
+pub mod double;
+mod error;
+mod frame_io;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod push;
+#[cfg(feature = "rdma")]
+pub mod rdma;
+mod region;
+pub mod tcp;
+
+pub use error::{Error, Result};
+pub use region::Region;

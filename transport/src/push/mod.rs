@@ -1,0 +1,197 @@
+//! The one-sided page-push model, written once for every backend.
+//!
+//! 1. The receiver registers a region (its RAM cache) and publishes a [`RegionDesc`]:
+//!    address, key, length, page size (and, for TCP, the port to connect to).
+//! 2. The sender posts [`WriteRun`]s: a span of its own source region (guest memory) to be
+//!    placed at an offset of the remote region.
+//! 3. The sender fences: [`PushSender::fence`] returns once every posted byte has landed.
+//! 4. The sender commits the epoch with the bitmap of pages written. The receiver's
+//!    [`PushReceiver::next_commit`] yields the epoch only after every byte of it landed.
+//!
+//! The receiver then applies the epoch (the RAM cache flushes into the SVM) and calls
+//! [`PushReceiver::release`]. Writes of the next epoch may not land in the region before
+//! that: the TCP backend holds them back (backpressure), the test double refuses them, and
+//! over RDMA the primary waits for `VmstateLoaded` before it pushes again.
+
+mod pipeline;
+
+use std::time::Duration;
+
+pub use pipeline::{EpochStats, push_epoch};
+
+use crate::error::{Error, Result};
+
+/// A registered receive region, as the sender needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// The region's address on the receiver (used by RDMA; informational for TCP).
+    pub addr: u64,
+    /// The key that grants writes into exactly this region.
+    pub key: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Page size of the epoch bitmap.
+    pub page_size: u32,
+    /// Port of the receiver's push listener (TCP, or rdma_cm).
+    pub port: u16,
+}
+
+impl RegionDesc {
+    /// Pages in the region (a trailing partial page counts as one).
+    pub fn pages(&self) -> u64 {
+        self.len.div_ceil(u64::from(self.page_size.max(1)))
+    }
+
+    /// Words in an epoch bitmap of this region.
+    pub fn bitmap_words(&self) -> usize {
+        self.pages().div_ceil(64) as usize
+    }
+
+    /// Checks an epoch bitmap against the region: exact word count, no bit past the last
+    /// page.
+    ///
+    /// # Errors
+    /// [`Error::BitmapSize`] or [`Error::BitmapExcess`].
+    pub fn check_bitmap(&self, bitmap: &[u64]) -> Result<()> {
+        let pages = self.pages();
+        let expected = self.bitmap_words();
+        if bitmap.len() != expected {
+            return Err(Error::BitmapSize {
+                found: bitmap.len(),
+                expected,
+                pages,
+            });
+        }
+        let tail_bits = pages % 64;
+        if tail_bits != 0 {
+            if let Some(&last) = bitmap.last() {
+                if last >> tail_bits != 0 {
+                    return Err(Error::BitmapExcess { pages });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One write: `len` bytes from the sender's source region at `src` to the receiver's
+/// region at `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteRun {
+    /// Offset in the sender's source region.
+    pub src: u64,
+    /// Offset in the receiver's region.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+impl WriteRun {
+    /// A run of `count` pages starting at page `first`, at the same offset on both sides
+    /// (the usual case: guest memory to a RAM cache of the same layout).
+    pub fn pages(first: u64, count: u64, page_size: u32) -> Self {
+        let ps = u64::from(page_size);
+        Self {
+            src: first * ps,
+            dst: first * ps,
+            len: count * ps,
+        }
+    }
+}
+
+/// A complete epoch, as the receiver learns of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochCommit {
+    /// The epoch number (1 for the first).
+    pub epoch: u64,
+    /// The pages the sender wrote in this epoch, one bit per page.
+    pub bitmap: Vec<u64>,
+    /// Payload bytes that landed in this epoch.
+    pub bytes: u64,
+}
+
+/// The sending side of the push model.
+pub trait PushSender: Send {
+    /// The remote region this sender writes into.
+    fn remote(&self) -> &RegionDesc;
+
+    /// The open epoch: the one that posts now belong to.
+    fn epoch(&self) -> u64;
+
+    /// Posts writes of the open epoch. They may still be in flight when this returns.
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] for a run outside either region (nothing of it is posted),
+    /// or the backend's transport error.
+    fn post(&mut self, runs: &[WriteRun]) -> Result<()>;
+
+    /// Returns once every write posted so far has landed in the remote region.
+    ///
+    /// # Errors
+    /// The first transport error of any posted write; the sender is closed after it.
+    fn fence(&mut self) -> Result<()>;
+
+    /// Commits the open epoch with the bitmap of pages written, after fencing. Returns the
+    /// committed epoch; the next one opens.
+    ///
+    /// # Errors
+    /// [`Error::BitmapSize`]/[`Error::BitmapExcess`] for a bitmap that does not fit the
+    /// region, or a transport error.
+    fn commit(&mut self, bitmap: &[u64]) -> Result<u64>;
+}
+
+/// The receiving side of the push model.
+pub trait PushReceiver: Send {
+    /// The region this receiver exposes.
+    fn desc(&self) -> &RegionDesc;
+
+    /// Waits for the next complete epoch. Every byte of it has landed when this returns.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if none completes in `timeout` (the receiver stays usable), or the
+    /// error that closed the transport.
+    fn next_commit(&mut self, timeout: Duration) -> Result<EpochCommit>;
+
+    /// Says that `epoch` has been applied, so the next epoch's writes may land.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] if `epoch` is not the last committed one.
+    fn release(&mut self, epoch: u64) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(len: u64) -> RegionDesc {
+        RegionDesc {
+            addr: 0,
+            key: 1,
+            len,
+            page_size: 4096,
+            port: 0,
+        }
+    }
+
+    #[test]
+    fn bitmap_must_fit_the_region() {
+        let d = desc(70 * 4096);
+        assert_eq!(d.bitmap_words(), 2);
+        d.check_bitmap(&[u64::MAX, 0b11_1111]).unwrap();
+        assert!(matches!(
+            d.check_bitmap(&[0]),
+            Err(Error::BitmapSize {
+                found: 1,
+                expected: 2,
+                pages: 70
+            })
+        ));
+        assert!(matches!(
+            d.check_bitmap(&[0, 1 << 6]),
+            Err(Error::BitmapExcess { pages: 70 })
+        ));
+        desc(128 * 4096)
+            .check_bitmap(&[u64::MAX, u64::MAX])
+            .unwrap();
+    }
+}
