@@ -213,6 +213,9 @@ impl Hello {
             got: bytes.len(),
             want: FIXED,
         })?;
+        if fixed.reserved != [0; 3] || fixed.reserved2.get() != 0 {
+            return Err(Error::Protocol("reserved Hello fields are not zero".into()));
+        }
         let count = fixed.region_count.get() as usize;
         if count > MAX_REGIONS {
             return Err(Error::TooLarge {
@@ -444,6 +447,9 @@ mod tests {
         let mut long = b.clone();
         long.push(0);
         assert!(matches!(Hello::decode(&long), Err(Error::Protocol(_))));
+        let mut reserved = b.clone();
+        reserved[1] = 1;
+        assert!(matches!(Hello::decode(&reserved), Err(Error::Protocol(_))));
         let mut many = b;
         many[24..28].copy_from_slice(&1000u32.to_le_bytes());
         assert!(matches!(Hello::decode(&many), Err(Error::TooLarge { .. })));
