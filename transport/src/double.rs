@@ -6,8 +6,8 @@
 //! - a completion is generated only after the write's bytes are in the target region;
 //! - after the first error the queue pair is in the error state: every later request
 //!   completes with an error and nothing more lands;
-//! - a commit is accepted only when every posted write has completed (the sender fenced),
-//!   and a write into epoch E is refused until epoch E-1 was released by the receiver.
+//! - a commit is posted only when every earlier write has completed, and a write into
+//!   epoch E is refused until epoch E-1 was released by the receiver.
 //!
 //! [`Faults`] injects a lost connection, a corrupted request (bad key) or an out-of-bounds
 //! offset at a chosen write.
@@ -311,13 +311,10 @@ impl PushSender for DoubleSender {
     }
 
     fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
-        if self.outstanding > 0 {
-            return Err(Error::Protocol(format!(
-                "commit with {} writes not yet completed: fence first",
-                self.outstanding
-            )));
-        }
         self.remote.check_bitmap(bitmap)?;
+        // The commit is posted only after every data write completed, as the verbs
+        // backend does: the receiver can never see the commit before the data.
+        self.fence()?;
         let epoch = self.epoch;
         self.submit(Wr::Commit {
             epoch,

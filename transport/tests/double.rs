@@ -56,13 +56,22 @@ fn fence_returns_only_after_every_write_landed() {
 }
 
 #[test]
-fn commit_without_fence_is_refused_and_commit_follows_all_data() {
+fn commit_is_seen_only_after_all_its_data() {
     let (src, dst) = regions();
-    let rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
+    let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
     let mut tx = rx.connect(*rx.desc(), Arc::clone(&src), Faults::default());
-    tx.post(&[WriteRun::pages(0, 4, PAGE)]).unwrap();
-    let e = tx.commit(&bitmap_of(&[0, 1, 2, 3], PAGES)).unwrap_err();
-    assert!(e.to_string().contains("fence first"), "{e}");
+    let all: Vec<u64> = (0..PAGES).collect();
+    fill(&src, 9, &all);
+    // No explicit fence: commit must still order itself after every write.
+    tx.post(&runs(&all).collect::<Vec<_>>()).unwrap();
+    assert_eq!(tx.commit(&bitmap_of(&all, PAGES)).unwrap(), 1);
+    assert_eq!(rx.next_commit(T).unwrap().epoch, 1);
+    assert_landed(&dst, 9, &all);
+}
+
+#[test]
+fn epochs_commit_in_order_with_exact_bitmaps() {
+    let (src, dst) = regions();
 
     let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
     let mut tx = rx.connect(*rx.desc(), Arc::clone(&src), Faults::default());

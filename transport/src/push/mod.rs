@@ -4,8 +4,10 @@
 //!    address, key, length, page size (and, for TCP, the port to connect to).
 //! 2. The sender posts [`WriteRun`]s: a span of its own source region (guest memory) to be
 //!    placed at an offset of the remote region.
-//! 3. The sender fences: [`PushSender::fence`] returns once every posted byte has landed.
-//! 4. The sender commits the epoch with the bitmap of pages written. The receiver's
+//! 3. The sender may fence: [`PushSender::fence`] returns once every posted byte has
+//!    landed.
+//! 4. The sender commits the epoch with the bitmap of pages written; the commit fences by
+//!    itself, so an epoch costs one round trip. The receiver's
 //!    [`PushReceiver::next_commit`] yields the epoch only after every byte of it landed.
 //!
 //! The receiver then applies the epoch (the RAM cache flushes into the SVM) and calls
@@ -131,8 +133,11 @@ pub trait PushSender: Send {
     /// The first transport error of any posted write; the sender is closed after it.
     fn fence(&mut self) -> Result<()>;
 
-    /// Commits the open epoch with the bitmap of pages written, after fencing. Returns the
-    /// committed epoch; the next one opens.
+    /// Commits the open epoch with the bitmap of pages written. The commit fences by itself:
+    /// the receiver sees the epoch only once every write posted before it has landed
+    /// (TCP: the epoch end follows the data on every stream; verbs: the commit is posted
+    /// after the last data write completes). Returns the committed epoch; the next one
+    /// opens.
     ///
     /// # Errors
     /// [`Error::BitmapSize`]/[`Error::BitmapExcess`] for a bitmap that does not fit the

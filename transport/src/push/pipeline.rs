@@ -1,4 +1,5 @@
-//! Driving one epoch through any [`PushSender`]: post the runs in batches, fence, commit.
+//! Driving one epoch through any [`PushSender`]: post the runs in batches, then commit
+//! (which fences).
 
 use super::{PushSender, WriteRun};
 use crate::error::Result;
@@ -17,7 +18,7 @@ pub struct EpochStats {
     pub bytes: u64,
 }
 
-/// Pushes one whole epoch: posts `runs` in chunks, fences, and commits with `bitmap`.
+/// Pushes one whole epoch: posts `runs` in chunks and commits with `bitmap`.
 ///
 /// The receiver learns of the epoch only when this returns `Ok`. If it returns an error,
 /// the epoch is incomplete and the receiver never commits it.
@@ -45,7 +46,7 @@ where
     if !chunk.is_empty() {
         sender.post(&chunk)?;
     }
-    sender.fence()?;
+
     stats.epoch = sender.commit(bitmap)?;
     Ok(stats)
 }

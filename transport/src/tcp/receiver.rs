@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use zerocopy::IntoBytes;
 
 use super::io::ScatterIo;
 use super::wire::{MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc};
@@ -384,6 +385,9 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
                 .write_all(&PushFrame::FenceAck(id).to_bytes())
                 .map_err(Error::Send)?,
             PushFrame::EpochEnd { epoch, words } => {
+                // An epoch with no data (an idle guest) must wait for the release of the
+                // previous one too, or it would commit ahead of the consumer.
+                sh.wait_open(epoch)?;
                 let bitmap = if idx == 0 {
                     let expected = sh.desc.bitmap_words();
                     if words as usize != expected {
@@ -393,12 +397,11 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
                             pages: sh.desc.pages(),
                         });
                     }
-                    let mut raw = vec![0u8; expected * 8];
-                    read_full(s, &mut raw, false)?;
-                    let b: Vec<u64> = raw
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect();
+                    let mut b = vec![0u64; expected];
+                    read_full(s, b.as_mut_bytes(), false)?;
+                    for w in &mut b {
+                        *w = u64::from_le(*w);
+                    }
                     sh.desc.check_bitmap(&b)?;
                     Some(b)
                 } else if words != 0 {

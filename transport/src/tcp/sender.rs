@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use zerocopy::IntoBytes;
 
 use super::io::ScatterIo;
 use super::wire::{
@@ -92,6 +93,8 @@ pub struct TcpPushSender {
     pending: Batch,
     next_worker: usize,
     fence_id: u64,
+    /// The epoch bitmap handed to stream 0, kept to be reused.
+    bitmap: Arc<Vec<u64>>,
     closed: bool,
 }
 
@@ -210,6 +213,7 @@ impl TcpPushSender {
             },
             next_worker: 0,
             fence_id: 0,
+            bitmap: Arc::new(Vec::new()),
             closed: false,
         })
     }
@@ -326,9 +330,12 @@ impl PushSender for TcpPushSender {
             return Err(Error::Closed);
         }
         for r in runs {
+            if r.len == 0 {
+                return Err(Error::Protocol("empty write run".into()));
+            }
             self.source.check(r.src, r.len)?;
             match r.dst.checked_add(r.len) {
-                Some(end) if end <= self.remote.len && r.len > 0 => {}
+                Some(end) if end <= self.remote.len => {}
                 _ => {
                     return Err(Error::OutOfBounds {
                         offset: r.dst,
@@ -381,11 +388,17 @@ impl PushSender for TcpPushSender {
         self.remote.check_bitmap(bitmap)?;
         self.dispatch()?;
         let epoch = self.epoch;
-        let bitmap = Arc::new(bitmap.to_vec());
+        // Reuse the buffer: the worker dropped its handle before it reported the last
+        // epoch's ack, so this copies in place instead of allocating.
+        let buf = Arc::make_mut(&mut self.bitmap);
+        buf.clear();
+        buf.extend(bitmap.iter().map(|w| w.to_le()));
+        let shared = Arc::clone(&self.bitmap);
         self.broadcast(|i| Cmd::EpochEnd {
             epoch,
-            bitmap: (i == 0).then(|| Arc::clone(&bitmap)),
+            bitmap: (i == 0).then(|| Arc::clone(&shared)),
         })?;
+        drop(shared);
         self.wait_all(
             |d| matches!(d, Done::Epoch(e) if *e == epoch),
             "an epoch acknowledgement",
@@ -414,18 +427,16 @@ fn worker(mut s: TcpStream, src: &Region, rx: &Receiver<Cmd>, done: &Sender<Done
             }
             Cmd::EpochEnd { epoch, bitmap } => {
                 let words = bitmap.as_ref().map_or(0, |b| b.len() as u32);
-                let raw: Vec<u8> = bitmap
-                    .iter()
-                    .flat_map(|b| b.iter())
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                round_trip(
+                let body = bitmap.as_deref().map_or(&[][..], |b| b.as_bytes());
+                let r = round_trip(
                     &mut s,
                     PushFrame::EpochEnd { epoch, words },
-                    &raw,
+                    body,
                     PushFrame::EpochAck(epoch),
-                )
-                .map(|()| done.send(Done::Epoch(epoch)).unwrap_or(()))
+                );
+                // Hand the bitmap buffer back before the sender learns of the ack.
+                drop(bitmap);
+                r.map(|()| done.send(Done::Epoch(epoch)).unwrap_or(()))
             }
             Cmd::Goodbye => {
                 let _ = s.write_all(&PushFrame::Goodbye.to_bytes());
@@ -457,7 +468,7 @@ fn send_batch(
         .to_bytes(),
     );
     for r in &b.runs {
-        table.extend_from_slice(zerocopy::IntoBytes::as_bytes(&RunDesc::new(r.dst, r.len)));
+        table.extend_from_slice(RunDesc::new(r.dst, r.len).as_bytes());
     }
     iovs.clear();
     iovs.push(libc::iovec {
@@ -478,9 +489,20 @@ fn send_batch(
 }
 
 fn round_trip(s: &mut TcpStream, req: PushFrame, body: &[u8], want: PushFrame) -> Result<()> {
-    let mut frame = req.to_bytes().to_vec();
-    frame.extend_from_slice(body);
-    s.write_all(&frame).map_err(Error::Send)?;
+    let mut hdr = req.to_bytes();
+    let mut iovs = [
+        libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr().cast_mut().cast(),
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: both iovecs describe live buffers (`hdr` on this stack frame, `body`
+    // borrowed for the call) that are only read.
+    unsafe { s.write_all_iov(&mut iovs) }.map_err(Error::Send)?;
     let mut hdr = [0u8; PUSH_HEADER_LEN];
     read_full(s, &mut hdr, true)?;
     let got = PushFrame::parse(&hdr)?;

@@ -1,0 +1,206 @@
+//! The receiver process of `colo bench transport` (`colo bench transport-receiver`): it
+//! holds the destination region, receives pushed epochs and raw streams, and checks every
+//! epoch. See [`super::protocol`] for the conversation.
+
+use std::io::{BufRead, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use colo_transport::Region;
+use colo_transport::control::{ControlChannel, Message, Role};
+use colo_transport::push::PushReceiver;
+use colo_transport::tcp::TcpPushListener;
+
+use super::args::ReceiverArgs;
+use super::error::{Error, Result};
+use super::pages::{self, PAGE_SIZE};
+use super::protocol::{Reply, Request, hello};
+use super::sock;
+
+/// The byte every destination page holds before data lands in it, so that a check never
+/// passes on data an earlier epoch or stream left behind.
+const SCRIBBLE: u8 = 0xA5;
+
+/// How long the parent may take to connect a stream.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest wait for the next epoch of a push session.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the receiver until the parent says quit, closes stdin, or closes the control
+/// channel.
+///
+/// # Errors
+/// A non-loopback control address, a transport or socket failure, or a request it does
+/// not understand.
+pub fn run(args: &ReceiverArgs) -> Result<()> {
+    let _span = tracing::info_span!("receiver").entered();
+    if !args.control.ip().is_loopback() {
+        return Err(Error::InvalidArgs(format!(
+            "the control address {} is not a loopback address",
+            args.control
+        )));
+    }
+    let len = args.size as usize;
+    tracing::debug!(
+        bytes = args.size,
+        "mapping and pre-faulting the destination region"
+    );
+    let region = Arc::new(Region::anonymous(len).map_err(Error::transport("mapping the region"))?);
+    let mut ctrl = ControlChannel::connect(&args.control.to_string(), ACCEPT_TIMEOUT)
+        .map_err(Error::transport("connecting the control channel"))?;
+    ctrl.handshake(&hello(Role::Secondary, args.pair_id, args.size)?)
+        .map_err(Error::transport("the control handshake"))?;
+    watch_control(
+        ctrl.try_clone()
+            .map_err(Error::transport("cloning the control channel"))?,
+    )?;
+    let mut out = std::io::stdout().lock();
+    let mut raw: Option<TcpStream> = None;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(Error::io("reading a request"))?;
+        match Request::parse(&line) {
+            Some(Request::Push) => {
+                push_session(&mut ctrl, &region, args.corrupt_for_test, &mut out)?;
+            }
+            Some(Request::RawOpen) => raw = Some(raw_open(&mut out)?),
+            Some(Request::Raw(bytes)) => {
+                let s = raw
+                    .as_mut()
+                    .ok_or_else(|| Error::Child("raw transfer before raw-open".into()))?;
+                raw_transfer(s, bytes, &region, &mut out)?;
+            }
+            Some(Request::Quit) => return Ok(()),
+            None => return Err(Error::Child(format!("unknown request {line:?}"))),
+        }
+    }
+    tracing::debug!("stdin closed: the benchmark is gone");
+    Ok(())
+}
+
+/// Exits the process when the control channel closes or says goodbye, wherever the main
+/// thread is blocked.
+fn watch_control(mut ch: ControlChannel<TcpStream>) -> Result<()> {
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("control-watch".into())
+        .spawn(move || {
+            let _span = span.entered();
+            loop {
+                match ch.recv() {
+                    Ok(Message::Goodbye) => {
+                        tracing::debug!("control: goodbye");
+                        std::process::exit(0);
+                    }
+                    Ok(other) => tracing::warn!(kind = ?other.kind(), "control message ignored"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "control channel closed: the benchmark is gone");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        })
+        .map_err(Error::io("starting the control watcher"))?;
+    Ok(())
+}
+
+fn reply(out: &mut impl Write, r: Reply) -> Result<()> {
+    writeln!(out, "{}", r.to_line())
+        .and_then(|()| out.flush())
+        .map_err(Error::io("writing a reply"))
+}
+
+/// One push session: announce a fresh push listener, then check and release every epoch
+/// until the sender says goodbye.
+fn push_session(
+    ctrl: &mut ControlChannel<TcpStream>,
+    region: &Arc<Region>,
+    corrupt: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    pages::fill_byte(region, SCRIBBLE);
+    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(region), PAGE_SIZE)
+        .map_err(Error::transport("binding the push listener"))?;
+    ctrl.send(&Message::Region(*listener.desc()))
+        .map_err(Error::transport("announcing the push region"))?;
+    let mut rx = listener
+        .accept(ACCEPT_TIMEOUT)
+        .map_err(Error::transport("accepting the push streams"))?;
+    let mut epochs = 0;
+    loop {
+        let c = match rx.next_commit(COMMIT_TIMEOUT) {
+            Ok(c) => c,
+            Err(colo_transport::Error::PeerClosed) => break,
+            Err(e) => return Err(Error::transport("waiting for an epoch commit")(e)),
+        };
+        if corrupt {
+            if let Some(p) = pages::set_pages(&c.bitmap).next() {
+                tracing::warn!(
+                    page = p,
+                    "corrupting the epoch, as asked (--corrupt-for-test)"
+                );
+                let off = p * u64::from(PAGE_SIZE) + 100;
+                let mut b = [0u8];
+                region
+                    .read_at(off, &mut b)
+                    .and_then(|()| region.write_at(off, &[!b[0]]))
+                    .map_err(Error::transport("corrupting an epoch"))?;
+            }
+        }
+        let sum = pages::checksum(region, &c.bitmap)
+            .map_err(Error::transport("checksumming an epoch"))?;
+        let pages = pages::count_pages(&c.bitmap);
+        pages::scribble(region, &c.bitmap, SCRIBBLE)
+            .map_err(Error::transport("scribbling an epoch"))?;
+        rx.release(c.epoch)
+            .map_err(Error::transport("releasing an epoch"))?;
+        tracing::debug!(epoch = c.epoch, pages, bytes = c.bytes, "epoch checked");
+        reply(
+            out,
+            Reply::Checksum {
+                epoch: c.epoch,
+                sum,
+                pages,
+                bytes: c.bytes,
+            },
+        )?;
+        epochs += 1;
+    }
+    drop(rx);
+    reply(out, Reply::PushDone(epochs))
+}
+
+/// Opens the raw-TCP baseline's stream: a plain listener, its port to the parent, one
+/// connection.
+fn raw_open(out: &mut impl Write) -> Result<TcpStream> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding the raw listener"))?;
+    let port = l
+        .local_addr()
+        .map_err(Error::io("binding the raw listener"))?
+        .port();
+    reply(out, Reply::RawPort(port))?;
+    sock::accept_within(&l, ACCEPT_TIMEOUT, || Ok(()))
+        .map_err(Error::io("accepting the raw stream"))
+}
+
+/// One raw-TCP baseline transfer: `bytes` read in 1 MiB calls into the region,
+/// acknowledged with one byte.
+fn raw_transfer(
+    s: &mut TcpStream,
+    bytes: u64,
+    region: &Region,
+    out: &mut impl Write,
+) -> Result<()> {
+    if bytes > region.len() as u64 {
+        return Err(Error::Child(format!(
+            "a raw transfer of {bytes} bytes does not fit the region of {} bytes",
+            region.len()
+        )));
+    }
+    reply(out, Reply::RawReady(bytes))?;
+    sock::recv_region(s, region, bytes).map_err(Error::io("receiving the raw stream"))?;
+    s.write_all(&[1])
+        .map_err(Error::io("acknowledging the raw stream"))?;
+    reply(out, Reply::RawDone(bytes))
+}

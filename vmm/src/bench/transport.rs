@@ -1,0 +1,341 @@
+//! `colo bench transport`: the page-push path against its two limits, in one run.
+//!
+//! 1. Start the receiver process (this executable again), map and pre-fault the source
+//!    region, fill it with random bytes, and choose the pages of every case.
+//! 2. Connect the control channel and run the handshake.
+//! 3. Baselines per case: an in-process memcpy of the case's runs into a second pre-faulted
+//!    region, and as many bytes over one plain TCP stream to the receiver (the stream is
+//!    opened once and kept for every case and rep, as a push session keeps its streams).
+//! 4. Per stream count, one push session: every case is pushed `reps` times with
+//!    `push_epoch`; after each, the receiver's checksum of the committed pages must equal
+//!    the source's, or the benchmark fails.
+//!
+//! Only the transfers are timed: checksums, scribbling and the conversation with the
+//! receiver happen outside.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+use colo_transport::Region;
+use colo_transport::control::Role;
+use colo_transport::push::{EpochStats, WriteRun, push_epoch};
+use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
+
+use super::args::Plan;
+use super::child::ReceiverProcess;
+use super::error::{Error, Result};
+use super::pages::{self, PAGE_SIZE, SplitMix64};
+use super::protocol::{Reply, Request, hello};
+use super::report::{CaseKind, CaseResult, PushResult, Report, Sample, fmt_bytes};
+use super::sock;
+
+/// One case: the pages it pushes, as a bitmap and as runs.
+#[derive(Debug)]
+struct Case {
+    name: String,
+    kind: CaseKind,
+    bitmap: Vec<u64>,
+    runs: Vec<WriteRun>,
+    pages: u64,
+    bytes: u64,
+    /// Checksum of the case's pages in the source region.
+    checksum: u64,
+}
+
+/// Runs the benchmark and prints its results (table, or JSON with `plan.json`).
+///
+/// # Errors
+/// A mapping, transport, socket or process failure, or a checksum mismatch.
+pub fn run(plan: &Plan) -> Result<()> {
+    let pair_id = pair_id();
+    let len = plan.size as usize;
+    tracing::info!(
+        "starting the receiver process; both sides map and pre-fault {}",
+        fmt_bytes(plan.size)
+    );
+    let mut child = ReceiverProcess::spawn(plan.size, pair_id, plan.corrupt_for_test)?;
+
+    let t = Instant::now();
+    let source = Arc::new(Region::anonymous(len).map_err(Error::transport("mapping the source"))?);
+    tracing::info!(
+        secs = secs(t),
+        "source region mapped; filling it with random bytes"
+    );
+    let t = Instant::now();
+    pages::fill_random(&source, plan.seed);
+    tracing::info!(
+        secs = secs(t),
+        "source filled; mapping the memcpy destination"
+    );
+    let t = Instant::now();
+    let copy_dst =
+        Region::anonymous(len).map_err(Error::transport("mapping the memcpy destination"))?;
+    tracing::info!(secs = secs(t), "memcpy destination mapped; choosing pages");
+    let cases = build_cases(plan, &source)?;
+
+    tracing::info!("waiting for the receiver to connect");
+    child.connect(&hello(Role::Primary, pair_id, plan.size)?)?;
+    tracing::info!("receiver connected; handshake done");
+
+    let mut results: Vec<CaseResult> = cases
+        .iter()
+        .map(|c| CaseResult {
+            name: c.name.clone(),
+            kind: c.kind,
+            pages: c.pages,
+            runs: c.runs.len() as u64,
+            memcpy: Sample::new(c.bytes),
+            raw: Sample::new(c.bytes),
+            push: Vec::new(),
+        })
+        .collect();
+
+    let mut raw = raw_open(&mut child)?;
+    for (case, res) in cases.iter().zip(&mut results) {
+        for rep in 1..=plan.reps {
+            let s = memcpy_rep(&source, &copy_dst, &case.runs)?;
+            tracing::debug!(case = %case.name, rep, secs = s, gibs = res.memcpy.rate(s), "memcpy");
+            res.memcpy.secs.push(s);
+        }
+        for rep in 1..=plan.reps {
+            let s = raw_rep(&mut child, &mut raw, &source, case.bytes)?;
+            tracing::debug!(case = %case.name, rep, secs = s, gibs = res.raw.rate(s), "raw tcp");
+            res.raw.secs.push(s);
+        }
+        tracing::info!(
+            "baselines {}: memcpy {:.2} GiB/s, raw tcp {:.2} GiB/s (medians)",
+            case.name,
+            res.memcpy.median(),
+            res.raw.median()
+        );
+    }
+
+    drop(raw);
+    for &streams in &plan.streams {
+        push_session(&mut child, &source, plan, streams, &cases, &mut results)?;
+    }
+    child.finish()?;
+
+    let report = Report {
+        size: plan.size,
+        page_size: PAGE_SIZE,
+        reps: plan.reps,
+        streams: plan.streams.clone(),
+        batch_bytes: plan.opts.batch_bytes,
+        batch_runs: plan.opts.batch_runs,
+        seed: plan.seed,
+        cases: results,
+    };
+    if plan.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn secs(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// A pair id unique enough for one run on one machine.
+fn pair_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The random-page cases, then the contiguous one, with their source checksums.
+fn build_cases(plan: &Plan, source: &Region) -> Result<Vec<Case>> {
+    let pages = plan.size / u64::from(PAGE_SIZE);
+    let mut rng = SplitMix64::new(plan.seed.rotate_left(32) ^ 0xD1B5_4A32_D192_ED03);
+    let mut cases = Vec::with_capacity(plan.random_pages.len() + 1);
+    for &n in &plan.random_pages {
+        let bitmap = pages::random_bitmap(&mut rng, pages, n);
+        let runs = pages::runs_from_bitmap(&bitmap);
+        cases.push(Case {
+            name: format!("random-{n}"),
+            kind: CaseKind::Random,
+            runs,
+            pages: n,
+            bytes: n * u64::from(PAGE_SIZE),
+            checksum: 0,
+            bitmap,
+        });
+    }
+    cases.push(Case {
+        name: "contiguous".into(),
+        kind: CaseKind::Contiguous,
+        bitmap: pages::full_bitmap(pages),
+        runs: vec![WriteRun::pages(0, pages, PAGE_SIZE)],
+        pages,
+        bytes: plan.size,
+        checksum: 0,
+    });
+    for c in &mut cases {
+        c.checksum = pages::checksum(source, &c.bitmap)
+            .map_err(Error::transport("checksumming the source"))?;
+        tracing::info!(
+            "case {}: {} pages in {} runs, {}",
+            c.name,
+            c.pages,
+            c.runs.len(),
+            fmt_bytes(c.bytes)
+        );
+    }
+    Ok(cases)
+}
+
+/// One in-process copy of the runs: the copy limit.
+fn memcpy_rep(source: &Region, dst: &Region, runs: &[WriteRun]) -> Result<f64> {
+    let t = Instant::now();
+    for r in runs {
+        dst.copy_from(r.dst, source, r.src, r.len)
+            .map_err(Error::transport("copying a run"))?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Opens the raw baseline's single TCP stream to the receiver.
+fn raw_open(child: &mut ReceiverProcess) -> Result<TcpStream> {
+    child.request(Request::RawOpen)?;
+    let port = match child.reply()? {
+        Reply::RawPort(p) => p,
+        other => return Err(Error::Child(format!("expected raw-port, got {other:?}"))),
+    };
+    TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map_err(Error::io("connecting the raw stream"))
+}
+
+/// One raw transfer of `bytes` on the stream, timed from the first write until the
+/// receiver's acknowledgement: the socket limit.
+fn raw_rep(
+    child: &mut ReceiverProcess,
+    s: &mut TcpStream,
+    source: &Region,
+    bytes: u64,
+) -> Result<f64> {
+    child.request(Request::Raw(bytes))?;
+    match child.reply()? {
+        Reply::RawReady(n) if n == bytes => {}
+        other => {
+            return Err(Error::Child(format!(
+                "expected raw-ready {bytes}, got {other:?}"
+            )));
+        }
+    }
+    let t = Instant::now();
+    sock::send_region(s, source, bytes).map_err(Error::io("sending the raw stream"))?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)
+        .map_err(Error::io("waiting for the raw acknowledgement"))?;
+    let secs = t.elapsed().as_secs_f64();
+    match child.reply()? {
+        Reply::RawDone(n) if n == bytes => Ok(secs),
+        other => Err(Error::Child(format!(
+            "expected raw-done {bytes}, got {other:?}"
+        ))),
+    }
+}
+
+/// One push session with `streams` streams: every case, `reps` times, each epoch checked.
+fn push_session(
+    child: &mut ReceiverProcess,
+    source: &Arc<Region>,
+    plan: &Plan,
+    streams: usize,
+    cases: &[Case],
+    results: &mut [CaseResult],
+) -> Result<()> {
+    child.request(Request::Push)?;
+    let desc = child.region()?;
+    if desc.len != plan.size || desc.page_size != PAGE_SIZE {
+        return Err(Error::Control(format!(
+            "the receiver announced {} bytes of {}-byte pages; expected {} of {PAGE_SIZE}",
+            desc.len, desc.page_size, plan.size
+        )));
+    }
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, desc.port));
+    let opts = TcpPushOptions {
+        streams,
+        ..plan.opts.clone()
+    };
+    let mut tx = TcpPushSender::connect(addr, desc, Arc::clone(source), opts)
+        .map_err(Error::transport("connecting the push sender"))?;
+    let mut epochs = 0;
+    for (case, res) in cases.iter().zip(results.iter_mut()) {
+        let mut sample = Sample::new(case.bytes);
+        let mut verified = 0;
+        for rep in 1..=plan.reps {
+            let t = Instant::now();
+            let stats = push_epoch(&mut tx, case.runs.iter().copied(), &case.bitmap)
+                .map_err(Error::transport("pushing an epoch"))?;
+            let s = t.elapsed().as_secs_f64();
+            tracing::debug!(case = %case.name, streams, rep, secs = s, gibs = sample.rate(s), "push");
+            check_epoch(child.reply()?, case, &stats, streams, rep)?;
+            sample.secs.push(s);
+            verified += 1;
+            epochs += 1;
+        }
+        tracing::info!(
+            "push {} with {streams} stream(s): {:.2} GiB/s median, {:.2} best; checksums match",
+            case.name,
+            sample.median(),
+            sample.best()
+        );
+        res.push.push(PushResult {
+            streams,
+            sample,
+            verified,
+        });
+    }
+    tx.close()
+        .map_err(Error::transport("closing the push sender"))?;
+    match child.reply()? {
+        Reply::PushDone(n) if n == epochs => Ok(()),
+        other => Err(Error::Child(format!(
+            "expected push-done {epochs}, got {other:?}"
+        ))),
+    }
+}
+
+/// Compares the receiver's report of one epoch with what was pushed.
+fn check_epoch(
+    reply: Reply,
+    case: &Case,
+    stats: &EpochStats,
+    streams: usize,
+    rep: u32,
+) -> Result<()> {
+    let Reply::Checksum {
+        epoch,
+        sum,
+        pages,
+        bytes,
+    } = reply
+    else {
+        return Err(Error::Child(format!("expected a checksum, got {reply:?}")));
+    };
+    if sum != case.checksum || pages != case.pages {
+        return Err(Error::ChecksumMismatch {
+            case: case.name.clone(),
+            streams,
+            rep,
+            epoch,
+            expected: case.checksum,
+            expected_pages: case.pages,
+            found: sum,
+            found_pages: pages,
+        });
+    }
+    if epoch != stats.epoch || bytes != case.bytes || stats.bytes != case.bytes {
+        return Err(Error::Child(format!(
+            "epoch {epoch} of {bytes} bytes committed; pushed epoch {} of {} bytes ({} \
+             expected)",
+            stats.epoch, stats.bytes, case.bytes
+        )));
+    }
+    Ok(())
+}
