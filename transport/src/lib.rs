@@ -29,12 +29,14 @@
 //!     let mut rx = listener.accept(std::time::Duration::from_secs(5))?;
 //!     let c = rx.next_commit(std::time::Duration::from_secs(5))?;
 //!     rx.release(c.epoch)?;
-//!     Ok(c)
+//!     Ok((c, rx))
 //! });
 //! let addr = ([127, 0, 0, 1], desc.port).into();
 //! let mut tx = TcpPushSender::connect(addr, desc, guest, TcpPushOptions::default())?;
 //! push_epoch(&mut tx, [WriteRun::pages(5, 1, 4096)], &[1 << 5])?;
-//! let commit = rx.join().unwrap()?;
+//! // Dropping the receiver closes its streams, so keep it until the sender is done.
+//! let (commit, _rx) = rx.join().unwrap()?;
+//! drop(tx);
 //! assert_eq!((commit.epoch, commit.bitmap[0], commit.bytes), (1, 1 << 5, 4096));
 //! let mut b = [0u8; 10];
 //! cache.read_at(5 * 4096, &mut b)?;

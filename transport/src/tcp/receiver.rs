@@ -492,6 +492,10 @@ impl PushReceiver for TcpPushReceiver {
     }
 }
 
+/// Dropping the receiver closes every stream at once. A sender still waiting for the
+/// acknowledgement of an epoch this receiver already committed then sees the connection
+/// close; the control channel's `VmstateReceived` is what confirms an epoch to the
+/// primary.
 impl Drop for TcpPushReceiver {
     fn drop(&mut self) {
         self.shared.fail(Error::Closed);
