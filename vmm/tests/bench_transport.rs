@@ -1,11 +1,9 @@
 //! `colo bench transport` end to end: the built binary, two processes on loopback, small
 //! sizes. Nothing here asserts on timing; rates only have to be positive.
 
-mod json;
-
 use std::process::{Command, Output};
 
-use json::Value;
+use serde_json::Value;
 
 fn colo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_colo"))
@@ -19,16 +17,48 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Typed access to the report that panics, naming what is missing or mistyped.
+trait Expect {
+    fn at(&self, key: &str) -> &Value;
+    fn num(&self) -> f64;
+    fn bool(&self) -> bool;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Value];
+}
+
+impl Expect for Value {
+    fn at(&self, key: &str) -> &Value {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no key {key:?} in {self}"))
+    }
+    fn num(&self) -> f64 {
+        self.as_f64()
+            .unwrap_or_else(|| panic!("{self} is not a number"))
+    }
+    fn bool(&self) -> bool {
+        self.as_bool()
+            .unwrap_or_else(|| panic!("{self} is not a bool"))
+    }
+    fn str(&self) -> &str {
+        self.as_str()
+            .unwrap_or_else(|| panic!("{self} is not a string"))
+    }
+    fn arr(&self) -> &[Value] {
+        self.as_array()
+            .unwrap_or_else(|| panic!("{self} is not an array"))
+    }
+}
+
 fn assert_rates(v: &Value, what: &str) {
-    let median = v.get("median_gibs").num();
-    let best = v.get("best_gibs").num();
+    let median = v.at("median_gibs").num();
+    let best = v.at("best_gibs").num();
     assert!(
         median > 0.0 && median.is_finite(),
         "{what}: median {median}"
     );
     assert!(best >= median, "{what}: best {best} < median {median}");
     assert!(
-        v.get("secs").arr().iter().all(|s| s.num() > 0.0),
+        v.at("secs").arr().iter().all(|s| s.num() > 0.0),
         "{what}: {v:?}"
     );
 }
@@ -50,45 +80,45 @@ fn small_run_reports_every_case_with_verified_checksums() {
     ]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "status {}\n{stderr}", out.status);
-    let v = json::parse(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let v = serde_json::from_str::<Value>(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
 
-    assert_eq!(v.get("bench").str(), "transport");
-    assert_eq!(v.get("size_bytes").num(), (64u64 << 20) as f64);
-    assert!(v.get("checksums_verified").bool());
+    assert_eq!(v.at("bench").str(), "transport");
+    assert_eq!(v.at("size_bytes").num(), (64u64 << 20) as f64);
+    assert!(v.at("checksums_verified").bool());
     // 3 cases x 2 stream counts x 1 rep.
-    assert_eq!(v.get("verified_epochs").num(), 6.0);
+    assert_eq!(v.at("verified_epochs").num(), 6.0);
 
-    let cases = v.get("cases").arr();
-    let names: Vec<&str> = cases.iter().map(|c| c.get("name").str()).collect();
+    let cases = v.at("cases").arr();
+    let names: Vec<&str> = cases.iter().map(|c| c.at("name").str()).collect();
     assert_eq!(names, ["random-1024", "random-4096", "contiguous"]);
     for (c, pages) in cases.iter().zip([1024u64, 4096, 16384]) {
-        let name = c.get("name").str();
-        assert_eq!(c.get("pages").num(), pages as f64, "{name}");
-        assert_eq!(c.get("bytes").num(), (pages * 4096) as f64, "{name}");
-        assert!(c.get("runs").num() >= 1.0, "{name}");
-        assert_rates(c.get("memcpy"), &format!("{name} memcpy"));
-        assert_rates(c.get("raw_tcp"), &format!("{name} raw tcp"));
-        let pushes = c.get("push").arr();
-        let streams: Vec<f64> = pushes.iter().map(|p| p.get("streams").num()).collect();
+        let name = c.at("name").str();
+        assert_eq!(c.at("pages").num(), pages as f64, "{name}");
+        assert_eq!(c.at("bytes").num(), (pages * 4096) as f64, "{name}");
+        assert!(c.at("runs").num() >= 1.0, "{name}");
+        assert_rates(c.at("memcpy"), &format!("{name} memcpy"));
+        assert_rates(c.at("raw_tcp"), &format!("{name} raw tcp"));
+        let pushes = c.at("push").arr();
+        let streams: Vec<f64> = pushes.iter().map(|p| p.at("streams").num()).collect();
         assert_eq!(streams, [1.0, 2.0], "{name}");
         for p in pushes {
             assert_rates(p, &format!("{name} push"));
-            assert!(p.get("checksums_verified").bool(), "{name}");
-            assert_eq!(p.get("verified_epochs").num(), 1.0, "{name}");
-            assert!(p.get("push_over_memcpy").num() > 0.0, "{name}");
-            assert!(p.get("push_over_raw_tcp").num() > 0.0, "{name}");
+            assert!(p.at("checksums_verified").bool(), "{name}");
+            assert_eq!(p.at("verified_epochs").num(), 1.0, "{name}");
+            assert!(p.at("push_over_memcpy").num() > 0.0, "{name}");
+            assert!(p.at("push_over_raw_tcp").num() > 0.0, "{name}");
         }
-        let t = c.get("target");
-        assert!(t.get("value").num() > 0.0, "{name}");
+        let t = c.at("target");
+        assert!(t.at("value").num() > 0.0, "{name}");
         let want = if name == "contiguous" {
             "push/raw_tcp"
         } else {
             "push/memcpy"
         };
-        assert_eq!(t.get("ratio").str(), want);
+        assert_eq!(t.at("ratio").str(), want);
     }
-    assert_eq!(cases[2].get("kind").str(), "contiguous");
-    assert_eq!(cases[2].get("runs").num(), 1.0);
+    assert_eq!(cases[2].at("kind").str(), "contiguous");
+    assert_eq!(cases[2].at("runs").num(), 1.0);
 }
 
 #[test]

@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
+
 /// The lowest push/memcpy ratio the random-page cases aim for.
 pub const RANDOM_TARGET: f64 = 0.60;
 /// The lowest push/raw-TCP ratio the contiguous case aims for.
@@ -56,7 +58,8 @@ impl Sample {
 }
 
 /// What a case pushes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CaseKind {
     /// Distinct random pages.
     Random,
@@ -228,73 +231,22 @@ impl Report {
         o
     }
 
-    /// One JSON object with every number.
+    /// One JSON object with every number; NaN and infinities come out as `null`.
     pub fn json(&self) -> String {
-        let mut o = String::new();
-        let _ = write!(
-            o,
-            "{{\"bench\":\"transport\",\"size_bytes\":{},\"page_size\":{},\"reps\":{},\
-             \"streams\":{},\"batch_bytes\":{},\"batch_runs\":{},\"seed\":{},\
-             \"checksums_verified\":true,\"verified_epochs\":{},\"cases\":[",
-            self.size,
-            self.page_size,
-            self.reps,
-            json_list(self.streams.iter().map(|s| s.to_string())),
-            self.batch_bytes,
-            self.batch_runs,
-            self.seed,
-            self.verified_epochs()
-        );
-        for (i, c) in self.cases.iter().enumerate() {
-            if i > 0 {
-                o.push(',');
-            }
-            let pushes = json_list(c.push.iter().map(|p| {
-                format!(
-                    "{{\"streams\":{},{},\"push_over_memcpy\":{},\"push_over_raw_tcp\":{},\
-                     \"checksums_verified\":{},\"verified_epochs\":{}}}",
-                    p.streams,
-                    json_sample_fields(&p.sample),
-                    json_num(ratio(&p.sample, &c.memcpy)),
-                    json_num(ratio(&p.sample, &c.raw)),
-                    p.verified == c.push_reps(),
-                    p.verified
-                )
-            }));
-            let _ = write!(
-                o,
-                "{{\"name\":{},\"kind\":\"{}\",\"pages\":{},\"runs\":{},\"bytes\":{},\
-                 \"memcpy\":{{{}}},\"raw_tcp\":{{{}}},\"push\":{}",
-                json_str(&c.name),
-                match c.kind {
-                    CaseKind::Random => "random",
-                    CaseKind::Contiguous => "contiguous",
-                },
-                c.pages,
-                c.runs,
-                c.bytes(),
-                json_sample_fields(&c.memcpy),
-                json_sample_fields(&c.raw),
-                pushes
-            );
-            if let Some((streams, r, goal)) = c.target() {
-                let _ = write!(
-                    o,
-                    ",\"target\":{{\"ratio\":\"{}\",\"best_streams\":{streams},\"value\":{},\
-                     \"goal\":{},\"met\":{}}}",
-                    match c.kind {
-                        CaseKind::Random => "push/memcpy",
-                        CaseKind::Contiguous => "push/raw_tcp",
-                    },
-                    json_num(r),
-                    json_num(goal),
-                    r >= goal
-                );
-            }
-            o.push('}');
-        }
-        o.push_str("]}");
-        o
+        let doc = JsonReport {
+            bench: "transport",
+            size_bytes: self.size,
+            page_size: self.page_size,
+            reps: self.reps,
+            streams: &self.streams,
+            batch_bytes: self.batch_bytes,
+            batch_runs: self.batch_runs,
+            seed: self.seed,
+            checksums_verified: true,
+            verified_epochs: self.verified_epochs(),
+            cases: self.cases.iter().map(JsonCase::new).collect(),
+        };
+        serde_json::to_string(&doc).expect("the report has only plain fields")
     }
 }
 
@@ -305,41 +257,110 @@ impl CaseResult {
     }
 }
 
-fn json_sample_fields(s: &Sample) -> String {
-    format!(
-        "\"median_gibs\":{},\"best_gibs\":{},\"secs\":{}",
-        json_num(s.median()),
-        json_num(s.best()),
-        json_list(s.secs.iter().map(|&x| json_num(x)))
-    )
+// The JSON document's shape. serde_json writes non-finite floats as `null`.
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    bench: &'static str,
+    size_bytes: u64,
+    page_size: u32,
+    reps: u32,
+    streams: &'a [usize],
+    batch_bytes: u64,
+    batch_runs: usize,
+    seed: u64,
+    checksums_verified: bool,
+    verified_epochs: u64,
+    cases: Vec<JsonCase<'a>>,
 }
 
-fn json_num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.6}")
-    } else {
-        "null".into()
-    }
+#[derive(Serialize)]
+struct JsonCase<'a> {
+    name: &'a str,
+    kind: CaseKind,
+    pages: u64,
+    runs: u64,
+    bytes: u64,
+    memcpy: JsonSample<'a>,
+    raw_tcp: JsonSample<'a>,
+    push: Vec<JsonPush<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<JsonTarget>,
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", u32::from(c));
-            }
-            c => o.push(c),
+impl<'a> JsonCase<'a> {
+    fn new(c: &'a CaseResult) -> Self {
+        let push = c
+            .push
+            .iter()
+            .map(|p| JsonPush {
+                streams: p.streams,
+                sample: JsonSample::new(&p.sample),
+                push_over_memcpy: ratio(&p.sample, &c.memcpy),
+                push_over_raw_tcp: ratio(&p.sample, &c.raw),
+                checksums_verified: p.verified == c.push_reps(),
+                verified_epochs: p.verified,
+            })
+            .collect();
+        let target = c.target().map(|(best_streams, value, goal)| JsonTarget {
+            ratio: match c.kind {
+                CaseKind::Random => "push/memcpy",
+                CaseKind::Contiguous => "push/raw_tcp",
+            },
+            best_streams,
+            value,
+            goal,
+            met: value >= goal,
+        });
+        Self {
+            name: &c.name,
+            kind: c.kind,
+            pages: c.pages,
+            runs: c.runs,
+            bytes: c.bytes(),
+            memcpy: JsonSample::new(&c.memcpy),
+            raw_tcp: JsonSample::new(&c.raw),
+            push,
+            target,
         }
     }
-    o.push('"');
-    o
 }
 
-fn json_list(items: impl Iterator<Item = String>) -> String {
-    format!("[{}]", items.collect::<Vec<_>>().join(","))
+#[derive(Serialize)]
+struct JsonSample<'a> {
+    median_gibs: f64,
+    best_gibs: f64,
+    secs: &'a [f64],
+}
+
+impl<'a> JsonSample<'a> {
+    fn new(s: &'a Sample) -> Self {
+        Self {
+            median_gibs: s.median(),
+            best_gibs: s.best(),
+            secs: &s.secs,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonPush<'a> {
+    streams: usize,
+    #[serde(flatten)]
+    sample: JsonSample<'a>,
+    push_over_memcpy: f64,
+    push_over_raw_tcp: f64,
+    checksums_verified: bool,
+    verified_epochs: u32,
+}
+
+#[derive(Serialize)]
+struct JsonTarget {
+    ratio: &'static str,
+    best_streams: usize,
+    value: f64,
+    goal: f64,
+    met: bool,
 }
 
 /// Bytes with a binary unit, three significant digits.
@@ -388,9 +409,16 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        assert_eq!(json_num(f64::NAN), "null");
+    fn non_finite_numbers_are_null() {
+        let s = JsonSample {
+            median_gibs: f64::NAN,
+            best_gibs: f64::INFINITY,
+            secs: &[f64::NEG_INFINITY, 0.5],
+        };
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"median_gibs":null,"best_gibs":null,"secs":[null,0.5]}"#
+        );
     }
 
     #[test]

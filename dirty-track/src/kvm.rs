@@ -1,0 +1,186 @@
+//! Reading KVM's dirty log, one memory slot at a time, and merging it with the VMM's own
+//! bitmap into one bitmap of the whole guest.
+//!
+//! With `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, `KVM_GET_DIRTY_LOG` only reads the log and
+//! `KVM_CLEAR_DIRTY_LOG` clears the bits read and write-protects those pages again; the
+//! pages must be copied *after* the clear, so that a write racing the read is either in
+//! the copy or logged again. Without the capability, `KVM_GET_DIRTY_LOG` reads and
+//! re-protects in one call. The dirty ring is not used: on these hosts it overflows and
+//! loses pages for CPL0 guest code (shared/ENVIRONMENT.md).
+
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, kvm_clear_dirty_log,
+    kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
+};
+use kvm_ioctls::VmFd;
+
+use crate::atomic::AtomicPageBitmap;
+use crate::bitmap::PageBitmap;
+use crate::layout::GuestLayout;
+use crate::{Error, Result};
+
+/// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`; kvm-ioctls 0.25 has no wrapper.
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xC018_AEC0;
+
+/// Turns on manual dirty-log protection for `vm`. Call it before creating memory slots
+/// with dirty logging. Returns whether the capability is on (false where KVM lacks it).
+///
+/// # Errors
+/// [`Error::EnableManualProtect`] if KVM offers the capability but refuses to enable it.
+pub fn enable_manual_protect(vm: &VmFd) -> Result<bool> {
+    let supported = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+    if supported & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+        return Ok(false);
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    // Not INITIALLY_SET: a new slot starts with a clear log, so the first collect reports
+    // exactly what the guest wrote.
+    cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE.into();
+    vm.enable_cap(&cap).map_err(Error::EnableManualProtect)?;
+    Ok(true)
+}
+
+/// Clears the bits of `bitmap` (pages `first_page..first_page + num_pages` of `slot`) in
+/// KVM's log and write-protects those pages again.
+///
+/// KVM requires `first_page` to be a multiple of 64, and `num_pages` to be a multiple of
+/// 64 or to reach the end of the slot.
+///
+/// # Errors
+/// [`Error::ClearDirtyLog`] with the OS error (EINVAL for a misaligned range or a slot
+/// without manual protection).
+pub fn clear_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    first_page: u64,
+    num_pages: u32,
+    bitmap: &mut [u64],
+) -> Result<()> {
+    if bitmap.len() < (num_pages as usize).div_ceil(64) {
+        return Err(Error::Layout(format!(
+            "clear of {num_pages} pages with a bitmap of {} words",
+            bitmap.len()
+        )));
+    }
+    let arg = kvm_clear_dirty_log {
+        slot,
+        num_pages,
+        first_page,
+        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap pointer covers at least
+    // `num_pages` bits (checked above) and stays alive for the call; KVM only reads it.
+    let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
+    if r < 0 {
+        return Err(Error::ClearDirtyLog {
+            slot,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// What one collection found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectStats {
+    /// Pages KVM logged as written by the guest.
+    pub kvm_pages: u64,
+    /// Pages the VMM marked (device writes); some may overlap the KVM ones.
+    pub vmm_pages: u64,
+}
+
+/// Collects dirty pages of a guest: KVM's log of every slot plus the VMM's own bitmap.
+#[derive(Debug)]
+pub struct DirtyTracker {
+    layout: GuestLayout,
+    manual_protect: bool,
+    vmm: AtomicPageBitmap,
+}
+
+impl DirtyTracker {
+    /// A tracker for the slots of `layout`, whose slots were created with
+    /// `KVM_MEM_LOG_DIRTY_PAGES`. `manual_protect` says whether
+    /// [`enable_manual_protect`] succeeded for the VM.
+    pub fn new(layout: GuestLayout, manual_protect: bool) -> Self {
+        let vmm = AtomicPageBitmap::new(layout.pages(), layout.page_size());
+        Self {
+            layout,
+            manual_protect,
+            vmm,
+        }
+    }
+
+    /// The layout tracked.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.layout
+    }
+
+    /// Whether KVM_CLEAR_DIRTY_LOG is in use.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// The bitmap device emulation marks when it writes guest memory, in flat pages
+    /// (see [`GuestLayout::flat_offset`]).
+    pub fn vmm_bitmap(&self) -> &AtomicPageBitmap {
+        &self.vmm
+    }
+
+    /// Adds every page written since the last collection to `out` (a bitmap of
+    /// [`GuestLayout::pages`] flat pages), and resets the logs so the next collection sees
+    /// only later writes. Copy the pages after this returns.
+    ///
+    /// # Errors
+    /// [`Error::GetDirtyLog`] or [`Error::ClearDirtyLog`] for a slot KVM refuses.
+    ///
+    /// # Panics
+    /// If `out` does not cover the layout's pages.
+    pub fn collect(&self, vm: &VmFd, out: &mut PageBitmap) -> Result<CollectStats> {
+        assert_eq!(
+            out.pages(),
+            self.layout.pages(),
+            "bitmap does not cover the guest"
+        );
+        let mut stats = CollectStats::default();
+        for (i, r) in self.layout.regions().iter().enumerate() {
+            let mut log =
+                vm.get_dirty_log(r.slot, r.len as usize)
+                    .map_err(|source| Error::GetDirtyLog {
+                        slot: r.slot,
+                        source,
+                    })?;
+            let n: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
+            if n == 0 {
+                continue;
+            }
+            stats.kvm_pages += n;
+            if self.manual_protect {
+                let pages = (r.len / self.layout.page_size()) as u32;
+                clear_dirty_log(vm, r.slot, 0, pages, &mut log)?;
+            }
+            out.or_words_at(self.layout.flat_start(i), &log);
+        }
+        let before = out.count();
+        let mut vmm = PageBitmap::new(self.layout.pages());
+        self.vmm.drain_into(&mut vmm);
+        stats.vmm_pages = vmm.count();
+        if stats.vmm_pages > 0 {
+            out.union_with(&vmm);
+        }
+        tracing::trace!(
+            kvm = stats.kvm_pages,
+            vmm = stats.vmm_pages,
+            union = out.count(),
+            before,
+            "dirty pages collected"
+        );
+        Ok(stats)
+    }
+}

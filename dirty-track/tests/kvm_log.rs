@@ -1,0 +1,134 @@
+//! Dirty tracking against a real KVM guest. The guest runs in real mode, so there are no
+//! page tables: the collected set must be exactly the pages its code writes, plus the pages
+//! the VMM marks itself.
+
+use colo_dirty_track::{DirtyTracker, GuestLayout, GuestRegion, PageBitmap, enable_manual_protect};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_regs, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use memmap2::MmapMut;
+
+const MIB: u64 = 1 << 20;
+
+/// Real-mode code at 0x1000. Phase 1 writes pages 0x10, 0x20, 0x21, 0x7f (slot 0) and
+/// 0x100, 0x101 (slot 1), then halts; phase 2 writes 0x10 again and 0x30, then halts.
+const CODE: &[u8] = &[
+    0xB8, 0x00, 0x10, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01, // ds=0x1000; [0x10000]=1
+    0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01, // ds=0x2000; [0x20000]=1
+    0xC6, 0x06, 0x00, 0x10, 0x01, // [0x21000]=1
+    0xB8, 0x00, 0x70, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0xF0, 0x01, // ds=0x7000; [0x7f000]=1
+    0xB8, 0xFF, 0xFF, 0x8E, 0xD8, 0xC6, 0x06, 0x10, 0x00, 0x01, // ds=0xffff; [0x100000]=1
+    0xC6, 0x06, 0x10, 0x10, 0x01, // [0x101000]=1
+    0xF4, // hlt
+    0xB8, 0x00, 0x10, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x02, // [0x10000]=2
+    0xB8, 0x00, 0x30, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x02, // [0x30000]=2
+    0xF4, // hlt
+];
+
+struct Guest {
+    _mem: MmapMut,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    tracker: DirtyTracker,
+}
+
+fn guest(manual: bool) -> Option<Guest> {
+    let Ok(kvm) = Kvm::new() else {
+        eprintln!("skipped: /dev/kvm is not available on this machine");
+        return None;
+    };
+    let vm = kvm.create_vm().unwrap();
+    let manual = manual && enable_manual_protect(&vm).unwrap();
+    let mut mem = MmapMut::map_anon((2 * MIB) as usize).unwrap();
+    mem[0x1000..0x1000 + CODE.len()].copy_from_slice(CODE);
+    let layout = GuestLayout::new(
+        4096,
+        vec![
+            GuestRegion {
+                slot: 0,
+                gpa: 0,
+                len: MIB,
+            },
+            GuestRegion {
+                slot: 1,
+                gpa: MIB,
+                len: MIB,
+            },
+        ],
+    )
+    .unwrap();
+    for r in layout.regions() {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: r.gpa,
+            memory_size: r.len,
+            userspace_addr: mem.as_ptr() as u64 + r.gpa,
+        };
+        // SAFETY: the host range lies inside `mem`, which the Guest keeps mapped for as
+        // long as the VM exists.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+    }
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    Some(Guest {
+        _mem: mem,
+        vm,
+        vcpu,
+        tracker: DirtyTracker::new(layout, manual),
+    })
+}
+
+fn run_to_halt(vcpu: &mut VcpuFd) {
+    // The guest code only writes memory and halts, so the first exit must be the halt.
+    match vcpu.run().unwrap() {
+        VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+}
+
+fn collect(g: &Guest) -> Vec<u64> {
+    let mut b = PageBitmap::new(g.tracker.layout().pages());
+    g.tracker.collect(&g.vm, &mut b).unwrap();
+    (0..b.pages()).filter(|&p| b.test(p)).collect()
+}
+
+fn exact_pages(manual: bool) {
+    let Some(mut g) = guest(manual) else { return };
+    assert_eq!(
+        g.tracker.manual_protect(),
+        manual,
+        "manual protection is expected on these hosts"
+    );
+    assert!(collect(&g).is_empty(), "a fresh slot has a clean log");
+    run_to_halt(&mut g.vcpu);
+    // Flat pages: slot 1 starts at flat page 256.
+    assert_eq!(collect(&g), vec![0x10, 0x20, 0x21, 0x7f, 256, 257]);
+    assert!(collect(&g).is_empty(), "collection resets the log");
+    // A device write by the VMM at gpa 0x50123 (flat page 0x50) joins the set.
+    let off = g.tracker.layout().flat_offset(0x50123).unwrap();
+    g.tracker.vmm_bitmap().mark(off, 8);
+    assert_eq!(collect(&g), vec![0x50]);
+    // Pages are protected again after a collection: a second write is logged again.
+    run_to_halt(&mut g.vcpu);
+    assert_eq!(collect(&g), vec![0x10, 0x30]);
+}
+
+#[test]
+fn exact_pages_with_manual_protect_and_clear() {
+    exact_pages(true);
+}
+
+#[test]
+fn exact_pages_with_the_classic_log() {
+    exact_pages(false);
+}
