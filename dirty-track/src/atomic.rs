@@ -61,24 +61,27 @@ impl AtomicPageBitmap {
 
     /// Moves every mark into `out` (OR) and clears this bitmap, word by word atomically, so
     /// a mark made during the drain lands either in `out` or in the next drain, never
-    /// nowhere.
+    /// nowhere. Returns the number of pages drained (some may already have been set in
+    /// `out`).
     ///
     /// # Panics
     /// If `out` covers a different number of pages.
-    pub fn drain_into(&self, out: &mut PageBitmap) {
+    pub fn drain_into(&self, out: &mut PageBitmap) -> u64 {
         assert_eq!(
             out.pages(),
             self.pages,
             "drain into a bitmap of another size"
         );
-        let mut tmp = vec![0u64; self.words.len()];
-        for (t, w) in tmp.iter_mut().zip(&self.words) {
+        let mut drained = 0;
+        for (i, w) in self.words.iter().enumerate() {
             // Cheap load first: most words of a VMM bitmap are zero.
             if w.load(Ordering::Relaxed) != 0 {
-                *t = w.swap(0, Ordering::AcqRel);
+                let bits = w.swap(0, Ordering::AcqRel);
+                drained += u64::from(bits.count_ones());
+                out.or_word(i, bits);
             }
         }
-        out.union_words(&tmp);
+        drained
     }
 }
 

@@ -130,6 +130,12 @@ impl PageBitmap {
         self.mask_tail();
     }
 
+    /// ORs `bits` into word `i`, for drains that already hold whole words. Marks only in
+    /// range: `i` must be a word of this bitmap and no bit past the end may be set.
+    pub(crate) fn or_word(&mut self, i: usize, bits: u64) {
+        self.words[i] |= bits;
+    }
+
     fn mask_tail(&mut self) {
         if self.pages % 64 != 0 {
             if let Some(last) = self.words.last_mut() {

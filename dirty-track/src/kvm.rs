@@ -167,18 +167,10 @@ impl DirtyTracker {
             }
             out.or_words_at(self.layout.flat_start(i), &log);
         }
-        let before = out.count();
-        let mut vmm = PageBitmap::new(self.layout.pages());
-        self.vmm.drain_into(&mut vmm);
-        stats.vmm_pages = vmm.count();
-        if stats.vmm_pages > 0 {
-            out.union_with(&vmm);
-        }
+        stats.vmm_pages = self.vmm.drain_into(out);
         tracing::trace!(
             kvm = stats.kvm_pages,
             vmm = stats.vmm_pages,
-            union = out.count(),
-            before,
             "dirty pages collected"
         );
         Ok(stats)

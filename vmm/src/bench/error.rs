@@ -43,6 +43,18 @@ pub enum Error {
     /// The control channel carried something other than what the benchmark expected.
     #[error("control channel: {0}")]
     Control(String),
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A guest or a component under test misbehaved.
+    #[error("{0}")]
+    Guest(String),
     /// Pages that landed in the receiver differ from the pages that were sent.
     #[error(
         "CHECKSUM MISMATCH in case {case} with {streams} stream(s), rep {rep} (epoch {epoch}): \
@@ -70,6 +82,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Wraps a KVM error with what was being done.
+    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| Self::Kvm { what, source }
+    }
+
     /// The process exit code for this error: 2 for bad arguments (as clap uses), 1 else.
     pub fn exit_code(&self) -> u8 {
         match self {

@@ -3,15 +3,22 @@
 //! `colo bench transport` measures the page-push path between two processes on loopback
 //! against the two limits that bound it: an in-process memcpy of the same pages and a raw
 //! single TCP stream of the same bytes. See [`transport`] for how one run goes.
+//!
+//! `colo bench dirty` and `colo bench ramcache` measure dirty tracking and the RAM cache's
+//! commit flush in process, each beside its same-run baseline.
 
 mod args;
 mod child;
+mod dirty;
 mod error;
+mod guest32;
 mod pages;
 mod protocol;
+mod ramcache;
 mod receiver;
 mod report;
 mod sock;
+mod timing;
 mod transport;
 
 use clap::Subcommand;
@@ -37,6 +44,13 @@ pub enum BenchCommand {
     /// The table shows every case and stream count, then the target lines: push/memcpy for
     /// random pages and push/raw-tcp for the contiguous case, at the best stream count.
     Transport(TransportArgs),
+    /// Dirty tracking: turning a 16 GiB guest's bitmap into page runs (sparse and dense,
+    /// against a same-run popcount), and KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG on 1 GiB
+    /// and 8 GiB slots after a real guest dirtied 1k and 100k pages.
+    Dirty(dirty::DirtyArgs),
+    /// The RAM cache's commit flush of 16k and 64k random pages into SVM memory, against a
+    /// same-run memcpy of the same pages.
+    Ramcache(ramcache::RamcacheArgs),
     /// The receiving process of `colo bench transport` (started by it, not by hand).
     #[command(hide = true)]
     TransportReceiver(ReceiverArgs),
@@ -61,5 +75,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Transport(args) => transport::run(&args.plan()?),
         BenchCommand::TransportReceiver(args) => receiver::run(&args),
+        BenchCommand::Dirty(args) => dirty::run(&args),
+        BenchCommand::Ramcache(args) => ramcache::run(&args),
     }
 }
