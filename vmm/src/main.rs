@@ -1,9 +1,13 @@
 //! `colo`: the COLO fault-tolerance VMM.
 //!
-//! For now it only benchmarks its parts (`colo bench transport`); running and pairing VMs
-//! come as further subcommands.
+//! `colo run` runs one VM with the built-in guest; `colo bench` measures colo's parts.
+//! Pairing VMs (`colo pair`, `colo primary`, `colo secondary`) comes next.
 
 mod bench;
+mod guest_image;
+mod run;
+#[allow(dead_code)]
+mod vm;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -28,6 +32,9 @@ struct Cli {
 /// The top-level subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one VM with the built-in guest: its console on stdout, its key-value service on
+    /// a tap device.
+    Run(run::RunArgs),
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -46,19 +53,34 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let (who, result) = match cli.command {
-        Command::Bench(cmd) => (cmd.process_label(), bench::run(cmd)),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error{who}: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
+    match cli.command {
+        Command::Bench(cmd) => {
+            let who = cmd.process_label();
+            match bench::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(who, &e, e.exit_code()),
             }
-            ExitCode::from(e.exit_code())
         }
+        Command::Run(args) => match run::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let code = match e {
+                    vm::Error::Config(_) | vm::Error::Image(_) | vm::Error::Disk { .. } => 2,
+                    _ => 1,
+                };
+                report("", &e, code)
+            }
+        },
     }
+}
+
+/// Prints an error with its chain of causes and returns the exit code.
+fn report(who: &str, e: &dyn std::error::Error, code: u8) -> ExitCode {
+    eprintln!("error{who}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    ExitCode::from(code)
 }

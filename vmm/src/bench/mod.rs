@@ -23,7 +23,7 @@ mod transport;
 
 use clap::Subcommand;
 
-pub use args::{ReceiverArgs, TransportArgs};
+pub use args::{ReceiverArgs, TransportArgs, parse_size};
 pub use error::Result;
 
 /// `colo bench` subcommands.

@@ -1,0 +1,105 @@
+//! The contract between the colo VMM and its built-in guest (version 1).
+//!
+//! This file is shared as source: the guest compiles it as a module, and the VMM includes
+//! it with `#[path]`, so both sides always agree. It holds only plain constants and
+//! `#[repr(C)]` types, no code that needs `std`.
+//!
+//! # Machine
+//! - One vCPU in 64-bit long mode at CPL3. The VMM builds the GDT, the page tables
+//!   (identity map of RAM and of the MMIO window, 2 MiB pages, U and W bits on every entry)
+//!   and loads the guest ELF's PT_LOAD segments. It enters at the ELF entry point with
+//!   `rsp` = 0 (the guest sets its own stack in `_start`) and `rdi` = [`BOOT_PARAMS_GPA`].
+//! - RAM starts at guest-physical 0. The first 2 MiB below [`IMAGE_GPA`] hold VMM data:
+//!   the GDT, the page tables, the boot parameters and the console buffer.
+//! - No interrupts are delivered. The guest polls its virtqueues and, when it has nothing
+//!   to do, waits with [`PORT_IDLE`].
+//!
+//! # Ports (`out` at CPL3 exits to the VMM; each exit costs about 20 us, so batch)
+//! - [`PORT_CONSOLE`]: `out dx, eax` with eax = number of bytes the guest put at
+//!   [`CONSOLE_GPA`] (at most [`CONSOLE_LEN`]). The VMM logs them (UTF-8, lossy).
+//! - [`PORT_IDLE`]: `out dx, eax` with eax = most microseconds to wait. The VMM returns
+//!   earlier when a device has work for the guest (a received frame).
+//! - [`PORT_EXIT`]: `out dx, eax` with eax = exit status. The VM stops.
+//!
+//! # Devices: virtio-mmio version 2 (modern), polled
+//! - net at [`NET_MMIO_GPA`] (device id 1): queue 0 receive, queue 1 transmit, at most
+//!   [`NET_QUEUE_SIZE`] entries each. Offers VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC (MAC in
+//!   config space). Every buffer starts with the 12-byte `virtio_net_hdr_v1` (all zero on
+//!   transmit).
+//! - block at [`BLK_MMIO_GPA`] (device id 2): queue 0, at most [`BLK_QUEUE_SIZE`] entries.
+//!   Offers VIRTIO_F_VERSION_1 and VIRTIO_BLK_F_FLUSH; capacity (in 512-byte sectors) in
+//!   config space at 0x100. Requests: header {type u32, reserved u32, sector u64}, data,
+//!   status byte.
+//! - Notification: write the queue index to QueueNotify (0x50). The VMM processes the
+//!   queue during that exit, so used entries are visible when the write returns.
+//! - Time: `rdtsc` (not trapped) and [`BootParams::tsc_khz`].
+
+/// Where the VMM puts [`BootParams`].
+pub const BOOT_PARAMS_GPA: u64 = 0x7000;
+/// The console buffer.
+pub const CONSOLE_GPA: u64 = 0x8000;
+/// Size of the console buffer.
+pub const CONSOLE_LEN: u64 = 0x1000;
+/// Where the guest image is linked and loaded.
+pub const IMAGE_GPA: u64 = 0x20_0000;
+
+/// Console output port.
+pub const PORT_CONSOLE: u16 = 0x510;
+/// Idle/wait port.
+pub const PORT_IDLE: u16 = 0x511;
+/// Exit port.
+pub const PORT_EXIT: u16 = 0x512;
+
+/// The virtio-net device's MMIO window.
+pub const NET_MMIO_GPA: u64 = 0xd000_0000;
+/// The virtio-blk device's MMIO window.
+pub const BLK_MMIO_GPA: u64 = 0xd000_1000;
+/// Size of each device's MMIO window.
+pub const MMIO_LEN: u64 = 0x1000;
+/// Largest virtio-net queue.
+pub const NET_QUEUE_SIZE: u16 = 256;
+/// Largest virtio-blk queue.
+pub const BLK_QUEUE_SIZE: u16 = 64;
+
+/// "COLOBOOT".
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"COLOBOOT");
+/// This contract's version.
+pub const BOOT_VERSION: u32 = 1;
+
+/// [`BootParams::flags`]: put the guest's TSC into every reply, so that two copies of the
+/// guest answer differently (work for the COLO compare).
+pub const FLAG_NONDETERMINISTIC: u32 = 1;
+
+/// What the VMM tells the guest at boot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootParams {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Bytes of RAM from guest-physical 0.
+    pub ram_size: u64,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u64,
+    /// The guest's IPv4 address.
+    pub ip: [u8; 4],
+    /// The gateway (unused by the service, kept for completeness).
+    pub gateway: [u8; 4],
+    /// Prefix length of the guest's subnet.
+    pub prefix_len: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// TCP port of the service.
+    pub port: u16,
+    /// Padding.
+    pub _pad2: u32,
+    /// Pages per second the guest dirties in its scratch area (0: none).
+    pub dirty_pages_per_sec: u64,
+    /// Guest-physical start of the scratch area (page-aligned).
+    pub scratch_gpa: u64,
+    /// Bytes of the scratch area.
+    pub scratch_len: u64,
+}

@@ -1,0 +1,261 @@
+//! Where the network device's frames go and come from: a tap device, length-prefixed
+//! frames over a Unix stream socket (4-byte big-endian length, then the frame: QEMU's
+//! `-netdev socket`/chardev framing, so netcmp or a QEMU VM can sit on the other end), or
+//! an in-process channel.
+//!
+//! Every backend delivers received frames into a channel that the vCPU thread drains, and
+//! takes transmitted frames through [`FrameSink`].
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::vm::error::{Error, Result};
+
+/// Largest frame accepted from a backend.
+pub const MAX_FRAME: usize = 65_536;
+/// Frames queued towards the guest before the oldest are dropped (as a NIC would).
+pub const RX_QUEUE: usize = 1024;
+
+/// The transmit side of a backend.
+pub trait FrameSink: Send {
+    /// Sends one Ethernet frame.
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+/// A network backend: frames out through `sink`, frames in on `rx`.
+pub struct NetBackend {
+    /// Frames to transmit.
+    pub sink: Box<dyn FrameSink>,
+    /// Received frames.
+    pub rx: Receiver<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+    /// What it is, for logs.
+    pub name: String,
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for NetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetBackend")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ChannelSink(Sender<Vec<u8>>);
+
+impl FrameSink for ChannelSink {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0
+            .send(frame.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "channel closed"))
+    }
+}
+
+/// The other end of a channel backend: frames from the guest, and a sender of frames to it.
+#[derive(Debug)]
+pub struct ChannelPeer {
+    /// Frames the guest transmitted.
+    pub from_guest: Receiver<Vec<u8>>,
+    /// Frames for the guest.
+    pub to_guest: Sender<Vec<u8>>,
+}
+
+impl NetBackend {
+    /// An in-process channel backend and its peer.
+    pub fn channel() -> (Self, ChannelPeer) {
+        let (to_guest, rx) = crossbeam_channel::bounded(RX_QUEUE);
+        let (tx, from_guest) = crossbeam_channel::bounded(RX_QUEUE);
+        (
+            Self {
+                sink: Box::new(ChannelSink(tx)),
+                rx,
+                stop: Arc::default(),
+                name: "channel".into(),
+            },
+            ChannelPeer {
+                from_guest,
+                to_guest,
+            },
+        )
+    }
+
+    /// A backend without a network: frames out are dropped, none come in.
+    pub fn none() -> Self {
+        struct Drop0;
+        impl FrameSink for Drop0 {
+            fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (_tx, rx) = crossbeam_channel::bounded(1);
+        Self {
+            sink: Box::new(Drop0),
+            rx,
+            stop: Arc::default(),
+            name: "none".into(),
+        }
+    }
+
+    /// Opens (creating if needed) the tap device `name`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if /dev/net/tun cannot be opened or the device cannot be attached
+    /// (not root, or the name is in use by a non-tap device).
+    pub fn tap(name: &str) -> Result<Self> {
+        if name.is_empty() || name.len() >= 16 {
+            return Err(Error::Config(format!(
+                "tap name '{name}' must be 1 to 15 bytes"
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(Error::io("open /dev/net/tun"))?;
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: i16,
+            _pad: [u8; 22],
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI) as i16,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which IfReq matches in
+        // size (40 bytes) and layout for the name and flags fields.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if r < 0 {
+            return Err(Error::io(format!("attach tap device {name}"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: dup returns a new descriptor we own (checked below).
+        let dup = unsafe { libc::dup(file.as_raw_fd()) };
+        if dup < 0 {
+            return Err(Error::io("dup the tap descriptor")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+        let reader = unsafe { File::from_raw_fd(dup) };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded(RX_QUEUE);
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name(format!("tap-{name}"))
+            .spawn(move || read_frames(reader, &tx, &flag, false))
+            .map_err(Error::io("spawn the tap reader"))?;
+        struct TapSink(File);
+        impl FrameSink for TapSink {
+            fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+                self.0.write_all(frame)
+            }
+        }
+        Ok(Self {
+            sink: Box::new(TapSink(file)),
+            rx,
+            stop,
+            name: format!("tap {name}"),
+        })
+    }
+
+    /// Frames over a connected Unix stream socket, each preceded by its length as a 4-byte
+    /// big-endian number.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the socket cannot be cloned or the reader started.
+    pub fn socket(stream: UnixStream) -> Result<Self> {
+        let reader = stream.try_clone().map_err(Error::io("clone the socket"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded(RX_QUEUE);
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("net-socket".into())
+            .spawn(move || read_frames(reader, &tx, &flag, true))
+            .map_err(Error::io("spawn the socket reader"))?;
+        struct SocketSink(UnixStream);
+        impl FrameSink for SocketSink {
+            fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+                let mut b = Vec::with_capacity(4 + frame.len());
+                b.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                b.extend_from_slice(frame);
+                self.0.write_all(&b)
+            }
+        }
+        Ok(Self {
+            sink: Box::new(SocketSink(stream)),
+            rx,
+            stop,
+            name: "socket".into(),
+        })
+    }
+}
+
+/// Reads frames until `stop`, EOF or an error. `framed`: a 4-byte big-endian length
+/// precedes each frame (a socket); else each read is one frame (a tap).
+fn read_frames<R: Read + AsRawFd>(mut r: R, tx: &Sender<Vec<u8>>, stop: &AtomicBool, framed: bool) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut dropped = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, Duration::from_millis(100).as_millis() as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let frame = if framed {
+            let mut len = [0u8; 4];
+            if r.read_exact(&mut len).is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes(len) as usize;
+            if len == 0 || len > MAX_FRAME {
+                tracing::warn!(len, "socket backend: bad frame length; closing");
+                break;
+            }
+            if r.read_exact(&mut buf[..len]).is_err() {
+                break;
+            }
+            buf[..len].to_vec()
+        } else {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf[..n].to_vec(),
+            }
+        };
+        match tx.try_send(frame) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                dropped += 1;
+                if dropped.is_power_of_two() {
+                    tracing::warn!(dropped, "guest is not taking frames; dropping");
+                }
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The devices of the built-in machine: the console, virtio-net and virtio-blk on
+//! virtio-mmio, and the network backends.
+
+pub mod backend;
+pub mod blk;
+pub mod console;
+pub mod net;
+pub mod virtio_mmio;
+
+use colo_dirty_track::AtomicPageBitmap;
+use vm_memory::GuestMemoryMmap;
+
+use super::abi::{BLK_MMIO_GPA, MMIO_LEN, NET_MMIO_GPA};
+use super::codec::{Reader, Writer};
+use super::error::Result;
+use blk::Blk;
+use console::Console;
+use net::Net;
+use virtio_mmio::MmioTransport;
+
+/// Every device of one VM.
+pub struct Devices {
+    /// The console.
+    pub console: Console,
+    /// The network device.
+    pub net: MmioTransport<Net>,
+    /// The block device.
+    pub blk: MmioTransport<Blk>,
+}
+
+impl Devices {
+    /// An MMIO read; false if no device is at `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if (NET_MMIO_GPA..NET_MMIO_GPA + MMIO_LEN).contains(&addr) {
+            self.net.read(addr - NET_MMIO_GPA, data);
+        } else if (BLK_MMIO_GPA..BLK_MMIO_GPA + MMIO_LEN).contains(&addr) {
+            self.blk.read(addr - BLK_MMIO_GPA, data);
+        } else {
+            data.fill(0xff);
+            return false;
+        }
+        true
+    }
+
+    /// An MMIO write; processes a queue notification on the spot. False if no device is
+    /// at `addr`.
+    ///
+    /// # Errors
+    /// A queue the guest broke.
+    pub fn mmio_write(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        mem: &GuestMemoryMmap,
+        dirty: &AtomicPageBitmap,
+    ) -> Result<bool> {
+        if (NET_MMIO_GPA..NET_MMIO_GPA + MMIO_LEN).contains(&addr) {
+            if let Some(q) = self.net.write(addr - NET_MMIO_GPA, data) {
+                self.net.notify(q, mem, dirty)?;
+            }
+        } else if (BLK_MMIO_GPA..BLK_MMIO_GPA + MMIO_LEN).contains(&addr) {
+            if let Some(q) = self.blk.write(addr - BLK_MMIO_GPA, data) {
+                self.blk.notify(q, mem, dirty)?;
+            }
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Delivers received frames if the guest has buffers for them.
+    pub fn poll_rx(&mut self, mem: &GuestMemoryMmap, dirty: &AtomicPageBitmap) {
+        if self.net.driver_ok() && self.net.device.has_rx() {
+            let t = &mut self.net;
+            t.device.deliver(&mut t.queues, mem, dirty);
+        }
+    }
+
+    /// Saves every device.
+    pub fn save(&self, w: &mut Writer) {
+        self.net.save(w);
+        self.blk.save(w);
+    }
+
+    /// Restores every device.
+    ///
+    /// # Errors
+    /// Bad snapshot bytes.
+    pub fn restore(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.net.restore(r)?;
+        self.blk.restore(r)
+    }
+}

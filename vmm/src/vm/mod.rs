@@ -1,0 +1,268 @@
+//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, one vCPU in
+//! long mode running the built-in guest at CPL3, the console, virtio-net and virtio-blk,
+//! and the VM state snapshot.
+//!
+//! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
+//! which runs the vCPU on its own thread and can pause and resume it in tens of
+//! microseconds (a signal sets `immediate_exit`, see ENVIRONMENT.md).
+
+#[path = "../../guest/src/abi.rs"]
+#[allow(dead_code)]
+pub mod abi;
+mod boot;
+pub mod codec;
+pub mod devices;
+mod error;
+pub mod memory;
+pub mod runner;
+pub mod snapshot;
+pub mod vcpu;
+
+use std::path::PathBuf;
+
+use colo_dirty_track::{DirtyTracker, PageBitmap};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+pub use error::{Error, Result};
+
+use abi::{BootParams, NET_MMIO_GPA};
+use codec::{Reader, Writer};
+use devices::Devices;
+use devices::backend::NetBackend;
+use devices::blk::{Blk, RawDisk};
+use devices::console::{Console, ConsoleSink};
+use devices::net::Net;
+use devices::virtio_mmio::MmioTransport;
+use memory::GuestRam;
+use snapshot::VmState;
+
+/// Where the guest's scratch area (its dirty-rate load) starts.
+pub const SCRATCH_GPA: u64 = 16 << 20;
+
+/// How to build a VM.
+pub struct VmConfig {
+    /// A name for logs and the console prefix.
+    pub name: String,
+    /// Bytes of RAM (a multiple of 2 MiB, at least 32 MiB).
+    pub ram: u64,
+    /// The guest image (an x86-64 ELF executable linked at 0x200000).
+    pub image: Vec<u8>,
+    /// The disk image.
+    pub disk: PathBuf,
+    /// The network backend.
+    pub net: NetBackend,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address and prefix length.
+    pub ip: ([u8; 4], u8),
+    /// The service's TCP port.
+    pub port: u16,
+    /// Put the TSC into replies (nondeterministic output).
+    pub nondeterministic: bool,
+    /// Pages per second the guest dirties.
+    pub dirty_pages_per_sec: u64,
+    /// Where console lines go.
+    pub console: ConsoleSink,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest wrote this status to the exit port.
+    Status(u32),
+    /// The VMM stopped it.
+    Stopped,
+}
+
+/// One VM: KVM objects, RAM, devices and dirty tracking. Field order is drop order: the
+/// vCPU and VM go before the RAM they map.
+pub struct Machine {
+    /// The vCPU.
+    pub vcpu: VcpuFd,
+    /// The VM.
+    pub vm: VmFd,
+    _kvm: Kvm,
+    /// The devices.
+    pub devices: Devices,
+    /// Dirty tracking of RAM (KVM log plus device writes).
+    pub tracker: DirtyTracker,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The VM's name.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Builds the VM: checks the image and disk, maps RAM, loads the guest and sets up the
+    /// vCPU. Nothing runs yet.
+    ///
+    /// # Errors
+    /// [`Error::Image`], [`Error::Disk`] or [`Error::Config`] for bad input (before any
+    /// KVM object exists), [`Error::Kvm`] if KVM refuses.
+    pub fn new(cfg: VmConfig) -> Result<Self> {
+        if cfg.ram < 32 << 20 {
+            return Err(Error::Config(format!(
+                "{} MiB of RAM is too little: at least 32 MiB",
+                cfg.ram >> 20
+            )));
+        }
+        if cfg.ip.1 == 0 || cfg.ip.1 > 30 {
+            return Err(Error::Config(format!(
+                "prefix length /{} is not usable",
+                cfg.ip.1
+            )));
+        }
+        let disk = RawDisk::open(&cfg.disk)?;
+        let ram = GuestRam::new(cfg.ram, NET_MMIO_GPA)?;
+        let image = boot::load_elf(ram.mem(), &cfg.image, SCRATCH_GPA)?;
+        boot::write_tables(ram.mem())?;
+        let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(Error::kvm("create the VM"))?;
+        let manual = colo_dirty_track::enable_manual_protect(&vm)?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(Error::kvm("set the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(Error::kvm("create the irqchip"))?;
+        ram.register(&vm)?;
+        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create the vCPU"))?;
+        let tsc_khz = vcpu
+            .get_tsc_khz()
+            .map_err(Error::kvm("read the TSC frequency"))?;
+        let params = BootParams {
+            magic: abi::BOOT_MAGIC,
+            version: abi::BOOT_VERSION,
+            flags: if cfg.nondeterministic {
+                abi::FLAG_NONDETERMINISTIC
+            } else {
+                0
+            },
+            ram_size: cfg.ram,
+            tsc_khz: u64::from(tsc_khz),
+            ip: cfg.ip.0,
+            gateway: [0; 4],
+            prefix_len: cfg.ip.1,
+            _pad: 0,
+            port: cfg.port,
+            _pad2: 0,
+            dirty_pages_per_sec: cfg.dirty_pages_per_sec,
+            scratch_gpa: SCRATCH_GPA,
+            scratch_len: cfg.ram - SCRATCH_GPA,
+        };
+        boot::write_boot_params(ram.mem(), &params)?;
+        vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
+        tracing::info!(
+            vm = %cfg.name,
+            ram_mib = cfg.ram >> 20,
+            entry = format_args!("{:#x}", image.entry),
+            image_end = format_args!("{:#x}", image.end),
+            tsc_khz,
+            manual_protect = manual,
+            net = %cfg.net.name,
+            disk = %cfg.disk.display(),
+            "VM built"
+        );
+        let tracker = DirtyTracker::new(ram.layout().clone(), manual);
+        Ok(Self {
+            vcpu,
+            vm,
+            _kvm: kvm,
+            devices: Devices {
+                console: Console::new(cfg.console),
+                net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
+                blk: MmioTransport::new(Blk::new(Box::new(disk))),
+            },
+            tracker,
+            ram,
+            name: cfg.name,
+        })
+    }
+
+    /// Saves the VM state (not RAM). The vCPU must be paused.
+    ///
+    /// # Errors
+    /// [`Error::Kvm`] if KVM refuses a read.
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        let chip = |chip_id| -> Result<kvm_irqchip> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(Error::kvm("get irqchip"))?;
+            Ok(c)
+        };
+        let mut w = Writer::default();
+        self.devices.save(&mut w);
+        let state = VmState {
+            vcpu: vcpu::save(&self.vcpu)?,
+            irqchip: [
+                chip(KVM_IRQCHIP_PIC_MASTER)?,
+                chip(KVM_IRQCHIP_PIC_SLAVE)?,
+                chip(KVM_IRQCHIP_IOAPIC)?,
+            ],
+            clock: self.vm.get_clock().map_err(Error::kvm("get clock"))?,
+            devices: w.into_bytes(),
+        };
+        Ok(state.encode())
+    }
+
+    /// Loads a VM state saved by [`Machine::save_state`]. The vCPU must be paused; RAM must
+    /// already hold the matching pages.
+    ///
+    /// # Errors
+    /// [`Error::Snapshot`] for bytes that do not decode or do not fit this VM (nothing is
+    /// applied then), [`Error::Kvm`] if KVM refuses a write.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let s = VmState::decode(bytes)?;
+        // The whole snapshot is decoded and checksummed above; the devices go first, so
+        // one that does not fit this VM fails before the vCPU is touched.
+        let mut r = Reader::new(&s.devices, "devices");
+        self.devices.restore(&mut r)?;
+        r.finish()?;
+        vcpu::restore(&self.vcpu, &s.vcpu)?;
+        for c in &s.irqchip {
+            self.vm.set_irqchip(c).map_err(Error::kvm("set irqchip"))?;
+        }
+        let mut clock = s.clock;
+        clock.flags = 0;
+        self.vm.set_clock(&clock).map_err(Error::kvm("set clock"))?;
+        Ok(())
+    }
+
+    /// Collects the pages written since the last collection (KVM log and device writes)
+    /// into `out`.
+    ///
+    /// # Errors
+    /// [`Error::Dirty`] if KVM refuses.
+    pub fn collect_dirty(&self, out: &mut PageBitmap) -> Result<u64> {
+        let s = self.tracker.collect(&self.vm, out)?;
+        Ok(s.kvm_pages + s.vmm_pages)
+    }
+
+    /// Copies guest RAM `[gpa, gpa + buf.len())` out.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] outside RAM.
+    pub fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.ram
+            .mem()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

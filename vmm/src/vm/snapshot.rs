@@ -1,0 +1,164 @@
+//! The VM state snapshot: a versioned, checksummed binary image of everything about a VM
+//! except its RAM (which travels separately, as pages): the vCPU, the interrupt
+//! controller, the clock and every device.
+//!
+//! ```text
+//! header (32 bytes): "COLOSNAP" | version u32 | reserved u32 | body length u64 | FNV-1a u64
+//! body: length-prefixed items in a fixed order (codec.rs), each checked on decode
+//! ```
+
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_msr_entry};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use super::codec::{Reader, Writer};
+use super::error::{Error, Result};
+use super::vcpu::VcpuState;
+
+/// "COLOSNAP".
+pub const MAGIC: u64 = u64::from_le_bytes(*b"COLOSNAP");
+/// The snapshot format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// The largest snapshot body accepted.
+pub const MAX_BODY: u64 = 16 << 20;
+/// Most MSRs in a snapshot.
+const MAX_MSRS: u64 = 256;
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Debug, Clone, Copy)]
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    reserved: u32,
+    body_len: u64,
+    checksum: u64,
+}
+
+/// What a snapshot holds, decoded.
+#[derive(Clone, Debug)]
+pub struct VmState {
+    /// The vCPU.
+    pub vcpu: VcpuState,
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchip: [kvm_irqchip; 3],
+    /// kvmclock's view of time.
+    pub clock: kvm_clock_data,
+    /// The devices' bytes (decoded by the devices themselves).
+    pub devices: Vec<u8>,
+}
+
+/// FNV-1a, 64 bit.
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl VmState {
+    /// Encodes the state.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        let v = &self.vcpu;
+        w.pod(&v.regs);
+        w.pod(&v.sregs);
+        w.bytes(super::vcpu::fpu_bytes(&v.fpu));
+        w.pod(&*v.xsave);
+        w.pod(&v.xcrs);
+        w.pod(&v.lapic);
+        w.u64(v.msrs.len() as u64);
+        for m in &v.msrs {
+            w.pod(m);
+        }
+        w.pod(&v.events);
+        w.pod(&v.mp_state);
+        w.pod(&v.debug);
+        for c in &self.irqchip {
+            w.pod(c);
+        }
+        w.pod(&self.clock);
+        w.bytes(&self.devices);
+        let body = w.into_bytes();
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            reserved: 0,
+            body_len: body.len() as u64,
+            checksum: fnv1a(&body),
+        };
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a snapshot.
+    ///
+    /// # Errors
+    /// [`Error::Snapshot`] saying what is wrong: too short, wrong magic or version, a body
+    /// length over the limit or different from the bytes given, a checksum mismatch, or an
+    /// item of the wrong length.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let (h, body) = Header::read_from_prefix(bytes).map_err(|_| {
+            Error::Snapshot(format!(
+                "{} bytes is shorter than the 32-byte header",
+                bytes.len()
+            ))
+        })?;
+        if h.magic != MAGIC {
+            return Err(Error::Snapshot("not a colo snapshot (bad magic)".into()));
+        }
+        if h.version != VERSION {
+            return Err(Error::Snapshot(format!(
+                "snapshot version {} is not supported (this build reads version {VERSION})",
+                h.version
+            )));
+        }
+        if h.body_len > MAX_BODY || h.body_len != body.len() as u64 {
+            return Err(Error::Snapshot(format!(
+                "body length {} does not match the {} bytes present (limit {MAX_BODY})",
+                h.body_len,
+                body.len()
+            )));
+        }
+        if fnv1a(body) != h.checksum {
+            return Err(Error::Snapshot(
+                "checksum mismatch: the snapshot is corrupt".into(),
+            ));
+        }
+        let mut r = Reader::new(body, "vm state");
+        let regs = r.pod("regs")?;
+        let sregs = r.pod("sregs")?;
+        let fpu = super::vcpu::fpu_from(r.bytes("fpu")?)
+            .ok_or_else(|| Error::Snapshot("vm state: fpu has the wrong length".into()))?;
+        let xsave = Box::new(r.pod("xsave")?);
+        let xcrs = r.pod("xcrs")?;
+        let lapic = r.pod("lapic")?;
+        let n = r.u64("msr count")?;
+        if n > MAX_MSRS {
+            return Err(Error::Snapshot(format!("{n} MSRs, at most {MAX_MSRS}")));
+        }
+        let msrs = (0..n)
+            .map(|_| r.pod::<kvm_msr_entry>("msr"))
+            .collect::<Result<Vec<_>>>()?;
+        let vcpu = VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            lapic,
+            msrs,
+            events: r.pod("vcpu events")?,
+            mp_state: r.pod("mp state")?,
+            debug: r.pod("debug regs")?,
+        };
+        let irqchip = [r.pod("pic master")?, r.pod("pic slave")?, r.pod("ioapic")?];
+        let clock = r.pod("clock")?;
+        let devices = r.bytes("devices")?.to_vec();
+        r.finish()?;
+        Ok(Self {
+            vcpu,
+            irqchip,
+            clock,
+            devices,
+        })
+    }
+}

@@ -1,0 +1,251 @@
+//! vCPU setup for the built-in guest (64-bit long mode at CPL3) and the vCPU's part of a
+//! VM state snapshot.
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use super::abi::BOOT_PARAMS_GPA;
+use super::boot::{GDT_ENTRIES, GDT_GPA, PML4_GPA, TSS_GPA, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
+use super::error::{Error, Result};
+
+/// The MSRs a snapshot carries: the syscall and sysenter set, the TSC (so that the guest's
+/// clock continues), PAT, MISC_ENABLE, TSC_AUX and KERNEL_GS_BASE.
+pub const SAVED_MSRS: [u32; 12] = [
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x10,        // IA32_TSC
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SYSCALL_MASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// Everything KVM holds about one vCPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// Legacy FPU/SSE state.
+    pub fpu: kvm_fpu,
+    /// The legacy 4 KiB XSAVE area (KVM_GET_XSAVE).
+    pub xsave: Box<[u32; 1024]>,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// The local APIC.
+    pub lapic: kvm_lapic_state,
+    /// The MSRs of [`SAVED_MSRS`].
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Running/halted state.
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debug: kvm_debugregs,
+}
+
+/// The bytes of a `kvm_fpu`.
+pub fn fpu_bytes(f: &kvm_fpu) -> &[u8] {
+    const _: () = assert!(size_of::<kvm_fpu>() == 416, "kvm_fpu has no hidden padding");
+    // SAFETY: kvm_fpu is repr(C) with only integer fields and its padding named as fields
+    // (416 bytes, checked above), so every byte is initialized.
+    unsafe { std::slice::from_raw_parts((f as *const kvm_fpu).cast::<u8>(), size_of::<kvm_fpu>()) }
+}
+
+/// A `kvm_fpu` from exactly its bytes.
+pub fn fpu_from(b: &[u8]) -> Option<kvm_fpu> {
+    if b.len() != size_of::<kvm_fpu>() {
+        return None;
+    }
+    let mut f = kvm_fpu::default();
+    // SAFETY: lengths are equal (checked); any bytes are a valid kvm_fpu (integers only).
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut f as *mut kvm_fpu).cast::<u8>(), b.len())
+    };
+    Some(f)
+}
+
+/// Sets CPUID, long mode at CPL3 on the VMM's tables, and the entry registers.
+///
+/// # Errors
+/// [`Error::Kvm`] if an ioctl fails.
+pub fn setup_long_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<()> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
+    let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 3,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = seg(USER_CS, 0xb, 1, 0);
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *s = seg(USER_DS, 0x3, 0, 1);
+    }
+    sregs.tr = kvm_segment {
+        base: TSS_GPA,
+        limit: TSS_LIMIT as u32,
+        selector: TSS_SEL,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.gdt.base = GDT_GPA;
+    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    // PE | MP | ET | NE | WP | PG, EM clear (compiled Rust uses SSE).
+    sregs.cr0 = 0x8005_0033;
+    // PAE | OSFXSR | OSXMMEXCPT.
+    sregs.cr4 = 0x620;
+    sregs.cr3 = PML4_GPA;
+    // LME | LMA.
+    sregs.efer = 0x500;
+    vcpu.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
+    let regs = kvm_regs {
+        rip: entry,
+        rdi: BOOT_PARAMS_GPA,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(Error::kvm("set regs"))?;
+    Ok(())
+}
+
+/// Reads the whole vCPU state. The vCPU must not be running.
+///
+/// # Errors
+/// [`Error::Kvm`] if an ioctl fails or KVM returns fewer MSRs than asked for.
+pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
+    let mut msrs = Msrs::from_entries(
+        &SAVED_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|_| Error::Snapshot("too many MSRs".into()))?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(Error::kvm("get MSRs"))?;
+    if n != SAVED_MSRS.len() {
+        return Err(Error::Snapshot(format!(
+            "KVM returned {n} of {} MSRs",
+            SAVED_MSRS.len()
+        )));
+    }
+    Ok(VcpuState {
+        regs: vcpu.get_regs().map_err(Error::kvm("get regs"))?,
+        sregs: vcpu.get_sregs().map_err(Error::kvm("get sregs"))?,
+        fpu: vcpu.get_fpu().map_err(Error::kvm("get fpu"))?,
+        xsave: Box::new(vcpu.get_xsave().map_err(Error::kvm("get xsave"))?.region),
+        xcrs: vcpu.get_xcrs().map_err(Error::kvm("get xcrs"))?,
+        lapic: vcpu.get_lapic().map_err(Error::kvm("get lapic"))?,
+        msrs: msrs.as_slice().to_vec(),
+        events: vcpu
+            .get_vcpu_events()
+            .map_err(Error::kvm("get vcpu events"))?,
+        mp_state: vcpu.get_mp_state().map_err(Error::kvm("get mp state"))?,
+        debug: vcpu
+            .get_debug_regs()
+            .map_err(Error::kvm("get debug regs"))?,
+    })
+}
+
+/// Writes the whole vCPU state, in the order KVM needs (special registers before the
+/// APIC and MSRs, events last).
+///
+/// # Errors
+/// [`Error::Kvm`] if an ioctl fails.
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(Error::kvm("set mp state"))?;
+    vcpu.set_sregs(&s.sregs).map_err(Error::kvm("set sregs"))?;
+    vcpu.set_regs(&s.regs).map_err(Error::kvm("set regs"))?;
+    vcpu.set_fpu(&s.fpu).map_err(Error::kvm("set fpu"))?;
+    let mut xsave = kvm_xsave::default();
+    xsave.region = *s.xsave;
+    // SAFETY: a legacy 4 KiB area, the size KVM_SET_XSAVE reads (no extra components:
+    // KVM_CAP_XSAVE2 is not used).
+    unsafe { vcpu.set_xsave(&xsave) }.map_err(Error::kvm("set xsave"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(Error::kvm("set xcrs"))?;
+    vcpu.set_debug_regs(&s.debug)
+        .map_err(Error::kvm("set debug regs"))?;
+    vcpu.set_lapic(&s.lapic).map_err(Error::kvm("set lapic"))?;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|_| Error::Snapshot("too many MSRs".into()))?;
+    let n = vcpu.set_msrs(&msrs).map_err(Error::kvm("set MSRs"))?;
+    if n != s.msrs.len() {
+        return Err(Error::Snapshot(format!(
+            "KVM took {n} of {} MSRs",
+            s.msrs.len()
+        )));
+    }
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(Error::kvm("set vcpu events"))?;
+    Ok(())
+}
+
+/// The registers, formatted for a crash report.
+pub fn dump(vcpu: &VcpuFd) -> String {
+    let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+        return "registers unavailable".into();
+    };
+    format!(
+        "rip={:#018x} rsp={:#018x} rflags={:#x}\n\
+         rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n\
+         rsi={:#018x} rdi={:#018x} rbp={:#018x}\n\
+         cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        r.rip,
+        r.rsp,
+        r.rflags,
+        r.rax,
+        r.rbx,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        r.rbp,
+        s.cs.selector,
+        s.ss.selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer
+    )
+}
