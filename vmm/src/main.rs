@@ -4,6 +4,7 @@
 //! Pairing VMs (`colo pair`, `colo primary`, `colo secondary`) comes next.
 
 mod bench;
+mod colo;
 mod guest_image;
 mod run;
 #[allow(dead_code)]
@@ -35,6 +36,11 @@ enum Command {
     /// Run one VM with the built-in guest: its console on stdout, its key-value service on
     /// a tap device.
     Run(run::RunArgs),
+    /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
+    Primary(colo::cli::PrimaryArgs),
+    /// Run the secondary side of a COLO pair: waits for a primary, follows its
+    /// checkpoints, and takes over when it is lost.
+    Secondary(colo::cli::SecondaryArgs),
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -61,6 +67,14 @@ fn main() -> ExitCode {
                 Err(e) => report(who, &e, e.exit_code()),
             }
         }
+        Command::Primary(args) => match colo::cli::run_primary(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(" (primary)", &e, 1),
+        },
+        Command::Secondary(args) => match colo::cli::run_secondary(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(" (secondary)", &e, 1),
+        },
         Command::Run(args) => match run::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -20,6 +20,7 @@ mod report;
 mod sock;
 mod timing;
 mod transport;
+mod vm;
 
 use clap::Subcommand;
 
@@ -51,6 +52,10 @@ pub enum BenchCommand {
     /// The RAM cache's commit flush of 16k and 64k random pages into SVM memory, against a
     /// same-run memcpy of the same pages.
     Ramcache(ramcache::RamcacheArgs),
+    /// The VM: pause+resume latency (p50/p99 over --cycles), VM state save and restore
+    /// time, and the guest service's request rate through a tap against a host-native
+    /// server in the same run.
+    Vm(vm::VmBenchArgs),
     /// The receiving process of `colo bench transport` (started by it, not by hand).
     #[command(hide = true)]
     TransportReceiver(ReceiverArgs),
@@ -77,5 +82,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::TransportReceiver(args) => receiver::run(&args),
         BenchCommand::Dirty(args) => dirty::run(&args),
         BenchCommand::Ramcache(args) => ramcache::run(&args),
+        BenchCommand::Vm(args) => vm::run(&args),
     }
 }

@@ -19,6 +19,7 @@ pub mod snapshot;
 pub mod vcpu;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use colo_dirty_track::{DirtyTracker, PageBitmap};
 use kvm_bindings::{
@@ -78,18 +79,42 @@ pub enum GuestExit {
     Stopped,
 }
 
+/// Collects a VM's dirty pages from any thread, running or paused.
+#[derive(Clone)]
+pub struct DirtyHandle {
+    vm: Arc<VmFd>,
+    tracker: Arc<DirtyTracker>,
+}
+
+impl std::fmt::Debug for DirtyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyHandle").finish_non_exhaustive()
+    }
+}
+
+impl DirtyHandle {
+    /// Adds every page written since the last collection to `out` and resets the log.
+    ///
+    /// # Errors
+    /// [`Error::Dirty`] if KVM refuses.
+    pub fn collect(&self, out: &mut PageBitmap) -> Result<u64> {
+        let s = self.tracker.collect(&self.vm, out)?;
+        Ok(s.kvm_pages + s.vmm_pages)
+    }
+}
+
 /// One VM: KVM objects, RAM, devices and dirty tracking. Field order is drop order: the
 /// vCPU and VM go before the RAM they map.
 pub struct Machine {
     /// The vCPU.
     pub vcpu: VcpuFd,
-    /// The VM.
-    pub vm: VmFd,
+    /// The VM (shared: its dirty log may be read while the vCPU runs).
+    pub vm: Arc<VmFd>,
     _kvm: Kvm,
     /// The devices.
     pub devices: Devices,
-    /// Dirty tracking of RAM (KVM log plus device writes).
-    pub tracker: DirtyTracker,
+    /// Dirty tracking of RAM (KVM log plus device writes); shared like the VM.
+    pub tracker: Arc<DirtyTracker>,
     /// Guest RAM.
     pub ram: GuestRam,
     /// The VM's name.
@@ -176,14 +201,14 @@ impl Machine {
         let tracker = DirtyTracker::new(ram.layout().clone(), manual);
         Ok(Self {
             vcpu,
-            vm,
+            vm: Arc::new(vm),
             _kvm: kvm,
             devices: Devices {
                 console: Console::new(cfg.console),
                 net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
                 blk: MmioTransport::new(Blk::new(Box::new(disk))),
             },
-            tracker,
+            tracker: Arc::new(tracker),
             ram,
             name: cfg.name,
         })
@@ -240,6 +265,14 @@ impl Machine {
         clock.flags = 0;
         self.vm.set_clock(&clock).map_err(Error::kvm("set clock"))?;
         Ok(())
+    }
+
+    /// A handle that collects dirty pages while the vCPU runs (the background push).
+    pub fn dirty_handle(&self) -> DirtyHandle {
+        DirtyHandle {
+            vm: Arc::clone(&self.vm),
+            tracker: Arc::clone(&self.tracker),
+        }
     }
 
     /// Collects the pages written since the last collection (KVM log and device writes)

@@ -1,0 +1,252 @@
+//! `colo primary` and `colo secondary`: one side each, on its own host.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use super::link::Heartbeat;
+use super::primary::{self, Events};
+use super::secondary::{self, Outcome};
+use super::{ColoError, Mode, Params, Result};
+use crate::run::{VmArgs, catch_interrupts, interrupted};
+use crate::vm::devices::console::ConsoleSink;
+use crate::vm::runner::VmHandle;
+
+/// Which page-push transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportKind {
+    /// RDMA when a device exists, else TCP.
+    Auto,
+    /// TCP streams.
+    Tcp,
+    /// Verbs RDMA (fails when there is no device).
+    Rdma,
+}
+
+fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (t, 1e-3)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1e6 => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!(
+            "'{s}' is not a duration like 100ms, 2s or 500us (plain numbers are ms)"
+        )),
+    }
+}
+
+/// Checkpoint and heartbeat options shared by both sides.
+#[derive(Debug, Args, Clone)]
+pub struct ColoArgs {
+    /// Time between checkpoints (QEMU's x-checkpoint-delay).
+    #[arg(long, default_value = "100ms", value_parser = parse_ms)]
+    pub checkpoint_delay: Duration,
+    /// Time between background pushes of dirty pages within an epoch.
+    #[arg(long, default_value = "10ms", value_parser = parse_ms)]
+    pub push_interval: Duration,
+    /// Time between heartbeats.
+    #[arg(long, default_value = "100ms", value_parser = parse_ms)]
+    pub heartbeat_interval: Duration,
+    /// Silence after which the peer counts as lost.
+    #[arg(long, default_value = "1s", value_parser = parse_ms)]
+    pub heartbeat_timeout: Duration,
+    /// colo: the SVM runs and output is compared; periodic: the SVM waits paused.
+    #[arg(long, value_enum, default_value = "colo")]
+    pub mode: Mode,
+    /// Force a checkpoint when this many pages were pushed in the background (0: never).
+    #[arg(long, default_value_t = 65_536)]
+    pub dirty_threshold: u64,
+    /// Pair id: both sides must agree.
+    #[arg(long, default_value_t = 1)]
+    pub pair_id: u64,
+    /// The page-push transport.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportKind,
+    /// Parallel TCP push streams.
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+impl ColoArgs {
+    fn params(&self) -> Result<Params> {
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(ColoError::Setup(
+                "--heartbeat-timeout must exceed --heartbeat-interval".into(),
+            ));
+        }
+        if !(1..=16).contains(&self.streams) {
+            return Err(ColoError::Setup("--streams must be 1 to 16".into()));
+        }
+        Ok(Params {
+            checkpoint_delay: self.checkpoint_delay,
+            push_interval: self.push_interval.min(self.checkpoint_delay),
+            heartbeat: Heartbeat {
+                interval: self.heartbeat_interval,
+                timeout: self.heartbeat_timeout,
+            },
+            mode: self.mode,
+            dirty_threshold: self.dirty_threshold,
+        })
+    }
+
+    /// Resolves `--transport`: RDMA needs a device (and this build's `rdma` feature).
+    fn check_transport(&self) -> Result<()> {
+        let devices = rdma_devices();
+        match (self.transport, devices) {
+            (TransportKind::Tcp, _) => Ok(()),
+            (TransportKind::Auto, Err(why)) => {
+                tracing::info!("no RDMA ({why}); using TCP");
+                Ok(())
+            }
+            (TransportKind::Auto, Ok(d)) => {
+                tracing::info!(devices = ?d, "RDMA devices found, but the verbs push backend is not built yet; using TCP");
+                Ok(())
+            }
+            (TransportKind::Rdma, Err(why)) => {
+                Err(ColoError::Setup(format!("--transport rdma: {why}")))
+            }
+            (TransportKind::Rdma, Ok(_)) => Err(ColoError::Setup(
+                "--transport rdma: the verbs push backend is not built yet (see issue 8); use tcp"
+                    .into(),
+            )),
+        }
+    }
+
+    fn stop_fn(&self) -> impl Fn() -> bool + use<> {
+        let start = Instant::now();
+        let limit = self.duration.map(Duration::from_secs_f64);
+        move || interrupted() || limit.is_some_and(|l| start.elapsed() >= l)
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_devices() -> std::result::Result<Vec<String>, String> {
+    match colo_transport::rdma::device_names() {
+        Ok(d) if d.is_empty() => Err("no RDMA device".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_devices() -> std::result::Result<Vec<String>, String> {
+    Err("this build has no RDMA support (build with --features rdma)".into())
+}
+
+/// `colo primary`.
+#[derive(Debug, Args)]
+pub struct PrimaryArgs {
+    /// The secondary's control address (host:port).
+    #[arg(long)]
+    pub peer: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub colo: ColoArgs,
+    /// A supervisor's event socket (used by `colo pair`).
+    #[arg(long, hide = true)]
+    pub events: Option<PathBuf>,
+}
+
+/// `colo secondary`.
+#[derive(Debug, Args)]
+pub struct SecondaryArgs {
+    /// Where to listen for the primary (host:port).
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub listen: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub colo: ColoArgs,
+}
+
+/// Runs `colo primary`.
+///
+/// # Errors
+/// A VM or setup failure.
+pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
+    let params = a.colo.params()?;
+    a.colo.check_transport()?;
+    catch_interrupts();
+    let machine = a.vm.build("primary", ConsoleSink::Stdout("pvm".into()))?;
+    // SAFETY: the Region is handed to the push sender, which `Primary` drops before the
+    // VmHandle that owns the machine (field order), and the mapping never moves.
+    let ram = unsafe { machine.ram.region() };
+    let dirty = machine.dirty_handle();
+    let vm = VmHandle::start(machine, true)?;
+    let events = match &a.events {
+        Some(p) => Events::connect(p)?,
+        None => Events::none(),
+    };
+    let mut p = primary::connect(
+        vm,
+        ram,
+        dirty,
+        &a.peer,
+        a.colo.pair_id,
+        a.colo.streams,
+        params,
+        events,
+    )?;
+    p.initial_sync()?;
+    tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
+    let started = Instant::now();
+    let stop = a.colo.stop_fn();
+    p.run(&stop)?;
+    println!(
+        "primary: {}",
+        p.summary.text(started.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+/// Runs `colo secondary`.
+///
+/// # Errors
+/// A VM or setup failure, or losing the primary before the first checkpoint.
+pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
+    let params = a.colo.params()?;
+    a.colo.check_transport()?;
+    catch_interrupts();
+    let machine = a.vm.build("secondary", ConsoleSink::Stdout("svm".into()))?;
+    // SAFETY: the cache commits into this Region; `Secondary` drops the cache before the
+    // VmHandle that owns the machine (field order), and the mapping never moves.
+    let ram = unsafe { machine.ram.region() };
+    let dirty = machine.dirty_handle();
+    let layout = machine.ram.layout().clone();
+    let vm = VmHandle::start(machine, true)?;
+    let listener = TcpListener::bind(&a.listen)
+        .map_err(|e| ColoError::Setup(format!("listen on {}: {e}", a.listen)))?;
+    tracing::info!(listen = %a.listen, "waiting for the primary");
+    let mut s = secondary::accept(&listener, vm, ram, dirty, layout, a.colo.pair_id, params)?;
+    let stop = a.colo.stop_fn();
+    match s.run(&stop)? {
+        Outcome::PrimaryLeft => tracing::info!("secondary done"),
+        Outcome::TookOver {
+            reason,
+            checkpoints,
+            dropped_epoch,
+        } => {
+            println!(
+                "secondary: FAILOVER after {checkpoints} checkpoints ({reason}); dropped an \
+                 incomplete epoch: {dropped_epoch}; the SVM now serves"
+            );
+            while !stop() && !s.vm().finished() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    Ok(())
+}

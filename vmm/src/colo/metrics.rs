@@ -1,0 +1,96 @@
+//! Per-epoch metrics: recorded by the primary, printed as JSON lines for `colo pair`, and
+//! summarized on exit.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Why a checkpoint was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// The first, full synchronization.
+    InitialSync,
+    /// The checkpoint delay passed.
+    Timer,
+    /// The proxy saw different output.
+    Mismatch,
+    /// Too many dirty pages (or a full disk buffer).
+    Threshold,
+}
+
+/// One checkpoint, as the primary saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    /// Checkpoint number (1 is the initial sync).
+    pub epoch: u64,
+    /// Why it was taken.
+    pub trigger: Trigger,
+    /// How long the PVM was paused, in microseconds.
+    pub pause_us: u64,
+    /// Pages pushed during the pause.
+    pub pause_pages: u64,
+    /// Pages pushed in the background during the epoch.
+    pub background_pages: u64,
+    /// Payload bytes of the whole epoch.
+    pub bytes: u64,
+    /// Bytes of device state.
+    pub state_bytes: u64,
+}
+
+/// Running totals and the pause distribution.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Every pause, in microseconds (kept to compute percentiles).
+    pub pauses_us: Vec<u64>,
+    /// Checkpoints taken.
+    pub epochs: u64,
+    /// Pages pushed.
+    pub pages: u64,
+    /// Bytes pushed.
+    pub bytes: u64,
+    /// Checkpoints by trigger: timer, mismatch, threshold.
+    pub by_trigger: [u64; 3],
+}
+
+impl Summary {
+    /// Adds one epoch (the initial sync is counted but kept out of the pause figures).
+    pub fn add(&mut self, r: &EpochRecord) {
+        self.epochs += 1;
+        self.pages += r.pause_pages + r.background_pages;
+        self.bytes += r.bytes;
+        match r.trigger {
+            Trigger::InitialSync => return,
+            Trigger::Timer => self.by_trigger[0] += 1,
+            Trigger::Mismatch => self.by_trigger[1] += 1,
+            Trigger::Threshold => self.by_trigger[2] += 1,
+        }
+        self.pauses_us.push(r.pause_us);
+    }
+
+    /// The p-th percentile pause (0..=1).
+    pub fn pause(&self, p: f64) -> Duration {
+        let mut v = self.pauses_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        Duration::from_micros(v.get(i).copied().unwrap_or(0))
+    }
+
+    /// A one-paragraph summary.
+    pub fn text(&self, secs: f64) -> String {
+        format!(
+            "{} checkpoints in {secs:.1} s ({:.1}/s; timer {}, mismatch {}, threshold {}); \
+             pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} pages ({:.1} MiB) pushed",
+            self.epochs,
+            self.epochs as f64 / secs.max(1e-9),
+            self.by_trigger[0],
+            self.by_trigger[1],
+            self.by_trigger[2],
+            self.pause(0.5).as_secs_f64() * 1e3,
+            self.pause(0.99).as_secs_f64() * 1e3,
+            self.pause(1.0).as_secs_f64() * 1e3,
+            self.pages,
+            self.bytes as f64 / f64::from(1 << 20)
+        )
+    }
+}

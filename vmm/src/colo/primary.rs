@@ -1,0 +1,423 @@
+//! The primary: runs the PVM and checkpoints it into the secondary.
+//!
+//! Between checkpoints a background push sends newly dirtied pages every
+//! `push_interval`, so that at the pause only the pages dirtied since the last background
+//! round are left. A checkpoint:
+//!
+//! 1. `CheckpointRequest(k)` (k: the push epoch that will close it), wait for the reply
+//!    (the SVM is paused);
+//! 2. pause the PVM, collect the last dirty pages, push them and commit push epoch k;
+//! 3. save the device and vCPU state and send it (`VmstateSend`, `VmstateSize`);
+//! 4. wait for `VmstateReceived`: the secondary holds the whole epoch;
+//! 5. resume the PVM and release the output held for this epoch.
+//!
+//! If the secondary is lost at any point the primary leaves COLO and keeps serving.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use colo_dirty_track::PageBitmap;
+use colo_transport::Region;
+use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
+use colo_transport::push::{PushSender, WriteRun, push_epoch};
+use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
+use crossbeam_channel::Receiver;
+
+use super::link::Link;
+use super::metrics::{EpochRecord, Summary, Trigger};
+use super::{ColoError, Params, Result, STEP_TIMEOUT};
+use crate::vm::DirtyHandle;
+use crate::vm::memory::PAGE_SIZE;
+use crate::vm::runner::VmHandle;
+
+/// Events the primary reports to whoever supervises it, and requests it takes.
+pub struct Events {
+    out: Option<UnixStream>,
+    /// Checkpoint requests from the proxy (a mismatch).
+    pub requests: Receiver<()>,
+}
+
+impl Events {
+    /// No supervisor.
+    pub fn none() -> Self {
+        Self {
+            out: None,
+            requests: crossbeam_channel::never(),
+        }
+    }
+
+    /// Connects to a supervisor's event socket: lines out ("METRIC {json}", "COMMIT n",
+    /// "EXIT reason"), lines in ("CHECKPOINT" asks for one now).
+    ///
+    /// # Errors
+    /// [`ColoError::Setup`] if the socket cannot be reached.
+    pub fn connect(path: &std::path::Path) -> Result<Self> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| ColoError::Setup(format!("event socket {}: {e}", path.display())))?;
+        let r = s.try_clone().map_err(|e| ColoError::Setup(e.to_string()))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                match line {
+                    Ok(l) if l.trim() == "CHECKPOINT" => {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Self {
+            out: Some(s),
+            requests: rx,
+        })
+    }
+
+    /// Sends one line to the supervisor (dropped if there is none).
+    pub fn emit(&mut self, line: &str) {
+        if let Some(s) = &mut self.out {
+            if s.write_all(format!("{line}\n").as_bytes()).is_err() {
+                self.out = None;
+            }
+        }
+    }
+}
+
+/// The primary's state.
+pub struct Primary {
+    vm: VmHandle,
+    dirty: DirtyHandle,
+    push: Option<TcpPushSender>,
+    link: Option<Link>,
+    params: Params,
+    bitmap: PageBitmap,
+    /// Pages pushed in the background since the last checkpoint.
+    bg_pages: u64,
+    bg_bytes: u64,
+    epoch: u64,
+    /// The summary of every checkpoint.
+    pub summary: Summary,
+    events: Events,
+    awaiting_loaded: Option<u64>,
+}
+
+/// Connects to the secondary and builds the primary around a VM that has not run yet.
+///
+/// # Errors
+/// Setup, handshake or push connection failures.
+pub fn connect(
+    vm: VmHandle,
+    ram: Arc<Region>,
+    dirty: DirtyHandle,
+    peer: &str,
+    pair_id: u64,
+    streams: usize,
+    params: Params,
+    events: Events,
+) -> Result<Primary> {
+    let mut ctl = ControlChannel::connect(peer, Duration::from_secs(30))
+        .map_err(ColoError::transport("connect to the secondary"))?;
+    let hello = Hello::new(
+        Role::Primary,
+        pair_id,
+        PAGE_SIZE as u32,
+        vec![MemRegion {
+            gpa: 0,
+            len: ram.len() as u64,
+        }],
+    )
+    .map_err(ColoError::transport("build the hello"))?;
+    ctl.handshake(&hello)
+        .map_err(ColoError::transport("handshake"))?;
+    ctl.set_recv_timeout(Some(STEP_TIMEOUT))
+        .map_err(ColoError::transport("set a timeout"))?;
+    let desc = match ctl
+        .recv()
+        .map_err(ColoError::transport("receive the region"))?
+    {
+        Message::Region(d) => d,
+        other => {
+            return Err(ColoError::Protocol(format!(
+                "expected Region, got {other:?}"
+            )));
+        }
+    };
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, desc.port))
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {host}")))?;
+    let push = TcpPushSender::connect(
+        addr,
+        desc,
+        ram,
+        TcpPushOptions {
+            streams,
+            ..TcpPushOptions::default()
+        },
+    )
+    .map_err(ColoError::transport("connect the push streams"))?;
+    let link = Link::start(ctl, params.heartbeat)?;
+    let pages = desc.pages();
+    tracing::info!(peer, pages, streams, "connected to the secondary");
+    Ok(Primary {
+        vm,
+        dirty,
+        push: Some(push),
+        link: Some(link),
+        params,
+        bitmap: PageBitmap::new(pages),
+        bg_pages: 0,
+        bg_bytes: 0,
+        epoch: 0,
+        summary: Summary::default(),
+        events,
+        awaiting_loaded: None,
+    })
+}
+
+fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
+    b.runs()
+        .map(|(p, n)| WriteRun::pages(p, n, PAGE_SIZE as u32))
+}
+
+impl Primary {
+    /// The VM.
+    pub fn vm(&self) -> &VmHandle {
+        &self.vm
+    }
+
+    /// Whether the pair is still protected.
+    pub fn protected(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| !l.is_lost())
+    }
+
+    /// The control link (for `x-colo-lost-heartbeat`).
+    pub fn link(&self) -> Option<&Link> {
+        self.link.as_ref()
+    }
+
+    /// The initial full synchronization: every page and the state, with the VM paused
+    /// (it has not run yet). Then the PVM starts.
+    ///
+    /// # Errors
+    /// A lost secondary or a VM failure.
+    pub fn initial_sync(&mut self) -> Result<()> {
+        // Reset the dirty log: everything is pushed anyway.
+        self.dirty.collect(&mut self.bitmap)?;
+        self.bitmap.set_range(0, self.bitmap.pages());
+        let t = Instant::now();
+        let r = self.checkpoint_paused(Trigger::InitialSync, t);
+        match r {
+            Ok(()) => {
+                tracing::info!(ms = t.elapsed().as_millis() as u64, "initial sync done");
+                self.vm.resume();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs checkpoints until `stop` says so or the secondary is lost; then keeps the PVM
+    /// running unprotected until `stop`.
+    ///
+    /// # Errors
+    /// A VM failure (a lost secondary is not an error: the primary leaves COLO).
+    pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<()> {
+        while !stop() && self.protected() && !self.vm.finished() {
+            let trigger = self.epoch_wait(stop)?;
+            if stop() || self.vm.finished() {
+                break;
+            }
+            if let Err(e) = self.checkpoint(trigger) {
+                self.leave(&e);
+            }
+        }
+        if self.link.as_ref().is_some_and(Link::is_lost) {
+            let why = self.link.as_ref().map(Link::why).unwrap_or_default();
+            self.leave(&ColoError::PeerLost(why));
+        } else if let Some(l) = self.link.take() {
+            // An orderly stop: the secondary must not take over.
+            let _ = l.send(&Message::Goodbye);
+            tracing::info!("COLO stopped; the secondary was told goodbye");
+        }
+        while !stop() && !self.vm.finished() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Leaves COLO: the secondary is gone, the PVM runs on alone.
+    fn leave(&mut self, e: &ColoError) {
+        if self.link.is_none() {
+            return;
+        }
+        tracing::warn!(error = %e, "secondary lost: leaving COLO, the primary keeps serving");
+        self.events
+            .emit(&format!("EXIT primary secondary-lost {e}"));
+        self.link = None;
+        self.push = None;
+        self.vm.resume();
+    }
+
+    /// Waits out the epoch, pushing dirty pages in the background. Returns what ends it.
+    fn epoch_wait(&mut self, stop: &dyn Fn() -> bool) -> Result<Trigger> {
+        let deadline = Instant::now() + self.params.checkpoint_delay;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Trigger::Timer);
+            }
+            let wait = (deadline - now).min(self.params.push_interval);
+            if self.events.requests.recv_timeout(wait).is_ok() {
+                return Ok(Trigger::Mismatch);
+            }
+            if stop() || !self.protected() || self.vm.finished() {
+                return Ok(Trigger::Timer);
+            }
+            if let Some(m) = self.link.as_ref().and_then(Link::try_recv) {
+                self.on_stray(m)?;
+            }
+            let n = self.dirty.collect(&mut self.bitmap)?;
+            if n > 0 {
+                let count = self.bitmap.count();
+                let Some(push) = self.push.as_mut() else {
+                    return Ok(Trigger::Timer);
+                };
+                match push_epoch(push, runs(&self.bitmap), self.bitmap.words()) {
+                    Ok(s) => {
+                        self.bg_pages += count;
+                        self.bg_bytes += s.bytes;
+                    }
+                    Err(e) => {
+                        self.bitmap.clear_all();
+                        return Err(ColoError::transport("background push")(e));
+                    }
+                }
+                self.bitmap.clear_all();
+                if self.params.dirty_threshold > 0 && self.bg_pages >= self.params.dirty_threshold {
+                    return Ok(Trigger::Threshold);
+                }
+            }
+        }
+    }
+
+    fn on_stray(&mut self, m: Message) -> Result<()> {
+        match m {
+            Message::VmstateLoaded { epoch } if Some(epoch) == self.awaiting_loaded => {
+                self.awaiting_loaded = None;
+                Ok(())
+            }
+            Message::Failover | Message::Goodbye => {
+                Err(ColoError::PeerLost("the secondary left".into()))
+            }
+            other => Err(ColoError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    fn peer(&self) -> Result<&Link> {
+        self.link
+            .as_ref()
+            .ok_or_else(|| ColoError::PeerLost("no secondary".into()))
+    }
+
+    /// One checkpoint while the PVM runs.
+    fn checkpoint(&mut self, trigger: Trigger) -> Result<()> {
+        // The secondary answers in order: the previous epoch's Loaded comes first.
+        if let Some(e) = self.awaiting_loaded {
+            match self.peer()?.recv(STEP_TIMEOUT, "vmstate-loaded")? {
+                Message::VmstateLoaded { epoch } if epoch == e => self.awaiting_loaded = None,
+                other => {
+                    return Err(ColoError::Protocol(format!(
+                        "expected Loaded({e}), got {other:?}"
+                    )));
+                }
+            }
+        }
+        let k = self
+            .push
+            .as_ref()
+            .map(PushSender::epoch)
+            .unwrap_or_default();
+        self.peer()?
+            .send(&Message::CheckpointRequest { epoch: k })?;
+        match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
+            Message::CheckpointReply { epoch } if epoch == k => {}
+            other => {
+                return Err(ColoError::Protocol(format!(
+                    "expected Reply({k}), got {other:?}"
+                )));
+            }
+        }
+        let t = Instant::now();
+        self.vm.pause()?;
+        self.dirty.collect(&mut self.bitmap)?;
+        let r = self.checkpoint_paused(trigger, t);
+        self.vm.resume();
+        r
+    }
+
+    /// The paused part: last pages, state, wait for the secondary to hold it all.
+    fn checkpoint_paused(&mut self, trigger: Trigger, paused_at: Instant) -> Result<()> {
+        let pause_pages = self.bitmap.count();
+        let push = self
+            .push
+            .as_mut()
+            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?;
+        let k = push.epoch();
+        if trigger == Trigger::InitialSync {
+            self.link
+                .as_ref()
+                .map(|l| l.send(&Message::CheckpointRequest { epoch: k }));
+            match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
+                Message::CheckpointReply { epoch } if epoch == k => {}
+                other => {
+                    return Err(ColoError::Protocol(format!(
+                        "expected Reply({k}), got {other:?}"
+                    )));
+                }
+            }
+        }
+        let push = self.push.as_mut().expect("checked above");
+        let stats = push_epoch(push, runs(&self.bitmap), self.bitmap.words());
+        self.bitmap.clear_all();
+        let stats = stats.map_err(ColoError::transport("checkpoint push"))?;
+        let state = self.vm.machine()?.save_state()?;
+        let state_bytes = state.len() as u64;
+        let link = self.peer()?;
+        link.send(&Message::VmstateSend { epoch: k })?;
+        link.send(&Message::VmstateSize { state })?;
+        match link.recv(STEP_TIMEOUT, "vmstate-received")? {
+            Message::VmstateReceived { epoch } if epoch == k => {}
+            other => {
+                return Err(ColoError::Protocol(format!(
+                    "expected Received({k}), got {other:?}"
+                )));
+            }
+        }
+        self.awaiting_loaded = Some(k);
+        self.epoch += 1;
+        let rec = EpochRecord {
+            epoch: self.epoch,
+            trigger,
+            pause_us: paused_at.elapsed().as_micros() as u64,
+            pause_pages,
+            background_pages: self.bg_pages,
+            bytes: stats.bytes + self.bg_bytes,
+            state_bytes,
+        };
+        self.bg_pages = 0;
+        self.bg_bytes = 0;
+        self.summary.add(&rec);
+        self.events.emit(&format!("COMMIT {}", self.epoch));
+        if let Ok(j) = serde_json::to_string(&rec) {
+            self.events.emit(&format!("METRIC {j}"));
+        }
+        tracing::debug!(?rec, "checkpoint");
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! The secondary: stages each epoch in the RAM cache and applies it to the SVM only once
+//! the whole epoch has arrived; takes over when the primary is lost.
+//!
+//! The push receiver runs on its own thread: it lands every push epoch in the cache and
+//! releases it at once, except the push epoch that closes the checkpoint being taken
+//! (named by `CheckpointRequest`), which is released only after the commit has copied the
+//! epoch into SVM memory.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use colo_dirty_track::PageBitmap;
+use colo_ramcache::RamCache;
+use colo_transport::Region;
+use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
+use colo_transport::push::{PushReceiver, RegionDesc};
+use colo_transport::tcp::{TcpPushListener, TcpPushReceiver};
+use crossbeam_channel::{Receiver, Sender};
+
+use super::link::Link;
+use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
+use crate::vm::DirtyHandle;
+use crate::vm::memory::PAGE_SIZE;
+use crate::vm::runner::VmHandle;
+
+/// How the secondary's COLO session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The primary left in order (Goodbye).
+    PrimaryLeft,
+    /// The secondary took over: the SVM now serves.
+    TookOver {
+        /// Why.
+        reason: String,
+        /// Checkpoints applied before.
+        checkpoints: u64,
+        /// Whether an incomplete epoch was dropped.
+        dropped_epoch: bool,
+    },
+}
+
+struct PushSide {
+    /// The push epoch to hold back (0: none yet).
+    hold: AtomicU64,
+    /// Highest push epoch landed.
+    landed: AtomicU64,
+    failed: AtomicBool,
+}
+
+/// The secondary.
+pub struct Secondary {
+    vm: VmHandle,
+    dirty: DirtyHandle,
+    cache: Arc<Mutex<RamCache>>,
+    link: Link,
+    push: Arc<PushSide>,
+    release_tx: Sender<u64>,
+    landed_rx: Receiver<u64>,
+    params: Params,
+    checkpoints: u64,
+    running: bool,
+    svm_dirty: PageBitmap,
+}
+
+/// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
+/// not run yet.
+///
+/// # Errors
+/// Handshake, layout or socket failures.
+pub fn accept(
+    listener: &TcpListener,
+    vm: VmHandle,
+    svm_ram: Arc<Region>,
+    dirty: DirtyHandle,
+    layout: colo_dirty_track::GuestLayout,
+    pair_id: u64,
+    params: Params,
+) -> Result<Secondary> {
+    let mut ctl =
+        ControlChannel::accept(listener).map_err(ColoError::transport("accept the primary"))?;
+    let hello = Hello::new(
+        Role::Secondary,
+        pair_id,
+        PAGE_SIZE as u32,
+        vec![MemRegion {
+            gpa: 0,
+            len: svm_ram.len() as u64,
+        }],
+    )
+    .map_err(ColoError::transport("build the hello"))?;
+    ctl.handshake(&hello)
+        .map_err(ColoError::transport("handshake"))?;
+    let cache = RamCache::new(layout, vec![svm_ram])?;
+    let ip = listener
+        .local_addr()
+        .map_err(|e| ColoError::Setup(e.to_string()))?
+        .ip();
+    let pl = TcpPushListener::bind(
+        &format!("{ip}:0"),
+        Arc::clone(cache.region()),
+        PAGE_SIZE as u32,
+    )
+    .map_err(ColoError::transport("bind the push listener"))?;
+    let desc: RegionDesc = *pl.desc();
+    ctl.send(&Message::Region(desc))
+        .map_err(ColoError::transport("send the region"))?;
+    let rx = pl
+        .accept(Duration::from_secs(30))
+        .map_err(ColoError::transport("accept the push streams"))?;
+    let link = Link::start(ctl, params.heartbeat)?;
+    let push = Arc::new(PushSide {
+        hold: AtomicU64::new(0),
+        landed: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+    });
+    let cache = Arc::new(Mutex::new(cache));
+    let (release_tx, release_rx) = crossbeam_channel::unbounded();
+    let (landed_tx, landed_rx) = crossbeam_channel::unbounded();
+    {
+        let (cache, push, link) = (Arc::clone(&cache), Arc::clone(&push), link.clone());
+        std::thread::Builder::new()
+            .name("push-land".into())
+            .spawn(move || push_thread(rx, &cache, &push, &release_rx, &landed_tx, &link))
+            .map_err(|e| ColoError::Setup(format!("spawn the push thread: {e}")))?;
+    }
+    let pages = desc.pages();
+    tracing::info!(pages, "primary connected; waiting for the initial sync");
+    Ok(Secondary {
+        vm,
+        dirty,
+        cache,
+        link,
+        push,
+        release_tx,
+        landed_rx,
+        params,
+        checkpoints: 0,
+        running: false,
+        svm_dirty: PageBitmap::new(pages),
+    })
+}
+
+/// Lands push epochs in the cache; releases all but the held one, which waits for the
+/// controller's word.
+fn push_thread(
+    mut rx: TcpPushReceiver,
+    cache: &Mutex<RamCache>,
+    side: &PushSide,
+    release: &Receiver<u64>,
+    landed: &Sender<u64>,
+    link: &Link,
+) {
+    loop {
+        while let Ok(e) = release.try_recv() {
+            if rx.release(e).is_err() {
+                side.failed.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+        match rx.next_commit(Duration::from_millis(2)) {
+            Ok(c) => {
+                let e = c.epoch;
+                if let Err(err) = cache.lock().unwrap_or_else(|p| p.into_inner()).land(&c) {
+                    tracing::error!(error = %err, "cannot land a push epoch");
+                    side.failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+                side.landed.store(e, Ordering::SeqCst);
+                let _ = landed.send(e);
+                if side.hold.load(Ordering::SeqCst) != e && rx.release(e).is_err() {
+                    side.failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            Err(colo_transport::Error::Timeout(..)) => {
+                if link.is_lost() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !link.is_lost() {
+                    tracing::warn!(error = %e, "push path closed");
+                }
+                side.failed.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+impl Secondary {
+    /// The VM.
+    pub fn vm(&self) -> &VmHandle {
+        &self.vm
+    }
+
+    /// The control link (for `x-colo-lost-heartbeat`).
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Checkpoints applied so far.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    /// Follows the primary until it leaves or is lost; then takes over.
+    ///
+    /// # Errors
+    /// A VM failure while taking over.
+    pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<Outcome> {
+        loop {
+            if stop() {
+                return Ok(Outcome::PrimaryLeft);
+            }
+            let m = match self.link.recv(Duration::from_millis(50), "a message") {
+                Ok(m) => m,
+                Err(ColoError::Protocol(_)) => continue,
+                Err(e) => return self.take_over(&e.to_string(), false),
+            };
+            let r = match m {
+                Message::CheckpointRequest { epoch } => self.checkpoint(epoch),
+                Message::Goodbye => {
+                    tracing::info!("the primary left in order");
+                    return Ok(Outcome::PrimaryLeft);
+                }
+                Message::Failover => {
+                    return self.take_over("the primary asked for failover", false);
+                }
+                other => Err(ColoError::Protocol(format!("unexpected {other:?}"))),
+            };
+            if let Err(e) = r {
+                return self.take_over(&e.to_string(), true);
+            }
+        }
+    }
+
+    /// One checkpoint, closed by push epoch `k`.
+    fn checkpoint(&mut self, k: u64) -> Result<()> {
+        self.push.hold.store(k, Ordering::SeqCst);
+        if self.running {
+            self.vm.pause()?;
+        }
+        self.link.send(&Message::CheckpointReply { epoch: k })?;
+        let epoch = match self.link.recv(STEP_TIMEOUT, "vmstate-send")? {
+            Message::VmstateSend { epoch } if epoch == k => epoch,
+            other => {
+                return Err(ColoError::Protocol(format!(
+                    "expected VmstateSend({k}), got {other:?}"
+                )));
+            }
+        };
+        let state = match self.link.recv(STEP_TIMEOUT, "vmstate-size")? {
+            Message::VmstateSize { state } => state,
+            other => {
+                return Err(ColoError::Protocol(format!(
+                    "expected VmstateSize, got {other:?}"
+                )));
+            }
+        };
+        // Every page of the epoch must have landed before it is sealed.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.push.landed.load(Ordering::SeqCst) < k {
+            if self.push.failed.load(Ordering::SeqCst) || self.link.is_lost() {
+                return Err(ColoError::PeerLost("push path closed mid-epoch".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(ColoError::Protocol(format!("push epoch {k} did not land")));
+            }
+            let _ = self.landed_rx.recv_timeout(Duration::from_millis(5));
+        }
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.seal_pages(k)?;
+            c.stage_state(state)?;
+            // The primary sends the state only after every forwarded disk write was
+            // acknowledged (its checkpoint barrier).
+            c.stage_disk_acked()?;
+        }
+        self.link.send(&Message::VmstateReceived { epoch })?;
+        // Apply: SVM-dirty pages since the last commit, the cache flush, the state.
+        self.svm_dirty.clear_all();
+        self.dirty.collect(&mut self.svm_dirty)?;
+        let done = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit(&self.svm_dirty)?;
+        self.vm.machine()?.restore_state(&done.state)?;
+        let _ = self.release_tx.send(k);
+        self.checkpoints += 1;
+        if self.params.mode == Mode::Colo || self.checkpoints == 1 && self.params.mode == Mode::Colo
+        {
+            self.vm.resume();
+            self.running = true;
+        }
+        self.link.send(&Message::VmstateLoaded { epoch })?;
+        tracing::debug!(
+            checkpoint = self.checkpoints,
+            pages = done.pages,
+            reverted = done.reverted_pages,
+            flush_us = done.flush.as_micros() as u64,
+            "checkpoint applied"
+        );
+        Ok(())
+    }
+
+    /// Failover: drop an incomplete epoch, and let the SVM serve.
+    fn take_over(&mut self, reason: &str, mid_epoch: bool) -> Result<Outcome> {
+        let dropped = {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let s = c.status();
+            let incomplete = mid_epoch || s.sealed || s.state_bytes.is_some() || s.pages > 0;
+            c.abort();
+            incomplete
+        };
+        if self.checkpoints == 0 {
+            return Err(ColoError::PeerLost(format!(
+                "{reason} before the first checkpoint: nothing to take over"
+            )));
+        }
+        tracing::warn!(
+            reason,
+            checkpoints = self.checkpoints,
+            dropped_incomplete_epoch = dropped,
+            "FAILOVER: the secondary takes over"
+        );
+        self.vm.resume();
+        self.running = true;
+        Ok(Outcome::TookOver {
+            reason: reason.into(),
+            checkpoints: self.checkpoints,
+            dropped_epoch: dropped,
+        })
+    }
+}
