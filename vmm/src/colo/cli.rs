@@ -25,7 +25,7 @@ pub enum TransportKind {
     Rdma,
 }
 
-fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
+pub fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1e-3)
@@ -42,6 +42,24 @@ fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
             "'{s}' is not a duration like 100ms, 2s or 500us (plain numbers are ms)"
         )),
     }
+}
+
+/// Parses a duration where plain numbers are seconds: 30, 30s, 2m, 500ms.
+pub fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    if let Some(m) = t.strip_suffix('m').filter(|m| !m.ends_with('m')) {
+        return m
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| *v > 0.0 && *v < 1e6)
+            .map(|v| Duration::from_secs_f64(v * 60.0))
+            .ok_or_else(|| format!("'{s}' is not a duration like 30s or 2m"));
+    }
+    if t.ends_with("ms") || t.ends_with("us") || t.ends_with('s') {
+        return parse_ms(t);
+    }
+    parse_ms(&format!("{t}s"))
 }
 
 /// Checkpoint and heartbeat options shared by both sides.
@@ -74,9 +92,9 @@ pub struct ColoArgs {
     /// Parallel TCP push streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
-    /// Stop after this many seconds.
-    #[arg(long)]
-    pub duration: Option<f64>,
+    /// Stop after this long (e.g. 30s, 2m; plain numbers are seconds).
+    #[arg(long, value_parser = parse_secs)]
+    pub duration: Option<Duration>,
 }
 
 impl ColoArgs {
@@ -126,7 +144,7 @@ impl ColoArgs {
 
     fn stop_fn(&self) -> impl Fn() -> bool + use<> {
         let start = Instant::now();
-        let limit = self.duration.map(Duration::from_secs_f64);
+        let limit = self.duration;
         move || interrupted() || limit.is_some_and(|l| start.elapsed() >= l)
     }
 }

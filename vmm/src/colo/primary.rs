@@ -37,6 +37,8 @@ pub struct Events {
     out: Option<UnixStream>,
     /// Checkpoint requests from the proxy (a mismatch).
     pub requests: Receiver<()>,
+    /// The supervisor's acknowledgements of commits ("COMMITTED n").
+    acks: Receiver<u64>,
 }
 
 impl Events {
@@ -45,6 +47,7 @@ impl Events {
         Self {
             out: None,
             requests: crossbeam_channel::never(),
+            acks: crossbeam_channel::never(),
         }
     }
 
@@ -58,23 +61,45 @@ impl Events {
             .map_err(|e| ColoError::Setup(format!("event socket {}: {e}", path.display())))?;
         let r = s.try_clone().map_err(|e| ColoError::Setup(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (ack_tx, acks) = crossbeam_channel::unbounded();
         std::thread::spawn(move || {
             for line in BufReader::new(r).lines() {
-                match line {
-                    Ok(l) if l.trim() == "CHECKPOINT" => {
-                        if tx.send(()).is_err() {
-                            return;
-                        }
+                let Ok(l) = line else { return };
+                let l = l.trim();
+                if l == "CHECKPOINT" {
+                    if tx.send(()).is_err() {
+                        return;
                     }
-                    Ok(_) => {}
-                    Err(_) => return,
+                } else if let Some(n) = l.strip_prefix("COMMITTED ").and_then(|n| n.parse().ok()) {
+                    let _ = ack_tx.send(n);
                 }
             }
         });
         Ok(Self {
             out: Some(s),
             requests: rx,
+            acks,
         })
+    }
+
+    /// Tells the supervisor that checkpoint `n` committed and waits (at most 1 s) until its
+    /// proxy has released the held output and reset its compare state, so that the PVM
+    /// resumes only after that.
+    pub fn committed(&mut self, n: u64) {
+        if self.out.is_none() {
+            return;
+        }
+        self.emit(&format!("COMMIT {n}"));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(a) = self.acks.recv_deadline(deadline) {
+            if a >= n {
+                return;
+            }
+        }
+        tracing::warn!(
+            checkpoint = n,
+            "the supervisor did not acknowledge the commit in 1 s"
+        );
     }
 
     /// Sends one line to the supervisor (dropped if there is none).
@@ -413,7 +438,7 @@ impl Primary {
         self.bg_pages = 0;
         self.bg_bytes = 0;
         self.summary.add(&rec);
-        self.events.emit(&format!("COMMIT {}", self.epoch));
+        self.events.committed(self.epoch);
         if let Ok(j) = serde_json::to_string(&rec) {
             self.events.emit(&format!("METRIC {j}"));
         }
