@@ -312,8 +312,11 @@ impl TcpState {
         if n > 0 {
             let (a, b) = (&self.p.buf.bytes()[..n], &self.s.buf.bytes()[..n]);
             if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+                // Whatever matched before the difference may still go.
+                self.advance(i, ctx);
+                self.release(ctx);
                 return Some(CheckpointReason::PayloadDiffers {
-                    offset: self.compared + i as u64,
+                    offset: self.compared,
                 });
             }
             self.p.buf.consume(n);
@@ -335,8 +338,9 @@ impl TcpState {
                 }
                 _ => {}
             }
-            if beyond(self.p.fin, cmp, self.s.buf.avail())
-                || beyond(self.s.fin, cmp, self.p.buf.avail())
+            if !self.fin_done
+                && (beyond(self.p.fin, cmp, self.s.buf.avail())
+                    || beyond(self.s.fin, cmp, self.p.buf.avail()))
             {
                 return Some(CheckpointReason::ControlDiffers(
                     "bytes sent after the other side's FIN",
@@ -349,6 +353,17 @@ impl TcpState {
         }
         self.release(ctx);
         None
+    }
+
+    /// Moves the compare point over `n` bytes that matched.
+    fn advance(&mut self, n: usize, ctx: &mut Ctx<'_>) {
+        if let Some(cmp) = self.cmp.as_mut() {
+            self.p.buf.consume(n);
+            self.s.buf.consume(n);
+            *cmp = cmp.wrapping_add(n as u32);
+            self.compared += n as u64;
+            Metrics::add(&ctx.m.matched_tcp_bytes, n as u64);
+        }
     }
 
     /// Releases held segments from the front while they may go.
@@ -461,5 +476,5 @@ impl TcpState {
 /// Whether a side that sent FIN at `fin` is contradicted by the other side having `avail`
 /// contiguous bytes from `cmp`, some of them at or after the FIN.
 fn beyond(fin: Option<u32>, cmp: u32, avail: usize) -> bool {
-    fin.is_some_and(|f| seq::dist(cmp, f) < avail as i64)
+    avail > 0 && fin.is_some_and(|f| seq::dist(cmp, f) < avail as i64)
 }

@@ -165,7 +165,10 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, Malformed> {
             )
         }
         Some(NetSlice::Arp(_)) | None => {
-            let ether_type = sliced.payload_ether_type().map_or(0, |t| t.0);
+            let ether_type = match &sliced.net {
+                Some(NetSlice::Arp(_)) => etherparse::EtherType::ARP.0,
+                _ => sliced.payload_ether_type().map_or(0, |t| t.0),
+            };
             return Ok(Parsed {
                 vlan,
                 protocol: Protocol::Ether(ether_type),
