@@ -1,7 +1,7 @@
 //! `colo`: the COLO fault-tolerance VMM.
 //!
-//! For now it only benchmarks its parts (`colo bench transport`); running and pairing VMs
-//! come as further subcommands.
+//! For now it benchmarks its parts (`colo bench transport`) and runs the COLO proxy on its
+//! own (`colo proxy`); running and pairing VMs come as further subcommands.
 
 mod bench;
 
@@ -31,6 +31,9 @@ enum Command {
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the COLO proxy on its own: mirror client traffic to two VMs, compare their
+    /// output, release the primary's when it matches.
+    Proxy(colo_netcmp::proxy::ProxyArgs),
 }
 
 /// Logs to stderr, at the level RUST_LOG asks for (info by default).
@@ -48,17 +51,32 @@ fn main() -> ExitCode {
     init_logging();
     let (who, result) = match cli.command {
         Command::Bench(cmd) => (cmd.process_label(), bench::run(cmd)),
+        Command::Proxy(args) => {
+            return match args.config().and_then(colo_netcmp::proxy::run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report("", &e);
+                    let bad_args = matches!(e, colo_netcmp::Error::Config(_));
+                    ExitCode::from(if bad_args { 2 } else { 1 })
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error{who}: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
+            report(who, &e);
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// Prints an error and its chain of causes to stderr.
+fn report(who: &str, e: &dyn std::error::Error) {
+    eprintln!("error{who}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
     }
 }
