@@ -30,6 +30,8 @@ const VM_MAC: &str = "02:00:00:00:00:02";
 const CLIENT_MAC: &str = "02:00:00:00:00:01";
 const PORT: u16 = 7000;
 const DEADLINE: Duration = Duration::from_secs(30);
+/// Where the secondary's answer differs from the primary's.
+const DIFF_AT: usize = 95_000;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -160,8 +162,13 @@ impl Lab {
 
 /// A kernel TCP server: accepts one connection (within the deadline), reads one request
 /// line, writes `body` in `chunk`-byte writes with Nagle off, closes. `mss` sets the
-/// segment size it announces and uses.
-fn serve(body: Vec<u8>, chunk: usize, mss: u32) -> std::io::Result<()> {
+/// segment size it announces and uses. Says on `ready` when it listens.
+fn serve(
+    body: Vec<u8>,
+    chunk: usize,
+    mss: u32,
+    ready: std::sync::mpsc::Sender<()>,
+) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
@@ -169,6 +176,7 @@ fn serve(body: Vec<u8>, chunk: usize, mss: u32) -> std::io::Result<()> {
     s.bind(&SocketAddr::V4(SocketAddrV4::new(VM_IP, PORT)).into())?;
     s.listen(1)?;
     s.set_nonblocking(true)?;
+    let _ = ready.send(());
     let start = Instant::now();
     let (conn, _) = loop {
         match s.accept() {
@@ -228,6 +236,16 @@ fn body(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
 }
 
+/// Waits until both servers listen: a COLO pair's VMs are in the same state, so both
+/// must be listening before the client's SYN reaches them.
+fn wait_ready(ready: &std::sync::mpsc::Receiver<()>) {
+    for _ in 0..2 {
+        ready
+            .recv_timeout(DEADLINE)
+            .expect("a server did not start listening");
+    }
+}
+
 /// Commits every checkpoint request until told to stop; returns the requests.
 fn controller(proxy: &Proxy, stop: Arc<AtomicBool>) -> JoinHandle<Vec<CheckpointRequest>> {
     let rx = proxy.checkpoint_requests().clone();
@@ -265,8 +283,11 @@ fn identical_servers_cut_differently_reach_the_client_without_checkpoints() {
     let data = body(300_000);
     // Different MSS and write sizes: the same bytes in different segments.
     let (d1, d2) = (data.clone(), data.clone());
-    let pvm = lab.primary.spawn(move || serve(d1, 65536, 1400));
-    let svm = lab.secondary.spawn(move || serve(d2, 999, 900));
+    let (tx, ready) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    let pvm = lab.primary.spawn(move || serve(d1, 65536, 1400, tx));
+    let svm = lab.secondary.spawn(move || serve(d2, 999, 900, tx2));
+    wait_ready(&ready);
     let client = lab.client.spawn(fetch);
     let got = join(client, "client").expect("client fetch");
     join(pvm, "primary server").expect("primary server");
@@ -284,18 +305,24 @@ fn identical_servers_cut_differently_reach_the_client_without_checkpoints() {
 #[test]
 fn a_differing_secondary_triggers_a_checkpoint_and_the_client_gets_the_primarys_bytes() {
     require_netns!();
+    // The default compare_timeout (3 s): the secondary would have to lag that long for
+    // the first request to be a timeout instead of the mismatch. The difference sits near
+    // the end because after the (simulated) checkpoint the secondary is not really a copy
+    // of the primary: the rest of the transfer goes by further requests and timeouts.
     let lab = Lab::new(Config {
-        compare_timeout: Duration::from_millis(300),
-        expired_scan_cycle: Duration::from_millis(50),
+        expired_scan_cycle: Duration::from_millis(100),
         ..Config::default()
     });
     let data = body(100_000);
     let mut other = data.clone();
-    other[50_000] ^= 0x5A;
+    other[DIFF_AT] ^= 0x5A;
     let stop = Arc::new(AtomicBool::new(false));
     let ctl = controller(&lab.proxy, Arc::clone(&stop));
-    let pvm = lab.primary.spawn(move || serve(data, 4096, 1400));
-    let svm = lab.secondary.spawn(move || serve(other, 4096, 1400));
+    let (tx, ready) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    let pvm = lab.primary.spawn(move || serve(data, 4096, 1400, tx));
+    let svm = lab.secondary.spawn(move || serve(other, 4096, 1400, tx2));
+    wait_ready(&ready);
     let client = lab.client.spawn(fetch);
     let got = join(client, "client").expect("client fetch");
     stop.store(true, Ordering::Relaxed);
@@ -303,13 +330,17 @@ fn a_differing_secondary_triggers_a_checkpoint_and_the_client_gets_the_primarys_
     let _ = join(pvm, "primary server");
     let _ = join(svm, "secondary server");
     let m = lab.proxy.metrics();
+    for r in &requests {
+        println!("checkpoint request: {r}");
+    }
     assert!(got == body(100_000), "the client must get exactly the primary's bytes ({m})");
     assert!(m.mismatches >= 1, "{m}");
-    assert!(
-        requests
-            .iter()
-            .any(|r| matches!(r.reason, CheckpointReason::PayloadDiffers { .. })),
-        "no payload mismatch among {requests:?}"
+    assert_eq!(
+        requests.first().map(|r| &r.reason),
+        Some(&CheckpointReason::PayloadDiffers {
+            offset: DIFF_AT as u64
+        }),
+        "the first request must name the differing byte: {requests:?}"
     );
     println!("requests: {}; metrics: {m}", requests.len());
 }
