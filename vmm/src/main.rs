@@ -1,7 +1,8 @@
 //! `colo`: the COLO fault-tolerance VMM.
 //!
-//! `colo run` runs one VM with the built-in guest; `colo bench` measures colo's parts.
-//! Pairing VMs (`colo pair`, `colo primary`, `colo secondary`) comes next.
+//! `colo run` runs one VM with the built-in guest; `colo primary` and `colo secondary` run
+//! the two sides of a COLO pair; `colo proxy` runs the compare proxy on its own; `colo
+//! bench` measures colo's parts.
 
 mod bench;
 mod colo;
@@ -41,6 +42,9 @@ enum Command {
     /// Run the secondary side of a COLO pair: waits for a primary, follows its
     /// checkpoints, and takes over when it is lost.
     Secondary(colo::cli::SecondaryArgs),
+    /// Run the COLO proxy on its own: mirror client traffic to a primary and a secondary,
+    /// compare their output, release what matches, ask for a checkpoint when it does not.
+    Proxy(colo_netcmp::proxy::ProxyArgs),
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -67,6 +71,13 @@ fn main() -> ExitCode {
                 Err(e) => report(who, &e, e.exit_code()),
             }
         }
+        Command::Proxy(args) => match args.config().and_then(colo_netcmp::proxy::run) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let bad_args = matches!(e, colo_netcmp::Error::Config(_));
+                report("", &e, if bad_args { 2 } else { 1 })
+            }
+        },
         Command::Primary(args) => match colo::cli::run_primary(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => report(" (primary)", &e, 1),

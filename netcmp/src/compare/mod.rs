@@ -1,0 +1,619 @@
+//! The compare engine: connection tracking, compare, release, checkpoint requests.
+//!
+//! [`Engine`] does no I/O and keeps no clock: every call takes the frame and the current
+//! time and appends what must happen to an [`Output`]. The threaded proxy
+//! ([`crate::proxy`]) drives it from its ports; the VMM can drive it directly.
+//!
+//! ```text
+//!  client ──frame──> client_frame() ──> to_primary, to_secondary (acks translated)
+//!  primary ─frame──> primary_frame() ─┐
+//!  secondary frame─> secondary_frame()┴─ compare ─ same ──────> to_client
+//!                                                └ different ─> checkpoint_requests,
+//!                                                               hold until
+//!  controller ─────> checkpoint_committed() ──────────────────> to_client (held), reset
+//!  timer ──────────> poll() ── compare_timeout ───────────────> to_client + request
+//! ```
+
+mod ctx;
+mod datagram;
+mod output;
+pub(crate) mod seq;
+mod stream;
+mod tcp;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use self::ctx::{Ctx, Handling};
+use self::datagram::DatagramState;
+pub use self::output::{CheckpointReason, CheckpointRequest, Output};
+use self::tcp::TcpState;
+use crate::config::{Config, MalformedPolicy};
+use crate::error::Result;
+use crate::flow::{FlowKey, Protocol, Side};
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimit;
+use crate::wire::{self, Parsed, Payload, rewrite_tcp};
+
+/// Whom the proxy protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// COLO: both VMs run, their output is compared.
+    #[default]
+    Compare,
+    /// The secondary is lost: client traffic goes to the primary only and its output is
+    /// released at once.
+    PrimaryOnly,
+    /// Failover: the secondary took over. Client traffic goes to it only (acks translated
+    /// into its sequence space) and its output goes to the client with its sequence
+    /// numbers rewritten into the primary's, so open connections carry on.
+    SecondaryOnly,
+}
+
+/// One tracked connection.
+#[derive(Debug)]
+struct Conn {
+    state: ConnState,
+    passthrough: bool,
+    /// The outputs differed: held until a checkpoint commits.
+    diverged: bool,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+enum ConnState {
+    Tcp(Box<TcpState>),
+    Datagram(DatagramState),
+}
+
+impl Conn {
+    fn handling(&self) -> Handling {
+        if self.passthrough {
+            Handling::Pass
+        } else if self.diverged {
+            Handling::Hold
+        } else {
+            Handling::Compare
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        match &self.state {
+            ConnState::Tcp(t) => t.is_idle(),
+            ConnState::Datagram(d) => d.is_idle(),
+        }
+    }
+
+    fn held_len(&self) -> usize {
+        match &self.state {
+            ConnState::Tcp(t) => t.held_len(),
+            ConnState::Datagram(d) => d.held_len(),
+        }
+    }
+
+    fn tcp_offset(&self) -> Option<u32> {
+        match &self.state {
+            ConnState::Tcp(t) => t.offset(),
+            ConnState::Datagram(_) => None,
+        }
+    }
+}
+
+/// The compare engine. See the [module docs](self).
+///
+/// ```
+/// use std::time::Instant;
+/// use colo_netcmp::{Config, Engine, Output};
+///
+/// let mut engine = Engine::new(Config::default())?;
+/// let mut out = Output::default();
+/// // An ARP reply, the same from both VMs: released as soon as both are in.
+/// let arp = colo_netcmp::testing::arp_reply();
+/// engine.primary_frame(arp.clone(), Instant::now(), &mut out);
+/// assert!(out.to_client.is_empty());
+/// engine.secondary_frame(arp.clone(), Instant::now(), &mut out);
+/// assert_eq!(out.to_client, vec![arp]);
+/// assert!(out.checkpoint_requests.is_empty());
+/// # Ok::<(), colo_netcmp::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    conns: HashMap<FlowKey, Conn>,
+    metrics: Arc<Metrics>,
+    mode: Mode,
+    pending: bool,
+    next_scan: Option<Instant>,
+    log_malformed: LogLimit,
+    log_trigger: LogLimit,
+}
+
+impl Engine {
+    /// An engine with `config`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Config`] when the configuration does not validate.
+    pub fn new(config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            conns: HashMap::new(),
+            metrics: Arc::new(Metrics::default()),
+            mode: Mode::Compare,
+            pending: false,
+            next_scan: None,
+            log_malformed: LogLimit::new(5),
+            log_trigger: LogLimit::new(5),
+        })
+    }
+
+    /// The counters (shared: clone the `Arc` to read them from another thread).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether a checkpoint request is outstanding.
+    pub fn checkpoint_pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Connections tracked.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Primary frames held, over all connections.
+    pub fn held_frames(&self) -> usize {
+        self.conns.values().map(Conn::held_len).sum()
+    }
+
+    fn ctx<'a>(metrics: &'a Metrics, config: &Config, out: &'a mut Output, now: Instant) -> Ctx<'a> {
+        Ctx {
+            m: metrics,
+            out,
+            max_queue: config.max_queue_size,
+            now,
+        }
+    }
+
+    /// Counts and logs a frame that did not parse; says whether policy forwards it.
+    fn malformed(&mut self, side: Side, why: &wire::Malformed, len: usize, now: Instant) -> bool {
+        Metrics::inc(&self.metrics.malformed_frames);
+        if let Some(suppressed) = self.log_malformed.allow(now) {
+            debug!(%side, len, %why, suppressed, "malformed frame");
+        }
+        let forward = self.config.malformed == MalformedPolicy::Forward;
+        if !forward {
+            Metrics::inc(&self.metrics.malformed_dropped);
+        }
+        forward
+    }
+
+    /// A frame from the client: mirrored to both VMs (in compare mode), with the TCP
+    /// acknowledgment numbers of the secondary's copy translated into its sequence space.
+    pub fn client_frame(&mut self, frame: Vec<u8>, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.client_frames);
+        let parsed = match wire::parse(&frame) {
+            Ok(p) => p,
+            Err(why) => {
+                if self.malformed(Side::Client, &why, frame.len(), now) {
+                    self.mirror(frame, None, out);
+                }
+                return;
+            }
+        };
+        let mut offset = None;
+        if let Some(seg) = parsed.tcp() {
+            let key = parsed.ingress_key();
+            let stale = match self.conns.get_mut(&key) {
+                Some(conn) => {
+                    conn.last_seen = now;
+                    match &mut conn.state {
+                        ConnState::Tcp(t) => {
+                            let stale = seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
+                            t.client_segment(seg.flags);
+                            offset = t.offset();
+                            stale
+                        }
+                        ConnState::Datagram(_) => false,
+                    }
+                }
+                None => false,
+            };
+            if stale {
+                // A new connection reuses the 5-tuple of a closed one.
+                self.conns.remove(&key);
+                offset = None;
+                Metrics::inc(&self.metrics.connections_expired);
+            }
+            if offset.is_none() && seg.flags.ack {
+                Metrics::inc(&self.metrics.untranslated_acks);
+            }
+        }
+        self.mirror(frame, offset.filter(|_| parsed.tcp().is_some()), out);
+    }
+
+    /// Sends a client frame on according to the mode; `offset` is the connection's TCP
+    /// sequence offset when the frame is TCP and the offset is known.
+    fn mirror(&mut self, frame: Vec<u8>, offset: Option<u32>, out: &mut Output) {
+        let for_secondary = |m: &Metrics, f: &[u8]| {
+            let mut copy = f.to_vec();
+            if let Some(off) = offset.filter(|o| *o != 0) {
+                match rewrite_tcp(&mut copy, 0, off.wrapping_neg()) {
+                    Ok(r) => {
+                        Metrics::inc(&m.ack_translations);
+                        if r.sack_untranslated {
+                            Metrics::inc(&m.sack_untranslated);
+                        }
+                    }
+                    Err(_) => Metrics::inc(&m.untranslated_acks),
+                }
+            }
+            copy
+        };
+        match self.mode {
+            Mode::Compare => {
+                Metrics::inc(&self.metrics.mirrored_frames);
+                out.to_secondary.push(for_secondary(&self.metrics, &frame));
+                out.to_primary.push(frame);
+            }
+            Mode::PrimaryOnly => out.to_primary.push(frame),
+            Mode::SecondaryOnly => out.to_secondary.push(for_secondary(&self.metrics, &frame)),
+        }
+    }
+
+    /// A frame the primary VM sent.
+    pub fn primary_frame(&mut self, frame: Vec<u8>, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.primary_frames);
+        match self.mode {
+            Mode::Compare => {}
+            Mode::PrimaryOnly => {
+                Metrics::inc(&self.metrics.unprotected_frames);
+                Self::ctx(&self.metrics, &self.config, out, now).release(frame);
+                return;
+            }
+            Mode::SecondaryOnly => {
+                Metrics::inc(&self.metrics.discarded_frames);
+                return;
+            }
+        }
+        let parsed = match wire::parse(&frame) {
+            Ok(p) => p,
+            Err(why) => {
+                if self.malformed(Side::Primary, &why, frame.len(), now) {
+                    Self::ctx(&self.metrics, &self.config, out, now).release(frame);
+                }
+                return;
+            }
+        };
+        let key = parsed.egress_key();
+        if !self.ensure_conn(key, &parsed, now) {
+            Self::ctx(&self.metrics, &self.config, out, now).release(frame);
+            self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let how = conn.handling();
+        let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        let r = match (&mut conn.state, &parsed.payload) {
+            (ConnState::Tcp(t), Payload::Tcp(seg)) => t.primary(seg, frame, how, &mut ctx),
+            (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
+                d.primary(frame, compare.clone(), *tag, how, &mut ctx)
+            }
+            // A TCP segment and a TCP fragment can share a key (ports zero); such a
+            // frame is not compared.
+            _ => {
+                ctx.release(frame);
+                None
+            }
+        };
+        if let Some(reason) = r {
+            self.trigger(Some(key), reason, now, out);
+        }
+    }
+
+    /// A frame the secondary VM sent.
+    pub fn secondary_frame(&mut self, frame: Vec<u8>, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.secondary_frames);
+        match self.mode {
+            Mode::Compare => {}
+            Mode::PrimaryOnly => {
+                Metrics::inc(&self.metrics.discarded_frames);
+                return;
+            }
+            Mode::SecondaryOnly => {
+                self.failover_release(frame, now, out);
+                return;
+            }
+        }
+        let parsed = match wire::parse(&frame) {
+            Ok(p) => p,
+            Err(why) => {
+                // The secondary's output never reaches the client, whatever the policy.
+                self.malformed(Side::Secondary, &why, frame.len(), now);
+                return;
+            }
+        };
+        let key = parsed.egress_key();
+        if !self.ensure_conn(key, &parsed, now) {
+            self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let how = conn.handling();
+        let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        let r = match (&mut conn.state, &parsed.payload) {
+            (ConnState::Tcp(t), Payload::Tcp(seg)) => {
+                let data = frame.get(seg.payload.clone()).unwrap_or_default();
+                t.secondary(seg, data, how, &mut ctx)
+            }
+            (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
+                let bytes = frame.get(compare.clone()).unwrap_or_default();
+                d.secondary(bytes, *tag, how, &mut ctx)
+            }
+            _ => None,
+        };
+        if let Some(reason) = r {
+            self.trigger(Some(key), reason, now, out);
+        }
+    }
+
+    /// Failover: the secondary's frame goes to the client, TCP sequence numbers rewritten
+    /// into the primary's space for connections that began before the failover.
+    fn failover_release(&mut self, mut frame: Vec<u8>, now: Instant, out: &mut Output) {
+        let parsed = wire::parse(&frame);
+        if let Ok(p) = &parsed
+            && p.tcp().is_some()
+            && let Some(conn) = self.conns.get_mut(&p.egress_key())
+        {
+            conn.last_seen = now;
+            if let Some(off) = conn.tcp_offset().filter(|o| *o != 0)
+                && rewrite_tcp(&mut frame, off, 0).is_ok()
+            {
+                Metrics::inc(&self.metrics.seq_rewrites);
+            }
+        }
+        if let Err(why) = &parsed
+            && !self.malformed(Side::Secondary, why, frame.len(), now)
+        {
+            return;
+        }
+        Self::ctx(&self.metrics, &self.config, out, now).release(frame);
+    }
+
+    /// Makes sure the connection of `key` exists (creating it if new) and notes it was
+    /// seen; false when the table is full.
+    fn ensure_conn(&mut self, key: FlowKey, parsed: &Parsed, now: Instant) -> bool {
+        let tcp_syn = parsed.tcp().map(|s| s.flags.syn && !s.flags.rst);
+        if let Some(Conn {
+            state: ConnState::Tcp(t),
+            ..
+        }) = self.conns.get(&key)
+            && tcp_syn == Some(true)
+            && t.is_closed()
+            && t.is_idle()
+        {
+            self.conns.remove(&key);
+            Metrics::inc(&self.metrics.connections_expired);
+        }
+        if !self.conns.contains_key(&key) {
+            if self.conns.len() >= self.config.max_connections {
+                self.evict(now, true);
+            }
+            if self.conns.len() >= self.config.max_connections {
+                Metrics::inc(&self.metrics.connection_table_full);
+                return false;
+            }
+            let state = if key.protocol == Protocol::Tcp && tcp_syn.is_some() {
+                ConnState::Tcp(Box::default())
+            } else {
+                ConnState::Datagram(DatagramState::default())
+            };
+            let passthrough = self.config.passthrough.iter().any(|r| r.matches(&key));
+            self.conns.insert(
+                key,
+                Conn {
+                    state,
+                    passthrough,
+                    diverged: false,
+                    last_seen: now,
+                },
+            );
+            Metrics::inc(&self.metrics.connections_created);
+            Metrics::set(&self.metrics.connections, self.conns.len() as u64);
+        }
+        match self.conns.get_mut(&key) {
+            Some(conn) => {
+                conn.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets idle connections: those past their idle timeout, or (with `closed_now`)
+    /// every closed TCP connection with nothing queued.
+    fn evict(&mut self, now: Instant, closed_now: bool) {
+        let (tcp_idle, flow_idle) = (self.config.tcp_idle_timeout, self.config.flow_idle_timeout);
+        let before = self.conns.len();
+        self.conns.retain(|_, c| {
+            if !c.is_idle() {
+                return true;
+            }
+            let idle = now.saturating_duration_since(c.last_seen);
+            match &c.state {
+                ConnState::Tcp(t) if t.is_closed() => !closed_now && idle < flow_idle,
+                ConnState::Tcp(_) => idle < tcp_idle,
+                ConnState::Datagram(_) => !closed_now && idle < flow_idle,
+            }
+        });
+        let gone = before - self.conns.len();
+        if gone > 0 {
+            Metrics::add(&self.metrics.connections_expired, gone as u64);
+            Metrics::set(&self.metrics.connections, self.conns.len() as u64);
+        }
+    }
+
+    /// Something calls for a checkpoint: counts it, holds a connection whose outputs
+    /// differed, and sends a request unless one is outstanding.
+    fn trigger(&mut self, key: Option<FlowKey>, reason: CheckpointReason, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.checkpoint_triggers);
+        let mismatch = matches!(
+            reason,
+            CheckpointReason::PayloadDiffers { .. } | CheckpointReason::ControlDiffers(_)
+        );
+        if mismatch {
+            Metrics::inc(&self.metrics.mismatches);
+            if let Some(c) = key.and_then(|k| self.conns.get_mut(&k)) {
+                c.diverged = true;
+            }
+        }
+        let req = CheckpointRequest { reason, flow: key };
+        if let Some(suppressed) = self.log_trigger.allow(now) {
+            if self.pending {
+                debug!(%req, suppressed, "checkpoint already requested");
+            } else {
+                warn!(%req, suppressed, "requesting a checkpoint");
+            }
+        }
+        if !self.pending {
+            self.pending = true;
+            Metrics::inc(&self.metrics.checkpoint_requests);
+            out.checkpoint_requests.push(req);
+        }
+    }
+
+    /// When [`poll`](Self::poll) next has work: the next expired-packet scan.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.next_scan
+    }
+
+    /// Runs the expired-packet scan if its cycle has come (the first call only schedules
+    /// it): primary packets older than `compare_timeout` are released and a checkpoint
+    /// requested; secondary output that old is forgotten and a checkpoint requested; idle
+    /// connections are forgotten.
+    pub fn poll(&mut self, now: Instant, out: &mut Output) {
+        match self.next_scan {
+            None => {
+                self.next_scan = Some(now + self.config.expired_scan_cycle);
+                return;
+            }
+            Some(t) if now < t => return,
+            Some(_) => {}
+        }
+        self.next_scan = Some(now + self.config.expired_scan_cycle);
+        self.scan(now, out);
+    }
+
+    /// The expired-packet scan itself, now.
+    pub fn scan(&mut self, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.expired_scans);
+        if self.mode == Mode::Compare
+            && let Some(deadline) = now.checked_sub(self.config.compare_timeout)
+        {
+            let mut triggers = Vec::new();
+            let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+            for (key, conn) in &mut self.conns {
+                if conn.handling() != Handling::Compare {
+                    continue;
+                }
+                let r = match &mut conn.state {
+                    ConnState::Tcp(t) => t.expire(deadline, &mut ctx),
+                    ConnState::Datagram(d) => d.expire(deadline, &mut ctx),
+                };
+                if let Some(r) = r {
+                    triggers.push((*key, r));
+                }
+            }
+            for (key, r) in triggers {
+                self.trigger(Some(key), r, now, out);
+            }
+        }
+        self.evict(now, false);
+    }
+
+    /// The controller reports that a checkpoint committed: the secondary is now a copy of
+    /// the primary. Every held primary frame is released, every connection's compare
+    /// state is reset to the primary's (TCP sequence offsets become zero), and a new
+    /// checkpoint request may be sent.
+    ///
+    /// Call it once every frame the primary produced before the checkpoint has been fed.
+    pub fn checkpoint_committed(&mut self, now: Instant, out: &mut Output) {
+        Metrics::inc(&self.metrics.checkpoints_committed);
+        let held = self.held_frames();
+        let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        for conn in self.conns.values_mut() {
+            match &mut conn.state {
+                ConnState::Tcp(t) => t.commit(&mut ctx),
+                ConnState::Datagram(d) => d.commit(&mut ctx),
+            }
+            conn.diverged = false;
+        }
+        self.pending = false;
+        info!(released = held, "checkpoint committed");
+    }
+
+    /// Changes the mode (see [`Mode`]).
+    ///
+    /// - To `PrimaryOnly`: held primary frames are released.
+    /// - To `SecondaryOnly` (failover): held primary frames are dropped; TCP state stays,
+    ///   so that open connections keep being translated.
+    /// - Back to `Compare` (a new secondary): the connection table starts afresh; the
+    ///   controller then takes a checkpoint and calls
+    ///   [`checkpoint_committed`](Self::checkpoint_committed).
+    pub fn set_mode(&mut self, mode: Mode, now: Instant, out: &mut Output) {
+        if mode == self.mode {
+            return;
+        }
+        info!(from = ?self.mode, to = ?mode, "proxy mode");
+        let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        match mode {
+            Mode::PrimaryOnly => {
+                for conn in self.conns.values_mut() {
+                    match &mut conn.state {
+                        ConnState::Tcp(t) => t.release_all(&mut ctx),
+                        ConnState::Datagram(d) => d.release_all(&mut ctx),
+                    }
+                }
+                self.pending = false;
+            }
+            Mode::SecondaryOnly => {
+                let mut dropped = 0;
+                for conn in self.conns.values_mut() {
+                    dropped += match &mut conn.state {
+                        ConnState::Tcp(t) => t.drop_held(),
+                        ConnState::Datagram(d) => d.drop_held(),
+                    };
+                }
+                Metrics::add(&self.metrics.discarded_frames, dropped as u64);
+                self.pending = false;
+            }
+            Mode::Compare => {
+                self.conns.clear();
+                Metrics::set(&self.metrics.connections, 0);
+            }
+        }
+        self.mode = mode;
+    }
+}
+
+#[cfg(test)]
+mod tests;

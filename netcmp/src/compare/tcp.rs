@@ -1,0 +1,480 @@
+//! TCP compared as a byte stream.
+//!
+//! The VMs may cut the same bytes into different segments, retransmit, and acknowledge at
+//! different times; their initial sequence numbers differ. So each side's payload is
+//! reassembled in sequence order (the secondary's mapped into the primary's sequence space
+//! by the ISN offset) and the two streams are compared as far as both reach. A primary
+//! segment is released once
+//! - every byte it carries (and its FIN) has matched the secondary's,
+//! - its SYN has a secondary SYN of the same kind (SYN or SYN-ACK),
+//! - its RST has a secondary RST,
+//! - its acknowledgment number does not exceed the highest one the secondary sent (so
+//!   the client never learns that data arrived which the secondary has not also acked),
+//!
+//! in the order the primary sent them.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::ctx::{Ctx, Handling};
+use super::output::CheckpointReason;
+use super::seq;
+use super::stream::{Placed, StreamBuf};
+use crate::metrics::Metrics;
+use crate::wire::{TcpFlags, TcpSegment};
+
+/// One side's view of its own stream.
+#[derive(Debug, Default)]
+struct Half {
+    /// Its ISN (from its SYN), or the first sequence number seen if the connection was
+    /// picked up mid-stream; in its own sequence space.
+    start: Option<u32>,
+    /// `Some(ack flag)` once it sent a SYN.
+    syn: Option<bool>,
+    /// Sequence number of its FIN, in the primary's space.
+    fin: Option<u32>,
+    /// It sent a RST.
+    rst: bool,
+    /// Its bytes from the compare point on.
+    buf: StreamBuf,
+}
+
+/// A primary segment waiting for release.
+#[derive(Debug)]
+struct HeldSeg {
+    frame: Vec<u8>,
+    /// Sequence number after its data and FIN.
+    end: u32,
+    ack: Option<u32>,
+    syn: bool,
+    rst: bool,
+    arrived: Instant,
+}
+
+/// A secondary segment that came before the offset was known.
+#[derive(Debug)]
+struct Early {
+    seq: u32,
+    flags: TcpFlags,
+    ack: u32,
+    data: Vec<u8>,
+    arrived: Instant,
+}
+
+/// The compare state of one TCP connection.
+#[derive(Debug, Default)]
+pub(crate) struct TcpState {
+    p: Half,
+    s: Half,
+    /// Primary minus secondary sequence number, once both starts are known.
+    offset: Option<u32>,
+    /// Sequence number (primary space) up to which both streams matched.
+    cmp: Option<u32>,
+    /// Both FINs matched and were passed.
+    fin_done: bool,
+    /// Stream bytes compared so far (to report where a difference is).
+    compared: u64,
+    /// The highest sequence number the primary has used.
+    p_high: Option<u32>,
+    /// The highest acknowledgment numbers each side sent.
+    p_ack: Option<u32>,
+    s_ack: Option<u32>,
+    held: VecDeque<HeldSeg>,
+    /// Ends and arrival times of secondary segments whose bytes are not compared yet.
+    s_pending: VecDeque<(u32, Instant)>,
+    early: Vec<Early>,
+    client_fin: bool,
+    client_rst: bool,
+}
+
+impl TcpState {
+    /// Primary minus secondary sequence number, if known.
+    pub(crate) fn offset(&self) -> Option<u32> {
+        self.offset
+    }
+
+    /// Nothing is queued.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.held.is_empty() && self.s_pending.is_empty() && self.early.is_empty()
+    }
+
+    /// The connection is over (a RST, or FINs both ways).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client_rst || self.p.rst || (self.client_fin && self.p.fin.is_some())
+    }
+
+    /// Primary frames held.
+    pub(crate) fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Notes a client segment of this connection.
+    pub(crate) fn client_segment(&mut self, flags: TcpFlags) {
+        self.client_fin |= flags.fin;
+        self.client_rst |= flags.rst;
+    }
+
+    /// Takes a primary segment.
+    pub(crate) fn primary(
+        &mut self,
+        seg: &TcpSegment,
+        frame: Vec<u8>,
+        how: Handling,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<CheckpointReason> {
+        let f = seg.flags;
+        if f.syn && self.p.syn.is_none() {
+            self.p.syn = Some(f.ack);
+            self.p.start = Some(seg.seq);
+        }
+        let start = *self.p.start.get_or_insert(seg.seq);
+        let cmp = *self
+            .cmp
+            .get_or_insert(start.wrapping_add(u32::from(self.p.syn.is_some())));
+        let data_seq = seg.seq.wrapping_add(u32::from(f.syn));
+        let len = seg.len() as u32;
+        let end = data_seq.wrapping_add(len).wrapping_add(u32::from(f.fin));
+        self.p.rst |= f.rst;
+        if f.ack {
+            self.p_ack = Some(seq::max(self.p_ack, seg.ack));
+        }
+        self.p_high = Some(seq::max(self.p_high, end));
+        if f.fin {
+            self.p.fin = Some(data_seq.wrapping_add(len));
+        }
+        if how == Handling::Pass {
+            Metrics::inc(&ctx.m.passthrough_frames);
+            ctx.release(frame);
+            return None;
+        }
+        if how == Handling::Compare {
+            let data = frame.get(seg.payload.clone()).unwrap_or_default();
+            if self.p.buf.insert(cmp, data_seq, data) == Placed::Old && !data.is_empty() {
+                Metrics::inc(&ctx.m.primary_retransmits);
+            }
+        }
+        let overflow = self.hold(seg, frame, end, ctx);
+        self.learn_offset(ctx);
+        if how == Handling::Hold {
+            return overflow;
+        }
+        self.compare(ctx).or(overflow)
+    }
+
+    /// Queues a primary frame; reports an overflow when the queue first goes past the
+    /// limit, and drops the frame past the hard cap.
+    fn hold(
+        &mut self,
+        seg: &TcpSegment,
+        frame: Vec<u8>,
+        end: u32,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<CheckpointReason> {
+        if self.held.len() >= ctx.hard_cap() {
+            Metrics::inc(&ctx.m.overflow_drops);
+            return None;
+        }
+        self.held.push_back(HeldSeg {
+            frame,
+            end,
+            ack: seg.flags.ack.then_some(seg.ack),
+            syn: seg.flags.syn,
+            rst: seg.flags.rst,
+            arrived: ctx.now,
+        });
+        (self.held.len() == ctx.max_queue + 1).then(|| {
+            Metrics::inc(&ctx.m.queue_overflows);
+            CheckpointReason::QueueOverflow
+        })
+    }
+
+    /// Takes a secondary segment (its payload is `data`).
+    pub(crate) fn secondary(
+        &mut self,
+        seg: &TcpSegment,
+        data: &[u8],
+        how: Handling,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<CheckpointReason> {
+        let f = seg.flags;
+        if f.syn && self.s.syn.is_none() {
+            self.s.syn = Some(f.ack);
+            self.s.start = Some(seg.seq);
+        }
+        self.s.start.get_or_insert(seg.seq);
+        if how != Handling::Compare {
+            self.learn_offset(ctx);
+            return None;
+        }
+        if self.offset.is_none() && self.p.start.is_none() {
+            if self.early.len() >= ctx.hard_cap() {
+                Metrics::inc(&ctx.m.overflow_drops);
+                return None;
+            }
+            self.early.push(Early {
+                seq: seg.seq,
+                flags: f,
+                ack: seg.ack,
+                data: data.to_vec(),
+                arrived: ctx.now,
+            });
+            return (self.early.len() == ctx.max_queue + 1).then(|| {
+                Metrics::inc(&ctx.m.queue_overflows);
+                CheckpointReason::QueueOverflow
+            });
+        }
+        let overflow = self.learn_offset(ctx);
+        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, ctx.now, ctx);
+        r.or(overflow).or_else(|| self.compare(ctx))
+    }
+
+    /// Learns the offset once both starts are known, and replays the secondary segments
+    /// that came before it.
+    fn learn_offset(&mut self, ctx: &mut Ctx<'_>) -> Option<CheckpointReason> {
+        if self.offset.is_some() {
+            return None;
+        }
+        let (Some(p), Some(s)) = (self.p.start, self.s.start) else {
+            return None;
+        };
+        self.offset = Some(p.wrapping_sub(s));
+        let mut r = None;
+        for e in std::mem::take(&mut self.early) {
+            r = r.or(self.ingest_secondary(e.seq, e.flags, e.ack, &e.data, e.arrived, ctx));
+        }
+        r
+    }
+
+    /// Places a secondary segment's bytes and notes its flags, in the primary's space.
+    fn ingest_secondary(
+        &mut self,
+        own_seq: u32,
+        f: TcpFlags,
+        ack: u32,
+        data: &[u8],
+        arrived: Instant,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<CheckpointReason> {
+        let (Some(off), Some(cmp)) = (self.offset, self.cmp) else {
+            return None;
+        };
+        let data_seq = own_seq.wrapping_add(off).wrapping_add(u32::from(f.syn));
+        let len = data.len() as u32;
+        if f.ack {
+            self.s_ack = Some(seq::max(self.s_ack, ack));
+        }
+        let mut fresh = false;
+        if f.rst && !self.s.rst {
+            self.s.rst = true;
+            fresh = true;
+        }
+        if f.fin && self.s.fin.is_none() {
+            self.s.fin = Some(data_seq.wrapping_add(len));
+            fresh = true;
+        }
+        if self.s_pending.len() + self.s.buf.ooo_len() >= ctx.hard_cap() {
+            Metrics::inc(&ctx.m.overflow_drops);
+            return None;
+        }
+        match self.s.buf.insert(cmp, data_seq, data) {
+            Placed::New | Placed::OutOfOrder => fresh = true,
+            Placed::Old if !data.is_empty() => Metrics::inc(&ctx.m.secondary_retransmits),
+            Placed::Old | Placed::TooFar => {}
+        }
+        if fresh {
+            let end = data_seq.wrapping_add(len).wrapping_add(u32::from(f.fin));
+            self.s_pending.push_back((end, arrived));
+            if self.s_pending.len() + self.s.buf.ooo_len() == ctx.max_queue + 1 {
+                Metrics::inc(&ctx.m.queue_overflows);
+                return Some(CheckpointReason::QueueOverflow);
+            }
+        }
+        None
+    }
+
+    /// Compares what both streams have, then releases what may go.
+    fn compare(&mut self, ctx: &mut Ctx<'_>) -> Option<CheckpointReason> {
+        let (Some(mut cmp), Some(_)) = (self.cmp, self.offset) else {
+            return None;
+        };
+        match (self.p.syn, self.s.syn) {
+            (Some(a), Some(b)) if a != b => {
+                return Some(CheckpointReason::ControlDiffers(
+                    "one side sent SYN, the other SYN-ACK",
+                ));
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Some(CheckpointReason::ControlDiffers("only one side sent a SYN"));
+            }
+            _ => {}
+        }
+        let n = self.p.buf.avail().min(self.s.buf.avail());
+        if n > 0 {
+            let (a, b) = (&self.p.buf.bytes()[..n], &self.s.buf.bytes()[..n]);
+            if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+                // Whatever matched before the difference may still go.
+                self.advance(i, ctx);
+                self.release(ctx);
+                return Some(CheckpointReason::PayloadDiffers {
+                    offset: self.compared,
+                });
+            }
+            self.p.buf.consume(n);
+            self.s.buf.consume(n);
+            cmp = cmp.wrapping_add(n as u32);
+            self.compared += n as u64;
+            Metrics::add(&ctx.m.matched_tcp_bytes, n as u64);
+        }
+        if !self.fin_done {
+            match (self.p.fin, self.s.fin) {
+                (Some(a), Some(b)) if a != b => {
+                    return Some(CheckpointReason::ControlDiffers(
+                        "FIN at different stream positions",
+                    ));
+                }
+                (Some(a), Some(_)) if a == cmp => {
+                    cmp = cmp.wrapping_add(1);
+                    self.fin_done = true;
+                }
+                _ => {}
+            }
+            if !self.fin_done
+                && (beyond(self.p.fin, cmp, self.s.buf.avail())
+                    || beyond(self.s.fin, cmp, self.p.buf.avail()))
+            {
+                return Some(CheckpointReason::ControlDiffers(
+                    "bytes sent after the other side's FIN",
+                ));
+            }
+        }
+        self.cmp = Some(cmp);
+        while self.s_pending.front().is_some_and(|(e, _)| seq::le(*e, cmp)) {
+            self.s_pending.pop_front();
+        }
+        self.release(ctx);
+        None
+    }
+
+    /// Moves the compare point over `n` bytes that matched.
+    fn advance(&mut self, n: usize, ctx: &mut Ctx<'_>) {
+        if let Some(cmp) = self.cmp.as_mut() {
+            self.p.buf.consume(n);
+            self.s.buf.consume(n);
+            *cmp = cmp.wrapping_add(n as u32);
+            self.compared += n as u64;
+            Metrics::add(&ctx.m.matched_tcp_bytes, n as u64);
+        }
+    }
+
+    /// Releases held segments from the front while they may go.
+    fn release(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(cmp) = self.cmp else { return };
+        while let Some(h) = self.held.front() {
+            let ok = if h.rst {
+                self.s.rst
+            } else {
+                seq::le(h.end, cmp)
+                    && (!h.syn || self.s.syn.is_some())
+                    && h
+                        .ack
+                        .is_none_or(|a| self.s_ack.is_some_and(|m| seq::le(a, m)))
+            };
+            if !ok {
+                break;
+            }
+            if let Some(h) = self.held.pop_front() {
+                ctx.release(h.frame);
+            }
+        }
+    }
+
+    /// Releases primary segments that arrived at or before `deadline` and forgets
+    /// secondary output that waited as long.
+    pub(crate) fn expire(
+        &mut self,
+        deadline: Instant,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<CheckpointReason> {
+        let mut r = None;
+        while self.held.front().is_some_and(|h| h.arrived <= deadline) {
+            if let Some(h) = self.held.pop_front() {
+                Metrics::inc(&ctx.m.compare_timeouts);
+                ctx.release(h.frame);
+                r = Some(CheckpointReason::CompareTimeout);
+            }
+        }
+        let before = self.s_pending.len() + self.early.len();
+        while self.s_pending.front().is_some_and(|(_, t)| *t <= deadline) {
+            self.s_pending.pop_front();
+        }
+        self.early.retain(|e| e.arrived > deadline);
+        let gone = before - self.s_pending.len() - self.early.len();
+        if gone > 0 {
+            Metrics::add(&ctx.m.secondary_timeouts, gone as u64);
+            r = r.or(Some(CheckpointReason::SecondaryTimeout));
+        }
+        r
+    }
+
+    /// A checkpoint committed: releases everything held and makes the secondary's state
+    /// the primary's, as it now is in the VMs (the offset becomes zero, the streams
+    /// restart at the primary's highest sequence number).
+    pub(crate) fn commit(&mut self, ctx: &mut Ctx<'_>) {
+        self.release_all(ctx);
+        let (p, p_ack, p_high) = (std::mem::take(&mut self.p), self.p_ack, self.p_high);
+        let (client_fin, client_rst) = (self.client_fin, self.client_rst);
+        let mut p_buf = p.buf;
+        let mut s_buf = std::mem::take(&mut self.s.buf);
+        p_buf.clear();
+        s_buf.clear();
+        *self = Self {
+            client_fin,
+            client_rst,
+            ..Self::default()
+        };
+        if let Some(start) = p.start {
+            let cmp = p_high.unwrap_or(start.wrapping_add(u32::from(p.syn.is_some())));
+            self.p = Half {
+                start: Some(start),
+                syn: p.syn,
+                fin: p.fin,
+                rst: p.rst,
+                buf: p_buf,
+            };
+            self.s = Half {
+                start: Some(start),
+                syn: p.syn,
+                fin: p.fin,
+                rst: p.rst,
+                buf: s_buf,
+            };
+            self.offset = Some(0);
+            self.cmp = Some(cmp);
+            self.fin_done = p.fin.is_some();
+            self.p_ack = p_ack;
+            self.s_ack = p_ack;
+            self.p_high = p_high;
+        }
+    }
+
+    /// Releases every held segment (a commit, or leaving compare mode).
+    pub(crate) fn release_all(&mut self, ctx: &mut Ctx<'_>) {
+        for h in self.held.drain(..) {
+            Metrics::inc(&ctx.m.released_on_commit);
+            ctx.release(h.frame);
+        }
+    }
+
+    /// Drops every held segment (failover: the primary's output is void). Returns how many.
+    pub(crate) fn drop_held(&mut self) -> usize {
+        let n = self.held.len();
+        self.held.clear();
+        n
+    }
+}
+
+/// Whether a side that sent FIN at `fin` is contradicted by the other side having `avail`
+/// contiguous bytes from `cmp`, some of them at or after the FIN.
+fn beyond(fin: Option<u32>, cmp: u32, avail: usize) -> bool {
+    avail > 0 && fin.is_some_and(|f| seq::dist(cmp, f) < avail as i64)
+}

@@ -1,0 +1,81 @@
+//! The proxy's limits and policies, with QEMU colo-compare's defaults.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::passthrough::PassthroughRule;
+
+/// What happens to a frame that does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MalformedPolicy {
+    /// Count it and forward it unchanged: client frames to both VMs, primary frames to the
+    /// client (without compare). The secondary's are never forwarded.
+    #[default]
+    Forward,
+    /// Count it and drop it.
+    Drop,
+}
+
+/// Limits and policies of the compare engine.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a primary packet waits for its secondary counterpart. After that it is
+    /// released and a checkpoint is requested. Secondary output with no primary counterpart
+    /// for this long also requests a checkpoint. Default 3000 ms.
+    pub compare_timeout: Duration,
+    /// How often queues are scanned for packets past `compare_timeout`. Default 3000 ms.
+    pub expired_scan_cycle: Duration,
+    /// Most packets queued per connection and side. On overflow a checkpoint is forced
+    /// (nothing is dropped). Default 1024.
+    pub max_queue_size: usize,
+    /// Most tracked connections. Default 65536.
+    pub max_connections: usize,
+    /// An open TCP connection with nothing queued is forgotten after this long without a
+    /// packet. Default 2 hours.
+    pub tcp_idle_timeout: Duration,
+    /// A closed TCP connection, or a UDP/ICMP/other flow, with nothing queued is forgotten
+    /// after this long without a packet. Default 60 s.
+    pub flow_idle_timeout: Duration,
+    /// What to do with frames that do not parse.
+    pub malformed: MalformedPolicy,
+    /// Flows that are never compared: the primary's output is released at once.
+    pub passthrough: Vec<PassthroughRule>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            compare_timeout: Duration::from_millis(3000),
+            expired_scan_cycle: Duration::from_millis(3000),
+            max_queue_size: 1024,
+            max_connections: 65536,
+            tcp_idle_timeout: Duration::from_secs(2 * 3600),
+            flow_idle_timeout: Duration::from_secs(60),
+            malformed: MalformedPolicy::Forward,
+            passthrough: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks that every limit can work.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a zero timeout, scan cycle, queue size or connection limit.
+    pub fn validate(&self) -> Result<()> {
+        if self.compare_timeout.is_zero() {
+            return Err(Error::Config("compare_timeout must be positive".into()));
+        }
+        if self.expired_scan_cycle.is_zero() {
+            return Err(Error::Config("expired_scan_cycle must be positive".into()));
+        }
+        if self.max_queue_size == 0 {
+            return Err(Error::Config("max_queue_size must be at least 1".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

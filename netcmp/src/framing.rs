@@ -1,0 +1,138 @@
+//! Length-prefixed frames on a byte stream, as QEMU's socket netdev and colo-compare's
+//! chardevs carry them with vnet_hdr off: a 4-byte big-endian length, then the frame.
+//!
+//! ```text
+//!  +----------------+---------------------------+
+//!  | len: u32 (BE)  | frame: len bytes          |  ... next frame
+//!  +----------------+---------------------------+
+//! ```
+//!
+//! [`Decoder`] is push-based (feed it whatever `read` returned, take out whole frames), so it
+//! has no I/O of its own and the fuzz target drives it directly. A length above the limit
+//! means the stream is out of step: [`Decoder::next_frame`] fails and the connection is
+//! closed. A zero length gives an empty frame, which the engine counts as malformed.
+
+use crate::error::{Error, Result};
+
+/// The largest frame accepted by default: QEMU's NET_BUFSIZE (4096 + 65536 bytes).
+pub const MAX_FRAME: u32 = 4096 + 65536;
+
+/// Appends `frame` with its length prefix to `out`.
+///
+/// # Errors
+/// [`Error::FrameTooLong`] when the frame does not fit in a `u32` length.
+pub fn encode(frame: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let len = u32::try_from(frame.len()).map_err(|_| Error::FrameTooLong {
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    out.reserve(4 + frame.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+    Ok(())
+}
+
+/// Splits a byte stream into frames.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    head: usize,
+    max: u32,
+}
+
+impl Decoder {
+    /// A decoder that refuses frames longer than `max` bytes.
+    pub fn new(max: u32) -> Self {
+        Self {
+            buf: Vec::new(),
+            head: 0,
+            max,
+        }
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.head > 0 && self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        } else if self.head >= 64 * 1024 {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// The next whole frame, if one has arrived.
+    ///
+    /// # Errors
+    /// [`Error::FrameTooLong`] when the next length prefix exceeds the limit. The decoder
+    /// stays in that state: the stream cannot be resynchronised.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
+        let rest = self.buf.get(self.head..).unwrap_or_default();
+        let Some(prefix) = rest.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix);
+        if len > self.max {
+            return Err(Error::FrameTooLong { len, max: self.max });
+        }
+        let Some(frame) = rest.get(4..4 + len as usize) else {
+            return Ok(None);
+        };
+        let frame = frame.to_vec();
+        self.head += 4 + len as usize;
+        Ok(Some(frame))
+    }
+
+    /// Forgets everything buffered (a new connection).
+    pub fn reset(&mut self) {
+        self.buf.clear();
+        self.head = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_encoding_and_split_reads() {
+        let mut wire = Vec::new();
+        encode(b"\x01\x02\x03", &mut wire).unwrap();
+        encode(b"", &mut wire).unwrap();
+        encode(&[0xAB; 300], &mut wire).unwrap();
+        assert_eq!(&wire[..7], &[0, 0, 0, 3, 1, 2, 3]);
+        assert_eq!(&wire[7..11], &[0, 0, 0, 0]);
+        assert_eq!(&wire[11..15], &[0, 0, 1, 0x2C]);
+        for chunk in [1, 2, 3, 5, 64, 1000] {
+            let mut d = Decoder::new(MAX_FRAME);
+            let mut frames = Vec::new();
+            for c in wire.chunks(chunk) {
+                d.feed(c);
+                while let Some(f) = d.next_frame().unwrap() {
+                    frames.push(f);
+                }
+            }
+            assert_eq!(frames, vec![vec![1, 2, 3], vec![], vec![0xAB; 300]], "chunk {chunk}");
+            assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn refuses_too_long() {
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 101, 0]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(Error::FrameTooLong { len: 101, max: 100 })
+        ));
+        let mut d = Decoder::new(MAX_FRAME);
+        d.feed(&[0xFF, 0xFF, 0xFF, 0xFF]);
+        assert!(d.next_frame().is_err());
+    }
+}
