@@ -7,6 +7,7 @@
 mod bench;
 mod colo;
 mod guest_image;
+mod pair;
 mod run;
 #[allow(dead_code)]
 mod vm;
@@ -37,6 +38,9 @@ enum Command {
     /// Run one VM with the built-in guest: its console on stdout, its key-value service on
     /// a tap device.
     Run(run::RunArgs),
+    /// Run a whole COLO pair on this machine: the proxy, a client load, and both sides as
+    /// child processes, with a live status line.
+    Pair(pair::PairArgs),
     /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
     Primary(colo::cli::PrimaryArgs),
     /// Run the secondary side of a COLO pair: waits for a primary, follows its
@@ -77,6 +81,10 @@ fn main() -> ExitCode {
                 let bad_args = matches!(e, colo_netcmp::Error::Config(_));
                 report("", &e, if bad_args { 2 } else { 1 })
             }
+        },
+        Command::Pair(args) => match pair::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(" (pair)", &e, 1),
         },
         Command::Primary(args) => match colo::cli::run_primary(&args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -181,7 +181,12 @@ impl Engine {
         self.conns.values().map(Conn::held_len).sum()
     }
 
-    fn ctx<'a>(metrics: &'a Metrics, config: &Config, out: &'a mut Output, now: Instant) -> Ctx<'a> {
+    fn ctx<'a>(
+        metrics: &'a Metrics,
+        config: &Config,
+        out: &'a mut Output,
+        now: Instant,
+    ) -> Ctx<'a> {
         Ctx {
             m: metrics,
             out,
@@ -224,7 +229,8 @@ impl Engine {
                     conn.last_seen = now;
                     match &mut conn.state {
                         ConnState::Tcp(t) => {
-                            let stale = seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
+                            let stale =
+                                seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
                             t.client_segment(seg.flags);
                             offset = t.offset();
                             stale
@@ -474,7 +480,13 @@ impl Engine {
 
     /// Something calls for a checkpoint: counts it, holds a connection whose outputs
     /// differed, and sends a request unless one is outstanding.
-    fn trigger(&mut self, key: Option<FlowKey>, reason: CheckpointReason, now: Instant, out: &mut Output) {
+    fn trigger(
+        &mut self,
+        key: Option<FlowKey>,
+        reason: CheckpointReason,
+        now: Instant,
+        out: &mut Output,
+    ) {
         Metrics::inc(&self.metrics.checkpoint_triggers);
         let mismatch = matches!(
             reason,

@@ -126,7 +126,10 @@ mod tests {
         let mut b = StreamBuf::default();
         let base = u32::MAX - 2; // crosses the wrap
         assert_eq!(b.insert(base, base, b"abc"), Placed::New);
-        assert_eq!(b.insert(base, base.wrapping_add(6), b"ghi"), Placed::OutOfOrder);
+        assert_eq!(
+            b.insert(base, base.wrapping_add(6), b"ghi"),
+            Placed::OutOfOrder
+        );
         assert_eq!(b.insert(base, base.wrapping_add(1), b"bc"), Placed::Old);
         assert_eq!(b.insert(base, base.wrapping_add(2), b"cdef"), Placed::New);
         assert_eq!(b.bytes(), b"abcdefghi");
@@ -138,6 +141,9 @@ mod tests {
         assert_eq!(b.insert(cmp, base, b"abcdefghij"), Placed::New);
         assert_eq!(b.bytes(), b"efghij");
         assert_eq!(b.insert(cmp, cmp.wrapping_add(1 << 31), b"x"), Placed::Old);
-        assert_eq!(b.insert(cmp, cmp.wrapping_add((1 << 30) + 1), b"x"), Placed::TooFar);
+        assert_eq!(
+            b.insert(cmp, cmp.wrapping_add((1 << 30) + 1), b"x"),
+            Placed::TooFar
+        );
     }
 }

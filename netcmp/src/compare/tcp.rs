@@ -348,7 +348,11 @@ impl TcpState {
             }
         }
         self.cmp = Some(cmp);
-        while self.s_pending.front().is_some_and(|(e, _)| seq::le(*e, cmp)) {
+        while self
+            .s_pending
+            .front()
+            .is_some_and(|(e, _)| seq::le(*e, cmp))
+        {
             self.s_pending.pop_front();
         }
         self.release(ctx);
@@ -375,8 +379,7 @@ impl TcpState {
             } else {
                 seq::le(h.end, cmp)
                     && (!h.syn || self.s.syn.is_some())
-                    && h
-                        .ack
+                    && h.ack
                         .is_none_or(|a| self.s_ack.is_some_and(|m| seq::le(a, m)))
             };
             if !ok {

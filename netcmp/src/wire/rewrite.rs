@@ -66,7 +66,11 @@ pub fn rewrite_tcp(
             _ => return Err(RewriteError::NotTcp),
         }
         .map_err(|_| RewriteError::TooLong)?;
-        (offset_in(view, tcp.slice()), h.to_bytes(), sack_untranslated)
+        (
+            offset_in(view, tcp.slice()),
+            h.to_bytes(),
+            sack_untranslated,
+        )
     };
     let dst = frame
         .get_mut(offset..offset + header.len())

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
@@ -39,15 +39,18 @@ pub struct ClientStats {
     pub connected: AtomicBool,
 }
 
+/// Sends one frame towards the network.
+pub type FrameOut = Box<dyn Fn(Vec<u8>) + Send>;
+
 struct ChanDevice {
-    tx: Sender<Vec<u8>>,
+    tx: FrameOut,
     rx: Receiver<Vec<u8>>,
     /// A frame taken off `rx` while waiting, delivered first.
     front: Option<Vec<u8>>,
 }
 
 struct Rx(Vec<u8>);
-struct Tx<'a>(&'a Sender<Vec<u8>>);
+struct Tx<'a>(&'a FrameOut);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -59,7 +62,7 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut b = vec![0u8; len];
         let r = f(&mut b);
-        let _ = self.0.try_send(b);
+        (self.0)(b);
         r
     }
 }
@@ -97,7 +100,13 @@ pub struct ClientNet {
 }
 
 /// Runs the load until `stop`: frames out on `tx`, in on `rx`.
-pub fn run(net: ClientNet, tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>, stats: &Arc<ClientStats>, stop: &AtomicBool) {
+pub fn run(
+    net: ClientNet,
+    tx: FrameOut,
+    rx: Receiver<Vec<u8>>,
+    stats: &Arc<ClientStats>,
+    stop: &AtomicBool,
+) {
     let mut dev = ChanDevice {
         tx,
         rx: rx.clone(),
@@ -108,7 +117,10 @@ pub fn run(net: ClientNet, tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>, stats: &A
     let mac = EthernetAddress([0x52, 0x54, 0, 0xc1, 0x1e, 0x47]);
     let mut iface = Interface::new(Config::new(mac.into()), &mut dev, now());
     iface.update_ip_addrs(|a| {
-        let _ = a.push(IpCidr::new(IpAddress::Ipv4(Ipv4Address::from(net.ip.0)), net.ip.1));
+        let _ = a.push(IpCidr::new(
+            IpAddress::Ipv4(Ipv4Address::from(net.ip.0)),
+            net.ip.1,
+        ));
     });
     let mut sockets = SocketSet::new(vec![]);
     let mut sock = tcp::Socket::new(
@@ -118,7 +130,10 @@ pub fn run(net: ClientNet, tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>, stats: &A
     sock.set_ack_delay(None);
     sock.set_nagle_enabled(false);
     let h = sockets.add(sock);
-    let server = (IpAddress::Ipv4(Ipv4Address::from(net.server.0)), net.server.1);
+    let server = (
+        IpAddress::Ipv4(Ipv4Address::from(net.server.0)),
+        net.server.1,
+    );
     let mut port = 49152u16;
     let mut acked: HashMap<u64, u64> = HashMap::new();
     let mut next = 0u64;
@@ -126,7 +141,7 @@ pub fn run(net: ClientNet, tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>, stats: &A
     let mut inbuf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         iface.poll(now(), &mut dev, &mut sockets);
-        let s = sockets.get_mut::<tcp::Socket>(h);
+        let s = sockets.get_mut::<tcp::Socket<'_>>(h);
         if !s.is_open() {
             stats.connected.store(false, Ordering::Relaxed);
             pending = None;
@@ -166,13 +181,17 @@ pub fn run(net: ClientNet, tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>, stats: &A
                     continue;
                 };
                 stats.replies.fetch_add(1, Ordering::Relaxed);
-                stats.max_wait_us.fetch_max(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats
+                    .max_wait_us
+                    .fetch_max(at.elapsed().as_micros() as u64, Ordering::Relaxed);
                 check(&req, &line, &mut acked, stats);
             }
         }
         let delay = iface
             .poll_delay(now(), &sockets)
-            .map_or(Duration::from_millis(5), |d| Duration::from_micros(d.total_micros()))
+            .map_or(Duration::from_millis(5), |d| {
+                Duration::from_micros(d.total_micros())
+            })
             .min(Duration::from_millis(5));
         if !delay.is_zero() && dev.front.is_none() {
             dev.front = rx.recv_timeout(delay).ok();
@@ -190,7 +209,10 @@ fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientSt
             }
         }
         (Some("GET"), Some(k), None) => {
-            let want = k[1..].parse().ok().and_then(|k: u64| acked.get(&k).copied());
+            let want = k[1..]
+                .parse()
+                .ok()
+                .and_then(|k: u64| acked.get(&k).copied());
             let got = reply
                 .strip_prefix("VALUE ")
                 .and_then(|v| v.split(' ').next())

@@ -1,0 +1,542 @@
+//! `colo pair`: a whole COLO pair on this machine, the embedded default.
+//!
+//! The supervisor (this process) runs the proxy and a client load, and starts the two
+//! sides as child processes (`colo secondary`, `colo primary`) on loopback:
+//!
+//! ```text
+//!  client load ─frames─▶ proxy ─┬─ unix socket ─▶ PVM  (colo primary)  ══ push/control ══▶
+//!   (smoltcp)  ◀─released─      └─ unix socket ─▶ SVM  (colo secondary) ◀════════════════
+//! ```
+//!
+//! The primary reports every checkpoint on an event socket; the supervisor releases the
+//! proxy's held output before the primary resumes, forwards the proxy's checkpoint requests
+//! (mismatches) to the primary, and shows a status line. `--kill-primary-after` kills the
+//! primary process outright; the secondary notices (heartbeat or closed connection), takes
+//! over, and the proxy switches the client to it.
+
+pub mod client;
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use colo_netcmp::proxy::{Ports, Proxy};
+
+use crate::colo::ColoError;
+use crate::colo::cli::{ColoArgs, parse_secs};
+use crate::colo::metrics::{EpochRecord, Summary};
+use crate::run::{catch_interrupts, interrupted};
+use client::{ClientNet, ClientStats};
+
+/// `colo pair`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  colo pair --duration 30s\n  \
+                        colo pair --duration 20s --kill-primary-after 10s\n\n\
+                        Needs /dev/kvm; no root and no tap device (the client is a user-space \
+                        TCP stack). Scratch files go to a temporary directory that is removed \
+                        at the end.")]
+pub struct PairArgs {
+    #[command(flatten)]
+    pub colo: ColoArgs,
+    /// Kill the primary process (SIGKILL) this long after the start, to show failover.
+    #[arg(long, value_parser = parse_secs)]
+    pub kill_primary_after: Option<Duration>,
+    /// Kill the secondary process this long after the start: the primary carries on alone.
+    #[arg(long, value_parser = parse_secs)]
+    pub kill_secondary_after: Option<Duration>,
+    /// Guest RAM of each VM.
+    #[arg(long, default_value = "64MiB", value_parser = crate::bench::parse_size)]
+    pub ram: u64,
+    /// Pages per second each guest dirties.
+    #[arg(long, default_value_t = 0)]
+    pub dirty_rate: u64,
+    /// Put the TSC into every reply, so PVM and SVM answer differently (mismatches).
+    #[arg(long)]
+    pub nondeterministic: bool,
+    /// Show the guests' consoles and the children's logs.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const GUEST: ([u8; 4], u16) = ([10, 0, 2, 15], 7000);
+const CLIENT_IP: ([u8; 4], u8) = ([10, 0, 2, 100], 24);
+
+fn setup(msg: impl Into<String>) -> ColoError {
+    ColoError::Setup(msg.into())
+}
+
+/// A child process that is killed when dropped.
+struct Kid {
+    name: &'static str,
+    child: Child,
+}
+
+impl Kid {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM, then wait up to `grace`, then SIGKILL.
+    fn stop(&mut self, grace: Duration) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < grace {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(child = self.name, "did not stop in time; killing");
+        self.kill();
+    }
+}
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.kill();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    summary: Mutex<Summary>,
+    last: Mutex<Option<EpochRecord>>,
+    failover_at: Mutex<Option<Instant>>,
+    secondary_lost: AtomicBool,
+    commits: AtomicU64,
+    log: Mutex<Vec<String>>,
+}
+
+fn spawn(
+    name: &'static str,
+    args: &[String],
+    shared: &Arc<Shared>,
+    verbose: bool,
+) -> Result<Kid, ColoError> {
+    let exe = std::env::current_exe().map_err(|e| setup(format!("own executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| setup(format!("start the {name}: {e}")))?;
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let s = Arc::clone(shared);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.contains("FAILOVER") {
+                    let mut f = s.failover_at.lock().unwrap_or_else(|p| p.into_inner());
+                    f.get_or_insert_with(Instant::now);
+                }
+                if verbose {
+                    eprintln!("{name}| {line}");
+                }
+                let mut log = s.log.lock().unwrap_or_else(|p| p.into_inner());
+                log.push(format!("{name}| {line}"));
+                let n = log.len();
+                if n > 400 {
+                    log.drain(..n - 200);
+                }
+            }
+        });
+    }
+    Ok(Kid { name, child })
+}
+
+fn colo_flags(c: &ColoArgs) -> Vec<String> {
+    vec![
+        format!("--checkpoint-delay={}us", c.checkpoint_delay.as_micros()),
+        format!("--push-interval={}us", c.push_interval.as_micros()),
+        format!(
+            "--heartbeat-interval={}us",
+            c.heartbeat_interval.as_micros()
+        ),
+        format!("--heartbeat-timeout={}us", c.heartbeat_timeout.as_micros()),
+        format!(
+            "--mode={}",
+            clap::ValueEnum::to_possible_value(&c.mode)
+                .map_or("colo".into(), |v| v.get_name().to_string())
+        ),
+        format!("--dirty-threshold={}", c.dirty_threshold),
+        format!("--pair-id={}", c.pair_id),
+        "--transport=tcp".into(),
+        format!("--streams={}", c.streams),
+    ]
+}
+
+fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
+    let mut v = vec![
+        format!("--ram={}", a.ram),
+        format!("--disk={}", dir.join(format!("{side}.img")).display()),
+        "--disk-size=16777216".into(),
+        format!(
+            "--net-socket={}",
+            dir.join(format!("{side}.sock")).display()
+        ),
+        format!(
+            "--guest-ip={}.{}.{}.{}/24",
+            GUEST.0[0], GUEST.0[1], GUEST.0[2], GUEST.0[3]
+        ),
+        format!("--port={}", GUEST.1),
+        format!("--dirty-rate={}", a.dirty_rate),
+    ];
+    if a.nondeterministic {
+        v.push("--nondeterministic".into());
+    }
+    v
+}
+
+/// Handles the primary's event lines: commits (release the proxy, then acknowledge),
+/// metrics, and its exit.
+fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: &Shared) {
+    let Ok(mut w) = s.try_clone() else { return };
+    for line in BufReader::new(s).lines().map_while(std::result::Result::ok) {
+        if let Some(n) = line.strip_prefix("COMMIT ") {
+            if let Err(e) = proxy.checkpoint_committed() {
+                tracing::warn!(error = %e, "proxy did not take the commit");
+            }
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+            let _ = w.write_all(format!("COMMITTED {n}\n").as_bytes());
+        } else if let Some(j) = line.strip_prefix("METRIC ") {
+            if let Ok(r) = serde_json::from_str::<EpochRecord>(j) {
+                shared
+                    .summary
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(&r);
+                *shared.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            }
+        } else if line.starts_with("EXIT ") {
+            shared.secondary_lost.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `colo pair`.
+///
+/// # Errors
+/// A side that cannot start, or a client that saw lost or contradicted data.
+pub fn run(a: &PairArgs) -> Result<(), ColoError> {
+    catch_interrupts();
+    let dir = std::env::temp_dir().join(format!("colo-pair-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
+    let r = run_in(a, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn free_port() -> Result<u16, ColoError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| setup(e.to_string()))?;
+    Ok(l.local_addr().map_err(|e| setup(e.to_string()))?.port())
+}
+
+#[allow(clippy::too_many_lines)]
+fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
+    let shared = Arc::new(Shared::default());
+    let net = |e: colo_netcmp::Error| setup(format!("proxy: {e}"));
+    let (client_port, client_end) = colo_netcmp::io::channel::port("client", 4096);
+    let pvm_sock = dir.join("primary.sock");
+    let svm_sock = dir.join("secondary.sock");
+    let ports = Ports {
+        client: client_port,
+        primary: colo_netcmp::io::stream::listen_unix(&pvm_sock).map_err(net)?,
+        secondary: colo_netcmp::io::stream::listen_unix(&svm_sock).map_err(net)?,
+    };
+    let proxy = Proxy::start(colo_netcmp::Config::default(), ports).map_err(net)?;
+    let events_path: PathBuf = dir.join("events.sock");
+    let events =
+        UnixListener::bind(&events_path).map_err(|e| setup(format!("event socket: {e}")))?;
+    let port = free_port()?;
+    let mut sec_args = vec![
+        "secondary".to_string(),
+        format!("--listen=127.0.0.1:{port}"),
+    ];
+    sec_args.extend(vm_flags(a, dir, "secondary"));
+    sec_args.extend(colo_flags(&a.colo));
+    let mut pri_args = vec![
+        "primary".to_string(),
+        format!("--peer=127.0.0.1:{port}"),
+        format!("--events={}", events_path.display()),
+    ];
+    pri_args.extend(vm_flags(a, dir, "primary"));
+    pri_args.extend(colo_flags(&a.colo));
+    eprintln!(
+        "colo pair: starting the secondary and the primary (scratch in {})",
+        dir.display()
+    );
+    let mut secondary = spawn("secondary", &sec_args, &shared, a.verbose)?;
+    let mut primary = spawn("primary", &pri_args, &shared, a.verbose)?;
+    events
+        .set_nonblocking(true)
+        .map_err(|e| setup(e.to_string()))?;
+    let t0 = Instant::now();
+    let ev = loop {
+        match events.accept() {
+            Ok((s, _)) => break s,
+            Err(_)
+                if t0.elapsed() < Duration::from_secs(60)
+                    && primary.alive()
+                    && secondary.alive() =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => {
+                let log = shared
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .join("\n");
+                return Err(setup(format!(
+                    "the primary did not connect its event socket:\n{log}"
+                )));
+            }
+        }
+    };
+    ev.set_nonblocking(false)
+        .map_err(|e| setup(e.to_string()))?;
+    let req_w = Arc::new(Mutex::new(
+        ev.try_clone().map_err(|e| setup(e.to_string()))?,
+    ));
+    {
+        let (ctl, s) = (proxy.control(), Arc::clone(&shared));
+        std::thread::spawn(move || serve_events(ev, ctl, &s));
+    }
+    {
+        let (reqs, w) = (proxy.checkpoint_requests().clone(), Arc::clone(&req_w));
+        std::thread::spawn(move || {
+            while let Ok(r) = reqs.recv() {
+                tracing::debug!(%r, "proxy asks for a checkpoint");
+                if w.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write_all(b"CHECKPOINT\n")
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    // Wait for the initial sync before the load starts.
+    let t1 = Instant::now();
+    while shared.commits.load(Ordering::Relaxed) == 0 {
+        if !primary.alive() || t1.elapsed() > Duration::from_secs(60) {
+            let log = shared
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .join("\n");
+            return Err(setup(format!("no initial sync:\n{log}")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "colo pair: initial sync done in {} ms; client load starts",
+        t1.elapsed().as_millis()
+    );
+    let stats = Arc::new(ClientStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stats, stop) = (Arc::clone(&stats), Arc::clone(&stop));
+        let rx = client_end.receiver().clone();
+        let net = ClientNet {
+            ip: CLIENT_IP,
+            server: GUEST,
+        };
+        std::thread::spawn(move || {
+            let out: client::FrameOut = Box::new(move |f| {
+                let _ = client_end.send(f);
+            });
+            client::run(net, out, rx, &stats, &stop);
+        })
+    };
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut killed_primary: Option<Instant> = None;
+    let mut replies_at_kill = 0;
+    let mut switched = false;
+    let mut last_status = Instant::now();
+    let mut last_replies = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let el = start.elapsed();
+        if interrupted() || a.colo.duration.is_some_and(|d| el >= d) {
+            break;
+        }
+        if killed_primary.is_none() && a.kill_primary_after.is_some_and(|k| el >= k) {
+            eprintln!(
+                "\ncolo pair: killing the primary (SIGKILL) at {:.1} s",
+                el.as_secs_f64()
+            );
+            primary.kill();
+            killed_primary = Some(Instant::now());
+            replies_at_kill = stats.replies.load(Ordering::Relaxed);
+        }
+        if a.kill_secondary_after.is_some_and(|k| el >= k) && secondary.alive() && !switched {
+            eprintln!(
+                "\ncolo pair: killing the secondary (SIGKILL) at {:.1} s",
+                el.as_secs_f64()
+            );
+            secondary.kill();
+            switched = true;
+        }
+        let failover = *shared.failover_at.lock().unwrap_or_else(|p| p.into_inner());
+        if !switched && failover.is_some() {
+            proxy
+                .control()
+                .set_mode(colo_netcmp::Mode::SecondaryOnly)
+                .map_err(net)?;
+            switched = true;
+            eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
+        }
+        if switched && !secondary.alive() && primary.alive()
+            || shared.secondary_lost.load(Ordering::SeqCst) && primary.alive()
+        {
+            let _ = proxy.control().set_mode(colo_netcmp::Mode::PrimaryOnly);
+        }
+        if !primary.alive() && !secondary.alive() {
+            eprintln!("\ncolo pair: both sides are gone");
+            break;
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            let replies = stats.replies.load(Ordering::Relaxed);
+            let rate = (replies - last_replies) as f64 / last_status.elapsed().as_secs_f64();
+            last_replies = replies;
+            last_status = Instant::now();
+            let s = shared
+                .summary
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let last = shared
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let m = proxy.metrics();
+            let line = format!(
+                "{:>5.1}s | epochs {} | {:.1} ckpt/s | pause p50 {:.2} ms p99 {:.2} ms | {} pages {:.2} MiB last epoch | mismatches {} | client {:.0} req/s, {} lost, {} contradicted{}",
+                el.as_secs_f64(),
+                s.epochs,
+                s.epochs as f64 / el.as_secs_f64().max(0.1),
+                s.pause(0.5).as_secs_f64() * 1e3,
+                s.pause(0.99).as_secs_f64() * 1e3,
+                last.as_ref()
+                    .map_or(0, |r| r.pause_pages + r.background_pages),
+                last.as_ref()
+                    .map_or(0.0, |r| r.bytes as f64 / f64::from(1 << 20)),
+                m.checkpoint_requests,
+                rate,
+                stats.lost_acked.load(Ordering::Relaxed),
+                stats.contradictions.load(Ordering::Relaxed),
+                if switched && failover.is_some() {
+                    " | FAILED OVER"
+                } else {
+                    ""
+                },
+            );
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = client.join();
+    primary.stop(Duration::from_secs(5));
+    secondary.stop(Duration::from_secs(5));
+    let _ = proxy.shutdown();
+    let secs = start.elapsed().as_secs_f64();
+    let s = shared
+        .summary
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let failover = *shared.failover_at.lock().unwrap_or_else(|p| p.into_inner());
+    let replies = stats.replies.load(Ordering::Relaxed);
+    let lost = stats.lost_acked.load(Ordering::Relaxed);
+    let contradicted = stats.contradictions.load(Ordering::Relaxed);
+    println!("\ncolo pair summary ({secs:.1} s):");
+    println!("  COLO: {}", s.text(secs));
+    println!(
+        "  client: {replies} replies ({:.0}/s), {} acknowledged SETs, {lost} acknowledged writes lost, {contradicted} replies contradicted, longest wait {:.1} ms, {} connection(s)",
+        replies as f64 / secs,
+        stats.acked_sets.load(Ordering::Relaxed),
+        stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+        stats.connects.load(Ordering::Relaxed),
+    );
+    if let Some(k) = killed_primary {
+        let after = replies.saturating_sub(replies_at_kill);
+        match failover {
+            Some(f) => println!(
+                "  failover: the secondary took over {:.0} ms after the primary was killed; the client got {after} replies after the kill on {} connection(s)",
+                f.saturating_duration_since(k).as_secs_f64() * 1e3,
+                stats.connects.load(Ordering::Relaxed)
+            ),
+            None => println!("  failover: the secondary did NOT take over"),
+        }
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "secs": secs,
+            "epochs": s.epochs,
+            "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
+            "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,
+            "pause_max_ms": s.pause(1.0).as_secs_f64() * 1e3,
+            "replies": replies,
+            "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
+            "lost_acked": lost,
+            "contradictions": contradicted,
+            "connects": stats.connects.load(Ordering::Relaxed),
+            "failover": failover.is_some(),
+            "replies_after_kill": killed_primary.map(|_| replies.saturating_sub(replies_at_kill)),
+        });
+        println!("{j}");
+    }
+    if lost > 0 || contradicted > 0 {
+        return Err(ColoError::Protocol(format!(
+            "the client saw {lost} lost acknowledged writes and {contradicted} contradicted replies"
+        )));
+    }
+    if replies == 0 {
+        let log = shared
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n");
+        return Err(ColoError::Protocol(format!(
+            "the client got no reply at all:\n{log}"
+        )));
+    }
+    Ok(())
+}
