@@ -1,4 +1,10 @@
-//! The built-in guest image (temporary until build.rs lands).
+//! The built-in guest image.
+//!
+//! `build.rs` builds the freestanding guest in `guest/` (its contract with the VMM is
+//! `guest/src/abi.rs`) with a nested cargo and leaves the ELF in `OUT_DIR`; it is embedded
+//! here so that the `colo` binary carries its own guest.
 
-/// The guest ELF.
-pub const GUEST_ELF: &[u8] = &[];
+/// The guest ELF: a static x86-64 executable (ET_EXEC) linked at
+/// [`IMAGE_GPA`](crate::vm::abi::IMAGE_GPA), with no relocations, to be loaded by its
+/// PT_LOAD segments.
+pub const GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/colo-guest.elf"));

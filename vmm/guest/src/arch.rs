@@ -13,7 +13,9 @@ use crate::abi::{PORT_EXIT, PORT_IDLE};
 pub fn out32(port: u16, value: u32) {
     // SAFETY: `out` to the VMM's ports only causes a VM exit; the instruction touches no
     // guest memory and no stack, and leaves the flags alone.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    }
 }
 
 /// Reads the time stamp counter (not trapped at CPL3, about 27 cycles).

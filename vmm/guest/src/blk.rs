@@ -116,7 +116,11 @@ impl VirtioBlk {
     /// [`BlkError`] if the range is bad or the device fails.
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
         self.check(sector, buf.len())?;
-        self.request(T_IN, sector, Some((buf.as_mut_ptr() as u64, buf.len(), true)))
+        self.request(
+            T_IN,
+            sector,
+            Some((buf.as_mut_ptr() as u64, buf.len(), true)),
+        )
     }
 
     /// Writes whole sectors from `buf` at `sector`.

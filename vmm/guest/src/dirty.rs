@@ -14,14 +14,11 @@ pub struct DirtyLoad {
     base: u64,
     pages: u64,
     rate: u64,
-    hz: u64,
     start: u64,
     /// Pages written since `start` (the schedule's position).
     done: u64,
     /// Next page to write.
     next: u64,
-    /// Pages the schedule skipped because the guest fell behind.
-    skipped: u64,
     clock: Clock,
 }
 
@@ -34,28 +31,21 @@ impl DirtyLoad {
             base,
             pages,
             rate,
-            hz: clock.hz(),
             start: rdtsc(),
             done: 0,
             next: 0,
-            skipped: 0,
             clock,
         })
-    }
-
-    /// Pages skipped so far because the guest could not keep up.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
     }
 
     /// Writes the pages that are due. Returns the microseconds until the next one is due.
     pub fn run(&mut self) -> u64 {
         let elapsed = rdtsc().wrapping_sub(self.start);
-        let due = (u128::from(elapsed) * u128::from(self.rate) / u128::from(self.hz)) as u64;
+        let due =
+            (u128::from(elapsed) * u128::from(self.rate) / u128::from(self.clock.hz())) as u64;
         let mut behind = due.saturating_sub(self.done);
         if behind > BATCH.max(self.rate / 10) {
             // More than 100 ms behind: drop the backlog rather than starve the network.
-            self.skipped += behind - BATCH;
             self.done = due - BATCH;
             behind = BATCH;
         }
@@ -70,7 +60,8 @@ impl DirtyLoad {
             self.next = (self.next + 1) % self.pages;
         }
         // When page `done` falls due, in ticks since start, rounded up.
-        let next_due = (u128::from(self.done) * u128::from(self.hz)).div_ceil(u128::from(self.rate));
+        let next_due =
+            (u128::from(self.done) * u128::from(self.clock.hz())).div_ceil(u128::from(self.rate));
         let wait = (next_due as u64).saturating_sub(rdtsc().wrapping_sub(self.start));
         self.clock.ticks_to_micros(wait)
     }

@@ -15,7 +15,10 @@
 
 extern crate alloc;
 
-#[allow(dead_code, reason = "the contract is shared with the VMM; not every item is used here")]
+#[allow(
+    dead_code,
+    reason = "the contract is shared with the VMM; not every item is used here"
+)]
 mod abi;
 mod arch;
 mod blk;
@@ -47,7 +50,10 @@ const MAX_IDLE_US: u64 = 10_000;
 /// not there.
 fn boot_params(p: *const BootParams) -> BootParams {
     if p as u64 != BOOT_PARAMS_GPA {
-        fatal!(EXIT_BAD_BOOT, "boot parameters at {p:p}, expected {BOOT_PARAMS_GPA:#x}");
+        fatal!(
+            EXIT_BAD_BOOT,
+            "boot parameters at {p:p}, expected {BOOT_PARAMS_GPA:#x}"
+        );
     }
     // SAFETY: BOOT_PARAMS_GPA is identity-mapped RAM where the VMM wrote the parameters
     // (abi.rs); BootParams is plain integers, valid for any bytes, and the address is
@@ -111,7 +117,11 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
         b.ram_size >> 20,
         b.tsc_khz,
         b.flags,
-        if b.flags & FLAG_NONDETERMINISTIC != 0 { " (nondeterministic)" } else { "" },
+        if b.flags & FLAG_NONDETERMINISTIC != 0 {
+            " (nondeterministic)"
+        } else {
+            ""
+        },
         b.dirty_pages_per_sec,
         rt::image_end(),
     );
@@ -120,7 +130,10 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
     let mut net = VirtioNet::new().unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-net: {e}"));
     let mac = net.mac();
     let (rxq, txq) = net.queue_sizes();
-    println!("virtio-net: MAC {}, queues rx {rxq} tx {txq}", EthernetAddress(mac));
+    println!(
+        "virtio-net: MAC {}, queues rx {rxq} tx {txq}",
+        EthernetAddress(mac)
+    );
     let mut blk = VirtioBlk::new().unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-blk: {e}"));
     println!(
         "virtio-blk: {} sectors ({} MiB){}",
@@ -139,11 +152,15 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
         store.keys()
     );
     if let Some(why) = rec.damaged {
-        println!("log: ends at byte {} because {why}; new records go from there", rec.bytes);
+        println!(
+            "log: ends at byte {} because {why}; new records go from there",
+            rec.bytes
+        );
     }
 
     let mut config = Config::new(EthernetAddress(mac).into());
-    config.random_seed = arch::rdtsc() ^ u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]);
+    config.random_seed =
+        arch::rdtsc() ^ u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]);
     let mut iface = Interface::new(config, &mut net, clock.now());
     iface.update_ip_addrs(|addrs| {
         addrs
@@ -171,7 +188,9 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
         let now = clock.now();
         let mut busy = false;
         iface.poll_maintenance(now);
-        while iface.poll_ingress_single(now, &mut net, &mut sockets) != PollIngressSingleResult::None {
+        while iface.poll_ingress_single(now, &mut net, &mut sockets)
+            != PollIngressSingleResult::None
+        {
             busy = true;
         }
         let mut be = Backend {

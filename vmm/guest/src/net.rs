@@ -30,24 +30,7 @@ const TX: usize = 1;
 
 /// `count` zeroed buffers of [`BUF_SIZE`] bytes in one block that is never freed.
 fn buffers(count: usize) -> *mut u8 {
-    let mut v = Vec::<u8>::new();
-    v.resize(count * BUF_SIZE, 0);
-    v.leak().as_mut_ptr()
-}
-
-/// Device counters.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NetStats {
-    /// Frames received.
-    pub rx: u64,
-    /// Frames transmitted.
-    pub tx: u64,
-    /// Receive buffers the device returned without a frame.
-    pub rx_empty: u64,
-    /// Frames smoltcp sent that did not fit or found no buffer.
-    pub tx_dropped: u64,
-    /// Notifications (VM exits) for either queue.
-    pub notifies: u64,
+    alloc::vec![0u8; count * BUF_SIZE].leak().as_mut_ptr()
 }
 
 /// The receive half.
@@ -58,12 +41,6 @@ struct RxRing {
     slot_of: Vec<u16>,
     /// The device may be short of buffers: notify at the next flush.
     low: bool,
-    /// Frames received.
-    frames: u64,
-    /// Buffers the device returned without a frame.
-    empty: u64,
-    /// Notifications.
-    notifies: u64,
 }
 
 /// The transmit half.
@@ -74,12 +51,6 @@ struct TxRing {
     free_slots: Vec<u16>,
     /// Frames made available since the last notification.
     unnotified: bool,
-    /// Frames sent.
-    frames: u64,
-    /// Frames dropped.
-    dropped: u64,
-    /// Notifications.
-    notifies: u64,
 }
 
 /// The virtio-net device.
@@ -96,7 +67,6 @@ impl fmt::Debug for VirtioNet {
             .field("mac", &self.mac)
             .field("rx_queue", &self.rx.q.size())
             .field("tx_queue", &self.tx.q.size())
-            .field("stats", &self.stats())
             .finish()
     }
 }
@@ -131,7 +101,6 @@ impl TxRing {
         if self.unnotified {
             self.unnotified = false;
             mmio.notify(self.q.index());
-            self.notifies += 1;
             self.reclaim();
         }
     }
@@ -176,9 +145,6 @@ impl VirtioNet {
             bufs: buffers(nrx),
             slot_of: alloc::vec![0; nrx],
             low: false,
-            frames: 0,
-            empty: 0,
-            notifies: 1,
         };
         for slot in 0..nrx as u16 {
             rx.post(slot);
@@ -190,9 +156,6 @@ impl VirtioNet {
             slot_of: alloc::vec![0; ntx],
             free_slots: (0..ntx as u16).rev().collect(),
             unnotified: false,
-            frames: 0,
-            dropped: 0,
-            notifies: 0,
         };
         Ok(Self { mmio, mac, rx, tx })
     }
@@ -207,17 +170,6 @@ impl VirtioNet {
         (self.rx.q.size(), self.tx.q.size())
     }
 
-    /// Counters.
-    pub fn stats(&self) -> NetStats {
-        NetStats {
-            rx: self.rx.frames,
-            tx: self.tx.frames,
-            rx_empty: self.rx.empty,
-            tx_dropped: self.tx.dropped,
-            notifies: self.rx.notifies + self.tx.notifies,
-        }
-    }
-
     /// Notifies the device of frames made available since the last call (one exit for
     /// all of them), and of receive buffers if it may be running short.
     pub fn flush(&mut self) {
@@ -225,7 +177,6 @@ impl VirtioNet {
         if self.rx.low {
             self.rx.low = false;
             self.mmio.notify(self.rx.q.index());
-            self.rx.notifies += 1;
         }
     }
 }
@@ -248,7 +199,6 @@ impl phy::RxToken for RxToken<'_> {
         // (its used entry was read after an acquire fence) and gets it back only below.
         let frame = unsafe { core::slice::from_raw_parts(self.rx.bufs.add(start), self.len) };
         let r = f(frame);
-        self.rx.frames += 1;
         self.rx.post(self.slot);
         r
     }
@@ -273,7 +223,6 @@ impl phy::TxToken for TxToken<'_> {
                 if let Some(slot) = other {
                     tx.free_slots.push(slot);
                 }
-                tx.dropped += 1;
                 let mut scratch = alloc::vec![0u8; len];
                 return f(&mut scratch);
             }
@@ -290,13 +239,11 @@ impl phy::TxToken for TxToken<'_> {
             len: (HDR + len) as u32,
             device_writes: false,
         };
-        let head = tx
-            .q
-            .add(&[b])
-            .expect("one descriptor per transmit buffer, and this buffer was free");
+        let head =
+            tx.q.add(&[b])
+                .expect("one descriptor per transmit buffer, and this buffer was free");
         tx.slot_of[usize::from(head)] = slot;
         tx.unnotified = true;
-        tx.frames += 1;
         r
     }
 }
@@ -315,7 +262,6 @@ impl phy::Device for VirtioNet {
             let len = used.len as usize;
             if len <= HDR || len > BUF_SIZE {
                 // The device dropped a frame (too large) or returned garbage.
-                self.rx.empty += 1;
                 self.rx.post(slot);
                 continue;
             }

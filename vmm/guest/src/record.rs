@@ -101,10 +101,7 @@ pub fn decode(rec: &[u8], key_len: usize, value_len: usize) -> Option<(&[u8], &[
     if sum != fnv1a(&rec[..body]) {
         return None;
     }
-    Some((
-        &rec[HEADER..HEADER + key_len],
-        &rec[HEADER + key_len..body],
-    ))
+    Some((&rec[HEADER..HEADER + key_len], &rec[HEADER + key_len..body]))
 }
 
 /// 32-bit FNV-1a.

@@ -80,7 +80,11 @@ pub fn check_stack() {
     // SAFETY: as in init_stack_canary; reading 8 aligned bytes of our own .bss.
     let v = unsafe { stack_bottom().read_volatile() };
     if v != STACK_CANARY {
-        crate::fatal!(EXIT_STACK, "stack overflow (more than {} KiB)", STACK_SIZE >> 10);
+        crate::fatal!(
+            EXIT_STACK,
+            "stack overflow (more than {} KiB)",
+            STACK_SIZE >> 10
+        );
     }
 }
 
@@ -272,7 +276,11 @@ unsafe impl GlobalAlloc for GuestAlloc {
 pub fn init_heap() {
     // SAFETY: called once at boot before any allocation, so no heap reference is alive;
     // HEAP_MEMORY is a static used for nothing else, HEAP_SIZE bytes long.
-    unsafe { ALLOCATOR.heap().init(HEAP_MEMORY.0.get().cast::<u8>(), HEAP_SIZE) }
+    unsafe {
+        ALLOCATOR
+            .heap()
+            .init(HEAP_MEMORY.0.get().cast::<u8>(), HEAP_SIZE)
+    }
 }
 
 /// Heap bytes still free (possibly fragmented).

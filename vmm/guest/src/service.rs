@@ -110,7 +110,11 @@ impl Service {
                 c.closing = false;
                 c.closed = false;
                 if let Err(e) = s.listen(self.port) {
-                    crate::fatal!(crate::rt::EXIT_BAD_BOOT, "listen on port {}: {e}", self.port);
+                    crate::fatal!(
+                        crate::rt::EXIT_BAD_BOOT,
+                        "listen on port {}: {e}",
+                        self.port
+                    );
                 }
                 busy = true;
                 continue;

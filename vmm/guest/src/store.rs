@@ -60,7 +60,10 @@ impl fmt::Display for RecoverError {
         match self {
             Self::Disk(e) => write!(f, "reading the log: {e}"),
             Self::Memory { records } => {
-                write!(f, "the log does not fit in memory (after {records} records)")
+                write!(
+                    f,
+                    "the log does not fit in memory (after {records} records)"
+                )
             }
         }
     }
@@ -208,11 +211,6 @@ impl Store {
     /// Keys in the map.
     pub fn keys(&self) -> usize {
         self.map.len()
-    }
-
-    /// Bytes of log on the disk, and the disk's size.
-    pub fn log_usage(&self) -> (u64, u64) {
-        (self.end, self.capacity)
     }
 
     /// Appends the record for `key` = `value` to the log, makes it durable, then updates

@@ -92,6 +92,9 @@ pub struct ColoArgs {
     /// Parallel TCP push streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Serve a QMP-compatible control socket here (mode 0600).
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
     /// Stop after this long (e.g. 30s, 2m; plain numbers are seconds).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
@@ -166,9 +169,10 @@ fn rdma_devices() -> std::result::Result<Vec<String>, String> {
 /// `colo primary`.
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
-    /// The secondary's control address (host:port).
+    /// The secondary's control address (host:port). Without it, the primary waits for a
+    /// QMP `migrate` command with `tcp:host:port` (needs --qmp).
     #[arg(long)]
-    pub peer: String,
+    pub peer: Option<String>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -208,16 +212,58 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         Some(p) => Events::connect(p)?,
         None => Events::none(),
     };
+    let qmp = match &a.colo.qmp {
+        Some(path) => {
+            let st = super::qmp::QmpState::new(
+                "primary",
+                params.checkpoint_delay.as_millis() as u64,
+                (
+                    params.heartbeat.interval.as_millis() as u64,
+                    params.heartbeat.timeout.as_millis() as u64,
+                ),
+            );
+            super::qmp::serve(path, std::sync::Arc::clone(&st))?;
+            tracing::info!(path = %path.display(), "QMP socket ready");
+            Some(st)
+        }
+        None => None,
+    };
+    let peer = match (&a.peer, &qmp) {
+        (Some(p), _) => p.clone(),
+        (None, Some(q)) => {
+            tracing::info!("waiting for a QMP 'migrate' command with the secondary's address");
+            loop {
+                if interrupted() {
+                    return Ok(());
+                }
+                if let Some(u) = q
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .migrate_uri
+                    .clone()
+                {
+                    break u;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        (None, None) => {
+            return Err(ColoError::Setup(
+                "give --peer, or --qmp and a QMP 'migrate'".into(),
+            ));
+        }
+    };
     let mut p = primary::connect(
         vm,
         ram,
         dirty,
-        &a.peer,
+        &peer,
         a.colo.pair_id,
         a.colo.streams,
         params,
         events,
     )?;
+    p.qmp = qmp;
     p.initial_sync()?;
     tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     let started = Instant::now();
@@ -248,7 +294,23 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let listener = TcpListener::bind(&a.listen)
         .map_err(|e| ColoError::Setup(format!("listen on {}: {e}", a.listen)))?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
+    let qmp = match &a.colo.qmp {
+        Some(path) => {
+            let st = super::qmp::QmpState::new(
+                "secondary",
+                params.checkpoint_delay.as_millis() as u64,
+                (
+                    params.heartbeat.interval.as_millis() as u64,
+                    params.heartbeat.timeout.as_millis() as u64,
+                ),
+            );
+            super::qmp::serve(path, std::sync::Arc::clone(&st))?;
+            Some(st)
+        }
+        None => None,
+    };
     let mut s = secondary::accept(&listener, vm, ram, dirty, layout, a.colo.pair_id, params)?;
+    s.qmp = qmp;
     let stop = a.colo.stop_fn();
     match s.run(&stop)? {
         Outcome::PrimaryLeft => tracing::info!("secondary done"),

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod link;
 pub mod metrics;
 pub mod primary;
+pub mod qmp;
 pub mod secondary;
 
 use std::time::Duration;

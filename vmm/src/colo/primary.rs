@@ -128,6 +128,8 @@ pub struct Primary {
     pub summary: Summary,
     events: Events,
     awaiting_loaded: Option<u64>,
+    /// The QMP socket's state, if one is served.
+    pub qmp: Option<super::qmp::Shared>,
 }
 
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
@@ -202,6 +204,7 @@ pub fn connect(
         summary: Summary::default(),
         events,
         awaiting_loaded: None,
+        qmp: None,
     })
 }
 
@@ -276,10 +279,30 @@ impl Primary {
         Ok(())
     }
 
+    /// Applies QMP requests: new parameters, `x-colo-lost-heartbeat`.
+    fn poll_qmp(&mut self) {
+        let Some(q) = &self.qmp else { return };
+        let mut st = q.lock().unwrap_or_else(|p| p.into_inner());
+        self.params.checkpoint_delay = Duration::from_millis(st.checkpoint_delay_ms);
+        if std::mem::take(&mut st.lost_heartbeat) {
+            drop(st);
+            if let Some(l) = &self.link {
+                l.force_lost();
+            }
+        }
+    }
+
     /// Leaves COLO: the secondary is gone, the PVM runs on alone.
     fn leave(&mut self, e: &ColoError) {
         if self.link.is_none() {
             return;
+        }
+        if let Some(q) = &self.qmp {
+            let forced = self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.why().contains("x-colo-lost-heartbeat"));
+            super::qmp::colo_exit(q, if forced { "request" } else { "error" });
         }
         tracing::warn!(error = %e, "secondary lost: leaving COLO, the primary keeps serving");
         self.events
@@ -301,6 +324,7 @@ impl Primary {
             if self.events.requests.recv_timeout(wait).is_ok() {
                 return Ok(Trigger::Mismatch);
             }
+            self.poll_qmp();
             if stop() || !self.protected() || self.vm.finished() {
                 return Ok(Trigger::Timer);
             }

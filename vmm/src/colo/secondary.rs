@@ -62,6 +62,8 @@ pub struct Secondary {
     checkpoints: u64,
     running: bool,
     svm_dirty: PageBitmap,
+    /// The QMP socket's state, if one is served.
+    pub qmp: Option<super::qmp::Shared>,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
@@ -139,6 +141,7 @@ pub fn accept(
         checkpoints: 0,
         running: false,
         svm_dirty: PageBitmap::new(pages),
+        qmp: None,
     })
 }
 
@@ -214,6 +217,11 @@ impl Secondary {
         loop {
             if stop() {
                 return Ok(Outcome::PrimaryLeft);
+            }
+            if let Some(q) = &self.qmp {
+                if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
+                    self.link.force_lost();
+                }
             }
             let m = match self.link.recv(Duration::from_millis(50), "a message") {
                 Ok(m) => m,
@@ -320,6 +328,10 @@ impl Secondary {
             return Err(ColoError::PeerLost(format!(
                 "{reason} before the first checkpoint: nothing to take over"
             )));
+        }
+        if let Some(q) = &self.qmp {
+            let forced = reason.contains("x-colo-lost-heartbeat");
+            super::qmp::colo_exit(q, if forced { "request" } else { "error" });
         }
         tracing::warn!(
             reason,

@@ -220,7 +220,11 @@ fn negotiate(mmio: Mmio, spec: &Spec<'_>) -> Result<Device, InitError> {
         }
         let max = mmio.read(reg::QUEUE_NUM_MAX).min(u32::from(want)) as u16;
         // Split queues need a power of two; take the largest one that fits.
-        let size = if max == 0 { 0 } else { 1 << (15 - max.leading_zeros()) };
+        let size = if max == 0 {
+            0
+        } else {
+            1 << (15 - max.leading_zeros())
+        };
         if size == 0 {
             return Err(InitError::QueueUnavailable(index));
         }

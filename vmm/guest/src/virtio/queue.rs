@@ -108,11 +108,7 @@ impl VirtQueue {
     /// Guest-physical addresses of the descriptor table, the available ring and the used
     /// ring, for QueueDesc, QueueDriver and QueueDevice.
     pub fn addresses(&self) -> (u64, u64, u64) {
-        (
-            self.desc as u64,
-            self.avail as u64,
-            self.used as u64,
-        )
+        (self.desc as u64, self.avail as u64, self.used as u64)
     }
 
     /// This queue's number (what QueueNotify wants).
@@ -123,11 +119,6 @@ impl VirtQueue {
     /// Number of entries.
     pub fn size(&self) -> u16 {
         self.size
-    }
-
-    /// Descriptors not in any chain.
-    pub fn num_free(&self) -> usize {
-        self.free.len()
     }
 
     /// Descriptors in chains the device holds (or finished but not yet popped).
@@ -222,7 +213,12 @@ impl VirtQueue {
             if d.flags & DESC_F_NEXT == 0 {
                 return;
             }
-            assert!(d.next < self.size, "queue {}: bad next {}", self.index, d.next);
+            assert!(
+                d.next < self.size,
+                "queue {}: bad next {}",
+                self.index,
+                d.next
+            );
             id = d.next;
         }
         panic!("queue {}: descriptor chain loops", self.index);

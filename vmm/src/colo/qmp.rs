@@ -1,0 +1,245 @@
+//! A QMP-compatible control socket (a Unix socket with mode 0600), so that tooling written
+//! for QEMU's COLO needs only the socket path changed.
+//!
+//! Supported: `qmp_capabilities`, `query-colo-status`, `migrate-set-capabilities` (the
+//! `x-colo` capability), `migrate-set-parameters` (`x-checkpoint-delay`,
+//! `x-heartbeat-interval`, `x-heartbeat-timeout`, in ms), `migrate` (records the
+//! secondary's `tcp:host:port` URI for a primary started without `--peer`),
+//! `x-colo-lost-heartbeat`, and the `COLO_EXIT` event (`mode`, `reason`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::{ColoError, Result};
+
+/// The state the socket reports and the requests it carries to the controller.
+#[derive(Debug)]
+pub struct QmpState {
+    /// "primary", "secondary" or "none".
+    pub mode: &'static str,
+    /// The mode before the last COLO exit.
+    pub last_mode: &'static str,
+    /// "none", "request" (by hand) or "error" (the peer was lost).
+    pub reason: &'static str,
+    /// `x-checkpoint-delay` in ms.
+    pub checkpoint_delay_ms: u64,
+    /// Heartbeat interval and timeout in ms.
+    pub heartbeat_ms: (u64, u64),
+    /// Whether `x-colo` was enabled.
+    pub x_colo: bool,
+    /// The `migrate` URI, if one was given.
+    pub migrate_uri: Option<String>,
+    /// `x-colo-lost-heartbeat` was issued and not yet acted on.
+    pub lost_heartbeat: bool,
+    events: Vec<UnixStream>,
+}
+
+/// A shared handle on the socket's state.
+pub type Shared = Arc<Mutex<QmpState>>;
+
+impl QmpState {
+    /// State for one side.
+    pub fn new(mode: &'static str, delay_ms: u64, heartbeat_ms: (u64, u64)) -> Shared {
+        Arc::new(Mutex::new(Self {
+            mode,
+            last_mode: "none",
+            reason: "none",
+            checkpoint_delay_ms: delay_ms,
+            heartbeat_ms,
+            x_colo: true,
+            migrate_uri: None,
+            lost_heartbeat: false,
+            events: Vec::new(),
+        }))
+    }
+}
+
+/// Records that this side left COLO and sends `COLO_EXIT` to every client.
+pub fn colo_exit(s: &Shared, reason: &'static str) {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.last_mode = st.mode;
+    st.reason = reason;
+    let ev = json!({
+        "event": "COLO_EXIT",
+        "data": {"mode": st.mode, "reason": reason},
+        "timestamp": timestamp(),
+    });
+    st.mode = "none";
+    let line = format!("{ev}\r\n");
+    st.events
+        .retain_mut(|c| c.write_all(line.as_bytes()).is_ok());
+}
+
+fn timestamp() -> Value {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"seconds": d.as_secs(), "microseconds": d.subsec_micros()})
+}
+
+/// Listens on `path` (replacing a stale socket) with mode 0600 and serves clients on a
+/// thread.
+///
+/// # Errors
+/// [`ColoError::Setup`] if the socket cannot be created.
+pub fn serve(path: &Path, state: Shared) -> Result<PathBuf> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path)
+            .map_err(|e| ColoError::Setup(format!("{}: {e}", path.display())))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| ColoError::Setup(format!("QMP socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ColoError::Setup(format!("chmod {}: {e}", path.display())))?;
+    std::thread::Builder::new()
+        .name("qmp".into())
+        .spawn(move || {
+            for c in l.incoming().map_while(std::result::Result::ok) {
+                let s = Arc::clone(&state);
+                std::thread::spawn(move || client(c, &s));
+            }
+        })
+        .map_err(|e| ColoError::Setup(e.to_string()))?;
+    Ok(path.to_path_buf())
+}
+
+fn client(c: UnixStream, s: &Shared) {
+    let Ok(mut w) = c.try_clone() else { return };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(3600)));
+    let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0, "micro": 0}, "package": "colo"}, "capabilities": []}});
+    if w.write_all(format!("{greeting}\r\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut negotiated = false;
+    for line in BufReader::new(c).lines().map_while(std::result::Result::ok) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(cmd) => handle(&cmd, s, &mut negotiated, &w),
+            Err(e) => error("GenericError", &format!("JSON parse error: {e}"), None),
+        };
+        if w.write_all(format!("{reply}\r\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
+    let mut v = json!({"error": {"class": class, "desc": desc}});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+fn ok(ret: Value, id: Option<&Value>) -> Value {
+    let mut v = json!({"return": ret});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+/// One command. Public for tests.
+pub fn handle(cmd: &Value, s: &Shared, negotiated: &mut bool, events: &UnixStream) -> Value {
+    let id = cmd.get("id");
+    let Some(name) = cmd.get("execute").and_then(Value::as_str) else {
+        return error("GenericError", "expected an object with 'execute'", id);
+    };
+    let args = cmd.get("arguments").cloned().unwrap_or(json!({}));
+    if !*negotiated && name != "qmp_capabilities" {
+        return error(
+            "CommandNotFound",
+            "Expecting capabilities negotiation with 'qmp_capabilities'",
+            id,
+        );
+    }
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match name {
+        "qmp_capabilities" => {
+            *negotiated = true;
+            if let Ok(c) = events.try_clone() {
+                st.events.push(c);
+            }
+            ok(json!({}), id)
+        }
+        "query-colo-status" => ok(
+            json!({"mode": st.mode, "last-mode": st.last_mode, "reason": st.reason}),
+            id,
+        ),
+        "migrate-set-capabilities" => {
+            let Some(caps) = args.get("capabilities").and_then(Value::as_array) else {
+                return error("GenericError", "'capabilities' must be a list", id);
+            };
+            for c in caps {
+                match (
+                    c.get("capability").and_then(Value::as_str),
+                    c.get("state").and_then(Value::as_bool),
+                ) {
+                    (Some("x-colo"), Some(on)) => st.x_colo = on,
+                    (Some(other), Some(_)) => {
+                        tracing::debug!(capability = other, "migration capability ignored");
+                    }
+                    _ => {
+                        return error(
+                            "GenericError",
+                            "each capability needs 'capability' and 'state'",
+                            id,
+                        );
+                    }
+                }
+            }
+            ok(json!({}), id)
+        }
+        "migrate-set-parameters" => {
+            let get = |k: &str| args.get(k).and_then(Value::as_u64);
+            if let Some(v) = get("x-checkpoint-delay") {
+                if v == 0 || v > 3_600_000 {
+                    return error(
+                        "GenericError",
+                        "x-checkpoint-delay must be 1 to 3600000 ms",
+                        id,
+                    );
+                }
+                st.checkpoint_delay_ms = v;
+            }
+            if let Some(v) = get("x-heartbeat-interval") {
+                st.heartbeat_ms.0 = v.max(1);
+            }
+            if let Some(v) = get("x-heartbeat-timeout") {
+                st.heartbeat_ms.1 = v.max(1);
+            }
+            ok(json!({}), id)
+        }
+        "migrate" => match args.get("uri").and_then(Value::as_str) {
+            Some(u) if u.starts_with("tcp:") => {
+                st.migrate_uri = Some(u.trim_start_matches("tcp:").to_string());
+                ok(json!({}), id)
+            }
+            _ => error(
+                "GenericError",
+                "migrate needs a 'uri' of the form tcp:host:port",
+                id,
+            ),
+        },
+        "x-colo-lost-heartbeat" => {
+            if st.mode == "none" {
+                return error("GenericError", "VM is not in COLO mode", id);
+            }
+            st.lost_heartbeat = true;
+            ok(json!({}), id)
+        }
+        other => error(
+            "CommandNotFound",
+            &format!("The command {other} has not been found"),
+            id,
+        ),
+    }
+}
