@@ -4,7 +4,6 @@
 //! `guest/src/abi.rs`) with a nested cargo and leaves the ELF in `OUT_DIR`; it is embedded
 //! here so that the `colo` binary carries its own guest.
 
-/// The guest ELF: a static x86-64 executable (ET_EXEC) linked at
-/// [`IMAGE_GPA`](crate::vm::abi::IMAGE_GPA), with no relocations, to be loaded by its
-/// PT_LOAD segments.
+/// The guest ELF: a static x86-64 executable (ET_EXEC) with no relocations, linked at
+/// `IMAGE_GPA` (0x200000, abi.rs) and loaded by its PT_LOAD segments.
 pub const GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/colo-guest.elf"));

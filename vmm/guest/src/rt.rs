@@ -235,7 +235,7 @@ impl GuestAlloc {
     /// # Safety
     /// No other reference to the heap may be alive (see the `Sync` impl: true as long as
     /// callers drop it before returning).
-    #[allow(clippy::mut_from_ref)]
+    #[allow(clippy::mut_from_ref, reason = "exclusive by the safety contract")]
     unsafe fn heap(&self) -> &mut Heap {
         // SAFETY: the caller guarantees exclusivity.
         unsafe { &mut *self.0.get() }

@@ -26,7 +26,7 @@ use crate::blk::VirtioBlk;
 use crate::store::{SetError, Store};
 
 /// Connections served at once.
-pub const SOCKETS: usize = 4;
+pub const SOCKETS: usize = 8;
 /// Receive buffer of each socket.
 const RX_BUFFER: usize = 64 << 10;
 /// Transmit buffer of each socket.

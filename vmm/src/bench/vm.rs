@@ -53,7 +53,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 /// # Errors
 /// A VM that cannot be built or crashes, or a service that does not answer.
 pub fn run(args: &VmBenchArgs) -> Result<()> {
-    if args.cycles == 0 || args.snapshots == 0 || !(args.secs > 0.0) {
+    if args.cycles == 0 || args.snapshots == 0 || args.secs.is_nan() || args.secs <= 0.0 {
         return Err(Error::InvalidArgs(
             "counts and --secs must be positive".into(),
         ));

@@ -37,7 +37,7 @@ pub fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
         (t, 1e-3)
     };
     match num.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v < 1e6 => Ok(Duration::from_secs_f64(v * scale)),
+        Ok(v) if v > 0.0 && v * scale < 1e7 => Ok(Duration::from_secs_f64(v * scale)),
         _ => Err(format!(
             "'{s}' is not a duration like 100ms, 2s or 500us (plain numbers are ms)"
         )),
@@ -257,9 +257,11 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         vm,
         ram,
         dirty,
-        &peer,
-        a.colo.pair_id,
-        a.colo.streams,
+        &primary::Peer {
+            addr: peer,
+            pair_id: a.colo.pair_id,
+            streams: a.colo.streams,
+        },
         params,
         events,
     )?;

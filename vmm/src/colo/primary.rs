@@ -112,6 +112,17 @@ impl Events {
     }
 }
 
+/// Where the secondary is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Its control address (host:port).
+    pub addr: String,
+    /// The pair id both sides must agree on.
+    pub pair_id: u64,
+    /// Parallel push streams.
+    pub streams: usize,
+}
+
 /// The primary's state.
 pub struct Primary {
     vm: VmHandle,
@@ -140,12 +151,16 @@ pub fn connect(
     vm: VmHandle,
     ram: Arc<Region>,
     dirty: DirtyHandle,
-    peer: &str,
-    pair_id: u64,
-    streams: usize,
+    peer: &Peer,
     params: Params,
     events: Events,
 ) -> Result<Primary> {
+    let Peer {
+        addr: peer,
+        pair_id,
+        streams,
+    } = peer;
+    let (peer, pair_id, streams) = (peer.as_str(), *pair_id, *streams);
     let mut ctl = ControlChannel::connect(peer, Duration::from_secs(30))
         .map_err(ColoError::transport("connect to the secondary"))?;
     let hello = Hello::new(
@@ -214,19 +229,9 @@ fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
 }
 
 impl Primary {
-    /// The VM.
-    pub fn vm(&self) -> &VmHandle {
-        &self.vm
-    }
-
     /// Whether the pair is still protected.
     pub fn protected(&self) -> bool {
         self.link.as_ref().is_some_and(|l| !l.is_lost())
-    }
-
-    /// The control link (for `x-colo-lost-heartbeat`).
-    pub fn link(&self) -> Option<&Link> {
-        self.link.as_ref()
     }
 
     /// The initial full synchronization: every page and the state, with the VM paused

@@ -199,16 +199,6 @@ impl Secondary {
         &self.vm
     }
 
-    /// The control link (for `x-colo-lost-heartbeat`).
-    pub fn link(&self) -> &Link {
-        &self.link
-    }
-
-    /// Checkpoints applied so far.
-    pub fn checkpoints(&self) -> u64 {
-        self.checkpoints
-    }
-
     /// Follows the primary until it leaves or is lost; then takes over.
     ///
     /// # Errors
@@ -299,8 +289,7 @@ impl Secondary {
         self.vm.machine()?.restore_state(&done.state)?;
         let _ = self.release_tx.send(k);
         self.checkpoints += 1;
-        if self.params.mode == Mode::Colo || self.checkpoints == 1 && self.params.mode == Mode::Colo
-        {
+        if self.params.mode == Mode::Colo {
             self.vm.resume();
             self.running = true;
         }
