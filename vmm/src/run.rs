@@ -155,7 +155,15 @@ impl VmArgs {
             }
             None => crate::guest_image::GUEST_ELF.to_vec(),
         };
+        crate::vm::check_image(&image)?;
+        if self.ram < 32 << 20 {
+            return Err(Error::Config(format!(
+                "{} MiB of RAM is too little: at least 32 MiB",
+                self.ram >> 20
+            )));
+        }
         prepare_disk(&self.disk, self.disk_size)?;
+        crate::vm::devices::blk::RawDisk::open(&self.disk)?;
         let net = match &self.net_socket {
             Some(p) => {
                 let s = std::os::unix::net::UnixStream::connect(p)

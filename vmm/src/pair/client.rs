@@ -42,15 +42,15 @@ pub struct ClientStats {
 /// Sends one frame towards the network.
 pub type FrameOut = Box<dyn Fn(Vec<u8>) + Send>;
 
-struct ChanDevice {
-    tx: FrameOut,
-    rx: Receiver<Vec<u8>>,
+pub(crate) struct ChanDevice {
+    pub(crate) tx: FrameOut,
+    pub(crate) rx: Receiver<Vec<u8>>,
     /// A frame taken off `rx` while waiting, delivered first.
-    front: Option<Vec<u8>>,
+    pub(crate) front: Option<Vec<u8>>,
 }
 
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a FrameOut);
+pub(crate) struct Rx(Vec<u8>);
+pub(crate) struct Tx<'a>(&'a FrameOut);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {

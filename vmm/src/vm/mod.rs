@@ -70,6 +70,18 @@ pub struct VmConfig {
     pub console: ConsoleSink,
 }
 
+/// Checks a guest image the way [`Machine::new`] will load it, without a VM: for errors
+/// before anything else (a tap device, a peer) is set up.
+///
+/// # Errors
+/// [`Error::Image`] with what is wrong.
+pub fn check_image(image: &[u8]) -> Result<()> {
+    let scratch =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), SCRATCH_GPA as usize)])
+            .map_err(|e| Error::Memory(e.to_string()))?;
+    boot::load_elf(&scratch, image, SCRATCH_GPA).map(|_| ())
+}
+
 /// How the guest ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestExit {
@@ -283,6 +295,17 @@ impl Machine {
     pub fn collect_dirty(&self, out: &mut PageBitmap) -> Result<u64> {
         let s = self.tracker.collect(&self.vm, out)?;
         Ok(s.kvm_pages + s.vmm_pages)
+    }
+
+    /// Copies `buf` into guest RAM at `gpa` (restoring RAM that travelled as pages).
+    ///
+    /// # Errors
+    /// [`Error::Memory`] outside RAM.
+    pub fn write_ram(&self, gpa: u64, buf: &[u8]) -> Result<()> {
+        self.ram
+            .mem()
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|e| Error::Memory(e.to_string()))
     }
 
     /// Copies guest RAM `[gpa, gpa + buf.len())` out.

@@ -232,3 +232,230 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
         Err(Error::Disk { .. } | Error::Image(_))
     ));
 }
+
+/// A tiny smoltcp client for tests: one connection, line requests.
+mod tcp_client {
+    use std::time::{Duration, Instant};
+
+    use crossbeam_channel::Receiver;
+    use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+    use smoltcp::socket::tcp;
+    use smoltcp::time::Instant as SInstant;
+    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
+
+    use crate::pair::client::{ChanDevice, FrameOut};
+
+    pub struct Client {
+        dev: ChanDevice,
+        iface: Interface,
+        sockets: SocketSet<'static>,
+        h: SocketHandle,
+        start: Instant,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        pub fn new(tx: FrameOut, rx: Receiver<Vec<u8>>) -> Self {
+            let mut dev = ChanDevice {
+                tx,
+                rx,
+                front: None,
+            };
+            let start = Instant::now();
+            let mac = EthernetAddress([0x52, 0x54, 0, 0, 0, 0x99]);
+            let mut iface =
+                Interface::new(Config::new(mac.into()), &mut dev, SInstant::from_millis(0));
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(
+                    IpAddress::Ipv4(Ipv4Address::new(10, 0, 0, 9)),
+                    24,
+                ));
+            });
+            let mut sockets = SocketSet::new(vec![]);
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; 8192]),
+                tcp::SocketBuffer::new(vec![0; 8192]),
+            );
+            s.set_ack_delay(None);
+            let h = sockets.add(s);
+            let mut c = Self {
+                dev,
+                iface,
+                sockets,
+                h,
+                start,
+                buf: Vec::new(),
+            };
+            let remote = (IpAddress::Ipv4(Ipv4Address::new(10, 0, 0, 2)), 7000);
+            c.sockets
+                .get_mut::<tcp::Socket<'_>>(h)
+                .connect(c.iface.context(), remote, 50000)
+                .unwrap();
+            c
+        }
+
+        fn poll(&mut self) {
+            let now = SInstant::from_micros(self.start.elapsed().as_micros() as i64);
+            self.iface.poll(now, &mut self.dev, &mut self.sockets);
+            if self.dev.front.is_none() {
+                self.dev.front = self.dev.rx.recv_timeout(Duration::from_millis(1)).ok();
+            }
+        }
+
+        /// The same connection over other frame channels.
+        pub fn rebind(mut self, tx: FrameOut, rx: Receiver<Vec<u8>>) -> Self {
+            self.dev.tx = tx;
+            self.dev.rx = rx;
+            self.dev.front = None;
+            self
+        }
+
+        /// Sends one line and returns the reply line.
+        pub fn request(&mut self, line: &str) -> String {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = false;
+            loop {
+                assert!(Instant::now() < deadline, "no reply to {line:?}");
+                self.poll();
+                let s = self.sockets.get_mut::<tcp::Socket<'_>>(self.h);
+                if !sent && s.may_send() {
+                    s.send_slice(format!("{line}\n").as_bytes()).unwrap();
+                    sent = true;
+                }
+                while s.can_recv() {
+                    let buf = &mut self.buf;
+                    s.recv(|b| {
+                        buf.extend_from_slice(b);
+                        (b.len(), ())
+                    })
+                    .unwrap();
+                }
+                if let Some(p) = self.buf.iter().position(|&b| b == b'\n') {
+                    let l: Vec<u8> = self.buf.drain(..=p).collect();
+                    return String::from_utf8_lossy(&l).trim().to_string();
+                }
+            }
+        }
+    }
+}
+
+fn guest_machine(name: &str, net: NetBackend, disk: &std::path::Path) -> Option<Machine> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return None;
+    }
+    Some(
+        Machine::new(VmConfig {
+            name: name.into(),
+            ram: 64 << 20,
+            image: crate::guest_image::GUEST_ELF.to_vec(),
+            disk: disk.to_path_buf(),
+            net,
+            mac: [0x52, 0x54, 10, 0, 0, 2],
+            ip: ([10, 0, 0, 2], 24),
+            port: 7000,
+            nondeterministic: false,
+            dirty_pages_per_sec: 0,
+            console: ConsoleSink::Discard,
+        })
+        .unwrap(),
+    )
+}
+
+/// TCP payload bytes of a frame from the guest, if it carries any.
+fn tcp_payload(frame: &[u8]) -> Vec<u8> {
+    match etherparse::SlicedPacket::from_ethernet(frame) {
+        Ok(p) => match p.transport {
+            Some(etherparse::TransportSlice::Tcp(t)) => t.payload().to_vec(),
+            _ => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The built-in guest, snapshotted while a client is connected, restored into a fresh
+/// VM: both answer the next requests on that connection with the same bytes.
+#[test]
+fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
+    let dir = std::env::temp_dir().join(format!("colo-snap-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
+    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (net1, peer1) = NetBackend::channel();
+    let Some(m1) = guest_machine("one", net1, &d1) else {
+        return;
+    };
+    let vm1 = VmHandle::start(m1, false).unwrap();
+    let to1 = peer1.to_guest.clone();
+    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
+        let _ = to1.send(f);
+    });
+    let mut c = tcp_client::Client::new(out, peer1.from_guest.clone());
+    assert_eq!(c.request("SET a 1"), "OK");
+    assert_eq!(c.request("GET a"), "VALUE 1");
+
+    // Pause, save state and RAM, copy the disk: the three parts of a checkpoint.
+    vm1.pause().unwrap();
+    let (state, ram) = {
+        let m = vm1.machine().unwrap();
+        let mut ram = vec![0u8; 64 << 20];
+        m.read_ram(0, &mut ram).unwrap();
+        (m.save_state().unwrap(), ram)
+    };
+    std::fs::copy(&d1, &d2).unwrap();
+    let (net2, peer2) = NetBackend::channel();
+    let m2 = guest_machine("two", net2, &d2).unwrap();
+    m2.write_ram(0, &ram).unwrap();
+    let mut m2 = m2;
+    m2.restore_state(&state).unwrap();
+    let vm2 = VmHandle::start(m2, false).unwrap();
+    vm1.resume();
+
+    // From now on every client frame goes to both VMs; the client hears VM one.
+    let (rx1_tap_tx, rx1_tap) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let (to1, to2) = (peer1.to_guest.clone(), peer2.to_guest.clone());
+    let from1 = peer1.from_guest.clone();
+    std::thread::spawn(move || {
+        while let Ok(f) = from1.recv_timeout(Duration::from_secs(30)) {
+            if rx1_tap_tx.send(f).is_err() {
+                return;
+            }
+        }
+    });
+    let (seen1_tx, seen1) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let (client_rx_tx, client_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    std::thread::spawn(move || {
+        while let Ok(f) = rx1_tap.recv_timeout(Duration::from_secs(30)) {
+            let _ = seen1_tx.send(f.clone());
+            if client_rx_tx.send(f).is_err() {
+                return;
+            }
+        }
+    });
+    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
+        let _ = to2.send(f.clone());
+        let _ = to1.send(f);
+    });
+    let mut c = c.rebind(out, client_rx);
+    let replies: Vec<String> = ["GET a", "SET b 2", "GET b", "COUNT", "PING"]
+        .iter()
+        .map(|r| c.request(r))
+        .collect();
+    assert_eq!(replies, ["VALUE 1", "OK", "VALUE 2", "COUNT 2", "PONG"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let one: Vec<u8> = seen1.try_iter().flat_map(|f| tcp_payload(&f)).collect();
+    let two: Vec<u8> = peer2
+        .from_guest
+        .try_iter()
+        .flat_map(|f| tcp_payload(&f))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&two),
+        String::from_utf8_lossy(&one),
+        "the restored VM answers with the same bytes"
+    );
+    assert!(!one.is_empty());
+    vm1.stop().unwrap();
+    vm2.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

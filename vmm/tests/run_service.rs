@@ -1,0 +1,186 @@
+//! `colo run` end to end: the built-in guest serves a real kernel TCP client through a tap
+//! device inside a network namespace this test creates (and removes), and bad images are
+//! refused before the VM starts.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn colo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_colo"))
+}
+
+/// A network namespace removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: needs root and /dev/kvm");
+            return None;
+        }
+        let name = format!("colo-run-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: ip netns add failed");
+            return None;
+        }
+        Some(Self(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `f` on a thread that has entered the namespace.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns with a namespace fd only changes this thread's network namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn colo_run_serves_a_real_tcp_client_and_keeps_its_data_on_disk() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = std::env::temp_dir().join(format!("colo-run-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    for boot in 0..2 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(env!("CARGO_BIN_EXE_colo"))
+            .args(["run", "--tap", "tap0", "--disk"])
+            .arg(&disk)
+            .args(["--duration", "20"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = Kill(child);
+        let replies = in_netns(&ns.0, move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let s = loop {
+                match TcpStream::connect_timeout(
+                    &"10.0.2.15:7000".parse().unwrap(),
+                    Duration::from_millis(300),
+                ) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => panic!("guest did not answer: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut out = vec![];
+            let reqs: &[&str] = if boot == 0 {
+                &["PING", "SET color blue", "GET color", "COUNT"]
+            } else {
+                &["GET color", "COUNT"]
+            };
+            for q in reqs {
+                w.write_all(format!("{q}\n").as_bytes()).unwrap();
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                out.push(l.trim().to_string());
+            }
+            out
+        });
+        if boot == 0 {
+            assert_eq!(replies, ["PONG", "OK", "VALUE blue", "COUNT 1"]);
+        } else {
+            // A new boot replays the disk log: the data survived, and nothing new was set.
+            assert_eq!(replies, ["VALUE blue", "COUNT 0"]);
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        let status = child.0.wait().unwrap();
+        assert!(status.success(), "colo run exits 0 on SIGTERM: {status}");
+        let mut console = String::new();
+        std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut console).unwrap();
+        assert!(console.contains("serving on 10.0.2.15:7000"), "{console}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_images_and_disks_are_refused_before_the_vm_starts() {
+    let dir = std::env::temp_dir().join(format!("colo-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.elf");
+    std::fs::write(&junk, [b'x'; 200]).unwrap();
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let sized = dir.join("sized.img");
+    std::fs::write(&sized, vec![0u8; 4096]).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--image".into(), "/nonexistent/guest.elf".into()],
+            "bad guest image",
+        ),
+        (
+            vec!["--image".into(), junk.display().to_string()],
+            "no ELF magic",
+        ),
+        (
+            vec!["--disk".into(), odd.display().to_string()],
+            "not a non-zero multiple of 512",
+        ),
+        (
+            vec![
+                "--disk".into(),
+                sized.display().to_string(),
+                "--disk-size".into(),
+                "8192".into(),
+            ],
+            "--disk-size says 8192",
+        ),
+        (vec!["--ram".into(), "16MiB".into()], "too little"),
+        (
+            vec!["--guest-ip".into(), "10.0.2.300/24".into()],
+            "not an IPv4 address",
+        ),
+    ];
+    for (args, want) in cases {
+        // A socket path nobody listens on: every case must fail before it is used.
+        let mut all = vec![
+            "run".to_string(),
+            "--net-socket".into(),
+            "/nonexistent/net.sock".into(),
+        ];
+        if !args.contains(&"--disk".to_string()) {
+            all.push("--disk".into());
+            all.push(dir.join("d.img").display().to_string());
+        }
+        all.extend(args);
+        let out = colo().args(&all).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(want), "{all:?} should say {want:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
