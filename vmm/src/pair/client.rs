@@ -62,6 +62,7 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut b = vec![0u8; len];
         let r = f(&mut b);
+        tracing::trace!(len, "client frame out");
         (self.0)(b);
         r
     }
@@ -75,7 +76,10 @@ impl Device for ChanDevice {
         self.front
             .take()
             .or_else(|| self.rx.try_recv().ok())
-            .map(|f| (Rx(f), Tx(&self.tx)))
+            .map(|f| {
+                tracing::trace!(len = f.len(), "client frame in");
+                (Rx(f), Tx(&self.tx))
+            })
     }
 
     fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
@@ -193,7 +197,8 @@ pub fn run(
                 Duration::from_micros(d.total_micros())
             })
             .min(Duration::from_millis(5));
-        if !delay.is_zero() && dev.front.is_none() {
+        let idle = pending.is_some() || !stats.connected.load(Ordering::Relaxed);
+        if idle && !delay.is_zero() && dev.front.is_none() {
             dev.front = rx.recv_timeout(delay).ok();
         }
     }

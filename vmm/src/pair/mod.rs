@@ -64,6 +64,10 @@ pub struct PairArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Baseline: run the primary alone, unprotected (no secondary, no checkpoints), behind
+    /// the same proxy and client load.
+    #[arg(long)]
+    pub unprotected: bool,
 }
 
 const GUEST: ([u8; 4], u16) = ([10, 0, 2, 15], 7000);
@@ -250,9 +254,112 @@ pub fn run(a: &PairArgs) -> Result<(), ColoError> {
     catch_interrupts();
     let dir = std::env::temp_dir().join(format!("colo-pair-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
-    let r = run_in(a, &dir);
+    let r = if a.unprotected {
+        run_unprotected(a, &dir)
+    } else {
+        run_in(a, &dir)
+    };
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// CPU seconds (user + system) a child used so far, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (t(11) + t(12)) / hz
+}
+
+/// Starts the client load on the proxy's client port.
+fn start_client(
+    client_end: colo_netcmp::io::channel::VmEnd,
+    stats: &Arc<ClientStats>,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (stats, stop) = (Arc::clone(stats), Arc::clone(stop));
+    let rx = client_end.receiver().clone();
+    let net = ClientNet {
+        ip: CLIENT_IP,
+        server: GUEST,
+    };
+    std::thread::spawn(move || {
+        let out: client::FrameOut = Box::new(move |f| {
+            let _ = client_end.send(f);
+        });
+        client::run(net, out, rx, &stats, &stop);
+    })
+}
+
+/// The unprotected baseline: the primary's VM alone (`colo run` on a socket backend) behind
+/// the proxy in primary-only mode, with the same client.
+fn run_unprotected(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
+    let shared = Arc::new(Shared::default());
+    let net = |e: colo_netcmp::Error| setup(format!("proxy: {e}"));
+    let (client_port, client_end) = colo_netcmp::io::channel::port("client", 4096);
+    let ports = Ports {
+        client: client_port,
+        primary: colo_netcmp::io::stream::listen_unix(&dir.join("primary.sock")).map_err(net)?,
+        secondary: colo_netcmp::io::stream::listen_unix(&dir.join("secondary.sock"))
+            .map_err(net)?,
+    };
+    let proxy = Proxy::start(colo_netcmp::Config::default(), ports).map_err(net)?;
+    proxy
+        .control()
+        .set_mode(colo_netcmp::Mode::PrimaryOnly)
+        .map_err(net)?;
+    let mut args = vec!["run".to_string()];
+    args.extend(vm_flags(a, dir, "primary"));
+    eprintln!("colo pair --unprotected: the primary's VM alone, no checkpoints");
+    let mut vm = spawn("vm", &args, &shared, a.verbose)?;
+    let stats = Arc::new(ClientStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = start_client(client_end, &stats, &stop);
+    let start = Instant::now();
+    let limit = a.colo.duration.unwrap_or(Duration::from_secs(3600));
+    while start.elapsed() < limit && !interrupted() && vm.alive() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cpu = cpu_secs(vm.child.id());
+    stop.store(true, Ordering::SeqCst);
+    let _ = client.join();
+    vm.stop(Duration::from_secs(5));
+    let _ = proxy.shutdown();
+    let secs = start.elapsed().as_secs_f64();
+    let replies = stats.replies.load(Ordering::Relaxed);
+    println!(
+        "\ncolo pair --unprotected summary ({secs:.1} s): client {replies} replies ({:.0}/s); VM CPU {cpu:.2} s",
+        replies as f64 / secs
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "secs": secs,
+            "replies": replies,
+            "client_rps": replies as f64 / secs,
+            "cpu_primary_s": cpu,
+            "lost_acked": stats.lost_acked.load(Ordering::Relaxed),
+            "contradictions": stats.contradictions.load(Ordering::Relaxed),
+        });
+        println!("{j}");
+    }
+    if replies == 0 {
+        let log = shared
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n");
+        return Err(ColoError::Protocol(format!(
+            "the client got no reply at all:\n{log}"
+        )));
+    }
+    Ok(())
 }
 
 fn free_port() -> Result<u16, ColoError> {
@@ -365,20 +472,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     );
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (stats, stop) = (Arc::clone(&stats), Arc::clone(&stop));
-        let rx = client_end.receiver().clone();
-        let net = ClientNet {
-            ip: CLIENT_IP,
-            server: GUEST,
-        };
-        std::thread::spawn(move || {
-            let out: client::FrameOut = Box::new(move |f| {
-                let _ = client_end.send(f);
-            });
-            client::run(net, out, rx, &stats, &stop);
-        })
-    };
+    let client = start_client(client_end, &stats, &stop);
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut killed_primary: Option<Instant> = None;
@@ -471,6 +565,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             }
         }
     }
+    let cpu = (cpu_secs(primary.child.id()), cpu_secs(secondary.child.id()));
     stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     primary.stop(Duration::from_secs(5));
@@ -513,6 +608,12 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
             "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,
             "pause_max_ms": s.pause(1.0).as_secs_f64() * 1e3,
+            "pauses_us": s.pauses_us,
+            "pages": s.pages,
+            "bytes": s.bytes,
+            "client_rps": replies as f64 / secs,
+            "cpu_primary_s": cpu.0,
+            "cpu_secondary_s": cpu.1,
             "replies": replies,
             "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
             "lost_acked": lost,
