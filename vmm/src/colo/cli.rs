@@ -188,6 +188,12 @@ pub struct SecondaryArgs {
     /// Where to listen for the primary (host:port).
     #[arg(long, default_value = "127.0.0.1:7100")]
     pub listen: String,
+    /// Split-brain prevention: a shell command that must exit 0 before this side takes
+    /// over after losing the link (e.g. a fence that powers the primary off, or a quorum
+    /// query). It is retried until the heartbeat timeout; if it never succeeds, the
+    /// secondary stays passive. Without it, any loss of the link means takeover.
+    #[arg(long)]
+    pub takeover_check: Option<String>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -313,9 +319,15 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     };
     let mut s = secondary::accept(&listener, vm, ram, dirty, layout, a.colo.pair_id, params)?;
     s.qmp = qmp;
+    s.takeover_check = a.takeover_check.clone();
     let stop = a.colo.stop_fn();
     match s.run(&stop)? {
         Outcome::PrimaryLeft => tracing::info!("secondary done"),
+        Outcome::Fenced { reason } => {
+            println!(
+                "secondary: FENCED ({reason}); the primary is still active, this side stays passive"
+            );
+        }
         Outcome::TookOver {
             reason,
             checkpoints,

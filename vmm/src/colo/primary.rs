@@ -223,6 +223,29 @@ pub fn connect(
     })
 }
 
+/// Fault injection for the failover tests: `COLO_TEST_CRASH_AT=<phase>:<checkpoint>` makes
+/// the primary abort at that phase of that checkpoint. Phases: `request` (after the
+/// checkpoint request), `push` (pages posted, no commit), `state` (vmstate-send sent, the
+/// state not), `commit` (the secondary holds the whole epoch; the primary dies before it
+/// resumes).
+fn crash_armed(phase: &str, checkpoint: u64) -> bool {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| {
+        let v = std::env::var("COLO_TEST_CRASH_AT").ok()?;
+        let (p, n) = v.split_once(':')?;
+        Some((p.to_string(), n.parse().ok()?))
+    })
+    .as_ref()
+    .is_some_and(|(p, n)| p == phase && *n == checkpoint)
+}
+
+fn crash_point(phase: &str, checkpoint: u64) {
+    if crash_armed(phase, checkpoint) {
+        eprintln!("COLO_TEST_CRASH_AT: the primary aborts at {phase} of checkpoint {checkpoint}");
+        std::process::abort();
+    }
+}
+
 fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
     b.runs()
         .map(|(p, n)| WriteRun::pages(p, n, PAGE_SIZE as u32))
@@ -262,7 +285,15 @@ impl Primary {
     /// A VM failure (a lost secondary is not an error: the primary leaves COLO).
     pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<()> {
         while !stop() && self.protected() && !self.vm.finished() {
-            let trigger = self.epoch_wait(stop)?;
+            let trigger = match self.epoch_wait(stop) {
+                Ok(t) => t,
+                Err(e @ ColoError::Vm(_)) => return Err(e),
+                Err(e) => {
+                    // The background push or the link failed: the secondary is gone.
+                    self.leave(&e);
+                    break;
+                }
+            };
             if stop() || self.vm.finished() {
                 break;
             }
@@ -399,6 +430,7 @@ impl Primary {
             .unwrap_or_default();
         self.peer()?
             .send(&Message::CheckpointRequest { epoch: k })?;
+        crash_point("request", self.epoch + 1);
         match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
             Message::CheckpointReply { epoch } if epoch == k => {}
             other => {
@@ -412,6 +444,15 @@ impl Primary {
         self.dirty.collect(&mut self.bitmap)?;
         let r = self.checkpoint_paused(trigger, t);
         self.vm.resume();
+        if r.is_err() {
+            // A checkpoint that failed (the secondary vanished mid-way) paused the PVM too.
+            let us = t.elapsed().as_micros();
+            self.events.emit(&format!("ABORTED_PAUSE_US {us}"));
+            tracing::warn!(
+                pause_us = us as u64,
+                "checkpoint abandoned; the PVM resumed"
+            );
+        }
         r
     }
 
@@ -437,13 +478,25 @@ impl Primary {
             }
         }
         let push = self.push.as_mut().expect("checked above");
-        let stats = push_epoch(push, runs(&self.bitmap), self.bitmap.words());
+        let checkpoint = self.epoch + 1;
+        let stats = if crash_armed("push", checkpoint) {
+            // Post the pages, then die before the commit: the secondary holds a partial
+            // epoch in its cache.
+            let all: Vec<WriteRun> = runs(&self.bitmap).collect();
+            let _ = push.post(&all);
+            let _ = push.fence();
+            crash_point("push", checkpoint);
+            unreachable!("crash_point aborts");
+        } else {
+            push_epoch(push, runs(&self.bitmap), self.bitmap.words())
+        };
         self.bitmap.clear_all();
         let stats = stats.map_err(ColoError::transport("checkpoint push"))?;
         let state = self.vm.machine()?.save_state()?;
         let state_bytes = state.len() as u64;
         let link = self.peer()?;
         link.send(&Message::VmstateSend { epoch: k })?;
+        crash_point("state", checkpoint);
         link.send(&Message::VmstateSize { state })?;
         match link.recv(STEP_TIMEOUT, "vmstate-received")? {
             Message::VmstateReceived { epoch } if epoch == k => {}
@@ -453,6 +506,7 @@ impl Primary {
                 )));
             }
         }
+        crash_point("commit", checkpoint);
         self.awaiting_loaded = Some(k);
         self.epoch += 1;
         let rec = EpochRecord {

@@ -30,6 +30,12 @@ use crate::vm::runner::VmHandle;
 pub enum Outcome {
     /// The primary left in order (Goodbye).
     PrimaryLeft,
+    /// The link was lost but the takeover check says the primary is still active: the
+    /// secondary stays passive (split-brain prevention).
+    Fenced {
+        /// Why the link was lost.
+        reason: String,
+    },
     /// The secondary took over: the SVM now serves.
     TookOver {
         /// Why.
@@ -64,6 +70,9 @@ pub struct Secondary {
     svm_dirty: PageBitmap,
     /// The QMP socket's state, if one is served.
     pub qmp: Option<super::qmp::Shared>,
+    /// A shell command that must succeed before the secondary takes over on a lost link
+    /// (a fence or quorum hook). None: take over on any loss.
+    pub takeover_check: Option<String>,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
@@ -142,6 +151,7 @@ pub fn accept(
         running: false,
         svm_dirty: PageBitmap::new(pages),
         qmp: None,
+        takeover_check: None,
     })
 }
 
@@ -304,6 +314,25 @@ impl Secondary {
         Ok(())
     }
 
+    /// Runs the takeover check until it passes or the heartbeat timeout passes.
+    fn may_take_over(&self) -> bool {
+        let Some(cmd) = &self.takeover_check else {
+            return true;
+        };
+        let deadline = Instant::now() + self.params.heartbeat.timeout.max(Duration::from_secs(1));
+        loop {
+            match std::process::Command::new("sh").args(["-c", cmd]).status() {
+                Ok(s) if s.success() => return true,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot run the takeover check"),
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Failover: drop an incomplete epoch, and let the SVM serve.
     fn take_over(&mut self, reason: &str, mid_epoch: bool) -> Result<Outcome> {
         let dropped = {
@@ -317,6 +346,19 @@ impl Secondary {
             return Err(ColoError::PeerLost(format!(
                 "{reason} before the first checkpoint: nothing to take over"
             )));
+        }
+        if !reason.contains("asked for failover") && !self.may_take_over() {
+            tracing::warn!(
+                reason,
+                "FENCED: the takeover check says the primary is still active; the secondary stays passive"
+            );
+            if self.running {
+                self.vm.pause()?;
+                self.running = false;
+            }
+            return Ok(Outcome::Fenced {
+                reason: reason.into(),
+            });
         }
         if let Some(q) = &self.qmp {
             let forced = reason.contains("x-colo-lost-heartbeat");

@@ -120,6 +120,8 @@ struct Shared {
     summary: Mutex<Summary>,
     last: Mutex<Option<EpochRecord>>,
     failover_at: Mutex<Option<Instant>>,
+    fenced: AtomicBool,
+    aborted_pause_us: AtomicU64,
     secondary_lost: AtomicBool,
     commits: AtomicU64,
     log: Mutex<Vec<String>>,
@@ -158,6 +160,9 @@ fn spawn(
                 .lines()
                 .map_while(std::result::Result::ok)
             {
+                if line.contains("FENCED") {
+                    s.fenced.store(true, Ordering::SeqCst);
+                }
                 if line.contains("FAILOVER") {
                     let mut f = s.failover_at.lock().unwrap_or_else(|p| p.into_inner());
                     f.get_or_insert_with(Instant::now);
@@ -239,6 +244,10 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
                     .unwrap_or_else(|p| p.into_inner())
                     .add(&r);
                 *shared.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            }
+        } else if let Some(us) = line.strip_prefix("ABORTED_PAUSE_US ") {
+            if let Ok(us) = us.trim().parse() {
+                shared.aborted_pause_us.fetch_max(us, Ordering::SeqCst);
             }
         } else if line.starts_with("EXIT ") {
             shared.secondary_lost.store(true, Ordering::SeqCst);
@@ -388,6 +397,11 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         "secondary".to_string(),
         format!("--listen=127.0.0.1:{port}"),
     ];
+    // Split-brain prevention: the secondary takes over only once the supervisor has seen
+    // the primary process gone (this file is removed then).
+    let alive = dir.join("primary.alive");
+    std::fs::write(&alive, b"").map_err(|e| setup(format!("{}: {e}", alive.display())))?;
+    sec_args.push(format!("--takeover-check=test ! -e {}", alive.display()));
     sec_args.extend(vm_flags(a, dir, "secondary"));
     sec_args.extend(colo_flags(&a.colo));
     let mut pri_args = vec![
@@ -477,6 +491,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let tty = std::io::stderr().is_terminal();
     let mut killed_primary: Option<Instant> = None;
     let mut replies_at_kill = 0;
+    let mut replies_at_failover = None;
     let mut switched = false;
     let mut last_status = Instant::now();
     let mut last_replies = 0;
@@ -503,8 +518,12 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             secondary.kill();
             switched = true;
         }
+        if !primary.alive() && alive.exists() {
+            let _ = std::fs::remove_file(&alive);
+        }
         let failover = *shared.failover_at.lock().unwrap_or_else(|p| p.into_inner());
         if !switched && failover.is_some() {
+            replies_at_failover = Some(stats.replies.load(Ordering::Relaxed));
             proxy
                 .control()
                 .set_mode(colo_netcmp::Mode::SecondaryOnly)
@@ -566,6 +585,14 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         }
     }
     let cpu = (cpu_secs(primary.child.id()), cpu_secs(secondary.child.id()));
+    let active = match (
+        primary.alive(),
+        switched && shared.failover_at.lock().is_ok_and(|f| f.is_some()),
+    ) {
+        (_, true) => "secondary",
+        (true, false) => "primary",
+        (false, false) => "none",
+    };
     stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     primary.stop(Duration::from_secs(5));
@@ -621,6 +648,11 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "connects": stats.connects.load(Ordering::Relaxed),
             "failover": failover.is_some(),
             "replies_after_kill": killed_primary.map(|_| replies.saturating_sub(replies_at_kill)),
+            "replies_after_failover": replies_at_failover.map(|r| replies.saturating_sub(r)),
+            "fenced": shared.fenced.load(Ordering::SeqCst),
+            "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
+            "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+            "active": active,
         });
         println!("{j}");
     }
