@@ -37,6 +37,19 @@ pub struct ClientStats {
     pub connects: AtomicU64,
     /// Whether the connection is up.
     pub connected: AtomicBool,
+    /// The first few anomalies (lost or contradicted), for the report.
+    pub anomalies: std::sync::Mutex<Vec<String>>,
+}
+
+impl ClientStats {
+    fn anomaly(&self, what: String) {
+        tracing::error!("{what}");
+        if let Ok(mut a) = self.anomalies.lock() {
+            if a.len() < 8 {
+                a.push(what);
+            }
+        }
+    }
 }
 
 /// Sends one frame towards the network.
@@ -182,6 +195,7 @@ pub fn run(
                 let line = String::from_utf8_lossy(&line).trim().to_string();
                 let Some((req, at)) = pending.take() else {
                     stats.contradictions.fetch_add(1, Ordering::Relaxed);
+                    stats.anomaly(format!("a reply {line:?} with no request outstanding"));
                     continue;
                 };
                 stats.replies.fetch_add(1, Ordering::Relaxed);
@@ -224,12 +238,14 @@ fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientSt
                 .and_then(|v| v.parse::<u64>().ok());
             if want.is_some() && got != want {
                 stats.lost_acked.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(req, reply, ?want, "an acknowledged write is missing");
+                stats.anomaly(format!(
+                    "lost: {req:?} -> {reply:?}, acknowledged value {want:?}"
+                ));
             }
         }
         _ => {
             stats.contradictions.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(req, reply, "a reply that does not fit its request");
+            stats.anomaly(format!("contradicted: {req:?} -> {reply:?}"));
         }
     }
 }

@@ -652,6 +652,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "fenced": shared.fenced.load(Ordering::SeqCst),
             "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
             "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+            "anomalies": stats.anomalies.lock().map(|a| a.clone()).unwrap_or_default(),
             "active": active,
         });
         println!("{j}");
