@@ -589,8 +589,8 @@ impl Engine {
             Mode::PrimaryOnly => {
                 for conn in self.conns.values_mut() {
                     match &mut conn.state {
-                        ConnState::Tcp(t) => t.release_all(&mut ctx),
-                        ConnState::Datagram(d) => d.release_all(&mut ctx),
+                        ConnState::Tcp(t) => t.stop_comparing(&mut ctx),
+                        ConnState::Datagram(d) => d.commit(&mut ctx),
                     }
                 }
                 self.pending = false;

@@ -149,7 +149,7 @@ impl TcpState {
         }
         if how == Handling::Compare {
             let data = frame.get(seg.payload.clone()).unwrap_or_default();
-            if self.p.buf.insert(cmp, data_seq, data) == Placed::Old && !data.is_empty() {
+            if self.p.buf.insert(cmp, data_seq, data, ctx.byte_cap()) == Placed::Old && !data.is_empty() {
                 Metrics::inc(&ctx.m.primary_retransmits);
             }
         }
@@ -276,7 +276,7 @@ impl TcpState {
             Metrics::inc(&ctx.m.overflow_drops);
             return None;
         }
-        match self.s.buf.insert(cmp, data_seq, data) {
+        match self.s.buf.insert(cmp, data_seq, data, ctx.byte_cap()) {
             Placed::New | Placed::OutOfOrder => fresh = true,
             Placed::Old if !data.is_empty() => Metrics::inc(&ctx.m.secondary_retransmits),
             Placed::Old | Placed::TooFar => {}
@@ -396,6 +396,14 @@ impl TcpState {
         ctx: &mut Ctx<'_>,
     ) -> Option<CheckpointReason> {
         let mut r = None;
+        if let Some(h) = self.held.front().filter(|h| h.arrived <= deadline) {
+            tracing::debug!(
+                end = h.end, ack = ?h.ack, syn = h.syn, rst = h.rst, cmp = ?self.cmp,
+                offset = ?self.offset, s_ack = ?self.s_ack, p_start = ?self.p.start,
+                s_start = ?self.s.start, p_avail = self.p.buf.avail(),
+                s_avail = self.s.buf.avail(), "TCP compare timeout"
+            );
+        }
         while self.held.front().is_some_and(|h| h.arrived <= deadline) {
             if let Some(h) = self.held.pop_front() {
                 Metrics::inc(&ctx.m.compare_timeouts);
@@ -465,10 +473,25 @@ impl TcpState {
         }
     }
 
-    /// Drops every held segment (failover: the primary's output is void). Returns how many.
+    /// Leaves compare mode: releases every held segment and drops the compare buffers
+    /// (the sequence offset stays, for translation).
+    pub(crate) fn stop_comparing(&mut self, ctx: &mut Ctx<'_>) {
+        self.release_all(ctx);
+        self.p.buf.clear();
+        self.s.buf.clear();
+        self.s_pending.clear();
+        self.early.clear();
+    }
+
+    /// Drops every held segment and the compare buffers (failover: the primary's output
+    /// is void). Returns how many segments.
     pub(crate) fn drop_held(&mut self) -> usize {
         let n = self.held.len();
         self.held.clear();
+        self.p.buf.clear();
+        self.s.buf.clear();
+        self.s_pending.clear();
+        self.early.clear();
         n
     }
 }
