@@ -36,7 +36,7 @@ use crate::error::Result;
 use crate::flow::{FlowKey, Protocol, Side};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimit;
-use crate::wire::{self, Parsed, Payload, rewrite_tcp};
+use crate::wire::{self, Deltas, Parsed, Payload, rewrite_tcp};
 
 /// Whom the proxy protects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,9 +95,9 @@ impl Conn {
         }
     }
 
-    fn tcp_offset(&self) -> Option<u32> {
+    fn tcp_translation(&self) -> Option<(u32, u32)> {
         match &self.state {
-            ConnState::Tcp(t) => t.offset(),
+            ConnState::Tcp(t) => t.translation(),
             ConnState::Datagram(_) => None,
         }
     }
@@ -226,7 +226,7 @@ impl Engine {
                         ConnState::Tcp(t) => {
                             let stale = seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
                             t.client_segment(seg.flags);
-                            offset = t.offset();
+                            offset = t.translation();
                             stale
                         }
                         ConnState::Datagram(_) => false,
@@ -248,16 +248,21 @@ impl Engine {
     }
 
     /// Sends a client frame on according to the mode; `offset` is the connection's TCP
-    /// sequence offset when the frame is TCP and the offset is known.
-    fn mirror(&mut self, frame: Vec<u8>, offset: Option<u32>, out: &mut Output) {
+    /// (sequence, timestamp) translation when the frame is TCP and it is known.
+    fn mirror(&mut self, frame: Vec<u8>, offset: Option<(u32, u32)>, out: &mut Output) {
         let for_secondary = |m: &Metrics, f: &[u8]| {
             let mut copy = f.to_vec();
-            if let Some(off) = offset.filter(|o| *o != 0) {
-                match rewrite_tcp(&mut copy, 0, off.wrapping_neg()) {
+            if let Some((seq, ts)) = offset.filter(|o| *o != (0, 0)) {
+                let d = Deltas {
+                    ack: seq.wrapping_neg(),
+                    tsecr: ts.wrapping_neg(),
+                    ..Deltas::default()
+                };
+                match rewrite_tcp(&mut copy, d) {
                     Ok(r) => {
                         Metrics::inc(&m.ack_translations);
-                        if r.sack_untranslated {
-                            Metrics::inc(&m.sack_untranslated);
+                        if r.options_untranslated {
+                            Metrics::inc(&m.options_untranslated);
                         }
                     }
                     Err(_) => Metrics::inc(&m.untranslated_acks),
@@ -385,8 +390,16 @@ impl Engine {
             && let Some(conn) = self.conns.get_mut(&p.egress_key())
         {
             conn.last_seen = now;
-            if let Some(off) = conn.tcp_offset().filter(|o| *o != 0)
-                && rewrite_tcp(&mut frame, off, 0).is_ok()
+            if let Some((seq, tsval)) = conn.tcp_translation().filter(|o| *o != (0, 0))
+                && rewrite_tcp(
+                    &mut frame,
+                    Deltas {
+                        seq,
+                        tsval,
+                        ..Deltas::default()
+                    },
+                )
+                .is_ok()
             {
                 Metrics::inc(&self.metrics.seq_rewrites);
             }

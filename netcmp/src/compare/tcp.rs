@@ -76,6 +76,9 @@ pub(crate) struct TcpState {
     compared: u64,
     /// The highest sequence number the primary has used.
     p_high: Option<u32>,
+    /// Each side's TSval in its SYN, where timestamps are on.
+    p_ts: Option<u32>,
+    s_ts: Option<u32>,
     /// The highest acknowledgment numbers each side sent.
     p_ack: Option<u32>,
     s_ack: Option<u32>,
@@ -88,9 +91,15 @@ pub(crate) struct TcpState {
 }
 
 impl TcpState {
-    /// Primary minus secondary sequence number, if known.
-    pub(crate) fn offset(&self) -> Option<u32> {
-        self.offset
+    /// How to move the secondary's numbers into the primary's space, once the sequence
+    /// offset is known: (sequence offset, timestamp offset). Both are primary minus
+    /// secondary; the timestamp offset is zero where either side has no timestamps.
+    pub(crate) fn translation(&self) -> Option<(u32, u32)> {
+        let ts = match (self.p_ts, self.s_ts) {
+            (Some(p), Some(s)) => p.wrapping_sub(s),
+            _ => 0,
+        };
+        self.offset.map(|o| (o, ts))
     }
 
     /// Nothing is queued.
@@ -126,6 +135,7 @@ impl TcpState {
         if f.syn && self.p.syn.is_none() {
             self.p.syn = Some(f.ack);
             self.p.start = Some(seg.seq);
+            self.p_ts = seg.syn_tsval;
         }
         let start = *self.p.start.get_or_insert(seg.seq);
         let cmp = *self
@@ -200,6 +210,7 @@ impl TcpState {
         if f.syn && self.s.syn.is_none() {
             self.s.syn = Some(f.ack);
             self.s.start = Some(seg.seq);
+            self.s_ts = seg.syn_tsval;
         }
         self.s.start.get_or_insert(seg.seq);
         if how != Handling::Compare {
@@ -457,6 +468,8 @@ impl TcpState {
                 buf: s_buf,
             };
             self.offset = Some(0);
+            self.p_ts = None;
+            self.s_ts = None;
             self.cmp = Some(cmp);
             self.fin_done = p.fin.is_some();
             self.p_ack = p_ack;

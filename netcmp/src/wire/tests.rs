@@ -164,18 +164,23 @@ fn malformed_frames_are_refused_not_panicked_on() {
 #[test]
 fn rewrite_moves_seq_and_ack_and_fixes_checksum() {
     let mut f = GOLDEN_TCP.to_vec();
-    rewrite_tcp(&mut f, 0x10, 0u32.wrapping_sub(0x0d)).unwrap();
+    let d = |seq: u32, ack: u32| Deltas {
+        seq,
+        ack,
+        ..Deltas::default()
+    };
+    rewrite_tcp(&mut f, d(0x10, 0u32.wrapping_sub(0x0d))).unwrap();
     let t = parse(&f).unwrap().tcp().cloned().unwrap();
     assert_eq!((t.seq, t.ack), (0x0102_0314, 0x0a0b_0c00));
     assert!(tcp_checksum_ok(&f));
     assert_eq!(&f[..38], &GOLDEN_TCP[..38], "nothing before the seq changes");
     assert_eq!(&f[54..], b"hi");
     // Back again gives the golden frame.
-    rewrite_tcp(&mut f, 0u32.wrapping_sub(0x10), 0x0d).unwrap();
+    rewrite_tcp(&mut f, d(0u32.wrapping_sub(0x10), 0x0d)).unwrap();
     assert_eq!(f, GOLDEN_TCP);
     // Not TCP: untouched.
     let mut u = GOLDEN_UDP.to_vec();
-    assert_eq!(rewrite_tcp(&mut u, 1, 1), Err(RewriteError::NotTcp));
+    assert_eq!(rewrite_tcp(&mut u, d(1, 1)), Err(RewriteError::NotTcp));
     assert_eq!(u, GOLDEN_UDP);
 }
 
@@ -196,8 +201,13 @@ fn rewrite_translates_sack_blocks() {
         .tcp_header(h)
         .write(&mut f, b"")
         .unwrap();
-    let r = rewrite_tcp(&mut f, 0, 0u32.wrapping_sub(1000)).unwrap();
-    assert!(!r.sack_untranslated);
+    let d = Deltas {
+        ack: 0u32.wrapping_sub(1000),
+        tsecr: 5,
+        ..Deltas::default()
+    };
+    let r = rewrite_tcp(&mut f, d).unwrap();
+    assert!(!r.options_untranslated);
     assert!(tcp_checksum_ok(&f));
     let sliced = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
     let Some(etherparse::TransportSlice::Tcp(t)) = sliced.transport else {
