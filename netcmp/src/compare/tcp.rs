@@ -322,7 +322,10 @@ impl TcpState {
         let n = self.p.buf.avail().min(self.s.buf.avail());
         if n > 0 {
             let (a, b) = (&self.p.buf.bytes()[..n], &self.s.buf.bytes()[..n]);
-            if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+            // memcmp first (vectorised); look for the first differing byte only on a miss.
+            if a != b
+                && let Some(i) = a.iter().zip(b).position(|(x, y)| x != y)
+            {
                 // Whatever matched before the difference may still go.
                 self.advance(i, ctx);
                 self.release(ctx);
