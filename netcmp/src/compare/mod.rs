@@ -22,6 +22,7 @@ mod stream;
 mod tcp;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -306,14 +307,12 @@ impl Engine {
             }
         };
         let key = parsed.egress_key();
-        if !self.ensure_conn(key, &parsed, now) {
+        if !self.room_for(&key, now) {
             Self::ctx(&self.metrics, &self.config, out, now).release(frame);
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
+        let conn = Self::conn_mut(&mut self.conns, &self.config, &self.metrics, key, &parsed, now);
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -356,13 +355,11 @@ impl Engine {
             }
         };
         let key = parsed.egress_key();
-        if !self.ensure_conn(key, &parsed, now) {
+        if !self.room_for(&key, now) {
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
+        let conn = Self::conn_mut(&mut self.conns, &self.config, &self.metrics, key, &parsed, now);
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -412,54 +409,67 @@ impl Engine {
         Self::ctx(&self.metrics, &self.config, out, now).release(frame);
     }
 
-    /// Makes sure the connection of `key` exists (creating it if new) and notes it was
-    /// seen; false when the table is full.
-    fn ensure_conn(&mut self, key: FlowKey, parsed: &Parsed, now: Instant) -> bool {
-        let tcp_syn = parsed.tcp().map(|s| s.flags.syn && !s.flags.rst);
-        if let Some(Conn {
-            state: ConnState::Tcp(t),
-            ..
-        }) = self.conns.get(&key)
-            && tcp_syn == Some(true)
-            && t.is_closed()
-            && t.is_idle()
-        {
-            self.conns.remove(&key);
-            Metrics::inc(&self.metrics.connections_expired);
+    /// Makes room for a new connection when the table is full (evicting idle ones); false
+    /// when `key` is new and there is still no room.
+    fn room_for(&mut self, key: &FlowKey, now: Instant) -> bool {
+        if self.conns.len() < self.config.max_connections || self.conns.contains_key(key) {
+            return true;
         }
-        if !self.conns.contains_key(&key) {
-            if self.conns.len() >= self.config.max_connections {
-                self.evict(now, true);
-            }
-            if self.conns.len() >= self.config.max_connections {
-                Metrics::inc(&self.metrics.connection_table_full);
-                return false;
-            }
+        self.evict(now, true);
+        if self.conns.len() < self.config.max_connections {
+            return true;
+        }
+        Metrics::inc(&self.metrics.connection_table_full);
+        false
+    }
+
+    /// The connection of `key`, created if new (or replaced, when a SYN reuses the 5-tuple
+    /// of a closed one), marked as seen now. One hash lookup; call
+    /// [`room_for`](Self::room_for) first.
+    fn conn_mut<'a>(
+        conns: &'a mut HashMap<FlowKey, Conn>,
+        config: &Config,
+        m: &Metrics,
+        key: FlowKey,
+        parsed: &Parsed,
+        now: Instant,
+    ) -> &'a mut Conn {
+        let tcp_syn = parsed.tcp().map(|s| s.flags.syn && !s.flags.rst);
+        let fresh = || {
+            Metrics::inc(&m.connections_created);
             let state = if key.protocol == Protocol::Tcp && tcp_syn.is_some() {
                 ConnState::Tcp(Box::default())
             } else {
                 ConnState::Datagram(DatagramState::default())
             };
-            let passthrough = self.config.passthrough.iter().any(|r| r.matches(&key));
-            self.conns.insert(
-                key,
-                Conn {
-                    state,
-                    passthrough,
-                    diverged: false,
-                    last_seen: now,
-                },
-            );
-            Metrics::inc(&self.metrics.connections_created);
-            Metrics::set(&self.metrics.connections, self.conns.len() as u64);
-        }
-        match self.conns.get_mut(&key) {
-            Some(conn) => {
-                conn.last_seen = now;
-                true
+            Conn {
+                state,
+                passthrough: config.passthrough.iter().any(|r| r.matches(&key)),
+                diverged: false,
+                last_seen: now,
             }
-            None => false,
-        }
+        };
+        let before = conns.len();
+        let conn = match conns.entry(key) {
+            Entry::Occupied(o) => {
+                let c = o.into_mut();
+                if let ConnState::Tcp(t) = &c.state
+                    && tcp_syn == Some(true)
+                    && t.is_closed()
+                    && t.is_idle()
+                {
+                    Metrics::inc(&m.connections_expired);
+                    *c = fresh();
+                }
+                c
+            }
+            Entry::Vacant(v) => {
+                Metrics::set(&m.connections, before as u64 + 1);
+                v.insert(fresh())
+            }
+        };
+        conn.last_seen = now;
+        conn
     }
 
     /// Forgets idle connections: those past their idle timeout, or (with `closed_now`)
