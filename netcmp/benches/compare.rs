@@ -39,9 +39,16 @@ struct Frames {
 }
 
 fn build(total: usize) -> Frames {
-    let data: Vec<u8> = (0..total).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect();
+    let data: Vec<u8> = (0..total)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8)
+        .collect();
     let seg = |isn: u32, at: usize, c: &[u8]| {
-        Seg::vm(isn.wrapping_add(1).wrapping_add(at as u32), Some(C_ISN + 1), c).frame()
+        Seg::vm(
+            isn.wrapping_add(1).wrapping_add(at as u32),
+            Some(C_ISN + 1),
+            c,
+        )
+        .frame()
     };
     let p: Vec<(usize, Vec<u8>)> = data
         .chunks(1448)
@@ -97,7 +104,10 @@ fn run_compare(f: &Frames, input: Vec<(bool, Vec<u8>)>) -> Duration {
     let m = engine.metrics().snapshot();
     assert_eq!(released, f.primary_count, "every primary frame released");
     assert_eq!(m.matched_tcp_bytes, f.bytes, "every byte compared");
-    assert_eq!(m.checkpoint_requests, 0, "identical streams ask for no checkpoint");
+    assert_eq!(
+        m.checkpoint_requests, 0,
+        "identical streams ask for no checkpoint"
+    );
     el
 }
 

@@ -84,7 +84,13 @@ pub struct FlowKey {
 
 impl fmt::Display for FlowKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} vm {} <-> {}", self.protocol.name(), self.vm, self.peer)?;
+        write!(
+            f,
+            "{} vm {} <-> {}",
+            self.protocol.name(),
+            self.vm,
+            self.peer
+        )?;
         if let Some(v) = self.vlan {
             write!(f, " vlan {v}")?;
         }

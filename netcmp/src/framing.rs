@@ -118,7 +118,11 @@ mod tests {
                     frames.push(f);
                 }
             }
-            assert_eq!(frames, vec![vec![1, 2, 3], vec![], vec![0xAB; 300]], "chunk {chunk}");
+            assert_eq!(
+                frames,
+                vec![vec![1, 2, 3], vec![], vec![0xAB; 300]],
+                "chunk {chunk}"
+            );
             assert_eq!(d.buffered(), 0);
         }
     }

@@ -78,7 +78,10 @@ pub fn engine_ingest(data: &[u8]) {
     engine.scan(now, &mut out);
     engine.checkpoint_committed(now, &mut out);
     for f in &out.to_client {
-        assert!(primaries.contains(f), "released a frame the primary never sent");
+        assert!(
+            primaries.contains(f),
+            "released a frame the primary never sent"
+        );
     }
 }
 

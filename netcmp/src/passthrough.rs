@@ -150,8 +150,17 @@ mod tests {
         assert!(!r.matches(&key(Protocol::Tcp, 23, 40000)));
         let r: PassthroughRule = "TCP:[fd00::1]:22".parse().unwrap();
         assert_eq!(r.to_string(), "tcp:[fd00::1]:22");
-        assert!("icmp".parse::<PassthroughRule>().unwrap().matches(&key(Protocol::Icmpv6, 1, 1)));
-        assert!("any".parse::<PassthroughRule>().unwrap().matches(&key(Protocol::Ether(0x806), 0, 0)));
+        assert!(
+            "icmp"
+                .parse::<PassthroughRule>()
+                .unwrap()
+                .matches(&key(Protocol::Icmpv6, 1, 1))
+        );
+        assert!("any".parse::<PassthroughRule>().unwrap().matches(&key(
+            Protocol::Ether(0x806),
+            0,
+            0
+        )));
         for bad in ["", "sctp:1", "tcp:x", "tcp:1.2.3:4", "udp:70000"] {
             assert!(bad.parse::<PassthroughRule>().is_err(), "{bad}");
         }

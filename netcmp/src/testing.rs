@@ -98,9 +98,23 @@ impl Seg {
     /// The Ethernet frame.
     pub fn frame(&self) -> Vec<u8> {
         let (smac, dmac, sip, dip, sport, dport) = if self.from_vm {
-            (VM_MAC, CLIENT_MAC, VM_IP, CLIENT_IP, self.vm_port, self.client_port)
+            (
+                VM_MAC,
+                CLIENT_MAC,
+                VM_IP,
+                CLIENT_IP,
+                self.vm_port,
+                self.client_port,
+            )
         } else {
-            (CLIENT_MAC, VM_MAC, CLIENT_IP, VM_IP, self.client_port, self.vm_port)
+            (
+                CLIENT_MAC,
+                VM_MAC,
+                CLIENT_IP,
+                VM_IP,
+                self.client_port,
+                self.vm_port,
+            )
         };
         let mut b = PacketBuilder::ethernet2(smac, dmac)
             .ipv4(sip.octets(), dip.octets(), 64)

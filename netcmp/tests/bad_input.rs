@@ -68,8 +68,8 @@ fn malformed_frames_are_counted_forwarded_and_survived() {
         // TCP with a data offset past the end.
         &[
             2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0, 0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0,
-            198, 18, 0, 2, 198, 18, 0, 1, 0, 80, 0x9c, 0x40, 0, 0, 0, 1, 0, 0, 0, 0, 0xF0, 0x10,
-            0, 0, 0, 0, 0, 0,
+            198, 18, 0, 2, 198, 18, 0, 1, 0, 80, 0x9c, 0x40, 0, 0, 0, 1, 0, 0, 0, 0, 0xF0, 0x10, 0,
+            0, 0, 0, 0, 0,
         ],
     ];
     pvm.write_all(&framed(&junk)).unwrap();
@@ -83,7 +83,10 @@ fn malformed_frames_are_counted_forwarded_and_survived() {
     pvm.write_all(&[0xFF, 0xFF, 0xFF, 0xFF, 1, 2, 3]).unwrap();
     pvm.set_read_timeout(Some(WAIT)).unwrap();
     let mut b = [0u8; 8];
-    assert!(matches!(pvm.read(&mut b), Ok(0) | Err(_)), "the proxy closes it");
+    assert!(
+        matches!(pvm.read(&mut b), Ok(0) | Err(_)),
+        "the proxy closes it"
+    );
     // ... and takes the next one, which works.
     let mut pvm = connect(&ppath);
     pvm.write_all(&framed(&[junk[1]])).unwrap();

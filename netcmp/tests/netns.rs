@@ -14,8 +14,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -272,7 +272,10 @@ fn controller(proxy: &Proxy, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Checkpoint
 fn join<T: Send + 'static>(h: JoinHandle<T>, what: &str) -> T {
     let start = Instant::now();
     while !h.is_finished() {
-        assert!(start.elapsed() < DEADLINE * 2, "{what} did not finish in time");
+        assert!(
+            start.elapsed() < DEADLINE * 2,
+            "{what} did not finish in time"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     h.join().unwrap_or_else(|_| panic!("{what} panicked"))
@@ -299,7 +302,10 @@ fn identical_servers_cut_differently_reach_the_client_without_checkpoints() {
     join(svm, "secondary server").expect("secondary server");
     let m = lab.proxy.metrics();
     assert_eq!(got.len(), data.len());
-    assert!(got == data, "the client got other bytes than the primary sent");
+    assert!(
+        got == data,
+        "the client got other bytes than the primary sent"
+    );
     assert_eq!(m.mismatches, 0, "{m}");
     assert_eq!(m.checkpoint_requests, 0, "{m}");
     assert!(m.matched_tcp_bytes >= data.len() as u64, "{m}");
@@ -338,7 +344,10 @@ fn a_differing_secondary_triggers_a_checkpoint_and_the_client_gets_the_primarys_
     for r in &requests {
         println!("checkpoint request: {r}");
     }
-    assert!(got == body(100_000), "the client must get exactly the primary's bytes ({m})");
+    assert!(
+        got == body(100_000),
+        "the client must get exactly the primary's bytes ({m})"
+    );
     assert!(m.mismatches >= 1, "{m}");
     assert_eq!(
         requests.first().map(|r| &r.reason),

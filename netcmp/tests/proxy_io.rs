@@ -125,7 +125,10 @@ fn unix_sockets_mirror_compare_and_release() {
     pvm.send(&p_last);
     svm.send(&vm(S_ISN, 4000, 105, b"PRIMARY").frame());
     let req = proxy.checkpoint_requests().recv_timeout(WAIT).unwrap();
-    assert_eq!(req.reason, CheckpointReason::PayloadDiffers { offset: 4000 });
+    assert_eq!(
+        req.reason,
+        CheckpointReason::PayloadDiffers { offset: 4000 }
+    );
     client
         .s
         .set_read_timeout(Some(Duration::from_millis(200)))

@@ -13,7 +13,11 @@ fn connect(path: &std::path::Path) -> UnixStream {
         match UnixStream::connect(path) {
             Ok(s) => return s,
             Err(e) => {
-                assert!(start.elapsed() < WAIT, "cannot connect to {}: {e}", path.display());
+                assert!(
+                    start.elapsed() < WAIT,
+                    "cannot connect to {}: {e}",
+                    path.display()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -22,8 +26,12 @@ fn connect(path: &std::path::Path) -> UnixStream {
 
 /// An ARP reply frame (42 bytes), length-prefixed.
 fn framed_arp() -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 6, 0, 1, 8, 0, 6, 4, 0, 2];
-    f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 198, 18, 0, 2, 2, 0, 0, 0, 0, 1, 198, 18, 0, 1]);
+    let mut f = vec![
+        2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 6, 0, 1, 8, 0, 6, 4, 0, 2,
+    ];
+    f.extend_from_slice(&[
+        2, 0, 0, 0, 0, 2, 198, 18, 0, 2, 2, 0, 0, 0, 0, 1, 198, 18, 0, 1,
+    ]);
     let mut v = (f.len() as u32).to_be_bytes().to_vec();
     v.extend_from_slice(&f);
     v
@@ -47,7 +55,9 @@ fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
     let mut client = connect(&p("c"));
     let mut pvm = connect(&p("p"));
     let mut svm = connect(&p("s"));
-    client.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     // Until the proxy has accepted the client, released frames to it are dropped: repeat
     // the matching pair until one comes out (bounded).
     let want = framed_arp();
@@ -77,22 +87,51 @@ fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
         }
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "colo proxy failed: {err}");
-    assert!(err.contains("matched_packets="), "counters logged at exit: {err}");
+    assert!(
+        err.contains("matched_packets="),
+        "counters logged at exit: {err}"
+    );
 }
 
 #[test]
 fn colo_proxy_refuses_bad_ports_with_exit_code_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_colo"))
-        .args(["proxy", "--client", "udp:1", "--primary", "tap:x", "--secondary", "tap:y"])
+        .args([
+            "proxy",
+            "--client",
+            "udp:1",
+            "--primary",
+            "tap:x",
+            "--secondary",
+            "tap:y",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(env!("CARGO_BIN_EXE_colo"))
-        .args(["proxy", "--client", "tap:a", "--primary", "tap:b", "--secondary", "tap:c"])
+        .args([
+            "proxy",
+            "--client",
+            "tap:a",
+            "--primary",
+            "tap:b",
+            "--secondary",
+            "tap:c",
+        ])
         .args(["--max-queue-size", "0"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -182,7 +182,12 @@ impl Engine {
         self.conns.values().map(Conn::held_len).sum()
     }
 
-    fn ctx<'a>(metrics: &'a Metrics, config: &Config, out: &'a mut Output, now: Instant) -> Ctx<'a> {
+    fn ctx<'a>(
+        metrics: &'a Metrics,
+        config: &Config,
+        out: &'a mut Output,
+        now: Instant,
+    ) -> Ctx<'a> {
         Ctx {
             m: metrics,
             out,
@@ -225,7 +230,8 @@ impl Engine {
                     conn.last_seen = now;
                     match &mut conn.state {
                         ConnState::Tcp(t) => {
-                            let stale = seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
+                            let stale =
+                                seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
                             t.client_segment(seg.flags);
                             offset = t.translation();
                             stale
@@ -312,7 +318,14 @@ impl Engine {
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let conn = Self::conn_mut(&mut self.conns, &self.config, &self.metrics, key, &parsed, now);
+        let conn = Self::conn_mut(
+            &mut self.conns,
+            &self.config,
+            &self.metrics,
+            key,
+            &parsed,
+            now,
+        );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -359,7 +372,14 @@ impl Engine {
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let conn = Self::conn_mut(&mut self.conns, &self.config, &self.metrics, key, &parsed, now);
+        let conn = Self::conn_mut(
+            &mut self.conns,
+            &self.config,
+            &self.metrics,
+            key,
+            &parsed,
+            now,
+        );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -497,7 +517,13 @@ impl Engine {
 
     /// Something calls for a checkpoint: counts it, holds a connection whose outputs
     /// differed, and sends a request unless one is outstanding.
-    fn trigger(&mut self, key: Option<FlowKey>, reason: CheckpointReason, now: Instant, out: &mut Output) {
+    fn trigger(
+        &mut self,
+        key: Option<FlowKey>,
+        reason: CheckpointReason,
+        now: Instant,
+        out: &mut Output,
+    ) {
         Metrics::inc(&self.metrics.checkpoint_triggers);
         let mismatch = matches!(
             reason,

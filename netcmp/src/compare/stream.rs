@@ -148,11 +148,17 @@ mod tests {
         assert_eq!(b.insert(cmp, base, b"abcd", max), Placed::Old);
         assert_eq!(b.insert(cmp, base, b"abcdefghij", max), Placed::New);
         assert_eq!(b.bytes(), b"efghij");
-        assert_eq!(b.insert(cmp, cmp.wrapping_add(1 << 31), b"x", max), Placed::Old);
+        assert_eq!(
+            b.insert(cmp, cmp.wrapping_add(1 << 31), b"x", max),
+            Placed::Old
+        );
         let far = cmp.wrapping_add((1 << 30) + 1);
         assert_eq!(b.insert(cmp, far, b"x", max), Placed::TooFar);
         // The byte cap: six bytes held, room for two more.
-        assert_eq!(b.insert(cmp, cmp.wrapping_add(6), b"klm", 8), Placed::TooFar);
+        assert_eq!(
+            b.insert(cmp, cmp.wrapping_add(6), b"klm", 8),
+            Placed::TooFar
+        );
         assert_eq!(b.insert(cmp, cmp.wrapping_add(6), b"kl", 8), Placed::New);
     }
 }

@@ -159,7 +159,9 @@ impl TcpState {
         }
         if how == Handling::Compare {
             let data = frame.get(seg.payload.clone()).unwrap_or_default();
-            if self.p.buf.insert(cmp, data_seq, data, ctx.byte_cap()) == Placed::Old && !data.is_empty() {
+            if self.p.buf.insert(cmp, data_seq, data, ctx.byte_cap()) == Placed::Old
+                && !data.is_empty()
+            {
                 Metrics::inc(&ctx.m.primary_retransmits);
             }
         }
@@ -362,7 +364,11 @@ impl TcpState {
             }
         }
         self.cmp = Some(cmp);
-        while self.s_pending.front().is_some_and(|(e, _)| seq::le(*e, cmp)) {
+        while self
+            .s_pending
+            .front()
+            .is_some_and(|(e, _)| seq::le(*e, cmp))
+        {
             self.s_pending.pop_front();
         }
         self.release(ctx);
@@ -389,8 +395,7 @@ impl TcpState {
             } else {
                 seq::le(h.end, cmp)
                     && (!h.syn || self.s.syn.is_some())
-                    && h
-                        .ack
+                    && h.ack
                         .is_none_or(|a| self.s_ack.is_some_and(|m| seq::le(a, m)))
             };
             if !ok {

@@ -61,7 +61,10 @@ impl H {
     fn handshake(&mut self) -> Vec<Vec<u8>> {
         self.c(&Seg::client(C_ISN, None, b"").syn());
         self.p(&Seg::vm(P_ISN, Some(C_ISN + 1), b"").syn());
-        assert!(self.released().is_empty(), "SYN-ACK waits for the secondary's");
+        assert!(
+            self.released().is_empty(),
+            "SYN-ACK waits for the secondary's"
+        );
         self.s(&Seg::vm(S_ISN, Some(C_ISN + 1), b"").syn());
         let r = self.released();
         assert_eq!(r, vec![Seg::vm(P_ISN, Some(C_ISN + 1), b"").syn().frame()]);
@@ -74,12 +77,20 @@ impl H {
 
 /// Primary segment: `data` at stream offset `at` (after the SYN).
 fn pseg(at: u32, data: &[u8]) -> Seg {
-    Seg::vm(P_ISN.wrapping_add(1).wrapping_add(at), Some(C_ISN + 1), data)
+    Seg::vm(
+        P_ISN.wrapping_add(1).wrapping_add(at),
+        Some(C_ISN + 1),
+        data,
+    )
 }
 
 /// Secondary segment: `data` at stream offset `at`.
 fn sseg(at: u32, data: &[u8]) -> Seg {
-    Seg::vm(S_ISN.wrapping_add(1).wrapping_add(at), Some(C_ISN + 1), data)
+    Seg::vm(
+        S_ISN.wrapping_add(1).wrapping_add(at),
+        Some(C_ISN + 1),
+        data,
+    )
 }
 
 fn payload(n: usize) -> Vec<u8> {
@@ -93,7 +104,11 @@ fn handshake_translates_client_acks_for_the_secondary() {
     assert_eq!(to_s.len(), 1);
     let p = parse(&to_s[0]).unwrap();
     let t = p.tcp().unwrap();
-    assert_eq!(t.ack, S_ISN.wrapping_add(1), "ack moved into the secondary's space");
+    assert_eq!(
+        t.ack,
+        S_ISN.wrapping_add(1),
+        "ack moved into the secondary's space"
+    );
     assert_eq!(t.seq, C_ISN + 1, "client seq untouched");
     assert_eq!(h.out.to_primary.len(), 1);
     let pp = parse(&h.out.to_primary[0]).unwrap();
@@ -107,14 +122,25 @@ fn different_segmentation_releases_exactly_the_primarys_frames() {
     let mut h = H::new();
     h.handshake();
     let data = payload(3000);
-    let p_segs = [pseg(0, &data[..1448]), pseg(1448, &data[1448..2896]), pseg(2896, &data[2896..])];
-    let s_segs = [sseg(0, &data[..500]), sseg(500, &data[500..2000]), sseg(2000, &data[2000..])];
+    let p_segs = [
+        pseg(0, &data[..1448]),
+        pseg(1448, &data[1448..2896]),
+        pseg(2896, &data[2896..]),
+    ];
+    let s_segs = [
+        sseg(0, &data[..500]),
+        sseg(500, &data[500..2000]),
+        sseg(2000, &data[2000..]),
+    ];
     for s in &p_segs {
         h.p(s);
     }
     assert!(h.released().is_empty());
     h.s(&s_segs[0]);
-    assert!(h.released().is_empty(), "500 bytes do not cover the first primary segment");
+    assert!(
+        h.released().is_empty(),
+        "500 bytes do not cover the first primary segment"
+    );
     h.s(&s_segs[1]);
     assert_eq!(h.released(), vec![p_segs[0].frame()]);
     h.s(&s_segs[2]);
@@ -175,10 +201,19 @@ fn reordered_segments_are_reassembled() {
     let more = payload(2000);
     h.p(&pseg(3000 + 1000, &more[1000..]));
     h.s(&sseg(3000, &more));
-    assert!(h.released().is_empty(), "its bytes are not contiguous on the primary yet");
+    assert!(
+        h.released().is_empty(),
+        "its bytes are not contiguous on the primary yet"
+    );
     h.p(&pseg(3000, &more[..1000]));
     let r = h.released();
-    assert_eq!(r, vec![pseg(4000, &more[1000..]).frame(), pseg(3000, &more[..1000]).frame()]);
+    assert_eq!(
+        r,
+        vec![
+            pseg(4000, &more[1000..]).frame(),
+            pseg(3000, &more[..1000]).frame()
+        ]
+    );
     assert!(h.requests().is_empty());
 }
 
@@ -192,10 +227,17 @@ fn one_byte_difference_holds_until_commit() {
     h.p(&pseg(0, &data[..1000]));
     h.p(&pseg(1000, &data[1000..]));
     h.s(&sseg(0, &other));
-    assert_eq!(h.released(), vec![pseg(0, &data[..1000]).frame()], "the equal part goes");
+    assert_eq!(
+        h.released(),
+        vec![pseg(0, &data[..1000]).frame()],
+        "the equal part goes"
+    );
     let reqs = h.requests();
     assert_eq!(reqs.len(), 1);
-    assert_eq!(reqs[0].reason, CheckpointReason::PayloadDiffers { offset: 1500 });
+    assert_eq!(
+        reqs[0].reason,
+        CheckpointReason::PayloadDiffers { offset: 1500 }
+    );
     assert_eq!(reqs[0].flow.unwrap().vm.port, 80);
     assert!(h.e.checkpoint_pending());
     // More primary output on the diverged connection is held too, without a new request.
@@ -206,11 +248,17 @@ fn one_byte_difference_holds_until_commit() {
     h.e.checkpoint_committed(h.t, &mut h.out);
     assert_eq!(
         h.released(),
-        vec![pseg(1000, &data[1000..]).frame(), pseg(2000, b"tail").frame()]
+        vec![
+            pseg(1000, &data[1000..]).frame(),
+            pseg(2000, b"tail").frame()
+        ]
     );
     assert!(!h.e.checkpoint_pending());
     let m = h.m();
-    assert_eq!((m.mismatches, m.checkpoint_requests, m.checkpoints_committed), (1, 1, 1));
+    assert_eq!(
+        (m.mismatches, m.checkpoint_requests, m.checkpoints_committed),
+        (1, 1, 1)
+    );
     // After the commit the secondary is the primary's copy: same sequence numbers.
     h.p(&pseg(2004, b"next"));
     h.s(&pseg(2004, b"next"));
@@ -283,7 +331,10 @@ fn udp_queue_overflow_forces_a_checkpoint_and_drops_nothing() {
     }
     assert_eq!(h.released().len(), 4);
     h.e.checkpoint_committed(h.t, &mut h.out);
-    assert_eq!(h.released(), vec![udp_from_vm(53, &[4]), udp_from_vm(53, &[5])]);
+    assert_eq!(
+        h.released(),
+        vec![udp_from_vm(53, &[4]), udp_from_vm(53, &[5])]
+    );
 }
 
 #[test]
@@ -338,7 +389,10 @@ fn pure_acks_wait_for_the_secondarys_ack() {
     // The client sent 100 bytes; the primary acks them at once, the secondary later.
     let p_ack = Seg::vm(P_ISN.wrapping_add(1), Some(C_ISN + 101), b"");
     h.p(&p_ack);
-    assert!(h.released().is_empty(), "the secondary has not acked the client's bytes yet");
+    assert!(
+        h.released().is_empty(),
+        "the secondary has not acked the client's bytes yet"
+    );
     // The secondary's ack comes with data (so the primary's data must come too).
     h.s(&Seg::vm(S_ISN.wrapping_add(1), Some(C_ISN + 101), b"r"));
     assert_eq!(h.released(), vec![p_ack.frame()]);
@@ -364,7 +418,10 @@ fn fin_and_rst_must_mean_the_same() {
     h.s(&sseg(0, b"bye!"));
     let r = h.requests();
     assert_eq!(r.len(), 1);
-    assert!(matches!(r[0].reason, CheckpointReason::ControlDiffers(_)), "{r:?}");
+    assert!(
+        matches!(r[0].reason, CheckpointReason::ControlDiffers(_)),
+        "{r:?}"
+    );
 
     // RST only from the primary: it waits, and times out.
     let mut h = H::with(Config {
@@ -426,7 +483,9 @@ fn passthrough_tcp_still_translates_acks() {
 #[test]
 fn malformed_frames_are_counted_and_forwarded_or_dropped() {
     let mut h = H::new();
-    let junk = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0];
+    let junk = vec![
+        0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0,
+    ];
     h.e.client_frame(junk.clone(), h.t, &mut h.out);
     assert_eq!(h.out.to_primary, vec![junk.clone()]);
     assert_eq!(h.out.to_secondary, vec![junk.clone()]);
@@ -459,8 +518,16 @@ fn failover_rewrites_the_secondarys_sequence_numbers() {
     let r = h.released();
     assert_eq!(r.len(), 1);
     let t = parse(&r[0]).unwrap();
-    assert_eq!(t.tcp().unwrap().seq, P_ISN.wrapping_add(1), "in the primary's space");
-    assert_eq!(r[0], pseg(0, b"abc").frame(), "the very frame the primary would send");
+    assert_eq!(
+        t.tcp().unwrap().seq,
+        P_ISN.wrapping_add(1),
+        "in the primary's space"
+    );
+    assert_eq!(
+        r[0],
+        pseg(0, b"abc").frame(),
+        "the very frame the primary would send"
+    );
     h.c(&Seg::client(C_ISN + 1, Some(P_ISN.wrapping_add(4)), b""));
     assert!(h.out.to_primary.is_empty());
     let t = parse(&h.out.to_secondary[0]).unwrap();
@@ -493,8 +560,15 @@ fn connection_table_limit_and_idle_expiry() {
         h.e.primary_frame(udp_from_vm(port, b"a"), h.t, &mut h.out);
     }
     h.e.primary_frame(udp_from_vm(3, b"a"), h.t, &mut h.out);
-    assert_eq!(h.released(), vec![udp_from_vm(3, b"a")], "not compared, not lost");
-    assert_eq!(h.requests()[0].reason, CheckpointReason::ConnectionTableFull);
+    assert_eq!(
+        h.released(),
+        vec![udp_from_vm(3, b"a")],
+        "not compared, not lost"
+    );
+    assert_eq!(
+        h.requests()[0].reason,
+        CheckpointReason::ConnectionTableFull
+    );
     h.e.checkpoint_committed(h.t, &mut h.out);
     h.released();
     h.t += Duration::from_secs(6);
@@ -516,7 +590,6 @@ fn secondary_output_without_primary_counterpart_requests_a_checkpoint() {
     assert_eq!(h.requests()[0].reason, CheckpointReason::SecondaryTimeout);
     assert_eq!(h.m().secondary_timeouts, 1);
 }
-
 
 /// Timestamps from the TCP option of a frame (TSval, TSecr).
 fn ts_of(frame: &[u8]) -> Option<(u32, u32)> {
@@ -543,7 +616,11 @@ fn timestamps_are_translated_like_sequence_numbers() {
     h.out.to_secondary.clear();
     h.c(&Seg::client(C_ISN + 1, Some(P_ISN.wrapping_add(1)), b"GET").ts(778, p_ts));
     let to_s = &h.out.to_secondary[0];
-    assert_eq!(ts_of(to_s), Some((778, s_ts)), "TSecr echoes the secondary's clock");
+    assert_eq!(
+        ts_of(to_s),
+        Some((778, s_ts)),
+        "TSecr echoes the secondary's clock"
+    );
     assert_eq!(
         parse(to_s).unwrap().tcp().unwrap().ack,
         S_ISN.wrapping_add(1)
@@ -554,5 +631,8 @@ fn timestamps_are_translated_like_sequence_numbers() {
     h.s(&sseg(0, b"x").ts(s_ts + 5, 778));
     let r = h.released();
     assert_eq!(ts_of(&r[0]), Some((p_ts + 5, 778)));
-    assert_eq!(parse(&r[0]).unwrap().tcp().unwrap().seq, P_ISN.wrapping_add(1));
+    assert_eq!(
+        parse(&r[0]).unwrap().tcp().unwrap().seq,
+        P_ISN.wrapping_add(1)
+    );
 }

@@ -296,7 +296,11 @@ pub fn connect_unix(path: &Path) -> Result<Port> {
         addr: path.display().to_string(),
         source,
     })?;
-    make_port(format!("unix:{}", path.display()), None, Some(Sock::Unix(s)))
+    make_port(
+        format!("unix:{}", path.display()),
+        None,
+        Some(Sock::Unix(s)),
+    )
 }
 
 /// A port that listens on the Unix socket at `path` (a stale socket file there is

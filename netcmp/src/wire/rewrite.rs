@@ -75,7 +75,11 @@ pub fn rewrite_tcp(frame: &mut [u8], d: Deltas) -> Result<Rewritten, RewriteErro
             _ => return Err(RewriteError::NotTcp),
         }
         .map_err(|_| RewriteError::TooLong)?;
-        (offset_in(view, tcp.slice()), h.to_bytes(), options_untranslated)
+        (
+            offset_in(view, tcp.slice()),
+            h.to_bytes(),
+            options_untranslated,
+        )
     };
     let dst = frame
         .get_mut(offset..offset + header.len())
