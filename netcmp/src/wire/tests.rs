@@ -237,3 +237,42 @@ fn rewrite_translates_sack_blocks() {
         [Some((4000, 5000)), None, None]
     )));
 }
+
+#[test]
+fn rewrite_works_on_ipv6_and_vlan_tagged_frames() {
+    let vm6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).octets();
+    let cl6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(VM_MAC, CLIENT_MAC)
+        .ipv6(vm6, cl6, 64)
+        .tcp(80, 40000, 1000, 500)
+        .ack(77)
+        .write(&mut f, b"six")
+        .unwrap();
+    let d = Deltas {
+        seq: 5,
+        ack: 3,
+        ..Deltas::default()
+    };
+    rewrite_tcp(&mut f, d).unwrap();
+    let sliced = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+    let Some(etherparse::TransportSlice::Tcp(t)) = &sliced.transport else {
+        panic!("not tcp")
+    };
+    assert_eq!((t.sequence_number(), t.acknowledgment_number()), (1005, 80));
+    assert_eq!(t.checksum(), t.calc_checksum_ipv6(vm6, cl6).unwrap());
+
+    // 802.1Q: the same rewrite as untagged, with the tag kept.
+    let tag = |f: &[u8]| {
+        let mut v = f[..12].to_vec();
+        v.extend_from_slice(&[0x81, 0x00, 0x00, 0x2a]);
+        v.extend_from_slice(&f[12..]);
+        v
+    };
+    let mut tagged = tag(&GOLDEN_TCP);
+    let mut plain = GOLDEN_TCP.to_vec();
+    rewrite_tcp(&mut tagged, d).unwrap();
+    rewrite_tcp(&mut plain, d).unwrap();
+    assert_eq!(tagged, tag(&plain));
+    assert!(tcp_checksum_ok(&plain));
+}
