@@ -13,7 +13,13 @@ use crate::wire;
 pub fn parse_frame(data: &[u8]) {
     let parsed = wire::parse(data);
     let mut copy = data.to_vec();
-    if wire::rewrite_tcp(&mut copy, 0x1234_5678, 0x9abc_def0).is_ok() {
+    let d = wire::Deltas {
+        seq: 0x1234_5678,
+        ack: 0x9abc_def0,
+        tsval: 7,
+        tsecr: 0xFFFF_FFF0,
+    };
+    if wire::rewrite_tcp(&mut copy, d).is_ok() {
         assert_eq!(copy.len(), data.len());
         let again = wire::parse(&copy).expect("a rewritten frame still parses");
         let before = parsed.expect("a frame that rewrote had parsed");

@@ -7,6 +7,10 @@
 //!   compared: TCP as a byte stream in sequence order (segmentation, retransmissions and
 //!   ACK timing may differ; the secondary's sequence numbers are mapped onto the
 //!   primary's), UDP and ICMP by payload, anything else by whole frame.
+//! - Client frames for the secondary have their TCP acknowledgment numbers, SACK blocks
+//!   and timestamp echoes translated into the secondary's spaces; after a failover the
+//!   secondary's output is rewritten into the primary's (sequence numbers and TSval), as
+//!   QEMU's filter-rewriter does for sequence numbers.
 //! - Identical output is released to the client at once; bytes released are always the
 //!   primary's.
 //! - Different output makes the proxy ask the controller for a checkpoint and hold the

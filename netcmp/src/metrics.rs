@@ -90,8 +90,8 @@ counters! {
     ack_translations,
     /// Client TCP frames sent to the secondary untranslated: the offset was not known.
     untranslated_acks,
-    /// Translated frames whose SACK blocks could not be translated.
-    sack_untranslated,
+    /// Translated frames whose SACK blocks or timestamps could not be translated.
+    options_untranslated,
     /// Frames dropped in failover or primary-only mode (the other VM's output).
     discarded_frames,
     /// Connections tracked now.

@@ -36,6 +36,8 @@ pub struct Seg {
     pub rst: bool,
     /// Window.
     pub window: u16,
+    /// The timestamp option (TSval, TSecr), after two NOPs.
+    pub ts: Option<(u32, u32)>,
     /// Payload.
     pub payload: Vec<u8>,
 }
@@ -81,6 +83,12 @@ impl Seg {
         self
     }
 
+    /// With the timestamp option.
+    pub fn ts(mut self, val: u32, ecr: u32) -> Self {
+        self.ts = Some((val, ecr));
+        self
+    }
+
     /// With another window.
     pub fn window(mut self, window: u16) -> Self {
         self.window = window;
@@ -122,6 +130,12 @@ impl Seg {
         }
         if self.rst {
             b = b.rst();
+        }
+        if let Some((val, ecr)) = self.ts {
+            use etherparse::TcpOptionElement::{Noop, Timestamp};
+            b = b
+                .options(&[Noop, Noop, Timestamp(val, ecr)])
+                .expect("12 bytes of options fit");
         }
         let mut v = Vec::with_capacity(b.size(self.payload.len()));
         b.write(&mut v, &self.payload).expect("writing to a Vec");

@@ -133,6 +133,11 @@ struct Lab {
 
 impl Lab {
     fn new(config: Config) -> Self {
+        // The proxy's debug logs go to the test's captured output: shown if a test fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("colo_netcmp=debug")
+            .with_test_writer()
+            .try_init();
         let id = format!(
             "nc{}x{}",
             std::process::id() % 100_000,

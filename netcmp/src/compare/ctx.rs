@@ -36,6 +36,12 @@ impl Ctx<'_> {
         self.out.to_client.push(frame);
     }
 
+    /// Most stream bytes buffered per connection and side: `max_queue_size` full-size
+    /// (64 KiB) segments.
+    pub(crate) fn byte_cap(&self) -> usize {
+        self.max_queue.saturating_mul(64 * 1024)
+    }
+
     /// The hard cap of a queue while a checkpoint is pending: past it, packets are dropped
     /// (and counted) rather than held without bound.
     pub(crate) fn hard_cap(&self) -> usize {

@@ -22,6 +22,7 @@ mod stream;
 mod tcp;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,7 +37,7 @@ use crate::error::Result;
 use crate::flow::{FlowKey, Protocol, Side};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimit;
-use crate::wire::{self, Parsed, Payload, rewrite_tcp};
+use crate::wire::{self, Deltas, Parsed, Payload, rewrite_tcp};
 
 /// Whom the proxy protects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,9 +96,9 @@ impl Conn {
         }
     }
 
-    fn tcp_offset(&self) -> Option<u32> {
+    fn tcp_translation(&self) -> Option<(u32, u32)> {
         match &self.state {
-            ConnState::Tcp(t) => t.offset(),
+            ConnState::Tcp(t) => t.translation(),
             ConnState::Datagram(_) => None,
         }
     }
@@ -232,7 +233,7 @@ impl Engine {
                             let stale =
                                 seg.flags.syn && !seg.flags.ack && t.is_closed() && t.is_idle();
                             t.client_segment(seg.flags);
-                            offset = t.offset();
+                            offset = t.translation();
                             stale
                         }
                         ConnState::Datagram(_) => false,
@@ -254,16 +255,21 @@ impl Engine {
     }
 
     /// Sends a client frame on according to the mode; `offset` is the connection's TCP
-    /// sequence offset when the frame is TCP and the offset is known.
-    fn mirror(&mut self, frame: Vec<u8>, offset: Option<u32>, out: &mut Output) {
+    /// (sequence, timestamp) translation when the frame is TCP and it is known.
+    fn mirror(&mut self, frame: Vec<u8>, offset: Option<(u32, u32)>, out: &mut Output) {
         let for_secondary = |m: &Metrics, f: &[u8]| {
             let mut copy = f.to_vec();
-            if let Some(off) = offset.filter(|o| *o != 0) {
-                match rewrite_tcp(&mut copy, 0, off.wrapping_neg()) {
+            if let Some((seq, ts)) = offset.filter(|o| *o != (0, 0)) {
+                let d = Deltas {
+                    ack: seq.wrapping_neg(),
+                    tsecr: ts.wrapping_neg(),
+                    ..Deltas::default()
+                };
+                match rewrite_tcp(&mut copy, d) {
                     Ok(r) => {
                         Metrics::inc(&m.ack_translations);
-                        if r.sack_untranslated {
-                            Metrics::inc(&m.sack_untranslated);
+                        if r.options_untranslated {
+                            Metrics::inc(&m.options_untranslated);
                         }
                     }
                     Err(_) => Metrics::inc(&m.untranslated_acks),
@@ -307,14 +313,19 @@ impl Engine {
             }
         };
         let key = parsed.egress_key();
-        if !self.ensure_conn(key, &parsed, now) {
+        if !self.room_for(&key, now) {
             Self::ctx(&self.metrics, &self.config, out, now).release(frame);
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
+        let conn = Self::conn_mut(
+            &mut self.conns,
+            &self.config,
+            &self.metrics,
+            key,
+            &parsed,
+            now,
+        );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -357,13 +368,18 @@ impl Engine {
             }
         };
         let key = parsed.egress_key();
-        if !self.ensure_conn(key, &parsed, now) {
+        if !self.room_for(&key, now) {
             self.trigger(None, CheckpointReason::ConnectionTableFull, now, out);
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
+        let conn = Self::conn_mut(
+            &mut self.conns,
+            &self.config,
+            &self.metrics,
+            key,
+            &parsed,
+            now,
+        );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
@@ -391,8 +407,16 @@ impl Engine {
             && let Some(conn) = self.conns.get_mut(&p.egress_key())
         {
             conn.last_seen = now;
-            if let Some(off) = conn.tcp_offset().filter(|o| *o != 0)
-                && rewrite_tcp(&mut frame, off, 0).is_ok()
+            if let Some((seq, tsval)) = conn.tcp_translation().filter(|o| *o != (0, 0))
+                && rewrite_tcp(
+                    &mut frame,
+                    Deltas {
+                        seq,
+                        tsval,
+                        ..Deltas::default()
+                    },
+                )
+                .is_ok()
             {
                 Metrics::inc(&self.metrics.seq_rewrites);
             }
@@ -405,54 +429,67 @@ impl Engine {
         Self::ctx(&self.metrics, &self.config, out, now).release(frame);
     }
 
-    /// Makes sure the connection of `key` exists (creating it if new) and notes it was
-    /// seen; false when the table is full.
-    fn ensure_conn(&mut self, key: FlowKey, parsed: &Parsed, now: Instant) -> bool {
-        let tcp_syn = parsed.tcp().map(|s| s.flags.syn && !s.flags.rst);
-        if let Some(Conn {
-            state: ConnState::Tcp(t),
-            ..
-        }) = self.conns.get(&key)
-            && tcp_syn == Some(true)
-            && t.is_closed()
-            && t.is_idle()
-        {
-            self.conns.remove(&key);
-            Metrics::inc(&self.metrics.connections_expired);
+    /// Makes room for a new connection when the table is full (evicting idle ones); false
+    /// when `key` is new and there is still no room.
+    fn room_for(&mut self, key: &FlowKey, now: Instant) -> bool {
+        if self.conns.len() < self.config.max_connections || self.conns.contains_key(key) {
+            return true;
         }
-        if !self.conns.contains_key(&key) {
-            if self.conns.len() >= self.config.max_connections {
-                self.evict(now, true);
-            }
-            if self.conns.len() >= self.config.max_connections {
-                Metrics::inc(&self.metrics.connection_table_full);
-                return false;
-            }
+        self.evict(now, true);
+        if self.conns.len() < self.config.max_connections {
+            return true;
+        }
+        Metrics::inc(&self.metrics.connection_table_full);
+        false
+    }
+
+    /// The connection of `key`, created if new (or replaced, when a SYN reuses the 5-tuple
+    /// of a closed one), marked as seen now. One hash lookup; call
+    /// [`room_for`](Self::room_for) first.
+    fn conn_mut<'a>(
+        conns: &'a mut HashMap<FlowKey, Conn>,
+        config: &Config,
+        m: &Metrics,
+        key: FlowKey,
+        parsed: &Parsed,
+        now: Instant,
+    ) -> &'a mut Conn {
+        let tcp_syn = parsed.tcp().map(|s| s.flags.syn && !s.flags.rst);
+        let fresh = || {
+            Metrics::inc(&m.connections_created);
             let state = if key.protocol == Protocol::Tcp && tcp_syn.is_some() {
                 ConnState::Tcp(Box::default())
             } else {
                 ConnState::Datagram(DatagramState::default())
             };
-            let passthrough = self.config.passthrough.iter().any(|r| r.matches(&key));
-            self.conns.insert(
-                key,
-                Conn {
-                    state,
-                    passthrough,
-                    diverged: false,
-                    last_seen: now,
-                },
-            );
-            Metrics::inc(&self.metrics.connections_created);
-            Metrics::set(&self.metrics.connections, self.conns.len() as u64);
-        }
-        match self.conns.get_mut(&key) {
-            Some(conn) => {
-                conn.last_seen = now;
-                true
+            Conn {
+                state,
+                passthrough: config.passthrough.iter().any(|r| r.matches(&key)),
+                diverged: false,
+                last_seen: now,
             }
-            None => false,
-        }
+        };
+        let before = conns.len();
+        let conn = match conns.entry(key) {
+            Entry::Occupied(o) => {
+                let c = o.into_mut();
+                if let ConnState::Tcp(t) = &c.state
+                    && tcp_syn == Some(true)
+                    && t.is_closed()
+                    && t.is_idle()
+                {
+                    Metrics::inc(&m.connections_expired);
+                    *c = fresh();
+                }
+                c
+            }
+            Entry::Vacant(v) => {
+                Metrics::set(&m.connections, before as u64 + 1);
+                v.insert(fresh())
+            }
+        };
+        conn.last_seen = now;
+        conn
     }
 
     /// Forgets idle connections: those past their idle timeout, or (with `closed_now`)
@@ -601,8 +638,8 @@ impl Engine {
             Mode::PrimaryOnly => {
                 for conn in self.conns.values_mut() {
                     match &mut conn.state {
-                        ConnState::Tcp(t) => t.release_all(&mut ctx),
-                        ConnState::Datagram(d) => d.release_all(&mut ctx),
+                        ConnState::Tcp(t) => t.stop_comparing(&mut ctx),
+                        ConnState::Datagram(d) => d.commit(&mut ctx),
                     }
                 }
                 self.pending = false;

@@ -45,10 +45,19 @@ impl StreamBuf {
         self.ooo.len()
     }
 
+    /// Bytes held, contiguous and out of order.
+    fn held_bytes(&self) -> usize {
+        self.avail() + self.ooo.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
     /// Places `bytes`, which start at sequence number `at`, given compare point `cmp`.
-    pub(crate) fn insert(&mut self, cmp: u32, at: u32, bytes: &[u8]) -> Placed {
+    /// Holds at most `cap` bytes: what would go past it is refused as [`Placed::TooFar`].
+    pub(crate) fn insert(&mut self, cmp: u32, at: u32, bytes: &[u8], cap: usize) -> Placed {
         if bytes.is_empty() {
             return Placed::Old;
+        }
+        if self.held_bytes().saturating_add(bytes.len()) > cap {
+            return Placed::TooFar;
         }
         let rel = seq::dist(cmp, at);
         let (rel, bytes) = if rel < 0 {
@@ -124,7 +133,9 @@ mod tests {
     #[test]
     fn contiguous_overlap_and_holes() {
         let mut b = StreamBuf::default();
+        let max = usize::MAX;
         let base = u32::MAX - 2; // crosses the wrap
+<<<<<<< HEAD
         assert_eq!(b.insert(base, base, b"abc"), Placed::New);
         assert_eq!(
             b.insert(base, base.wrapping_add(6), b"ghi"),
@@ -132,18 +143,40 @@ mod tests {
         );
         assert_eq!(b.insert(base, base.wrapping_add(1), b"bc"), Placed::Old);
         assert_eq!(b.insert(base, base.wrapping_add(2), b"cdef"), Placed::New);
+=======
+        assert_eq!(b.insert(base, base, b"abc", max), Placed::New);
+        let at = |n: u32| base.wrapping_add(n);
+        assert_eq!(b.insert(base, at(6), b"ghi", max), Placed::OutOfOrder);
+        assert_eq!(b.insert(base, at(1), b"bc", max), Placed::Old);
+        assert_eq!(b.insert(base, at(2), b"cdef", max), Placed::New);
+>>>>>>> netcmp
         assert_eq!(b.bytes(), b"abcdefghi");
         assert_eq!(b.ooo_len(), 0);
         b.consume(4);
-        let cmp = base.wrapping_add(4);
+        let cmp = at(4);
         assert_eq!(b.bytes(), b"efghi");
-        assert_eq!(b.insert(cmp, base, b"abcd"), Placed::Old);
-        assert_eq!(b.insert(cmp, base, b"abcdefghij"), Placed::New);
+        assert_eq!(b.insert(cmp, base, b"abcd", max), Placed::Old);
+        assert_eq!(b.insert(cmp, base, b"abcdefghij", max), Placed::New);
         assert_eq!(b.bytes(), b"efghij");
+<<<<<<< HEAD
         assert_eq!(b.insert(cmp, cmp.wrapping_add(1 << 31), b"x"), Placed::Old);
         assert_eq!(
             b.insert(cmp, cmp.wrapping_add((1 << 30) + 1), b"x"),
             Placed::TooFar
         );
+=======
+        assert_eq!(
+            b.insert(cmp, cmp.wrapping_add(1 << 31), b"x", max),
+            Placed::Old
+        );
+        let far = cmp.wrapping_add((1 << 30) + 1);
+        assert_eq!(b.insert(cmp, far, b"x", max), Placed::TooFar);
+        // The byte cap: six bytes held, room for two more.
+        assert_eq!(
+            b.insert(cmp, cmp.wrapping_add(6), b"klm", 8),
+            Placed::TooFar
+        );
+        assert_eq!(b.insert(cmp, cmp.wrapping_add(6), b"kl", 8), Placed::New);
+>>>>>>> netcmp
     }
 }

@@ -76,6 +76,9 @@ pub(crate) struct TcpState {
     compared: u64,
     /// The highest sequence number the primary has used.
     p_high: Option<u32>,
+    /// Each side's TSval in its SYN, where timestamps are on.
+    p_ts: Option<u32>,
+    s_ts: Option<u32>,
     /// The highest acknowledgment numbers each side sent.
     p_ack: Option<u32>,
     s_ack: Option<u32>,
@@ -88,9 +91,15 @@ pub(crate) struct TcpState {
 }
 
 impl TcpState {
-    /// Primary minus secondary sequence number, if known.
-    pub(crate) fn offset(&self) -> Option<u32> {
-        self.offset
+    /// How to move the secondary's numbers into the primary's space, once the sequence
+    /// offset is known: (sequence offset, timestamp offset). Both are primary minus
+    /// secondary; the timestamp offset is zero where either side has no timestamps.
+    pub(crate) fn translation(&self) -> Option<(u32, u32)> {
+        let ts = match (self.p_ts, self.s_ts) {
+            (Some(p), Some(s)) => p.wrapping_sub(s),
+            _ => 0,
+        };
+        self.offset.map(|o| (o, ts))
     }
 
     /// Nothing is queued.
@@ -126,6 +135,7 @@ impl TcpState {
         if f.syn && self.p.syn.is_none() {
             self.p.syn = Some(f.ack);
             self.p.start = Some(seg.seq);
+            self.p_ts = seg.syn_tsval;
         }
         let start = *self.p.start.get_or_insert(seg.seq);
         let cmp = *self
@@ -149,7 +159,9 @@ impl TcpState {
         }
         if how == Handling::Compare {
             let data = frame.get(seg.payload.clone()).unwrap_or_default();
-            if self.p.buf.insert(cmp, data_seq, data) == Placed::Old && !data.is_empty() {
+            if self.p.buf.insert(cmp, data_seq, data, ctx.byte_cap()) == Placed::Old
+                && !data.is_empty()
+            {
                 Metrics::inc(&ctx.m.primary_retransmits);
             }
         }
@@ -200,6 +212,7 @@ impl TcpState {
         if f.syn && self.s.syn.is_none() {
             self.s.syn = Some(f.ack);
             self.s.start = Some(seg.seq);
+            self.s_ts = seg.syn_tsval;
         }
         self.s.start.get_or_insert(seg.seq);
         if how != Handling::Compare {
@@ -276,7 +289,7 @@ impl TcpState {
             Metrics::inc(&ctx.m.overflow_drops);
             return None;
         }
-        match self.s.buf.insert(cmp, data_seq, data) {
+        match self.s.buf.insert(cmp, data_seq, data, ctx.byte_cap()) {
             Placed::New | Placed::OutOfOrder => fresh = true,
             Placed::Old if !data.is_empty() => Metrics::inc(&ctx.m.secondary_retransmits),
             Placed::Old | Placed::TooFar => {}
@@ -311,7 +324,10 @@ impl TcpState {
         let n = self.p.buf.avail().min(self.s.buf.avail());
         if n > 0 {
             let (a, b) = (&self.p.buf.bytes()[..n], &self.s.buf.bytes()[..n]);
-            if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+            // memcmp first (vectorised); look for the first differing byte only on a miss.
+            if a != b
+                && let Some(i) = a.iter().zip(b).position(|(x, y)| x != y)
+            {
                 // Whatever matched before the difference may still go.
                 self.advance(i, ctx);
                 self.release(ctx);
@@ -399,6 +415,14 @@ impl TcpState {
         ctx: &mut Ctx<'_>,
     ) -> Option<CheckpointReason> {
         let mut r = None;
+        if let Some(h) = self.held.front().filter(|h| h.arrived <= deadline) {
+            tracing::debug!(
+                end = h.end, ack = ?h.ack, syn = h.syn, rst = h.rst, cmp = ?self.cmp,
+                offset = ?self.offset, s_ack = ?self.s_ack, p_start = ?self.p.start,
+                s_start = ?self.s.start, p_avail = self.p.buf.avail(),
+                s_avail = self.s.buf.avail(), "TCP compare timeout"
+            );
+        }
         while self.held.front().is_some_and(|h| h.arrived <= deadline) {
             if let Some(h) = self.held.pop_front() {
                 Metrics::inc(&ctx.m.compare_timeouts);
@@ -452,6 +476,8 @@ impl TcpState {
                 buf: s_buf,
             };
             self.offset = Some(0);
+            self.p_ts = None;
+            self.s_ts = None;
             self.cmp = Some(cmp);
             self.fin_done = p.fin.is_some();
             self.p_ack = p_ack;
@@ -468,10 +494,25 @@ impl TcpState {
         }
     }
 
-    /// Drops every held segment (failover: the primary's output is void). Returns how many.
+    /// Leaves compare mode: releases every held segment and drops the compare buffers
+    /// (the sequence offset stays, for translation).
+    pub(crate) fn stop_comparing(&mut self, ctx: &mut Ctx<'_>) {
+        self.release_all(ctx);
+        self.p.buf.clear();
+        self.s.buf.clear();
+        self.s_pending.clear();
+        self.early.clear();
+    }
+
+    /// Drops every held segment and the compare buffers (failover: the primary's output
+    /// is void). Returns how many segments.
     pub(crate) fn drop_held(&mut self) -> usize {
         let n = self.held.len();
         self.held.clear();
+        self.p.buf.clear();
+        self.s.buf.clear();
+        self.s_pending.clear();
+        self.early.clear();
         n
     }
 }

@@ -590,3 +590,52 @@ fn secondary_output_without_primary_counterpart_requests_a_checkpoint() {
     assert_eq!(h.requests()[0].reason, CheckpointReason::SecondaryTimeout);
     assert_eq!(h.m().secondary_timeouts, 1);
 }
+<<<<<<< HEAD
+=======
+
+/// Timestamps from the TCP option of a frame (TSval, TSecr).
+fn ts_of(frame: &[u8]) -> Option<(u32, u32)> {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
+    let Some(etherparse::TransportSlice::Tcp(t)) = sliced.transport else {
+        return None;
+    };
+    t.options_iterator().find_map(|o| match o {
+        Ok(etherparse::TcpOptionElement::Timestamp(v, e)) => Some((v, e)),
+        _ => None,
+    })
+}
+
+#[test]
+fn timestamps_are_translated_like_sequence_numbers() {
+    // The VMs' timestamp clocks differ (a newer Linux drops a handshake ACK whose TSecr
+    // does not echo its own SYN-ACK's TSval), so the client's echoes are translated.
+    let (p_ts, s_ts) = (50_000u32, 49_990u32);
+    let mut h = H::new();
+    h.c(&Seg::client(C_ISN, None, b"").syn().ts(777, 0));
+    h.p(&Seg::vm(P_ISN, Some(C_ISN + 1), b"").syn().ts(p_ts, 777));
+    h.s(&Seg::vm(S_ISN, Some(C_ISN + 1), b"").syn().ts(s_ts, 777));
+    assert_eq!(h.released().len(), 1);
+    h.out.to_secondary.clear();
+    h.c(&Seg::client(C_ISN + 1, Some(P_ISN.wrapping_add(1)), b"GET").ts(778, p_ts));
+    let to_s = &h.out.to_secondary[0];
+    assert_eq!(
+        ts_of(to_s),
+        Some((778, s_ts)),
+        "TSecr echoes the secondary's clock"
+    );
+    assert_eq!(
+        parse(to_s).unwrap().tcp().unwrap().ack,
+        S_ISN.wrapping_add(1)
+    );
+    assert_eq!(ts_of(&h.out.to_primary[1]), Some((778, p_ts)));
+    // Failover: the secondary's TSval moves onto the primary's clock.
+    h.e.set_mode(Mode::SecondaryOnly, h.t, &mut h.out);
+    h.s(&sseg(0, b"x").ts(s_ts + 5, 778));
+    let r = h.released();
+    assert_eq!(ts_of(&r[0]), Some((p_ts + 5, 778)));
+    assert_eq!(
+        parse(&r[0]).unwrap().tcp().unwrap().seq,
+        P_ISN.wrapping_add(1)
+    );
+}
+>>>>>>> netcmp

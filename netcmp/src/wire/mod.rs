@@ -14,7 +14,7 @@ use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, Trans
 
 use crate::flow::{Endpoint, FlowKey, Protocol};
 
-pub use rewrite::{RewriteError, Rewritten, rewrite_tcp};
+pub use rewrite::{Deltas, RewriteError, Rewritten, rewrite_tcp};
 
 /// The TCP header fields the compare engine uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub struct TcpSegment {
     pub ack: u32,
     /// The control flags.
     pub flags: TcpFlags,
+    /// The timestamp option's TSval, read from SYN segments only (where the proxy learns
+    /// each side's timestamp clock).
+    pub syn_tsval: Option<u32>,
     /// Where the TCP payload lies in the frame.
     pub payload: Range<usize>,
 }
@@ -211,6 +214,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, Malformed> {
                     rst: t.rst(),
                     ack: t.ack(),
                 },
+                syn_tsval: if t.syn() { tsval(t) } else { None },
                 payload: range_in(frame, t.payload()),
             }),
         ),
@@ -261,6 +265,14 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, Malformed> {
         src: Endpoint::new(src, sport),
         dst: Endpoint::new(dst, dport),
         payload,
+    })
+}
+
+/// The TSval of a segment's timestamp option, if it has a readable one.
+fn tsval(t: &etherparse::TcpSlice<'_>) -> Option<u32> {
+    t.options_iterator().find_map(|o| match o {
+        Ok(etherparse::TcpOptionElement::Timestamp(val, _)) => Some(val),
+        _ => None,
     })
 }
 

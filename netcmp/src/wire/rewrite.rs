@@ -1,6 +1,7 @@
-//! Rewriting TCP sequence space, the way QEMU's filter-rewriter does: the header is decoded
-//! by etherparse, its numbers changed, the checksum computed anew over the pseudo header,
-//! header and payload, and the header written back in place. Its length never changes.
+//! Rewriting TCP sequence space, the way QEMU's filter-rewriter does, plus the timestamp
+//! option: the header is decoded by etherparse, its numbers changed, the checksum computed
+//! anew over the pseudo header, header and payload, and the header written back in place.
+//! Its length never changes.
 
 use etherparse::{NetSlice, SlicedPacket, TcpOptionElement, TcpOptions, TransportSlice};
 
@@ -18,27 +19,35 @@ pub enum RewriteError {
     TooLong,
 }
 
+/// What to add (modulo 2^32) to each number of a TCP segment. Subtracting is adding the
+/// two's complement (`x.wrapping_neg()`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deltas {
+    /// Added to the sequence number.
+    pub seq: u32,
+    /// Added to the acknowledgment number and every SACK block edge (when ACK is set).
+    pub ack: u32,
+    /// Added to the timestamp option's TSval.
+    pub tsval: u32,
+    /// Added to the timestamp option's TSecr.
+    pub tsecr: u32,
+}
+
 /// What a rewrite did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewritten {
-    /// SACK blocks were present but their option layout could not be reproduced, so they
-    /// were left as they were.
-    pub sack_untranslated: bool,
+    /// SACK blocks or timestamps needed translating but the options could not be re-encoded
+    /// in the same layout, so they were left as they were.
+    pub options_untranslated: bool,
 }
 
-/// Adds `seq_delta` to the segment's sequence number and, when it has the ACK flag,
-/// `ack_delta` to its acknowledgment number and to every SACK block edge; then sets a
-/// correct checksum. Deltas wrap, so subtracting is adding the two's complement.
+/// Applies `d` to the TCP segment in `frame` and sets a correct checksum.
 ///
 /// # Errors
 /// [`RewriteError`] when the frame is not an unfragmented TCP segment or is too long to
 /// checksum; the frame is then unchanged.
-pub fn rewrite_tcp(
-    frame: &mut [u8],
-    seq_delta: u32,
-    ack_delta: u32,
-) -> Result<Rewritten, RewriteError> {
-    let (offset, header, sack_untranslated) = {
+pub fn rewrite_tcp(frame: &mut [u8], d: Deltas) -> Result<Rewritten, RewriteError> {
+    let (offset, header, options_untranslated) = {
         let view: &[u8] = frame;
         let sliced = SlicedPacket::from_ethernet(view).map_err(|_| RewriteError::NotTcp)?;
         if sliced.is_ip_payload_fragmented() {
@@ -48,12 +57,12 @@ pub fn rewrite_tcp(
             return Err(RewriteError::NotTcp);
         };
         let mut h = tcp.to_header();
-        h.sequence_number = h.sequence_number.wrapping_add(seq_delta);
-        let mut sack_untranslated = false;
-        if h.ack && ack_delta != 0 {
-            h.acknowledgment_number = h.acknowledgment_number.wrapping_add(ack_delta);
-            sack_untranslated = !translate_sack(&mut h, ack_delta);
+        h.sequence_number = h.sequence_number.wrapping_add(d.seq);
+        let sack = if h.ack { d.ack } else { 0 };
+        if h.ack {
+            h.acknowledgment_number = h.acknowledgment_number.wrapping_add(d.ack);
         }
+        let options_untranslated = !translate_options(&mut h, sack, d.tsval, d.tsecr);
         h.checksum = match &sliced.net {
             Some(NetSlice::Ipv4(ip)) => {
                 let ih = ip.header();
@@ -69,38 +78,57 @@ pub fn rewrite_tcp(
         (
             offset_in(view, tcp.slice()),
             h.to_bytes(),
+<<<<<<< HEAD
             sack_untranslated,
+=======
+            options_untranslated,
+>>>>>>> netcmp
         )
     };
     let dst = frame
         .get_mut(offset..offset + header.len())
         .ok_or(RewriteError::NotTcp)?;
     dst.copy_from_slice(&header);
-    Ok(Rewritten { sack_untranslated })
+    Ok(Rewritten {
+        options_untranslated,
+    })
 }
 
-/// Adds `delta` to the edges of the SACK option. Returns false when there is a SACK
-/// option but the options cannot be re-encoded to the same length (they are then left as
-/// they were); true otherwise.
-fn translate_sack(h: &mut etherparse::TcpHeader, delta: u32) -> bool {
+/// Adds `sack` to the SACK block edges and `tsval`/`tsecr` to the timestamps. Returns
+/// false when something needed translating but the options cannot be read or re-encoded
+/// to the same length (they are then left as they were); true otherwise.
+fn translate_options(h: &mut etherparse::TcpHeader, sack: u32, tsval: u32, tsecr: u32) -> bool {
+    if (sack, tsval, tsecr) == (0, 0, 0) || h.options.is_empty() {
+        return true;
+    }
     let Ok(mut elements) = h
         .options_iterator()
         .collect::<Result<Vec<TcpOptionElement>, _>>()
     else {
-        // Options etherparse cannot read: whatever SACK blocks they hold stay as they are.
         return false;
     };
-    let mut any = false;
+    let mut changed = false;
     for e in &mut elements {
-        if let TcpOptionElement::SelectiveAcknowledgement(first, rest) = e {
-            any = true;
-            *first = (first.0.wrapping_add(delta), first.1.wrapping_add(delta));
-            for block in rest.iter_mut().flatten() {
-                *block = (block.0.wrapping_add(delta), block.1.wrapping_add(delta));
+        match e {
+            TcpOptionElement::SelectiveAcknowledgement(first, rest) if sack != 0 => {
+                changed = true;
+                *first = (first.0.wrapping_add(sack), first.1.wrapping_add(sack));
+                for block in rest.iter_mut().flatten() {
+                    *block = (block.0.wrapping_add(sack), block.1.wrapping_add(sack));
+                }
             }
+            TcpOptionElement::Timestamp(val, ecr) if tsval != 0 || tsecr != 0 => {
+                changed = true;
+                *val = val.wrapping_add(tsval);
+                // An echo of zero means "nothing to echo" (RFC 7323): leave it.
+                if *ecr != 0 {
+                    *ecr = ecr.wrapping_add(tsecr);
+                }
+            }
+            _ => {}
         }
     }
-    if !any {
+    if !changed {
         return true;
     }
     match TcpOptions::try_from_elements(&elements) {

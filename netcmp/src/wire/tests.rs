@@ -176,7 +176,12 @@ fn malformed_frames_are_refused_not_panicked_on() {
 #[test]
 fn rewrite_moves_seq_and_ack_and_fixes_checksum() {
     let mut f = GOLDEN_TCP.to_vec();
-    rewrite_tcp(&mut f, 0x10, 0u32.wrapping_sub(0x0d)).unwrap();
+    let d = |seq: u32, ack: u32| Deltas {
+        seq,
+        ack,
+        ..Deltas::default()
+    };
+    rewrite_tcp(&mut f, d(0x10, 0u32.wrapping_sub(0x0d))).unwrap();
     let t = parse(&f).unwrap().tcp().cloned().unwrap();
     assert_eq!((t.seq, t.ack), (0x0102_0314, 0x0a0b_0c00));
     assert!(tcp_checksum_ok(&f));
@@ -187,11 +192,11 @@ fn rewrite_moves_seq_and_ack_and_fixes_checksum() {
     );
     assert_eq!(&f[54..], b"hi");
     // Back again gives the golden frame.
-    rewrite_tcp(&mut f, 0u32.wrapping_sub(0x10), 0x0d).unwrap();
+    rewrite_tcp(&mut f, d(0u32.wrapping_sub(0x10), 0x0d)).unwrap();
     assert_eq!(f, GOLDEN_TCP);
     // Not TCP: untouched.
     let mut u = GOLDEN_UDP.to_vec();
-    assert_eq!(rewrite_tcp(&mut u, 1, 1), Err(RewriteError::NotTcp));
+    assert_eq!(rewrite_tcp(&mut u, d(1, 1)), Err(RewriteError::NotTcp));
     assert_eq!(u, GOLDEN_UDP);
 }
 
@@ -212,8 +217,13 @@ fn rewrite_translates_sack_blocks() {
         .tcp_header(h)
         .write(&mut f, b"")
         .unwrap();
-    let r = rewrite_tcp(&mut f, 0, 0u32.wrapping_sub(1000)).unwrap();
-    assert!(!r.sack_untranslated);
+    let d = Deltas {
+        ack: 0u32.wrapping_sub(1000),
+        tsecr: 5,
+        ..Deltas::default()
+    };
+    let r = rewrite_tcp(&mut f, d).unwrap();
+    assert!(!r.options_untranslated);
     assert!(tcp_checksum_ok(&f));
     let sliced = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
     let Some(etherparse::TransportSlice::Tcp(t)) = sliced.transport else {
@@ -226,4 +236,43 @@ fn rewrite_translates_sack_blocks() {
         (2000, 3000),
         [Some((4000, 5000)), None, None]
     )));
+}
+
+#[test]
+fn rewrite_works_on_ipv6_and_vlan_tagged_frames() {
+    let vm6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).octets();
+    let cl6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(VM_MAC, CLIENT_MAC)
+        .ipv6(vm6, cl6, 64)
+        .tcp(80, 40000, 1000, 500)
+        .ack(77)
+        .write(&mut f, b"six")
+        .unwrap();
+    let d = Deltas {
+        seq: 5,
+        ack: 3,
+        ..Deltas::default()
+    };
+    rewrite_tcp(&mut f, d).unwrap();
+    let sliced = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+    let Some(etherparse::TransportSlice::Tcp(t)) = &sliced.transport else {
+        panic!("not tcp")
+    };
+    assert_eq!((t.sequence_number(), t.acknowledgment_number()), (1005, 80));
+    assert_eq!(t.checksum(), t.calc_checksum_ipv6(vm6, cl6).unwrap());
+
+    // 802.1Q: the same rewrite as untagged, with the tag kept.
+    let tag = |f: &[u8]| {
+        let mut v = f[..12].to_vec();
+        v.extend_from_slice(&[0x81, 0x00, 0x00, 0x2a]);
+        v.extend_from_slice(&f[12..]);
+        v
+    };
+    let mut tagged = tag(&GOLDEN_TCP);
+    let mut plain = GOLDEN_TCP.to_vec();
+    rewrite_tcp(&mut tagged, d).unwrap();
+    rewrite_tcp(&mut plain, d).unwrap();
+    assert_eq!(tagged, tag(&plain));
+    assert!(tcp_checksum_ok(&plain));
 }
