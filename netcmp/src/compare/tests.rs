@@ -590,8 +590,6 @@ fn secondary_output_without_primary_counterpart_requests_a_checkpoint() {
     assert_eq!(h.requests()[0].reason, CheckpointReason::SecondaryTimeout);
     assert_eq!(h.m().secondary_timeouts, 1);
 }
-<<<<<<< HEAD
-=======
 
 /// Timestamps from the TCP option of a frame (TSval, TSecr).
 fn ts_of(frame: &[u8]) -> Option<(u32, u32)> {
@@ -638,4 +636,3 @@ fn timestamps_are_translated_like_sequence_numbers() {
         P_ISN.wrapping_add(1)
     );
 }
->>>>>>> netcmp

@@ -78,11 +78,7 @@ pub fn rewrite_tcp(frame: &mut [u8], d: Deltas) -> Result<Rewritten, RewriteErro
         (
             offset_in(view, tcp.slice()),
             h.to_bytes(),
-<<<<<<< HEAD
-            sack_untranslated,
-=======
             options_untranslated,
->>>>>>> netcmp
         )
     };
     let dst = frame
