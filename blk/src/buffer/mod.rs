@@ -20,7 +20,6 @@ use crate::sector::SECTOR_SIZE;
 
 /// Sizing of the secondary's disk buffer.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct BufferOptions {
     /// Bytes of buffered sectors kept in memory; past it they spill to a file.
     pub mem_limit: usize,

@@ -40,7 +40,6 @@ use crate::wire::{Frame, MAX_WRITE_BYTES, SyncMode};
 
 /// Tuning of the primary's link.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct PrimaryOptions {
     /// Most frames sent and not yet acknowledged.
     pub window_frames: usize,
