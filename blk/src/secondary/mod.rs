@@ -485,5 +485,5 @@ impl BlockBackend for SecondaryDisk {
 /// Runs the receive loop over in-memory input for the fuzz targets, committing every
 /// epoch at its marker.
 pub(crate) fn serve_for_fuzz(inner: &Inner, input: &[u8], acks: &mut Vec<u8>) -> Result<()> {
-    receiver::serve_loop(inner, input, acks, true)
+    receiver::serve_loop(inner, input, acks, None)
 }

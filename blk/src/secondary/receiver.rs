@@ -58,7 +58,7 @@ pub(crate) fn handshake(stream: &TcpStream, disk_len: u64, timeout: Duration) ->
 /// The receiver thread's body: serves the stream, then records why it ended.
 pub(crate) fn run(inner: &Inner, stream: TcpStream) {
     let r = match stream.try_clone() {
-        Ok(reader) => serve_loop(inner, reader, &stream, false),
+        Ok(reader) => serve_loop(inner, reader, &stream, Some(&stream)),
         Err(source) => Err(Error::SocketOption {
             option: "dup",
             source,
@@ -88,14 +88,38 @@ enum Next {
     Stop,
 }
 
+/// How often a receiver paused at an epoch marker checks whether the primary is gone.
+const PAUSED_PROBE: Duration = Duration::from_millis(50);
+
+/// Whether the peer of `s` closed the connection with nothing left to read. Data
+/// waiting to be read counts as alive (the next epoch's writes); it is not consumed.
+fn peer_gone(s: &TcpStream) -> Result<bool> {
+    let set = |nb| {
+        s.set_nonblocking(nb).map_err(|source| Error::SocketOption {
+            option: "O_NONBLOCK",
+            source,
+        })
+    };
+    set(true)?;
+    let r = s.peek(&mut [0u8; 1]);
+    set(false)?;
+    match r {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(Error::Recv(e)),
+    }
+}
+
 /// Applies frames from `reader` until Goodbye, an error, or a stop request, and sends
-/// acknowledgements to `writer`. With `auto_commit` every epoch commits as soon as its
-/// marker arrives (fuzzing and unit tests: there is no controller).
+/// acknowledgements to `writer`. Paused at an epoch marker, it waits for the commit and
+/// meanwhile checks `probe` for a primary that went away; without a probe (fuzzing:
+/// there is no controller) every epoch commits as soon as its marker arrives.
 pub(crate) fn serve_loop<R: Read, W: Write>(
     inner: &Inner,
     reader: R,
     mut writer: W,
-    auto_commit: bool,
+    probe: Option<&TcpStream>,
 ) -> Result<()> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let mut payload = Vec::with_capacity(MAX_WRITE_BYTES as usize);
@@ -136,12 +160,20 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
             st = inner.lock();
         }
         if let Next::Pause(epoch) = next {
-            if auto_commit {
+            let Some(probe) = probe else {
                 st.buf.drop_all()?;
                 st.committed = epoch;
-            }
+                continue;
+            };
             while st.committed < epoch && !st.stop && st.phase == SecondaryPhase::Replicating {
-                st = inner.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = inner
+                    .cond
+                    .wait_timeout(st, PAUSED_PROBE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if st.committed < epoch && !st.stop && peer_gone(probe)? {
+                    return Err(Error::PeerClosed);
+                }
             }
             if st.stop {
                 return Ok(());
