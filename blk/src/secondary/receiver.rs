@@ -126,7 +126,18 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
     let mut since_ack = 0u32;
     let mut acked = 0u64;
     loop {
-        let frame = read_frame(&mut reader, &mut payload)?;
+        let frame = match read_frame(&mut reader, &mut payload) {
+            Ok(f) => f,
+            Err(e) => {
+                if !matches!(
+                    e,
+                    Error::PeerClosed | Error::Truncated { .. } | Error::Recv(_)
+                ) {
+                    let _ = send_reject(&mut writer, &e.to_string());
+                }
+                return Err(e);
+            }
+        };
         let mut st = inner.lock();
         if st.stop {
             return Ok(());
