@@ -331,6 +331,32 @@ fn drop_bench(dir: &Path, reps: usize) {
     }
 }
 
+/// The transport alone, as a reference: 64 KiB writes from one thread to another over a
+/// loopback TCP socket, the reader discarding them.
+fn tcp_reference(total: u64, src: &[u8]) -> f64 {
+    use std::io::Read;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let r = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        while n < total {
+            n += c.read(&mut b).unwrap() as u64;
+        }
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let s = (sent as usize) % (src.len() - 65536);
+        c.write_all(&src[s..s + 65536]).unwrap();
+        sent += 65536;
+    }
+    r.join().unwrap();
+    total as f64 / t.elapsed().as_secs_f64() / GIB
+}
+
 fn main() {
     if std::env::var(ROLE).as_deref() == Ok("secondary") {
         secondary_main();
@@ -347,6 +373,11 @@ fn main() {
         "colo-blk replication benchmark: disk {} MiB in {}, two processes on loopback",
         disk >> 20,
         dir.display()
+    );
+    let mut tcp: Vec<f64> = (0..3).map(|_| tcp_reference(disk, &src)).collect();
+    println!(
+        "reference: loopback TCP alone, 64 KiB writes, thread to thread: {:.2} GiB/s (median of 3)",
+        median(&mut tcp)
     );
     throughput(&dir, disk, reps, "seq64k", &src);
     throughput(&dir, disk, reps, "rand4k", &src);

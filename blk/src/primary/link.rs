@@ -173,18 +173,48 @@ impl LinkState {
     }
 }
 
+/// Payload buffers kept for reuse, at most.
+const POOL_BUFFERS: usize = 256;
+/// Largest payload buffer kept for reuse.
+const POOL_MAX_CAPACITY: usize = 256 << 10;
+
 /// The link state, shared by the API and the link's threads.
 #[derive(Debug)]
 pub(crate) struct Link {
     st: Mutex<LinkState>,
     cond: Condvar,
+    /// Payload buffers the sender has finished with, for the next writes: memory that
+    /// stays touched instead of fresh allocations that fault their pages in again.
+    pool_tx: Sender<Vec<u8>>,
+    pool_rx: Receiver<Vec<u8>>,
 }
 
 impl Link {
     pub fn new() -> Self {
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL_BUFFERS);
         Self {
             st: Mutex::new(LinkState::new()),
             cond: Condvar::new(),
+            pool_tx,
+            pool_rx,
+        }
+    }
+
+    /// A copy of `data` in a pooled buffer when one is free.
+    pub fn payload(&self, data: &[u8]) -> Vec<u8> {
+        match self.pool_rx.try_recv() {
+            Ok(mut v) => {
+                v.clear();
+                v.extend_from_slice(data);
+                v
+            }
+            Err(_) => data.to_vec(),
+        }
+    }
+
+    fn recycle(&self, v: Vec<u8>) {
+        if (4096..=POOL_MAX_CAPACITY).contains(&v.capacity()) {
+            let _ = self.pool_tx.try_send(v);
         }
     }
 
@@ -332,7 +362,9 @@ pub(crate) fn run_sender(
             return;
         }
         drop(slices);
-        batch.clear();
+        for (_, p) in batch.drain(..) {
+            link.recycle(p);
+        }
     }
 }
 

@@ -564,7 +564,7 @@ impl PrimaryDisk {
                             offset: at,
                             len: chunk.len() as u32,
                         },
-                        chunk.to_vec(),
+                        sh.link.payload(chunk),
                     );
                 }
             }

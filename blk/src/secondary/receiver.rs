@@ -14,9 +14,10 @@ use crate::wire::{Frame, MAX_WRITE_BYTES, SyncMode};
 /// buffered (otherwise every time the input buffer runs dry).
 const ACK_EVERY: u32 = 64;
 
-/// Bytes of input buffered; data frames larger than what is buffered are read straight
-/// into the payload buffer.
-const READ_BUFFER: usize = 256 << 10;
+/// Bytes of input buffered. Headers and small frames come out of the buffer; the part
+/// of a payload of this size or more that is not buffered yet is read straight into the
+/// payload buffer (one copy fewer for large writes).
+const READ_BUFFER: usize = 32 << 10;
 
 /// Runs the secondary's half of the handshake on a fresh connection.
 pub(crate) fn handshake(stream: &TcpStream, disk_len: u64, timeout: Duration) -> Result<SyncMode> {
