@@ -46,6 +46,9 @@
 //! state the SVM does not reproduce (output is compared, or held until the commit in
 //! periodic mode).
 
+// One `poll` call (secondary/receiver.rs) is the only unsafe code; it is allowed there.
+#![deny(unsafe_code)]
+
 mod backend;
 mod buffer;
 mod disk;

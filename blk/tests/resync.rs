@@ -129,3 +129,38 @@ fn stopping_replication_leaves_the_primary_serving() {
     secondary.read_at(0, &mut b).unwrap();
     assert_eq!(b, [1; 4096]);
 }
+
+#[test]
+fn stopping_replication_is_bounded_when_the_secondary_stops_reading() {
+    let (pd, _) = image(&vec![0; 32 << 20]);
+    let (sd, _) = image(&vec![0; 32 << 20]);
+    let primary = PrimaryDisk::new(pd, PrimaryOptions::default());
+    let secondary = SecondaryDisk::new(sd, BufferOptions::default());
+    connect(&primary, &secondary, SyncMode::InSync);
+    primary.write_at(0, &[1; 4096]).unwrap();
+    primary.checkpoint_barrier(1, T).unwrap();
+    // Epoch 1 is never committed: the secondary's receiver stays paused and stops
+    // reading, so the next epoch's writes pile up in the socket.
+    let chunk = vec![2u8; 1 << 20];
+    for i in 0..24 {
+        primary.write_at(i << 20, &chunk).unwrap();
+    }
+    let t = std::time::Instant::now();
+    primary.stop_replication();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(primary.state(), ReplicationState::Unprotected);
+    primary.write_at(0, &[3; 512]).unwrap();
+    // The secondary notices and can fail over to the last commit (epoch 0: the start).
+    wait_for(T, "the secondary to notice", || {
+        secondary.stats().link_error.is_some()
+    });
+    let f = secondary.failover().unwrap();
+    assert_eq!(f.committed, 0);
+    let mut b = [9u8; 4096];
+    secondary.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0; 4096]);
+}

@@ -54,6 +54,8 @@ pub(crate) struct LinkState {
     pub last_marker_seq: Option<u64>,
     /// The local disk holds writes the secondary never got (written unprotected).
     pub diverged: bool,
+    /// The sender thread of the current generation has not exited yet.
+    pub sender_running: bool,
 }
 
 impl LinkState {
@@ -73,6 +75,7 @@ impl LinkState {
             last_epoch: 0,
             last_marker_seq: None,
             diverged: false,
+            sender_running: false,
         }
     }
 
@@ -113,6 +116,7 @@ impl LinkState {
         self.secondary_buffered = 0;
         self.last_epoch = 0;
         self.last_marker_seq = None;
+        self.sender_running = true;
     }
 
     /// Ends the link with `reason`: the primary runs unprotected from here on.
@@ -314,6 +318,25 @@ impl Link {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Waits at most `limit` for the current sender thread to exit; returns whether it
+    /// did.
+    pub fn wait_sender_exit(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        while st.sender_running {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Ends the link of `generation` (if it is still the current one) with `reason`.

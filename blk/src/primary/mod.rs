@@ -158,6 +158,9 @@ impl Shared {
     }
 }
 
+/// How long stopping replication waits for the queued frames and the goodbye to go out.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Default)]
 struct Threads {
     link: Vec<JoinHandle<()>>,
@@ -440,12 +443,18 @@ impl PrimaryDisk {
         if let Some(h) = th.copier.take() {
             let _ = h.join();
         }
-        // The sender drains the queue (ending with the goodbye) and exits; then the
-        // socket goes down, which ends the acknowledgement thread.
-        if let Some(h) = (!th.link.is_empty()).then(|| th.link.remove(0)) {
-            let _ = h.join();
-        }
+        // The sender drains the queue (ending with the goodbye) and exits, unless the
+        // secondary stopped reading; either way the socket then goes down, which ends
+        // both threads.
+        let drained = sh
+            .link
+            .wait_sender_exit(GOODBYE_WAIT.min(sh.opts.stall_timeout));
         if let Some(s) = sock {
+            if !drained {
+                // The secondary stopped reading: queued bytes would hold our FIN back
+                // for good. Reset the connection instead, so it sees the end.
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         for h in th.link.drain(..) {

@@ -92,24 +92,28 @@ enum Next {
 /// How often a receiver paused at an epoch marker checks whether the primary is gone.
 const PAUSED_PROBE: Duration = Duration::from_millis(50);
 
-/// Whether the peer of `s` closed the connection with nothing left to read. Data
-/// waiting to be read counts as alive (the next epoch's writes); it is not consumed.
+/// Whether the peer of `s` has closed its side (or the connection failed), even with
+/// bytes still waiting to be read (the next epoch's writes): `poll` with `POLLRDHUP`.
+#[allow(unsafe_code)]
 fn peer_gone(s: &TcpStream) -> Result<bool> {
-    let set = |nb| {
-        s.set_nonblocking(nb).map_err(|source| Error::SocketOption {
-            option: "O_NONBLOCK",
-            source,
-        })
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
     };
-    set(true)?;
-    let r = s.peek(&mut [0u8; 1]);
-    set(false)?;
-    match r {
-        Ok(0) => Ok(true),
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-        Err(e) => Err(Error::Recv(e)),
+    // SAFETY: `p` is one initialized pollfd living across the call and nfds is 1, so the
+    // kernel reads and writes only it; the fd is open (borrowed from `s`); a zero timeout
+    // never blocks.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Error::Recv(e));
     }
+    Ok(r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
 }
 
 /// Applies frames from `reader` until Goodbye, an error, or a stop request, and sends
