@@ -92,18 +92,25 @@ fn plain_pass(b: &dyn BlockBackend, w: &[(u64, usize)], src: &[u8]) {
 }
 
 /// The same workload replicated, with a checkpoint every `EPOCH_BYTES` and at the end.
-fn replicated_pass(pair: &mut Pair, w: &[(u64, usize)], src: &[u8]) {
+/// Returns the time spent in checkpoints (waiting for the secondary to catch up, and the
+/// commit round trip).
+fn replicated_pass(pair: &mut Pair, w: &[(u64, usize)], src: &[u8]) -> Duration {
     let mut since = 0u64;
+    let mut in_cp = Duration::ZERO;
     for (i, &(off, len)) in w.iter().enumerate() {
         let s = (i * 4096) % (src.len() - len);
         pair.primary.write_at(off, &src[s..s + len]).expect("write");
         since += len as u64;
         if since >= EPOCH_BYTES {
+            let t = Instant::now();
             pair.checkpoint();
+            in_cp += t.elapsed();
             since = 0;
         }
     }
+    let t = Instant::now();
     pair.checkpoint();
+    in_cp + t.elapsed()
 }
 
 struct Pair {
@@ -219,14 +226,16 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
     // Warm-up pass of each, not measured.
     plain_pass(&plain, &w, src);
     replicated_pass(&mut pair, &w, src);
-    let (mut base, mut repl) = (Vec::new(), Vec::new());
+    let (mut base, mut repl, mut cp_share) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         let t = Instant::now();
         plain_pass(&plain, &w, src);
         base.push(bytes as f64 / t.elapsed().as_secs_f64() / GIB);
         let t = Instant::now();
-        replicated_pass(&mut pair, &w, src);
-        repl.push(bytes as f64 / t.elapsed().as_secs_f64() / GIB);
+        let cp = replicated_pass(&mut pair, &w, src);
+        let el = t.elapsed();
+        repl.push(bytes as f64 / el.as_secs_f64() / GIB);
+        cp_share.push(cp.as_secs_f64() / el.as_secs_f64());
     }
     let stats = pair.primary.stats();
     pair.stop();
@@ -253,9 +262,11 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
         }
     );
     println!(
-        "  ({} frames forwarded, {} MiB)",
+        "  ({} frames forwarded, {} MiB; {:.0}% of the replicated time is spent in checkpoints, \
+         i.e. waiting for the secondary to catch up)",
         stats.forwarded_frames,
-        stats.forwarded_bytes >> 20
+        stats.forwarded_bytes >> 20,
+        100.0 * median(&mut cp_share)
     );
 }
 
