@@ -1,0 +1,424 @@
+//! The primary's replication link: the bounded in-flight window, the sender thread and
+//! the acknowledgement thread.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, IoSlice};
+use std::net::TcpStream;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::{Error, Result};
+use crate::frame_io::{read_frame, write_all_vectored};
+use crate::wire::{Frame, HEADER_LEN};
+
+/// Most frames the sender gathers into one `writev`.
+const SEND_BATCH_FRAMES: usize = 64;
+/// Most payload bytes the sender gathers into one `writev`.
+const SEND_BATCH_BYTES: usize = 4 << 20;
+
+/// The state of the primary's replication, as the VMM and the controller see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplicationState {
+    /// No secondary: writes go to the local disk only.
+    Unprotected,
+    /// A full copy to a new secondary is running while writes go on.
+    Resyncing,
+    /// Every write is forwarded; checkpoints wait for the secondary.
+    Replicating,
+    /// The link failed; writes go to the local disk only. A new secondary needs a resync.
+    Lost(String),
+}
+
+/// One queued frame and its payload.
+pub(crate) type Outgoing = (Frame, Vec<u8>);
+
+#[derive(Debug)]
+pub(crate) struct LinkState {
+    pub mode: ReplicationState,
+    /// Bumped by every attach, so that threads of an old connection cannot touch the
+    /// state of a new one.
+    pub generation: u64,
+    pub next_seq: u64,
+    pub acked: u64,
+    inflight: VecDeque<(u64, u64)>,
+    pub inflight_bytes: u64,
+    pub tx: Option<Sender<Outgoing>>,
+    pub sock: Option<TcpStream>,
+    pub secondary_buffered: u64,
+    pub forwarded_frames: u64,
+    pub forwarded_bytes: u64,
+    pub last_epoch: u64,
+    pub last_marker_seq: Option<u64>,
+    /// The local disk holds writes the secondary never got (written unprotected).
+    pub diverged: bool,
+    /// The sender thread of the current generation has not exited yet.
+    pub sender_running: bool,
+}
+
+impl LinkState {
+    pub fn new() -> Self {
+        Self {
+            mode: ReplicationState::Unprotected,
+            generation: 0,
+            next_seq: 1,
+            acked: 0,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            tx: None,
+            sock: None,
+            secondary_buffered: 0,
+            forwarded_frames: 0,
+            forwarded_bytes: 0,
+            last_epoch: 0,
+            last_marker_seq: None,
+            diverged: false,
+            sender_running: false,
+        }
+    }
+
+    /// A replicating link state with frames 1..=`frames` in flight, for fuzzing the
+    /// acknowledgement decoder.
+    pub fn for_fuzz(frames: u64) -> Self {
+        let mut s = Self::new();
+        s.mode = ReplicationState::Replicating;
+        for seq in 1..=frames {
+            s.inflight.push_back((seq, 512));
+            s.inflight_bytes += 512;
+        }
+        s.next_seq = frames + 1;
+        s
+    }
+
+    pub fn linked(&self) -> bool {
+        matches!(
+            self.mode,
+            ReplicationState::Replicating | ReplicationState::Resyncing
+        )
+    }
+
+    pub fn inflight_frames(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Starts a new connection's bookkeeping.
+    pub fn reset_for(&mut self, mode: ReplicationState, tx: Sender<Outgoing>, sock: TcpStream) {
+        self.mode = mode;
+        self.generation += 1;
+        self.next_seq = 1;
+        self.acked = 0;
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+        self.tx = Some(tx);
+        self.sock = Some(sock);
+        self.secondary_buffered = 0;
+        self.last_epoch = 0;
+        self.last_marker_seq = None;
+        self.sender_running = true;
+    }
+
+    /// Ends the link with `reason`: the primary runs unprotected from here on.
+    pub fn lose(&mut self, reason: String) {
+        if !self.linked() {
+            return;
+        }
+        tracing::warn!(%reason, "primary: replication to the secondary lost; running unprotected");
+        self.mode = ReplicationState::Lost(reason);
+        self.diverged = true;
+        self.close();
+    }
+
+    /// Drops the channel (the sender drains it and exits) and shuts the socket down.
+    pub fn close(&mut self) {
+        self.tx = None;
+        if let Some(s) = self.sock.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+    }
+
+    /// Applies one frame from the secondary. Returns whether to keep reading.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] for an acknowledgement of a frame never sent or going
+    /// backwards, or for a frame the secondary never sends; [`Error::Rejected`] when the
+    /// secondary refused something.
+    pub fn on_frame(&mut self, frame: Frame, payload: &[u8]) -> Result<bool> {
+        match frame {
+            Frame::Ack { seq, buffered } => {
+                if seq < self.acked || seq >= self.next_seq {
+                    return Err(Error::Protocol(format!(
+                        "acknowledgement of frame {seq}, outside {}..{}",
+                        self.acked, self.next_seq
+                    )));
+                }
+                while let Some(&(s, b)) = self.inflight.front() {
+                    if s > seq {
+                        break;
+                    }
+                    self.inflight.pop_front();
+                    self.inflight_bytes -= b;
+                }
+                self.acked = seq;
+                self.secondary_buffered = buffered;
+                Ok(true)
+            }
+            Frame::Reject { .. } => Err(Error::Rejected(
+                String::from_utf8_lossy(payload).into_owned(),
+            )),
+            Frame::Goodbye => Ok(false),
+            other => Err(Error::Protocol(format!(
+                "unexpected {other:?} from the secondary"
+            ))),
+        }
+    }
+}
+
+/// Payload buffers kept for reuse, at most.
+const POOL_BUFFERS: usize = 256;
+/// Largest payload buffer kept for reuse.
+const POOL_MAX_CAPACITY: usize = 256 << 10;
+
+/// The link state, shared by the API and the link's threads.
+#[derive(Debug)]
+pub(crate) struct Link {
+    st: Mutex<LinkState>,
+    cond: Condvar,
+    /// Payload buffers the sender has finished with, for the next writes: memory that
+    /// stays touched instead of fresh allocations that fault their pages in again.
+    pool_tx: Sender<Vec<u8>>,
+    pool_rx: Receiver<Vec<u8>>,
+}
+
+impl Link {
+    pub fn new() -> Self {
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL_BUFFERS);
+        Self {
+            st: Mutex::new(LinkState::new()),
+            cond: Condvar::new(),
+            pool_tx,
+            pool_rx,
+        }
+    }
+
+    /// A copy of `data` in a pooled buffer when one is free.
+    pub fn payload(&self, data: &[u8]) -> Vec<u8> {
+        match self.pool_rx.try_recv() {
+            Ok(mut v) => {
+                v.clear();
+                v.extend_from_slice(data);
+                v
+            }
+            Err(_) => data.to_vec(),
+        }
+    }
+
+    fn recycle(&self, v: Vec<u8>) {
+        if (4096..=POOL_MAX_CAPACITY).contains(&v.capacity()) {
+            let _ = self.pool_tx.try_send(v);
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn notify(&self) {
+        self.cond.notify_all();
+    }
+
+    /// Queues a frame once the window has room for it. Returns its sequence number, or
+    /// `None` if the link is not up (the write stays local). A window that stays full for
+    /// `stall` ends the link: a stuck secondary must not stop the primary's guest.
+    pub fn enqueue(
+        &self,
+        make: impl FnOnce(u64) -> Frame,
+        payload: Vec<u8>,
+        window_frames: usize,
+        window_bytes: u64,
+        stall: Duration,
+    ) -> Option<u64> {
+        let bytes = payload.len() as u64;
+        let deadline = Instant::now() + stall;
+        let mut st = self.lock();
+        loop {
+            if !st.linked() {
+                return None;
+            }
+            let full = st.inflight.len() >= window_frames
+                || (!st.inflight.is_empty() && st.inflight_bytes + bytes > window_bytes);
+            if !full {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.lose(format!(
+                    "the in-flight window stayed full for {stall:?}: the secondary stopped acknowledging"
+                ));
+                drop(st);
+                self.notify();
+                return None;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let seq = st.next_seq;
+        let frame = make(seq);
+        let tx = st.tx.as_ref().expect("a linked state has a channel");
+        // The channel holds at most the frames in flight, so this never blocks.
+        if tx.send((frame, payload)).is_err() {
+            st.lose("the sender thread is gone".into());
+            drop(st);
+            self.notify();
+            return None;
+        }
+        st.next_seq += 1;
+        st.inflight.push_back((seq, bytes));
+        st.inflight_bytes += bytes;
+        st.forwarded_frames += 1;
+        st.forwarded_bytes += bytes;
+        Some(seq)
+    }
+
+    /// Waits until frame `seq` is acknowledged.
+    ///
+    /// # Errors
+    /// [`Error::ReplicationLost`] if the link ends first, [`Error::WrongState`] if
+    /// replication was stopped, [`Error::Timeout`].
+    pub fn wait_acked(&self, seq: u64, timeout: Duration, what: &'static str) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            match &st.mode {
+                ReplicationState::Lost(r) => return Err(Error::ReplicationLost(r.clone())),
+                ReplicationState::Unprotected => {
+                    return Err(Error::WrongState {
+                        op: "waiting for the secondary",
+                        state: "replication was stopped",
+                    });
+                }
+                _ => {}
+            }
+            if st.acked >= seq {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout, what));
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits at most `limit` for the current sender thread to exit; returns whether it
+    /// did.
+    pub fn wait_sender_exit(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        while st.sender_running {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Ends the link of `generation` (if it is still the current one) with `reason`.
+    pub fn lose(&self, generation: u64, reason: String) {
+        let mut st = self.lock();
+        if st.generation == generation {
+            st.lose(reason);
+        }
+        drop(st);
+        self.notify();
+    }
+}
+
+/// The sender thread: drains the queue, gathering frames into large `writev`s.
+pub(crate) fn run_sender(
+    link: &Link,
+    rx: Receiver<Outgoing>,
+    mut sock: TcpStream,
+    generation: u64,
+) {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH_FRAMES);
+    let mut headers: Vec<[u8; HEADER_LEN]> = Vec::with_capacity(SEND_BATCH_FRAMES);
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.1.len();
+        batch.push(first);
+        while batch.len() < SEND_BATCH_FRAMES && bytes < SEND_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(x) => {
+                    bytes += x.1.len();
+                    batch.push(x);
+                }
+                Err(_) => break,
+            }
+        }
+        headers.clear();
+        headers.extend(batch.iter().map(|(f, _)| f.to_bytes()));
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for (h, (_, p)) in headers.iter().zip(&batch) {
+            slices.push(IoSlice::new(h));
+            if !p.is_empty() {
+                slices.push(IoSlice::new(p));
+            }
+        }
+        if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+            link.lose(generation, format!("cannot send to the secondary: {e}"));
+            return;
+        }
+        drop(slices);
+        for (_, p) in batch.drain(..) {
+            link.recycle(p);
+        }
+    }
+}
+
+/// The acknowledgement thread: reads the secondary's frames until the link ends.
+pub(crate) fn run_acker(link: &Link, sock: TcpStream, generation: u64) {
+    let mut r = BufReader::with_capacity(4096, sock);
+    let mut payload = Vec::new();
+    loop {
+        let frame = read_frame(&mut r, &mut payload);
+        let mut st = link.lock();
+        if st.generation != generation || !st.linked() {
+            return;
+        }
+        let keep = frame.and_then(|f| st.on_frame(f, &payload));
+        match keep {
+            Ok(true) => {
+                drop(st);
+                link.notify();
+            }
+            Ok(false) => {
+                st.lose("the secondary said goodbye".into());
+                drop(st);
+                link.notify();
+                return;
+            }
+            Err(e) => {
+                st.lose(e.to_string());
+                drop(st);
+                link.notify();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The secondary side: the disk buffer behind the secondary VM's block device, fed by the
+//! primary's forwarded writes.
+//!
+//! ```text
+//!  primary write  ─▶ copy originals of sectors not yet in hidden ─▶ hidden buffer
+//!                 └▶ write the primary's data ───────────────────▶ secondary disk
+//!  SVM write      ─────────────────────────────────────────────────▶ active buffer
+//!  SVM read       ◀─ active, else hidden, else secondary disk
+//!  commit(epoch)  ─ drop hidden and active: the disk equals the primary's at the checkpoint
+//!  failover()     ─ hidden back onto the disk (undo the uncommitted epoch), then active
+//!                   onto it (the SVM keeps its own view), fdatasync; replication stops
+//! ```
+//!
+//! After the primary's end-of-epoch marker the receiver stops reading the stream until the
+//! controller commits that epoch or fails over, so writes of the next epoch never mix with
+//! the one being committed (they wait in the primary's window and the socket).
+
+mod receiver;
+
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::backend::BlockBackend;
+use crate::buffer::{BufferOptions, BufferStats, DiskBuffer};
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::wire::SyncMode;
+
+/// Where a secondary is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecondaryPhase {
+    /// No primary has connected yet.
+    Waiting,
+    /// A full copy from the primary is running; the disk is not usable yet.
+    Syncing,
+    /// Following the primary epoch by epoch; the SVM uses the disk buffer.
+    Replicating,
+    /// Failed over: the disk is a plain disk holding the SVM's view.
+    FailedOver,
+}
+
+impl SecondaryPhase {
+    fn words(self) -> &'static str {
+        match self {
+            Self::Waiting => "no primary has connected",
+            Self::Syncing => "the resync is incomplete",
+            Self::Replicating => "replicating",
+            Self::FailedOver => "failed over",
+        }
+    }
+}
+
+/// What a secondary reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SecondaryStats {
+    /// The disk buffer.
+    pub buffer: BufferStats,
+    /// The last committed epoch.
+    pub committed: u64,
+    /// The last end-of-epoch marker received.
+    pub last_marker: Option<u64>,
+    /// The sequence number of the last frame applied.
+    pub applied_seq: u64,
+    /// Primary writes applied.
+    pub writes: u64,
+    /// Bytes of primary writes applied.
+    pub write_bytes: u64,
+    /// Bytes of the full copy applied.
+    pub sync_bytes: u64,
+    /// Why the link to the primary ended, once it has.
+    pub link_error: Option<String>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommitStats {
+    /// The committed epoch.
+    pub epoch: u64,
+    /// The buffer as it was just before it was dropped.
+    pub dropped: BufferStats,
+    /// How long the drop took.
+    pub drop_time: Duration,
+}
+
+/// What a failover did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailoverStats {
+    /// The last committed epoch: the disk is the primary's as of it, plus the SVM's writes.
+    pub committed: u64,
+    /// Bytes of original sectors written back (the uncommitted epoch undone).
+    pub rolled_back_bytes: u64,
+    /// Bytes of SVM writes flushed into the disk.
+    pub kept_bytes: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub buf: DiskBuffer,
+    pub phase: SecondaryPhase,
+    pub committed: u64,
+    pub last_marker: Option<u64>,
+    pub applied_seq: u64,
+    pub stop: bool,
+    pub link: Option<TcpStream>,
+    pub link_error: Option<String>,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub sync_bytes: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub st: Mutex<State>,
+    pub cond: Condvar,
+    pub disk_len: u64,
+}
+
+impl Inner {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn new(disk: Disk, opts: &BufferOptions) -> Self {
+        let disk_len = disk.len();
+        Self {
+            st: Mutex::new(State {
+                buf: DiskBuffer::new(disk, opts),
+                phase: SecondaryPhase::Waiting,
+                committed: 0,
+                last_marker: None,
+                applied_seq: 0,
+                stop: false,
+                link: None,
+                link_error: None,
+                writes: 0,
+                write_bytes: 0,
+                sync_bytes: 0,
+            }),
+            cond: Condvar::new(),
+            disk_len,
+        }
+    }
+}
+
+/// The secondary's disk: a [`BlockBackend`] for the SVM over the disk buffer, fed by one
+/// primary connection.
+///
+/// ```
+/// use std::time::Duration;
+/// use colo_blk::{BlockBackend, BufferOptions, Disk, PrimaryDisk, PrimaryOptions,
+///                SecondaryDisk, SyncMode};
+///
+/// let t = Duration::from_secs(10);
+/// let image = |n| { let f = tempfile::tempfile()?; f.set_len(n)?; Ok::<_, std::io::Error>(f) };
+/// let primary = PrimaryDisk::new(Disk::from_file(image(1 << 20)?)?, PrimaryOptions::default());
+/// let secondary = SecondaryDisk::new(Disk::from_file(image(1 << 20)?)?, BufferOptions::default());
+///
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let addr = listener.local_addr()?;
+/// let s = std::thread::spawn(move || -> colo_blk::Result<SecondaryDisk> {
+///     let (conn, _) = listener.accept().unwrap();
+///     secondary.serve(conn, t)?;
+///     Ok(secondary)
+/// });
+/// primary.attach(std::net::TcpStream::connect(addr)?, SyncMode::InSync, t)?;
+/// let secondary = s.join().unwrap()?;
+///
+/// primary.write_at(4096, &[1; 512])?;          // the guest writes; forwarded at once
+/// secondary.write_at(8192, &[2; 512])?;        // the SVM writes into its active buffer
+/// primary.checkpoint_barrier(1, t)?;           // the epoch's "disk acknowledged" step
+/// secondary.commit(1, t)?;                     // the secondary drops its buffer
+/// let mut b = [0u8; 512];
+/// secondary.read_at(4096, &mut b)?;
+/// assert_eq!(b, [1; 512]);                     // the primary's write is on its disk
+/// secondary.read_at(8192, &mut b)?;
+/// assert_eq!(b, [0; 512]);                     // the SVM's own write was dropped
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SecondaryDisk {
+    inner: Arc<Inner>,
+    receiver: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SecondaryDisk {
+    /// A secondary over `disk`, waiting for its primary.
+    pub fn new(disk: Disk, opts: BufferOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner::new(disk, &opts)),
+            receiver: Mutex::new(None),
+        }
+    }
+
+    /// Takes the primary's connection: runs the handshake (within `timeout`) and starts
+    /// the receiver thread. Returns the mode the primary asked for: after
+    /// [`SyncMode::Resync`] the disk is usable once [`wait_synced`](Self::wait_synced)
+    /// returns.
+    ///
+    /// # Errors
+    /// [`Error::WrongState`] if a primary was already served (a secondary is used once),
+    /// [`Error::Handshake`] on a disk size mismatch (the primary is told why), a
+    /// decoding error, [`Error::Timeout`], or [`Error::Thread`].
+    pub fn serve(&self, stream: TcpStream, timeout: Duration) -> Result<SyncMode> {
+        let phase = self.inner.lock().phase;
+        if phase != SecondaryPhase::Waiting {
+            return Err(Error::WrongState {
+                op: "serving a primary",
+                state: "a primary was already served",
+            });
+        }
+        let mode = receiver::handshake(&stream, self.inner.disk_len, timeout)?;
+        {
+            let mut st = self.inner.lock();
+            st.phase = match mode {
+                SyncMode::Resync => SecondaryPhase::Syncing,
+                SyncMode::InSync => SecondaryPhase::Replicating,
+            };
+            st.link = Some(stream.try_clone().map_err(|source| Error::SocketOption {
+                option: "dup",
+                source,
+            })?);
+        }
+        let inner = Arc::clone(&self.inner);
+        let h = std::thread::Builder::new()
+            .name("colo-blk-rx".into())
+            .spawn(move || receiver::run(&inner, stream))
+            .map_err(Error::Thread)?;
+        *self.receiver.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        tracing::info!(?mode, "secondary: primary connected");
+        Ok(mode)
+    }
+
+    /// Waits until a resync has finished (the disk equals the primary's).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], or [`Error::ReplicationLost`] if the link ended first.
+    pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.lock();
+        loop {
+            match st.phase {
+                SecondaryPhase::Replicating | SecondaryPhase::FailedOver => return Ok(()),
+                _ if st.link_error.is_some() => {
+                    return Err(Error::ReplicationLost(
+                        st.link_error.clone().unwrap_or_default(),
+                    ));
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout, "the resync to finish"));
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Commits `epoch`: waits (at most `timeout`) for the primary's end-of-epoch marker,
+    /// then drops both buffers. Afterwards the disk equals the primary's as of the
+    /// checkpoint, and the receiver goes on with the next epoch's writes. Call it when the
+    /// whole epoch (RAM and device state) has arrived.
+    ///
+    /// # Errors
+    /// [`Error::WrongState`] unless replicating, [`Error::EpochOrder`] for an epoch not
+    /// above the last committed one, [`Error::EpochNotReady`] if the marker did not
+    /// arrive in time (or the link ended without it), or a spill file error.
+    pub fn commit(&self, epoch: u64, timeout: Duration) -> Result<CommitStats> {
+        let span = tracing::info_span!("blk_commit", epoch);
+        let _g = span.enter();
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.lock();
+        loop {
+            if st.phase != SecondaryPhase::Replicating {
+                return Err(Error::WrongState {
+                    op: "commit",
+                    state: st.phase.words(),
+                });
+            }
+            if epoch <= st.committed {
+                return Err(Error::EpochOrder {
+                    epoch,
+                    after: st.committed,
+                });
+            }
+            if st.last_marker == Some(epoch) {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline || st.link_error.is_some() {
+                return Err(Error::EpochNotReady {
+                    epoch,
+                    last: st.last_marker,
+                });
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let dropped = st.buf.stats();
+        let t = Instant::now();
+        st.buf.drop_all()?;
+        let drop_time = t.elapsed();
+        st.committed = epoch;
+        drop(st);
+        self.inner.cond.notify_all();
+        tracing::debug!(
+            ?drop_time,
+            extents = dropped.hidden_extents + dropped.active_extents,
+            "disk buffer dropped"
+        );
+        Ok(CommitStats {
+            epoch,
+            dropped,
+            drop_time,
+        })
+    }
+
+    /// Fails over: stops the receiver (closing the primary's connection), writes the
+    /// hidden originals back (undoing every primary write after the last committed
+    /// checkpoint), writes the active buffer over them, and syncs the disk. Afterwards
+    /// the disk is the primary's as of the last commit plus the SVM's own writes since,
+    /// and reads and writes go straight to it.
+    ///
+    /// # Errors
+    /// [`Error::WrongState`] unless replicating (before a resync has finished the disk
+    /// is not usable), or an I/O error of the flush.
+    pub fn failover(&self) -> Result<FailoverStats> {
+        let span = tracing::info_span!("blk_failover");
+        let _g = span.enter();
+        self.stop_receiver();
+        let mut st = self.inner.lock();
+        if st.phase != SecondaryPhase::Replicating {
+            return Err(Error::WrongState {
+                op: "failover",
+                state: st.phase.words(),
+            });
+        }
+        let b = st.buf.stats();
+        st.buf.flush_into_disk()?;
+        st.phase = SecondaryPhase::FailedOver;
+        let stats = FailoverStats {
+            committed: st.committed,
+            rolled_back_bytes: b.hidden_bytes,
+            kept_bytes: b.active_bytes,
+        };
+        drop(st);
+        self.inner.cond.notify_all();
+        tracing::info!(?stats, "secondary failed over");
+        Ok(stats)
+    }
+
+    fn stop_receiver(&self) {
+        {
+            let mut st = self.inner.lock();
+            st.stop = true;
+            if let Some(s) = st.link.take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        self.inner.cond.notify_all();
+        if let Some(h) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> SecondaryPhase {
+        self.inner.lock().phase
+    }
+
+    /// Counters, the buffer's size and the link's state.
+    pub fn stats(&self) -> SecondaryStats {
+        let st = self.inner.lock();
+        SecondaryStats {
+            buffer: st.buf.stats(),
+            committed: st.committed,
+            last_marker: st.last_marker,
+            applied_seq: st.applied_seq,
+            writes: st.writes,
+            write_bytes: st.write_bytes,
+            sync_bytes: st.sync_bytes,
+            link_error: st.link_error.clone(),
+        }
+    }
+
+    /// The disk's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.disk_len
+    }
+
+    /// Whether the disk is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.inner.disk_len == 0
+    }
+
+    /// An SVM read: active over hidden over disk (the disk alone after failover).
+    ///
+    /// # Errors
+    /// A span error, [`Error::WrongState`] before the disk is usable, or an I/O error.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.inner.lock();
+        st.buf.disk().check(offset, buf.len() as u64)?;
+        match st.phase {
+            SecondaryPhase::Replicating => st.buf.svm_read(offset, buf),
+            SecondaryPhase::FailedOver => st.buf.disk().read_unchecked(offset, buf),
+            p => Err(Error::WrongState {
+                op: "an SVM read",
+                state: p.words(),
+            }),
+        }
+    }
+
+    /// An SVM write: into the active buffer (straight to the disk after failover).
+    ///
+    /// # Errors
+    /// A span error, [`Error::WrongState`] before the disk is usable, or an I/O error.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut st = self.inner.lock();
+        st.buf.disk().check(offset, data.len() as u64)?;
+        match st.phase {
+            SecondaryPhase::Replicating => st.buf.svm_write(offset, data),
+            SecondaryPhase::FailedOver => st.buf.disk().write_unchecked(offset, data),
+            p => Err(Error::WrongState {
+                op: "an SVM write",
+                state: p.words(),
+            }),
+        }
+    }
+
+    /// An SVM flush. While replicating there is nothing to do: the SVM's writes are only
+    /// kept if it takes over, and [`failover`](Self::failover) syncs them to the disk.
+    /// After failover it syncs the disk.
+    ///
+    /// # Errors
+    /// [`Error::DiskFlush`].
+    pub fn flush(&self) -> Result<()> {
+        let st = self.inner.lock();
+        match st.phase {
+            SecondaryPhase::FailedOver => st.buf.disk().sync(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for SecondaryDisk {
+    fn drop(&mut self) {
+        self.stop_receiver();
+    }
+}
+
+impl BlockBackend for SecondaryDisk {
+    fn len(&self) -> u64 {
+        SecondaryDisk::len(self)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        SecondaryDisk::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        SecondaryDisk::write_at(self, offset, data)
+    }
+    fn flush(&self) -> Result<()> {
+        SecondaryDisk::flush(self)
+    }
+}
+
+/// Runs the receive loop over in-memory input for the fuzz targets, committing every
+/// epoch at its marker.
+pub(crate) fn serve_for_fuzz(inner: &Inner, input: &[u8], acks: &mut Vec<u8>) -> Result<()> {
+    receiver::serve_loop(inner, input, acks, None)
+}

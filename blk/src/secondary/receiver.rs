@@ -1,0 +1,282 @@
+//! The secondary's receiver: the handshake, then one thread applying the primary's frames
+//! in order and acknowledging them.
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::{Inner, SecondaryPhase, State};
+use crate::error::{Error, Result};
+use crate::frame_io::{read_frame, send_reject, write_frame};
+use crate::wire::{Frame, MAX_WRITE_BYTES, SyncMode};
+
+/// Frames applied between two acknowledgements at most, when more input is already
+/// buffered (otherwise every time the input buffer runs dry).
+const ACK_EVERY: u32 = 64;
+
+/// Bytes of input buffered. Headers and small frames come out of the buffer; the part
+/// of a payload of this size or more that is not buffered yet is read straight into the
+/// payload buffer (one copy fewer for large writes).
+const READ_BUFFER: usize = 32 << 10;
+
+/// Runs the secondary's half of the handshake on a fresh connection.
+pub(crate) fn handshake(stream: &TcpStream, disk_len: u64, timeout: Duration) -> Result<SyncMode> {
+    let opt =
+        |option, r: std::io::Result<()>| r.map_err(|source| Error::SocketOption { option, source });
+    opt("TCP_NODELAY", stream.set_nodelay(true))?;
+    opt("SO_RCVTIMEO", stream.set_read_timeout(Some(timeout)))?;
+    let mut payload = Vec::new();
+    let mut s = stream;
+    let frame = read_frame(&mut s, &mut payload).map_err(|e| match e {
+        Error::Timeout(..) => Error::Timeout(timeout, "the primary's hello"),
+        e => e,
+    })?;
+    let mode = match frame {
+        Frame::Hello {
+            disk_len: theirs,
+            mode,
+        } => {
+            if theirs != disk_len {
+                let why = format!(
+                    "disk size mismatch: the primary's disk has {theirs} bytes, the secondary's {disk_len}"
+                );
+                let _ = send_reject(&mut s, &why);
+                return Err(Error::Handshake(why));
+            }
+            mode
+        }
+        other => {
+            let why = format!("expected a hello, got {other:?}");
+            let _ = send_reject(&mut s, &why);
+            return Err(Error::Protocol(why));
+        }
+    };
+    write_frame(&mut s, Frame::HelloAck { disk_len }, &[])?;
+    opt("SO_RCVTIMEO", stream.set_read_timeout(None))?;
+    Ok(mode)
+}
+
+/// The receiver thread's body: serves the stream, then records why it ended.
+pub(crate) fn run(inner: &Inner, stream: TcpStream) {
+    let r = match stream.try_clone() {
+        Ok(reader) => serve_loop(inner, reader, &stream, Some(&stream)),
+        Err(source) => Err(Error::SocketOption {
+            option: "dup",
+            source,
+        }),
+    };
+    let mut st = inner.lock();
+    let why = match r {
+        _ if st.stop => "stopped by this side".to_string(),
+        Ok(()) => "the primary said goodbye".to_string(),
+        Err(e) => {
+            tracing::warn!(error = %e, "secondary: replication link ended");
+            e.to_string()
+        }
+    };
+    st.link_error = Some(why);
+    st.link = None;
+    drop(st);
+    inner.cond.notify_all();
+}
+
+/// What the loop does after a frame.
+enum Next {
+    Continue,
+    AckNow,
+    /// Acknowledge, then wait until this epoch is committed.
+    Pause(u64),
+    Stop,
+}
+
+/// How often a receiver paused at an epoch marker checks whether the primary is gone.
+const PAUSED_PROBE: Duration = Duration::from_millis(50);
+
+/// Whether the peer of `s` has closed its side (or the connection failed), even with
+/// bytes still waiting to be read (the next epoch's writes): `poll` with `POLLRDHUP`.
+#[allow(unsafe_code)]
+fn peer_gone(s: &TcpStream) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one initialized pollfd living across the call and nfds is 1, so the
+    // kernel reads and writes only it; the fd is open (borrowed from `s`); a zero timeout
+    // never blocks.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Error::Recv(e));
+    }
+    Ok(r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Applies frames from `reader` until Goodbye, an error, or a stop request, and sends
+/// acknowledgements to `writer`. Paused at an epoch marker, it waits for the commit and
+/// meanwhile checks `probe` for a primary that went away; without a probe (fuzzing:
+/// there is no controller) every epoch commits as soon as its marker arrives.
+pub(crate) fn serve_loop<R: Read, W: Write>(
+    inner: &Inner,
+    reader: R,
+    mut writer: W,
+    probe: Option<&TcpStream>,
+) -> Result<()> {
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut payload = Vec::with_capacity(MAX_WRITE_BYTES as usize);
+    let mut since_ack = 0u32;
+    let mut acked = 0u64;
+    loop {
+        let frame = match read_frame(&mut reader, &mut payload) {
+            Ok(f) => f,
+            Err(e) => {
+                if !matches!(
+                    e,
+                    Error::PeerClosed | Error::Truncated { .. } | Error::Recv(_)
+                ) {
+                    let _ = send_reject(&mut writer, &e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        let mut st = inner.lock();
+        if st.stop {
+            return Ok(());
+        }
+        let next = match apply(&mut st, inner.disk_len, frame, &payload) {
+            Ok(n) => n,
+            Err(e) => {
+                drop(st);
+                let _ = send_reject(&mut writer, &e.to_string());
+                return Err(e);
+            }
+        };
+        since_ack += 1;
+        if !matches!(next, Next::Continue) {
+            inner.cond.notify_all();
+        }
+        let ack_now = match next {
+            Next::Stop => return Ok(()),
+            Next::Continue => since_ack >= ACK_EVERY || reader.buffer().is_empty(),
+            Next::AckNow | Next::Pause(_) => true,
+        };
+        if ack_now && st.applied_seq > acked {
+            let ack = Frame::Ack {
+                seq: st.applied_seq,
+                buffered: st.buf.stats().footprint(),
+            };
+            acked = st.applied_seq;
+            since_ack = 0;
+            drop(st);
+            write_frame(&mut writer, ack, &[])?;
+            st = inner.lock();
+        }
+        if let Next::Pause(epoch) = next {
+            let Some(probe) = probe else {
+                st.buf.drop_all()?;
+                st.committed = epoch;
+                continue;
+            };
+            while st.committed < epoch && !st.stop && st.phase == SecondaryPhase::Replicating {
+                st = inner
+                    .cond
+                    .wait_timeout(st, PAUSED_PROBE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if st.committed < epoch && !st.stop && peer_gone(probe)? {
+                    return Err(Error::PeerClosed);
+                }
+            }
+            if st.stop {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Checks one frame against the state and applies it.
+fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<Next> {
+    if let Some(seq) = frame.seq() {
+        if matches!(frame, Frame::Ack { .. }) {
+            return Err(Error::Protocol("an Ack frame from the primary".into()));
+        }
+        if seq != st.applied_seq.wrapping_add(1) {
+            return Err(Error::Protocol(format!(
+                "frame sequence {seq} where {} was due",
+                st.applied_seq.wrapping_add(1)
+            )));
+        }
+    }
+    frame.check_disk(disk_len)?;
+    let wrong = |what: &str, st: &State| {
+        Err(Error::Protocol(format!(
+            "{what} while {}",
+            st.phase.words()
+        )))
+    };
+    let next = match frame {
+        Frame::Write { seq, offset, .. } => {
+            if st.phase != SecondaryPhase::Replicating {
+                return wrong("a write", st);
+            }
+            st.buf.primary_write(offset, payload)?;
+            st.applied_seq = seq;
+            st.writes += 1;
+            st.write_bytes += payload.len() as u64;
+            Next::Continue
+        }
+        Frame::SyncData { seq, offset, .. } => {
+            if st.phase != SecondaryPhase::Syncing {
+                return wrong("resync data", st);
+            }
+            st.buf.direct_write(offset, payload)?;
+            st.applied_seq = seq;
+            st.sync_bytes += payload.len() as u64;
+            Next::Continue
+        }
+        Frame::SyncDone { seq, epoch } => {
+            if st.phase != SecondaryPhase::Syncing {
+                return wrong("the end of a resync", st);
+            }
+            st.buf.disk().sync()?;
+            st.phase = SecondaryPhase::Replicating;
+            st.committed = epoch;
+            st.applied_seq = seq;
+            tracing::info!(epoch, "secondary: resync complete");
+            Next::AckNow
+        }
+        Frame::Flush { seq } => {
+            st.buf.disk().sync()?;
+            st.applied_seq = seq;
+            Next::AckNow
+        }
+        Frame::Checkpoint { seq, epoch } => {
+            if st.phase != SecondaryPhase::Replicating {
+                return wrong("an epoch marker", st);
+            }
+            let after = st.last_marker.unwrap_or(0).max(st.committed);
+            if epoch <= after {
+                return Err(Error::EpochOrder { epoch, after });
+            }
+            st.last_marker = Some(epoch);
+            st.applied_seq = seq;
+            Next::Pause(epoch)
+        }
+        Frame::Goodbye => Next::Stop,
+        Frame::Reject { .. } => {
+            return Err(Error::Rejected(
+                String::from_utf8_lossy(payload).into_owned(),
+            ));
+        }
+        other => {
+            return Err(Error::Protocol(format!(
+                "unexpected {other:?} from the primary"
+            )));
+        }
+    };
+    Ok(next)
+}

@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: disk images in temporary files, connecting a
+//! primary to a secondary on loopback, deterministic data, and child processes.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use colo_blk::{Disk, PrimaryDisk, SecondaryDisk, SyncMode};
+
+/// The bound on every wait in the tests.
+pub const T: Duration = Duration::from_secs(20);
+
+/// A deterministic byte pattern.
+pub fn pattern(seed: u64, out: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xBF58_476D_1CE4_E5B9;
+    for chunk in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// `len` bytes of pattern `seed`.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    pattern(seed, &mut v);
+    v
+}
+
+/// A temporary file holding `content`, and a second handle on it for checking.
+pub fn image(content: &[u8]) -> (Disk, File) {
+    let mut f = tempfile::tempfile().expect("tempfile");
+    f.write_all(content).expect("fill image");
+    let check = f.try_clone().expect("dup");
+    (Disk::from_file(f).expect("disk"), check)
+}
+
+/// The whole content of a file.
+pub fn contents(f: &File) -> Vec<u8> {
+    let n = f.metadata().expect("stat").len() as usize;
+    let mut v = vec![0u8; n];
+    f.read_exact_at(&mut v, 0).expect("read image");
+    v
+}
+
+/// Connects `primary` to `secondary` over loopback TCP with `mode`.
+pub fn connect(primary: &PrimaryDisk, secondary: &SecondaryDisk, mode: SyncMode) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let (c, _) = l.accept().expect("accept");
+            secondary.serve(c, T).expect("serve")
+        });
+        primary
+            .attach(TcpStream::connect(addr).expect("connect"), mode, T)
+            .expect("attach");
+        assert_eq!(h.join().expect("serve thread"), mode);
+    });
+}
+
+/// Waits for `cond` at most `limit`, polling.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The environment variable that tells a child which role to play.
+pub const ROLE_VAR: &str = "COLO_BLK_TEST_CHILD_ROLE";
+
+/// Starts this test binary again, running only `entry`, with `role` and extra env vars.
+pub fn spawn_child(entry: &str, role: &str, env: &[(&str, String)]) -> Child {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut c = Command::new(exe);
+    c.args([
+        "--exact",
+        entry,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(ROLE_VAR, role)
+    .stdout(Stdio::inherit())
+    .stderr(Stdio::inherit());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn child process")
+}
+
+/// Waits for `child` at most `limit`, killing it if it overruns; returns whether it
+/// succeeded.
+pub fn wait_child(mut child: Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait child") {
+            return st.success();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
