@@ -4,6 +4,8 @@
 //! the two sides of a COLO pair; `colo proxy` runs the compare proxy on its own; `colo
 //! bench` measures colo's parts.
 
+extern crate alloc;
+
 mod bench;
 mod colo;
 mod guest_image;

@@ -148,6 +148,20 @@ impl VmArgs {
     /// # Errors
     /// Bad arguments, a bad image or disk, a tap that cannot be attached, a KVM failure.
     pub fn build(&self, name: &str, console: ConsoleSink) -> Result<Machine> {
+        self.build_with(name, console, |_| Ok(None))
+    }
+
+    /// As [`VmArgs::build`], with the disk backend made by `disk` from the checked image
+    /// (block replication); `None` keeps the plain image.
+    ///
+    /// # Errors
+    /// As [`VmArgs::build`], or `disk`'s error.
+    pub fn build_with(
+        &self,
+        name: &str,
+        console: ConsoleSink,
+        disk: impl FnOnce(colo_blk::Disk) -> Result<Option<std::sync::Arc<dyn colo_blk::BlockBackend>>>,
+    ) -> Result<Machine> {
         let guest = parse_cidr(&self.guest_ip)?;
         let image = match &self.image {
             Some(p) => {
@@ -163,7 +177,7 @@ impl VmArgs {
             )));
         }
         prepare_disk(&self.disk, self.disk_size)?;
-        crate::vm::devices::blk::RawDisk::open(&self.disk)?;
+        let disk_backend = disk(crate::vm::devices::blk::open_raw(&self.disk)?)?;
         let net = match &self.net_socket {
             Some(p) => {
                 let s = std::os::unix::net::UnixStream::connect(p)
@@ -187,6 +201,7 @@ impl VmArgs {
             ram: self.ram,
             image,
             disk: self.disk.clone(),
+            disk_backend,
             net,
             mac: mac_for(guest.0),
             ip: guest,

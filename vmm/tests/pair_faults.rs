@@ -49,13 +49,23 @@ fn pair(args: &[&str], env: Option<(&str, String)>, netns: Option<&str>) -> Valu
         out.status.success(),
         "colo pair failed ({:?}): {v}\nstderr tail:\n{}",
         out.status,
-        stderr.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        stderr
+            .lines()
+            .filter(|l| !l.contains(" | epochs "))
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     v
 }
 
 fn check_failover(v: &Value, what: &str) {
     assert_eq!(v["lost_acked"], 0, "{what}: {v}");
+    assert_eq!(
+        v["disk_missing"], 0,
+        "{what}: every acknowledged write is on the disk: {v}"
+    );
     assert_eq!(v["contradictions"], 0, "{what}: {v}");
     assert_eq!(v["failover"], true, "{what}: the secondary took over: {v}");
     assert_eq!(v["active"], "secondary", "{what}: {v}");

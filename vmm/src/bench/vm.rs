@@ -94,6 +94,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
             crate::run::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
             a.disk.clone()
         },
+        disk_backend: None,
         net: crate::vm::devices::backend::NetBackend::channel().0,
         mac: [0x52, 0x54, 10, 0, 3, 2],
         ip: ([10, 0, 3, 2], 24),

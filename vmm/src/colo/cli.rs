@@ -2,6 +2,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -166,6 +167,45 @@ fn rdma_devices() -> std::result::Result<Vec<String>, String> {
     Err("this build has no RDMA support (build with --features rdma)".into())
 }
 
+/// The disk replication address: the control address's port plus one.
+fn blk_addr(control: &str) -> Result<std::net::SocketAddr> {
+    let a: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(control)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {control}")))?;
+    let port = a
+        .port()
+        .checked_add(1)
+        .ok_or_else(|| ColoError::Setup(format!("{control}: no port after it for the disk")))?;
+    Ok(std::net::SocketAddr::new(a.ip(), port))
+}
+
+fn accept_timeout(
+    l: &TcpListener,
+    t: Duration,
+) -> Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    l.set_nonblocking(true)
+        .map_err(|e| ColoError::Setup(e.to_string()))?;
+    let deadline = Instant::now() + t;
+    loop {
+        match l.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| ColoError::Setup(e.to_string()))?;
+                return Ok((s, a));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(ColoError::Setup(format!(
+                    "accept the disk replication: {e}"
+                )));
+            }
+        }
+    }
+}
+
 /// `colo primary`.
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
@@ -208,7 +248,16 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let params = a.colo.params()?;
     a.colo.check_transport()?;
     catch_interrupts();
-    let machine = a.vm.build("primary", ConsoleSink::Stdout("pvm".into()))?;
+    let mut pdisk = None;
+    let machine =
+        a.vm.build_with("primary", ConsoleSink::Stdout("pvm".into()), |d| {
+            let p = Arc::new(colo_blk::PrimaryDisk::new(
+                d,
+                colo_blk::PrimaryOptions::default(),
+            ));
+            pdisk = Some(Arc::clone(&p));
+            Ok(Some(p))
+        })?;
     // SAFETY: the Region is handed to the push sender, which `Primary` drops before the
     // VmHandle that owns the machine (field order), and the mapping never moves.
     let ram = unsafe { machine.ram.region() };
@@ -264,7 +313,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         ram,
         dirty,
         &primary::Peer {
-            addr: peer,
+            addr: peer.clone(),
             pair_id: a.colo.pair_id,
             streams: a.colo.streams,
         },
@@ -272,6 +321,25 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         events,
     )?;
     p.qmp = qmp;
+    if let Some(d) = pdisk {
+        let addr = blk_addr(&peer)?;
+        let s =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| {
+                ColoError::Setup(format!("connect the disk replication to {addr}: {e}"))
+            })?;
+        let _ = s.set_nodelay(true);
+        d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
+            .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+        let t = Instant::now();
+        d.complete_resync(Duration::from_secs(600))
+            .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
+        tracing::info!(
+            ms = t.elapsed().as_millis() as u64,
+            bytes = d.len(),
+            "disk in sync with the secondary"
+        );
+        p.disk = Some(d);
+    }
     p.initial_sync()?;
     tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     let started = Instant::now();
@@ -292,7 +360,16 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let params = a.colo.params()?;
     a.colo.check_transport()?;
     catch_interrupts();
-    let machine = a.vm.build("secondary", ConsoleSink::Stdout("svm".into()))?;
+    let mut sdisk = None;
+    let machine =
+        a.vm.build_with("secondary", ConsoleSink::Stdout("svm".into()), |d| {
+            let s = Arc::new(colo_blk::SecondaryDisk::new(
+                d,
+                colo_blk::BufferOptions::default(),
+            ));
+            sdisk = Some(Arc::clone(&s));
+            Ok(Some(s))
+        })?;
     // SAFETY: the cache commits into this Region; `Secondary` drops the cache before the
     // VmHandle that owns the machine (field order), and the mapping never moves.
     let ram = unsafe { machine.ram.region() };
@@ -301,6 +378,9 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let vm = VmHandle::start(machine, true)?;
     let listener = TcpListener::bind(&a.listen)
         .map_err(|e| ColoError::Setup(format!("listen on {}: {e}", a.listen)))?;
+    let blk_at = blk_addr(&a.listen)?;
+    let blk_listener = TcpListener::bind(blk_at)
+        .map_err(|e| ColoError::Setup(format!("listen for disk replication on {blk_at}: {e}")))?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
     let qmp = match &a.colo.qmp {
         Some(path) => {
@@ -320,6 +400,19 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let mut s = secondary::accept(&listener, vm, ram, dirty, layout, a.colo.pair_id, params)?;
     s.qmp = qmp;
     s.takeover_check = a.takeover_check.clone();
+    if let Some(d) = sdisk {
+        blk_listener
+            .set_nonblocking(false)
+            .map_err(|e| ColoError::Setup(e.to_string()))?;
+        let (stream, _) = accept_timeout(&blk_listener, Duration::from_secs(30))?;
+        let _ = stream.set_nodelay(true);
+        d.serve(stream, Duration::from_secs(30))
+            .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+        d.wait_synced(Duration::from_secs(600))
+            .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
+        tracing::info!("disk in sync with the primary");
+        s.disk = Some(d);
+    }
     let stop = a.colo.stop_fn();
     match s.run(&stop)? {
         Outcome::PrimaryLeft => tracing::info!("secondary done"),

@@ -141,6 +141,10 @@ pub struct Primary {
     awaiting_loaded: Option<u64>,
     /// The QMP socket's state, if one is served.
     pub qmp: Option<super::qmp::Shared>,
+    /// The replicated disk, if the disk is replicated.
+    pub disk: Option<Arc<colo_blk::PrimaryDisk>>,
+    /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
+    pub disk_threshold: u64,
 }
 
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
@@ -220,6 +224,8 @@ pub fn connect(
         events,
         awaiting_loaded: None,
         qmp: None,
+        disk: None,
+        disk_threshold: 64 << 20,
     })
 }
 
@@ -341,6 +347,9 @@ impl Primary {
             super::qmp::colo_exit(q, if forced { "request" } else { "error" });
         }
         tracing::warn!(error = %e, "secondary lost: leaving COLO, the primary keeps serving");
+        if let Some(d) = &self.disk {
+            d.stop_replication();
+        }
         self.events
             .emit(&format!("EXIT primary secondary-lost {e}"));
         self.link = None;
@@ -387,6 +396,13 @@ impl Primary {
                 if self.params.dirty_threshold > 0 && self.bg_pages >= self.params.dirty_threshold {
                     return Ok(Trigger::Threshold);
                 }
+            }
+            if self
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.stats().secondary_buffered >= self.disk_threshold)
+            {
+                return Ok(Trigger::Threshold);
             }
         }
     }
@@ -494,6 +510,11 @@ impl Primary {
         let stats = stats.map_err(ColoError::transport("checkpoint push"))?;
         let state = self.vm.machine()?.save_state()?;
         let state_bytes = state.len() as u64;
+        // "Disk acknowledged": every write the PVM completed so far is on the secondary.
+        if let Some(d) = &self.disk {
+            d.checkpoint_barrier(checkpoint, STEP_TIMEOUT)
+                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+        }
         let link = self.peer()?;
         link.send(&Message::VmstateSend { epoch: k })?;
         crash_point("state", checkpoint);

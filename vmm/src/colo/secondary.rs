@@ -73,6 +73,8 @@ pub struct Secondary {
     /// A shell command that must succeed before the secondary takes over on a lost link
     /// (a fence or quorum hook). None: take over on any loss.
     pub takeover_check: Option<String>,
+    /// The disk buffer, if the disk is replicated.
+    pub disk: Option<Arc<colo_blk::SecondaryDisk>>,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
@@ -152,6 +154,7 @@ pub fn accept(
         svm_dirty: PageBitmap::new(pages),
         qmp: None,
         takeover_check: None,
+        disk: None,
     })
 }
 
@@ -288,6 +291,12 @@ impl Secondary {
             c.stage_disk_acked()?;
         }
         self.link.send(&Message::VmstateReceived { epoch })?;
+        // The whole checkpoint is here: the disk buffer may be dropped (the primary's
+        // barrier put its end-of-epoch marker before the state).
+        if let Some(d) = &self.disk {
+            d.commit(self.checkpoints + 1, STEP_TIMEOUT)
+                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+        }
         // Apply: SVM-dirty pages since the last commit, the cache flush, the state.
         self.svm_dirty.clear_all();
         self.dirty.collect(&mut self.svm_dirty)?;
@@ -370,6 +379,12 @@ impl Secondary {
             dropped_incomplete_epoch = dropped,
             "FAILOVER: the secondary takes over"
         );
+        if let Some(d) = &self.disk {
+            match d.failover() {
+                Ok(st) => tracing::info!(?st, "disk buffer flushed into the secondary disk"),
+                Err(e) => tracing::error!(error = %e, "disk failover failed"),
+            }
+        }
         self.vm.resume();
         self.running = true;
         Ok(Outcome::TookOver {

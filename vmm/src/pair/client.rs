@@ -116,14 +116,15 @@ pub struct ClientNet {
     pub server: ([u8; 4], u16),
 }
 
-/// Runs the load until `stop`: frames out on `tx`, in on `rx`.
+/// Runs the load until `stop`: frames out on `tx`, in on `rx`. Returns every acknowledged
+/// SET (key number → value).
 pub fn run(
     net: ClientNet,
     tx: FrameOut,
     rx: Receiver<Vec<u8>>,
     stats: &Arc<ClientStats>,
     stop: &AtomicBool,
-) {
+) -> HashMap<u64, u64> {
     let mut dev = ChanDevice {
         tx,
         rx: rx.clone(),
@@ -216,6 +217,7 @@ pub fn run(
             dev.front = rx.recv_timeout(delay).ok();
         }
     }
+    acked
 }
 
 fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientStats) {

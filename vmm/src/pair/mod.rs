@@ -15,6 +15,7 @@
 //! over, and the proxy switches the client to it.
 
 pub mod client;
+mod disklog;
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -292,7 +293,7 @@ fn start_client(
     client_end: colo_netcmp::io::channel::VmEnd,
     stats: &Arc<ClientStats>,
     stop: &Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+) -> std::thread::JoinHandle<std::collections::HashMap<u64, u64>> {
     let (stats, stop) = (Arc::clone(stats), Arc::clone(stop));
     let rx = client_end.receiver().clone();
     let net = ClientNet {
@@ -303,7 +304,7 @@ fn start_client(
         let out: client::FrameOut = Box::new(move |f| {
             let _ = client_end.send(f);
         });
-        client::run(net, out, rx, &stats, &stop);
+        client::run(net, out, rx, &stats, &stop)
     })
 }
 
@@ -371,9 +372,16 @@ fn run_unprotected(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     Ok(())
 }
 
+/// A loopback port P with P+1 free too (the secondary's control and disk replication).
 fn free_port() -> Result<u16, ColoError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| setup(e.to_string()))?;
-    Ok(l.local_addr().map_err(|e| setup(e.to_string()))?.port())
+    for _ in 0..64 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| setup(e.to_string()))?;
+        let p = l.local_addr().map_err(|e| setup(e.to_string()))?.port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return Ok(p);
+        }
+    }
+    Err(setup("no two adjacent free loopback ports"))
 }
 
 #[allow(clippy::too_many_lines)]
@@ -538,6 +546,16 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         }
         if !primary.alive() && !secondary.alive() {
             eprintln!("\ncolo pair: both sides are gone");
+            let log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
+            let tail: Vec<&String> = log
+                .iter()
+                .filter(|l| !l.contains("] ") || l.contains("ERROR") || l.contains("WARN"))
+                .rev()
+                .take(25)
+                .collect();
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
             break;
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
@@ -594,9 +612,45 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         (false, false) => "none",
     };
     stop.store(true, Ordering::SeqCst);
-    let _ = client.join();
+    let acked = client.join().unwrap_or_default();
     primary.stop(Duration::from_secs(5));
     secondary.stop(Duration::from_secs(5));
+    // Every acknowledged write must be on the disk of the side that is active now.
+    let failed_over = shared.failover_at.lock().is_ok_and(|f| f.is_some());
+    let disk = dir.join(if failed_over {
+        "secondary.img"
+    } else {
+        "primary.img"
+    });
+    let (disk_keys, disk_missing) = match std::fs::read(&disk) {
+        Ok(bytes) => {
+            let log = disklog::replay(&bytes);
+            let missing: Vec<String> = acked
+                .iter()
+                .filter(|(k, v)| log.get(&format!("k{k}")) != Some(&v.to_string()))
+                .map(|(k, v)| format!("k{k}={v}"))
+                .collect();
+            if !missing.is_empty() {
+                stats
+                    .anomalies
+                    .lock()
+                    .map(|mut a| {
+                        a.push(format!(
+                            "{} acknowledged SETs missing from {}: {:?}",
+                            missing.len(),
+                            disk.display(),
+                            &missing[..missing.len().min(5)]
+                        ))
+                    })
+                    .ok();
+            }
+            (log.len(), missing.len())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the disk image for the check");
+            (0, 0)
+        }
+    };
     let _ = proxy.shutdown();
     let secs = start.elapsed().as_secs_f64();
     let s = shared
@@ -606,7 +660,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         .clone();
     let failover = *shared.failover_at.lock().unwrap_or_else(|p| p.into_inner());
     let replies = stats.replies.load(Ordering::Relaxed);
-    let lost = stats.lost_acked.load(Ordering::Relaxed);
+    let lost = stats.lost_acked.load(Ordering::Relaxed) + disk_missing as u64;
     let contradicted = stats.contradictions.load(Ordering::Relaxed);
     println!("\ncolo pair summary ({secs:.1} s):");
     println!("  COLO: {}", s.text(secs));
@@ -650,6 +704,8 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "replies_after_kill": killed_primary.map(|_| replies.saturating_sub(replies_at_kill)),
             "replies_after_failover": replies_at_failover.map(|r| replies.saturating_sub(r)),
             "fenced": shared.fenced.load(Ordering::SeqCst),
+            "disk_keys": disk_keys,
+            "disk_missing": disk_missing,
             "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
             "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
             "anomalies": stats.anomalies.lock().map(|a| a.clone()).unwrap_or_default(),

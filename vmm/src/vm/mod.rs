@@ -34,7 +34,7 @@ use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
 use devices::Devices;
 use devices::backend::NetBackend;
-use devices::blk::{Blk, RawDisk};
+use devices::blk::{Blk, open_raw};
 use devices::console::{Console, ConsoleSink};
 use devices::net::Net;
 use devices::virtio_mmio::MmioTransport;
@@ -54,6 +54,8 @@ pub struct VmConfig {
     pub image: Vec<u8>,
     /// The disk image.
     pub disk: PathBuf,
+    /// Replaces the plain image backend (block replication); `disk` is still checked.
+    pub disk_backend: Option<Arc<dyn colo_blk::BlockBackend>>,
     /// The network backend.
     pub net: NetBackend,
     /// The guest's MAC address.
@@ -161,7 +163,10 @@ impl Machine {
                 cfg.ip.1
             )));
         }
-        let disk = RawDisk::open(&cfg.disk)?;
+        let disk: Arc<dyn colo_blk::BlockBackend> = match cfg.disk_backend {
+            Some(b) => b,
+            None => Arc::new(colo_blk::PlainDisk::new(open_raw(&cfg.disk)?)),
+        };
         let ram = GuestRam::new(cfg.ram, NET_MMIO_GPA)?;
         let image = boot::load_elf(ram.mem(), &cfg.image, SCRATCH_GPA)?;
         boot::write_tables(ram.mem())?;
@@ -218,7 +223,7 @@ impl Machine {
             devices: Devices {
                 console: Console::new(cfg.console),
                 net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
-                blk: MmioTransport::new(Blk::new(Box::new(disk))),
+                blk: MmioTransport::new(Blk::new(disk)),
             },
             tracker: Arc::new(tracker),
             ram,

@@ -1,9 +1,11 @@
-//! virtio-blk over a [`BlockBackend`] (a raw image file, or block replication).
+//! virtio-blk over a `colo_blk::BlockBackend`: a raw image file, or block replication
+//! (the primary's replicated disk, the secondary's disk buffer).
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+
+use colo_blk::BlockBackend;
 
 use colo_dirty_track::AtomicPageBitmap;
 use virtio_queue::{Queue, QueueT};
@@ -26,73 +28,24 @@ const S_UNSUPP: u8 = 2;
 /// Largest request the device accepts.
 const MAX_REQUEST: usize = 1 << 20;
 
-/// Storage behind the block device.
-pub trait BlockBackend: Send {
-    /// Size in bytes (a multiple of [`SECTOR`]).
-    fn size(&self) -> u64;
-    /// Reads `buf.len()` bytes at `offset`.
-    ///
-    /// # Errors
-    /// The backend's I/O error.
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
-    /// Writes `buf` at `offset`; durable after [`BlockBackend::flush`].
-    ///
-    /// # Errors
-    /// The backend's I/O error.
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
-    /// Makes every completed write durable.
-    ///
-    /// # Errors
-    /// The backend's I/O error.
-    fn flush(&mut self) -> std::io::Result<()>;
-}
-
-/// A raw image file.
-#[derive(Debug)]
-pub struct RawDisk {
-    file: File,
-    size: u64,
-}
-
-impl RawDisk {
-    /// Opens `path` read-write.
-    ///
-    /// # Errors
-    /// [`Error::Disk`] if it is missing, unreadable, empty, or not a whole number of
-    /// sectors.
-    pub fn open(path: &Path) -> Result<Self> {
-        let disk = |reason: String| Error::Disk {
-            path: path.display().to_string(),
-            reason,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| disk(format!("cannot open: {e}")))?;
-        let size = file.metadata().map_err(|e| disk(e.to_string()))?.len();
-        if size == 0 || size % SECTOR != 0 {
-            return Err(disk(format!(
-                "size {size} is not a non-zero multiple of {SECTOR} bytes"
-            )));
-        }
-        Ok(Self { file, size })
+/// Opens a raw image as an unreplicated backend, checking its size first.
+///
+/// # Errors
+/// [`Error::Disk`] if it is missing, unreadable, empty, or not a whole number of sectors.
+pub fn open_raw(path: &Path) -> Result<colo_blk::Disk> {
+    let disk = |reason: String| Error::Disk {
+        path: path.display().to_string(),
+        reason,
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|e| disk(format!("cannot open: {e}")))?
+        .len();
+    if size == 0 || size % SECTOR != 0 {
+        return Err(disk(format!(
+            "size {size} is not a non-zero multiple of {SECTOR} bytes"
+        )));
     }
-}
-
-impl BlockBackend for RawDisk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
+    colo_blk::Disk::open(path).map_err(|e| disk(format!("cannot open: {e}")))
 }
 
 /// Counters of the device.
@@ -111,14 +64,14 @@ pub struct BlkStats {
 /// The virtio-blk device. Requests complete synchronously during the notification, so
 /// none is ever in flight when the VM is paused.
 pub struct Blk {
-    backend: Box<dyn BlockBackend>,
+    backend: Arc<dyn BlockBackend>,
     /// Counters.
     pub stats: BlkStats,
 }
 
 impl Blk {
     /// A device over `backend`.
-    pub fn new(backend: Box<dyn BlockBackend>) -> Self {
+    pub fn new(backend: Arc<dyn BlockBackend>) -> Self {
         Self {
             backend,
             stats: BlkStats::default(),
@@ -159,7 +112,7 @@ impl Blk {
         let in_bounds = sector
             .checked_mul(SECTOR)
             .and_then(|o| o.checked_add(data_len as u64))
-            .is_some_and(|end| end <= self.backend.size());
+            .is_some_and(|end| end <= self.backend.len());
         let mut written = 0;
         let status = match kind {
             T_IN | T_OUT
@@ -170,7 +123,7 @@ impl Blk {
             T_IN => {
                 self.stats.reads += 1;
                 let mut buf = vec![0u8; data_len];
-                match self.backend.read_at(&mut buf, sector * SECTOR) {
+                match self.backend.read_at(sector * SECTOR, &mut buf) {
                     Ok(()) if w.write_all(&buf).is_ok() => {
                         written = data_len as u32;
                         S_OK
@@ -182,7 +135,7 @@ impl Blk {
                 self.stats.writes += 1;
                 let mut buf = vec![0u8; data_len];
                 match r.read_exact(&mut buf) {
-                    Ok(()) if self.backend.write_at(&buf, sector * SECTOR).is_ok() => S_OK,
+                    Ok(()) if self.backend.write_at(sector * SECTOR, &buf).is_ok() => S_OK,
                     _ => S_IOERR,
                 }
             }
@@ -226,7 +179,7 @@ impl VirtioDevice for Blk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = (self.backend.size() / SECTOR).to_le_bytes();
+        let cfg = (self.backend.len() / SECTOR).to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
         }
@@ -261,15 +214,15 @@ impl VirtioDevice for Blk {
     }
 
     fn save(&self, w: &mut Writer) {
-        w.u64(self.backend.size());
+        w.u64(self.backend.len());
     }
 
     fn restore(&mut self, r: &mut Reader<'_>) -> Result<()> {
         let size = r.u64("disk size")?;
-        if size != self.backend.size() {
+        if size != self.backend.len() {
             return Err(Error::Snapshot(format!(
                 "the snapshot's disk is {size} bytes, this VM's is {}",
-                self.backend.size()
+                self.backend.len()
             )));
         }
         Ok(())
