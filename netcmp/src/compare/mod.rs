@@ -53,6 +53,11 @@ pub enum Mode {
     /// into its sequence space) and its output goes to the client with its sequence
     /// numbers rewritten into the primary's, so open connections carry on.
     SecondaryOnly,
+    /// Periodic checkpointing (Remus style): the secondary VM does not run. Client
+    /// traffic goes to the primary only; the primary's output is held, in order, until
+    /// the next [`Engine::checkpoint_committed`] (the checkpoint that covers it), then
+    /// released. Nothing is compared.
+    Periodic,
 }
 
 /// One tracked connection.
@@ -131,7 +136,12 @@ pub struct Engine {
     next_scan: Option<Instant>,
     log_malformed: LogLimit,
     log_trigger: LogLimit,
+    /// Periodic mode: the primary's output waiting for the checkpoint that covers it.
+    periodic_held: std::collections::VecDeque<Vec<u8>>,
 }
+
+/// Periodic mode: frames held past this many ask for a checkpoint now.
+const PERIODIC_EARLY_CHECKPOINT: usize = 4096;
 
 impl Engine {
     /// An engine with `config`.
@@ -149,6 +159,7 @@ impl Engine {
             next_scan: None,
             log_malformed: LogLimit::new(5),
             log_trigger: LogLimit::new(5),
+            periodic_held: std::collections::VecDeque::new(),
         })
     }
 
@@ -179,7 +190,7 @@ impl Engine {
 
     /// Primary frames held, over all connections.
     pub fn held_frames(&self) -> usize {
-        self.conns.values().map(Conn::held_len).sum()
+        self.conns.values().map(Conn::held_len).sum::<usize>() + self.periodic_held.len()
     }
 
     fn ctx<'a>(
@@ -283,7 +294,7 @@ impl Engine {
                 out.to_secondary.push(for_secondary(&self.metrics, &frame));
                 out.to_primary.push(frame);
             }
-            Mode::PrimaryOnly => out.to_primary.push(frame),
+            Mode::PrimaryOnly | Mode::Periodic => out.to_primary.push(frame),
             Mode::SecondaryOnly => out.to_secondary.push(for_secondary(&self.metrics, &frame)),
         }
     }
@@ -300,6 +311,13 @@ impl Engine {
             }
             Mode::SecondaryOnly => {
                 Metrics::inc(&self.metrics.discarded_frames);
+                return;
+            }
+            Mode::Periodic => {
+                self.periodic_held.push_back(frame);
+                if self.periodic_held.len() >= PERIODIC_EARLY_CHECKPOINT && !self.pending {
+                    self.trigger(None, CheckpointReason::QueueOverflow, now, out);
+                }
                 return;
             }
         }
@@ -350,7 +368,7 @@ impl Engine {
         Metrics::inc(&self.metrics.secondary_frames);
         match self.mode {
             Mode::Compare => {}
-            Mode::PrimaryOnly => {
+            Mode::PrimaryOnly | Mode::Periodic => {
                 Metrics::inc(&self.metrics.discarded_frames);
                 return;
             }
@@ -609,6 +627,9 @@ impl Engine {
         Metrics::inc(&self.metrics.checkpoints_committed);
         let held = self.held_frames();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        for f in self.periodic_held.drain(..) {
+            ctx.release(f);
+        }
         for conn in self.conns.values_mut() {
             match &mut conn.state {
                 ConnState::Tcp(t) => t.commit(&mut ctx),
@@ -617,7 +638,7 @@ impl Engine {
             conn.diverged = false;
         }
         self.pending = false;
-        info!(released = held, "checkpoint committed");
+        tracing::debug!(released = held, "checkpoint committed");
     }
 
     /// Changes the mode (see [`Mode`]).
@@ -655,9 +676,22 @@ impl Engine {
                 Metrics::add(&self.metrics.discarded_frames, dropped as u64);
                 self.pending = false;
             }
-            Mode::Compare => {
+            Mode::Compare | Mode::Periodic => {
                 self.conns.clear();
                 Metrics::set(&self.metrics.connections, 0);
+            }
+        }
+        if self.mode == Mode::Periodic && mode != Mode::Periodic {
+            // Leaving periodic mode: what the primary sent is released (to primary-only)
+            // or dropped (failover: the secondary continues from the last checkpoint).
+            let held: Vec<Vec<u8>> = self.periodic_held.drain(..).collect();
+            if mode == Mode::PrimaryOnly {
+                let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+                for f in held {
+                    ctx.release(f);
+                }
+            } else {
+                Metrics::add(&self.metrics.discarded_frames, held.len() as u64);
             }
         }
         self.mode = mode;

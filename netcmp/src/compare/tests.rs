@@ -636,3 +636,38 @@ fn timestamps_are_translated_like_sequence_numbers() {
         P_ISN.wrapping_add(1)
     );
 }
+
+#[test]
+fn periodic_mode_holds_the_primarys_output_until_the_checkpoint_commits() {
+    let mut h = H::new();
+    let t = h.t;
+    h.e.set_mode(Mode::Periodic, t, &mut h.out);
+    // Client traffic goes to the primary only (the secondary VM is not running).
+    h.c(&Seg::client(C_ISN, None, b"").syn());
+    assert_eq!(h.out.to_primary.len(), 1);
+    assert!(h.out.to_secondary.is_empty());
+    // The primary's answers are held, in order, whatever the secondary sends.
+    h.p(&Seg::vm(P_ISN, Some(C_ISN + 1), b"").syn());
+    h.p(&pseg(0, b"hello"));
+    h.s(&sseg(0, b"other"));
+    assert!(
+        h.released().is_empty(),
+        "nothing leaves before the checkpoint"
+    );
+    assert_eq!(h.e.held_frames(), 2);
+    h.e.checkpoint_committed(t, &mut h.out);
+    assert_eq!(
+        h.released(),
+        vec![
+            Seg::vm(P_ISN, Some(C_ISN + 1), b"").syn().frame(),
+            pseg(0, b"hello").frame()
+        ]
+    );
+    assert_eq!(h.e.held_frames(), 0);
+    // Output after the commit waits for the next one.
+    h.p(&pseg(5, b"again"));
+    assert!(h.released().is_empty());
+    // Losing the secondary releases what is held; failover would drop it instead.
+    h.e.set_mode(Mode::PrimaryOnly, t, &mut h.out);
+    assert_eq!(h.released(), vec![pseg(5, b"again").frame()]);
+}

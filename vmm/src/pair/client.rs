@@ -2,7 +2,7 @@
 //! the guest's key-value service through the proxy's client port, with no tap device and
 //! no root.
 //!
-//! It runs one connection and keeps one request in flight: `SET k<n> <value>` and, every
+//! It runs one connection and keeps `window` requests in flight: `SET k<n> <value>` and, every
 //! few requests, a `GET` of an earlier key whose expected value it knows. A `GET` that
 //! does not return the acknowledged value is counted as a *lost acknowledged write*, and
 //! any reply that does not fit its request as a *contradiction*. Both must stay 0, across
@@ -114,6 +114,8 @@ pub struct ClientNet {
     pub ip: ([u8; 4], u8),
     /// The guest service.
     pub server: ([u8; 4], u16),
+    /// Requests kept in flight (1: one at a time).
+    pub window: usize,
 }
 
 /// Runs the load until `stop`: frames out on `tx`, in on `rx`. Returns every acknowledged
@@ -155,14 +157,16 @@ pub fn run(
     let mut port = 49152u16;
     let mut acked: HashMap<u64, u64> = HashMap::new();
     let mut next = 0u64;
-    let mut pending: Option<(String, Instant)> = None;
+    let mut pending: std::collections::VecDeque<(String, Instant)> =
+        std::collections::VecDeque::new();
+    let window = net.window.max(1);
     let mut inbuf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         iface.poll(now(), &mut dev, &mut sockets);
         let s = sockets.get_mut::<tcp::Socket<'_>>(h);
         if !s.is_open() {
             stats.connected.store(false, Ordering::Relaxed);
-            pending = None;
+            pending.clear();
             inbuf.clear();
             port = port.wrapping_add(1).max(49152);
             if s.connect(iface.context(), server, port).is_ok() {
@@ -170,7 +174,10 @@ pub fn run(
             }
         } else if s.may_send() && s.may_recv() {
             stats.connected.store(true, Ordering::Relaxed);
-            if pending.is_none() && s.send_queue() == 0 {
+            while pending.len() < window
+                && (window > 1 || s.send_queue() == 0)
+                && s.send_capacity() - s.send_queue() >= 64
+            {
                 next += 1;
                 let req = if next % 4 == 0 && !acked.is_empty() {
                     let k = next / 2;
@@ -181,9 +188,10 @@ pub fn run(
                 } else {
                     format!("SET k{next} {}", next * 7)
                 };
-                if s.send_slice(format!("{req}\n").as_bytes()).is_ok() {
-                    pending = Some((req, Instant::now()));
+                if s.send_slice(format!("{req}\n").as_bytes()).is_err() {
+                    break;
                 }
+                pending.push_back((req, Instant::now()));
             }
             while s.can_recv() {
                 let _ = s.recv(|b| {
@@ -194,7 +202,7 @@ pub fn run(
             while let Some(pos) = inbuf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = inbuf.drain(..=pos).collect();
                 let line = String::from_utf8_lossy(&line).trim().to_string();
-                let Some((req, at)) = pending.take() else {
+                let Some((req, at)) = pending.pop_front() else {
                     stats.contradictions.fetch_add(1, Ordering::Relaxed);
                     stats.anomaly(format!("a reply {line:?} with no request outstanding"));
                     continue;
@@ -212,7 +220,7 @@ pub fn run(
                 Duration::from_micros(d.total_micros())
             })
             .min(Duration::from_millis(5));
-        let idle = pending.is_some() || !stats.connected.load(Ordering::Relaxed);
+        let idle = pending.len() >= window || !stats.connected.load(Ordering::Relaxed);
         if idle && !delay.is_zero() && dev.front.is_none() {
             dev.front = rx.recv_timeout(delay).ok();
         }

@@ -59,6 +59,10 @@ pub struct PairArgs {
     /// Put the TSC into every reply, so PVM and SVM answer differently (mismatches).
     #[arg(long)]
     pub nondeterministic: bool,
+    /// Requests the client keeps in flight on its connection (pipelining). Periodic mode
+    /// releases output only at checkpoints, so its throughput depends on this.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
     /// Show the guests' consoles and the children's logs.
     #[arg(long)]
     pub verbose: bool,
@@ -290,6 +294,7 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// Starts the client load on the proxy's client port.
 fn start_client(
+    window: usize,
     client_end: colo_netcmp::io::channel::VmEnd,
     stats: &Arc<ClientStats>,
     stop: &Arc<AtomicBool>,
@@ -299,6 +304,7 @@ fn start_client(
     let net = ClientNet {
         ip: CLIENT_IP,
         server: GUEST,
+        window,
     };
     std::thread::spawn(move || {
         let out: client::FrameOut = Box::new(move |f| {
@@ -331,7 +337,7 @@ fn run_unprotected(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let mut vm = spawn("vm", &args, &shared, a.verbose)?;
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(client_end, &stats, &stop);
+    let client = start_client(a.pipeline, client_end, &stats, &stop);
     let start = Instant::now();
     let limit = a.colo.duration.unwrap_or(Duration::from_secs(3600));
     while start.elapsed() < limit && !interrupted() && vm.alive() {
@@ -397,6 +403,13 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         secondary: colo_netcmp::io::stream::listen_unix(&svm_sock).map_err(net)?,
     };
     let proxy = Proxy::start(colo_netcmp::Config::default(), ports).map_err(net)?;
+    if a.colo.mode == crate::colo::Mode::Periodic {
+        // The SVM does not run: output is held until the checkpoint that covers it.
+        proxy
+            .control()
+            .set_mode(colo_netcmp::Mode::Periodic)
+            .map_err(net)?;
+    }
     let events_path: PathBuf = dir.join("events.sock");
     let events =
         UnixListener::bind(&events_path).map_err(|e| setup(format!("event socket: {e}")))?;
@@ -494,7 +507,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     );
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(client_end, &stats, &stop);
+    let client = start_client(a.pipeline, client_end, &stats, &stop);
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut killed_primary: Option<Instant> = None;
