@@ -43,6 +43,12 @@ enum Command {
     /// Run a whole COLO pair on this machine: the proxy, a client load, and both sides as
     /// child processes, with a live status line.
     Pair(pair::PairArgs),
+    /// Ask a running side for its COLO status through its QMP socket (query-colo-status).
+    Status {
+        /// The side's QMP socket (its --qmp).
+        #[arg(long)]
+        qmp: std::path::PathBuf,
+    },
     /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
     Primary(colo::cli::PrimaryArgs),
     /// Run the secondary side of a COLO pair: waits for a primary, follows its
@@ -83,6 +89,13 @@ fn main() -> ExitCode {
                 let bad_args = matches!(e, colo_netcmp::Error::Config(_));
                 report("", &e, if bad_args { 2 } else { 1 })
             }
+        },
+        Command::Status { qmp } => match colo::qmp::status(&qmp) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => report("", &e, 1),
         },
         Command::Pair(args) => match pair::run(&args) {
             Ok(()) => ExitCode::SUCCESS,

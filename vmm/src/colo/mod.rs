@@ -12,6 +12,7 @@
 //! (every earlier push epoch is released at once, see `colo_ramcache`).
 
 pub mod cli;
+pub mod failover;
 pub mod link;
 pub mod metrics;
 pub mod primary;

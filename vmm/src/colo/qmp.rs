@@ -243,3 +243,159 @@ pub fn handle(cmd: &Value, s: &Shared, negotiated: &mut bool, events: &UnixStrea
         ),
     }
 }
+
+/// `colo status`: asks a running side for `query-colo-status` over its QMP socket.
+///
+/// # Errors
+/// [`ColoError::Setup`] if the socket cannot be reached or answers something else.
+pub fn status(path: &Path) -> Result<Value> {
+    let err = |m: String| ColoError::Setup(format!("QMP {}: {m}", path.display()));
+    let s = UnixStream::connect(path).map_err(|e| err(e.to_string()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| err(e.to_string()))?;
+    let mut w = s.try_clone().map_err(|e| err(e.to_string()))?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut next = |r: &mut BufReader<UnixStream>| -> Result<Value> {
+        line.clear();
+        r.read_line(&mut line).map_err(|e| err(e.to_string()))?;
+        serde_json::from_str(&line).map_err(|e| err(format!("bad reply {line:?}: {e}")))
+    };
+    let greeting = next(&mut r)?;
+    if greeting.get("QMP").is_none() {
+        return Err(err(format!("no QMP greeting: {greeting}")));
+    }
+    for cmd in ["qmp_capabilities", "query-colo-status"] {
+        w.write_all(format!("{}\r\n", json!({"execute": cmd})).as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        let reply = loop {
+            let v = next(&mut r)?;
+            if v.get("event").is_none() {
+                break v;
+            }
+        };
+        if let Some(e) = reply.get("error") {
+            return Err(err(format!("{cmd}: {e}")));
+        }
+        if cmd == "query-colo-status" {
+            return Ok(reply["return"].clone());
+        }
+    }
+    unreachable!("the loop returns on its last command")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(w: &mut UnixStream, r: &mut BufReader<UnixStream>, cmd: Value) -> Value {
+        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap()
+    }
+
+    #[test]
+    fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
+        let dir = std::env::temp_dir().join(format!("colo-qmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let st = QmpState::new("primary", 100, (100, 1000));
+        serve(&path, Arc::clone(&st)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            status(&path).unwrap(),
+            json!({"mode": "primary", "last-mode": "none", "reason": "none"})
+        );
+
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert!(l.contains("\"QMP\""));
+        let e = send(&mut w, &mut r, json!({"execute": "query-colo-status"}));
+        assert_eq!(e["error"]["class"], "CommandNotFound", "capabilities first");
+        assert_eq!(
+            send(
+                &mut w,
+                &mut r,
+                json!({"execute": "qmp_capabilities", "id": 1})
+            ),
+            json!({"return": {}, "id": 1})
+        );
+        let r1 = send(
+            &mut w,
+            &mut r,
+            json!({"execute": "migrate-set-capabilities",
+            "arguments": {"capabilities": [{"capability": "x-colo", "state": true}]}}),
+        );
+        assert_eq!(r1, json!({"return": {}}));
+        let r2 = send(
+            &mut w,
+            &mut r,
+            json!({"execute": "migrate-set-parameters",
+            "arguments": {"x-checkpoint-delay": 250}}),
+        );
+        assert_eq!(r2, json!({"return": {}}));
+        assert_eq!(st.lock().unwrap().checkpoint_delay_ms, 250);
+        let bad = send(
+            &mut w,
+            &mut r,
+            json!({"execute": "migrate-set-parameters",
+            "arguments": {"x-checkpoint-delay": 0}}),
+        );
+        assert!(bad.get("error").is_some());
+        assert!(
+            send(
+                &mut w,
+                &mut r,
+                json!({"execute": "migrate", "arguments": {"uri": "rdma:x"}})
+            )
+            .get("error")
+            .is_some()
+        );
+        assert_eq!(
+            send(
+                &mut w,
+                &mut r,
+                json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:7100"}})
+            ),
+            json!({"return": {}})
+        );
+        assert_eq!(
+            st.lock().unwrap().migrate_uri.as_deref(),
+            Some("127.0.0.1:7100")
+        );
+        assert_eq!(
+            send(&mut w, &mut r, json!({"execute": "x-colo-lost-heartbeat"})),
+            json!({"return": {}})
+        );
+        assert!(st.lock().unwrap().lost_heartbeat);
+        assert!(
+            send(&mut w, &mut r, json!({"execute": "no-such"}))["error"]["class"]
+                == "CommandNotFound"
+        );
+        let junk = {
+            w.write_all(b"{not json\r\n").unwrap();
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            serde_json::from_str::<Value>(&l).unwrap()
+        };
+        assert_eq!(junk["error"]["class"], "GenericError");
+        // The controller leaves COLO: the event reaches the client, the status says so.
+        colo_exit(&st, "request");
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        let ev: Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(ev["event"], "COLO_EXIT");
+        assert_eq!(ev["data"], json!({"mode": "primary", "reason": "request"}));
+        assert_eq!(
+            status(&path).unwrap(),
+            json!({"mode": "none", "last-mode": "primary", "reason": "request"})
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

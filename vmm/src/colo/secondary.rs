@@ -75,6 +75,8 @@ pub struct Secondary {
     pub takeover_check: Option<String>,
     /// The disk buffer, if the disk is replicated.
     pub disk: Option<Arc<colo_blk::SecondaryDisk>>,
+    /// The failover state machine.
+    pub failover: super::failover::Failover,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
@@ -155,6 +157,7 @@ pub fn accept(
         qmp: None,
         takeover_check: None,
         disk: None,
+        failover: super::failover::Failover::default(),
     })
 }
 
@@ -297,7 +300,8 @@ impl Secondary {
             d.commit(self.checkpoints + 1, STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
-        // Apply: SVM-dirty pages since the last commit, the cache flush, the state.
+        // Apply: SVM-dirty pages since the last commit, the cache flush, the state. A
+        // failover asked for from now on waits for the load to finish (relaunch).
         self.svm_dirty.clear_all();
         self.dirty.collect(&mut self.svm_dirty)?;
         let done = self
@@ -311,6 +315,15 @@ impl Secondary {
         if self.params.mode == Mode::Colo {
             self.vm.resume();
             self.running = true;
+        }
+        if let Some(q) = &self.qmp {
+            if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
+                self.failover.request(true);
+                self.link.force_lost();
+                return Err(ColoError::PeerLost(
+                    "x-colo-lost-heartbeat during a load".into(),
+                ));
+            }
         }
         self.link.send(&Message::VmstateLoaded { epoch })?;
         tracing::debug!(
@@ -344,6 +357,7 @@ impl Secondary {
 
     /// Failover: drop an incomplete epoch, and let the SVM serve.
     fn take_over(&mut self, reason: &str, mid_epoch: bool) -> Result<Outcome> {
+        self.failover.request(false);
         let dropped = {
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             let s = c.status();
@@ -379,6 +393,7 @@ impl Secondary {
             dropped_incomplete_epoch = dropped,
             "FAILOVER: the secondary takes over"
         );
+        self.failover.activate();
         if let Some(d) = &self.disk {
             match d.failover() {
                 Ok(st) => tracing::info!(?st, "disk buffer flushed into the secondary disk"),
@@ -387,6 +402,7 @@ impl Secondary {
         }
         self.vm.resume();
         self.running = true;
+        self.failover.complete();
         Ok(Outcome::TookOver {
             reason: reason.into(),
             checkpoints: self.checkpoints,
