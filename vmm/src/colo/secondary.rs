@@ -403,6 +403,11 @@ impl Secondary {
         self.vm.resume();
         self.running = true;
         self.failover.complete();
+        tracing::info!(
+            state = ?self.failover.state(),
+            path = ?self.failover.path(),
+            "failover done"
+        );
         Ok(Outcome::TookOver {
             reason: reason.into(),
             checkpoints: self.checkpoints,
