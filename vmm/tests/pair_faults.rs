@@ -207,3 +207,28 @@ fn a_cut_link_leaves_exactly_one_side_active() {
     assert_eq!(v["failover"], false, "{v}");
     assert_eq!(v["active"], "primary", "{v}");
 }
+
+/// Re-protection: the secondary dies, the primary serves alone, a new secondary joins and
+/// is brought in sync (RAM and disk) while the primary serves; then the primary dies and
+/// the *new* secondary takes over, with the client's connection and data intact.
+#[test]
+fn a_new_secondary_joins_a_running_primary_and_protects_it() {
+    if !kvm() {
+        return;
+    }
+    let v = pair(
+        &[
+            "--duration",
+            "8s",
+            "--kill-secondary-after",
+            "1.5s",
+            "--reprotect",
+            "--kill-primary-after",
+            "5.5s",
+        ],
+        None,
+        None,
+    );
+    assert_eq!(v["reprotected"], 1, "{v}");
+    check_failover(&v, "re-protected pair");
+}

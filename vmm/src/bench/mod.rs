@@ -9,6 +9,7 @@
 
 mod args;
 mod child;
+mod colo;
 mod dirty;
 mod error;
 mod guest32;
@@ -56,6 +57,11 @@ pub enum BenchCommand {
     /// time, and the guest service's request rate through a tap against a host-native
     /// server in the same run.
     Vm(vm::VmBenchArgs),
+    /// Whole COLO pairs (`colo pair`) under a guest dirty load: checkpoint pauses, pushed
+    /// pages and bytes, the client's request rate against the same guest unprotected
+    /// (same-run baseline per dirty rate) and CPU time of both sides, per mode and dirty
+    /// rate; the pause histograms go to an SVG file.
+    Colo(colo::ColoBenchArgs),
     /// The receiving process of `colo bench transport` (started by it, not by hand).
     #[command(hide = true)]
     TransportReceiver(ReceiverArgs),
@@ -83,5 +89,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Dirty(args) => dirty::run(&args),
         BenchCommand::Ramcache(args) => ramcache::run(&args),
         BenchCommand::Vm(args) => vm::run(&args),
+        BenchCommand::Colo(args) => colo::run(&args),
     }
 }

@@ -167,19 +167,6 @@ fn rdma_devices() -> std::result::Result<Vec<String>, String> {
     Err("this build has no RDMA support (build with --features rdma)".into())
 }
 
-/// The disk replication address: the control address's port plus one.
-fn blk_addr(control: &str) -> Result<std::net::SocketAddr> {
-    let a: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(control)
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {control}")))?;
-    let port = a
-        .port()
-        .checked_add(1)
-        .ok_or_else(|| ColoError::Setup(format!("{control}: no port after it for the disk")))?;
-    Ok(std::net::SocketAddr::new(a.ip(), port))
-}
-
 fn accept_timeout(
     l: &TcpListener,
     t: Duration,
@@ -217,6 +204,10 @@ pub struct PrimaryArgs {
     pub vm: VmArgs,
     #[command(flatten)]
     pub colo: ColoArgs,
+    /// When the secondary is lost, keep trying to connect a new one at --peer; it is
+    /// brought in sync while the primary serves (RAM and disk), then COLO goes on.
+    #[arg(long)]
+    pub reprotect: bool,
     /// A supervisor's event socket (used by `colo pair`).
     #[arg(long, hide = true)]
     pub events: Option<PathBuf>,
@@ -321,8 +312,9 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         events,
     )?;
     p.qmp = qmp;
+    p.reprotect = a.reprotect;
     if let Some(d) = pdisk {
-        let addr = blk_addr(&peer)?;
+        let addr = super::blk_addr(&peer)?;
         let s =
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| {
                 ColoError::Setup(format!("connect the disk replication to {addr}: {e}"))
@@ -378,7 +370,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let vm = VmHandle::start(machine, true)?;
     let listener = TcpListener::bind(&a.listen)
         .map_err(|e| ColoError::Setup(format!("listen on {}: {e}", a.listen)))?;
-    let blk_at = blk_addr(&a.listen)?;
+    let blk_at = super::blk_addr(&a.listen)?;
     let blk_listener = TcpListener::bind(blk_at)
         .map_err(|e| ColoError::Setup(format!("listen for disk replication on {blk_at}: {e}")))?;
     tracing::info!(listen = %a.listen, "waiting for the primary");

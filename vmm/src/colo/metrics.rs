@@ -17,6 +17,8 @@ pub enum Trigger {
     Mismatch,
     /// Too many dirty pages (or a full disk buffer).
     Threshold,
+    /// The first checkpoint of a secondary that joined a running primary.
+    Resync,
 }
 
 /// One checkpoint, as the primary saw it.
@@ -60,7 +62,7 @@ impl Summary {
         self.pages += r.pause_pages + r.background_pages;
         self.bytes += r.bytes;
         match r.trigger {
-            Trigger::InitialSync => return,
+            Trigger::InitialSync | Trigger::Resync => return,
             Trigger::Timer => self.by_trigger[0] += 1,
             Trigger::Mismatch => self.by_trigger[1] += 1,
             Trigger::Threshold => self.by_trigger[2] += 1,

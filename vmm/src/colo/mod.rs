@@ -87,3 +87,16 @@ pub struct Params {
 
 /// How long one protocol step may take before the peer counts as lost.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The disk replication address: the control address's port plus one.
+pub fn blk_addr(control: &str) -> Result<std::net::SocketAddr> {
+    let a: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(control)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {control}")))?;
+    let port = a
+        .port()
+        .checked_add(1)
+        .ok_or_else(|| ColoError::Setup(format!("{control}: no port after it for the disk")))?;
+    Ok(std::net::SocketAddr::new(a.ip(), port))
+}

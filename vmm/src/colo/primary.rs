@@ -125,6 +125,8 @@ pub struct Peer {
 
 /// The primary's state.
 pub struct Primary {
+    peer: Peer,
+    ram: Arc<Region>,
     vm: VmHandle,
     dirty: DirtyHandle,
     push: Option<TcpPushSender>,
@@ -143,6 +145,8 @@ pub struct Primary {
     pub qmp: Option<super::qmp::Shared>,
     /// The replicated disk, if the disk is replicated.
     pub disk: Option<Arc<colo_blk::PrimaryDisk>>,
+    /// Whether a new secondary may join after this one is lost.
+    pub reprotect: bool,
     /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
     pub disk_threshold: u64,
 }
@@ -164,8 +168,52 @@ pub fn connect(
         pair_id,
         streams,
     } = peer;
-    let (peer, pair_id, streams) = (peer.as_str(), *pair_id, *streams);
-    let mut ctl = ControlChannel::connect(peer, Duration::from_secs(30))
+    let (link, push, pages) = open_link(
+        peer.as_str(),
+        *pair_id,
+        *streams,
+        Arc::clone(&ram),
+        params,
+        Duration::from_secs(30),
+    )?;
+    let (peer_s, streams) = (peer.clone(), *streams);
+    tracing::info!(peer = %peer_s, pages, streams, "connected to the secondary");
+    Ok(Primary {
+        peer: Peer {
+            addr: peer_s,
+            pair_id: *pair_id,
+            streams,
+        },
+        ram,
+        vm,
+        dirty,
+        push: Some(push),
+        link: Some(link),
+        params,
+        bitmap: PageBitmap::new(pages),
+        bg_pages: 0,
+        bg_bytes: 0,
+        epoch: 0,
+        summary: Summary::default(),
+        events,
+        awaiting_loaded: None,
+        qmp: None,
+        disk: None,
+        reprotect: false,
+        disk_threshold: 64 << 20,
+    })
+}
+
+/// Connects the control channel and the push streams to a secondary at `peer`.
+fn open_link(
+    peer: &str,
+    pair_id: u64,
+    streams: usize,
+    ram: Arc<Region>,
+    params: Params,
+    connect_timeout: Duration,
+) -> Result<(Link, TcpPushSender, u64)> {
+    let mut ctl = ControlChannel::connect(peer, connect_timeout)
         .map_err(ColoError::transport("connect to the secondary"))?;
     let hello = Hello::new(
         Role::Primary,
@@ -208,25 +256,7 @@ pub fn connect(
     )
     .map_err(ColoError::transport("connect the push streams"))?;
     let link = Link::start(ctl, params.heartbeat)?;
-    let pages = desc.pages();
-    tracing::info!(peer, pages, streams, "connected to the secondary");
-    Ok(Primary {
-        vm,
-        dirty,
-        push: Some(push),
-        link: Some(link),
-        params,
-        bitmap: PageBitmap::new(pages),
-        bg_pages: 0,
-        bg_bytes: 0,
-        epoch: 0,
-        summary: Summary::default(),
-        events,
-        awaiting_loaded: None,
-        qmp: None,
-        disk: None,
-        disk_threshold: 64 << 20,
-    })
+    Ok((link, push, desc.pages()))
 }
 
 /// Fault injection for the failover tests: `COLO_TEST_CRASH_AT=<phase>:<checkpoint>` makes
@@ -290,35 +320,108 @@ impl Primary {
     /// # Errors
     /// A VM failure (a lost secondary is not an error: the primary leaves COLO).
     pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<()> {
-        while !stop() && self.protected() && !self.vm.finished() {
-            let trigger = match self.epoch_wait(stop) {
-                Ok(t) => t,
-                Err(e @ ColoError::Vm(_)) => return Err(e),
-                Err(e) => {
-                    // The background push or the link failed: the secondary is gone.
-                    self.leave(&e);
+        loop {
+            while !stop() && self.protected() && !self.vm.finished() {
+                let trigger = match self.epoch_wait(stop) {
+                    Ok(t) => t,
+                    Err(e @ ColoError::Vm(_)) => return Err(e),
+                    Err(e) => {
+                        // The background push or the link failed: the secondary is gone.
+                        self.leave(&e);
+                        break;
+                    }
+                };
+                if stop() || self.vm.finished() {
                     break;
                 }
-            };
-            if stop() || self.vm.finished() {
+                if let Err(e) = self.checkpoint(trigger) {
+                    self.leave(&e);
+                }
+            }
+            if self.link.as_ref().is_some_and(Link::is_lost) {
+                let why = self.link.as_ref().map(Link::why).unwrap_or_default();
+                self.leave(&ColoError::PeerLost(why));
+            } else if let Some(l) = self.link.take() {
+                // An orderly stop: the secondary must not take over.
+                let _ = l.send(&Message::Goodbye);
+                tracing::info!("COLO stopped; the secondary was told goodbye");
                 break;
             }
-            if let Err(e) = self.checkpoint(trigger) {
-                self.leave(&e);
+            // Unprotected: serve, and take a new secondary when one appears.
+            let mut protected_again = false;
+            while !stop() && !self.vm.finished() && !protected_again {
+                if self.reprotect {
+                    match self.reprotect() {
+                        Ok(true) => protected_again = true,
+                        Ok(false) => std::thread::sleep(Duration::from_millis(500)),
+                        Err(e @ ColoError::Vm(_)) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-protection failed; retrying");
+                            self.link = None;
+                            self.push = None;
+                            if let Some(d) = &self.disk {
+                                d.stop_replication();
+                            }
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            if !protected_again {
+                return Ok(());
             }
         }
-        if self.link.as_ref().is_some_and(Link::is_lost) {
-            let why = self.link.as_ref().map(Link::why).unwrap_or_default();
-            self.leave(&ColoError::PeerLost(why));
-        } else if let Some(l) = self.link.take() {
-            // An orderly stop: the secondary must not take over.
-            let _ = l.send(&Message::Goodbye);
-            tracing::info!("COLO stopped; the secondary was told goodbye");
-        }
-        while !stop() && !self.vm.finished() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Ok(())
+    }
+
+    /// Re-protection: if a new secondary listens at the peer address, connects it, brings
+    /// its disk and RAM in sync while the PVM serves (a live full copy, then an ordinary
+    /// checkpoint for what changed meanwhile), and returns true: COLO goes on.
+    fn reprotect(&mut self) -> Result<bool> {
+        let Ok((link, mut push, pages)) = open_link(
+            &self.peer.addr,
+            self.peer.pair_id,
+            self.peer.streams,
+            Arc::clone(&self.ram),
+            self.params,
+            Duration::from_millis(300),
+        ) else {
+            return Ok(false);
+        };
+        tracing::info!(peer = %self.peer.addr, "a new secondary joined: resynchronizing while serving");
+        let t = Instant::now();
+        if let Some(d) = &self.disk {
+            let addr = super::blk_addr(&self.peer.addr)?;
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .map_err(|e| ColoError::Setup(format!("disk replication to {addr}: {e}")))?;
+            let _ = s.set_nodelay(true);
+            d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
+                .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+            d.complete_resync(Duration::from_secs(600))
+                .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
+        }
+        // Every page, while the PVM runs; what it dirties meanwhile goes in the first
+        // checkpoint.
+        self.bitmap = PageBitmap::new(pages);
+        self.dirty.collect(&mut self.bitmap)?;
+        self.bitmap.set_range(0, pages);
+        let s = push_epoch(&mut push, runs(&self.bitmap), self.bitmap.words())
+            .map_err(ColoError::transport("resync push"))?;
+        self.bitmap.clear_all();
+        self.bg_pages += pages;
+        self.bg_bytes += s.bytes;
+        self.link = Some(link);
+        self.push = Some(push);
+        self.awaiting_loaded = None;
+        self.events.emit("PROTECTED");
+        self.checkpoint(Trigger::Resync)?;
+        tracing::info!(
+            ms = t.elapsed().as_millis() as u64,
+            "re-protected: COLO again"
+        );
+        Ok(true)
     }
 
     /// Applies QMP requests: new parameters, `x-colo-lost-heartbeat`.

@@ -50,6 +50,10 @@ pub struct PairArgs {
     /// Kill the secondary process this long after the start: the primary carries on alone.
     #[arg(long, value_parser = parse_secs)]
     pub kill_secondary_after: Option<Duration>,
+    /// After --kill-secondary-after, start a new secondary 1 s later: the primary brings
+    /// it in sync while serving and COLO goes on (re-protection).
+    #[arg(long)]
+    pub reprotect: bool,
     /// Guest RAM of each VM.
     #[arg(long, default_value = "64MiB", value_parser = crate::bench::parse_size)]
     pub ram: u64,
@@ -127,6 +131,7 @@ struct Shared {
     failover_at: Mutex<Option<Instant>>,
     fenced: AtomicBool,
     aborted_pause_us: AtomicU64,
+    reprotected: AtomicU64,
     secondary_lost: AtomicBool,
     commits: AtomicU64,
     log: Mutex<Vec<String>>,
@@ -256,6 +261,13 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
             }
         } else if line.starts_with("EXIT ") {
             shared.secondary_lost.store(true, Ordering::SeqCst);
+        } else if line == "PROTECTED" {
+            // A new secondary joined: compare again from its first checkpoint on.
+            if let Err(e) = proxy.set_mode(colo_netcmp::Mode::Compare) {
+                tracing::warn!(error = %e, "proxy did not switch back to compare");
+            }
+            shared.secondary_lost.store(false, Ordering::SeqCst);
+            shared.reprotected.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -431,6 +443,9 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         format!("--events={}", events_path.display()),
     ];
     pri_args.extend(vm_flags(a, dir, "primary"));
+    if a.reprotect {
+        pri_args.push("--reprotect".into());
+    }
     pri_args.extend(colo_flags(&a.colo));
     eprintln!(
         "colo pair: starting the secondary and the primary (scratch in {})",
@@ -513,6 +528,9 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let mut killed_primary: Option<Instant> = None;
     let mut replies_at_kill = 0;
     let mut replies_at_failover = None;
+    let mut killed_secondary: Option<Instant> = None;
+    let mut respawned = false;
+    let mut failover_done = false;
     let mut switched = false;
     let mut last_status = Instant::now();
     let mut last_replies = 0;
@@ -538,12 +556,22 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             );
             secondary.kill();
             switched = true;
+            killed_secondary = Some(Instant::now());
+        }
+        if a.reprotect
+            && !respawned
+            && killed_secondary.is_some_and(|k| k.elapsed() >= Duration::from_secs(1))
+        {
+            eprintln!("\ncolo pair: starting a new secondary (re-protection)");
+            secondary = spawn("secondary", &sec_args, &shared, a.verbose)?;
+            respawned = true;
         }
         if !primary.alive() && alive.exists() {
             let _ = std::fs::remove_file(&alive);
         }
         let failover = *shared.failover_at.lock().unwrap_or_else(|p| p.into_inner());
-        if !switched && failover.is_some() {
+        if !failover_done && failover.is_some() {
+            failover_done = true;
             replies_at_failover = Some(stats.replies.load(Ordering::Relaxed));
             proxy
                 .control()
@@ -552,8 +580,9 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             switched = true;
             eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
         }
-        if switched && !secondary.alive() && primary.alive()
-            || shared.secondary_lost.load(Ordering::SeqCst) && primary.alive()
+        if failover.is_none()
+            && primary.alive()
+            && (!secondary.alive() || shared.secondary_lost.load(Ordering::SeqCst))
         {
             let _ = proxy.control().set_mode(colo_netcmp::Mode::PrimaryOnly);
         }
@@ -602,11 +631,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
                 rate,
                 stats.lost_acked.load(Ordering::Relaxed),
                 stats.contradictions.load(Ordering::Relaxed),
-                if switched && failover.is_some() {
-                    " | FAILED OVER"
-                } else {
-                    ""
-                },
+                if failover_done { " | FAILED OVER" } else { "" },
             );
             if tty {
                 eprint!("\r{line}\x1b[K");
@@ -616,10 +641,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         }
     }
     let cpu = (cpu_secs(primary.child.id()), cpu_secs(secondary.child.id()));
-    let active = match (
-        primary.alive(),
-        switched && shared.failover_at.lock().is_ok_and(|f| f.is_some()),
-    ) {
+    let active = match (primary.alive(), failover_done) {
         (_, true) => "secondary",
         (true, false) => "primary",
         (false, false) => "none",
@@ -718,6 +740,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "replies_after_failover": replies_at_failover.map(|r| replies.saturating_sub(r)),
             "fenced": shared.fenced.load(Ordering::SeqCst),
             "disk_keys": disk_keys,
+            "reprotected": shared.reprotected.load(Ordering::SeqCst),
             "disk_missing": disk_missing,
             "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
             "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
