@@ -301,8 +301,9 @@ impl Primary {
     pub fn initial_sync(&mut self) -> Result<()> {
         // Reset the dirty log: everything is pushed anyway.
         self.dirty.collect(&mut self.bitmap)?;
-        self.bitmap.set_range(0, self.bitmap.pages());
+        self.bitmap.clear_all();
         let t = Instant::now();
+        self.push_everything_with_progress()?;
         let r = self.checkpoint_paused(Trigger::InitialSync, t);
         match r {
             Ok(()) => {
@@ -312,6 +313,51 @@ impl Primary {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Pushes every page of guest RAM as one push epoch, in 32 MiB steps, with a progress
+    /// line on stderr.
+    fn push_everything_with_progress(&mut self) -> Result<()> {
+        const STEP: u64 = 8192; // pages (32 MiB)
+        let push = self
+            .push
+            .as_mut()
+            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?;
+        let pages = push.remote().pages();
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let t = Instant::now();
+        let mut done = 0;
+        while done < pages {
+            let n = STEP.min(pages - done);
+            push.post(&[WriteRun::pages(done, n, PAGE_SIZE as u32)])
+                .and_then(|()| push.fence())
+                .map_err(ColoError::transport("initial sync"))?;
+            done += n;
+            let line = format!(
+                "initial sync: {:>3}% ({} of {} MiB, {:.0} MiB/s)",
+                done * 100 / pages,
+                done * PAGE_SIZE >> 20,
+                pages * PAGE_SIZE >> 20,
+                (done * PAGE_SIZE) as f64
+                    / f64::from(1 << 20)
+                    / t.elapsed().as_secs_f64().max(1e-6)
+            );
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else if done == pages || done % (STEP * 8) == 0 {
+                eprintln!("{line}");
+            }
+        }
+        if tty {
+            eprintln!();
+        }
+        let mut all = PageBitmap::new(pages);
+        all.set_range(0, pages);
+        push.commit(all.words())
+            .map_err(ColoError::transport("initial sync"))?;
+        self.bg_pages += pages;
+        self.bg_bytes += pages * PAGE_SIZE;
+        Ok(())
     }
 
     /// Runs checkpoints until `stop` says so or the secondary is lost; then keeps the PVM
