@@ -336,8 +336,8 @@ impl Primary {
             let line = format!(
                 "initial sync: {:>3}% ({} of {} MiB, {:.0} MiB/s)",
                 done * 100 / pages,
-                done * PAGE_SIZE >> 20,
-                pages * PAGE_SIZE >> 20,
+                (done * PAGE_SIZE) >> 20,
+                (pages * PAGE_SIZE) >> 20,
                 (done * PAGE_SIZE) as f64
                     / f64::from(1 << 20)
                     / t.elapsed().as_secs_f64().max(1e-6)
