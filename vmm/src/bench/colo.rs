@@ -587,6 +587,20 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         "Note: the guest's dirty load drops work it falls more than 100 ms behind on (e.g. \
          when it is paused or starved of CPU), so the rate written can be below the rate asked."
     );
+    // A pair whose secondary dropped out carries on unprotected and stops checkpointing.
+    let expected = args.duration.as_secs_f64() / args.checkpoint_delay.as_secs_f64();
+    for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
+        let n = run.report.pauses_us.len();
+        if (n as f64) < expected / 2.0 {
+            println!(
+                "Note: {} {} MiB/s took {n} checkpoints, under half of the {expected:.0} its \
+                 duration and checkpoint delay allow (slow checkpoints, or a secondary lost \
+                 mid-run).",
+                run.kind.name(),
+                run.rate_mib
+            );
+        }
+    }
 
     println!();
     for &m in &args.modes {
