@@ -214,7 +214,11 @@ fn run(ops: &[Op], mem_limit: usize, window_frames: usize, init_seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        // 24 by default keeps CI short; COLO_BLK_MODEL_CASES=500 for a soak run.
+        cases: std::env::var("COLO_BLK_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn replication_matches_the_model(

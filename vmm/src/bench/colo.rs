@@ -505,23 +505,14 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         let r = &run.report;
         let vs = ratio(runs, run).map_or_else(|| "-".into(), |x| format!("{:.0}%", x * 100.0));
         match run.kind {
-            Kind::Unprotected => println!(
-                "{:<11} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7.0} {vs:>6} \
-                 {:>6.1} {:>6}",
-                run.kind.name(),
-                run.rate_mib,
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                r.client_rps,
-                r.cpu_primary_s,
-                "-"
-            ),
+            Kind::Unprotected => {
+                let (name, rate, d) = (run.kind.name(), run.rate_mib, "-");
+                let (rps, cpu) = (r.client_rps, r.cpu_primary_s);
+                println!(
+                    "{name:<11} {rate:>6} {d:>6} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} \
+                     {d:>8} {rps:>7.0} {vs:>6} {cpu:>6.1} {d:>6}"
+                );
+            }
             Kind::Protected(_) => {
                 let s = Steady::of(r, args.ram);
                 let pushed = (r.secs > 0.0).then(|| s.bytes as f64 / GIB / r.secs);
@@ -587,6 +578,28 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         "Note: the guest's dirty load drops work it falls more than 100 ms behind on (e.g. \
          when it is paused or starved of CPU), so the rate written can be below the rate asked."
     );
+    for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
+        let asked = run.rate_mib as f64;
+        let s = Steady::of(&run.report, args.ram);
+        let pushed = s.bytes as f64 / MIB as f64 / run.report.secs.max(1e-9);
+        if asked > 0.0 && pushed < asked * 0.75 {
+            println!(
+                "Note: {} {} MiB/s pushed only {pushed:.0} MiB/s ({:.0}% of the rate asked): \
+                 the guest did not dirty memory at that rate.",
+                run.kind.name(),
+                run.rate_mib,
+                pushed / asked * 100.0
+            );
+        }
+    }
+    if args.modes.contains(&Mode::Periodic) {
+        println!(
+            "Note: in periodic mode the proxy releases a reply only when the checkpoint after \
+             it commits, so a client with one request in flight gets at most about one reply \
+             per checkpoint ({:.0}/s at this checkpoint delay).",
+            1.0 / args.checkpoint_delay.as_secs_f64()
+        );
+    }
     // A pair whose secondary dropped out carries on unprotected and stops checkpointing.
     let expected = args.duration.as_secs_f64() / args.checkpoint_delay.as_secs_f64();
     for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
@@ -728,9 +741,9 @@ fn decade_label(e: i32) -> String {
     }
 }
 
-/// A round upper bound of a y axis in percent.
+/// A round upper bound of a y axis in percent, whose quarters are round too.
 fn nice_top(max_pct: f64) -> f64 {
-    [1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 50.0, 75.0, 100.0]
+    [2.0, 4.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0]
         .into_iter()
         .find(|t| *t >= max_pct)
         .unwrap_or(100.0)
@@ -963,7 +976,7 @@ fn histogram_svg(
             x0 + pw / 2.0,
             y0 + 32.0
         );
-        let (lx, ly) = (ox + 12.0, oy + mt + ph / 2.0);
+        let (lx, ly) = (ox + 11.0, oy + mt + ph / 2.0);
         let _ = writeln!(
             s,
             r#"<text x="{lx}" y="{ly}" text-anchor="middle" transform="rotate(-90 {lx} {ly})">% of pauses</text>"#
