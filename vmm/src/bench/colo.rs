@@ -124,6 +124,17 @@ struct PairReport {
     failover: bool,
     cpu_primary_s: f64,
     cpu_secondary_s: f64,
+    /// The client load window in seconds (not in the JSON): `--duration`, or `secs` if the
+    /// run ended sooner. `secs` of `colo pair` also counts its teardown after the load.
+    #[serde(skip)]
+    load_secs: f64,
+}
+
+impl PairReport {
+    /// Replies per second of the client load window.
+    fn rps(&self) -> f64 {
+        self.replies as f64 / self.load_secs.max(1e-9)
+    }
 }
 
 /// Keys every run's summary must have.
@@ -403,7 +414,8 @@ fn run_one(
     if !status.success() {
         return Err(fail(format!("failed ({status})"), &stderr));
     }
-    let r = parse_report(&stdout, kind).map_err(|e| fail(e, &stderr))?;
+    let mut r = parse_report(&stdout, kind).map_err(|e| fail(e, &stderr))?;
+    r.load_secs = r.secs.min(args.duration.as_secs_f64());
     if r.lost_acked > 0 || r.contradictions > 0 {
         return Err(fail(
             format!(
@@ -423,7 +435,7 @@ fn run_one(
         Kind::Unprotected => eprintln!(
             "{label}: done in {:.1} s: {:.0} req/s",
             t.elapsed().as_secs_f64(),
-            r.client_rps
+            r.rps()
         ),
         Kind::Protected(_) => eprintln!(
             "{label}: done in {:.1} s: {} checkpoints, pause p50 {:.2} ms p99 {:.2} ms, \
@@ -432,7 +444,7 @@ fn run_one(
             r.pauses_us.len(),
             r.pause_p50_ms,
             r.pause_p99_ms,
-            r.client_rps
+            r.rps()
         ),
     }
     Ok(r)
@@ -453,8 +465,8 @@ fn baseline(runs: &[Run], rate_mib: u64) -> Option<&PairReport> {
 
 fn ratio(runs: &[Run], run: &Run) -> Option<f64> {
     baseline(runs, run.rate_mib)
-        .filter(|b| b.client_rps > 0.0)
-        .map(|b| run.report.client_rps / b.client_rps)
+        .filter(|b| b.replies > 0)
+        .map(|b| run.report.rps() / b.rps())
 }
 
 #[allow(clippy::too_many_lines)]
@@ -507,7 +519,7 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         match run.kind {
             Kind::Unprotected => {
                 let (name, rate, d) = (run.kind.name(), run.rate_mib, "-");
-                let (rps, cpu) = (r.client_rps, r.cpu_primary_s);
+                let (rps, cpu) = (r.rps(), r.cpu_primary_s);
                 println!(
                     "{name:<11} {rate:>6} {d:>6} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} \
                      {d:>8} {rps:>7.0} {vs:>6} {cpu:>6.1} {d:>6}"
@@ -515,7 +527,7 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
             }
             Kind::Protected(_) => {
                 let s = Steady::of(r, args.ram);
-                let pushed = (r.secs > 0.0).then(|| s.bytes as f64 / GIB / r.secs);
+                let pushed = (r.load_secs > 0.0).then(|| s.bytes as f64 / GIB / r.load_secs);
                 println!(
                     "{:<11} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {} {} {} {} {:>7.0} {vs:>6} \
                      {:>6.1} {:>6.1}",
@@ -529,7 +541,7 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
                     opt(s.per_epoch(s.bytes).map(|b| b / MIB as f64), 7, 1),
                     opt(pushed, 7, 3),
                     opt(s.bytes_per_pause_s().map(|b| b / GIB), 8, 2),
-                    r.client_rps,
+                    r.rps(),
                     r.cpu_primary_s,
                     r.cpu_secondary_s
                 );
@@ -543,17 +555,30 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
          (with under 100 checkpoints p99 is about the max)\n  \
          pages, MiB /epoch  pages pushed per checkpoint, in the background during the epoch and \
          in the pause together (a page dirtied again after its background push is counted again)\n  \
-         pushed GiB/s   all page bytes pushed over the run / the run's seconds: the average \
-         load on the push path, not its speed\n  \
+         pushed GiB/s   pushed over the run: all page bytes pushed / the client load window \
+         (--duration): the average load on the push path, not its speed\n  \
          epoch GiB/ps   bytes pushed per epoch / pause time (= all bytes / all pauses): how \
          much replicated memory one second of PVM downtime covered; most pages went in the \
          background, so this is not a transfer rate either\n  \
-         client req/s   replies the one client connection got per second (one request at a \
-         time unless --pair-arg says otherwise); vs unprot = that / the same-run unprotected \
-         baseline of the same dirty rate\n  \
+         client req/s   replies the one client connection got / the client load window \
+         (--duration; one request at a time unless --pair-arg says otherwise); vs unprot = that \
+         / the same-run unprotected baseline of the same dirty rate\n  \
          CPU s          user+system CPU seconds of the PVM process (colo primary, or the VM of \
-         the baseline) and of the SVM process (colo secondary) over the whole run"
+         the baseline) and of the SVM process (colo secondary) from their start (VM boot and \
+         initial sync included) to the end of the client load"
     );
+    let protected: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.kind != Kind::Unprotected)
+        .collect();
+    if !protected.is_empty() {
+        let secs = protected.iter().map(|r| r.report.secs).sum::<f64>() / protected.len() as f64;
+        println!(
+            "Rates are over the load window, not over `secs` of `colo pair --json` (its own \
+             client_rps), which also counts the teardown after the load: {secs:.1} s on average \
+             for the protected runs here."
+        );
+    }
     println!(
         "Note: this machine has {cpus} CPU(s){}; in colo mode the SVM runs too and competes \
          with the PVM (and the proxy and client) for them, in periodic mode it stays paused.",
@@ -578,18 +603,20 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         "Note: the guest's dirty load drops work it falls more than 100 ms behind on (e.g. \
          when it is paused or starved of CPU), so the rate written can be below the rate asked."
     );
+    // The load's pages per epoch, at the rate asked, over one checkpoint delay alone.
     for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
-        let asked = run.rate_mib as f64;
+        let asked = (run.rate_mib * PAGES_PER_MIB) as f64 * args.checkpoint_delay.as_secs_f64();
         let s = Steady::of(&run.report, args.ram);
-        let pushed = s.bytes as f64 / MIB as f64 / run.report.secs.max(1e-9);
-        if asked > 0.0 && pushed < asked * 0.75 {
-            println!(
-                "Note: {} {} MiB/s pushed only {pushed:.0} MiB/s ({:.0}% of the rate asked): \
-                 the guest did not dirty memory at that rate.",
+        match s.per_epoch(s.pages) {
+            Some(got) if asked > 0.0 && got < asked * 0.75 => println!(
+                "Note: {} {} MiB/s pushed {got:.0} pages per epoch where the rate asked writes \
+                 {asked:.0} in one checkpoint delay ({:.0}%): the guest did not dirty memory at \
+                 that rate.",
                 run.kind.name(),
                 run.rate_mib,
-                pushed / asked * 100.0
-            );
+                got / asked * 100.0
+            ),
+            _ => {}
         }
     }
     if args.modes.contains(&Mode::Periodic) {

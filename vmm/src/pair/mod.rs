@@ -745,6 +745,18 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
             "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
             "anomalies": stats.anomalies.lock().map(|a| a.clone()).unwrap_or_default(),
+            "child_warnings": shared
+                .log
+                .lock()
+                .map(|l| {
+                    l.iter()
+                        .filter(|x| x.contains(" WARN ") || x.contains(" ERROR ") || x.contains("error"))
+                        .rev()
+                        .take(12)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
             "active": active,
         });
         println!("{j}");

@@ -78,6 +78,14 @@ impl Blk {
         }
     }
 
+    /// Logs a backend failure (rate-limited: the first, then every power of two).
+    fn failed(&mut self, op: &str, e: &colo_blk::Error) -> u8 {
+        if (self.stats.errors + 1).is_power_of_two() {
+            tracing::warn!(op, error = %e, errors = self.stats.errors + 1, "disk request failed");
+        }
+        S_IOERR
+    }
+
     /// Serves one request; returns the bytes written into the chain (data and status).
     fn request(
         &mut self,
@@ -128,23 +136,26 @@ impl Blk {
                         written = data_len as u32;
                         S_OK
                     }
-                    _ => S_IOERR,
+                    Ok(()) => S_IOERR,
+                    Err(e) => self.failed("read", &e),
                 }
             }
             T_OUT => {
                 self.stats.writes += 1;
                 let mut buf = vec![0u8; data_len];
                 match r.read_exact(&mut buf) {
-                    Ok(()) if self.backend.write_at(sector * SECTOR, &buf).is_ok() => S_OK,
-                    _ => S_IOERR,
+                    Ok(()) => match self.backend.write_at(sector * SECTOR, &buf) {
+                        Ok(()) => S_OK,
+                        Err(e) => self.failed("write", &e),
+                    },
+                    Err(_) => S_IOERR,
                 }
             }
             T_FLUSH => {
                 self.stats.flushes += 1;
-                if self.backend.flush().is_ok() {
-                    S_OK
-                } else {
-                    S_IOERR
+                match self.backend.flush() {
+                    Ok(()) => S_OK,
+                    Err(e) => self.failed("flush", &e),
                 }
             }
             T_GET_ID => {
