@@ -12,6 +12,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// The pairs of these tests run one at a time: each runs two VMs and a client, and the
+/// machine has two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn kvm() -> bool {
     let ok = std::path::Path::new("/dev/kvm").exists();
     if !ok {
@@ -84,6 +94,7 @@ fn check_failover(v: &Value, what: &str) {
 /// varying checkpoints, and by SIGKILL at varying moments.
 #[test]
 fn the_secondary_takes_over_whenever_the_primary_dies() {
+    let _one_at_a_time = serial();
     if !kvm() {
         return;
     }
@@ -117,6 +128,7 @@ fn the_secondary_takes_over_whenever_the_primary_dies() {
 
 #[test]
 fn the_primary_keeps_serving_when_the_secondary_dies() {
+    let _one_at_a_time = serial();
     if !kvm() {
         return;
     }
@@ -156,6 +168,7 @@ impl Drop for Netns {
 /// primary goes on alone: exactly one side active, no split brain.
 #[test]
 fn a_cut_link_leaves_exactly_one_side_active() {
+    let _one_at_a_time = serial();
     // SAFETY: geteuid has no preconditions.
     if !kvm() || unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root and /dev/kvm");
@@ -213,6 +226,7 @@ fn a_cut_link_leaves_exactly_one_side_active() {
 /// the *new* secondary takes over, with the client's connection and data intact.
 #[test]
 fn a_new_secondary_joins_a_running_primary_and_protects_it() {
+    let _one_at_a_time = serial();
     if !kvm() {
         return;
     }
