@@ -204,6 +204,10 @@ pub struct PrimaryArgs {
     pub vm: VmArgs,
     #[command(flatten)]
     pub colo: ColoArgs,
+    /// Append every checkpoint's record (epoch, trigger, pause_us, pages, bytes) as one
+    /// JSON line to this file (a FIFO works too), for dashboards and scripts.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
     /// When the secondary is lost, keep trying to connect a new one at --peer; it is
     /// brought in sync while the primary serves (RAM and disk), then COLO goes on.
     #[arg(long)]
@@ -313,6 +317,14 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     )?;
     p.qmp = qmp;
     p.reprotect = a.reprotect;
+    if let Some(path) = &a.metrics {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| ColoError::Setup(format!("metrics file {}: {e}", path.display())))?;
+        p.metrics = Some(f);
+    }
     if let Some(d) = pdisk {
         let addr = super::blk_addr(&peer)?;
         let s =

@@ -147,6 +147,8 @@ pub struct Primary {
     pub disk: Option<Arc<colo_blk::PrimaryDisk>>,
     /// Whether a new secondary may join after this one is lost.
     pub reprotect: bool,
+    /// A JSON-lines stream of every checkpoint's record (`--metrics`).
+    pub metrics: Option<std::fs::File>,
     /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
     pub disk_threshold: u64,
 }
@@ -200,6 +202,7 @@ pub fn connect(
         qmp: None,
         disk: None,
         reprotect: false,
+        metrics: None,
         disk_threshold: 64 << 20,
     })
 }
@@ -694,6 +697,12 @@ impl Primary {
         self.events.committed(self.epoch);
         if let Ok(j) = serde_json::to_string(&rec) {
             self.events.emit(&format!("METRIC {j}"));
+            if let Some(f) = &mut self.metrics {
+                if writeln!(f, "{j}").and_then(|()| f.flush()).is_err() {
+                    tracing::warn!("cannot write the metrics stream; stopping it");
+                    self.metrics = None;
+                }
+            }
         }
         tracing::debug!(?rec, "checkpoint");
         Ok(())
