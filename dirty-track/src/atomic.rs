@@ -54,7 +54,8 @@ impl AtomicPageBitmap {
             } else {
                 ((1u64 << n) - 1) << lo
             };
-            self.words[(p / 64) as usize].fetch_or(mask, Ordering::Relaxed);
+            // Release: the write this mark follows is visible to whoever drains the mark.
+            self.words[(p / 64) as usize].fetch_or(mask, Ordering::Release);
             p += n;
         }
     }

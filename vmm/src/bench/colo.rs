@@ -550,7 +550,8 @@ fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
     }
     println!(
         "\nColumns (protected runs; the initial full sync of the RAM is left out of all of them):\n  \
-         epochs         checkpoints taken during the client load (each one pause)\n  \
+         epochs         checkpoints after the initial sync until the primary stopped (each \
+         one pause)\n  \
          pause          how long the PVM stayed paused per checkpoint, as `colo pair` reports it \
          (with under 100 checkpoints p99 is about the max)\n  \
          pages, MiB /epoch  pages pushed per checkpoint, in the background during the epoch and \

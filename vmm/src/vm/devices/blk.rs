@@ -86,6 +86,14 @@ impl Blk {
         S_IOERR
     }
 
+    /// Counts and logs (rate-limited) a request the driver built wrongly.
+    fn bad_chain(&mut self, why: &str) {
+        self.stats.errors += 1;
+        if self.stats.errors.is_power_of_two() {
+            tracing::warn!(why, errors = self.stats.errors, "bad disk request");
+        }
+    }
+
     /// Serves one request; returns the bytes written into the chain (data and status).
     fn request(
         &mut self,
@@ -93,21 +101,21 @@ impl Blk {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(mem), chain.writer(mem)) else {
-            self.stats.errors += 1;
+            self.bad_chain("a descriptor outside guest memory");
             return 0;
         };
         let mut hdr = [0u8; 16];
         let Some(data_room) = w.available_bytes().checked_sub(1) else {
-            self.stats.errors += 1;
+            self.bad_chain("no writable status byte");
             return 0;
         };
         // The status byte is the last writable byte.
         let Ok(mut status_w) = w.split_at(data_room) else {
-            self.stats.errors += 1;
+            self.bad_chain("cannot split off the status byte");
             return 0;
         };
         if r.read_exact(&mut hdr).is_err() {
-            self.stats.errors += 1;
+            self.bad_chain("a header shorter than 16 bytes");
             return u32::from(status_w.write_all(&[S_IOERR]).is_ok());
         }
         let kind = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes"));
@@ -126,6 +134,9 @@ impl Blk {
             T_IN | T_OUT
                 if !in_bounds || data_len > MAX_REQUEST || data_len as u64 % SECTOR != 0 =>
             {
+                self.bad_chain(&format!(
+                    "type {kind} at sector {sector}, {data_len} bytes: outside the disk or not whole sectors"
+                ));
                 S_IOERR
             }
             T_IN => {
@@ -209,10 +220,18 @@ impl VirtioDevice for Blk {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            for d in chain.clone().writable() {
-                dirty.mark(d.addr().0, u64::from(d.len()));
-            }
+            let spans: Vec<(u64, u64)> = chain
+                .clone()
+                .writable()
+                .map(|d| (d.addr().0, u64::from(d.len())))
+                .collect();
             let n = self.request(chain, mem);
+            // Mark only after writing: a dirty-page collection running on another thread
+            // between a mark and the write would copy the page without the write and
+            // clear the mark, and the write would never reach the secondary.
+            for (a, l) in spans {
+                dirty.mark(a, l);
+            }
             if q.add_used(mem, head, n).is_err() {
                 break;
             }
