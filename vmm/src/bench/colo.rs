@@ -75,6 +75,11 @@ pub struct ColoBenchArgs {
     /// Where to write the pause histograms of every run (SVG).
     #[arg(long, default_value = "colo-pauses.svg")]
     svg: PathBuf,
+    /// Requests the client keeps in flight (the same for every run). Periodic mode releases
+    /// output only at checkpoints, so a client with one request in flight gets about one
+    /// reply per checkpoint; a deep pipeline measures the service's throughput instead.
+    #[arg(long, default_value_t = 256)]
+    pipeline: usize,
     /// One more argument for every `colo pair` run (repeatable), e.g.
     /// --pair-arg=--streams=4.
     #[arg(long = "pair-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -313,6 +318,7 @@ fn pair_args(args: &ColoBenchArgs, kind: Kind, rate_mib: u64) -> Vec<String> {
         format!("--duration={}ms", args.duration.as_millis().max(1)),
         format!("--dirty-rate={}", rate_mib * PAGES_PER_MIB),
         format!("--ram={}", args.ram),
+        format!("--pipeline={}", args.pipeline.max(1)),
     ];
     match kind {
         Kind::Unprotected => v.push("--unprotected".into()),

@@ -356,11 +356,11 @@ fn run_unprotected(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu = cpu_secs(vm.child.id());
+    let secs = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     vm.stop(Duration::from_secs(5));
     let _ = proxy.shutdown();
-    let secs = start.elapsed().as_secs_f64();
     let replies = stats.replies.load(Ordering::Relaxed);
     println!(
         "\ncolo pair --unprotected summary ({secs:.1} s): client {replies} replies ({:.0}/s); VM CPU {cpu:.2} s",
@@ -640,6 +640,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             }
         }
     }
+    let secs = start.elapsed().as_secs_f64();
     let cpu = (cpu_secs(primary.child.id()), cpu_secs(secondary.child.id()));
     let active = match (primary.alive(), failover_done) {
         (_, true) => "secondary",
@@ -687,7 +688,6 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         }
     };
     let _ = proxy.shutdown();
-    let secs = start.elapsed().as_secs_f64();
     let s = shared
         .summary
         .lock()
