@@ -30,6 +30,13 @@ pub struct EpochRecord {
     pub trigger: Trigger,
     /// How long the PVM was paused, in microseconds.
     pub pause_us: u64,
+    /// Of the pause: microseconds until the last pages were pushed and committed (dirty
+    /// log, push, commit round trip; from the secondary's reply on).
+    #[serde(default)]
+    pub push_us: u64,
+    /// Of the pause: microseconds of state save and disk barrier.
+    #[serde(default)]
+    pub barrier_us: u64,
     /// Pages pushed during the pause.
     pub pause_pages: u64,
     /// Pages pushed in the background during the epoch.

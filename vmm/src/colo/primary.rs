@@ -660,6 +660,7 @@ impl Primary {
         };
         self.bitmap.clear_all();
         let stats = stats.map_err(ColoError::transport("checkpoint push"))?;
+        let pushed_at = paused_at.elapsed();
         let state = self.vm.machine()?.save_state()?;
         let state_bytes = state.len() as u64;
         // "Disk acknowledged": every write the PVM completed so far is on the secondary.
@@ -667,6 +668,7 @@ impl Primary {
             d.checkpoint_barrier(checkpoint, STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
+        let barrier_done = paused_at.elapsed();
         let link = self.peer()?;
         link.send(&Message::VmstateSend { epoch: k })?;
         crash_point("state", checkpoint);
@@ -686,6 +688,8 @@ impl Primary {
             epoch: self.epoch,
             trigger,
             pause_us: paused_at.elapsed().as_micros() as u64,
+            push_us: pushed_at.as_micros() as u64,
+            barrier_us: (barrier_done - pushed_at).as_micros() as u64,
             pause_pages,
             background_pages: self.bg_pages,
             bytes: stats.bytes + self.bg_bytes,
