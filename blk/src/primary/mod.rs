@@ -584,8 +584,8 @@ impl PrimaryDisk {
     }
 
     /// A guest flush: syncs the local disk, then forwards an ordered flush (the
-    /// secondary syncs its disk at the same point of the stream). Returns once the local
-    /// disk is synced; the secondary's flush is covered by the next barrier.
+    /// secondary makes it durable when it commits the epoch, and failover syncs). Returns
+    /// once the local disk is synced.
     ///
     /// # Errors
     /// [`Error::DiskFlush`].

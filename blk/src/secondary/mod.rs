@@ -112,6 +112,8 @@ pub(crate) struct State {
     pub writes: u64,
     pub write_bytes: u64,
     pub sync_bytes: u64,
+    /// A primary flush arrived since the disk was last synced: the next commit syncs.
+    pub flush_pending: bool,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,7 @@ impl Inner {
                 phase: SecondaryPhase::Waiting,
                 committed: 0,
                 last_marker: None,
+                flush_pending: false,
                 applied_seq: 0,
                 stop: false,
                 link: None,
@@ -312,6 +315,13 @@ impl SecondaryDisk {
         }
         let dropped = st.buf.stats();
         let t = Instant::now();
+        // The primary's flushes of this epoch become durable here, once per epoch instead
+        // of once per flush (which stalled the stream and the primary's barrier). Nothing
+        // depends on the secondary's disk being durable earlier: the primary acknowledged
+        // its guest after its own sync, and failover() syncs before the SVM goes on.
+        if std::mem::take(&mut st.flush_pending) {
+            st.buf.disk().sync()?;
+        }
         st.buf.drop_all()?;
         let drop_time = t.elapsed();
         st.committed = epoch;
