@@ -374,6 +374,8 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             sdisk = Some(Arc::clone(&s));
             Ok(Some(s))
         })?;
+    // The first commit copies all of RAM into the SVM: fault it in now, not then.
+    machine.ram.prefault();
     // SAFETY: the cache commits into this Region; `Secondary` drops the cache before the
     // VmHandle that owns the machine (field order), and the mapping never moves.
     let ram = unsafe { machine.ram.region() };

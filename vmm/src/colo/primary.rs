@@ -512,14 +512,27 @@ impl Primary {
     /// Waits out the epoch, pushing dirty pages in the background. Returns what ends it.
     fn epoch_wait(&mut self, stop: &dyn Fn() -> bool) -> Result<Trigger> {
         let deadline = Instant::now() + self.params.checkpoint_delay;
+        let waited_for_load = Instant::now() + STEP_TIMEOUT;
+        let mut due: Option<Trigger> = None;
         loop {
             let now = Instant::now();
-            if now >= deadline {
-                return Ok(Trigger::Timer);
+            if now >= deadline && due.is_none() {
+                due = Some(Trigger::Timer);
             }
-            let wait = (deadline - now).min(self.params.push_interval);
+            // A checkpoint waits until the secondary has loaded the previous one; the
+            // background push goes on meanwhile, so the pause does not inherit every page
+            // dirtied during a long load (the first one copies all of RAM).
+            if let Some(t) = due {
+                if self.awaiting_loaded.is_none() || now >= waited_for_load {
+                    return Ok(t);
+                }
+            }
+            let wait = deadline
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1))
+                .min(self.params.push_interval);
             if self.events.requests.recv_timeout(wait).is_ok() {
-                return Ok(Trigger::Mismatch);
+                due = Some(Trigger::Mismatch);
             }
             self.poll_qmp();
             if stop() || !self.protected() || self.vm.finished() {
