@@ -78,7 +78,7 @@ pub struct ColoBenchArgs {
     /// Requests the client keeps in flight (the same for every run). Periodic mode releases
     /// output only at checkpoints, so a client with one request in flight gets about one
     /// reply per checkpoint; a deep pipeline measures the service's throughput instead.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 2048)]
     pipeline: usize,
     /// One more argument for every `colo pair` run (repeatable), e.g.
     /// --pair-arg=--streams=4.
