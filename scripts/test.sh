@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: rdma-sys needs the verbs and rdma_cm headers, libclang (bindgen) and
-# pkg-config.
-need=(libibverbs-dev librdmacm-dev libclang-dev pkg-config)
+# pkg-config; the namespace tests (netcmp, colo run, the cut-link test) need ip(8) and nft.
+need=(libibverbs-dev librdmacm-dev libclang-dev pkg-config iproute2 nftables)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
