@@ -108,15 +108,24 @@ counters! {
     port_drops,
 }
 
+/// Updating counters.
+///
+/// Every counter has a single writer at a time: whoever holds the engine (`&mut Engine`),
+/// which in the threaded proxy is the engine thread (its port writer counts from that same
+/// thread); other threads only read snapshots. With one writer, a relaxed load followed by
+/// a relaxed store is an exact increment, and unlike a locked read-modify-write
+/// (`fetch_add`) it is no full memory barrier, which would stall the engine on every
+/// outstanding cache miss several times per frame. A counter written from another thread
+/// as well would need `fetch_add`.
 impl Metrics {
-    /// Adds `n` to a counter.
+    /// Adds `n` to a counter (single writer: see above).
     pub(crate) fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
-    /// Adds one to a counter.
+    /// Adds one to a counter (single writer: see above).
     pub(crate) fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        Self::add(c, 1);
     }
 
     /// Sets a gauge.

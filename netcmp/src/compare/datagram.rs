@@ -24,12 +24,28 @@ impl HeldPkt {
     }
 }
 
+/// A secondary packet waiting for its counterpart. The frame is kept whole (it is the
+/// secondary's own buffer, moved in), so queueing it copies nothing.
+#[derive(Debug)]
+struct SecPkt {
+    frame: Vec<u8>,
+    compare: Range<usize>,
+    tag: u32,
+    arrived: Instant,
+}
+
+impl SecPkt {
+    fn bytes(&self) -> &[u8] {
+        self.frame.get(self.compare.clone()).unwrap_or_default()
+    }
+}
+
 /// The compare state of one packet flow.
 #[derive(Debug, Default)]
 pub(crate) struct DatagramState {
     held: VecDeque<HeldPkt>,
-    /// The secondary's compared bytes, tags and arrival times.
-    sec: VecDeque<(Vec<u8>, u32, Instant)>,
+    /// The secondary's packets not yet paired, in arrival order.
+    sec: VecDeque<SecPkt>,
 }
 
 impl DatagramState {
@@ -67,20 +83,18 @@ impl DatagramState {
             tag,
             arrived: ctx.now,
         });
-        let overflow = (self.held.len() == ctx.max_queue + 1).then(|| {
-            Metrics::inc(&ctx.m.queue_overflows);
-            CheckpointReason::QueueOverflow
-        });
+        let overflow = Self::overflow_at(self.held.len(), ctx);
         if how == Handling::Hold {
             return overflow;
         }
         self.compare(ctx).or(overflow)
     }
 
-    /// Takes a secondary packet's compared bytes.
+    /// Takes a secondary packet; `compare` is the range of `frame` that is compared.
     pub(crate) fn secondary(
         &mut self,
-        bytes: &[u8],
+        frame: Vec<u8>,
+        compare: Range<usize>,
         tag: u32,
         how: Handling,
         ctx: &mut Ctx<'_>,
@@ -92,33 +106,62 @@ impl DatagramState {
             Metrics::inc(&ctx.m.overflow_drops);
             return None;
         }
-        self.sec.push_back((bytes.to_vec(), tag, ctx.now));
-        let overflow = (self.sec.len() == ctx.max_queue + 1).then(|| {
+        let pkt = SecPkt {
+            frame,
+            compare,
+            tag,
+            arrived: ctx.now,
+        };
+        // The common case: the primary's counterpart waits and no other secondary packet
+        // does. Pairing it off at once is what queueing it and running `compare` would do
+        // (the queue would hold just this packet, and pairing would empty it again).
+        if self.sec.is_empty()
+            && self
+                .held
+                .front()
+                .is_some_and(|p| p.tag == pkt.tag && p.bytes() == pkt.bytes())
+        {
+            let overflow = Self::overflow_at(1, ctx);
+            self.pair_front(ctx);
+            return overflow;
+        }
+        self.sec.push_back(pkt);
+        let overflow = Self::overflow_at(self.sec.len(), ctx);
+        self.compare(ctx).or(overflow)
+    }
+
+    /// A queue just grew to `len`: the overflow, the first time it goes past the limit.
+    fn overflow_at(len: usize, ctx: &Ctx<'_>) -> Option<CheckpointReason> {
+        (len == ctx.max_queue + 1).then(|| {
             Metrics::inc(&ctx.m.queue_overflows);
             CheckpointReason::QueueOverflow
-        });
-        self.compare(ctx).or(overflow)
+        })
+    }
+
+    /// The primary packet at the front matched: releases it.
+    fn pair_front(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(p) = self.held.pop_front() {
+            Metrics::inc(&ctx.m.matched_packets);
+            ctx.release(p.frame);
+        }
     }
 
     /// Pairs off the queues' heads while they match.
     fn compare(&mut self, ctx: &mut Ctx<'_>) -> Option<CheckpointReason> {
-        while let (Some(p), Some((s, tag, _))) = (self.held.front(), self.sec.front()) {
-            let pb = p.bytes();
-            if pb != s.as_slice() || p.tag != *tag {
+        while let (Some(p), Some(s)) = (self.held.front(), self.sec.front()) {
+            let (pb, sb) = (p.bytes(), s.bytes());
+            if pb != sb || p.tag != s.tag {
                 let offset = pb
                     .iter()
-                    .zip(s)
+                    .zip(sb)
                     .position(|(a, b)| a != b)
-                    .unwrap_or(pb.len().min(s.len()));
+                    .unwrap_or(pb.len().min(sb.len()));
                 return Some(CheckpointReason::PayloadDiffers {
                     offset: offset as u64,
                 });
             }
             self.sec.pop_front();
-            if let Some(p) = self.held.pop_front() {
-                Metrics::inc(&ctx.m.matched_packets);
-                ctx.release(p.frame);
-            }
+            self.pair_front(ctx);
         }
         None
     }
@@ -138,7 +181,7 @@ impl DatagramState {
                 r = Some(CheckpointReason::CompareTimeout);
             }
         }
-        while self.sec.front().is_some_and(|(_, _, t)| *t <= deadline) {
+        while self.sec.front().is_some_and(|s| s.arrived <= deadline) {
             self.sec.pop_front();
             Metrics::inc(&ctx.m.secondary_timeouts);
             r = r.or(Some(CheckpointReason::SecondaryTimeout));

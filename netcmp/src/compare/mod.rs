@@ -406,8 +406,7 @@ impl Engine {
                 t.secondary(seg, data, how, &mut ctx)
             }
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
-                let bytes = frame.get(compare.clone()).unwrap_or_default();
-                d.secondary(bytes, *tag, how, &mut ctx)
+                d.secondary(frame, compare.clone(), *tag, how, &mut ctx)
             }
             _ => None,
         };

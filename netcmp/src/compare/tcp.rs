@@ -39,6 +39,13 @@ struct Half {
     buf: StreamBuf,
 }
 
+/// Which VM's stream.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    Primary,
+    Secondary,
+}
+
 /// A primary segment waiting for release.
 #[derive(Debug)]
 struct HeldSeg {
@@ -159,9 +166,18 @@ impl TcpState {
         }
         if how == Handling::Compare {
             let data = frame.get(seg.payload.clone()).unwrap_or_default();
-            if self.p.buf.insert(cmp, data_seq, data, ctx.byte_cap()) == Placed::Old
-                && !data.is_empty()
-            {
+            // `compare` always runs below (the handling is Compare).
+            let m = self.match_direct(Who::Primary, data_seq, data, ctx);
+            let placed = if m > 0 && m == data.len() {
+                Placed::New
+            } else {
+                let rest = data.get(m..).unwrap_or_default();
+                let at = data_seq.wrapping_add(m as u32);
+                self.p
+                    .buf
+                    .insert(self.cmp.unwrap_or(cmp), at, rest, ctx.byte_cap())
+            };
+            if placed == Placed::Old && !data.is_empty() {
                 Metrics::inc(&ctx.m.primary_retransmits);
             }
         }
@@ -237,7 +253,9 @@ impl TcpState {
             });
         }
         let overflow = self.learn_offset(ctx);
-        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, ctx.now, ctx);
+        // `compare` runs right after the segment is placed unless something overflowed.
+        let direct = overflow.is_none();
+        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, ctx.now, direct, ctx);
         r.or(overflow).or_else(|| self.compare(ctx))
     }
 
@@ -253,12 +271,17 @@ impl TcpState {
         self.offset = Some(p.wrapping_sub(s));
         let mut r = None;
         for e in std::mem::take(&mut self.early) {
-            r = r.or(self.ingest_secondary(e.seq, e.flags, e.ack, &e.data, e.arrived, ctx));
+            let (seq, flags, ack, at) = (e.seq, e.flags, e.ack, e.arrived);
+            r = r.or(self.ingest_secondary(seq, flags, ack, &e.data, at, false, ctx));
         }
         r
     }
 
     /// Places a secondary segment's bytes and notes its flags, in the primary's space.
+    /// `direct`: the caller runs [`compare`](Self::compare) right after this returns
+    /// `None`, so matching bytes may be compared at once (see
+    /// [`match_direct`](Self::match_direct)).
+    #[allow(clippy::too_many_arguments)]
     fn ingest_secondary(
         &mut self,
         own_seq: u32,
@@ -266,6 +289,7 @@ impl TcpState {
         ack: u32,
         data: &[u8],
         arrived: Instant,
+        direct: bool,
         ctx: &mut Ctx<'_>,
     ) -> Option<CheckpointReason> {
         let (Some(off), Some(cmp)) = (self.offset, self.cmp) else {
@@ -289,7 +313,23 @@ impl TcpState {
             Metrics::inc(&ctx.m.overflow_drops);
             return None;
         }
-        match self.s.buf.insert(cmp, data_seq, data, ctx.byte_cap()) {
+        // Only when this segment cannot overflow the pending queue below: then this
+        // returns `None` and `compare` runs at once, as `match_direct` requires.
+        let m = if direct && self.s_pending.len() + self.s.buf.ooo_len() != ctx.max_queue {
+            self.match_direct(Who::Secondary, data_seq, data, ctx)
+        } else {
+            0
+        };
+        let placed = if m > 0 && m == data.len() {
+            Placed::New
+        } else {
+            let rest = data.get(m..).unwrap_or_default();
+            let at = data_seq.wrapping_add(m as u32);
+            self.s
+                .buf
+                .insert(self.cmp.unwrap_or(cmp), at, rest, ctx.byte_cap())
+        };
+        match placed {
             Placed::New | Placed::OutOfOrder => fresh = true,
             Placed::Old if !data.is_empty() => Metrics::inc(&ctx.m.secondary_retransmits),
             Placed::Old | Placed::TooFar => {}
@@ -303,6 +343,50 @@ impl TcpState {
             }
         }
         None
+    }
+
+    /// The in-order fast path, to copy each stream byte at most once: `data`, one side's
+    /// bytes from sequence number `at` (primary space), about to be placed in that side's
+    /// buffer. When they start exactly at the compare point, nothing of that side is
+    /// buffered, SYNs agree, and the other side's buffered bytes equal them as far as both
+    /// go, those bytes are compared and consumed here (what [`compare`](Self::compare) would
+    /// do with them once placed) and their count returned; the caller places only the
+    /// rest. Otherwise nothing happens and 0 is returned (a difference is left for
+    /// `compare` to find and report).
+    ///
+    /// The caller must run `compare` right after placing the rest, with no other change to
+    /// the state, so that the outcome is the one placing all of `data` would have had: the
+    /// bytes this consumes are exactly those `compare` would have consumed first.
+    fn match_direct(&mut self, who: Who, at: u32, data: &[u8], ctx: &mut Ctx<'_>) -> usize {
+        let (Some(cmp), Some(_)) = (self.cmp, self.offset) else {
+            return 0;
+        };
+        let syn_agree = match (self.p.syn, self.s.syn) {
+            (Some(a), Some(b)) => a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        let (own, other) = match who {
+            Who::Primary => (&self.p.buf, &mut self.s.buf),
+            Who::Secondary => (&self.s.buf, &mut self.p.buf),
+        };
+        if at != cmp
+            || !syn_agree
+            || data.is_empty()
+            || data.len() > ctx.byte_cap()
+            || own.avail() != 0
+            || own.ooo_len() != 0
+        {
+            return 0;
+        }
+        let m = data.len().min(other.avail());
+        if m == 0 || data.get(..m) != other.bytes().get(..m) {
+            return 0;
+        }
+        other.consume(m);
+        self.cmp = Some(cmp.wrapping_add(m as u32));
+        self.compared += m as u64;
+        Metrics::add(&ctx.m.matched_tcp_bytes, m as u64);
+        m
     }
 
     /// Compares what both streams have, then releases what may go.
