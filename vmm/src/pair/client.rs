@@ -20,6 +20,9 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
+/// Distinct keys the load writes (then overwrites).
+const KEYS: u64 = 50_000;
+
 /// What the client saw, shared with the status line.
 #[derive(Debug, Default)]
 pub struct ClientStats {
@@ -179,14 +182,23 @@ pub fn run(
                 && s.send_capacity() - s.send_queue() >= 64
             {
                 next += 1;
+                // Keys cycle through KEYS, so the guest's memory stays bounded on long
+                // runs; values are unique, so a stale or lost write shows.
+                let key = next % KEYS + 1;
+                let set = || format!("SET k{key} {}", next * 7);
                 let req = if next % 4 == 0 && !acked.is_empty() {
-                    let k = next / 2;
-                    match acked.get(&k) {
-                        Some(_) => format!("GET k{k}"),
-                        None => format!("SET k{next} {}", next * 7),
+                    let k = (next / 2) % KEYS + 1;
+                    let in_flight = pending.iter().any(|(r, _)| {
+                        r.strip_prefix("SET ")
+                            .is_some_and(|x| x.starts_with(&format!("k{k} ")))
+                    });
+                    if acked.contains_key(&k) && !in_flight {
+                        format!("GET k{k}")
+                    } else {
+                        set()
                     }
                 } else {
-                    format!("SET k{next} {}", next * 7)
+                    set()
                 };
                 if s.send_slice(format!("{req}\n").as_bytes()).is_err() {
                     break;

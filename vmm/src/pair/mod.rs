@@ -217,7 +217,8 @@ fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     let mut v = vec![
         format!("--ram={}", a.ram),
         format!("--disk={}", dir.join(format!("{side}.img")).display()),
-        "--disk-size=16777216".into(),
+        // The guest's disk log only grows: room for long, fast runs (a sparse file).
+        "--disk-size=268435456".into(),
         format!(
             "--net-socket={}",
             dir.join(format!("{side}.sock")).display()
