@@ -279,11 +279,30 @@ impl SecondaryDisk {
     /// above the last committed one, [`Error::EpochNotReady`] if the marker did not
     /// arrive in time (or the link ended without it), or a spill file error.
     pub fn commit(&self, epoch: u64, timeout: Duration) -> Result<CommitStats> {
-        let span = tracing::info_span!("blk_commit", epoch);
+        self.commit_inner(Some(epoch), timeout)
+    }
+
+    /// As [`commit`](Self::commit), for the epoch of the next end-of-epoch marker the
+    /// primary sends (the first one above the last commit): for a controller that does
+    /// not count epochs itself, e.g. after a re-protection.
+    ///
+    /// # Errors
+    /// As [`commit`](Self::commit).
+    pub fn commit_next(&self, timeout: Duration) -> Result<CommitStats> {
+        self.commit_inner(None, timeout)
+    }
+
+    fn commit_inner(&self, want: Option<u64>, timeout: Duration) -> Result<CommitStats> {
+        let span = tracing::info_span!("blk_commit", epoch = want);
         let _g = span.enter();
         let deadline = Instant::now() + timeout;
         let mut st = self.inner.lock();
-        loop {
+        let epoch = loop {
+            let epoch = match (want, st.last_marker) {
+                (Some(e), _) => e,
+                (None, Some(m)) if m > st.committed => m,
+                (None, _) => st.committed + 1,
+            };
             if st.phase != SecondaryPhase::Replicating {
                 return Err(Error::WrongState {
                     op: "commit",
@@ -297,7 +316,7 @@ impl SecondaryDisk {
                 });
             }
             if st.last_marker == Some(epoch) {
-                break;
+                break epoch;
             }
             let now = Instant::now();
             if now >= deadline || st.link_error.is_some() {
@@ -312,7 +331,7 @@ impl SecondaryDisk {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
+        };
         let dropped = st.buf.stats();
         let t = Instant::now();
         // The primary's flushes of this epoch become durable here, once per epoch instead

@@ -122,16 +122,9 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
     if (dest as usize).wrapping_sub(src as usize) >= n {
         // dest is below src, or past its end: a forward copy never overwrites unread
         // bytes.
-        // SAFETY: as for memcpy; the forward order is safe for this overlap.
-        unsafe {
-            asm!(
-                "rep movsb",
-                inout("rcx") n => _,
-                inout("rdi") dest => _,
-                inout("rsi") src => _,
-                options(nostack, preserves_flags)
-            );
-        }
+        // SAFETY: the caller's contract is memcpy's, and the forward order is safe for
+        // this overlap.
+        unsafe { memcpy(dest, src, n) };
     } else {
         // SAFETY: the caller guarantees both ranges; copying from the last byte down with
         // the direction flag set never overwrites unread bytes; the flag is cleared again

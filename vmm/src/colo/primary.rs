@@ -646,9 +646,8 @@ impl Primary {
             .ok_or_else(|| ColoError::PeerLost("no push path".into()))?;
         let k = push.epoch();
         if trigger == Trigger::InitialSync {
-            self.link
-                .as_ref()
-                .map(|l| l.send(&Message::CheckpointRequest { epoch: k }));
+            self.peer()?
+                .send(&Message::CheckpointRequest { epoch: k })?;
             match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
                 Message::CheckpointReply { epoch } if epoch == k => {}
                 other => {

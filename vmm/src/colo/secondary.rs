@@ -298,22 +298,8 @@ impl Secondary {
         // barrier put its end-of-epoch marker before the state).
         if let Some(d) = &self.disk {
             // The primary's barrier put its end-of-epoch marker in the disk stream before
-            // it sent the state; the marker carries the epoch to commit.
-            let deadline = Instant::now() + STEP_TIMEOUT;
-            let epoch = loop {
-                let st = d.stats();
-                if let Some(m) = st.last_marker.filter(|&m| m > st.committed) {
-                    break m;
-                }
-                if Instant::now() >= deadline || st.link_error.is_some() {
-                    return Err(ColoError::PeerLost(format!(
-                        "disk replication: no end-of-epoch marker ({:?})",
-                        st.link_error
-                    )));
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            };
-            d.commit(epoch, STEP_TIMEOUT)
+            // it sent the state; the marker names the epoch to commit.
+            d.commit_next(STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
         // Apply: SVM-dirty pages since the last commit, the cache flush, the state. A

@@ -532,7 +532,6 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let mut killed_secondary: Option<Instant> = None;
     let mut respawned = false;
     let mut failover_done = false;
-    let mut switched = false;
     let mut last_status = Instant::now();
     let mut last_replies = 0;
     loop {
@@ -550,13 +549,15 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             killed_primary = Some(Instant::now());
             replies_at_kill = stats.replies.load(Ordering::Relaxed);
         }
-        if a.kill_secondary_after.is_some_and(|k| el >= k) && secondary.alive() && !switched {
+        if a.kill_secondary_after.is_some_and(|k| el >= k)
+            && secondary.alive()
+            && killed_secondary.is_none()
+        {
             eprintln!(
                 "\ncolo pair: killing the secondary (SIGKILL) at {:.1} s",
                 el.as_secs_f64()
             );
             secondary.kill();
-            switched = true;
             killed_secondary = Some(Instant::now());
         }
         if a.reprotect
@@ -578,7 +579,6 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
                 .control()
                 .set_mode(colo_netcmp::Mode::SecondaryOnly)
                 .map_err(net)?;
-            switched = true;
             eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
         }
         if failover.is_none()

@@ -229,6 +229,31 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, p: &BootParams) -> Result<()> {
         .map_err(|e| Error::Memory(e.to_string()))
 }
 
+/// A one-segment ELF executable for tests: `code` at `paddr` in a segment of `memsz`
+/// bytes with `flags`, entered at `entry`.
+#[cfg(test)]
+pub(crate) fn elf_image(entry: u64, paddr: u64, memsz: u64, flags: u32, code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 64 + 56];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&entry.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut f[64..];
+    ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    ph[4..8].copy_from_slice(&flags.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,25 +263,7 @@ mod tests {
     }
 
     fn elf(entry: u64, paddr: u64, filesz: u64, memsz: u64, flags: u32) -> Vec<u8> {
-        let mut f = vec![0u8; 64 + 56];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[16..18].copy_from_slice(&2u16.to_le_bytes());
-        f[18..20].copy_from_slice(&62u16.to_le_bytes());
-        f[24..32].copy_from_slice(&entry.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = &mut f[64..];
-        ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        ph[4..8].copy_from_slice(&flags.to_le_bytes());
-        ph[8..16].copy_from_slice(&120u64.to_le_bytes());
-        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
-        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
-        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
-        f.extend(std::iter::repeat_n(0xcc, filesz as usize));
-        f
+        elf_image(entry, paddr, memsz, flags, &vec![0xcc; filesz as usize])
     }
 
     #[test]

@@ -306,7 +306,6 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
             Exit::Out(
                 port,
                 u32::from_le_bytes(data[..4].try_into().expect("4 bytes")),
-                n,
             )
         }
         Ok(VcpuExit::IoIn(_, d)) => {
@@ -356,7 +355,7 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
                 return Err(crash(m, format!("device error: {e}")));
             }
         }
-        Exit::Out(port, value, _) => match port {
+        Exit::Out(port, value) => match port {
             PORT_CONSOLE => {
                 let n = u64::from(value).min(CONSOLE_LEN) as usize;
                 let mut buf = vec![0u8; n];
@@ -379,7 +378,7 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
 
 enum Exit {
     None,
-    Out(u16, u32, usize),
+    Out(u16, u32),
     MmioWrite(u64, usize),
     Crash(String),
 }

@@ -11,25 +11,7 @@ use super::{Error, GuestExit, Machine, VmConfig};
 
 /// A minimal ELF executable with `code` at IMAGE_GPA (one RWX segment of 64 KiB).
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 64 + 56];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&IMAGE_GPA.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut f[64..];
-    ph[..4].copy_from_slice(&1u32.to_le_bytes());
-    ph[4..8].copy_from_slice(&7u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
-    ph[24..32].copy_from_slice(&IMAGE_GPA.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&0x10000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
+    super::boot::elf_image(IMAGE_GPA, IMAGE_GPA, 0x10000, 7, code)
 }
 
 /// `out dx, eax` with dx = port, eax = value.

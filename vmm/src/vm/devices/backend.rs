@@ -193,17 +193,19 @@ impl NetBackend {
             .name("net-socket".into())
             .spawn(move || read_frames(reader, &tx, &flag, true))
             .map_err(Error::io("spawn the socket reader"))?;
-        struct SocketSink(UnixStream);
+        /// The socket and a buffer reused for length + frame (one write per frame).
+        struct SocketSink(UnixStream, Vec<u8>);
         impl FrameSink for SocketSink {
             fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-                let mut b = Vec::with_capacity(4 + frame.len());
-                b.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-                b.extend_from_slice(frame);
-                self.0.write_all(&b)
+                self.1.clear();
+                self.1
+                    .extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                self.1.extend_from_slice(frame);
+                self.0.write_all(&self.1)
             }
         }
         Ok(Self {
-            sink: Box::new(SocketSink(stream)),
+            sink: Box::new(SocketSink(stream, Vec::with_capacity(4 + MAX_FRAME))),
             rx,
             stop,
             name: "socket".into(),

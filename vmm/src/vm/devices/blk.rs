@@ -11,7 +11,7 @@ use colo_dirty_track::AtomicPageBitmap;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring};
+use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring, mark_written};
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
 
@@ -220,18 +220,9 @@ impl VirtioDevice for Blk {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let spans: Vec<(u64, u64)> = chain
-                .clone()
-                .writable()
-                .map(|d| (d.addr().0, u64::from(d.len())))
-                .collect();
+            let written_to = chain.clone();
             let n = self.request(chain, mem);
-            // Mark only after writing: a dirty-page collection running on another thread
-            // between a mark and the write would copy the page without the write and
-            // clear the mark, and the write would never reach the secondary.
-            for (a, l) in spans {
-                dirty.mark(a, l);
-            }
+            mark_written(written_to, dirty);
             if q.add_used(mem, head, n).is_err() {
                 break;
             }

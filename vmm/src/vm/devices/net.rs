@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::backend::{MAX_FRAME, NetBackend};
-use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring};
+use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring, mark_written};
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
 
@@ -36,6 +36,8 @@ pub struct Net {
     mac: [u8; 6],
     backend: NetBackend,
     pending: VecDeque<Vec<u8>>,
+    /// Transmit scratch, kept between notifications.
+    tx_buf: Vec<u8>,
     /// Counters.
     pub stats: NetStats,
 }
@@ -47,6 +49,7 @@ impl Net {
             mac,
             backend,
             pending: VecDeque::new(),
+            tx_buf: Vec::with_capacity(HDR + MAX_FRAME),
             stats: NetStats::default(),
         }
     }
@@ -84,11 +87,7 @@ impl Net {
                 break;
             };
             let head = chain.head_index();
-            let spans: Vec<(u64, u64)> = chain
-                .clone()
-                .writable()
-                .map(|d| (d.addr().0, u64::from(d.len())))
-                .collect();
+            let written_to = chain.clone();
             let written = match chain.writer(mem) {
                 Ok(mut w) if w.available_bytes() >= HDR + frame.len() => {
                     let mut hdr = [0u8; HDR];
@@ -109,9 +108,7 @@ impl Net {
                     0
                 }
             };
-            for (a, l) in spans {
-                dirty.mark(a, l);
-            }
+            mark_written(written_to, dirty);
             if q.add_used(mem, head, n as u32).is_err() {
                 break;
             }
@@ -124,7 +121,7 @@ impl Net {
     }
 
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, dirty: &AtomicPageBitmap) {
-        let mut buf = Vec::with_capacity(HDR + MAX_FRAME);
+        let mut buf = std::mem::take(&mut self.tx_buf);
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -153,6 +150,7 @@ impl Net {
         if used {
             mark_used_ring(q, dirty);
         }
+        self.tx_buf = buf;
     }
 }
 

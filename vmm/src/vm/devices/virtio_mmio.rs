@@ -291,3 +291,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
 pub fn mark_used_ring(q: &Queue, dirty: &AtomicPageBitmap) {
     dirty.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
 }
+
+/// Marks every device-writable buffer of `chain` dirty. Call it after the device wrote
+/// them, never before: a collection running on another thread between a mark and the
+/// write would copy the page without the write and clear the mark, and the write would
+/// never reach the secondary.
+pub fn mark_written(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    dirty: &AtomicPageBitmap,
+) {
+    for d in chain.writable() {
+        dirty.mark(d.addr().0, u64::from(d.len()));
+    }
+}
