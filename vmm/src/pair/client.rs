@@ -183,7 +183,7 @@ pub fn run(
             {
                 next += 1;
                 // Keys cycle through KEYS, so the guest's memory stays bounded on long
-                // runs; values are unique, so a stale or lost write shows.
+                // runs; values grow with every request, so a stale or lost write shows.
                 let key = next % KEYS + 1;
                 let set = || format!("SET k{key} {}", next * 7);
                 let req = if next % 4 == 0 && !acked.is_empty() {

@@ -662,9 +662,16 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let (disk_keys, disk_missing) = match std::fs::read(&disk) {
         Ok(bytes) => {
             let log = disklog::replay(&bytes);
+            // Values grow with every request, so a key's last value on disk must be the
+            // acknowledged one or a later write (sent but not yet answered at the stop);
+            // an older value or none means an acknowledged write was lost.
             let missing: Vec<String> = acked
                 .iter()
-                .filter(|(k, v)| log.get(&format!("k{k}")) != Some(&v.to_string()))
+                .filter(|(k, v)| {
+                    log.get(&format!("k{k}"))
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .is_none_or(|d| d < **v)
+                })
                 .map(|(k, v)| format!("k{k}={v}"))
                 .collect();
             if !missing.is_empty() {
