@@ -347,7 +347,7 @@ fn a_push_lost_mid_epoch_never_reaches_the_svm() {
         lose_connection_at: Some(3),
         ..Faults::default()
     };
-    let mut tx = rx.connect(*rx.desc(), Arc::clone(&guest), faults);
+    let mut tx = rx.connect(*rx.desc(), Arc::clone(&guest), faults).unwrap();
     let runs: Vec<WriteRun> = (0..8)
         .map(|p| WriteRun::pages(p * 2, 1, PAGE as u32))
         .collect();

@@ -149,9 +149,18 @@ pub enum Error {
     /// The transport was already shut down by an earlier error or by the peer.
     #[error("the transport is closed")]
     Closed,
-    /// A fault injected by the test double.
-    #[error("injected fault: {0}")]
-    Injected(&'static str),
+    /// A work request could not be posted (send queue full, too many SGEs, a message
+    /// larger than the send buffer, or the queue pair is gone).
+    #[error("cannot post a work request: {0}")]
+    Post(String),
+    /// A work request on a queue pair completed with an error status.
+    #[error("{what} failed: {status}")]
+    Completion {
+        /// What the request was.
+        what: &'static str,
+        /// The completion status.
+        status: crate::verbs::WcStatus,
+    },
     /// The verbs RDMA backend failed.
     #[cfg(feature = "rdma")]
     #[error(transparent)]

@@ -26,6 +26,26 @@ pub fn hello(data: &[u8]) {
     }
 }
 
+/// Decodes `data` as a verbs push message (commit or release): the first four bytes are
+/// the immediate data, the rest the message. A valid message re-encodes to the same bytes.
+pub fn verbs_message(data: &[u8]) {
+    use crate::verbs::message::{self, Message};
+    let Some((imm, msg)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let mut again = Vec::new();
+    match message::decode(msg, u32::from_le_bytes(*imm), 64) {
+        Ok(Message::Commit {
+            epoch,
+            bytes,
+            bitmap,
+        }) => message::encode_commit(&mut again, epoch, bytes, &bitmap),
+        Ok(Message::Release { epoch }) => message::encode_release(&mut again, epoch),
+        Err(_) => return,
+    }
+    assert_eq!(again, msg);
+}
+
 /// Feeds `data` to a push receiver stream as if it came off the network, into a region of
 /// 64 pages that sits between two guard pages, and checks the guards afterwards: no byte
 /// may land outside the region whatever the input.
@@ -109,9 +129,21 @@ mod tests {
     proptest! {
         #[test]
         fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            verbs_message(&data);
             control_frames(&data);
             hello(&data);
             push_stream(&data);
+        }
+
+        #[test]
+        fn verbs_messages_survive_one_mutation(epoch: u64, words in 0usize..8, at: usize, x: u8) {
+            let mut m = Vec::new();
+            crate::verbs::message::encode_commit(&mut m, epoch, 4096, &vec![epoch; words]);
+            let i = at % m.len();
+            m[i] ^= x;
+            let mut d = (epoch as u32).to_le_bytes().to_vec();
+            d.extend_from_slice(&m);
+            verbs_message(&d);
         }
 
         #[test]

@@ -6,9 +6,10 @@
 //!   request/reply, vmstate send/size/received/loaded, heartbeat, failover).
 //! - [`push`]: the one-sided page-push model: a registered receive region, posted writes of
 //!   page runs, a fence, and an epoch commit carrying the bitmap of pages written.
-//! - Backends of that model: [`tcp`] (default), `rdma` (feature `rdma`, verbs through
-//!   rdma-sys), and [`double`], an in-process double that enforces the verbs rules and
-//!   injects faults.
+//! - Backends of that model: [`tcp`] (default), and [`verbs`]: one pipeline of RDMA WRITE
+//!   work requests over a queue-pair endpoint, which is either a verbs device (`rdma`,
+//!   feature `rdma`, through rdma-sys) or an in-process queue pair that enforces the verbs
+//!   rules and injects faults ([`verbs::sim`], wrapped as [`double`]).
 //!
 //! Every frame is checked before use (magic, version, lengths, offsets inside the region);
 //! a bad frame closes its connection with a typed [`Error`], and no write ever lands
@@ -55,6 +56,7 @@ pub mod push;
 pub mod rdma;
 mod region;
 pub mod tcp;
+pub mod verbs;
 
 pub use error::{Error, Result};
 pub use region::Region;

@@ -1,0 +1,466 @@
+//! The sending half of the verbs pipeline: page runs to RDMA WRITE work requests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::message::{self, Message};
+use super::{Caps, Endpoint, LocalMr, POLL_SLICE, Sge, Wc, WcStatus, WriteWr, rkey_of};
+use crate::error::{Error, Result};
+use crate::push::{PushSender, RegionDesc, WriteRun};
+use crate::region::Region;
+
+/// Work-request ids of commit sends carry this bit; write ids are sequence numbers.
+const COMMIT_ID: u64 = 1 << 63;
+/// Write requests handed to the endpoint per post call.
+const POST_BATCH: usize = 32;
+
+/// Tuning of the sending pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerbsOptions {
+    /// Signal every Nth write request (and always the last of each `post`). Clamped to
+    /// `1..=max_outstanding`.
+    pub signal_every: usize,
+    /// Write requests in flight at most. Clamped below the send queue depth (one slot is
+    /// kept for the commit).
+    pub max_outstanding: usize,
+    /// The largest single RDMA WRITE in bytes (clamped to the device's message limit and,
+    /// with bounce buffers, to one bounce slot).
+    pub max_write: u64,
+    /// How long to wait for the receiver's release of the previous epoch.
+    pub release_timeout: Duration,
+    /// How long to wait for a completion before calling the queue pair dead.
+    pub completion_timeout: Duration,
+}
+
+impl Default for VerbsOptions {
+    fn default() -> Self {
+        Self {
+            signal_every: 16,
+            max_outstanding: 128,
+            max_write: 8 << 20,
+            release_timeout: Duration::from_secs(30),
+            completion_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the sender has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    /// RDMA WRITE work requests posted.
+    pub writes: u64,
+    /// Of them, signaled.
+    pub signaled: u64,
+    /// Scatter-gather entries posted.
+    pub sges: u64,
+    /// Payload bytes posted.
+    pub bytes: u64,
+    /// Bytes copied through bounce buffers.
+    pub bounced: u64,
+    /// Epochs committed.
+    pub commits: u64,
+    /// The most write requests in flight at once.
+    pub max_in_flight: u64,
+}
+
+/// The work request being built: contiguous in the remote region.
+#[derive(Debug, Clone, Copy)]
+struct Building {
+    dst: u64,
+    len: u64,
+    first_sge: usize,
+}
+
+/// Pushes pages over an [`Endpoint`] with one-sided RDMA WRITEs.
+#[derive(Debug)]
+pub struct VerbsSender<E: Endpoint> {
+    ep: E,
+    remote: RegionDesc,
+    rkey: u32,
+    source: Arc<Region>,
+    opts: VerbsOptions,
+    caps: Caps,
+    /// Bounce slots (0 when the source is registered) and their size.
+    slots: u64,
+    slot_len: u64,
+    max_write: u64,
+    epoch: u64,
+    released: u64,
+    epoch_bytes: u64,
+    /// Sequence number of the last write handed to the endpoint (writes count from 1).
+    posted: u64,
+    /// Every write up to this sequence number has completed.
+    completed: u64,
+    /// The epoch whose commit send completed last.
+    commit_done: u64,
+    chain: Vec<WriteWr>,
+    sges: Vec<Sge>,
+    wcs: Vec<Wc>,
+    msg: Vec<u8>,
+    closed: bool,
+    stats: SenderStats,
+}
+
+impl<E: Endpoint> VerbsSender<E> {
+    /// A sender over the connected endpoint `ep`, writing from `source` into `remote`,
+    /// whose first epoch is `first_epoch` (the receiver has released `first_epoch - 1`).
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] for a remote key wider than a verbs rkey, or bounce buffers too
+    /// small to hold one page per in-flight request.
+    pub fn new(
+        ep: E,
+        remote: RegionDesc,
+        source: Arc<Region>,
+        first_epoch: u64,
+        opts: VerbsOptions,
+    ) -> Result<Self> {
+        let rkey = rkey_of(remote.key)?;
+        let caps = ep.caps();
+        if caps.max_send_wr < 2 || caps.max_sge == 0 {
+            return Err(Error::Protocol(format!(
+                "queue pair too small: {} send requests, {} SGEs",
+                caps.max_send_wr, caps.max_sge
+            )));
+        }
+        let max_outstanding = opts.max_outstanding.clamp(1, caps.max_send_wr - 1);
+        let signal_every = opts.signal_every.clamp(1, max_outstanding);
+        let mut max_write = opts.max_write.min(caps.max_msg).max(1);
+        let (slots, slot_len) = match ep.bounce() {
+            None => (0, 0),
+            Some(b) => {
+                let slot_len = b.len() as u64 / max_outstanding as u64;
+                if slot_len < u64::from(remote.page_size) {
+                    return Err(Error::Protocol(format!(
+                        "bounce buffers of {} bytes cannot hold a {}-byte page for each of \
+                         {max_outstanding} requests in flight",
+                        b.len(),
+                        remote.page_size
+                    )));
+                }
+                max_write = max_write.min(slot_len);
+                (max_outstanding as u64, slot_len)
+            }
+        };
+        let first_epoch = first_epoch.max(1);
+        Ok(Self {
+            ep,
+            remote,
+            rkey,
+            source,
+            opts: VerbsOptions {
+                signal_every,
+                max_outstanding,
+                ..opts
+            },
+            caps,
+            slots,
+            slot_len,
+            max_write,
+            epoch: first_epoch,
+            released: first_epoch - 1,
+            epoch_bytes: 0,
+            posted: 0,
+            completed: 0,
+            commit_done: first_epoch - 1,
+            chain: Vec::with_capacity(POST_BATCH),
+            sges: Vec::new(),
+            wcs: Vec::new(),
+            msg: Vec::new(),
+            closed: false,
+            stats: SenderStats::default(),
+        })
+    }
+
+    /// What the sender has done so far.
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    /// The endpoint (for fault injection in tests).
+    pub fn endpoint_mut(&mut self) -> &mut E {
+        &mut self.ep
+    }
+
+    fn fail(&mut self, e: Error) -> Error {
+        self.closed = true;
+        e
+    }
+
+    /// Waits until the receiver has released the epoch before the open one.
+    fn await_release(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.opts.release_timeout;
+        let mut buf = Vec::new();
+        while self.released + 1 < self.epoch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(
+                    self.opts.release_timeout,
+                    "the receiver's release of the previous epoch (its writes must wait)",
+                ));
+            }
+            let imm = match self.ep.recv(&mut buf, left.min(POLL_SLICE)) {
+                Ok(imm) => imm,
+                Err(Error::Timeout(..)) => continue,
+                Err(e) => return Err(self.fail(e)),
+            };
+            match message::decode(&buf, imm, 0) {
+                Ok(Message::Release { epoch }) if epoch == self.released + 1 => {
+                    self.released = epoch;
+                }
+                Ok(other) => {
+                    let e = Error::Protocol(format!(
+                        "expected the release of epoch {}, got {other:?}",
+                        self.released + 1
+                    ));
+                    return Err(self.fail(e));
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for at least one completion and applies every one that arrived.
+    fn reap(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.opts.completion_timeout;
+        self.wcs.clear();
+        while self.wcs.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.fail(Error::Timeout(
+                    self.opts.completion_timeout,
+                    "a send completion",
+                )));
+            }
+            if let Err(e) = self.ep.poll_send(&mut self.wcs, left.min(POLL_SLICE)) {
+                return Err(self.fail(e));
+            }
+        }
+        let wcs = std::mem::take(&mut self.wcs);
+        let mut first_err = None;
+        for wc in &wcs {
+            if wc.status != WcStatus::Success {
+                let what = if wc.wr_id & COMMIT_ID != 0 {
+                    "the epoch commit (SEND with immediate)"
+                } else {
+                    "an RDMA WRITE"
+                };
+                // The first failure is the cause; later ones are flushes it caused.
+                first_err.get_or_insert(wc.status.into_error(what));
+            } else if wc.wr_id & COMMIT_ID != 0 {
+                self.commit_done = self.commit_done.max(wc.wr_id & !COMMIT_ID);
+            } else {
+                self.completed = self.completed.max(wc.wr_id);
+            }
+        }
+        self.wcs = wcs;
+        match first_err {
+            Some(e) => Err(self.fail(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands the chain of built requests to the endpoint.
+    fn flush_chain(&mut self) -> Result<()> {
+        if self.chain.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.ep.post_writes(&self.chain, &self.sges) {
+            return Err(self.fail(e));
+        }
+        self.posted += self.chain.len() as u64;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.posted - self.completed);
+        self.chain.clear();
+        self.sges.clear();
+        Ok(())
+    }
+
+    /// Waits until the next request fits the in-flight bound. Called before a request is
+    /// started, while no SGE of it is queued.
+    fn make_room(&mut self) -> Result<()> {
+        let seq = self.posted + self.chain.len() as u64 + 1;
+        while seq - self.completed > self.opts.max_outstanding as u64 {
+            // Post what is queued (its signaled request is what frees room), then wait.
+            self.flush_chain()?;
+            self.reap()?;
+        }
+        Ok(())
+    }
+
+    /// Closes the request being built and queues it; `last` signals it.
+    fn finish(&mut self, b: Building, last: bool) -> Result<()> {
+        // make_room ran when this request was started.
+        let seq = self.posted + self.chain.len() as u64 + 1;
+        let signaled = last || seq % self.opts.signal_every as u64 == 0;
+        if self.slots > 0 {
+            // Gather the source spans into this request's bounce slot. The slot was last
+            // used by request seq - slots, which completed: in-flight requests never
+            // outnumber the slots.
+            let slot_off = (seq % self.slots) * self.slot_len;
+            let bounce = self.ep.bounce().ok_or(Error::Closed)?;
+            let mut at = slot_off;
+            for s in &self.sges[b.first_sge..] {
+                bounce.copy_from(at, &self.source, s.offset, u64::from(s.len))?;
+                at += u64::from(s.len);
+            }
+            self.sges.truncate(b.first_sge);
+            self.sges.push(Sge {
+                mr: LocalMr::Bounce,
+                offset: slot_off,
+                len: b.len as u32,
+            });
+            self.stats.bounced += b.len;
+        }
+        let num_sge = self.sges.len() - b.first_sge;
+        self.chain.push(WriteWr {
+            wr_id: seq,
+            remote_addr: self.remote.addr + b.dst,
+            rkey: self.rkey,
+            first_sge: b.first_sge,
+            num_sge,
+            signaled,
+        });
+        self.stats.writes += 1;
+        self.stats.signaled += u64::from(signaled);
+        self.stats.sges += num_sge as u64;
+        self.stats.bytes += b.len;
+        self.epoch_bytes += b.len;
+        if self.chain.len() >= POST_BATCH {
+            self.flush_chain()?;
+        }
+        Ok(())
+    }
+
+    /// Adds `len` bytes from `src` at remote offset `dst` to the request being built, or
+    /// starts a new one.
+    fn add(&mut self, cur: &mut Option<Building>, src: u64, dst: u64, len: u64) -> Result<()> {
+        if let Some(b) = cur.as_mut() {
+            if b.dst + b.len == dst && b.len + len <= self.max_write {
+                let in_wr = self.sges.len() - b.first_sge;
+                match self.sges.last_mut() {
+                    // Contiguous in the source too: grow the last SGE.
+                    Some(s) if in_wr > 0 && s.offset + u64::from(s.len) == src => {
+                        s.len += len as u32;
+                        b.len += len;
+                        return Ok(());
+                    }
+                    // With bounce buffers the spans are copied, so any count gathers.
+                    _ if self.slots > 0 || in_wr < self.caps.max_sge => {
+                        self.sges.push(Sge {
+                            mr: LocalMr::Source,
+                            offset: src,
+                            len: len as u32,
+                        });
+                        b.len += len;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            let done = *b;
+            *cur = None;
+            self.finish(done, false)?;
+        }
+        self.make_room()?;
+        *cur = Some(Building {
+            dst,
+            len,
+            first_sge: self.sges.len(),
+        });
+        self.sges.push(Sge {
+            mr: LocalMr::Source,
+            offset: src,
+            len: len as u32,
+        });
+        Ok(())
+    }
+}
+
+impl<E: Endpoint> PushSender for VerbsSender<E> {
+    fn remote(&self) -> &RegionDesc {
+        &self.remote
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn post(&mut self, runs: &[WriteRun]) -> Result<()> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        for r in runs {
+            self.source.check(r.src, r.len)?;
+            match r.dst.checked_add(r.len) {
+                Some(end) if end <= self.remote.len => {}
+                _ => {
+                    return Err(Error::OutOfBounds {
+                        offset: r.dst,
+                        len: r.len,
+                        region_len: self.remote.len,
+                    });
+                }
+            }
+        }
+        self.await_release()?;
+        let mut cur = None;
+        for r in runs {
+            let mut off = 0;
+            while off < r.len {
+                // Pieces never straddle a max_write boundary of the run, so they fit one
+                // request (and one u32 SGE length).
+                let len = (r.len - off).min(self.max_write);
+                self.add(&mut cur, r.src + off, r.dst + off, len)?;
+                off += len;
+            }
+        }
+        if let Some(b) = cur {
+            self.finish(b, true)?;
+        }
+        self.flush_chain()
+    }
+
+    fn fence(&mut self) -> Result<()> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        self.flush_chain()?;
+        while self.completed < self.posted {
+            self.reap()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        self.remote.check_bitmap(bitmap)?;
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        self.await_release()?;
+        // The commit goes out only after the completion of the epoch's last write.
+        self.fence()?;
+        let epoch = self.epoch;
+        message::encode_commit(&mut self.msg, epoch, self.epoch_bytes, bitmap);
+        if self.msg.len() as u64 > self.caps.max_msg {
+            return Err(Error::TooLarge {
+                what: "commit message",
+                len: self.msg.len() as u64,
+                max: self.caps.max_msg,
+            });
+        }
+        if let Err(e) = self
+            .ep
+            .post_send(COMMIT_ID | epoch, epoch as u32, &self.msg)
+        {
+            return Err(self.fail(e));
+        }
+        while self.commit_done < epoch {
+            self.reap()?;
+        }
+        self.epoch += 1;
+        self.epoch_bytes = 0;
+        self.stats.commits += 1;
+        Ok(epoch)
+    }
+}
