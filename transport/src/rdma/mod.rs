@@ -1,11 +1,56 @@
-//! The verbs RDMA backend (feature `rdma`, through rdma-sys).
+//! The verbs RDMA backend (feature `rdma`, through rdma-sys): an [`Endpoint`] on a real
+//! RC queue pair, driven by the pipeline of [`crate::verbs`].
 //!
-//! This module holds device discovery: the one fact every other part of the backend needs
-//! first is whether this machine has RDMA at all. A kernel without RDMA makes
-//! `ibv_get_device_list` fail with ENOSYS; a kernel with RDMA but no device returns an empty
-//! list. Both mean "no RDMA", and `--transport auto` falls back to TCP on them.
+//! - Discovery: a kernel without RDMA makes `ibv_get_device_list` fail with ENOSYS; a
+//!   kernel with RDMA but no device returns an empty list. Both mean "no RDMA", and
+//!   `--transport auto` falls back to TCP on them.
+//! - Connection setup with rdma_cm ([`RdmaListener`] on the receiver, [`connect`] on the
+//!   sender): RC queue pairs; the receiver's region address, rkey and length travel over
+//!   the COLO control channel as a [`RegionDesc`](crate::push::RegionDesc).
+//! - Registration: the receiver registers its RAM cache with local and remote write
+//!   access only (never remote read), so its rkey grants exactly that. The sender registers
+//!   its source (guest memory) once, read-only; where that fails it registers bounce
+//!   buffers instead. A locked-memory limit too small for the region is reported with the
+//!   fix.
+//!
+//! [`Endpoint`]: crate::verbs::Endpoint
+
+mod endpoint;
 
 use std::ffi::CStr;
+
+pub use endpoint::{RdmaEndpoint, RdmaListener, connect};
+
+/// Where and how to set up the queue pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaOptions {
+    /// The device to use (`mlx5_0`, `rxe0`); the one that owns the address if `None`.
+    pub device: Option<String>,
+    /// The device port (1-based).
+    pub port: u8,
+    /// RoCE: the GID table index whose IP address to use as the local address. `None`:
+    /// rdma_cm picks from the routing table.
+    pub gid_index: Option<u8>,
+    /// Send queue depth asked for (clamped to the device).
+    pub send_queue: u32,
+    /// Scatter-gather entries per request asked for (clamped to the device).
+    pub max_sge: u32,
+    /// Bytes of bounce buffers registered where the source cannot be.
+    pub bounce_len: usize,
+}
+
+impl Default for RdmaOptions {
+    fn default() -> Self {
+        Self {
+            device: None,
+            port: 1,
+            gid_index: None,
+            send_queue: 256,
+            max_sge: 16,
+            bounce_len: 32 << 20,
+        }
+    }
+}
 
 /// Errors of the verbs backend.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +59,37 @@ pub enum RdmaError {
     /// The kernel or the machine has no RDMA support.
     #[error("no RDMA on this machine: {0}")]
     Unsupported(String),
+    /// A verbs or rdma_cm call failed.
+    #[error("{call} failed: {source}")]
+    Call {
+        /// The call.
+        call: &'static str,
+        /// The errno it left.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memory registration failed under the locked-memory limit.
+    #[error(
+        "cannot register {len} bytes for RDMA: {source}; the locked-memory limit (ulimit -l) \
+         is {limit}. Raise it: `ulimit -l unlimited` in the shell that starts colo, \
+         `LimitMEMLOCK=infinity` in a systemd unit, or a memlock line in \
+         /etc/security/limits.conf"
+    )]
+    Memlock {
+        /// Bytes that could not be registered.
+        len: usize,
+        /// The current soft limit, readable.
+        limit: String,
+        /// The registration error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The address does not belong to the device or port asked for.
+    #[error("{what}")]
+    Mismatch {
+        /// What disagrees, readable.
+        what: String,
+    },
     /// The device asked for is not present.
     #[error("RDMA device {wanted:?} not found; present: {present:?}")]
     NoSuchDevice {
