@@ -37,3 +37,7 @@ if [ "$passed" -eq 0 ]; then
   exit 1
 fi
 echo "==> $passed tests passed"
+
+# The verbs device tests: on rxe where the kernel has it; a clear skip line elsewhere.
+echo "==> soft-RoCE device tests"
+bash soft-roce-tests/run.sh

@@ -395,6 +395,18 @@ impl RdmaListener {
     /// # Errors
     /// [`Error::Timeout`], or a failed verbs/rdma_cm call.
     pub fn accept(&self, timeout: Duration) -> Result<VerbsReceiver<RdmaEndpoint>> {
+        Ok(VerbsReceiver::new(
+            self.accept_endpoint(timeout)?,
+            self.desc,
+            0,
+        ))
+    }
+
+    /// [`accept`](Self::accept), returning the bare endpoint (to wrap it, in tests).
+    ///
+    /// # Errors
+    /// As [`accept`](Self::accept).
+    pub fn accept_endpoint(&self, timeout: Duration) -> Result<RdmaEndpoint> {
         // SAFETY: the listening id has a live event channel.
         let fd = unsafe { (*(*self.listen.id).channel).fd };
         let mut pfd = libc::pollfd {
@@ -437,7 +449,7 @@ impl RdmaListener {
             rkey = self.listen.region_mr.rkey(),
             "RDMA push connection accepted"
         );
-        Ok(VerbsReceiver::new(ep, self.desc, 0))
+        Ok(ep)
     }
 
     fn listen_ctx(&self) -> *mut ibv_context {
@@ -529,7 +541,23 @@ pub fn connect(
     opts: &RdmaOptions,
     vopts: VerbsOptions,
 ) -> Result<VerbsSender<RdmaEndpoint>> {
-    let target = SocketAddr::new(addr, remote.port);
+    let ep = connect_endpoint(
+        SocketAddr::new(addr, remote.port),
+        Arc::clone(&source),
+        opts,
+    )?;
+    VerbsSender::new(ep, remote, source, 1, vopts)
+}
+
+/// [`connect`], returning the bare endpoint (to wrap it, in tests).
+///
+/// # Errors
+/// As [`connect`].
+pub fn connect_endpoint(
+    target: SocketAddr,
+    source: Arc<Region>,
+    opts: &RdmaOptions,
+) -> Result<RdmaEndpoint> {
     let info = addrinfo(target, false)?;
     let src;
     if let Some(index) = opts.gid_index {
@@ -585,7 +613,7 @@ pub fn connect(
         pd,
         caps,
         message::HEADER_LEN,
-        Some((source.clone(), local)),
+        Some((source, local)),
         None,
     )?;
     std::mem::forget(guard);
@@ -599,7 +627,7 @@ pub fn connect(
         send_queue = caps.max_send_wr,
         "RDMA push connection established"
     );
-    VerbsSender::new(ep, remote, source, 1, vopts)
+    Ok(ep)
 }
 
 fn socket_addr(ip: IpAddr) -> (libc::sockaddr_storage, u32) {

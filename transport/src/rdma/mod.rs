@@ -19,7 +19,7 @@ mod endpoint;
 
 use std::ffi::CStr;
 
-pub use endpoint::{RdmaEndpoint, RdmaListener, connect};
+pub use endpoint::{RdmaEndpoint, RdmaListener, connect, connect_endpoint};
 
 /// Where and how to set up the queue pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
