@@ -164,6 +164,36 @@ pub trait PushReceiver: Send {
     fn release(&mut self, epoch: u64) -> Result<()>;
 }
 
+impl<T: PushSender + ?Sized> PushSender for Box<T> {
+    fn remote(&self) -> &RegionDesc {
+        (**self).remote()
+    }
+    fn epoch(&self) -> u64 {
+        (**self).epoch()
+    }
+    fn post(&mut self, runs: &[WriteRun]) -> Result<()> {
+        (**self).post(runs)
+    }
+    fn fence(&mut self) -> Result<()> {
+        (**self).fence()
+    }
+    fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        (**self).commit(bitmap)
+    }
+}
+
+impl<T: PushReceiver + ?Sized> PushReceiver for Box<T> {
+    fn desc(&self) -> &RegionDesc {
+        (**self).desc()
+    }
+    fn next_commit(&mut self, timeout: Duration) -> Result<EpochCommit> {
+        (**self).next_commit(timeout)
+    }
+    fn release(&mut self, epoch: u64) -> Result<()> {
+        (**self).release(epoch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::link::Heartbeat;
 use super::primary::{self, Events};
+use super::push::PushTransport;
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
 use crate::run::{VmArgs, catch_interrupts, interrupted};
@@ -93,6 +94,17 @@ pub struct ColoArgs {
     /// Parallel TCP push streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// RDMA: the device to use (e.g. mlx5_0, rxe0). Default: the device behind the
+    /// address (the secondary's --listen IP, which must be the RDMA netdev's).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// RDMA: the device port.
+    #[arg(long, default_value_t = 1)]
+    pub rdma_port: u8,
+    /// RDMA over Converged Ethernet: the primary's GID table index, whose IP address
+    /// becomes the connection's source (see `show_gids`). Default: the routing table picks.
+    #[arg(long)]
+    pub rdma_gid_index: Option<u8>,
     /// Serve a QMP-compatible control socket here (mode 0600).
     #[arg(long)]
     pub qmp: Option<PathBuf>,
@@ -124,26 +136,48 @@ impl ColoArgs {
     }
 
     /// Resolves `--transport`: RDMA needs a device (and this build's `rdma` feature).
-    fn check_transport(&self) -> Result<()> {
-        let devices = rdma_devices();
-        match (self.transport, devices) {
-            (TransportKind::Tcp, _) => Ok(()),
+    fn check_transport(&self) -> Result<PushTransport> {
+        let tcp = PushTransport::Tcp {
+            streams: self.streams,
+        };
+        match (self.transport, rdma_devices()) {
+            (TransportKind::Tcp, _) => Ok(tcp),
             (TransportKind::Auto, Err(why)) => {
                 tracing::info!("no RDMA ({why}); using TCP");
-                Ok(())
-            }
-            (TransportKind::Auto, Ok(d)) => {
-                tracing::info!(devices = ?d, "RDMA devices found, but the verbs push backend is not built yet; using TCP");
-                Ok(())
+                Ok(tcp)
             }
             (TransportKind::Rdma, Err(why)) => {
                 Err(ColoError::Setup(format!("--transport rdma: {why}")))
             }
-            (TransportKind::Rdma, Ok(_)) => Err(ColoError::Setup(
-                "--transport rdma: the verbs push backend is not built yet (see issue 8); use tcp"
-                    .into(),
-            )),
+            (_, Ok(devices)) => self.rdma(&devices),
         }
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma(&self, devices: &[String]) -> Result<PushTransport> {
+        if let Some(d) = &self.rdma_device {
+            if !devices.contains(d) {
+                return Err(ColoError::Setup(format!(
+                    "--rdma-device {d}: no such device; present: {}",
+                    devices.join(", ")
+                )));
+            }
+        }
+        tracing::info!(
+            ?devices,
+            "RDMA devices found; pushing pages with RDMA WRITE"
+        );
+        Ok(PushTransport::Rdma(colo_transport::rdma::RdmaOptions {
+            device: self.rdma_device.clone(),
+            port: self.rdma_port,
+            gid_index: self.rdma_gid_index,
+            ..colo_transport::rdma::RdmaOptions::default()
+        }))
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma(&self, _devices: &[String]) -> Result<PushTransport> {
+        unreachable!("rdma_devices() never finds devices without the rdma feature")
     }
 
     fn stop_fn(&self) -> impl Fn() -> bool + use<> {
@@ -241,7 +275,7 @@ pub struct SecondaryArgs {
 /// A VM or setup failure.
 pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let params = a.colo.params()?;
-    a.colo.check_transport()?;
+    let transport = a.colo.check_transport()?;
     catch_interrupts();
     let mut pdisk = None;
     let machine =
@@ -310,7 +344,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         &primary::Peer {
             addr: peer.clone(),
             pair_id: a.colo.pair_id,
-            streams: a.colo.streams,
+            transport: transport.clone(),
         },
         params,
         events,
@@ -362,7 +396,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
 /// A VM or setup failure, or losing the primary before the first checkpoint.
 pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let params = a.colo.params()?;
-    a.colo.check_transport()?;
+    let transport = a.colo.check_transport()?;
     catch_interrupts();
     let mut sdisk = None;
     let machine =
@@ -403,7 +437,18 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut s = secondary::accept(&listener, vm, ram, dirty, layout, a.colo.pair_id, params)?;
+    let mut s = secondary::accept(
+        &listener,
+        vm,
+        ram,
+        dirty,
+        layout,
+        &secondary::Pairing {
+            pair_id: a.colo.pair_id,
+            transport,
+        },
+        params,
+    )?;
     s.qmp = qmp;
     s.takeover_check = a.takeover_check.clone();
     if let Some(d) = sdisk {

@@ -16,6 +16,7 @@ pub mod failover;
 pub mod link;
 pub mod metrics;
 pub mod primary;
+pub mod push;
 pub mod qmp;
 pub mod secondary;
 

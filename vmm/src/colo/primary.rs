@@ -22,7 +22,6 @@ use colo_dirty_track::PageBitmap;
 use colo_transport::Region;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushSender, WriteRun, push_epoch};
-use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
 use crossbeam_channel::Receiver;
 
 use super::link::Link;
@@ -119,8 +118,8 @@ pub struct Peer {
     pub addr: String,
     /// The pair id both sides must agree on.
     pub pair_id: u64,
-    /// Parallel push streams.
-    pub streams: usize,
+    /// The page-push transport.
+    pub transport: super::push::PushTransport,
 }
 
 /// The primary's state.
@@ -129,7 +128,7 @@ pub struct Primary {
     ram: Arc<Region>,
     vm: VmHandle,
     dirty: DirtyHandle,
-    push: Option<TcpPushSender>,
+    push: Option<Box<dyn PushSender>>,
     link: Option<Link>,
     params: Params,
     bitmap: PageBitmap,
@@ -165,27 +164,10 @@ pub fn connect(
     params: Params,
     events: Events,
 ) -> Result<Primary> {
-    let Peer {
-        addr: peer,
-        pair_id,
-        streams,
-    } = peer;
-    let (link, push, pages) = open_link(
-        peer.as_str(),
-        *pair_id,
-        *streams,
-        Arc::clone(&ram),
-        params,
-        Duration::from_secs(30),
-    )?;
-    let (peer_s, streams) = (peer.clone(), *streams);
-    tracing::info!(peer = %peer_s, pages, streams, "connected to the secondary");
+    let (link, push, pages) = open_link(peer, Arc::clone(&ram), params, Duration::from_secs(30))?;
+    tracing::info!(peer = %peer.addr, pages, transport = %peer.transport, "connected to the secondary");
     Ok(Primary {
-        peer: Peer {
-            addr: peer_s,
-            pair_id: *pair_id,
-            streams,
-        },
+        peer: peer.clone(),
         ram,
         vm,
         dirty,
@@ -209,14 +191,13 @@ pub fn connect(
 
 /// Connects the control channel and the push streams to a secondary at `peer`.
 fn open_link(
-    peer: &str,
-    pair_id: u64,
-    streams: usize,
+    peer: &Peer,
     ram: Arc<Region>,
     params: Params,
     connect_timeout: Duration,
-) -> Result<(Link, TcpPushSender, u64)> {
-    let mut ctl = ControlChannel::connect(peer, connect_timeout)
+) -> Result<(Link, Box<dyn PushSender>, u64)> {
+    let pair_id = peer.pair_id;
+    let mut ctl = ControlChannel::connect(&peer.addr, connect_timeout)
         .map_err(ColoError::transport("connect to the secondary"))?;
     let hello = Hello::new(
         Role::Primary,
@@ -243,21 +224,15 @@ fn open_link(
             )));
         }
     };
-    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    let host = peer
+        .addr
+        .rsplit_once(':')
+        .map_or(peer.addr.as_str(), |(h, _)| h);
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, desc.port))
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| ColoError::Setup(format!("cannot resolve {host}")))?;
-    let push = TcpPushSender::connect(
-        addr,
-        desc,
-        ram,
-        TcpPushOptions {
-            streams,
-            ..TcpPushOptions::default()
-        },
-    )
-    .map_err(ColoError::transport("connect the push streams"))?;
+    let push = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
     let link = Link::start(ctl, params.heartbeat)?;
     Ok((link, push, desc.pages()))
 }
@@ -430,9 +405,7 @@ impl Primary {
     /// checkpoint for what changed meanwhile), and returns true: COLO goes on.
     fn reprotect(&mut self) -> Result<bool> {
         let Ok((link, mut push, pages)) = open_link(
-            &self.peer.addr,
-            self.peer.pair_id,
-            self.peer.streams,
+            &self.peer,
             Arc::clone(&self.ram),
             self.params,
             Duration::from_millis(300),

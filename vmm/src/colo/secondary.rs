@@ -16,7 +16,6 @@ use colo_ramcache::RamCache;
 use colo_transport::Region;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushReceiver, RegionDesc};
-use colo_transport::tcp::{TcpPushListener, TcpPushReceiver};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::link::Link;
@@ -79,6 +78,15 @@ pub struct Secondary {
     pub failover: super::failover::Failover,
 }
 
+/// What both sides must agree on.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    /// The pair id.
+    pub pair_id: u64,
+    /// The page-push transport.
+    pub transport: super::push::PushTransport,
+}
+
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
 /// not run yet.
 ///
@@ -90,9 +98,10 @@ pub fn accept(
     svm_ram: Arc<Region>,
     dirty: DirtyHandle,
     layout: colo_dirty_track::GuestLayout,
-    pair_id: u64,
+    pairing: &Pairing,
     params: Params,
 ) -> Result<Secondary> {
+    let (pair_id, transport) = (pairing.pair_id, &pairing.transport);
     let mut ctl =
         ControlChannel::accept(listener).map_err(ColoError::transport("accept the primary"))?;
     let hello = Hello::new(
@@ -112,18 +121,16 @@ pub fn accept(
         .local_addr()
         .map_err(|e| ColoError::Setup(e.to_string()))?
         .ip();
-    let pl = TcpPushListener::bind(
-        &format!("{ip}:0"),
+    let pl = super::push::PushListener::bind(
+        transport,
+        ip,
         Arc::clone(cache.region()),
         PAGE_SIZE as u32,
-    )
-    .map_err(ColoError::transport("bind the push listener"))?;
-    let desc: RegionDesc = *pl.desc();
+    )?;
+    let desc: RegionDesc = pl.desc();
     ctl.send(&Message::Region(desc))
         .map_err(ColoError::transport("send the region"))?;
-    let rx = pl
-        .accept(Duration::from_secs(30))
-        .map_err(ColoError::transport("accept the push streams"))?;
+    let rx = pl.accept(Duration::from_secs(30))?;
     let link = Link::start(ctl, params.heartbeat)?;
     let push = Arc::new(PushSide {
         hold: AtomicU64::new(0),
@@ -164,7 +171,7 @@ pub fn accept(
 /// Lands push epochs in the cache; releases all but the held one, which waits for the
 /// controller's word.
 fn push_thread(
-    mut rx: TcpPushReceiver,
+    mut rx: Box<dyn PushReceiver>,
     cache: &Mutex<RamCache>,
     side: &PushSide,
     release: &Receiver<u64>,
