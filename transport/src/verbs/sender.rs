@@ -464,3 +464,165 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
         Ok(epoch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Event {
+        Write {
+            id: u64,
+            signaled: bool,
+            in_flight: u64,
+        },
+        Send {
+            id: u64,
+        },
+        Completion {
+            id: u64,
+        },
+    }
+
+    /// A scripted queue pair: completes signaled requests one per poll, in order, with
+    /// an error status at `fail_at`, and logs everything.
+    #[derive(Debug, Default)]
+    struct Script {
+        log: Vec<Event>,
+        pending: VecDeque<(u64, bool)>,
+        posted: u64,
+        retired: u64,
+        fail_at: Option<u64>,
+    }
+
+    impl Endpoint for Script {
+        fn caps(&self) -> Caps {
+            Caps {
+                max_sge: 4,
+                max_send_wr: 16,
+                max_msg: 1 << 20,
+                recv_len: 64,
+            }
+        }
+        fn bounce(&self) -> Option<&Region> {
+            None
+        }
+        fn post_writes(&mut self, wrs: &[WriteWr], _: &[Sge]) -> Result<()> {
+            for w in wrs {
+                self.posted += 1;
+                self.pending.push_back((w.wr_id, w.signaled));
+                self.log.push(Event::Write {
+                    id: w.wr_id,
+                    signaled: w.signaled,
+                    in_flight: self.posted - self.retired,
+                });
+            }
+            Ok(())
+        }
+        fn post_send(&mut self, wr_id: u64, _: u32, _: &[u8]) -> Result<()> {
+            self.log.push(Event::Send { id: wr_id });
+            self.pending.push_back((wr_id, true));
+            Ok(())
+        }
+        fn poll_send(&mut self, out: &mut Vec<Wc>, _: Duration) -> Result<()> {
+            while let Some((id, signaled)) = self.pending.pop_front() {
+                if id & COMMIT_ID == 0 {
+                    self.retired += 1;
+                }
+                let status = if self.fail_at == Some(id) {
+                    WcStatus::RemoteAccess
+                } else {
+                    WcStatus::Success
+                };
+                if signaled || status != WcStatus::Success {
+                    self.log.push(Event::Completion { id });
+                    out.push(Wc { wr_id: id, status });
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        fn recv(&mut self, _: &mut Vec<u8>, t: Duration) -> Result<u32> {
+            Err(Error::Timeout(t, "nothing scripted"))
+        }
+    }
+
+    fn sender(fail_at: Option<u64>) -> VerbsSender<Script> {
+        let src = Arc::new(Region::anonymous(256 * 4096).unwrap());
+        let remote = RegionDesc {
+            addr: 1 << 40,
+            key: 7,
+            len: 256 * 4096,
+            page_size: 4096,
+            port: 0,
+        };
+        let opts = VerbsOptions {
+            signal_every: 4,
+            max_outstanding: 8,
+            ..VerbsOptions::default()
+        };
+        let ep = Script {
+            fail_at,
+            ..Script::default()
+        };
+        VerbsSender::new(ep, remote, src, 1, opts).unwrap()
+    }
+
+    /// 40 separate pages: 40 requests, every 4th signaled, never more than 8 in flight,
+    /// and the commit posted only after the completion of the 40th.
+    #[test]
+    fn commit_follows_the_last_completion_and_the_bound_holds() {
+        let mut tx = sender(None);
+        let runs: Vec<WriteRun> = (0..40).map(|p| WriteRun::pages(p * 2, 1, 4096)).collect();
+        tx.post(&runs).unwrap();
+        let mut bitmap = vec![0u64; 4];
+        for p in 0..40u64 {
+            bitmap[(p * 2 / 64) as usize] |= 1 << (p * 2 % 64);
+        }
+        assert_eq!(tx.commit(&bitmap).unwrap(), 1);
+        let log = &tx.ep.log;
+        let mut last_write_done = false;
+        for e in log {
+            match *e {
+                Event::Write {
+                    id,
+                    signaled,
+                    in_flight,
+                } => {
+                    assert!(in_flight <= 8, "{e:?}");
+                    assert_eq!(signaled, id % 4 == 0, "{e:?}");
+                }
+                Event::Completion { id } if id == 40 => last_write_done = true,
+                Event::Send { .. } => assert!(last_write_done, "commit before the data"),
+                Event::Completion { .. } => {}
+            }
+        }
+        let sends = log
+            .iter()
+            .filter(|e| matches!(e, Event::Send { .. }))
+            .count();
+        assert_eq!(sends, 1);
+        assert_eq!(tx.stats().writes, 40);
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_commit_and_closes_the_sender() {
+        let mut tx = sender(Some(12));
+        let runs: Vec<WriteRun> = (0..40).map(|p| WriteRun::pages(p * 2, 1, 4096)).collect();
+        let r = tx.post(&runs).and_then(|()| tx.commit(&[0; 4]));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Completion {
+                    status: WcStatus::RemoteAccess,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(!tx.ep.log.iter().any(|e| matches!(e, Event::Send { .. })));
+        assert!(matches!(tx.post(&runs[..1]), Err(Error::Closed)));
+    }
+}
