@@ -594,7 +594,7 @@ mod tests {
                     assert!(in_flight <= 8, "{e:?}");
                     assert_eq!(signaled, id % 4 == 0, "{e:?}");
                 }
-                Event::Completion { id } if id == 40 => last_write_done = true,
+                Event::Completion { id: 40 } => last_write_done = true,
                 Event::Send { .. } => assert!(last_write_done, "commit before the data"),
                 Event::Completion { .. } => {}
             }
