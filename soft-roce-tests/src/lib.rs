@@ -18,7 +18,7 @@ use colo_transport::push::{PushReceiver, RegionDesc, WriteRun, push_epoch};
 use colo_transport::rdma::{RdmaEndpoint, RdmaListener, RdmaOptions, connect_endpoint};
 use colo_transport::verbs::sim::{self, Faults, SimConfig, SimEndpoint};
 use colo_transport::verbs::{
-    Caps, Endpoint, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr,
+    Caps, Endpoint, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr, message,
 };
 use colo_transport::{Error, Region, Result};
 
@@ -63,13 +63,14 @@ impl Fabric for Sim {
             page_size: PAGE,
             port: 0,
         };
-        let (a, b) = sim::connect(
-            target,
-            rkey,
-            source,
-            SimConfig::default(),
-            Faults::default(),
-        )?;
+        let cfg = SimConfig {
+            recv_lens: Some((
+                message::HEADER_LEN,
+                message::commit_len(desc.bitmap_words()),
+            )),
+            ..SimConfig::default()
+        };
+        let (a, b) = sim::connect(target, rkey, source, cfg, Faults::default())?;
         Ok((a, b, desc))
     }
 }
@@ -116,10 +117,11 @@ impl Fabric for Device {
         target: Arc<Region>,
         source: Arc<Region>,
     ) -> Result<(RdmaEndpoint, RdmaEndpoint, RegionDesc)> {
-        let listener = RdmaListener::bind(SocketAddr::new(self.addr, 0), target, PAGE, &self.opts)?;
+        let mut listener =
+            RdmaListener::bind(SocketAddr::new(self.addr, 0), target, PAGE, &self.opts)?;
         let desc = *listener.desc();
         let acceptor = std::thread::spawn(move || listener.accept_endpoint(T));
-        let tx = connect_endpoint(SocketAddr::new(self.addr, desc.port), source, &self.opts)?;
+        let tx = connect_endpoint(self.addr, &desc, source, &self.opts)?;
         let rx = acceptor.join().map_err(|_| Error::Closed)??;
         Ok((tx, rx, desc))
     }

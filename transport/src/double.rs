@@ -78,6 +78,15 @@ impl DoubleReceiver {
         opts: VerbsOptions,
     ) -> Result<DoubleSender> {
         let rkey = crate::verbs::rkey_of(self.desc.key)?;
+        // Receive buffers sized as the verbs endpoints size them: releases to the writer,
+        // commits of this region's bitmap to the region's side.
+        let cfg = SimConfig {
+            recv_lens: cfg.recv_lens.or(Some((
+                crate::verbs::message::HEADER_LEN,
+                crate::verbs::message::commit_len(self.desc.bitmap_words()),
+            ))),
+            ..cfg
+        };
         let (tx, rx) = sim::connect(Arc::clone(&self.target), rkey, source.clone(), cfg, faults)?;
         let mut inner = self.inner.lock().map_err(|_| Error::Closed)?;
         let last = inner.as_ref().map_or(0, VerbsReceiver::committed);

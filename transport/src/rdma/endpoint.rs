@@ -19,8 +19,8 @@ use rdma_sys::{
     ibv_post_send, ibv_qp_init_attr, ibv_qp_type, ibv_query_device, ibv_query_gid, ibv_recv_wr,
     ibv_reg_mr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_flags, ibv_wc_status,
     ibv_wr_opcode, rdma_accept, rdma_addrinfo, rdma_cm_id, rdma_conn_param, rdma_connect,
-    rdma_create_ep, rdma_create_qp, rdma_destroy_ep, rdma_disconnect, rdma_freeaddrinfo,
-    rdma_get_request, rdma_get_src_port, rdma_getaddrinfo, rdma_listen, rdma_port_space, rdma_t,
+    rdma_create_ep, rdma_create_qp, rdma_destroy_ep, rdma_freeaddrinfo, rdma_get_request,
+    rdma_get_src_port, rdma_getaddrinfo, rdma_listen, rdma_port_space, rdma_t,
 };
 
 use super::{RdmaError, RdmaOptions};
@@ -33,7 +33,7 @@ use crate::verbs::{
 };
 
 /// Receive buffers posted on each side. The protocol keeps at most one message in flight
-/// each way (a commit waits for the previous release), so two leave a spare.
+/// each way (a commit waits for the previous release); the rest are spares.
 const RECV_DEPTH: usize = 4;
 /// Completions taken per poll.
 const POLL_BATCH: usize = 16;
@@ -192,7 +192,11 @@ impl Drop for AddrInfo {
     }
 }
 
-fn addrinfo(addr: SocketAddr, passive: bool) -> Result<AddrInfo> {
+fn addrinfo(
+    addr: SocketAddr,
+    passive: bool,
+    src: Option<&(libc::sockaddr_storage, u32)>,
+) -> Result<AddrInfo> {
     let node = CString::new(addr.ip().to_string()).map_err(|_| Error::Closed)?;
     let service = CString::new(addr.port().to_string()).map_err(|_| Error::Closed)?;
     // SAFETY: all-zero is a valid rdma_addrinfo (null pointers, zero lengths).
@@ -201,8 +205,14 @@ fn addrinfo(addr: SocketAddr, passive: bool) -> Result<AddrInfo> {
     hints.ai_qp_type = ibv_qp_type::IBV_QPT_RC as c_int;
     hints.ai_flags =
         (rdma_sys::RAI_NUMERICHOST | if passive { rdma_sys::RAI_PASSIVE } else { 0 }) as c_int;
+    if let Some((ss, len)) = src {
+        // librdmacm copies the hinted source address into the result.
+        hints.ai_src_addr = ptr::from_ref(ss).cast_mut().cast();
+        hints.ai_src_len = *len;
+    }
     let mut res = ptr::null_mut();
-    // SAFETY: node/service are NUL-terminated, hints is initialized, res is an out-pointer.
+    // SAFETY: node/service are NUL-terminated, hints is initialized (its source address, if
+    // any, outlives the call), res is an out-pointer.
     let rc = unsafe { rdma_getaddrinfo(node.as_ptr(), service.as_ptr(), &hints, &mut res) };
     if rc != 0 || res.is_null() {
         return Err(call_error("rdma_getaddrinfo"));
@@ -283,7 +293,8 @@ fn create_qp(id: *mut rdma_cm_id, pd: &Pd, opts: &RdmaOptions, max_msg: u64) -> 
     let mut attr: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
     attr.qp_type = ibv_qp_type::IBV_QPT_RC;
     attr.sq_sig_all = 0;
-    attr.cap.max_send_wr = opts.send_queue.clamp(2, da.max_qp_wr.max(2) as u32);
+    let asked = opts.send_queue.clamp(2, da.max_qp_wr.max(2) as u32);
+    attr.cap.max_send_wr = asked;
     attr.cap.max_recv_wr = RECV_DEPTH as u32;
     attr.cap.max_send_sge = opts.max_sge.clamp(1, da.max_sge.max(1) as u32);
     attr.cap.max_recv_sge = 1;
@@ -293,7 +304,9 @@ fn create_qp(id: *mut rdma_cm_id, pd: &Pd, opts: &RdmaOptions, max_msg: u64) -> 
     })?;
     Ok(Caps {
         max_sge: attr.cap.max_send_sge as usize,
-        max_send_wr: attr.cap.max_send_wr as usize,
+        // The provider may round the queue up, but rdma_cm sized the send CQ for what was
+        // asked: never keep more in flight than that.
+        max_send_wr: attr.cap.max_send_wr.min(asked) as usize,
         max_msg: if max_msg == 0 { 1 << 30 } else { max_msg },
         recv_len: 0,
     })
@@ -319,7 +332,9 @@ impl Drop for Listen {
 // SAFETY: the verbs and rdma_cm objects are usable from any thread (libibverbs and
 // librdmacm lock internally); the raw pointers are only dereferenced through them.
 unsafe impl Send for Listen {}
-// SAFETY: as for Send; shared access only reads the immutable keys.
+// SAFETY: as for Send. Shared (`&`) access only reads the immutable keys; the one call
+// that changes the listening id (rdma_get_request) goes through `&mut RdmaListener`, the
+// only handle that can make it.
 unsafe impl Sync for Listen {}
 
 /// The receiving side's rdma_cm listener with the RAM cache registered for remote write.
@@ -343,7 +358,7 @@ impl RdmaListener {
         page_size: u32,
         opts: &RdmaOptions,
     ) -> Result<Self> {
-        let info = addrinfo(addr, true)?;
+        let info = addrinfo(addr, true, None)?;
         let mut id = ptr::null_mut();
         // SAFETY: `info` is a live addrinfo; no PD or QP attributes: a passive id.
         cm("rdma_create_ep", unsafe {
@@ -394,7 +409,7 @@ impl RdmaListener {
     ///
     /// # Errors
     /// [`Error::Timeout`], or a failed verbs/rdma_cm call.
-    pub fn accept(&self, timeout: Duration) -> Result<VerbsReceiver<RdmaEndpoint>> {
+    pub fn accept(&mut self, timeout: Duration) -> Result<VerbsReceiver<RdmaEndpoint>> {
         Ok(VerbsReceiver::new(
             self.accept_endpoint(timeout)?,
             self.desc,
@@ -406,7 +421,7 @@ impl RdmaListener {
     ///
     /// # Errors
     /// As [`accept`](Self::accept).
-    pub fn accept_endpoint(&self, timeout: Duration) -> Result<RdmaEndpoint> {
+    pub fn accept_endpoint(&mut self, timeout: Duration) -> Result<RdmaEndpoint> {
         // SAFETY: the listening id has a live event channel.
         let fd = unsafe { (*(*self.listen.id).channel).fd };
         let mut pfd = libc::pollfd {
@@ -414,14 +429,21 @@ impl RdmaListener {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n == 0 {
-            return Err(Error::Timeout(timeout, "the RDMA sender to connect"));
-        }
-        if n < 0 {
-            return Err(call_error("poll"));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = c_int::try_from(left.as_millis()).unwrap_or(c_int::MAX);
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n > 0 {
+                break;
+            }
+            if n == 0 {
+                return Err(Error::Timeout(timeout, "the RDMA sender to connect"));
+            }
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(call_error("poll"));
+            }
         }
         let mut id = ptr::null_mut();
         // SAFETY: the listening id is live; the channel is readable, so this does not block.
@@ -432,18 +454,18 @@ impl RdmaListener {
         let max_msg = check_route(id, &self.opts, SocketAddr::new(IpAddr::from([0u8; 4]), 0))?;
         let caps = create_qp(id, &self.listen.pd, &self.opts, max_msg)?;
         let recv_len = message::commit_len(self.desc.bitmap_words());
-        let ep = RdmaEndpoint::new(
-            id,
+        let mut ep = RdmaEndpoint::new(
+            guard,
             Arc::clone(&self.listen.pd),
             caps,
-            recv_len,
+            (recv_len, message::HEADER_LEN),
             None,
             Some(Arc::clone(&self.listen)),
         )?;
-        std::mem::forget(guard);
         let mut param = conn_param();
         // SAFETY: the id has its QP and posted receives.
-        cm("rdma_accept", unsafe { rdma_accept(ep.id, &mut param) })?;
+        cm("rdma_accept", unsafe { rdma_accept(ep.id.0, &mut param) })?;
+        ep.connected = true;
         tracing::info!(
             device = %device_name(self.listen_ctx()),
             rkey = self.listen.region_mr.rkey(),
@@ -509,9 +531,11 @@ fn gid_address(device: Option<&str>, port: u8, index: u8) -> Result<IpAddr> {
     let mut gid: ibv_gid = unsafe { std::mem::zeroed() };
     // SAFETY: live context, out-pointer to a GID.
     let rc = unsafe { ibv_query_gid(ctx, port, c_int::from(index), &mut gid) };
+    // ibv_query_gid returns -1 and sets errno: read it before closing the device.
+    let queried = cm("ibv_query_gid", rc);
     // SAFETY: opened above, closed once.
     unsafe { ibv_close_device(ctx) };
-    verbs("ibv_query_gid", rc)?;
+    queried?;
     // SAFETY: every bit pattern of the union is a valid byte array.
     let raw = unsafe { gid.raw };
     if raw == [0; 16] {
@@ -541,11 +565,7 @@ pub fn connect(
     opts: &RdmaOptions,
     vopts: VerbsOptions,
 ) -> Result<VerbsSender<RdmaEndpoint>> {
-    let ep = connect_endpoint(
-        SocketAddr::new(addr, remote.port),
-        Arc::clone(&source),
-        opts,
-    )?;
+    let ep = connect_endpoint(addr, &remote, Arc::clone(&source), opts)?;
     VerbsSender::new(ep, remote, source, 1, vopts)
 }
 
@@ -554,36 +574,40 @@ pub fn connect(
 /// # Errors
 /// As [`connect`].
 pub fn connect_endpoint(
-    target: SocketAddr,
+    addr: IpAddr,
+    remote: &RegionDesc,
     source: Arc<Region>,
     opts: &RdmaOptions,
 ) -> Result<RdmaEndpoint> {
-    let info = addrinfo(target, false)?;
-    let src;
-    if let Some(index) = opts.gid_index {
-        let ip = gid_address(opts.device.as_deref(), opts.port, index)?;
-        src = socket_addr(ip);
-        // SAFETY: `info.0` is live; the source address outlives the rdma_create_ep call
-        // below, which copies it.
-        unsafe {
-            (*info.0).ai_src_addr = ptr::from_ref(&src.0).cast_mut().cast();
-            (*info.0).ai_src_len = src.1;
+    let target = SocketAddr::new(addr, remote.port);
+    let src = match opts.gid_index {
+        Some(index) => {
+            let ip = gid_address(opts.device.as_deref(), opts.port, index)?;
+            let usable = match ip {
+                IpAddr::V4(_) => addr.is_ipv4(),
+                IpAddr::V6(v6) => addr.is_ipv6() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+            };
+            if !usable {
+                return Err(Error::Rdma(RdmaError::Mismatch {
+                    what: format!(
+                        "GID index {index} holds {ip}, which cannot reach {addr} (another \
+                         address family, or link-local); pick a RoCE v2 entry with the \
+                         netdev's routable address"
+                    ),
+                }));
+            }
+            tracing::info!(%ip, gid_index = index, "RDMA source address from the GID table");
+            Some(socket_addr(ip))
         }
-        tracing::info!(%ip, gid_index = index, "RDMA source address from the GID table");
-    }
+        None => None,
+    };
+    let info = addrinfo(target, false, src.as_ref())?;
     let mut id = ptr::null_mut();
     // SAFETY: live addrinfo; no PD or QP yet (created below in our own PD).
     let rc = unsafe { rdma_create_ep(&mut id, info.0, ptr::null_mut(), ptr::null_mut()) };
-    if opts.gid_index.is_some() {
-        // SAFETY: detach our stack address before rdma_freeaddrinfo sees it.
-        unsafe {
-            (*info.0).ai_src_addr = ptr::null_mut();
-            (*info.0).ai_src_len = 0;
-        }
-    }
     cm("rdma_create_ep", rc)?;
     drop(info);
-    let guard = IdGuard(id);
+    let resolved = IdGuard(id);
     let max_msg = check_route(id, opts, target)?;
     // SAFETY: the resolved id's context is live.
     let pd = unsafe { ibv_alloc_pd((*id).verbs) };
@@ -591,6 +615,8 @@ pub fn connect_endpoint(
         return Err(call_error("ibv_alloc_pd"));
     }
     let pd = Arc::new(Pd(pd));
+    // Declared after the PD, so on an early return the id (and its QP) goes first.
+    let guard = resolved;
     let caps = create_qp(id, &pd, opts, max_msg)?;
     // The source is only read by the device: no access flags beyond local read.
     let local = match Mr::register(&pd, &source, 0) {
@@ -608,18 +634,18 @@ pub fn connect_endpoint(
             )?)
         }
     };
+    let send_len = message::commit_len(remote.bitmap_words());
     let mut ep = RdmaEndpoint::new(
-        id,
+        guard,
         pd,
         caps,
-        message::HEADER_LEN,
-        Some((source, local)),
+        (message::HEADER_LEN, send_len),
+        Some((local, source)),
         None,
     )?;
-    std::mem::forget(guard);
     let mut param = conn_param();
     // SAFETY: the id has its QP and posted receives.
-    cm("rdma_connect", unsafe { rdma_connect(ep.id, &mut param) })?;
+    cm("rdma_connect", unsafe { rdma_connect(ep.id.0, &mut param) })?;
     ep.connected = true;
     tracing::info!(
         device = %device_name(ep.ctx()),
@@ -672,12 +698,13 @@ enum Local {
     Bounce(Buf),
 }
 
-/// One connected RC queue pair.
+/// One connected RC queue pair. Fields drop in order: the id (with its QP and CQs)
+/// first, then the registrations, then the PD.
 pub struct RdmaEndpoint {
-    id: *mut rdma_cm_id,
+    id: IdGuard,
     caps: Caps,
-    /// The sender's source region and how it is reachable.
-    local: Option<(Arc<Region>, Local)>,
+    /// The sender's source registration and region.
+    local: Option<(Local, Arc<Region>)>,
     send: Buf,
     recv: Buf,
     recv_len: usize,
@@ -706,17 +733,20 @@ impl std::fmt::Debug for RdmaEndpoint {
 }
 
 impl RdmaEndpoint {
+    /// Takes ownership of the id (destroyed once, by this endpoint, whatever happens).
+    /// `lens` is (receive buffer, send buffer) in bytes.
     fn new(
-        id: *mut rdma_cm_id,
+        id: IdGuard,
         pd: Arc<Pd>,
         mut caps: Caps,
-        recv_len: usize,
-        local: Option<(Arc<Region>, Local)>,
+        (recv_len, send_len): (usize, usize),
+        local: Option<(Local, Arc<Region>)>,
         listen: Option<Arc<Listen>>,
     ) -> Result<Self> {
         caps.recv_len = recv_len;
+        caps.max_msg = caps.max_msg.min(send_len as u64);
         let lw = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-        let send = Buf::new(&pd, caps.max_msg.min(64 << 20) as usize, lw)?;
+        let send = Buf::new(&pd, send_len, lw)?;
         let recv = Buf::new(&pd, recv_len * RECV_DEPTH, lw)?;
         let mut ep = Self {
             id,
@@ -743,7 +773,7 @@ impl RdmaEndpoint {
 
     fn ctx(&self) -> *mut ibv_context {
         // SAFETY: the id is live while the endpoint is.
-        unsafe { (*self.id).verbs }
+        unsafe { (*self.id.0).verbs }
     }
 
     fn post_recv(&mut self, slot: usize) -> Result<()> {
@@ -759,18 +789,18 @@ impl RdmaEndpoint {
         let mut bad = ptr::null_mut();
         // SAFETY: the QP is live; wr and its SGE are valid for the call (the device copies
         // them); the buffer is registered and outlives the QP.
-        let rc = unsafe { ibv_post_recv((*self.id).qp, &mut wr, &mut bad) };
+        let rc = unsafe { ibv_post_recv((*self.id.0).qp, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(Error::Post(format!(
                 "ibv_post_recv: {}",
-                io::Error::from_raw_os_error(rc)
+                io::Error::from_raw_os_error(rc.abs())
             )));
         }
         Ok(())
     }
 
     fn local_sge(&self, s: &Sge) -> Result<ibv_sge> {
-        let Some((source, local)) = &self.local else {
+        let Some((local, source)) = &self.local else {
             return Err(Error::Post("this endpoint has no source memory".into()));
         };
         match (s.mr, local) {
@@ -836,7 +866,7 @@ impl Endpoint for RdmaEndpoint {
 
     fn bounce(&self) -> Option<&Region> {
         match &self.local {
-            Some((_, Local::Bounce(b))) => Some(&b.mem),
+            Some((Local::Bounce(b), _)) => Some(&b.mem),
             _ => None,
         }
     }
@@ -851,6 +881,7 @@ impl Endpoint for RdmaEndpoint {
             list.push(self.local_sge(s)?);
         }
         self.wrs.clear();
+        let list_base = list.as_mut_ptr();
         for w in wrs {
             if w.first_sge + w.num_sge > list.len() || w.num_sge > self.caps.max_sge {
                 self.sges = list;
@@ -862,7 +893,9 @@ impl Endpoint for RdmaEndpoint {
             // SAFETY: all-zero is a valid send work request to be filled in.
             let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
             wr.wr_id = w.wr_id;
-            wr.sg_list = list[w.first_sge..].as_mut_ptr();
+            // SAFETY: first_sge is within `list` (checked above); the pointer is used only
+            // by the post below, before `list` changes.
+            wr.sg_list = unsafe { list_base.add(w.first_sge) };
             wr.num_sge = w.num_sge as c_int;
             wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
             wr.send_flags = if w.signaled {
@@ -879,18 +912,18 @@ impl Endpoint for RdmaEndpoint {
         // Link the chain now that the vector no longer moves.
         let base = self.wrs.as_mut_ptr();
         for i in 0..self.wrs.len() - 1 {
-            // SAFETY: i + 1 is within the vector.
-            self.wrs[i].next = unsafe { base.add(i + 1) };
+            // SAFETY: i and i + 1 are within the vector, which does not move until the post.
+            unsafe { (*base.add(i)).next = base.add(i + 1) };
         }
         let mut bad = ptr::null_mut();
         // SAFETY: the QP is live; the chain and its SGE lists are valid for the call (the
         // device copies them); every SGE lies in registered memory (checked above).
-        let rc = unsafe { ibv_post_send((*self.id).qp, base, &mut bad) };
+        let rc = unsafe { ibv_post_send((*self.id.0).qp, base, &mut bad) };
         self.sges = list;
         if rc != 0 {
             return Err(Error::Post(format!(
                 "ibv_post_send: {}",
-                io::Error::from_raw_os_error(rc)
+                io::Error::from_raw_os_error(rc.abs())
             )));
         }
         Ok(())
@@ -916,11 +949,11 @@ impl Endpoint for RdmaEndpoint {
         wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
         let mut bad = ptr::null_mut();
         // SAFETY: live QP; wr and its SGE are valid for the call; the buffer is registered.
-        let rc = unsafe { ibv_post_send((*self.id).qp, &mut wr, &mut bad) };
+        let rc = unsafe { ibv_post_send((*self.id.0).qp, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(Error::Post(format!(
                 "ibv_post_send: {}",
-                io::Error::from_raw_os_error(rc)
+                io::Error::from_raw_os_error(rc.abs())
             )));
         }
         Ok(())
@@ -928,7 +961,7 @@ impl Endpoint for RdmaEndpoint {
 
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
         // SAFETY: the id is live; rdma_cm created its send CQ with the QP.
-        let cq = unsafe { (*self.id).send_cq };
+        let cq = unsafe { (*self.id.0).send_cq };
         let n = self.poll(cq, timeout)?;
         for wc in &self.wcs[..n] {
             out.push(Wc {
@@ -941,7 +974,7 @@ impl Endpoint for RdmaEndpoint {
 
     fn recv(&mut self, buf: &mut Vec<u8>, timeout: Duration) -> Result<u32> {
         // SAFETY: the id is live; rdma_cm created its receive CQ with the QP.
-        let cq = unsafe { (*self.id).recv_cq };
+        let cq = unsafe { (*self.id.0).recv_cq };
         // Take one completion at a time so none is lost between calls.
         let start = Instant::now();
         let wc = loop {
@@ -979,17 +1012,5 @@ impl Endpoint for RdmaEndpoint {
         self.recv.mem.read_at((slot * self.recv_len) as u64, buf)?;
         self.post_recv(slot)?;
         Ok(imm)
-    }
-}
-
-impl Drop for RdmaEndpoint {
-    fn drop(&mut self) {
-        if self.connected || self._listen.is_some() {
-            // SAFETY: the id is live; disconnecting an unconnected id only fails.
-            unsafe { rdma_disconnect(self.id) };
-        }
-        // SAFETY: the id (with its QP and CQs) is destroyed once; the MRs and the PD are
-        // released after it by the field drops.
-        unsafe { rdma_destroy_ep(self.id) };
     }
 }

@@ -58,6 +58,9 @@ pub struct SimConfig {
     /// `Some(len)`: the source "could not be registered", and the sender gets `len` bytes of
     /// registered bounce buffers instead.
     pub bounce: Option<usize>,
+    /// Receive buffer sizes of (the writing side, the region's side), as the verbs
+    /// endpoints size them; `None`: `max_msg` on both.
+    pub recv_lens: Option<(usize, usize)>,
 }
 
 impl Default for SimConfig {
@@ -68,6 +71,7 @@ impl Default for SimConfig {
             recv_depth: 2,
             max_msg: 1 << 31,
             bounce: None,
+            recv_lens: None,
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct SimEndpoint {
     rq: Receiver<Delivery>,
     /// Receive buffers this side has posted (the peer's NIC consumes them).
     credits: Arc<AtomicUsize>,
+    /// The SEND whose completion has not been polled: its (single) send buffer is busy.
+    send_busy: Option<u64>,
 }
 
 /// Connects two simulated endpoints: the first may write into `target` under `rkey` from
@@ -123,18 +129,21 @@ pub fn connect(
     let (b_rq_tx, b_rq) = crossbeam_channel::unbounded();
     let a_credits = Arc::new(AtomicUsize::new(cfg.recv_depth));
     let b_credits = Arc::new(AtomicUsize::new(cfg.recv_depth));
-    let caps = Caps {
+    let (a_recv, b_recv) = cfg
+        .recv_lens
+        .unwrap_or((cfg.max_msg as usize, cfg.max_msg as usize));
+    let caps = |recv_len| Caps {
         max_sge: cfg.max_sge,
         max_send_wr: cfg.max_send_wr,
         max_msg: cfg.max_msg,
-        recv_len: cfg.max_msg as usize,
+        recv_len,
     };
     let local = match &bounce {
         Some(b) => (None, Some(Arc::clone(b))),
         None => (Some(source), None),
     };
     let a = SimEndpoint::start(
-        caps,
+        caps(a_recv),
         bounce,
         Nic {
             source: local.0,
@@ -145,7 +154,7 @@ pub fn connect(
             }),
             peer_rq: b_rq_tx.clone(),
             peer_credits: Arc::clone(&b_credits),
-            peer_recv_len: caps.recv_len,
+            peer_recv_len: b_recv,
             faults,
             writes: 0,
             broken: Arc::clone(&broken),
@@ -155,7 +164,7 @@ pub fn connect(
         Arc::clone(&a_credits),
     )?;
     let b = SimEndpoint::start(
-        caps,
+        caps(b_recv),
         None,
         Nic {
             source: None,
@@ -163,7 +172,7 @@ pub fn connect(
             target: None,
             peer_rq: a_rq_tx,
             peer_credits: a_credits,
-            peer_recv_len: caps.recv_len,
+            peer_recv_len: a_recv,
             faults: Faults::default(),
             writes: 0,
             broken,
@@ -198,6 +207,7 @@ impl SimEndpoint {
             sq_used: 0,
             rq,
             credits,
+            send_busy: None,
         })
     }
 
@@ -250,12 +260,24 @@ impl Endpoint for SimEndpoint {
             let list = sges
                 .get(wr.first_sge..wr.first_sge + wr.num_sge)
                 .ok_or_else(|| Error::Post("SGE list out of range".into()))?;
+            let len: u64 = list.iter().map(|s| u64::from(s.len)).sum();
+            if len > self.caps.max_msg {
+                return Err(Error::Post(format!(
+                    "a {len}-byte RDMA WRITE exceeds the port's {}-byte message limit",
+                    self.caps.max_msg
+                )));
+            }
             self.submit(SimWr::Write(*wr, list.to_vec()))?;
         }
         Ok(())
     }
 
     fn post_send(&mut self, wr_id: u64, imm: u32, msg: &[u8]) -> Result<()> {
+        if let Some(busy) = self.send_busy {
+            return Err(Error::Post(format!(
+                "the send buffer still holds request {busy:#x}, whose completion was not polled"
+            )));
+        }
         if msg.len() as u64 > self.caps.max_msg {
             return Err(Error::Post(format!(
                 "a {}-byte message exceeds the {}-byte limit",
@@ -267,7 +289,9 @@ impl Endpoint for SimEndpoint {
             wr_id,
             imm,
             msg: msg.to_vec(),
-        })
+        })?;
+        self.send_busy = Some(wr_id);
+        Ok(())
     }
 
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
@@ -278,6 +302,9 @@ impl Endpoint for SimEndpoint {
         };
         for (wc, retired) in std::iter::once(first).chain(self.cq.try_iter()) {
             self.sq_used = self.sq_used.saturating_sub(retired);
+            if self.send_busy == Some(wc.wr_id) {
+                self.send_busy = None;
+            }
             out.push(wc);
         }
         Ok(())

@@ -91,7 +91,7 @@ impl PushListener {
                     .map_err(ColoError::transport("accept the push streams"))?,
             )),
             #[cfg(feature = "rdma")]
-            Self::Rdma(l) => Ok(Box::new(
+            Self::Rdma(mut l) => Ok(Box::new(
                 l.accept(timeout)
                     .map_err(ColoError::transport("accept the RDMA push connection"))?,
             )),
