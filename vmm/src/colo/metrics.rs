@@ -30,6 +30,13 @@ pub struct EpochRecord {
     pub trigger: Trigger,
     /// How long the PVM was paused, in microseconds.
     pub pause_us: u64,
+    /// Of the pause: microseconds until the vCPU had stopped (a vCPU busy in a device
+    /// exit, e.g. a disk flush, finishes it first).
+    #[serde(default)]
+    pub park_us: u64,
+    /// Of the pause: microseconds to read and clear the dirty log.
+    #[serde(default)]
+    pub collect_us: u64,
     /// Of the pause: microseconds until the last pages were pushed and committed (dirty
     /// log, push, commit round trip; from the secondary's reply on).
     #[serde(default)]

@@ -150,6 +150,8 @@ pub struct Primary {
     pub metrics: Option<std::fs::File>,
     /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
     pub disk_threshold: u64,
+    /// Of the current pause: (until the vCPU parked, reading the dirty log).
+    pause_split: (Duration, Duration),
 }
 
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
@@ -186,6 +188,7 @@ pub fn connect(
         reprotect: false,
         metrics: None,
         disk_threshold: 64 << 20,
+        pause_split: (Duration::ZERO, Duration::ZERO),
     })
 }
 
@@ -595,7 +598,9 @@ impl Primary {
         }
         let t = Instant::now();
         self.vm.pause()?;
+        let parked = t.elapsed();
         self.dirty.collect(&mut self.bitmap)?;
+        self.pause_split = (parked, t.elapsed() - parked);
         let r = self.checkpoint_paused(trigger, t);
         self.vm.resume();
         if r.is_err() {
@@ -673,6 +678,8 @@ impl Primary {
             epoch: self.epoch,
             trigger,
             pause_us: paused_at.elapsed().as_micros() as u64,
+            park_us: self.pause_split.0.as_micros() as u64,
+            collect_us: self.pause_split.1.as_micros() as u64,
             push_us: pushed_at.as_micros() as u64,
             barrier_us: (barrier_done - pushed_at).as_micros() as u64,
             pause_pages,

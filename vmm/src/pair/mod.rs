@@ -77,6 +77,10 @@ pub struct PairArgs {
     /// the same proxy and client load.
     #[arg(long)]
     pub unprotected: bool,
+    /// Append every checkpoint's record (epoch, trigger, pause_us, push_us, barrier_us,
+    /// pages, bytes) as one JSON line to this file.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
 }
 
 const GUEST: ([u8; 4], u16) = ([10, 0, 2, 15], 7000);
@@ -135,6 +139,7 @@ struct Shared {
     secondary_lost: AtomicBool,
     commits: AtomicU64,
     log: Mutex<Vec<String>>,
+    metrics: Mutex<Option<std::fs::File>>,
 }
 
 fn spawn(
@@ -248,6 +253,14 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
             shared.commits.fetch_add(1, Ordering::Relaxed);
             let _ = w.write_all(format!("COMMITTED {n}\n").as_bytes());
         } else if let Some(j) = line.strip_prefix("METRIC ") {
+            let mut file = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = file.as_mut() {
+                if writeln!(f, "{j}").is_err() {
+                    tracing::warn!("cannot write the metrics file; stopping it");
+                    *file = None;
+                }
+            }
+            drop(file);
             if let Ok(r) = serde_json::from_str::<EpochRecord>(j) {
                 shared
                     .summary
@@ -406,6 +419,14 @@ fn free_port() -> Result<u16, ColoError> {
 #[allow(clippy::too_many_lines)]
 fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let shared = Arc::new(Shared::default());
+    if let Some(path) = &a.metrics {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| setup(format!("metrics file {}: {e}", path.display())))?;
+        *shared.metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
     let net = |e: colo_netcmp::Error| setup(format!("proxy: {e}"));
     let (client_port, client_end) = colo_netcmp::io::channel::port("client", 4096);
     let pvm_sock = dir.join("primary.sock");
