@@ -15,7 +15,8 @@
 //! Files live in `$COLO_BLK_BENCH_DIR` (default: the temp dir). Every file and the
 //! secondary's buffer arena are written once before measuring (first-touch costs ten
 //! times an overwrite here). Environment: `COLO_BLK_BENCH_MIB` (disk size, default 256),
-//! `COLO_BLK_BENCH_REPS` (default 5).
+//! `COLO_BLK_BENCH_REPS` (default 5), `COLO_BLK_BENCH_ONLY` (a comma-separated subset of
+//! `seq64k,rand4k,drop`; default all).
 
 use std::fs::File;
 use std::io::Write;
@@ -210,6 +211,18 @@ fn secondary_main() {
     }
 }
 
+/// CPU time used so far by every live thread of process `pid` (the sum of the first
+/// field of each thread's `schedstat`, in nanoseconds).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -227,13 +240,23 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
     plain_pass(&plain, &w, src);
     replicated_pass(&mut pair, &w, src);
     let (mut base, mut repl, mut cp_share) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time per GiB written: this process (the primary and its link threads) and the
+    // secondary's. Kernel writeback threads are not counted, on either side.
+    let (me, sec) = (std::process::id(), pair.child.id());
+    let (mut base_cpu, mut prim_cpu, mut sec_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let per_gib = |ns: u64| ns as f64 / 1e6 / (bytes as f64 / GIB);
     for _ in 0..reps {
+        let c0 = cpu_ns(me);
         let t = Instant::now();
         plain_pass(&plain, &w, src);
         base.push(bytes as f64 / t.elapsed().as_secs_f64() / GIB);
+        base_cpu.push(per_gib(cpu_ns(me) - c0));
+        let (c0, s0) = (cpu_ns(me), cpu_ns(sec));
         let t = Instant::now();
         let cp = replicated_pass(&mut pair, &w, src);
         let el = t.elapsed();
+        prim_cpu.push(per_gib(cpu_ns(me) - c0));
+        sec_cpu.push(per_gib(cpu_ns(sec) - s0));
         repl.push(bytes as f64 / el.as_secs_f64() / GIB);
         cp_share.push(cp.as_secs_f64() / el.as_secs_f64());
     }
@@ -267,6 +290,12 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
         stats.forwarded_frames,
         stats.forwarded_bytes >> 20,
         100.0 * median(&mut cp_share)
+    );
+    println!(
+        "  (CPU ms per GiB, median: unreplicated {:.0}; replicated {:.0} primary + {:.0} secondary)",
+        median(&mut base_cpu),
+        median(&mut prim_cpu),
+        median(&mut sec_cpu)
     );
 }
 
@@ -390,7 +419,15 @@ fn main() {
         "reference: loopback TCP alone, 64 KiB writes, thread to thread: {:.2} GiB/s (median of 3)",
         median(&mut tcp)
     );
-    throughput(&dir, disk, reps, "seq64k", &src);
-    throughput(&dir, disk, reps, "rand4k", &src);
-    drop_bench(&dir, reps);
+    let only = std::env::var("COLO_BLK_BENCH_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+    if run("seq64k") {
+        throughput(&dir, disk, reps, "seq64k", &src);
+    }
+    if run("rand4k") {
+        throughput(&dir, disk, reps, "rand4k", &src);
+    }
+    if run("drop") {
+        drop_bench(&dir, reps);
+    }
 }
