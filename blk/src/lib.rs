@@ -49,6 +49,7 @@
 // One `poll` call (secondary/receiver.rs) is the only unsafe code; it is allowed there.
 #![deny(unsafe_code)]
 
+mod aligned;
 mod backend;
 mod buffer;
 mod disk;
