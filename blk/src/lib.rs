@@ -46,7 +46,8 @@
 //! state the SVM does not reproduce (output is compared, or held until the commit in
 //! periodic mode).
 
-// One `poll` call (secondary/receiver.rs) is the only unsafe code; it is allowed there.
+// Two system calls are the only unsafe code, each allowed where it is made: `poll`
+// (secondary/receiver.rs) and `sendfile` (disk.rs).
 #![deny(unsafe_code)]
 
 mod aligned;
