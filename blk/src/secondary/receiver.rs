@@ -1,14 +1,15 @@
 //! The secondary's receiver: the handshake, then one thread applying the primary's frames
 //! in order and acknowledging them.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use super::reader::FrameReader;
 use super::{Inner, SecondaryPhase, State};
 use crate::error::{Error, Result};
 use crate::frame_io::{read_frame, send_reject, write_frame};
-use crate::wire::{Frame, MAX_WRITE_BYTES, SyncMode};
+use crate::wire::{Frame, SyncMode};
 
 /// Frames applied between two acknowledgements at most, when more input is already
 /// waiting (otherwise every time the input runs dry).
@@ -19,11 +20,6 @@ const ACK_EVERY: u32 = 64;
 /// whenever the input runs dry keeps any window the primary uses from stalling: a
 /// primary blocked on a full window sends nothing more, so the input soon runs dry.
 const ACK_BYTES: u64 = 4 << 20;
-
-/// Bytes of input buffered. Headers and small frames come out of the buffer; the part
-/// of a payload of this size or more that is not buffered yet is read straight into the
-/// payload buffer (one copy fewer for large writes).
-const READ_BUFFER: usize = 32 << 10;
 
 /// Runs the secondary's half of the handshake on a fresh connection.
 pub(crate) fn handshake(stream: &TcpStream, disk_len: u64, timeout: Duration) -> Result<SyncMode> {
@@ -130,8 +126,8 @@ fn peer_gone(s: &TcpStream) -> Result<bool> {
 
 /// Whether more input is already waiting: in the read buffer, or (with a socket to ask)
 /// in the socket. Without a socket only the buffer counts.
-fn input_waiting<R>(reader: &BufReader<R>, probe: Option<&TcpStream>) -> Result<bool> {
-    if !reader.buffer().is_empty() {
+fn input_waiting<R: Read>(reader: &FrameReader<R>, probe: Option<&TcpStream>) -> Result<bool> {
+    if reader.buffered() > 0 {
         return Ok(true);
     }
     match probe {
@@ -150,13 +146,12 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
     mut writer: W,
     probe: Option<&TcpStream>,
 ) -> Result<()> {
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let mut payload = Vec::with_capacity(MAX_WRITE_BYTES as usize);
+    let mut reader = FrameReader::new(reader);
     let mut since_ack = 0u32;
     let mut since_ack_bytes = 0u64;
     let mut acked = 0u64;
     loop {
-        let frame = match read_frame(&mut reader, &mut payload) {
+        let frame = match reader.next() {
             Ok(f) => f,
             Err(e) => {
                 if !matches!(
@@ -172,7 +167,8 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
         if st.stop {
             return Ok(());
         }
-        let next = match apply(&mut st, inner.disk_len, frame, &payload) {
+        let payload = reader.payload();
+        let next = match apply(&mut st, inner.disk_len, frame, payload) {
             Ok(n) => n,
             Err(e) => {
                 drop(st);
