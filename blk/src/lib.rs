@@ -46,8 +46,8 @@
 //! state the SVM does not reproduce (output is compared, or held until the commit in
 //! periodic mode).
 
-// Two system calls are the only unsafe code, each allowed where it is made: `poll`
-// (secondary/receiver.rs) and `sendfile` (disk.rs).
+// Three system calls are the only unsafe code, each allowed where it is made: `poll`
+// (secondary/receiver.rs), `sendfile` and `sync_file_range` (disk.rs).
 #![deny(unsafe_code)]
 
 mod aligned;
