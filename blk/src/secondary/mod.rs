@@ -15,6 +15,7 @@
 //! controller commits that epoch or fails over, so writes of the next epoch never mix with
 //! the one being committed (they wait in the primary's window and the socket).
 
+mod reader;
 mod receiver;
 
 use std::net::TcpStream;
