@@ -196,6 +196,7 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
         let mut be = Backend {
             store: &mut store,
             blk: &mut blk,
+            dirty: dirty.as_mut(),
         };
         // Answer before egress, so that replies carry the ACKs of their requests.
         busy |= service.serve(&mut sockets, &mut be);

@@ -57,6 +57,9 @@ pub struct Backend<'a> {
     pub store: &'a mut Store,
     /// The disk of the log.
     pub blk: &'a mut VirtioBlk,
+    /// The dirty-page load, run between requests too: a batch of requests with their
+    /// disk flushes can take many milliseconds, which would starve it.
+    pub dirty: Option<&'a mut crate::dirty::DirtyLoad>,
 }
 
 /// The service.
@@ -221,6 +224,9 @@ fn end_reply(out: &mut Vec<u8>, stamp: bool) {
 
 /// Appends the reply to one request line (without its newline) to `out`.
 fn answer(line: &[u8], out: &mut Vec<u8>, be: &mut Backend<'_>, stamp: bool) {
+    if let Some(d) = be.dirty.as_deref_mut() {
+        d.run();
+    }
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     match Request::parse(line) {
         Some(Request::Ping) => out.extend_from_slice(b"PONG"),
