@@ -38,8 +38,15 @@ impl DirtyLoad {
         })
     }
 
-    /// Writes the pages that are due. Returns the microseconds until the next one is due.
+    /// Writes the pages that are due, at most [`BATCH`]. Returns the microseconds until
+    /// the next one is due.
     pub fn run(&mut self) -> u64 {
+        self.run_at_most(BATCH)
+    }
+
+    /// Writes at most `max` of the pages that are due: the service calls this between
+    /// requests, so that neither starves the other.
+    pub fn run_at_most(&mut self, max: u64) -> u64 {
         let elapsed = rdtsc().wrapping_sub(self.start);
         let due =
             (u128::from(elapsed) * u128::from(self.rate) / u128::from(self.clock.hz())) as u64;
@@ -49,7 +56,7 @@ impl DirtyLoad {
             self.done = due - BATCH;
             behind = BATCH;
         }
-        for _ in 0..behind.min(BATCH) {
+        for _ in 0..behind.min(max) {
             let at = self.base + self.next * PAGE;
             let p = core::ptr::with_exposed_provenance_mut::<u64>(at as usize);
             // SAFETY: `at` is a page inside the scratch area, identity-mapped RAM that the
