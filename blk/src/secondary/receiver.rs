@@ -5,6 +5,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// Writeback starts at a primary flush at most this often.
+const WRITEBACK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 use super::reader::FrameReader;
 use super::{Inner, SecondaryPhase, State};
 use crate::error::{Error, Result};
@@ -279,9 +282,18 @@ fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<
         Frame::Flush { seq } => {
             // Made durable at the epoch's commit (see SecondaryDisk::commit). Writeback
             // starts now, so that the commit's sync, which the checkpoint waits for, finds
-            // little left to write. A failure here costs only that head start.
+            // little left to write; at most every WRITEBACK_EVERY, since a guest that
+            // flushes after every small write would otherwise turn each flush into disk
+            // I/O here (in `colo pair`, on one shared disk, that competed with the
+            // primary's own flushes). A failure here costs only that head start.
             st.flush_pending = true;
-            let _ = st.buf.disk().start_writeback();
+            if st
+                .last_writeback
+                .is_none_or(|t| t.elapsed() >= WRITEBACK_EVERY)
+            {
+                st.last_writeback = Some(std::time::Instant::now());
+                let _ = st.buf.disk().start_writeback();
+            }
             st.applied_seq = seq;
             Next::AckNow
         }
