@@ -44,6 +44,10 @@ pub struct EpochRecord {
     /// Of the pause: microseconds of state save and disk barrier.
     #[serde(default)]
     pub barrier_us: u64,
+    /// Of the pause: microseconds for the proxy to release the epoch's output (the
+    /// supervisor's acknowledgement; 0 without a supervisor). The PVM resumes after it.
+    #[serde(default)]
+    pub release_us: u64,
     /// Pages pushed during the pause.
     pub pause_pages: u64,
     /// Pages pushed in the background during the epoch.

@@ -674,10 +674,15 @@ impl Primary {
         crash_point("commit", checkpoint);
         self.awaiting_loaded = Some(k);
         self.epoch += 1;
+        // The proxy releases the epoch's held output and resets its connections before the
+        // PVM produces new output: that round trip is part of the pause.
+        let received_at = paused_at.elapsed();
+        self.events.committed(self.epoch);
         let rec = EpochRecord {
             epoch: self.epoch,
             trigger,
             pause_us: paused_at.elapsed().as_micros() as u64,
+            release_us: (paused_at.elapsed() - received_at).as_micros() as u64,
             park_us: self.pause_split.0.as_micros() as u64,
             collect_us: self.pause_split.1.as_micros() as u64,
             push_us: pushed_at.as_micros() as u64,
@@ -690,7 +695,6 @@ impl Primary {
         self.bg_pages = 0;
         self.bg_bytes = 0;
         self.summary.add(&rec);
-        self.events.committed(self.epoch);
         if let Ok(j) = serde_json::to_string(&rec) {
             self.events.emit(&format!("METRIC {j}"));
             if let Some(f) = &mut self.metrics {
