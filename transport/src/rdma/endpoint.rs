@@ -743,8 +743,9 @@ impl RdmaEndpoint {
         local: Option<(Local, Arc<Region>)>,
         listen: Option<Arc<Listen>>,
     ) -> Result<Self> {
+        // max_msg stays the port's limit: it bounds RDMA WRITEs. The send buffer is sized
+        // for the largest message this side sends, and post_send checks against it.
         caps.recv_len = recv_len;
-        caps.max_msg = caps.max_msg.min(send_len as u64);
         let lw = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         let send = Buf::new(&pd, send_len, lw)?;
         let recv = Buf::new(&pd, recv_len * RECV_DEPTH, lw)?;
