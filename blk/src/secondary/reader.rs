@@ -5,12 +5,12 @@
 //! into user memory runs at a fraction of its speed into unaligned memory; see
 //! `aligned`), and a payload is never copied again in user space before it is applied.
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::ops::Range;
-use std::time::Duration;
 
 use crate::aligned::AlignedBuf;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::frame_io::read_result;
 use crate::wire::{Frame, HEADER_LEN, MAX_REASON_BYTES, MAX_WRITE_BYTES};
 
 /// Reads start at multiples of this (relative to the buffer) unless a short read left
@@ -92,29 +92,9 @@ impl<R: Read> FrameReader<R> {
                 self.end -= self.start - to;
                 self.start = to;
             }
-            let got_before = self.end - self.start;
-            match self.inner.read(&mut self.buf[self.end..]) {
-                Ok(0) if got_before == 0 && need == HEADER_LEN => return Err(Error::PeerClosed),
-                Ok(0) => {
-                    return Err(Error::Truncated {
-                        got: got_before,
-                        want,
-                    });
-                }
-                Ok(k) => self.end += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if got_before == 0
-                        && need == HEADER_LEN
-                        && matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                {
-                    return Err(Error::Timeout(Duration::ZERO, "a frame"));
-                }
-                Err(e) => return Err(Error::Recv(e)),
-            }
+            let got = self.end - self.start;
+            let r = self.inner.read(&mut self.buf[self.end..]);
+            self.end += read_result(r, got, want, need == HEADER_LEN)?;
         }
         Ok(())
     }
@@ -123,7 +103,9 @@ impl<R: Read> FrameReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::frame_io::write_frame;
+    use std::io;
 
     /// A reader that returns at most `chunk` bytes per read.
     struct Dribble<'a>(&'a [u8], usize);

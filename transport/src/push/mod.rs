@@ -49,6 +49,26 @@ impl RegionDesc {
         self.pages().div_ceil(64) as usize
     }
 
+    /// Checks a run against this (remote) region and `source`: not empty, and inside
+    /// both.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] for an empty run, [`Error::OutOfBounds`] otherwise.
+    pub fn check_run(&self, run: &WriteRun, source: &crate::Region) -> Result<()> {
+        if run.len == 0 {
+            return Err(Error::Protocol("empty write run".into()));
+        }
+        source.check(run.src, run.len)?;
+        match run.dst.checked_add(run.len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::OutOfBounds {
+                offset: run.dst,
+                len: run.len,
+                region_len: self.len,
+            }),
+        }
+    }
+
     /// Checks an epoch bitmap against the region: exact word count, no bit past the last
     /// page.
     ///

@@ -454,7 +454,7 @@ impl RdmaListener {
         let max_msg = check_route(id, &self.opts, SocketAddr::new(IpAddr::from([0u8; 4]), 0))?;
         let caps = create_qp(id, &self.listen.pd, &self.opts, max_msg)?;
         let recv_len = message::commit_len(self.desc.bitmap_words());
-        let mut ep = RdmaEndpoint::new(
+        let ep = RdmaEndpoint::new(
             guard,
             Arc::clone(&self.listen.pd),
             caps,
@@ -465,7 +465,6 @@ impl RdmaListener {
         let mut param = conn_param();
         // SAFETY: the id has its QP and posted receives.
         cm("rdma_accept", unsafe { rdma_accept(ep.id.0, &mut param) })?;
-        ep.connected = true;
         tracing::info!(
             device = %device_name(self.listen_ctx()),
             rkey = self.listen.region_mr.rkey(),
@@ -635,7 +634,7 @@ pub fn connect_endpoint(
         }
     };
     let send_len = message::commit_len(remote.bitmap_words());
-    let mut ep = RdmaEndpoint::new(
+    let ep = RdmaEndpoint::new(
         guard,
         pd,
         caps,
@@ -646,7 +645,6 @@ pub fn connect_endpoint(
     let mut param = conn_param();
     // SAFETY: the id has its QP and posted receives.
     cm("rdma_connect", unsafe { rdma_connect(ep.id.0, &mut param) })?;
-    ep.connected = true;
     tracing::info!(
         device = %device_name(ep.ctx()),
         max_sge = caps.max_sge,
@@ -711,7 +709,6 @@ pub struct RdmaEndpoint {
     sges: Vec<ibv_sge>,
     wrs: Vec<ibv_send_wr>,
     wcs: Vec<ibv_wc>,
-    connected: bool,
     /// Dropped after the id: the PD outlives the QP.
     _pd: Arc<Pd>,
     _listen: Option<Arc<Listen>>,
@@ -727,7 +724,6 @@ impl std::fmt::Debug for RdmaEndpoint {
             .field("device", &device_name(self.ctx()))
             .field("caps", &self.caps)
             .field("bounce", &self.bounce().is_some())
-            .field("connected", &self.connected)
             .finish_non_exhaustive()
     }
 }
@@ -762,7 +758,6 @@ impl RdmaEndpoint {
             wcs: (0..POLL_BATCH)
                 .map(|_| unsafe { std::mem::zeroed() })
                 .collect(),
-            connected: false,
             _pd: pd,
             _listen: listen,
         };
@@ -818,13 +813,15 @@ impl RdmaEndpoint {
         }
     }
 
-    /// Polls `cq` until at least one completion or the timeout; returns how many.
-    fn poll(&mut self, cq: *mut rdma_sys::ibv_cq, timeout: Duration) -> Result<usize> {
+    /// Polls `cq` for at most `max` (≤ [`POLL_BATCH`]) completions until at least one
+    /// arrives or the timeout passes; returns how many are in `wcs`.
+    fn poll(&mut self, cq: *mut rdma_sys::ibv_cq, max: usize, timeout: Duration) -> Result<usize> {
+        let max = max.clamp(1, POLL_BATCH);
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            // SAFETY: the CQ is live; `wcs` has room for POLL_BATCH completions.
-            let n = unsafe { ibv_poll_cq(cq, POLL_BATCH as c_int, self.wcs.as_mut_ptr()) };
+            // SAFETY: the CQ is live; `wcs` has room for POLL_BATCH ≥ max completions.
+            let n = unsafe { ibv_poll_cq(cq, max as c_int, self.wcs.as_mut_ptr()) };
             if n < 0 {
                 return Err(Error::Rdma(RdmaError::Call {
                     call: "ibv_poll_cq",
@@ -963,7 +960,7 @@ impl Endpoint for RdmaEndpoint {
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
         // SAFETY: the id is live; rdma_cm created its send CQ with the QP.
         let cq = unsafe { (*self.id.0).send_cq };
-        let n = self.poll(cq, timeout)?;
+        let n = self.poll(cq, POLL_BATCH, timeout)?;
         for wc in &self.wcs[..n] {
             out.push(Wc {
                 wr_id: wc.wr_id,
@@ -977,24 +974,10 @@ impl Endpoint for RdmaEndpoint {
         // SAFETY: the id is live; rdma_cm created its receive CQ with the QP.
         let cq = unsafe { (*self.id.0).recv_cq };
         // Take one completion at a time so none is lost between calls.
-        let start = Instant::now();
-        let wc = loop {
-            // SAFETY: live CQ, room for one completion.
-            let n = unsafe { ibv_poll_cq(cq, 1, self.wcs.as_mut_ptr()) };
-            if n < 0 {
-                return Err(Error::Rdma(RdmaError::Call {
-                    call: "ibv_poll_cq",
-                    source: io::Error::from_raw_os_error(-n),
-                }));
-            }
-            if n == 1 {
-                break &self.wcs[0];
-            }
-            if start.elapsed() >= timeout {
-                return Err(Error::Timeout(timeout, "a message on the queue pair"));
-            }
-            std::thread::sleep(Duration::from_micros(20));
-        };
+        if self.poll(cq, 1, timeout)? == 0 {
+            return Err(Error::Timeout(timeout, "a message on the queue pair"));
+        }
+        let wc = &self.wcs[0];
         let status = status_of(wc.status);
         if status != WcStatus::Success {
             return Err(status.into_error("a posted receive"));

@@ -330,20 +330,7 @@ impl PushSender for TcpPushSender {
             return Err(Error::Closed);
         }
         for r in runs {
-            if r.len == 0 {
-                return Err(Error::Protocol("empty write run".into()));
-            }
-            self.source.check(r.src, r.len)?;
-            match r.dst.checked_add(r.len) {
-                Some(end) if end <= self.remote.len => {}
-                _ => {
-                    return Err(Error::OutOfBounds {
-                        offset: r.dst,
-                        len: r.len,
-                        region_len: self.remote.len,
-                    });
-                }
-            }
+            self.remote.check_run(r, &self.source)?;
         }
         for r in runs {
             let mut off = 0;

@@ -391,17 +391,7 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
             return Err(Error::Closed);
         }
         for r in runs {
-            self.source.check(r.src, r.len)?;
-            match r.dst.checked_add(r.len) {
-                Some(end) if end <= self.remote.len => {}
-                _ => {
-                    return Err(Error::OutOfBounds {
-                        offset: r.dst,
-                        len: r.len,
-                        region_len: self.remote.len,
-                    });
-                }
-            }
+            self.remote.check_run(r, &self.source)?;
         }
         self.await_release()?;
         let mut cur = None;

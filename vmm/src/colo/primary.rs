@@ -122,6 +122,13 @@ pub struct Peer {
     pub transport: super::push::PushTransport,
 }
 
+/// How the pause began: until the vCPU parked, then reading the dirty log.
+#[derive(Debug, Clone, Copy, Default)]
+struct PauseStart {
+    park: Duration,
+    collect: Duration,
+}
+
 /// The primary's state.
 pub struct Primary {
     peer: Peer,
@@ -150,8 +157,6 @@ pub struct Primary {
     pub metrics: Option<std::fs::File>,
     /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
     pub disk_threshold: u64,
-    /// Of the current pause: (until the vCPU parked, reading the dirty log).
-    pause_split: (Duration, Duration),
 }
 
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
@@ -188,7 +193,6 @@ pub fn connect(
         reprotect: false,
         metrics: None,
         disk_threshold: 64 << 20,
-        pause_split: (Duration::ZERO, Duration::ZERO),
     })
 }
 
@@ -285,7 +289,7 @@ impl Primary {
         self.bitmap.clear_all();
         let t = Instant::now();
         self.push_everything_with_progress()?;
-        let r = self.checkpoint_paused(Trigger::InitialSync, t);
+        let r = self.checkpoint_paused(Trigger::InitialSync, t, PauseStart::default());
         match r {
             Ok(()) => {
                 tracing::info!(ms = t.elapsed().as_millis() as u64, "initial sync done");
@@ -600,8 +604,11 @@ impl Primary {
         self.vm.pause()?;
         let parked = t.elapsed();
         self.dirty.collect(&mut self.bitmap)?;
-        self.pause_split = (parked, t.elapsed() - parked);
-        let r = self.checkpoint_paused(trigger, t);
+        let start = PauseStart {
+            park: parked,
+            collect: t.elapsed() - parked,
+        };
+        let r = self.checkpoint_paused(trigger, t, start);
         self.vm.resume();
         if r.is_err() {
             // A checkpoint that failed (the secondary vanished mid-way) paused the PVM too.
@@ -616,7 +623,12 @@ impl Primary {
     }
 
     /// The paused part: last pages, state, wait for the secondary to hold it all.
-    fn checkpoint_paused(&mut self, trigger: Trigger, paused_at: Instant) -> Result<()> {
+    fn checkpoint_paused(
+        &mut self,
+        trigger: Trigger,
+        paused_at: Instant,
+        start: PauseStart,
+    ) -> Result<()> {
         let pause_pages = self.bitmap.count();
         let push = self
             .push
@@ -683,8 +695,8 @@ impl Primary {
             trigger,
             pause_us: paused_at.elapsed().as_micros() as u64,
             release_us: (paused_at.elapsed() - received_at).as_micros() as u64,
-            park_us: self.pause_split.0.as_micros() as u64,
-            collect_us: self.pause_split.1.as_micros() as u64,
+            park_us: start.park.as_micros() as u64,
+            collect_us: start.collect.as_micros() as u64,
             push_us: pushed_at.as_micros() as u64,
             barrier_us: (barrier_done - pushed_at).as_micros() as u64,
             pause_pages,
