@@ -136,7 +136,14 @@ struct Shared {
     fenced: AtomicBool,
     aborted_pause_us: AtomicU64,
     reprotected: AtomicU64,
-    secondary_lost: AtomicBool,
+    /// Whether the primary has lost its secondary (its `EXIT` event) and no new one has
+    /// joined since (`PROTECTED`). Held while the proxy's mode is changed on its account,
+    /// so that the supervisor's "secondary gone: primary only" and the event thread's
+    /// "protected again: compare" cannot interleave. (They once did: the supervisor read
+    /// "lost", the event thread switched to compare, then the supervisor switched to
+    /// primary-only for good; the proxy released the PVM's output unchecked while COLO ran,
+    /// and the next failover lost the acknowledged writes of the last epoch.)
+    secondary_lost: Mutex<bool>,
     commits: AtomicU64,
     log: Mutex<Vec<String>>,
     metrics: Mutex<Option<std::fs::File>>,
@@ -274,13 +281,21 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
                 shared.aborted_pause_us.fetch_max(us, Ordering::SeqCst);
             }
         } else if line.starts_with("EXIT ") {
-            shared.secondary_lost.store(true, Ordering::SeqCst);
+            *shared
+                .secondary_lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = true;
         } else if line == "PROTECTED" {
             // A new secondary joined: compare again from its first checkpoint on.
+            let mut lost = shared
+                .secondary_lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Err(e) = proxy.set_mode(colo_netcmp::Mode::Compare) {
                 tracing::warn!(error = %e, "proxy did not switch back to compare");
             }
-            shared.secondary_lost.store(false, Ordering::SeqCst);
+            *lost = false;
+            drop(lost);
             shared.reprotected.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -602,11 +617,15 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
                 .map_err(net)?;
             eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
         }
-        if failover.is_none()
-            && primary.alive()
-            && (!secondary.alive() || shared.secondary_lost.load(Ordering::SeqCst))
-        {
-            let _ = proxy.control().set_mode(colo_netcmp::Mode::PrimaryOnly);
+        if failover.is_none() && primary.alive() {
+            // Decided and applied under the lock: see `Shared::secondary_lost`.
+            let lost = shared
+                .secondary_lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *lost || !secondary.alive() {
+                let _ = proxy.control().set_mode(colo_netcmp::Mode::PrimaryOnly);
+            }
         }
         if !primary.alive() && !secondary.alive() {
             eprintln!("\ncolo pair: both sides are gone");
