@@ -10,12 +10,15 @@
 //!   the same writes to an unreplicated file in the same run. The replicated time runs
 //!   from the first write to the last commit's reply. Neither side calls fdatasync: both
 //!   measure the page cache path, which is where replication overhead shows most.
+//! - The sequential writes again with a guest flush every MiB (`seq64k-durable`), an
+//!   extra line for comparison with durable writes; the target is the page-cache line.
 //! - Checkpoint (buffer drop) time with 10k buffered extents.
 //!
 //! Files live in `$COLO_BLK_BENCH_DIR` (default: the temp dir). Every file and the
 //! secondary's buffer arena are written once before measuring (first-touch costs ten
 //! times an overwrite here). Environment: `COLO_BLK_BENCH_MIB` (disk size, default 256),
-//! `COLO_BLK_BENCH_REPS` (default 5).
+//! `COLO_BLK_BENCH_REPS` (default 5), `COLO_BLK_BENCH_ONLY` (a comma-separated subset of
+//! `seq64k,rand4k,seq64k-durable,drop`; default all).
 
 use std::fs::File;
 use std::io::Write;
@@ -67,7 +70,7 @@ fn make_image(path: &Path, len: u64) {
 /// One workload: the writes, in order, as (offset, length).
 fn workload(kind: &str, disk: u64) -> Vec<(u64, usize)> {
     match kind {
-        "seq64k" => (0..disk / 65536).map(|i| (i * 65536, 65536)).collect(),
+        "seq64k" | "seq64k-durable" => (0..disk / 65536).map(|i| (i * 65536, 65536)).collect(),
         "rand4k" => {
             let mut x = 0x1234_5678_9ABC_DEF1u64;
             (0..RANDOM_WRITES)
@@ -83,23 +86,49 @@ fn workload(kind: &str, disk: u64) -> Vec<(u64, usize)> {
     }
 }
 
-/// The workload on a plain file.
-fn plain_pass(b: &dyn BlockBackend, w: &[(u64, usize)], src: &[u8]) {
+/// Bytes written between two guest flushes in the durable variant.
+const DURABLE_FLUSH_BYTES: u64 = 1 << 20;
+
+/// How often a workload's guest flushes (0: never).
+fn flush_every(kind: &str) -> u64 {
+    if kind.ends_with("-durable") {
+        DURABLE_FLUSH_BYTES
+    } else {
+        0
+    }
+}
+
+/// The workload on a plain file, with a flush (fdatasync) every `flush_every` bytes.
+fn plain_pass(b: &dyn BlockBackend, w: &[(u64, usize)], src: &[u8], flush_every: u64) {
+    let mut since_flush = 0u64;
     for (i, &(off, len)) in w.iter().enumerate() {
         let s = (i * 4096) % (src.len() - len);
         b.write_at(off, &src[s..s + len]).expect("write");
+        since_flush += len as u64;
+        if flush_every > 0 && since_flush >= flush_every {
+            b.flush().expect("flush");
+            since_flush = 0;
+        }
     }
 }
 
 /// The same workload replicated, with a checkpoint every `EPOCH_BYTES` and at the end.
 /// Returns the time spent in checkpoints (waiting for the secondary to catch up, and the
 /// commit round trip).
-fn replicated_pass(pair: &mut Pair, w: &[(u64, usize)], src: &[u8]) -> Duration {
+/// The guest flushes as in [`plain_pass`]: the primary syncs its disk and forwards the
+/// flush, which the secondary makes durable when it commits the epoch.
+fn replicated_pass(pair: &mut Pair, w: &[(u64, usize)], src: &[u8], flush_every: u64) -> Duration {
     let mut since = 0u64;
+    let mut since_flush = 0u64;
     let mut in_cp = Duration::ZERO;
     for (i, &(off, len)) in w.iter().enumerate() {
         let s = (i * 4096) % (src.len() - len);
         pair.primary.write_at(off, &src[s..s + len]).expect("write");
+        since_flush += len as u64;
+        if flush_every > 0 && since_flush >= flush_every {
+            pair.primary.flush().expect("flush");
+            since_flush = 0;
+        }
         since += len as u64;
         if since >= EPOCH_BYTES {
             let t = Instant::now();
@@ -210,6 +239,18 @@ fn secondary_main() {
     }
 }
 
+/// CPU time used so far by every live thread of process `pid` (the sum of the first
+/// field of each thread's `schedstat`, in nanoseconds).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -224,16 +265,27 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
     let _ = std::fs::remove_file(&bpath);
     let mut pair = Pair::start(dir, disk);
     // Warm-up pass of each, not measured.
-    plain_pass(&plain, &w, src);
-    replicated_pass(&mut pair, &w, src);
+    let fe = flush_every(kind);
+    plain_pass(&plain, &w, src, fe);
+    replicated_pass(&mut pair, &w, src, fe);
     let (mut base, mut repl, mut cp_share) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time per GiB written: this process (the primary and its link threads) and the
+    // secondary's. Kernel writeback threads are not counted, on either side.
+    let (me, sec) = (std::process::id(), pair.child.id());
+    let (mut base_cpu, mut prim_cpu, mut sec_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let per_gib = |ns: u64| ns as f64 / 1e6 / (bytes as f64 / GIB);
     for _ in 0..reps {
+        let c0 = cpu_ns(me);
         let t = Instant::now();
-        plain_pass(&plain, &w, src);
+        plain_pass(&plain, &w, src, fe);
         base.push(bytes as f64 / t.elapsed().as_secs_f64() / GIB);
+        base_cpu.push(per_gib(cpu_ns(me) - c0));
+        let (c0, s0) = (cpu_ns(me), cpu_ns(sec));
         let t = Instant::now();
-        let cp = replicated_pass(&mut pair, &w, src);
+        let cp = replicated_pass(&mut pair, &w, src, fe);
         let el = t.elapsed();
+        prim_cpu.push(per_gib(cpu_ns(me) - c0));
+        sec_cpu.push(per_gib(cpu_ns(sec) - s0));
         repl.push(bytes as f64 / el.as_secs_f64() / GIB);
         cp_share.push(cp.as_secs_f64() / el.as_secs_f64());
     }
@@ -248,6 +300,14 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
         bytes >> 20,
         EPOCH_BYTES >> 20
     );
+    if fe > 0 {
+        println!(
+            "  (durable variant, not the target's workload: the guest flushes every {} MiB; \
+             unreplicated that is an fdatasync, replicated an fdatasync on the primary and \
+             one on the secondary at each commit)",
+            fe >> 20
+        );
+    }
     println!("  unreplicated file   {bm:6.2} GiB/s  {bb:6.2} GiB/s");
     println!(
         "  replicated          {rm:6.2} GiB/s  {rb:6.2} GiB/s   ratio {:.2} (median/median){}",
@@ -267,6 +327,12 @@ fn throughput(dir: &Path, disk: u64, reps: usize, kind: &str, src: &[u8]) {
         stats.forwarded_frames,
         stats.forwarded_bytes >> 20,
         100.0 * median(&mut cp_share)
+    );
+    println!(
+        "  (CPU ms per GiB, median: unreplicated {:.0}; replicated {:.0} primary + {:.0} secondary)",
+        median(&mut base_cpu),
+        median(&mut prim_cpu),
+        median(&mut sec_cpu)
     );
 }
 
@@ -390,7 +456,18 @@ fn main() {
         "reference: loopback TCP alone, 64 KiB writes, thread to thread: {:.2} GiB/s (median of 3)",
         median(&mut tcp)
     );
-    throughput(&dir, disk, reps, "seq64k", &src);
-    throughput(&dir, disk, reps, "rand4k", &src);
-    drop_bench(&dir, reps);
+    let only = std::env::var("COLO_BLK_BENCH_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+    if run("seq64k") {
+        throughput(&dir, disk, reps, "seq64k", &src);
+    }
+    if run("rand4k") {
+        throughput(&dir, disk, reps, "rand4k", &src);
+    }
+    if run("seq64k-durable") {
+        throughput(&dir, disk, reps, "seq64k-durable", &src);
+    }
+    if run("drop") {
+        drop_bench(&dir, reps);
+    }
 }

@@ -16,30 +16,40 @@ use crate::wire::{Frame, HEADER_LEN, MAX_REASON_BYTES, MAX_WRITE_BYTES};
 pub(crate) fn read_full(s: &mut impl Read, buf: &mut [u8], frame_start: bool) -> Result<()> {
     let mut got = 0;
     while got < buf.len() {
-        match s.read(&mut buf[got..]) {
-            Ok(0) if got == 0 && frame_start => return Err(Error::PeerClosed),
-            Ok(0) => {
-                return Err(Error::Truncated {
-                    got,
-                    want: buf.len(),
-                });
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if got == 0
-                    && frame_start
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-            {
-                return Err(Error::Timeout(Duration::ZERO, "a frame"));
-            }
-            Err(e) => return Err(Error::Recv(e)),
-        }
+        let r = s.read(&mut buf[got..]);
+        got += read_result(r, got, buf.len(), frame_start)?;
     }
     Ok(())
+}
+
+/// Classifies one `read` of a frame that has `got` of its `want` bytes: the bytes read
+/// (0 after an interrupted read, to be retried), or the error that ends the frame —
+/// [`Error::PeerClosed`] for a clean end before the first byte of a frame (`frame_start`),
+/// [`Error::Truncated`] mid-frame, [`Error::Timeout`] if a read timeout fires before the
+/// frame starts, [`Error::Recv`] otherwise.
+pub(crate) fn read_result(
+    r: io::Result<usize>,
+    got: usize,
+    want: usize,
+    frame_start: bool,
+) -> Result<usize> {
+    match r {
+        Ok(0) if got == 0 && frame_start => Err(Error::PeerClosed),
+        Ok(0) => Err(Error::Truncated { got, want }),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+        Err(e)
+            if got == 0
+                && frame_start
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+        {
+            Err(Error::Timeout(Duration::ZERO, "a frame"))
+        }
+        Err(e) => Err(Error::Recv(e)),
+    }
 }
 
 /// Reads one frame header and its payload into `payload` (resized to the payload's

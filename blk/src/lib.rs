@@ -46,9 +46,11 @@
 //! state the SVM does not reproduce (output is compared, or held until the commit in
 //! periodic mode).
 
-// One `poll` call (secondary/receiver.rs) is the only unsafe code; it is allowed there.
+// Three system calls are the only unsafe code, each allowed where it is made: `poll`
+// (secondary/receiver.rs), `sendfile` and `sync_file_range` (disk.rs).
 #![deny(unsafe_code)]
 
+mod aligned;
 mod backend;
 mod buffer;
 mod disk;

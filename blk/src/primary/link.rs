@@ -2,13 +2,14 @@
 //! the acknowledgement thread.
 
 use std::collections::VecDeque;
-use std::io::{BufReader, IoSlice};
+use std::io::{self, BufReader, IoSlice};
 use std::net::TcpStream;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::frame_io::{read_frame, write_all_vectored};
 use crate::wire::{Frame, HEADER_LEN};
@@ -32,8 +33,34 @@ pub enum ReplicationState {
     Lost(String),
 }
 
+/// What follows a queued frame's header on the wire.
+#[derive(Debug)]
+pub(crate) enum Payload {
+    /// Bytes held in memory: small writes, resync chunks, nothing at all.
+    Bytes(Vec<u8>),
+    /// `len` bytes of the primary's disk at `offset`, sent straight from its page cache
+    /// (`sendfile`) when the frame goes out. See the module docs of `primary` for why
+    /// reading them then rather than at the write is correct.
+    Disk { offset: u64, len: u32 },
+}
+
+impl Payload {
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(v) => v.len() as u64,
+            Self::Disk { len, .. } => u64::from(*len),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Self::Bytes(v)
+    }
+}
+
 /// One queued frame and its payload.
-pub(crate) type Outgoing = (Frame, Vec<u8>);
+pub(crate) type Outgoing = (Frame, Payload);
 
 #[derive(Debug)]
 pub(crate) struct LinkState {
@@ -236,12 +263,12 @@ impl Link {
     pub fn enqueue(
         &self,
         make: impl FnOnce(u64) -> Frame,
-        payload: Vec<u8>,
+        payload: Payload,
         window_frames: usize,
         window_bytes: u64,
         stall: Duration,
     ) -> Option<u64> {
-        let bytes = payload.len() as u64;
+        let bytes = payload.len();
         let deadline = Instant::now() + stall;
         let mut st = self.lock();
         loop {
@@ -284,6 +311,38 @@ impl Link {
         st.forwarded_frames += 1;
         st.forwarded_bytes += bytes;
         Some(seq)
+    }
+
+    /// Waits until the last epoch marker is acknowledged, for a write about to change the
+    /// local disk: frames sent from the page cache ([`Payload::Disk`]) are read when the
+    /// secondary receives them, so a write must not change the disk before the secondary
+    /// has every frame of the epoch before it. (The controller pauses the guest during a
+    /// checkpoint, so this rarely waits.) If the marker stays unacknowledged for `stall`
+    /// the link is declared lost, as for a full window.
+    pub fn wait_marker_acked(&self, stall: Duration) {
+        let mut deadline = None;
+        let mut st = self.lock();
+        loop {
+            match st.last_marker_seq {
+                Some(s) if st.linked() && st.acked < s => {}
+                _ => return,
+            }
+            let now = Instant::now();
+            let d = *deadline.get_or_insert(now + stall);
+            if now >= d {
+                st.lose(format!(
+                    "the secondary did not acknowledge the epoch marker within {stall:?}"
+                ));
+                drop(st);
+                self.notify();
+                return;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, d - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Waits until frame `seq` is acknowledged.
@@ -350,11 +409,14 @@ impl Link {
     }
 }
 
-/// The sender thread: drains the queue, gathering frames into large `writev`s.
+/// The sender thread: drains the queue, gathering frames into large `writev`s; the data
+/// of a [`Payload::Disk`] frame follows its header (and whatever was gathered before it,
+/// sent with `MSG_MORE`) by `sendfile` from `disk`.
 pub(crate) fn run_sender(
     link: &Link,
+    disk: &Disk,
     rx: Receiver<Outgoing>,
-    mut sock: TcpStream,
+    sock: TcpStream,
     generation: u64,
 ) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH_FRAMES);
@@ -362,7 +424,7 @@ pub(crate) fn run_sender(
     while let Ok(first) = rx.recv() {
         let mut bytes = first.1.len();
         batch.push(first);
-        while batch.len() < SEND_BATCH_FRAMES && bytes < SEND_BATCH_BYTES {
+        while batch.len() < SEND_BATCH_FRAMES && bytes < SEND_BATCH_BYTES as u64 {
             match rx.try_recv() {
                 Ok(x) => {
                     bytes += x.1.len();
@@ -373,22 +435,55 @@ pub(crate) fn run_sender(
         }
         headers.clear();
         headers.extend(batch.iter().map(|(f, _)| f.to_bytes()));
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        for (h, (_, p)) in headers.iter().zip(&batch) {
-            slices.push(IoSlice::new(h));
-            if !p.is_empty() {
-                slices.push(IoSlice::new(p));
-            }
-        }
-        if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+        if let Err(e) = send_batch(&sock, disk, &headers, &batch) {
             link.lose(generation, format!("cannot send to the secondary: {e}"));
             return;
         }
-        drop(slices);
         for (_, p) in batch.drain(..) {
-            link.recycle(p);
+            if let Payload::Bytes(v) = p {
+                link.recycle(v);
+            }
         }
     }
+}
+
+/// Sends a batch of frames in order.
+fn send_batch(
+    mut sock: &TcpStream,
+    disk: &Disk,
+    headers: &[[u8; HEADER_LEN]],
+    batch: &[Outgoing],
+) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for (h, (_, p)) in headers.iter().zip(batch) {
+        slices.push(IoSlice::new(h));
+        match p {
+            Payload::Bytes(v) if v.is_empty() => {}
+            Payload::Bytes(v) => slices.push(IoSlice::new(v)),
+            &Payload::Disk { offset, len } => {
+                send_all_vectored_more(sock, &mut slices)?;
+                slices.clear();
+                disk.send_to(sock, offset, len as usize)?;
+            }
+        }
+    }
+    write_all_vectored(&mut sock, &mut slices)
+}
+
+/// Writes every slice in full with `MSG_MORE`: more data follows at once, so a short
+/// header is not pushed out alone.
+fn send_all_vectored_more(sock: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match s.send_vectored_with_flags(bufs, libc::MSG_MORE) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The acknowledgement thread: reads the secondary's frames until the link ends.

@@ -6,6 +6,16 @@
 //!   done and the frame is queued. A full window blocks the writer until acknowledgements
 //!   free it; if it stays full for [`PrimaryOptions::stall_timeout`] the link is
 //!   declared lost and the primary runs unprotected ("the primary loses its secondary").
+//! - **Forwarded data** of a write of 32 KiB or more is not copied: the sender thread
+//!   sends it from the local disk's page cache (`sendfile`) when the frame's turn comes,
+//!   so a later write to the same sectors may already show in it. That is harmless: the
+//!   later write is forwarded too, after it, so once the secondary has applied every frame
+//!   up to a barrier its disk holds what the primary's did at the barrier; and a frame
+//!   of the running epoch never reaches the SVM's view, which failover restores from the
+//!   hidden buffer. The data is read when the secondary receives it (the socket holds
+//!   page references, not copies), so across an epoch boundary a write waits until the
+//!   secondary has acknowledged the epoch marker: no write of epoch N+1 can show in a
+//!   frame of epoch N. The secondary never sees data the primary's disk did not hold.
 //! - **Flush** syncs the local disk and forwards an ordered flush; **ordering** is kept
 //!   because frames are queued in the order the local writes completed (one writer at a
 //!   time) and the secondary applies them in sequence.
@@ -27,9 +37,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dirty::DirtyMap;
-use link::Link;
 pub(crate) use link::LinkState;
 pub use link::ReplicationState;
+use link::{Link, Payload};
 
 use crate::backend::BlockBackend;
 use crate::disk::Disk;
@@ -129,10 +139,10 @@ struct Shared {
 }
 
 impl Shared {
-    fn enqueue(&self, make: impl FnOnce(u64) -> Frame, payload: Vec<u8>) -> Option<u64> {
+    fn enqueue(&self, make: impl FnOnce(u64) -> Frame, payload: impl Into<Payload>) -> Option<u64> {
         self.link.enqueue(
             make,
-            payload,
+            payload.into(),
             self.opts.window_frames,
             self.opts.window_bytes,
             self.opts.stall_timeout,
@@ -157,6 +167,11 @@ impl Shared {
         Ok(())
     }
 }
+
+/// Writes of at least this many bytes are forwarded from the primary's page cache with
+/// `sendfile` (no copy into a queue buffer, none into the socket); smaller ones are copied
+/// and gathered into large `writev`s, which costs less than a `sendfile` call each.
+const SENDFILE_MIN: usize = 32 << 10;
 
 /// How long stopping replication waits for the queued frames and the goodbye to go out.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
@@ -280,7 +295,7 @@ impl PrimaryDisk {
         let s1 = Arc::clone(sh);
         let sender = spawn(
             "colo-blk-tx",
-            Box::new(move || link::run_sender(&s1.link, rx, stream, generation)),
+            Box::new(move || link::run_sender(&s1.link, &s1.disk, rx, stream, generation)),
         );
         let s2 = Arc::clone(sh);
         let acker = spawn(
@@ -430,7 +445,7 @@ impl PrimaryDisk {
             let mut st = sh.link.lock();
             if st.linked() {
                 if let Some(tx) = &st.tx {
-                    let _ = tx.try_send((Frame::Goodbye, Vec::new()));
+                    let _ = tx.try_send((Frame::Goodbye, Payload::Bytes(Vec::new())));
                 }
                 st.mode = ReplicationState::Unprotected;
                 st.diverged = true;
@@ -552,6 +567,7 @@ impl PrimaryDisk {
         let sh = &self.shared;
         sh.disk.check(offset, data.len() as u64)?;
         let _w = lock(&sh.write_lock);
+        sh.link.wait_marker_acked(sh.opts.stall_timeout);
         sh.disk.write_unchecked(offset, data)?;
         sh.writes.fetch_add(1, Ordering::Relaxed);
         sh.write_bytes
@@ -567,13 +583,19 @@ impl PrimaryDisk {
             ReplicationState::Replicating => {
                 for (i, chunk) in data.chunks(MAX_WRITE_BYTES as usize).enumerate() {
                     let at = offset + i as u64 * MAX_WRITE_BYTES;
+                    let len = chunk.len() as u32;
+                    let payload = if chunk.len() >= SENDFILE_MIN {
+                        Payload::Disk { offset: at, len }
+                    } else {
+                        Payload::Bytes(sh.link.payload(chunk))
+                    };
                     sh.enqueue(
                         |seq| Frame::Write {
                             seq,
                             offset: at,
-                            len: chunk.len() as u32,
+                            len,
                         },
-                        sh.link.payload(chunk),
+                        payload,
                     );
                 }
             }

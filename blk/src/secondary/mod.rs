@@ -15,6 +15,7 @@
 //! controller commits that epoch or fails over, so writes of the next epoch never mix with
 //! the one being committed (they wait in the primary's window and the socket).
 
+mod reader;
 mod receiver;
 
 use std::net::TcpStream;
@@ -114,6 +115,8 @@ pub(crate) struct State {
     pub sync_bytes: u64,
     /// A primary flush arrived since the disk was last synced: the next commit syncs.
     pub flush_pending: bool,
+    /// When writeback was last started at a primary flush.
+    pub last_writeback: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,7 @@ impl Inner {
                 committed: 0,
                 last_marker: None,
                 flush_pending: false,
+                last_writeback: None,
                 applied_seq: 0,
                 stop: false,
                 link: None,
