@@ -95,6 +95,25 @@ impl ProxyControl {
         self.call(Event::Committed, "commit a checkpoint")
     }
 
+    /// Queues the commit of a checkpoint and returns without waiting for the proxy to act.
+    ///
+    /// Every event reaches the proxy through one ordered queue, so a primary frame read
+    /// after this returns is compared in the new epoch: the primary VM may resume as soon
+    /// as this returns, and the held output goes to the client meanwhile (a full
+    /// [`checkpoint_committed`](Self::checkpoint_committed) would keep the primary paused
+    /// while the proxy works through what is queued ahead of the commit and sends it).
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] when the proxy is not running, [`Error::Timeout`] when its queue
+    /// stayed full for 10 s.
+    pub fn queue_checkpoint_committed(&self) -> Result<()> {
+        // Nobody waits for this acknowledgement; the proxy's send into it fails quietly.
+        let (ack, _) = crossbeam_channel::bounded(1);
+        self.tx
+            .send_timeout(Event::Committed(ack), CONTROL_TIMEOUT)
+            .map_err(|_| Error::Stopped)
+    }
+
     /// Changes the mode (failover, or the secondary lost); see [`Mode`].
     ///
     /// # Errors

@@ -254,7 +254,7 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
     let Ok(mut w) = s.try_clone() else { return };
     for line in BufReader::new(s).lines().map_while(std::result::Result::ok) {
         if let Some(n) = line.strip_prefix("COMMIT ") {
-            if let Err(e) = proxy.checkpoint_committed() {
+            if let Err(e) = proxy.queue_checkpoint_committed() {
                 tracing::warn!(error = %e, "proxy did not take the commit");
             }
             shared.commits.fetch_add(1, Ordering::Relaxed);
