@@ -382,7 +382,9 @@ impl PrimaryDisk {
 
     /// Ends epoch `epoch` and waits (at most `timeout`) until the secondary has
     /// acknowledged every write queued before this call. Epochs must grow; after a
-    /// [`Error::Timeout`] the same epoch may be waited for again.
+    /// [`Error::Timeout`] the same epoch may be waited for again. If
+    /// [`checkpoint_marker`](Self::checkpoint_marker) already ended `epoch`, this only
+    /// waits.
     ///
     /// # Errors
     /// [`Error::ReplicationLost`] if the link failed, [`Error::WrongState`] if no
@@ -393,36 +395,7 @@ impl PrimaryDisk {
         let _g = span.enter();
         let sh = &self.shared;
         let start = Instant::now();
-        let w = lock(&sh.write_lock);
-        self.check_mode(ReplicationState::Replicating, "a checkpoint barrier")?;
-        let seq = {
-            let mut st = sh.link.lock();
-            match st.last_marker_seq {
-                Some(s) if epoch == st.last_epoch => Some(s),
-                _ if epoch <= st.last_epoch => {
-                    return Err(Error::EpochOrder {
-                        epoch,
-                        after: st.last_epoch,
-                    });
-                }
-                _ => {
-                    st.last_epoch = epoch;
-                    st.last_marker_seq = None;
-                    None
-                }
-            }
-        };
-        let seq = match seq {
-            Some(s) => s,
-            None => {
-                let s = sh
-                    .enqueue(|seq| Frame::Checkpoint { seq, epoch }, Vec::new())
-                    .ok_or_else(|| self.lost())?;
-                sh.link.lock().last_marker_seq = Some(s);
-                s
-            }
-        };
-        drop(w);
+        let seq = self.marker_seq(epoch)?;
         sh.link
             .wait_acked(seq, timeout, "the secondary to acknowledge the epoch")?;
         let stats = BarrierStats {
@@ -432,6 +405,47 @@ impl PrimaryDisk {
         };
         tracing::debug!(?stats, "disk acknowledged");
         Ok(stats)
+    }
+
+    /// Ends epoch `epoch` without waiting: queues its end-of-epoch marker behind every
+    /// write queued so far. A controller that learns from the secondary itself that the
+    /// marker arrived (the secondary waits for it before it answers the checkpoint) can
+    /// overlap this round trip with its own; [`checkpoint_barrier`](Self::checkpoint_barrier)
+    /// for the same epoch then waits for the acknowledgement. Ending the same epoch again
+    /// does nothing.
+    ///
+    /// # Errors
+    /// As [`checkpoint_barrier`](Self::checkpoint_barrier), without the timeout.
+    pub fn checkpoint_marker(&self, epoch: u64) -> Result<()> {
+        self.marker_seq(epoch).map(|_| ())
+    }
+
+    /// The sequence number of epoch `epoch`'s marker, queued now unless it already was.
+    fn marker_seq(&self, epoch: u64) -> Result<u64> {
+        let sh = &self.shared;
+        let _w = lock(&sh.write_lock);
+        self.check_mode(ReplicationState::Replicating, "a checkpoint barrier")?;
+        {
+            let mut st = sh.link.lock();
+            match st.last_marker_seq {
+                Some(s) if epoch == st.last_epoch => return Ok(s),
+                _ if epoch <= st.last_epoch => {
+                    return Err(Error::EpochOrder {
+                        epoch,
+                        after: st.last_epoch,
+                    });
+                }
+                _ => {
+                    st.last_epoch = epoch;
+                    st.last_marker_seq = None;
+                }
+            }
+        }
+        let s = sh
+            .enqueue(|seq| Frame::Checkpoint { seq, epoch }, Vec::new())
+            .ok_or_else(|| self.lost())?;
+        sh.link.lock().last_marker_seq = Some(s);
+        Ok(s)
     }
 
     /// Stops replication (the primary leaves COLO and keeps serving): says goodbye to the

@@ -296,12 +296,27 @@ impl SecondaryDisk {
         self.commit_inner(None, timeout)
     }
 
-    fn commit_inner(&self, want: Option<u64>, timeout: Duration) -> Result<CommitStats> {
-        let span = tracing::info_span!("blk_commit", epoch = want);
-        let _g = span.enter();
-        let deadline = Instant::now() + timeout;
+    /// Waits (at most `timeout`) until the primary's next end-of-epoch marker (the first
+    /// above the last commit) has arrived, hence every write before it has been applied,
+    /// and returns its epoch. A controller that answers the primary's checkpoint only after
+    /// this lets the primary skip its own wait for the marker's acknowledgement.
+    ///
+    /// # Errors
+    /// As [`commit_next`](Self::commit_next).
+    pub fn wait_next_marker(&self, timeout: Duration) -> Result<u64> {
+        self.wait_marker(None, Instant::now() + timeout)
+            .map(|(_, epoch)| epoch)
+    }
+
+    /// Waits until the marker of epoch `want` (or of the next epoch) has arrived; returns
+    /// the state, still locked, and the epoch.
+    fn wait_marker(
+        &self,
+        want: Option<u64>,
+        deadline: Instant,
+    ) -> Result<(MutexGuard<'_, State>, u64)> {
         let mut st = self.inner.lock();
-        let epoch = loop {
+        loop {
             let epoch = match (want, st.last_marker) {
                 (Some(e), _) => e,
                 (None, Some(m)) if m > st.committed => m,
@@ -320,7 +335,7 @@ impl SecondaryDisk {
                 });
             }
             if st.last_marker == Some(epoch) {
-                break epoch;
+                return Ok((st, epoch));
             }
             let now = Instant::now();
             if now >= deadline || st.link_error.is_some() {
@@ -335,7 +350,13 @@ impl SecondaryDisk {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        };
+        }
+    }
+
+    fn commit_inner(&self, want: Option<u64>, timeout: Duration) -> Result<CommitStats> {
+        let span = tracing::info_span!("blk_commit", epoch = want);
+        let _g = span.enter();
+        let (mut st, epoch) = self.wait_marker(want, Instant::now() + timeout)?;
         let dropped = st.buf.stats();
         let t = Instant::now();
         // The primary's flushes of this epoch become durable here, once per epoch instead

@@ -19,7 +19,7 @@ mod pipeline;
 
 use std::time::Duration;
 
-pub use pipeline::{EpochStats, push_epoch};
+pub use pipeline::{EpochStats, push_epoch, start_epoch};
 
 use crate::error::{Error, Result};
 
@@ -163,6 +163,28 @@ pub trait PushSender: Send {
     /// [`Error::BitmapSize`]/[`Error::BitmapExcess`] for a bitmap that does not fit the
     /// region, or a transport error.
     fn commit(&mut self, bitmap: &[u64]) -> Result<u64>;
+
+    /// Sends the commit of the open epoch like [`commit`](Self::commit), but does not wait
+    /// for the receiver's acknowledgement, so that the caller can overlap that round trip
+    /// with other work; [`finish_commit`](Self::finish_commit) waits for it. The next
+    /// epoch opens at once (its posts go out after the acknowledgement). The source pages
+    /// of the epoch must not change until `finish_commit` returns: they may still be on
+    /// their way. A backend without such a round trip commits fully here (the default).
+    ///
+    /// # Errors
+    /// As [`commit`](Self::commit).
+    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        self.commit(bitmap)
+    }
+
+    /// Waits for the acknowledgement of the commit [`start_commit`](Self::start_commit)
+    /// sent; returns at once if there is none.
+    ///
+    /// # Errors
+    /// A transport error or a timeout; the sender is closed after it.
+    fn finish_commit(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The receiving side of the push model.
@@ -199,6 +221,12 @@ impl<T: PushSender + ?Sized> PushSender for Box<T> {
     }
     fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
         (**self).commit(bitmap)
+    }
+    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        (**self).start_commit(bitmap)
+    }
+    fn finish_commit(&mut self) -> Result<()> {
+        (**self).finish_commit()
     }
 }
 

@@ -30,6 +30,23 @@ where
     S: PushSender + ?Sized,
     I: IntoIterator<Item = WriteRun>,
 {
+    let stats = start_epoch(sender, runs, bitmap)?;
+    sender.finish_commit()?;
+    Ok(stats)
+}
+
+/// As [`push_epoch`], but only starts the commit
+/// ([`PushSender::start_commit`]): the caller overlaps the receiver's acknowledgement with
+/// other work and takes it with [`PushSender::finish_commit`] before the source pages may
+/// change.
+///
+/// # Errors
+/// The first error of the backend's `post` or `start_commit`.
+pub fn start_epoch<S, I>(sender: &mut S, runs: I, bitmap: &[u64]) -> Result<EpochStats>
+where
+    S: PushSender + ?Sized,
+    I: IntoIterator<Item = WriteRun>,
+{
     // Check the bitmap before anything is sent, so a bad bitmap costs no transfer.
     sender.remote().check_bitmap(bitmap)?;
     let mut stats = EpochStats::default();
@@ -46,7 +63,6 @@ where
     if !chunk.is_empty() {
         sender.post(&chunk)?;
     }
-
-    stats.epoch = sender.commit(bitmap)?;
+    stats.epoch = sender.start_commit(bitmap)?;
     Ok(stats)
 }

@@ -95,6 +95,8 @@ pub struct TcpPushSender {
     fence_id: u64,
     /// The epoch bitmap handed to stream 0, kept to be reused.
     bitmap: Arc<Vec<u64>>,
+    /// The epoch whose end was sent and whose acknowledgements are not yet taken.
+    committing: Option<u64>,
     closed: bool,
 }
 
@@ -214,6 +216,7 @@ impl TcpPushSender {
             next_worker: 0,
             fence_id: 0,
             bitmap: Arc::new(Vec::new()),
+            committing: None,
             closed: false,
         })
     }
@@ -355,6 +358,7 @@ impl PushSender for TcpPushSender {
     }
 
     fn fence(&mut self) -> Result<()> {
+        self.finish_commit()?;
         if self.closed {
             return Err(Error::Closed);
         }
@@ -369,6 +373,13 @@ impl PushSender for TcpPushSender {
     }
 
     fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        let epoch = self.start_commit(bitmap)?;
+        self.finish_commit()?;
+        Ok(epoch)
+    }
+
+    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+        self.finish_commit()?;
         if self.closed {
             return Err(Error::Closed);
         }
@@ -386,13 +397,22 @@ impl PushSender for TcpPushSender {
             bitmap: (i == 0).then(|| Arc::clone(&shared)),
         })?;
         drop(shared);
-        self.wait_all(
-            |d| matches!(d, Done::Epoch(e) if *e == epoch),
-            "an epoch acknowledgement",
-        )?;
+        // Each worker takes its stream's acknowledgement before it sends anything of the
+        // next epoch, so the next epoch may open now.
+        self.committing = Some(epoch);
         self.epoch += 1;
         self.pending.epoch = self.epoch;
         Ok(epoch)
+    }
+
+    fn finish_commit(&mut self) -> Result<()> {
+        let Some(epoch) = self.committing.take() else {
+            return Ok(());
+        };
+        self.wait_all(
+            |d| matches!(d, Done::Epoch(e) if *e == epoch),
+            "an epoch acknowledgement",
+        )
     }
 }
 

@@ -37,13 +37,20 @@ pub struct EpochRecord {
     /// Of the pause: microseconds to read and clear the dirty log.
     #[serde(default)]
     pub collect_us: u64,
-    /// Of the pause: microseconds until the last pages were pushed and committed (dirty
-    /// log, push, commit round trip; from the secondary's reply on).
+    /// Of the pause, from its start: microseconds until the last pages were posted and
+    /// the push commit sent (park, dirty log, posting; not the acknowledgement, which
+    /// overlaps the answer).
     #[serde(default)]
     pub push_us: u64,
-    /// Of the pause: microseconds of state save and disk barrier.
+    /// Of the pause: microseconds to save the device state and queue the disk's
+    /// end-of-epoch marker.
     #[serde(default)]
     pub barrier_us: u64,
+    /// Of the pause: microseconds from sending the state until the secondary held the
+    /// whole checkpoint (its answer comes once the pages have landed, the disk marker has
+    /// arrived and the state is in), with the push and disk acknowledgements taken.
+    #[serde(default)]
+    pub answer_us: u64,
     /// Of the pause: microseconds for the proxy to release the epoch's output (the
     /// supervisor's acknowledgement; 0 without a supervisor). The PVM resumes after it.
     #[serde(default)]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use colo_dirty_track::PageBitmap;
 use colo_transport::Region;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
-use colo_transport::push::{PushSender, WriteRun, push_epoch};
+use colo_transport::push::{PushSender, WriteRun, push_epoch, start_epoch};
 use crossbeam_channel::Receiver;
 
 use super::link::Link;
@@ -658,16 +658,20 @@ impl Primary {
             crash_point("push", checkpoint);
             unreachable!("crash_point aborts");
         } else {
-            push_epoch(push, runs(&self.bitmap), self.bitmap.words())
+            // Only the commit is sent: its acknowledgement, the disk marker's and the
+            // secondary's answer to the state then overlap instead of following each other
+            // (the secondary answers only once it holds the pages and the disk marker).
+            start_epoch(push, runs(&self.bitmap), self.bitmap.words())
         };
         self.bitmap.clear_all();
         let stats = stats.map_err(ColoError::transport("checkpoint push"))?;
         let pushed_at = paused_at.elapsed();
         let state = self.vm.machine()?.save_state()?;
         let state_bytes = state.len() as u64;
-        // "Disk acknowledged": every write the PVM completed so far is on the secondary.
+        // "Disk acknowledged": the end-of-epoch marker follows every write the PVM
+        // completed so far; the secondary waits for it before it answers.
         if let Some(d) = &self.disk {
-            d.checkpoint_barrier(checkpoint, STEP_TIMEOUT)
+            d.checkpoint_marker(checkpoint)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
         let barrier_done = paused_at.elapsed();
@@ -682,6 +686,17 @@ impl Primary {
                     "expected Received({k}), got {other:?}"
                 )));
             }
+        }
+        // Normally here already: the answer implies both. The push's must be taken before
+        // the PVM may change a page that was on its way.
+        self.push
+            .as_mut()
+            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?
+            .finish_commit()
+            .map_err(ColoError::transport("checkpoint push"))?;
+        if let Some(d) = &self.disk {
+            d.checkpoint_barrier(checkpoint, STEP_TIMEOUT)
+                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
         crash_point("commit", checkpoint);
         self.awaiting_loaded = Some(k);
@@ -699,6 +714,7 @@ impl Primary {
             collect_us: start.collect.as_micros() as u64,
             push_us: pushed_at.as_micros() as u64,
             barrier_us: (barrier_done - pushed_at).as_micros() as u64,
+            answer_us: (received_at - barrier_done).as_micros() as u64,
             pause_pages,
             background_pages: self.bg_pages,
             bytes: stats.bytes + self.bg_bytes,

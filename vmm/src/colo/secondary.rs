@@ -292,20 +292,23 @@ impl Secondary {
             }
             let _ = self.landed_rx.recv_timeout(Duration::from_millis(5));
         }
+        // "Disk acknowledged": the primary queued its end-of-epoch marker behind every
+        // write of the epoch before it sent the state, and does not wait for the marker's
+        // acknowledgement first; this answer is what tells it the disk is here too.
+        if let Some(d) = &self.disk {
+            d.wait_next_marker(STEP_TIMEOUT)
+                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+        }
         {
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             c.seal_pages(k)?;
             c.stage_state(state)?;
-            // The primary sends the state only after every forwarded disk write was
-            // acknowledged (its checkpoint barrier).
             c.stage_disk_acked()?;
         }
         self.link.send(&Message::VmstateReceived { epoch })?;
-        // The whole checkpoint is here: the disk buffer may be dropped (the primary's
-        // barrier put its end-of-epoch marker before the state).
+        // The whole checkpoint is here: the disk buffer may be dropped.
         if let Some(d) = &self.disk {
-            // The primary's barrier put its end-of-epoch marker in the disk stream before
-            // it sent the state; the marker names the epoch to commit.
+            // The marker that arrived above names the epoch to commit.
             d.commit_next(STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
