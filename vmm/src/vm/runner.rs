@@ -114,6 +114,8 @@ impl VmHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu-{name}"))
             .spawn(move || {
+                // The guest's own work takes the default slice; colo's threads preempt it.
+                crate::sched::set_slice(None);
                 let r = vcpu_thread(&s);
                 let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
                 c.finished = true;
