@@ -15,7 +15,45 @@
 //! preempted more often. `COLO_SLICE_US` sets the slice (`0`: the kernel's default, i.e.
 //! off); children of `colo pair` inherit it.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
+
+/// The nice value vCPU threads take when they start (see [`set_vcpu_nice`]).
+static VCPU_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Makes vCPU threads started from now on run at `nice` (0-19).
+pub fn set_vcpu_nice(nice: i32) {
+    VCPU_NICE.store(nice.clamp(0, 19), Ordering::SeqCst);
+}
+
+/// Called by a vCPU thread when it starts: the kernel's default slice, and the configured
+/// nice value.
+pub fn enter_vcpu_thread() {
+    let nice = VCPU_NICE.load(Ordering::SeqCst);
+    if nice != 0 {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Err(e) = set_nice(tid, nice) {
+            tracing::warn!(error = %e, nice, "cannot lower the vCPU thread's priority");
+        }
+    }
+    set_slice(None);
+}
+
+/// Sets thread `tid`'s nice value.
+///
+/// # Errors
+/// The `setpriority` error (raising a priority needs CAP_SYS_NICE or RLIMIT_NICE).
+pub fn set_nice(tid: i32, nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority has no memory effects; on Linux PRIO_PROCESS with a thread id
+    // applies to that thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 /// The slice of colo's own threads unless `COLO_SLICE_US` says otherwise: they run
 /// briefly and often.
@@ -95,6 +133,22 @@ mod tests {
             .find(|l| l.starts_with("se.slice"))
             .and_then(|l| l.rsplit(':').next())
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_vcpu_thread_takes_the_configured_nice() {
+        // A fresh thread, so the test's own thread keeps its priority.
+        let got = std::thread::spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            set_nice(tid, 3).unwrap();
+            // SAFETY: as above; 0 is the calling thread.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, 3);
+        assert!(set_nice(-1, 0).is_err(), "a bad thread id is an error");
     }
 
     #[test]

@@ -263,6 +263,13 @@ pub struct SecondaryArgs {
     /// secondary stays passive. Without it, any loss of the link means takeover.
     #[arg(long)]
     pub takeover_check: Option<String>,
+    /// Nice value (0-19) of the SVM's vCPU thread while it follows the primary; 0 again
+    /// once it takes over (raising it back needs CAP_SYS_NICE, e.g. root; otherwise a
+    /// warning says it stays). Use a high value when the secondary shares cores with the
+    /// primary (as in `colo pair`): the SVM only has to keep up for the comparison, and
+    /// the PVM and the checkpoint threads go first.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub vcpu_nice: i32,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -398,6 +405,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let params = a.colo.params()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
+    crate::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
     let machine =
         a.vm.build_with("secondary", ConsoleSink::Stdout("svm".into()), |d| {
@@ -477,6 +485,16 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             checkpoints,
             dropped_epoch,
         } => {
+            if a.vcpu_nice != 0 {
+                match s.vm().set_vcpu_nice(0) {
+                    Ok(()) => tracing::info!("the SVM's vCPU runs at nice 0 again"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        nice = a.vcpu_nice,
+                        "cannot raise the serving SVM's vCPU priority back to nice 0"
+                    ),
+                }
+            }
             println!(
                 "secondary: FAILOVER after {checkpoints} checkpoints ({reason}); dropped an \
                  incomplete epoch: {dropped_epoch}; the SVM now serves"

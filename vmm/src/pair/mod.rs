@@ -54,6 +54,12 @@ pub struct PairArgs {
     /// it in sync while serving and COLO goes on (re-protection).
     #[arg(long)]
     pub reprotect: bool,
+    /// Nice value of the SVM's vCPU thread until it takes over (the secondary's
+    /// --vcpu-nice). Both VMs share this machine's cores here, which two hosts would not:
+    /// the SVM only has to keep up for the comparison, so by default it takes what the PVM
+    /// and the checkpoint threads leave. 0 gives both VMs the same share.
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub svm_nice: i32,
     /// Guest RAM of each VM.
     #[arg(long, default_value = "64MiB", value_parser = crate::bench::parse_size)]
     pub ram: u64,
@@ -472,6 +478,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let alive = dir.join("primary.alive");
     std::fs::write(&alive, b"").map_err(|e| setup(format!("{}: {e}", alive.display())))?;
     sec_args.push(format!("--takeover-check=test ! -e {}", alive.display()));
+    sec_args.push(format!("--vcpu-nice={}", a.svm_nice));
     sec_args.extend(vm_flags(a, dir, "secondary"));
     sec_args.extend(colo_flags(&a.colo));
     let mut pri_args = vec![

@@ -75,6 +75,8 @@ struct Shared {
     cv: Condvar,
     kick_tx: Sender<()>,
     kick_rx: Receiver<()>,
+    /// The vCPU thread's kernel thread id (0 until it runs).
+    tid: std::sync::atomic::AtomicI32,
 }
 
 /// A running VM.
@@ -109,13 +111,17 @@ impl VmHandle {
             cv: Condvar::new(),
             kick_tx,
             kick_rx,
+            tid: std::sync::atomic::AtomicI32::new(0),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu-{name}"))
             .spawn(move || {
-                // The guest's own work takes the default slice; colo's threads preempt it.
-                crate::sched::set_slice(None);
+                // The guest's own work takes the default slice (and the configured nice);
+                // colo's threads preempt it.
+                // SAFETY: gettid has no preconditions.
+                s.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                crate::sched::enter_vcpu_thread();
                 let r = vcpu_thread(&s);
                 let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
                 c.finished = true;
@@ -165,6 +171,20 @@ impl VmHandle {
     ///
     /// # Errors
     /// [`Error::Timeout`] if the vCPU does not park within 2 s.
+    /// Sets the vCPU thread's nice value (e.g. back to 0 when an SVM that ran at a low
+    /// priority takes over). Raising the priority needs CAP_SYS_NICE or a permissive
+    /// RLIMIT_NICE.
+    ///
+    /// # Errors
+    /// The `setpriority` error, or `NotFound` before the vCPU thread runs.
+    pub fn set_vcpu_nice(&self, nice: i32) -> std::io::Result<()> {
+        let tid = self.shared.tid.load(Ordering::SeqCst);
+        if tid == 0 {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        crate::sched::set_nice(tid, nice)
+    }
+
     pub fn pause(&self) -> Result<()> {
         self.shared.pause.store(true, Ordering::SeqCst);
         self.kick();
