@@ -41,6 +41,13 @@ pub struct Config {
     pub malformed: MalformedPolicy,
     /// Flows that are never compared: the primary's output is released at once.
     pub passthrough: Vec<PassthroughRule>,
+    /// An empty frame on the primary's port is the primary's commit marker: the checkpoint
+    /// that covers everything the primary sent before it has committed. The proxy acts on
+    /// it in order with the primary's frames, so the primary may resume right after writing
+    /// it, with no round trip to a controller. Only for a primary that never forwards an
+    /// empty frame of its guest (colo's does not). Default off: an empty frame is
+    /// malformed.
+    pub commit_marker: bool,
 }
 
 impl Default for Config {
@@ -54,6 +61,7 @@ impl Default for Config {
             flow_idle_timeout: Duration::from_secs(60),
             malformed: MalformedPolicy::Forward,
             passthrough: Vec::new(),
+            commit_marker: false,
         }
     }
 }

@@ -65,8 +65,11 @@ fn vm(isn: u32, at: u32, ack: u32, data: &[u8]) -> Seg {
     Seg::vm(isn.wrapping_add(1).wrapping_add(at), Some(ack), data)
 }
 
-#[test]
-fn unix_sockets_mirror_compare_and_release() {
+type Sock = FrameSock<std::os::unix::net::UnixStream>;
+
+/// A proxy on Unix sockets with scripted client, PVM and SVM, after a handshake and the
+/// client's first data segment ("GET\n", so the VMs' data acknowledges 105).
+fn connected(config: Config) -> (Sock, Sock, Sock, Proxy, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = |n: &str| dir.path().join(n);
     let (lc, lp, ls) = (
@@ -86,7 +89,7 @@ fn unix_sockets_mirror_compare_and_release() {
         FrameSock::new(s)
     };
     let (mut client, mut pvm, mut svm) = (accept(&lc), accept(&lp), accept(&ls));
-    let proxy = Proxy::start(Config::default(), ports).unwrap();
+    let proxy = Proxy::start(config, ports).unwrap();
 
     // Handshake: the client's SYN reaches both VMs.
     let syn = Seg::client(100, None, b"").syn().frame();
@@ -102,6 +105,17 @@ fn unix_sockets_mirror_compare_and_release() {
     pvm.recv().unwrap();
     let to_s = svm.recv().unwrap();
     assert_eq!(wire::parse(&to_s).unwrap().tcp().unwrap().ack, S_ISN + 1);
+    (client, pvm, svm, proxy, dir)
+}
+
+/// Whether the client gets nothing within 200 ms.
+fn nothing_for(client: &mut Sock) -> bool {
+    client.recv_within(Duration::from_millis(200)).is_none()
+}
+
+#[test]
+fn unix_sockets_mirror_compare_and_release() {
+    let (mut client, mut pvm, mut svm, proxy, _dir) = connected(Config::default());
 
     // The answer, cut differently: the client gets exactly the primary's frames.
     let body: Vec<u8> = (0..4000u32).map(|i| (i % 253) as u8).collect();
@@ -129,24 +143,62 @@ fn unix_sockets_mirror_compare_and_release() {
         req.reason,
         CheckpointReason::PayloadDiffers { offset: 4000 }
     );
-    client
-        .s
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut probe = [0u8; 16];
     assert!(
-        client.s.read(&mut probe).is_err(),
+        nothing_for(&mut client),
         "nothing is released before the commit"
     );
-    client
-        .s
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
     proxy.control().checkpoint_committed().unwrap();
     assert_eq!(client.recv().unwrap(), p_last);
     let m = proxy.metrics();
     assert_eq!((m.mismatches, m.checkpoints_committed), (1, 1));
     assert_eq!(m.matched_tcp_bytes, 4000);
+    proxy.shutdown().unwrap();
+}
+
+#[test]
+fn the_primarys_empty_frame_commits_in_order_with_its_frames() {
+    let config = Config {
+        commit_marker: true,
+        ..Config::default()
+    };
+    let (mut client, mut pvm, mut svm, proxy, _dir) = connected(config);
+    // A mismatch: the primary's frame waits for a commit.
+    let held = vm(P_ISN, 0, 105, b"primary").frame();
+    pvm.send(&held);
+    svm.send(&vm(S_ISN, 0, 105, b"PRIMARY").frame());
+    proxy.checkpoint_requests().recv_timeout(WAIT).unwrap();
+    assert!(
+        nothing_for(&mut client),
+        "nothing is released before the commit"
+    );
+    // The marker, then a frame of the next epoch (no secondary counterpart yet): the
+    // marker releases only what came before it.
+    pvm.send(&[]);
+    let next = vm(P_ISN, 7, 105, b"next").frame();
+    pvm.send(&next);
+    assert_eq!(client.recv().unwrap(), held);
+    assert!(
+        nothing_for(&mut client),
+        "the next epoch's frame waits for its compare"
+    );
+    let m = proxy.metrics();
+    assert_eq!(m.checkpoints_committed, 1);
+    proxy.shutdown().unwrap();
+}
+
+#[test]
+fn without_commit_markers_an_empty_frame_commits_nothing() {
+    let (mut client, mut pvm, mut svm, proxy, _dir) = connected(Config::default());
+    let held = vm(P_ISN, 0, 105, b"primary").frame();
+    pvm.send(&held);
+    svm.send(&vm(S_ISN, 0, 105, b"PRIMARY").frame());
+    proxy.checkpoint_requests().recv_timeout(WAIT).unwrap();
+    // A malformed frame (forwarded as the default policy says), not a commit.
+    pvm.send(&[]);
+    while let Some(f) = client.recv_within(Duration::from_millis(200)) {
+        assert_ne!(f, held, "an empty frame is no commit here");
+    }
+    assert_eq!(proxy.metrics().checkpoints_committed, 0);
     proxy.shutdown().unwrap();
 }
 

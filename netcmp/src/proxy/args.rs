@@ -59,6 +59,12 @@ pub struct ProxyArgs {
     #[arg(long, value_enum, default_value = "forward")]
     malformed: Malformed,
 
+    /// An empty frame from the primary is its commit marker (`colo primary
+    /// --commit-marker`): the held output before it is released, in order with the
+    /// primary's frames. Without it an empty frame is malformed.
+    #[arg(long)]
+    commit_marker: bool,
+
     /// Delay before a checkpoint request counts as committed, in milliseconds.
     #[arg(long, default_value_t = 0)]
     commit_delay_ms: u64,
@@ -105,6 +111,7 @@ impl ProxyArgs {
                 Malformed::Drop => MalformedPolicy::Drop,
             },
             passthrough: self.passthrough.clone(),
+            commit_marker: self.commit_marker,
             ..Config::default()
         };
         engine.validate()?;

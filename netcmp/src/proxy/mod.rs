@@ -95,25 +95,6 @@ impl ProxyControl {
         self.call(Event::Committed, "commit a checkpoint")
     }
 
-    /// Queues the commit of a checkpoint and returns without waiting for the proxy to act.
-    ///
-    /// Every event reaches the proxy through one ordered queue, so a primary frame read
-    /// after this returns is compared in the new epoch: the primary VM may resume as soon
-    /// as this returns, and the held output goes to the client meanwhile (a full
-    /// [`checkpoint_committed`](Self::checkpoint_committed) would keep the primary paused
-    /// while the proxy works through what is queued ahead of the commit and sends it).
-    ///
-    /// # Errors
-    /// [`Error::Stopped`] when the proxy is not running, [`Error::Timeout`] when its queue
-    /// stayed full for 10 s.
-    pub fn queue_checkpoint_committed(&self) -> Result<()> {
-        // Nobody waits for this acknowledgement; the proxy's send into it fails quietly.
-        let (ack, _) = crossbeam_channel::bounded(1);
-        self.tx
-            .send_timeout(Event::Committed(ack), CONTROL_TIMEOUT)
-            .map_err(|_| Error::Stopped)
-    }
-
     /// Changes the mode (failover, or the secondary lost); see [`Mode`].
     ///
     /// # Errors
@@ -168,6 +149,7 @@ impl Proxy {
     /// [`Error::Config`] for a bad configuration, [`Error::Thread`] when a thread cannot
     /// start.
     pub fn start(config: Config, ports: Ports) -> Result<Self> {
+        let commit_marker = config.commit_marker;
         let engine = Engine::new(config)?;
         let metrics = Arc::clone(engine.metrics());
         let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
@@ -192,9 +174,10 @@ impl Proxy {
             } = port;
             writers.push((side, writer));
             let (tx, stop) = (tx.clone(), Arc::clone(&stop));
+            let markers = commit_marker && side == Side::Primary;
             let h = std::thread::Builder::new()
                 .name(format!("netcmp-{side}"))
-                .spawn(move || read_loop(side, label, reader, &tx, &stop))
+                .spawn(move || read_loop(side, label, reader, markers, &tx, &stop))
                 .map_err(Error::Thread)?;
             readers.push(h);
         }
@@ -261,15 +244,22 @@ impl Drop for Proxy {
     }
 }
 
+/// Reads one port into the event queue. With `markers` (the primary's port, with
+/// [`Config::commit_marker`]), an empty frame becomes a commit, in order with the frames.
 fn read_loop(
     side: Side,
     label: String,
     mut reader: Box<dyn FrameReader>,
+    markers: bool,
     tx: &Sender<Event>,
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let ev = match reader.recv(READ_SLICE) {
+            // Nobody waits for this commit's acknowledgement.
+            Ok(Recv::Frame(f)) if markers && f.is_empty() => {
+                Event::Committed(crossbeam_channel::bounded(1).0)
+            }
             Ok(Recv::Frame(f)) => Event::Frame(side, f),
             Ok(Recv::Idle) => continue,
             Ok(Recv::Closed) => Event::PortClosed(side, None),

@@ -246,6 +246,12 @@ pub struct PrimaryArgs {
     /// brought in sync while the primary serves (RAM and disk), then COLO goes on.
     #[arg(long)]
     pub reprotect: bool,
+    /// Mark each committed checkpoint in the network output (an empty frame on the
+    /// --net-socket stream) instead of waiting for a supervisor to release the proxy: for a
+    /// proxy with commit markers (`colo proxy --commit-marker`, and `colo pair`). The PVM
+    /// then resumes without that round trip.
+    #[arg(long, requires = "net_socket")]
+    pub commit_marker: bool,
     /// A supervisor's event socket (used by `colo pair`).
     #[arg(long, hide = true)]
     pub events: Option<PathBuf>,
@@ -358,6 +364,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     )?;
     p.qmp = qmp;
     p.reprotect = a.reprotect;
+    p.commit_marker = a.commit_marker;
     if let Some(path) = &a.metrics {
         let f = std::fs::OpenOptions::new()
             .create(true)

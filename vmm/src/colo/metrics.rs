@@ -51,8 +51,9 @@ pub struct EpochRecord {
     /// arrived and the state is in), with the push and disk acknowledgements taken.
     #[serde(default)]
     pub answer_us: u64,
-    /// Of the pause: microseconds for the proxy to release the epoch's output (the
-    /// supervisor's acknowledgement; 0 without a supervisor). The PVM resumes after it.
+    /// Of the pause: microseconds to hand the epoch's commit to the proxy (with
+    /// `--commit-marker`, writing the marker into the PVM's network output). The PVM
+    /// resumes after it.
     #[serde(default)]
     pub release_us: u64,
     /// Pages pushed during the pause.

@@ -36,8 +36,6 @@ pub struct Events {
     out: Option<UnixStream>,
     /// Checkpoint requests from the proxy (a mismatch).
     pub requests: Receiver<()>,
-    /// The supervisor's acknowledgements of commits ("COMMITTED n").
-    acks: Receiver<u64>,
 }
 
 impl Events {
@@ -46,7 +44,6 @@ impl Events {
         Self {
             out: None,
             requests: crossbeam_channel::never(),
-            acks: crossbeam_channel::never(),
         }
     }
 
@@ -60,45 +57,19 @@ impl Events {
             .map_err(|e| ColoError::Setup(format!("event socket {}: {e}", path.display())))?;
         let r = s.try_clone().map_err(|e| ColoError::Setup(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (ack_tx, acks) = crossbeam_channel::unbounded();
         std::thread::spawn(move || {
             for line in BufReader::new(r).lines() {
                 let Ok(l) = line else { return };
                 let l = l.trim();
-                if l == "CHECKPOINT" {
-                    if tx.send(()).is_err() {
-                        return;
-                    }
-                } else if let Some(n) = l.strip_prefix("COMMITTED ").and_then(|n| n.parse().ok()) {
-                    let _ = ack_tx.send(n);
+                if l == "CHECKPOINT" && tx.send(()).is_err() {
+                    return;
                 }
             }
         });
         Ok(Self {
             out: Some(s),
             requests: rx,
-            acks,
         })
-    }
-
-    /// Tells the supervisor that checkpoint `n` committed and waits (at most 1 s) until its
-    /// proxy has released the held output and reset its compare state, so that the PVM
-    /// resumes only after that.
-    pub fn committed(&mut self, n: u64) {
-        if self.out.is_none() {
-            return;
-        }
-        self.emit(&format!("COMMIT {n}"));
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while let Ok(a) = self.acks.recv_deadline(deadline) {
-            if a >= n {
-                return;
-            }
-        }
-        tracing::warn!(
-            checkpoint = n,
-            "the supervisor did not acknowledge the commit in 1 s"
-        );
     }
 
     /// Sends one line to the supervisor (dropped if there is none).
@@ -153,6 +124,9 @@ pub struct Primary {
     pub disk: Option<Arc<colo_blk::PrimaryDisk>>,
     /// Whether a new secondary may join after this one is lost.
     pub reprotect: bool,
+    /// Commits reach the proxy as a marker in the PVM's network output (`--commit-marker`)
+    /// instead of through the supervisor's round trip.
+    pub commit_marker: bool,
     /// A JSON-lines stream of every checkpoint's record (`--metrics`).
     pub metrics: Option<std::fs::File>,
     /// A checkpoint is forced when the secondary's disk buffer holds this many bytes.
@@ -191,6 +165,7 @@ pub fn connect(
         qmp: None,
         disk: None,
         reprotect: false,
+        commit_marker: false,
         metrics: None,
         disk_threshold: 64 << 20,
     })
@@ -701,10 +676,18 @@ impl Primary {
         crash_point("commit", checkpoint);
         self.awaiting_loaded = Some(k);
         self.epoch += 1;
-        // The proxy releases the epoch's held output and resets its connections before the
-        // PVM produces new output: that round trip is part of the pause.
+        // The proxy must take the commit (release the epoch's held output, reset its
+        // connections) before anything the PVM sends after resuming.
         let received_at = paused_at.elapsed();
-        self.events.committed(self.epoch);
+        if self.commit_marker {
+            // In the PVM's own output stream, after everything it sent in this epoch and
+            // before anything it sends after resuming: the proxy releases the epoch's
+            // output without a round trip.
+            if let Err(e) = self.vm.machine()?.net_commit_marker() {
+                tracing::warn!(error = %e, "cannot mark the commit in the network output");
+            }
+        }
+        self.events.emit(&format!("COMMIT {}", self.epoch));
         let rec = EpochRecord {
             epoch: self.epoch,
             trigger,

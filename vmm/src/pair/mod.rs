@@ -8,9 +8,10 @@
 //!   (smoltcp)  ◀─released─      └─ unix socket ─▶ SVM  (colo secondary) ◀════════════════
 //! ```
 //!
-//! The primary reports every checkpoint on an event socket; the supervisor releases the
-//! proxy's held output before the primary resumes, forwards the proxy's checkpoint requests
-//! (mismatches) to the primary, and shows a status line. `--kill-primary-after` kills the
+//! The primary marks every commit in its own network output (`--commit-marker`), so the
+//! proxy releases the held output in order with the PVM's frames, and reports every
+//! checkpoint on an event socket; the supervisor forwards the proxy's checkpoint requests
+//! (mismatches) to the primary and shows a status line. `--kill-primary-after` kills the
 //! primary process outright; the secondary notices (heartbeat or closed connection), takes
 //! over, and the proxy switches the client to it.
 
@@ -30,7 +31,7 @@ use colo_netcmp::proxy::{Ports, Proxy};
 
 use crate::colo::ColoError;
 use crate::colo::cli::{ColoArgs, parse_secs};
-use crate::colo::metrics::{EpochRecord, Summary};
+use crate::colo::metrics::{EpochRecord, Summary, Trigger};
 use crate::run::{catch_interrupts, interrupted};
 use client::{ClientNet, ClientStats};
 
@@ -138,6 +139,8 @@ impl Drop for Kid {
 struct Shared {
     summary: Mutex<Summary>,
     last: Mutex<Option<EpochRecord>>,
+    /// The record of the longest pause (after the initial sync), to explain it.
+    longest: Mutex<Option<EpochRecord>>,
     failover_at: Mutex<Option<Instant>>,
     fenced: AtomicBool,
     aborted_pause_us: AtomicU64,
@@ -254,17 +257,14 @@ fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     v
 }
 
-/// Handles the primary's event lines: commits (release the proxy, then acknowledge),
-/// metrics, and its exit.
+/// Handles the primary's event lines: commits (counted; the proxy learns of them from the
+/// primary's own commit markers), metrics, its exit, and re-protection.
 fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: &Shared) {
-    let Ok(mut w) = s.try_clone() else { return };
     for line in BufReader::new(s).lines().map_while(std::result::Result::ok) {
-        if let Some(n) = line.strip_prefix("COMMIT ") {
-            if let Err(e) = proxy.queue_checkpoint_committed() {
-                tracing::warn!(error = %e, "proxy did not take the commit");
-            }
+        if line.starts_with("COMMIT ") {
+            // The primary marked the commit in its network output (--commit-marker): the
+            // proxy acts on it in order with the PVM's frames. Only counted here.
             shared.commits.fetch_add(1, Ordering::Relaxed);
-            let _ = w.write_all(format!("COMMITTED {n}\n").as_bytes());
         } else if let Some(j) = line.strip_prefix("METRIC ") {
             let mut file = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = file.as_mut() {
@@ -280,6 +280,12 @@ fn serve_events(s: UnixStream, proxy: colo_netcmp::proxy::ProxyControl, shared: 
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .add(&r);
+                if !matches!(r.trigger, Trigger::InitialSync | Trigger::Resync) {
+                    let mut l = shared.longest.lock().unwrap_or_else(|p| p.into_inner());
+                    if l.as_ref().is_none_or(|l| r.pause_us > l.pause_us) {
+                        *l = Some(r.clone());
+                    }
+                }
                 *shared.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             }
         } else if let Some(us) = line.strip_prefix("ABORTED_PAUSE_US ") {
@@ -457,7 +463,13 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         primary: colo_netcmp::io::stream::listen_unix(&pvm_sock).map_err(net)?,
         secondary: colo_netcmp::io::stream::listen_unix(&svm_sock).map_err(net)?,
     };
-    let proxy = Proxy::start(colo_netcmp::Config::default(), ports).map_err(net)?;
+    // The primary marks each commit in its own output stream (--commit-marker): the proxy
+    // releases the epoch's output in order with the PVM's frames, without a round trip.
+    let config = colo_netcmp::Config {
+        commit_marker: true,
+        ..colo_netcmp::Config::default()
+    };
+    let proxy = Proxy::start(config, ports).map_err(net)?;
     if a.colo.mode == crate::colo::Mode::Periodic {
         // The SVM does not run: output is held until the checkpoint that covers it.
         proxy
@@ -485,6 +497,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         "primary".to_string(),
         format!("--peer=127.0.0.1:{port}"),
         format!("--events={}", events_path.display()),
+        "--commit-marker".to_string(),
     ];
     pri_args.extend(vm_flags(a, dir, "primary"));
     if a.reprotect {
@@ -779,6 +792,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
             "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,
             "pause_max_ms": s.pause(1.0).as_secs_f64() * 1e3,
+            "longest_pause": shared.longest.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "pauses_us": s.pauses_us,
             "pages": s.pages,
             "bytes": s.bytes,

@@ -231,6 +231,17 @@ impl Machine {
         })
     }
 
+    /// Marks a committed checkpoint in the network output: on a socket backend, an empty
+    /// frame after every frame the guest sent so far, which a proxy with `commit_marker`
+    /// turns into the commit of the held output, in order. Call it with the vCPU paused
+    /// (transmission happens on the vCPU thread), before it resumes.
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without markers (a tap), or the socket's error.
+    pub fn net_commit_marker(&mut self) -> std::io::Result<()> {
+        self.devices.net.device.commit_marker()
+    }
+
     /// Saves the VM state (not RAM). The vCPU must be paused.
     ///
     /// # Errors

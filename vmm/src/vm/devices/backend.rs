@@ -30,6 +30,14 @@ pub trait FrameSink: Send {
     /// # Errors
     /// The backend's I/O error.
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+
+    /// Sends a commit marker in order with the frames (see `Machine::net_commit_marker`).
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without markers, or its I/O error.
+    fn marker(&mut self) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A network backend: frames out through `sink`, frames in on `rx`.
@@ -197,11 +205,19 @@ impl NetBackend {
         struct SocketSink(UnixStream, Vec<u8>);
         impl FrameSink for SocketSink {
             fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+                // An empty frame is the commit marker on this stream (the proxy's
+                // `commit_marker`); whatever the guest does, it never sends one.
+                if frame.is_empty() {
+                    return Err(std::io::ErrorKind::InvalidInput.into());
+                }
                 self.1.clear();
                 self.1
                     .extend_from_slice(&(frame.len() as u32).to_be_bytes());
                 self.1.extend_from_slice(frame);
                 self.0.write_all(&self.1)
+            }
+            fn marker(&mut self) -> std::io::Result<()> {
+                self.0.write_all(&0u32.to_be_bytes())
             }
         }
         Ok(Self {

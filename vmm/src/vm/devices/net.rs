@@ -54,6 +54,14 @@ impl Net {
         }
     }
 
+    /// Sends the backend's commit marker after every frame transmitted so far.
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without markers (a tap), or its I/O error.
+    pub fn commit_marker(&mut self) -> std::io::Result<()> {
+        self.backend.sink.marker()
+    }
+
     /// The backend's receive channel (the vCPU thread waits on it when the guest idles).
     pub fn rx_channel(&self) -> &crossbeam_channel::Receiver<Vec<u8>> {
         &self.backend.rx
