@@ -32,6 +32,10 @@ fn kvm() -> bool {
 
 /// Runs `colo pair` with `args` (and `env`), returns its JSON summary.
 fn pair(args: &[&str], env: Option<(&str, String)>, netns: Option<&str>) -> Value {
+    // Start on a quiet disk: the writeback of an earlier pair's data can stall the PVM's
+    // guest flushes for 100+ ms, and a checkpoint waits for a flush in progress.
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
     let exe = env!("CARGO_BIN_EXE_colo");
     let mut c = match netns {
         Some(ns) => {
