@@ -6,18 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use colo_blk::{BufferOptions, Error, PrimaryDisk, PrimaryOptions, SecondaryDisk, SyncMode};
+use colo_blk::Error;
 use common::*;
 
 const T: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_queued_marker_reaches_the_secondary_after_every_write_before_it() {
-    let (pd, _) = image(&vec![0; 1 << 20]);
-    let (sd, _) = image(&vec![0; 1 << 20]);
-    let primary = PrimaryDisk::new(pd, PrimaryOptions::default());
-    let secondary = SecondaryDisk::new(sd, BufferOptions::default());
-    connect(&primary, &secondary, SyncMode::InSync);
+    let (primary, secondary) = in_sync_pair(1 << 20);
 
     // No marker yet: the wait ends with a typed error, not a hang.
     assert!(matches!(

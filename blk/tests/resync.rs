@@ -109,11 +109,7 @@ fn in_sync_is_refused_after_unreplicated_writes() {
 
 #[test]
 fn stopping_replication_leaves_the_primary_serving() {
-    let (pd, _) = image(&vec![0; 1 << 20]);
-    let (sd, _) = image(&vec![0; 1 << 20]);
-    let primary = PrimaryDisk::new(pd, PrimaryOptions::default());
-    let secondary = SecondaryDisk::new(sd, BufferOptions::default());
-    connect(&primary, &secondary, SyncMode::InSync);
+    let (primary, secondary) = in_sync_pair(1 << 20);
     primary.write_at(0, &[1; 4096]).unwrap();
     primary.checkpoint_barrier(1, T).unwrap();
     secondary.commit(1, T).unwrap();
@@ -132,11 +128,7 @@ fn stopping_replication_leaves_the_primary_serving() {
 
 #[test]
 fn stopping_replication_is_bounded_when_the_secondary_stops_reading() {
-    let (pd, _) = image(&vec![0; 32 << 20]);
-    let (sd, _) = image(&vec![0; 32 << 20]);
-    let primary = PrimaryDisk::new(pd, PrimaryOptions::default());
-    let secondary = SecondaryDisk::new(sd, BufferOptions::default());
-    connect(&primary, &secondary, SyncMode::InSync);
+    let (primary, secondary) = in_sync_pair(32 << 20);
     primary.write_at(0, &[1; 4096]).unwrap();
     primary.checkpoint_barrier(1, T).unwrap();
     // Epoch 1 is never committed: the secondary's receiver stays paused and stops

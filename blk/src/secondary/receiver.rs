@@ -3,16 +3,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
-
-/// Writeback starts at a primary flush at most this often.
-const WRITEBACK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+use std::time::{Duration, Instant};
 
 use super::reader::FrameReader;
 use super::{Inner, SecondaryPhase, State};
 use crate::error::{Error, Result};
 use crate::frame_io::{read_frame, send_reject, write_frame};
 use crate::wire::{Frame, SyncMode};
+
+/// Writeback starts at a primary flush at most this often.
+const WRITEBACK_EVERY: Duration = Duration::from_millis(20);
 
 /// Frames applied between two acknowledgements at most, when more input is already
 /// waiting (otherwise every time the input runs dry).
@@ -291,7 +291,7 @@ fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<
                 .last_writeback
                 .is_none_or(|t| t.elapsed() >= WRITEBACK_EVERY)
             {
-                st.last_writeback = Some(std::time::Instant::now());
+                st.last_writeback = Some(Instant::now());
                 let _ = st.buf.disk().start_writeback();
             }
             st.applied_seq = seq;

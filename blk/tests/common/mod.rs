@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use colo_blk::{Disk, PrimaryDisk, SecondaryDisk, SyncMode};
+use colo_blk::{BufferOptions, Disk, PrimaryDisk, PrimaryOptions, SecondaryDisk, SyncMode};
 
 /// The bound on every wait in the tests.
 pub const T: Duration = Duration::from_secs(20);
@@ -48,6 +48,17 @@ pub fn contents(f: &File) -> Vec<u8> {
     let mut v = vec![0u8; n];
     f.read_exact_at(&mut v, 0).expect("read image");
     v
+}
+
+/// A primary and a secondary over two zeroed disks of `len` bytes (default options),
+/// connected in sync.
+pub fn in_sync_pair(len: usize) -> (PrimaryDisk, SecondaryDisk) {
+    let (pd, _) = image(&vec![0; len]);
+    let (sd, _) = image(&vec![0; len]);
+    let primary = PrimaryDisk::new(pd, PrimaryOptions::default());
+    let secondary = SecondaryDisk::new(sd, BufferOptions::default());
+    connect(&primary, &secondary, SyncMode::InSync);
+    (primary, secondary)
 }
 
 /// Connects `primary` to `secondary` over loopback TCP with `mode`.

@@ -53,7 +53,8 @@ pub struct Ports {
 enum Event {
     Frame(Side, Vec<u8>),
     PortClosed(Side, Option<Error>),
-    Committed(Sender<()>),
+    /// A commit; the sender waits on the acknowledgement if there is one.
+    Committed(Option<Sender<()>>),
     SetMode(Mode, Sender<()>),
     Shutdown,
 }
@@ -92,7 +93,7 @@ impl ProxyControl {
     /// [`Error::Stopped`] when the proxy is not running, [`Error::Timeout`] when it did not
     /// act within 10 s.
     pub fn checkpoint_committed(&self) -> Result<()> {
-        self.call(Event::Committed, "commit a checkpoint")
+        self.call(|ack| Event::Committed(Some(ack)), "commit a checkpoint")
     }
 
     /// Changes the mode (failover, or the secondary lost); see [`Mode`].
@@ -256,10 +257,7 @@ fn read_loop(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let ev = match reader.recv(READ_SLICE) {
-            // Nobody waits for this commit's acknowledgement.
-            Ok(Recv::Frame(f)) if markers && f.is_empty() => {
-                Event::Committed(crossbeam_channel::bounded(1).0)
-            }
+            Ok(Recv::Frame(f)) if markers && f.is_empty() => Event::Committed(None),
             Ok(Recv::Frame(f)) => Event::Frame(side, f),
             Ok(Recv::Idle) => continue,
             Ok(Recv::Closed) => Event::PortClosed(side, None),
@@ -349,7 +347,7 @@ fn engine_loop(
             }
             Ok(Event::Committed(a)) => {
                 engine.checkpoint_committed(Instant::now(), &mut out);
-                ack = Some(a);
+                ack = a;
             }
             Ok(Event::SetMode(mode, a)) => {
                 engine.set_mode(mode, Instant::now(), &mut out);

@@ -366,12 +366,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     p.reprotect = a.reprotect;
     p.commit_marker = a.commit_marker;
     if let Some(path) = &a.metrics {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| ColoError::Setup(format!("metrics file {}: {e}", path.display())))?;
-        p.metrics = Some(f);
+        p.metrics = Some(super::metrics::open_stream(path)?);
     }
     if let Some(d) = pdisk {
         let addr = super::blk_addr(&peer)?;

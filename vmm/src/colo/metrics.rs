@@ -66,6 +66,18 @@ pub struct EpochRecord {
     pub state_bytes: u64,
 }
 
+/// Opens `path` for appending checkpoint records (`--metrics`), creating it if needed.
+///
+/// # Errors
+/// [`ColoError::Setup`] naming the file.
+pub fn open_stream(path: &std::path::Path) -> Result<std::fs::File, super::ColoError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| super::ColoError::Setup(format!("metrics file {}: {e}", path.display())))
+}
+
 /// Running totals and the pause distribution.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {

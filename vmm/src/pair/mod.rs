@@ -447,11 +447,7 @@ fn free_port() -> Result<u16, ColoError> {
 fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let shared = Arc::new(Shared::default());
     if let Some(path) = &a.metrics {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| setup(format!("metrics file {}: {e}", path.display())))?;
+        let f = crate::colo::metrics::open_stream(path)?;
         *shared.metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
     let net = |e: colo_netcmp::Error| setup(format!("proxy: {e}"));
