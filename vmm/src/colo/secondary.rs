@@ -306,8 +306,11 @@ impl Secondary {
             c.stage_disk_acked()?;
         }
         self.link.send(&Message::VmstateReceived { epoch })?;
-        // The whole checkpoint is here: the disk buffer may be dropped.
+        // The whole checkpoint is here: the disk buffer may be dropped, once the paused
+        // SVM's disk requests in flight have landed (the state loaded below runs them
+        // again where they matter).
         if let Some(d) = &self.disk {
+            self.vm.wait_disk_idle(STEP_TIMEOUT)?;
             // The marker that arrived above names the epoch to commit.
             d.commit_next(STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;

@@ -5,6 +5,10 @@
 //! so `KVM_RUN` returns `EINTR` at once (about 25 us here) whether the signal lands
 //! before or during the ioctl. The vCPU thread then parks without holding the machine, and
 //! the controller may read or change it until it resumes.
+//!
+//! Disk requests run on the vCPU thread without the machine (see `devices::blk`): while
+//! they run the thread counts as parked, so a pause does not wait for a disk flush; it
+//! writes their outcomes into the guest only once the VM runs again.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +21,7 @@ use kvm_ioctls::VcpuExit;
 use std::os::unix::thread::JoinHandleExt;
 
 use super::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE, PORT_EXIT, PORT_IDLE};
+use super::devices::blk::BlkIo;
 use super::error::{Error, Result};
 use super::{GuestExit, Machine, vcpu};
 
@@ -65,6 +70,18 @@ fn install_handler() {
 struct Ctl {
     paused: bool,
     finished: bool,
+    /// The vCPU thread runs disk requests, or waits to write their outcomes, without the
+    /// machine: a pause need not wait for it.
+    off_machine: bool,
+    /// The disk requests are still running.
+    disk_io: bool,
+}
+
+impl Ctl {
+    /// Whether a controller that asked for a pause may use the machine.
+    fn parked(&self) -> bool {
+        self.paused || self.finished || self.off_machine
+    }
 }
 
 struct Shared {
@@ -152,7 +169,7 @@ impl VmHandle {
     fn wait_parked(&self) -> Result<()> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        while !c.paused && !c.finished {
+        while !c.parked() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Error::Timeout("pause"));
@@ -198,6 +215,25 @@ impl VmHandle {
         self.shared.cv.notify_all();
     }
 
+    /// Waits until no disk request of the guest is running (a paused VM's requests keep
+    /// running until done; their outcomes wait for the resume). The secondary calls it
+    /// before it commits an epoch's disk, so that none of the SVM's requests lands after.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if they run longer than `timeout`.
+    pub fn wait_disk_idle(&self, timeout: Duration) -> Result<()> {
+        let c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let (c, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(c, timeout, |c| c.disk_io)
+            .unwrap_or_else(|e| e.into_inner());
+        if c.disk_io {
+            return Err(Error::Timeout("the guest's disk requests"));
+        }
+        Ok(())
+    }
+
     /// Whether the vCPU thread has ended (the guest exited or crashed).
     pub fn finished(&self) -> bool {
         self.shared.ctl.lock().map(|c| c.finished).unwrap_or(true)
@@ -209,7 +245,8 @@ impl VmHandle {
     /// [`Error::Config`] if the VM is running.
     pub fn machine(&self) -> Result<MutexGuard<'_, Machine>> {
         let c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        if !c.paused && !c.finished {
+        let asked = self.shared.pause.load(Ordering::SeqCst);
+        if !(c.paused || c.finished || (asked && c.off_machine)) {
             return Err(Error::Config("the VM must be paused first".into()));
         }
         drop(c);
@@ -294,12 +331,68 @@ fn run_loop(s: &Shared) -> Result<GuestExit> {
             while s.kick_rx.try_recv().is_ok() {}
             continue;
         }
-        let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
-        match step(&mut m, s)? {
-            Step::Continue => {}
-            Step::Exit(e) => return Ok(e),
+        let io = {
+            let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
+            // Disk requests the guest gave (or a restore left in flight) complete before
+            // it runs again.
+            match take_disk_io(&mut m) {
+                Ok(Some(io)) => Some(io),
+                Ok(None) => match step(&mut m, s)? {
+                    Step::Continue => None,
+                    Step::Exit(e) => return Ok(e),
+                },
+                Err(e) => return Err(crash(&m, format!("device error: {e}"))),
+            }
+        };
+        if let Some(io) = io
+            && !run_disk_io(s, io)
+        {
+            return Ok(GuestExit::Stopped);
         }
     }
+}
+
+fn take_disk_io(m: &mut Machine) -> Result<Option<BlkIo>> {
+    let Machine { devices, ram, .. } = m;
+    devices.poll_blk(ram.mem())?;
+    Ok(devices.blk.device.start_io())
+}
+
+/// Runs disk requests without the machine, then writes their outcomes once the VM is not
+/// paused. False if the VM was stopped meanwhile.
+fn run_disk_io(s: &Shared, io: BlkIo) -> bool {
+    {
+        let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        c.off_machine = true;
+        c.disk_io = true;
+        s.cv.notify_all();
+    }
+    let done = io.run();
+    {
+        let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        c.disk_io = false;
+        s.cv.notify_all();
+        while s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+            c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        c.off_machine = false;
+    }
+    // A kick for a pause that came and went while the requests ran.
+    while s.kick_rx.try_recv().is_ok() {}
+    if s.stop.load(Ordering::SeqCst) {
+        return false;
+    }
+    let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
+    let Machine {
+        devices,
+        ram,
+        tracker,
+        ..
+    } = &mut *m;
+    let t = &mut devices.blk;
+    t.device
+        .finish(done, &mut t.queues[0], ram.mem(), tracker.vmm_bitmap());
+    true
 }
 
 fn crash(m: &Machine, reason: String) -> Error {

@@ -296,16 +296,32 @@ mod tcp_client {
 
         /// Sends one line and returns the reply line.
         pub fn request(&mut self, line: &str) -> String {
+            self.send(line);
+            self.reply(line)
+        }
+
+        /// Sends one line (once the connection is up; the frames leave with later polls).
+        pub fn send(&mut self, line: &str) {
             let deadline = Instant::now() + Duration::from_secs(10);
-            let mut sent = false;
             loop {
-                assert!(Instant::now() < deadline, "no reply to {line:?}");
+                assert!(Instant::now() < deadline, "cannot send {line:?}");
                 self.poll();
                 let s = self.sockets.get_mut::<tcp::Socket<'_>>(self.h);
-                if !sent && s.may_send() {
+                if s.may_send() {
                     s.send_slice(format!("{line}\n").as_bytes()).unwrap();
-                    sent = true;
+                    self.poll();
+                    return;
                 }
+            }
+        }
+
+        /// Waits for the next reply line (to `what`).
+        pub fn reply(&mut self, what: &str) -> String {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "no reply to {what:?}");
+                self.poll();
+                let s = self.sockets.get_mut::<tcp::Socket<'_>>(self.h);
                 while s.can_recv() {
                     let buf = &mut self.buf;
                     s.recv(|b| {
@@ -324,6 +340,15 @@ mod tcp_client {
 }
 
 fn guest_machine(name: &str, net: NetBackend, disk: &std::path::Path) -> Option<Machine> {
+    guest_machine_on(name, net, disk, None)
+}
+
+fn guest_machine_on(
+    name: &str,
+    net: NetBackend,
+    disk: &std::path::Path,
+    disk_backend: Option<std::sync::Arc<dyn colo_blk::BlockBackend>>,
+) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -334,7 +359,7 @@ fn guest_machine(name: &str, net: NetBackend, disk: &std::path::Path) -> Option<
             ram: 64 << 20,
             image: crate::guest_image::GUEST_ELF.to_vec(),
             disk: disk.to_path_buf(),
-            disk_backend: None,
+            disk_backend,
             net,
             mac: [0x52, 0x54, 10, 0, 0, 2],
             ip: ([10, 0, 0, 2], 24),
@@ -440,6 +465,135 @@ fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
         "the restored VM answers with the same bytes"
     );
     assert!(!one.is_empty());
+    vm1.stop().unwrap();
+    vm2.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A disk whose flushes wait while the gate is closed, and say when one started.
+struct GatedDisk {
+    disk: colo_blk::PlainDisk,
+    closed: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    flushing: crossbeam_channel::Sender<()>,
+}
+
+impl GatedDisk {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.cv.notify_all();
+    }
+}
+
+impl colo_blk::BlockBackend for GatedDisk {
+    fn len(&self) -> u64 {
+        self.disk.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> colo_blk::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> colo_blk::Result<()> {
+        self.disk.write_at(offset, data)
+    }
+    fn flush(&self) -> colo_blk::Result<()> {
+        let _ = self.flushing.try_send(());
+        let closed = self.closed.lock().unwrap();
+        let _unused = self
+            .cv
+            .wait_timeout_while(closed, Duration::from_secs(20), |c| *c)
+            .unwrap();
+        self.disk.flush()
+    }
+}
+
+/// A checkpoint does not wait for a guest disk flush in progress: the VM pauses while the
+/// flush is stuck, its snapshot holds the request as not yet taken, a VM restored from it
+/// runs the request again and answers the SET it belongs to, and the first VM completes
+/// its own once the flush ends.
+#[test]
+fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
+    let dir = std::env::temp_dir().join(format!("colo-inflight-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
+    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (flushing, flush_started) = crossbeam_channel::bounded(1);
+    let gated = std::sync::Arc::new(GatedDisk {
+        disk: colo_blk::PlainDisk::new(colo_blk::Disk::open(&d1).unwrap()),
+        closed: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        flushing,
+    });
+    let (net1, peer1) = NetBackend::channel();
+    let Some(m1) = guest_machine_on("one", net1, &d1, Some(gated.clone())) else {
+        return;
+    };
+    let vm1 = VmHandle::start(m1, false).unwrap();
+    let to1 = peer1.to_guest.clone();
+    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
+        let _ = to1.send(f);
+    });
+    let mut c = tcp_client::Client::new(out, peer1.from_guest.clone());
+    assert_eq!(c.request("SET a 1"), "OK");
+
+    // The next SET's flush sticks.
+    while flush_started.try_recv().is_ok() {}
+    gated.set_closed(true);
+    c.send("SET b 2");
+    flush_started
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the guest flushes for its SET");
+    let t = std::time::Instant::now();
+    vm1.pause().unwrap();
+    let paused_in = t.elapsed();
+    let (state, ram) = {
+        let m = vm1.machine().unwrap();
+        assert_eq!(
+            m.devices.blk.device.in_flight(),
+            1,
+            "the flush is in flight"
+        );
+        let mut ram = vec![0u8; 64 << 20];
+        m.read_ram(0, &mut ram).unwrap();
+        (m.save_state().unwrap(), ram)
+    };
+    assert!(
+        paused_in < Duration::from_secs(2),
+        "the pause took {paused_in:?}: it waited for the flush"
+    );
+    std::fs::copy(&d1, &d2).unwrap();
+
+    // The restored VM runs the flush again and answers the SET; the client moves to it.
+    let (net2, peer2) = NetBackend::channel();
+    let mut m2 = guest_machine("two", net2, &d2).unwrap();
+    m2.write_ram(0, &ram).unwrap();
+    m2.restore_state(&state).unwrap();
+    let vm2 = VmHandle::start(m2, false).unwrap();
+    let to2 = peer2.to_guest.clone();
+    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
+        let _ = to2.send(f);
+    });
+    let mut c = c.rebind(out, peer2.from_guest.clone());
+    assert_eq!(c.reply("SET b 2, from the restored VM"), "OK");
+    assert_eq!(c.request("GET b"), "VALUE 2");
+    assert_eq!(c.request("COUNT"), "COUNT 2");
+
+    // The first VM, resumed, completes its flush once it ends and answers too.
+    vm1.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!vm1.finished());
+    gated.set_closed(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut heard = Vec::new();
+    while !String::from_utf8_lossy(&heard).contains("OK\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first VM never answered the SET: {:?}",
+            String::from_utf8_lossy(&heard)
+        );
+        if let Ok(f) = peer1.from_guest.recv_timeout(Duration::from_millis(100)) {
+            heard.extend(tcp_payload(&f));
+        }
+    }
     vm1.stop().unwrap();
     vm2.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,7 +1,9 @@
 //! virtio-blk over a `colo_blk::BlockBackend`: a raw image file, or block replication
-//! (the primary's replicated disk, the secondary's disk buffer).
+//! (the primary's replicated disk, the secondary's disk buffer). Requests run without
+//! the machine locked, so a pause need not wait for them (see [`Blk`]).
 
-use std::io::{Read, Write};
+use std::collections::VecDeque;
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,9 +11,9 @@ use colo_blk::BlockBackend;
 
 use colo_dirty_track::AtomicPageBitmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring, mark_written};
+use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring};
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
 
@@ -61,12 +63,90 @@ pub struct BlkStats {
     pub errors: u64,
 }
 
-/// The virtio-blk device. Requests complete synchronously during the notification, so
-/// none is ever in flight when the VM is paused.
+/// What one request asks of the backend.
+enum Op {
+    /// Read `len` bytes at `offset`.
+    Read { offset: u64, len: usize },
+    /// Write `data` at `offset` (copied out of the guest when the request was taken).
+    Write { offset: u64, data: Vec<u8> },
+    /// Flush.
+    Flush,
+    /// Answered when the request was taken (a bad request, GET_ID): passed through, so
+    /// that requests complete in the order they were taken.
+    Done { status: u8, data: Vec<u8> },
+}
+
+/// A request's outcome.
+struct Outcome {
+    status: u8,
+    /// Why the backend failed it.
+    error: Option<(&'static str, colo_blk::Error)>,
+    /// What the device writes into the request's buffers before the status byte.
+    data: Vec<u8>,
+}
+
+/// A request taken from the queue and not yet completed.
+struct Pending {
+    head: u16,
+    /// The device-writable buffers, in chain order; the status byte is the last byte.
+    writable: Vec<(GuestAddress, u32)>,
+    /// What it asks, until [`Blk::start_io`] hands it out.
+    op: Option<Op>,
+}
+
+/// Requests handed out by [`Blk::start_io`], to run without the machine.
+pub struct BlkIo {
+    backend: Arc<dyn BlockBackend>,
+    generation: u64,
+    ops: Vec<Op>,
+}
+
+impl BlkIo {
+    /// Runs the requests against the backend, in order.
+    pub fn run(self) -> BlkDone {
+        let outcomes = self
+            .ops
+            .into_iter()
+            .map(|op| run_op(&*self.backend, op))
+            .collect();
+        BlkDone {
+            generation: self.generation,
+            outcomes,
+        }
+    }
+}
+
+/// The outcomes of a [`BlkIo`], for [`Blk::finish`].
+pub struct BlkDone {
+    generation: u64,
+    outcomes: Vec<Outcome>,
+}
+
+/// The virtio-blk device. When the guest notifies, the requests are taken from the queue
+/// (what a write carries is copied out of the guest then); the vCPU thread runs them
+/// against the backend *without holding the machine* ([`Blk::start_io`], then
+/// [`BlkIo::run`]) and writes their outcomes into guest memory afterwards
+/// ([`Blk::finish`]), before the guest runs again. To the guest a request still completes
+/// during its notification; but a checkpoint can pause the VM while a request runs (a
+/// guest disk flush can take milliseconds, even a hundred), instead of waiting for it.
+///
+/// A request not completed when the VM is saved is saved as not yet taken from the queue
+/// ([`VirtioDevice::unfinished`]), and a restored device takes it again before the guest
+/// runs ([`Blk::poll`]): a VM restored from that snapshot (the SVM at each checkpoint, and
+/// after failover) runs it again. That is safe because a request is idempotent at this
+/// level — a write writes the same bytes from the same guest buffer (a driver does not
+/// touch a buffer in flight), a flush flushes, a read reads again — and requests complete
+/// in the order they were taken, so the unfinished ones are the last taken.
 pub struct Blk {
     backend: Arc<dyn BlockBackend>,
     /// Counters.
     pub stats: BlkStats,
+    pending: VecDeque<Pending>,
+    /// Bumped by a reset or restore: outcomes of requests taken before are dropped.
+    generation: u64,
+    /// Restored: take what the queue holds before the guest runs (the requests that were
+    /// in flight when the snapshot was saved).
+    restart: bool,
 }
 
 impl Blk {
@@ -75,15 +155,107 @@ impl Blk {
         Self {
             backend,
             stats: BlkStats::default(),
+            pending: VecDeque::new(),
+            generation: 0,
+            restart: false,
         }
     }
 
-    /// Logs a backend failure (rate-limited: the first, then every power of two).
-    fn failed(&mut self, op: &str, e: &colo_blk::Error) -> u8 {
-        if (self.stats.errors + 1).is_power_of_two() {
-            tracing::warn!(op, error = %e, errors = self.stats.errors + 1, "disk request failed");
+    /// Requests taken from the queue and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Hands out the requests taken and not yet started, to run without the machine.
+    pub fn start_io(&mut self) -> Option<BlkIo> {
+        let ops: Vec<Op> = self
+            .pending
+            .iter_mut()
+            .filter_map(|p| p.op.take())
+            .collect();
+        (!ops.is_empty()).then(|| BlkIo {
+            backend: Arc::clone(&self.backend),
+            generation: self.generation,
+            ops,
+        })
+    }
+
+    /// Writes the outcomes of a [`BlkIo`] into their requests' buffers and the used ring,
+    /// in order; drops them if the device was reset or restored since.
+    pub fn finish(
+        &mut self,
+        done: BlkDone,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        dirty: &AtomicPageBitmap,
+    ) {
+        if done.generation != self.generation {
+            return;
         }
-        S_IOERR
+        let mut used = false;
+        for o in done.outcomes {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            if o.status != S_OK {
+                self.stats.errors += 1;
+                if let Some((op, e)) = &o.error
+                    && self.stats.errors.is_power_of_two()
+                {
+                    tracing::warn!(op, error = %e, errors = self.stats.errors, "disk request failed");
+                }
+            }
+            let written = write_outcome(&p.writable, &o, mem);
+            for &(addr, len) in &p.writable {
+                dirty.mark(addr.0, u64::from(len));
+            }
+            if q.add_used(mem, p.head, written).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used {
+            mark_used_ring(q, dirty);
+        }
+    }
+
+    /// After a restore: takes the requests the queue holds (those in flight when the
+    /// snapshot was saved), as a notification would.
+    ///
+    /// # Errors
+    /// As [`VirtioDevice::notify`].
+    pub fn poll(&mut self, q: &mut [Queue], mem: &GuestMemoryMmap) -> Result<()> {
+        if std::mem::take(&mut self.restart) {
+            self.take_all(q, mem)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every request in flight: their outcomes will not be written (reset,
+    /// restore).
+    fn forget_in_flight(&mut self) {
+        self.pending.clear();
+        self.generation += 1;
+    }
+
+    /// Takes every request the driver made available.
+    fn take_all(&mut self, q: &mut [Queue], mem: &GuestMemoryMmap) -> Result<()> {
+        let Some(q) = q.first_mut() else {
+            return Err(Error::Virtio("block has no queue 0".into()));
+        };
+        if !q.ready() {
+            return Ok(());
+        }
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let (op, writable) = self.take(chain, mem);
+            self.pending.push_back(Pending {
+                head,
+                writable,
+                op: Some(op),
+            });
+        }
+        Ok(())
     }
 
     /// Counts and logs (rate-limited) a request the driver built wrongly.
@@ -94,29 +266,33 @@ impl Blk {
         }
     }
 
-    /// Serves one request; returns the bytes written into the chain (data and status).
-    fn request(
+    /// Takes one request apart: what the I/O thread must do, and where the outcome goes.
+    fn take(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> u32 {
-        let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(mem), chain.writer(mem)) else {
-            self.bad_chain("a descriptor outside guest memory");
-            return 0;
+    ) -> (Op, Vec<(GuestAddress, u32)>) {
+        let writable: Vec<_> = chain
+            .clone()
+            .writable()
+            .map(|d| (d.addr(), d.len()))
+            .collect();
+        let done = |status| Op::Done {
+            status,
+            data: Vec::new(),
         };
-        let mut hdr = [0u8; 16];
+        let (Ok(mut r), Ok(w)) = (chain.clone().reader(mem), chain.writer(mem)) else {
+            self.bad_chain("a descriptor outside guest memory");
+            return (done(S_IOERR), Vec::new());
+        };
         let Some(data_room) = w.available_bytes().checked_sub(1) else {
             self.bad_chain("no writable status byte");
-            return 0;
+            return (done(S_IOERR), Vec::new());
         };
-        // The status byte is the last writable byte.
-        let Ok(mut status_w) = w.split_at(data_room) else {
-            self.bad_chain("cannot split off the status byte");
-            return 0;
-        };
+        let mut hdr = [0u8; 16];
         if r.read_exact(&mut hdr).is_err() {
             self.bad_chain("a header shorter than 16 bytes");
-            return u32::from(status_w.write_all(&[S_IOERR]).is_ok());
+            return (done(S_IOERR), writable);
         }
         let kind = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(hdr[8..].try_into().expect("8 bytes"));
@@ -129,61 +305,118 @@ impl Blk {
             .checked_mul(SECTOR)
             .and_then(|o| o.checked_add(data_len as u64))
             .is_some_and(|end| end <= self.backend.len());
-        let mut written = 0;
-        let status = match kind {
+        let op = match kind {
             T_IN | T_OUT
                 if !in_bounds || data_len > MAX_REQUEST || data_len as u64 % SECTOR != 0 =>
             {
                 self.bad_chain(&format!(
                     "type {kind} at sector {sector}, {data_len} bytes: outside the disk or not whole sectors"
                 ));
-                S_IOERR
+                done(S_IOERR)
             }
             T_IN => {
                 self.stats.reads += 1;
-                let mut buf = vec![0u8; data_len];
-                match self.backend.read_at(sector * SECTOR, &mut buf) {
-                    Ok(()) if w.write_all(&buf).is_ok() => {
-                        written = data_len as u32;
-                        S_OK
-                    }
-                    Ok(()) => S_IOERR,
-                    Err(e) => self.failed("read", &e),
+                Op::Read {
+                    offset: sector * SECTOR,
+                    len: data_len,
                 }
             }
             T_OUT => {
                 self.stats.writes += 1;
-                let mut buf = vec![0u8; data_len];
-                match r.read_exact(&mut buf) {
-                    Ok(()) => match self.backend.write_at(sector * SECTOR, &buf) {
-                        Ok(()) => S_OK,
-                        Err(e) => self.failed("write", &e),
+                let mut data = vec![0u8; data_len];
+                match r.read_exact(&mut data) {
+                    Ok(()) => Op::Write {
+                        offset: sector * SECTOR,
+                        data,
                     },
-                    Err(_) => S_IOERR,
+                    Err(_) => done(S_IOERR),
                 }
             }
             T_FLUSH => {
                 self.stats.flushes += 1;
-                match self.backend.flush() {
-                    Ok(()) => S_OK,
-                    Err(e) => self.failed("flush", &e),
-                }
+                Op::Flush
             }
             T_GET_ID => {
-                let mut id = [0u8; 20];
-                id[..8].copy_from_slice(b"colo-blk");
-                let n = data_room.min(20);
-                if w.write_all(&id[..n]).is_ok() {
-                    written = n as u32;
+                let mut id = vec![0u8; data_room.min(20)];
+                let n = id.len().min(8);
+                id[..n].copy_from_slice(&b"colo-blk"[..n]);
+                Op::Done {
+                    status: S_OK,
+                    data: id,
                 }
-                S_OK
             }
-            _ => S_UNSUPP,
+            _ => done(S_UNSUPP),
         };
-        if status == S_IOERR {
-            self.stats.errors += 1;
+        (op, writable)
+    }
+}
+
+/// Writes an outcome into a request's device-writable buffers: its data from the start,
+/// its status into the last byte. Returns the bytes written (the used length).
+fn write_outcome(writable: &[(GuestAddress, u32)], o: &Outcome, mem: &GuestMemoryMmap) -> u32 {
+    let room: u64 = writable.iter().map(|&(_, l)| u64::from(l)).sum();
+    let Some(status_at) = room.checked_sub(1) else {
+        return 0;
+    };
+    let data = &o.data[..o.data.len().min(status_at as usize)];
+    let mut at = 0u64;
+    let mut written = 0u32;
+    for &(addr, len) in writable {
+        let len = u64::from(len);
+        // The part of the data that falls into this buffer.
+        let (from, to) = (at.min(data.len() as u64), (at + len).min(data.len() as u64));
+        if from < to
+            && mem
+                .write_slice(&data[from as usize..to as usize], addr)
+                .is_ok()
+        {
+            written += (to - from) as u32;
         }
-        written + u32::from(status_w.write_all(&[status]).is_ok())
+        if (at..at + len).contains(&status_at)
+            && addr
+                .checked_add(status_at - at)
+                .is_some_and(|a| mem.write_obj(o.status, a).is_ok())
+        {
+            written += 1;
+        }
+        at += len;
+    }
+    written
+}
+
+/// Runs one request against the backend.
+fn run_op(backend: &dyn BlockBackend, op: Op) -> Outcome {
+    let ok = |data| Outcome {
+        status: S_OK,
+        error: None,
+        data,
+    };
+    let failed = |op, e| Outcome {
+        status: S_IOERR,
+        error: Some((op, e)),
+        data: Vec::new(),
+    };
+    match op {
+        Op::Read { offset, len } => {
+            let mut buf = vec![0u8; len];
+            match backend.read_at(offset, &mut buf) {
+                Ok(()) => ok(buf),
+                Err(e) => failed("read", e),
+            }
+        }
+        Op::Write { offset, data } => match backend.write_at(offset, &data) {
+            Ok(()) => ok(Vec::new()),
+            Err(e) => failed("write", e),
+        },
+        Op::Flush => match backend.flush() {
+            Ok(()) => ok(Vec::new()),
+            Err(e) => failed("flush", e),
+        },
+        Op::Done { status, data } => Outcome {
+            status,
+            error: None,
+            data,
+        },
     }
 }
 
@@ -212,26 +445,21 @@ impl VirtioDevice for Blk {
         index: usize,
         q: &mut [Queue],
         mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
+        _dirty: &AtomicPageBitmap,
     ) -> Result<()> {
-        let Some(q) = q.get_mut(index) else {
+        if index != 0 {
             return Err(Error::Virtio(format!("block has no queue {index}")));
-        };
-        let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let written_to = chain.clone();
-            let n = self.request(chain, mem);
-            mark_written(written_to, dirty);
-            if q.add_used(mem, head, n).is_err() {
-                break;
-            }
-            used = true;
         }
-        if used {
-            mark_used_ring(q, dirty);
-        }
-        Ok(())
+        self.take_all(q, mem)
+    }
+
+    fn unfinished(&self, _index: usize) -> u16 {
+        // At most the queue size: a queue has no more descriptors than that.
+        self.pending.len() as u16
+    }
+
+    fn reset(&mut self) {
+        self.forget_in_flight();
     }
 
     fn save(&self, w: &mut Writer) {
@@ -246,6 +474,10 @@ impl VirtioDevice for Blk {
                 self.backend.len()
             )));
         }
+        // Requests the VM took before must not complete into the restored memory; those
+        // the snapshot has in flight are taken again before the guest runs.
+        self.forget_in_flight();
+        self.restart = true;
         Ok(())
     }
 }

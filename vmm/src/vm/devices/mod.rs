@@ -76,6 +76,15 @@ impl Devices {
         }
     }
 
+    /// After a restore, takes the disk requests that were in flight in the snapshot.
+    ///
+    /// # Errors
+    /// A queue the guest broke.
+    pub fn poll_blk(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+        let t = &mut self.blk;
+        t.device.poll(&mut t.queues, mem)
+    }
+
     /// Saves every device.
     pub fn save(&self, w: &mut Writer) {
         self.net.save(w);

@@ -39,6 +39,13 @@ pub trait VirtioDevice: Send {
         mem: &GuestMemoryMmap,
         dirty: &AtomicPageBitmap,
     ) -> Result<()>;
+    /// Requests of queue `index` taken from it and not yet completed. They are saved as
+    /// not taken, so that a VM restored from the snapshot runs them again.
+    fn unfinished(&self, _index: usize) -> u16 {
+        0
+    }
+    /// The driver reset the device: requests in flight are dropped.
+    fn reset(&mut self) {}
     /// Saves device-specific state (beyond the transport's).
     fn save(&self, w: &mut Writer);
     /// Restores what [`VirtioDevice::save`] wrote.
@@ -94,6 +101,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for q in &mut self.queues {
             q.reset();
         }
+        self.device.reset();
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -227,14 +235,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         ]);
         w.u64(self.driver_features);
         w.u64(self.queues.len() as u64);
-        for q in &self.queues {
+        for (i, q) in self.queues.iter().enumerate() {
             let s = q.state();
+            // Requests still in flight are saved as not yet taken (see
+            // VirtioDevice::unfinished).
+            let next_avail = s.next_avail.wrapping_sub(self.device.unfinished(i));
             w.pod(&[
                 s.desc_table,
                 s.avail_ring,
                 s.used_ring,
                 u64::from(s.max_size),
-                u64::from(s.next_avail),
+                u64::from(next_avail),
                 u64::from(s.next_used),
                 u64::from(s.size),
                 u64::from(s.ready),
