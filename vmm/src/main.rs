@@ -30,8 +30,9 @@ use tracing_subscriber::EnvFilter;
     after_help = "Logs go to stderr. Set RUST_LOG (e.g. RUST_LOG=debug) to change the level; \
                   the default is info.\n\nCOLO_SLICE_US: the CPU time slice (microseconds, \
                   Linux 6.12+) colo asks for its own threads, so that the checkpoint path \
-                  preempts busy vCPUs at once; default 100, 0 leaves the kernel's default. \
-                  Shorter pauses, slightly slower guests."
+                  preempts busy vCPUs at once; default 100 in COLO mode and 0 (the kernel's \
+                  default) in periodic mode, where it slowed the guest without shortening \
+                  the pause. Shorter pauses, slightly slower guests."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -76,11 +77,23 @@ fn init_logging() {
         .init();
 }
 
+impl Command {
+    /// The checkpointing mode of a command that runs a side of a pair (or the pair).
+    fn mode(&self) -> Option<colo::Mode> {
+        match self {
+            Command::Primary(a) => Some(a.colo.mode),
+            Command::Secondary(a) => Some(a.colo.mode),
+            Command::Pair(a) => Some(a.colo.mode),
+            _ => None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     // Before any thread starts, so that all inherit it (the vCPU threads give it back).
-    sched::init();
+    sched::init(cli.command.mode());
     match cli.command {
         Command::Bench(cmd) => {
             let who = cmd.process_label();

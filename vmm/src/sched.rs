@@ -10,10 +10,13 @@
 //! spawns inherits it, and the vCPU threads go back to the default slice. On an older
 //! kernel the call fails or is ignored, and nothing changes.
 //!
-//! The trade (measured in `colo pair --dirty-rate 25600 --pipeline 2048`, 2 cores): pause
-//! p99 about a third lower, guest service about a tenth slower, because the vCPUs are
-//! preempted more often. `COLO_SLICE_US` sets the slice (`0`: the kernel's default, i.e.
-//! off); children of `colo pair` inherit it.
+//! The trade (measured in `colo pair --dirty-rate 25600 --pipeline 2048`, 2 cores): in COLO
+//! mode, where both VMs compete for the cores, pause p99 about half lower (3.6-4.2 against
+//! 6.1-8.0 ms) at the same or a slightly lower guest rate. In periodic mode, where only the
+//! PVM runs, it made the guest slower (1113-1365 against 1364-1744 req/s, three
+//! alternated pairs) and the pause no shorter, so there the default is off.
+//! `COLO_SLICE_US` sets the slice for either mode (`0`: the kernel's default, i.e. off);
+//! children of `colo pair` inherit it.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
@@ -59,10 +62,11 @@ pub fn set_nice(tid: i32, nice: i32) -> std::io::Result<()> {
 /// briefly and often.
 pub const SHORT_SLICE: Duration = Duration::from_micros(100);
 
-/// Gives the calling thread (and every thread it spawns later) colo's slice: `COLO_SLICE_US`
-/// or [`SHORT_SLICE`]. Call it before any thread starts.
-pub fn init() {
+/// Gives the calling thread (and every thread it spawns later) colo's slice: `COLO_SLICE_US`,
+/// else [`SHORT_SLICE`] unless `mode` is periodic. Call it before any thread starts.
+pub fn init(mode: Option<crate::colo::Mode>) {
     let slice = match std::env::var("COLO_SLICE_US") {
+        Err(_) if mode == Some(crate::colo::Mode::Periodic) => return,
         Err(_) => Some(SHORT_SLICE),
         Ok(v) => match v.trim().parse::<u64>() {
             Ok(0) => return,
