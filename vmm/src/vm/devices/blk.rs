@@ -243,7 +243,7 @@ impl Blk {
         let Some(q) = q.first_mut() else {
             return Err(Error::Virtio("block has no queue 0".into()));
         };
-        if !q.ready() {
+        if !q.ready() || !q.is_valid(mem) {
             return Ok(());
         }
         while let Some(chain) = q.pop_descriptor_chain(mem) {
@@ -266,7 +266,8 @@ impl Blk {
         }
     }
 
-    /// Takes one request apart: what the I/O thread must do, and where the outcome goes.
+    /// Takes one request apart: what running it asks of the backend, and where the outcome
+    /// goes.
     fn take(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,

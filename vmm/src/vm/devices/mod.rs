@@ -82,6 +82,9 @@ impl Devices {
     /// A queue the guest broke.
     pub fn poll_blk(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
         let t = &mut self.blk;
+        if !t.driver_ok() {
+            return Ok(());
+        }
         t.device.poll(&mut t.queues, mem)
     }
 
