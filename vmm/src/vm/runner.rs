@@ -184,10 +184,6 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Pauses the vCPU and returns once it is parked (or the guest has ended).
-    ///
-    /// # Errors
-    /// [`Error::Timeout`] if the vCPU does not park within 2 s.
     /// Sets the vCPU thread's nice value (e.g. back to 0 when an SVM that ran at a low
     /// priority takes over). Raising the priority needs CAP_SYS_NICE or a permissive
     /// RLIMIT_NICE.
@@ -202,6 +198,11 @@ impl VmHandle {
         crate::sched::set_nice(tid, nice)
     }
 
+    /// Pauses the vCPU and returns once it is parked (or the guest has ended, or it runs
+    /// disk requests without the machine).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if the vCPU does not park within 2 s.
     pub fn pause(&self) -> Result<()> {
         self.shared.pause.store(true, Ordering::SeqCst);
         self.kick();
