@@ -325,9 +325,7 @@ fn run_loop(s: &Shared) -> Result<GuestExit> {
             let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
             c.paused = true;
             s.cv.notify_all();
-            while s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
-                c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-            }
+            let mut c = wait_while_paused(s, c);
             c.paused = false;
             while s.kick_rx.try_recv().is_ok() {}
             continue;
@@ -353,6 +351,14 @@ fn run_loop(s: &Shared) -> Result<GuestExit> {
     }
 }
 
+/// Waits (with `c` held) until the controller resumes or stops the VM.
+fn wait_while_paused<'a>(s: &'a Shared, mut c: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
+    while s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+        c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+    }
+    c
+}
+
 fn take_disk_io(m: &mut Machine) -> Result<Option<BlkIo>> {
     let Machine { devices, ram, .. } = m;
     devices.poll_blk(ram.mem())?;
@@ -373,9 +379,7 @@ fn run_disk_io(s: &Shared, io: BlkIo) -> bool {
         let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
         c.disk_io = false;
         s.cv.notify_all();
-        while s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
-            c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut c = wait_while_paused(s, c);
         c.off_machine = false;
     }
     // A kick for a pause that came and went while the requests ran.

@@ -372,6 +372,14 @@ fn guest_machine_on(
     )
 }
 
+/// A client's frame output into a channel-backed VM.
+fn frames_to(peer: &super::devices::backend::ChannelPeer) -> super::super::pair::client::FrameOut {
+    let to = peer.to_guest.clone();
+    Box::new(move |f| {
+        let _ = to.send(f);
+    })
+}
+
 /// TCP payload bytes of a frame from the guest, if it carries any.
 fn tcp_payload(frame: &[u8]) -> Vec<u8> {
     match etherparse::SlicedPacket::from_ethernet(frame) {
@@ -396,11 +404,7 @@ fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
         return;
     };
     let vm1 = VmHandle::start(m1, false).unwrap();
-    let to1 = peer1.to_guest.clone();
-    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
-        let _ = to1.send(f);
-    });
-    let mut c = tcp_client::Client::new(out, peer1.from_guest.clone());
+    let mut c = tcp_client::Client::new(frames_to(&peer1), peer1.from_guest.clone());
     assert_eq!(c.request("SET a 1"), "OK");
     assert_eq!(c.request("GET a"), "VALUE 1");
 
@@ -528,11 +532,7 @@ fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
         return;
     };
     let vm1 = VmHandle::start(m1, false).unwrap();
-    let to1 = peer1.to_guest.clone();
-    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
-        let _ = to1.send(f);
-    });
-    let mut c = tcp_client::Client::new(out, peer1.from_guest.clone());
+    let mut c = tcp_client::Client::new(frames_to(&peer1), peer1.from_guest.clone());
     assert_eq!(c.request("SET a 1"), "OK");
 
     // The next SET's flush sticks.
@@ -568,11 +568,7 @@ fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
     m2.write_ram(0, &ram).unwrap();
     m2.restore_state(&state).unwrap();
     let vm2 = VmHandle::start(m2, false).unwrap();
-    let to2 = peer2.to_guest.clone();
-    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
-        let _ = to2.send(f);
-    });
-    let mut c = c.rebind(out, peer2.from_guest.clone());
+    let mut c = c.rebind(frames_to(&peer2), peer2.from_guest.clone());
     assert_eq!(c.reply("SET b 2, from the restored VM"), "OK");
     assert_eq!(c.request("GET b"), "VALUE 2");
     assert_eq!(c.request("COUNT"), "COUNT 2");
