@@ -72,7 +72,7 @@ fn range(sector: u64, sectors: u64) -> std::ops::Range<usize> {
     (sector * S) as usize..((sector + sectors) * S) as usize
 }
 
-fn run(ops: &[Op], mem_limit: usize, window_frames: usize, init_seed: u64) {
+fn run(ops: &[Op], mem_limit: usize, window_frames: usize, send_delay_us: u64, init_seed: u64) {
     let init = data(init_seed, (SECTORS * S) as usize);
     let (pdisk, pfile) = image(&init);
     let (sdisk, sfile) = image(&init);
@@ -80,6 +80,7 @@ fn run(ops: &[Op], mem_limit: usize, window_frames: usize, init_seed: u64) {
         pdisk,
         PrimaryOptions {
             window_frames,
+            send_delay: std::time::Duration::from_micros(send_delay_us),
             ..PrimaryOptions::default()
         },
     );
@@ -225,9 +226,10 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mem_limit in prop::sample::select(vec![0usize, 2048, 1 << 20]),
         window in prop::sample::select(vec![1usize, 3, 1024]),
+        send_delay_us in prop::sample::select(vec![0u64, 1000]),
         init_seed in any::<u64>(),
     ) {
-        run(&ops, mem_limit, window, init_seed);
+        run(&ops, mem_limit, window, send_delay_us, init_seed);
     }
 }
 
@@ -281,6 +283,7 @@ fn overlapping_writes_then_failover_before_commit() {
         ],
         0,
         2,
+        1000,
         9,
     );
 }

@@ -4,7 +4,9 @@
 use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -209,11 +211,23 @@ const POOL_BUFFERS: usize = 256;
 /// Largest payload buffer kept for reuse.
 const POOL_MAX_CAPACITY: usize = 256 << 10;
 
+/// How long the sender sleeps with nothing queued before it looks again on its own. A
+/// frame queued meanwhile wakes it, so this only bounds the cost of a wake-up lost to a
+/// bug.
+const IDLE_PROBE: Duration = Duration::from_millis(100);
+
 /// The link state, shared by the API and the link's threads.
 #[derive(Debug)]
 pub(crate) struct Link {
     st: Mutex<LinkState>,
     cond: Condvar,
+    /// The sender thread, to wake it (registered when it starts).
+    sender: Mutex<Option<Thread>>,
+    /// The sender sleeps with nothing queued: the next frame wakes it. While it is not
+    /// set the sender is busy or gathering frames for
+    /// [`PrimaryOptions::send_delay`](crate::PrimaryOptions::send_delay), and only a frame
+    /// something waits for wakes it.
+    sender_idle: AtomicBool,
     /// Payload buffers the sender has finished with, for the next writes: memory that
     /// stays touched instead of fresh allocations that fault their pages in again.
     pool_tx: Sender<Vec<u8>>,
@@ -226,6 +240,8 @@ impl Link {
         Self {
             st: Mutex::new(LinkState::new()),
             cond: Condvar::new(),
+            sender: Mutex::new(None),
+            sender_idle: AtomicBool::new(false),
             pool_tx,
             pool_rx,
         }
@@ -253,8 +269,34 @@ impl Link {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Wakes every thread waiting for the link's state to change, and the sender: for a
+    /// link that ended or stops (the sender must see its queue close).
     pub fn notify(&self) {
         self.cond.notify_all();
+        self.wake_sender();
+    }
+
+    /// Wakes the threads waiting for acknowledgements (not the sender).
+    fn notify_waiters(&self) {
+        self.cond.notify_all();
+    }
+
+    /// Whether the sender of `generation` may sleep to gather frames: not once its link
+    /// ended or stops, when it must drain its queue and exit.
+    fn sender_may_gather(&self, generation: u64) -> bool {
+        let st = self.lock();
+        st.generation == generation && st.linked() && st.tx.is_some()
+    }
+
+    fn wake_sender(&self) {
+        if let Some(t) = self
+            .sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            t.unpark();
+        }
     }
 
     /// Queues a frame once the window has room for it. Returns its sequence number, or
@@ -297,6 +339,10 @@ impl Link {
         }
         let seq = st.next_seq;
         let frame = make(seq);
+        // Something waits for these as soon as they are queued; other frames may wait for
+        // the sender's next round, unless the window fills up.
+        let urgent = matches!(frame, Frame::Checkpoint { .. } | Frame::SyncDone { .. })
+            || 2 * (st.inflight.len() + 1) >= window_frames;
         let tx = st.tx.as_ref().expect("a linked state has a channel");
         // The channel holds at most the frames in flight, so this never blocks.
         if tx.send((frame, payload)).is_err() {
@@ -310,6 +356,13 @@ impl Link {
         st.inflight_bytes += bytes;
         st.forwarded_frames += 1;
         st.forwarded_bytes += bytes;
+        drop(st);
+        // Pairs with the fence in `run_sender`: either the sender sees this frame before
+        // it sleeps, or this sees that it sleeps.
+        fence(Ordering::SeqCst);
+        if urgent || self.sender_idle.load(Ordering::SeqCst) {
+            self.wake_sender();
+        }
         Some(seq)
     }
 
@@ -412,16 +465,46 @@ impl Link {
 /// The sender thread: drains the queue, gathering frames into large `writev`s; the data
 /// of a [`Payload::Disk`] frame follows its header (and whatever was gathered before it,
 /// sent with `MSG_MORE`) by `sendfile` from `disk`.
+///
+/// After a batch that did not fill up it sleeps for `delay` and gathers what was queued
+/// meanwhile, so that a guest writing steadily costs one wake-up and one `writev` per
+/// `delay` instead of one per frame (and the secondary one read and one acknowledgement).
+/// A checkpoint marker, the end of a resync or a filling window wakes it at once. With
+/// nothing queued it sleeps until the next frame.
 pub(crate) fn run_sender(
     link: &Link,
     disk: &Disk,
     rx: Receiver<Outgoing>,
     sock: TcpStream,
     generation: u64,
+    delay: Duration,
 ) {
+    *link.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
+    let _exit = SenderExit { link, generation };
     let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH_FRAMES);
     let mut headers: Vec<[u8; HEADER_LEN]> = Vec::with_capacity(SEND_BATCH_FRAMES);
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.try_recv() {
+            Ok(x) => x,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                link.sender_idle.store(true, Ordering::SeqCst);
+                // Pairs with the fence in `Link::enqueue`.
+                fence(Ordering::SeqCst);
+                match rx.try_recv() {
+                    Ok(x) => {
+                        link.sender_idle.store(false, Ordering::SeqCst);
+                        x
+                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                    Err(crossbeam_channel::TryRecvError::Empty) => {
+                        std::thread::park_timeout(IDLE_PROBE);
+                        link.sender_idle.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                }
+            }
+        };
         let mut bytes = first.1.len();
         batch.push(first);
         while batch.len() < SEND_BATCH_FRAMES && bytes < SEND_BATCH_BYTES as u64 {
@@ -433,6 +516,7 @@ pub(crate) fn run_sender(
                 Err(_) => break,
             }
         }
+        let full = batch.len() >= SEND_BATCH_FRAMES || bytes >= SEND_BATCH_BYTES as u64;
         headers.clear();
         headers.extend(batch.iter().map(|(f, _)| f.to_bytes()));
         if let Err(e) = send_batch(&sock, disk, &headers, &batch) {
@@ -444,6 +528,27 @@ pub(crate) fn run_sender(
                 link.recycle(v);
             }
         }
+        if !full && !delay.is_zero() && link.sender_may_gather(generation) {
+            std::thread::park_timeout(delay);
+        }
+    }
+}
+
+/// Marks the sender of `generation` as exited when it returns (for
+/// [`Link::wait_sender_exit`]).
+struct SenderExit<'a> {
+    link: &'a Link,
+    generation: u64,
+}
+
+impl Drop for SenderExit<'_> {
+    fn drop(&mut self) {
+        let mut st = self.link.lock();
+        if st.generation == self.generation {
+            st.sender_running = false;
+        }
+        drop(st);
+        self.link.notify_waiters();
     }
 }
 
@@ -500,7 +605,7 @@ pub(crate) fn run_acker(link: &Link, sock: TcpStream, generation: u64) {
         match keep {
             Ok(true) => {
                 drop(st);
-                link.notify();
+                link.notify_waiters();
             }
             Ok(false) => {
                 st.lose("the secondary said goodbye".into());

@@ -217,6 +217,7 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
     vec![
         format!("--checkpoint-delay={}us", c.checkpoint_delay.as_micros()),
         format!("--push-interval={}us", c.push_interval.as_micros()),
+        format!("--disk-send-delay={}us", c.disk_send_delay.as_micros()),
         format!(
             "--heartbeat-interval={}us",
             c.heartbeat_interval.as_micros()
