@@ -198,10 +198,21 @@ fn a_cut_link_leaves_exactly_one_side_active() {
         return;
     }
     assert!(run(&["ip", "link", "set", "lo", "up"]).unwrap().success());
+    // Cut once COLO runs (10 checkpoints recorded), not at a fixed time: on a busy
+    // machine a fixed time can fall into the initial sync, which is not what this tests.
+    let metrics = std::env::temp_dir().join(format!("colo-cut-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
     let cutter = {
         let ns = ns.0.clone();
+        let metrics = metrics.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(2500));
+            let start = std::time::Instant::now();
+            while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 10 {
+                if start.elapsed() > Duration::from_secs(60) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let nft = |rule: &str| {
                 Command::new("ip")
                     .args(["netns", "exec", &ns, "nft"])
@@ -216,12 +227,24 @@ fn a_cut_link_leaves_exactly_one_side_active() {
                 && nft("add rule inet colocut in meta l4proto tcp drop")
         })
     };
+    let m = metrics.display().to_string();
     let v = pair(
-        &["--duration", "6s", "--heartbeat-timeout", "800ms"],
+        &[
+            "--duration",
+            "6s",
+            "--heartbeat-timeout",
+            "800ms",
+            "--metrics",
+            &m,
+        ],
         None,
         Some(&ns.0),
     );
-    assert!(cutter.join().unwrap(), "nft rules");
+    let _ = std::fs::remove_file(&metrics);
+    assert!(
+        cutter.join().unwrap(),
+        "COLO did not start within 60 s, or the nft rules failed"
+    );
     assert_eq!(v["lost_acked"], 0, "{v}");
     assert_eq!(v["contradictions"], 0, "{v}");
     assert_eq!(v["fenced"], true, "the secondary stayed passive: {v}");
@@ -253,4 +276,132 @@ fn a_new_secondary_joins_a_running_primary_and_protects_it() {
     );
     assert_eq!(v["reprotected"], 1, "{v}");
     check_failover(&v, "re-protected pair");
+}
+
+/// Kills its child when dropped.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child; SIGCONT first, so a stopped child can die.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The secondary goes silent (SIGSTOP: its connections stay open, nothing is read or
+/// sent) while the primary copies its disk to it, before COLO ever ran. The primary's
+/// heartbeat notices, the disk copy gives up at once instead of waiting out the disk
+/// link's 10 s stall limit, and the primary starts its guest unprotected and serves until
+/// its --duration ends, as a failed migration leaves its source running. (It used to exit
+/// with "setup: disk resync" after 20 s.)
+#[test]
+fn a_secondary_lost_during_the_initial_sync_leaves_the_primary_serving() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("colo-initial-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let exe = env!("CARGO_BIN_EXE_colo");
+    // Each VM's network is a Unix socket this test drains (no tap, no root).
+    for side in ["primary", "secondary"] {
+        let l = std::os::unix::net::UnixListener::bind(dir.join(format!("{side}.sock"))).unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                let _ = std::io::copy(&mut c, &mut std::io::sink());
+            }
+        });
+    }
+    // A large sparse disk: its copy takes seconds, so the secondary stops mid-copy.
+    let disk = |side: &str| {
+        [
+            format!("--disk={}", dir.join(format!("{side}.img")).display()),
+            "--disk-size=4294967296".to_string(),
+            "--heartbeat-timeout=800ms".to_string(),
+            format!(
+                "--net-socket={}",
+                dir.join(format!("{side}.sock")).display()
+            ),
+        ]
+    };
+    let mut secondary = Reaper(
+        Command::new(exe)
+            .args(["secondary", &format!("--listen=127.0.0.1:{port}")])
+            .args(disk("secondary"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let sec_err = secondary.0.stderr.take().unwrap();
+    let (copying_tx, copying_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        for line in BufReader::new(sec_err).lines().map_while(Result::ok) {
+            if line.contains("primary connected mode=Resync") {
+                let _ = copying_tx.send(());
+            }
+        }
+    });
+    let mut primary = Reaper(
+        Command::new(exe)
+            .args([
+                "primary",
+                &format!("--peer=127.0.0.1:{port}"),
+                "--duration=3s",
+            ])
+            .args(disk("primary"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pri_err = primary.0.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(pri_err).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    copying_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the disk copy never started");
+    // SAFETY: kill(2) on our own child.
+    let stopped = unsafe { libc::kill(secondary.0.id() as i32, libc::SIGSTOP) };
+    assert_eq!(stopped, 0, "SIGSTOP the secondary");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = primary.0.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(primary);
+    drop(secondary);
+    let log = log.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
+    assert!(status.success(), "the primary failed ({status:?}):\n{log}");
+    assert!(
+        log.contains("the initial sync failed: the primary starts unprotected"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the secondary is gone"),
+        "the heartbeat, not the disk link's stall limit, ended the copy:\n{log}"
+    );
 }

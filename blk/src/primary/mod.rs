@@ -499,6 +499,19 @@ impl PrimaryDisk {
         }
     }
 
+    /// Ends the link at once, without waiting for a write or a resync in progress: for a
+    /// controller that learned by other means (its heartbeat) that the secondary is gone.
+    /// Whatever waits on the link (a full window, a barrier, [`complete_resync`]) returns
+    /// [`Error::ReplicationLost`] with `reason`, and writes go to the local disk only. A
+    /// new secondary needs a resync. Follow with [`stop_replication`](Self::stop_replication)
+    /// to join the link's threads.
+    ///
+    /// [`complete_resync`]: Self::complete_resync
+    pub fn drop_secondary(&self, reason: &str) {
+        let generation = self.shared.link.lock().generation;
+        self.shared.link.lose(generation, reason.to_string());
+    }
+
     fn join_link_threads(&self) {
         let mut th = lock(&self.threads);
         if let Some(h) = th.copier.take() {

@@ -295,7 +295,10 @@ fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<
                 let _ = st.buf.disk().start_writeback();
             }
             st.applied_seq = seq;
-            Next::AckNow
+            // Nothing on the primary waits for a flush: it is acknowledged with the frames
+            // around it, not at once (an acknowledgement per guest flush cost both sides a
+            // send and a wake-up per request).
+            Next::Continue
         }
         Frame::Checkpoint { seq, epoch } => {
             if st.phase != SecondaryPhase::Replicating {

@@ -388,27 +388,11 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     if let Some(path) = &a.metrics {
         p.metrics = Some(super::metrics::open_stream(path)?);
     }
-    if let Some(d) = pdisk {
-        let addr = super::blk_addr(&peer)?;
-        let s =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| {
-                ColoError::Setup(format!("connect the disk replication to {addr}: {e}"))
-            })?;
-        let _ = s.set_nodelay(true);
-        d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
-            .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
-        let t = Instant::now();
-        d.complete_resync(Duration::from_secs(600))
-            .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
-        tracing::info!(
-            ms = t.elapsed().as_millis() as u64,
-            bytes = d.len(),
-            "disk in sync with the secondary"
-        );
-        p.disk = Some(d);
+    p.disk = pdisk;
+    p.start()?;
+    if p.protected() {
+        tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
-    p.initial_sync()?;
-    tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     let started = Instant::now();
     let stop = a.colo.stop_fn();
     p.run(&stop)?;

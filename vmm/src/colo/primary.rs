@@ -242,6 +242,35 @@ fn crash_point(phase: &str, checkpoint: u64) {
     }
 }
 
+/// Connects the replicated disk `d` to the secondary at `peer` and copies it whole (the
+/// PVM may run meanwhile). Gives up as soon as `link`'s heartbeat says the secondary is
+/// gone, rather than when the disk link's own stall timeout (10 s) runs out.
+fn sync_disk(d: &colo_blk::PrimaryDisk, peer: &str, link: &Link) -> Result<()> {
+    let addr = super::blk_addr(peer)?;
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| ColoError::Setup(format!("disk replication to {addr}: {e}")))?;
+    let _ = s.set_nodelay(true);
+    d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
+        .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                if link.is_lost() {
+                    d.drop_secondary(&format!("the secondary is gone ({})", link.why()));
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = d
+            .complete_resync(Duration::from_secs(600))
+            .map_err(|e| ColoError::PeerLost(format!("disk resync: {e}")));
+        done.store(true, std::sync::atomic::Ordering::Release);
+        r
+    })
+}
+
 fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
     b.runs()
         .map(|(p, n)| WriteRun::pages(p, n, PAGE_SIZE as u32))
@@ -253,12 +282,46 @@ impl Primary {
         self.link.as_ref().is_some_and(|l| !l.is_lost())
     }
 
+    /// Brings the secondary in sync before the PVM first runs: the disk (if replicated),
+    /// then every page and the state; then the PVM starts. If the secondary is lost
+    /// meanwhile, the primary leaves COLO and starts the PVM unprotected, as a failed
+    /// migration leaves its source running; with [`reprotect`](Self::reprotect) a new
+    /// secondary may join later.
+    ///
+    /// # Errors
+    /// A VM failure only.
+    pub fn start(&mut self) -> Result<()> {
+        let r = match &self.disk {
+            Some(d) => {
+                let t = Instant::now();
+                let link = self.peer()?;
+                sync_disk(d, &self.peer.addr, link).inspect(|()| {
+                    tracing::info!(
+                        ms = t.elapsed().as_millis() as u64,
+                        bytes = d.len(),
+                        "disk in sync with the secondary"
+                    );
+                })
+            }
+            None => Ok(()),
+        };
+        match r.and_then(|()| self.initial_sync()) {
+            Ok(()) => Ok(()),
+            Err(e @ ColoError::Vm(_)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "the initial sync failed: the primary starts unprotected");
+                self.leave(&e);
+                Ok(())
+            }
+        }
+    }
+
     /// The initial full synchronization: every page and the state, with the VM paused
     /// (it has not run yet). Then the PVM starts.
     ///
     /// # Errors
     /// A lost secondary or a VM failure.
-    pub fn initial_sync(&mut self) -> Result<()> {
+    fn initial_sync(&mut self) -> Result<()> {
         // Reset the dirty log: everything is pushed anyway.
         self.dirty.collect(&mut self.bitmap)?;
         self.bitmap.clear_all();
@@ -397,14 +460,7 @@ impl Primary {
         tracing::info!(peer = %self.peer.addr, "a new secondary joined: resynchronizing while serving");
         let t = Instant::now();
         if let Some(d) = &self.disk {
-            let addr = super::blk_addr(&self.peer.addr)?;
-            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                .map_err(|e| ColoError::Setup(format!("disk replication to {addr}: {e}")))?;
-            let _ = s.set_nodelay(true);
-            d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
-                .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
-            d.complete_resync(Duration::from_secs(600))
-                .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
+            sync_disk(d, &self.peer.addr, &link)?;
         }
         // Every page, while the PVM runs; what it dirties meanwhile goes in the first
         // checkpoint.

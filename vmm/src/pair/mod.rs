@@ -560,7 +560,13 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     // Wait for the initial sync before the load starts.
     let t1 = Instant::now();
     while shared.commits.load(Ordering::Relaxed) == 0 {
-        if !primary.alive() || t1.elapsed() > Duration::from_secs(60) {
+        // A primary that lost the secondary during the sync serves unprotected: nothing
+        // to show here.
+        let lost = *shared
+            .secondary_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if lost || !primary.alive() || t1.elapsed() > Duration::from_secs(60) {
             let log = shared
                 .log
                 .lock()
