@@ -112,3 +112,30 @@ fn an_empty_epoch_waits_for_the_release_of_the_previous_one() {
     assert_eq!(r.unwrap().epoch, 2);
     rx.release(2).unwrap();
 }
+
+#[test]
+fn an_abort_ends_a_commit_waiting_for_a_receiver_that_never_answers() {
+    // The receiver stays connected but never releases epoch 1, as a stopped or cut-off
+    // secondary would: epoch 2's commit waits for it (up to the 60 s ack timeout).
+    let (mut tx, mut rx, _guest, _cache) = connected(2);
+    push_epoch(&mut tx, [WriteRun::pages(3, 1, PAGE)], &[1 << 3]).unwrap();
+    assert_eq!(rx.next_commit(Duration::from_secs(10)).unwrap().epoch, 1);
+    let abort = tx.abort_handle();
+    let (started_tx, started) = crossbeam_channel::bounded(1);
+    let pusher = std::thread::spawn(move || {
+        started_tx.send(()).unwrap();
+        let r = push_epoch(&mut tx, [WriteRun::pages(4, 1, PAGE)], &[1 << 4]);
+        // Dropping the sender joins its workers: it must not hang on the silent peer.
+        drop(tx);
+        r
+    });
+    started.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    abort.abort();
+    let r = pusher.join().unwrap();
+    assert!(
+        matches!(&r, Err(e) if !matches!(e, Error::Timeout(..))),
+        "the commit fails once aborted, not at its ack timeout: {r:?}"
+    );
+    drop(rx);
+}

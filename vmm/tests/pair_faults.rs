@@ -290,110 +290,177 @@ impl Drop for Reaper {
     }
 }
 
-/// The secondary goes silent (SIGSTOP: its connections stay open, nothing is read or
-/// sent) while the primary copies its disk to it, before COLO ever ran. The primary's
-/// heartbeat notices, the disk copy gives up at once instead of waiting out the disk
-/// link's 10 s stall limit, and the primary starts its guest unprotected and serves until
-/// its --duration ends, as a failed migration leaves its source running. (It used to exit
-/// with "setup: disk resync" after 20 s.)
+/// `colo secondary` and `colo primary` as two processes on loopback, each VM's network on
+/// a Unix socket this harness drains (no tap, no root), the primary with a --metrics file.
+struct TwoSides {
+    dir: std::path::PathBuf,
+    secondary: Reaper,
+    /// Lines of the secondary's stderr.
+    sec_lines: crossbeam_channel::Receiver<String>,
+    primary: Reaper,
+    /// The primary's whole stderr, once it has exited.
+    pri_log: Option<std::thread::JoinHandle<String>>,
+}
+
+impl TwoSides {
+    /// Starts both; `common` goes to both sides, `primary` to the primary only.
+    fn start(name: &str, common: &[&str], primary: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+
+        let dir = std::env::temp_dir().join(format!("colo-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for side in ["primary", "secondary"] {
+            let l =
+                std::os::unix::net::UnixListener::bind(dir.join(format!("{side}.sock"))).unwrap();
+            std::thread::spawn(move || {
+                if let Ok((mut c, _)) = l.accept() {
+                    let _ = std::io::copy(&mut c, &mut std::io::sink());
+                }
+            });
+        }
+        let exe = env!("CARGO_BIN_EXE_colo");
+        let side_args = |side: &str| {
+            let mut v = vec![
+                format!("--disk={}", dir.join(format!("{side}.img")).display()),
+                format!(
+                    "--net-socket={}",
+                    dir.join(format!("{side}.sock")).display()
+                ),
+                "--heartbeat-timeout=800ms".to_string(),
+            ];
+            v.extend(common.iter().map(|a| a.to_string()));
+            v
+        };
+        let mut secondary = Reaper(
+            Command::new(exe)
+                .args(["secondary", &format!("--listen=127.0.0.1:{port}")])
+                .args(side_args("secondary"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let err = secondary.0.stderr.take().unwrap();
+        let (tx, sec_lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut p = Reaper(
+            Command::new(exe)
+                .args(["primary", &format!("--peer=127.0.0.1:{port}")])
+                .arg(format!("--metrics={}", dir.join("metrics.jsonl").display()))
+                .args(side_args("primary"))
+                .args(primary)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let err = p.0.stderr.take().unwrap();
+        let pri_log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        Self {
+            dir,
+            secondary,
+            sec_lines,
+            primary: p,
+            pri_log: Some(pri_log),
+        }
+    }
+
+    /// Waits (at most 60 s) for a line of the secondary's log containing `what`.
+    fn secondary_says(&self, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.sec_lines.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return,
+                Ok(_) => {}
+                Err(_) => panic!("the secondary never said {what:?}"),
+            }
+        }
+    }
+
+    /// Waits (at most 60 s) until the primary has recorded `n` checkpoints.
+    fn checkpoints(&self, n: usize) {
+        let m = self.dir.join("metrics.jsonl");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::fs::read_to_string(&m).map_or(0, |s| s.lines().count()) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {n} checkpoints in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGSTOPs the secondary: its connections stay open, nothing is read or sent.
+    fn silence_secondary(&self) {
+        // SAFETY: kill(2) on our own child.
+        let r = unsafe { libc::kill(self.secondary.0.id() as i32, libc::SIGSTOP) };
+        assert_eq!(r, 0, "SIGSTOP the secondary");
+    }
+
+    /// Waits (at most 90 s) for the primary to exit by itself; its status and log.
+    fn primary_exit(&mut self) -> (Option<std::process::ExitStatus>, String) {
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = self.primary.0.try_wait().unwrap() {
+                break Some(s);
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = self.primary.0.kill();
+        let _ = self.primary.0.wait();
+        let log = self.pri_log.take().unwrap().join().unwrap();
+        (status, log)
+    }
+}
+
+impl Drop for TwoSides {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The secondary goes silent (SIGSTOP) while the primary copies its disk to it, before
+/// COLO ever ran. The primary's heartbeat notices, the disk copy gives up at once instead
+/// of waiting out the disk link's 10 s stall limit, and the primary starts its guest
+/// unprotected and serves until its --duration ends, as a failed migration leaves its
+/// source running. (It used to exit with "setup: disk resync" after 20 s.)
 #[test]
 fn a_secondary_lost_during_the_initial_sync_leaves_the_primary_serving() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-
     let _one_at_a_time = serial();
     if !kvm() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("colo-initial-loss-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let exe = env!("CARGO_BIN_EXE_colo");
-    // Each VM's network is a Unix socket this test drains (no tap, no root).
-    for side in ["primary", "secondary"] {
-        let l = std::os::unix::net::UnixListener::bind(dir.join(format!("{side}.sock"))).unwrap();
-        std::thread::spawn(move || {
-            if let Ok((mut c, _)) = l.accept() {
-                let _ = std::io::copy(&mut c, &mut std::io::sink());
-            }
-        });
-    }
     // A large sparse disk: its copy takes seconds, so the secondary stops mid-copy.
-    let disk = |side: &str| {
-        [
-            format!("--disk={}", dir.join(format!("{side}.img")).display()),
-            "--disk-size=4294967296".to_string(),
-            "--heartbeat-timeout=800ms".to_string(),
-            format!(
-                "--net-socket={}",
-                dir.join(format!("{side}.sock")).display()
-            ),
-        ]
-    };
-    let mut secondary = Reaper(
-        Command::new(exe)
-            .args(["secondary", &format!("--listen=127.0.0.1:{port}")])
-            .args(disk("secondary"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut sides = TwoSides::start(
+        "initial-loss",
+        &["--disk-size=4294967296"],
+        &["--duration=3s"],
     );
-    let sec_err = secondary.0.stderr.take().unwrap();
-    let (copying_tx, copying_rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        for line in BufReader::new(sec_err).lines().map_while(Result::ok) {
-            if line.contains("primary connected mode=Resync") {
-                let _ = copying_tx.send(());
-            }
-        }
-    });
-    let mut primary = Reaper(
-        Command::new(exe)
-            .args([
-                "primary",
-                &format!("--peer=127.0.0.1:{port}"),
-                "--duration=3s",
-            ])
-            .args(disk("primary"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let pri_err = primary.0.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(pri_err).lines().map_while(Result::ok) {
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    copying_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the disk copy never started");
-    // SAFETY: kill(2) on our own child.
-    let stopped = unsafe { libc::kill(secondary.0.id() as i32, libc::SIGSTOP) };
-    assert_eq!(stopped, 0, "SIGSTOP the secondary");
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = primary.0.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drop(primary);
-    drop(secondary);
-    let log = log.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    sides.secondary_says("primary connected mode=Resync");
+    sides.silence_secondary();
+    let (status, log) = sides.primary_exit();
     let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
     assert!(status.success(), "the primary failed ({status:?}):\n{log}");
     assert!(
@@ -404,4 +471,61 @@ fn a_secondary_lost_during_the_initial_sync_leaves_the_primary_serving() {
         log.contains("the secondary is gone"),
         "the heartbeat, not the disk link's stall limit, ended the copy:\n{log}"
     );
+}
+
+/// The secondary goes silent (SIGSTOP) while COLO runs with a busy dirty load, so the
+/// primary is most likely pushing pages in the background and waiting for their
+/// acknowledgement. The heartbeat's verdict ends the push streams: the primary leaves
+/// COLO for that reason, serves on, and exits at its --duration. (The push used to wait
+/// for its 60 s acknowledgement timeout, and the exit then hung on the stopped peer.)
+#[test]
+fn a_silent_secondary_during_colo_is_left_at_the_heartbeat_verdict() {
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    let mut sides = TwoSides::start(
+        "silent",
+        &["--ram=128MiB", "--dirty-rate=25600"],
+        &["--duration=5s"],
+    );
+    sides.checkpoints(10);
+    sides.silence_secondary();
+    let (status, log) = sides.primary_exit();
+    let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
+    assert!(status.success(), "the primary failed ({status:?}):\n{log}");
+    let left = log
+        .lines()
+        .find(|l| l.contains("leaving COLO"))
+        .unwrap_or_else(|| panic!("the primary never left COLO:\n{log}"));
+    assert!(
+        left.contains("error=peer lost: no heartbeat"),
+        "it left COLO on the heartbeat's verdict: {left}\n{log}"
+    );
+    // And at once: not after the push's own 60 s acknowledgement timeout.
+    let verdict = log
+        .lines()
+        .find(|l| l.contains("peer lost reason="))
+        .unwrap_or_else(|| panic!("no heartbeat verdict in the log:\n{log}"));
+    let gap = log_secs(left) - log_secs(verdict);
+    assert!(
+        gap.rem_euclid(86_400.0) < 10.0,
+        "{gap:.1} s from the verdict to leaving COLO:\n{verdict}\n{left}"
+    );
+}
+
+/// Seconds since midnight of a log line's timestamp (`2026-12-02T05:05:05.541589Z ...`).
+fn log_secs(line: &str) -> f64 {
+    let t = line
+        .split_whitespace()
+        .next()
+        .and_then(|ts| ts.split_once('T'))
+        .map(|(_, t)| t.trim_end_matches('Z'))
+        .unwrap_or_else(|| panic!("no timestamp in {line:?}"));
+    t.split(':')
+        .map(|x| {
+            x.parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad time in {line:?}"))
+        })
+        .fold(0.0, |acc, x| acc * 60.0 + x)
 }

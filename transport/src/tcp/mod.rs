@@ -17,4 +17,4 @@ pub mod wire;
 pub use io::{MemStream, ScatterIo};
 pub(crate) use receiver::{Shared, serve_stream};
 pub use receiver::{TcpPushListener, TcpPushReceiver};
-pub use sender::{TcpPushOptions, TcpPushSender};
+pub use sender::{TcpPushAbort, TcpPushOptions, TcpPushSender};

@@ -98,6 +98,25 @@ pub struct TcpPushSender {
     /// The epoch whose end was sent and whose acknowledgements are not yet taken.
     committing: Option<u64>,
     closed: bool,
+    abort: TcpPushAbort,
+}
+
+/// Ends a [`TcpPushSender`]'s streams from any thread: for a caller that learned by other
+/// means (a heartbeat) that the receiver is gone, so that a fence or commit waiting for
+/// it fails now instead of at [`TcpPushOptions::ack_timeout`].
+#[derive(Debug, Clone)]
+pub struct TcpPushAbort {
+    socks: Arc<Vec<TcpStream>>,
+}
+
+impl TcpPushAbort {
+    /// Shuts every stream down: the sender's waits and its workers' blocked sends and
+    /// receives fail at once, and the sender is closed.
+    pub fn abort(&self) {
+        for s in self.socks.iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl TcpPushSender {
@@ -186,6 +205,18 @@ impl TcpPushSender {
                     source,
                 })?;
         }
+        let abort = TcpPushAbort {
+            socks: Arc::new(
+                socks
+                    .iter()
+                    .map(TcpStream::try_clone)
+                    .collect::<std::io::Result<_>>()
+                    .map_err(|source| Error::SocketOption {
+                        option: "dup",
+                        source,
+                    })?,
+            ),
+        };
         let (done_tx, done) = crossbeam_channel::unbounded();
         let mut workers = Vec::with_capacity(n);
         for (i, s) in socks.into_iter().enumerate() {
@@ -218,11 +249,20 @@ impl TcpPushSender {
             bitmap: Arc::new(Vec::new()),
             committing: None,
             closed: false,
+            abort,
         })
+    }
+
+    /// A handle that ends this sender's streams from another thread.
+    pub fn abort_handle(&self) -> TcpPushAbort {
+        self.abort.clone()
     }
 
     fn fail(&mut self, e: Error) -> Error {
         self.closed = true;
+        // A failed sender is closed for good: end the streams too, so that no worker stays
+        // blocked on a receiver that stopped reading (dropping the sender joins them).
+        self.abort.abort();
         for w in &self.workers {
             // Wake workers blocked on a full queue of a dead peer.
             let _ = w.tx.try_send(Cmd::Goodbye);

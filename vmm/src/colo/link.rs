@@ -35,6 +35,8 @@ struct Inner {
     epoch: Instant,
     /// `x-colo-lost-heartbeat`: act as if the peer were lost.
     forced: AtomicBool,
+    /// Run once when the link is lost (e.g. ending the push streams).
+    on_lost: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// One side's end of the link.
@@ -72,6 +74,7 @@ impl Link {
             last_heard_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             forced: AtomicBool::new(false),
+            on_lost: Mutex::default(),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let i = Arc::clone(&inner);
@@ -186,6 +189,23 @@ impl Link {
         self.inner.lose("x-colo-lost-heartbeat".into());
     }
 
+    /// Runs `f` once when the link is lost (at once if it already is): the heartbeat is
+    /// the authority on whether the peer lives, and whatever else waits for the peer
+    /// (the push streams) must stop waiting then.
+    pub fn on_lost(&self, f: impl Fn() + Send + Sync + 'static) {
+        let mut v = self
+            .inner
+            .on_lost
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.is_lost() {
+            drop(v);
+            f();
+        } else {
+            v.push(Box::new(f));
+        }
+    }
+
     fn lost_error(&self) -> ColoError {
         ColoError::PeerLost(self.why())
     }
@@ -217,6 +237,15 @@ impl Inner {
             }
             if let Ok(c) = self.tx.lock() {
                 c.shutdown();
+            }
+            let callbacks = std::mem::take(
+                &mut *self
+                    .on_lost
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for f in callbacks {
+                f();
             }
         }
     }

@@ -214,8 +214,14 @@ fn open_link(
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| ColoError::Setup(format!("cannot resolve {host}")))?;
-    let push = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
+    let (push, abort) = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
     let link = Link::start(ctl, params.heartbeat)?;
+    if let Some(abort) = abort {
+        // A silent secondary (stopped, or the network cut) never fails the push streams
+        // by itself: the heartbeat's verdict ends them, so a background push or a commit
+        // waiting for the secondary fails now rather than at the push's 60 s timeout.
+        link.on_lost(abort);
+    }
     Ok((link, push, desc.pages()))
 }
 
@@ -509,12 +515,20 @@ impl Primary {
                 .is_some_and(|l| l.why().contains("x-colo-lost-heartbeat"));
             super::qmp::colo_exit(q, if forced { "request" } else { "error" });
         }
-        tracing::warn!(error = %e, "secondary lost: leaving COLO, the primary keeps serving");
+        // When the heartbeat declared the peer lost, that is the cause; the failure that
+        // surfaced here (a push ended by it, say) is only its consequence.
+        let why = match self.link.as_ref() {
+            Some(l) if l.is_lost() && !matches!(e, ColoError::PeerLost(_)) => {
+                format!("peer lost: {} (then: {e})", l.why())
+            }
+            _ => e.to_string(),
+        };
+        tracing::warn!(error = %why, "secondary lost: leaving COLO, the primary keeps serving");
         if let Some(d) = &self.disk {
             d.stop_replication();
         }
         self.events
-            .emit(&format!("EXIT primary secondary-lost {e}"));
+            .emit(&format!("EXIT primary secondary-lost {why}"));
         self.link = None;
         self.push = None;
         self.vm.resume();

@@ -42,6 +42,9 @@ impl std::fmt::Display for PushTransport {
     }
 }
 
+/// Ends a push sender's transport from another thread (see [`connect`]).
+pub type Abort = Box<dyn Fn() + Send + Sync>;
+
 /// The secondary's push listener.
 pub enum PushListener {
     /// TCP.
@@ -109,10 +112,10 @@ pub fn connect(
     host: IpAddr,
     desc: RegionDesc,
     ram: Arc<Region>,
-) -> Result<Box<dyn PushSender>> {
+) -> Result<(Box<dyn PushSender>, Option<Abort>)> {
     match t {
-        PushTransport::Tcp { streams } => Ok(Box::new(
-            TcpPushSender::connect(
+        PushTransport::Tcp { streams } => {
+            let s = TcpPushSender::connect(
                 SocketAddr::new(host, desc.port),
                 desc,
                 ram,
@@ -121,18 +124,25 @@ pub fn connect(
                     ..TcpPushOptions::default()
                 },
             )
-            .map_err(ColoError::transport("connect the push streams"))?,
-        )),
+            .map_err(ColoError::transport("connect the push streams"))?;
+            let abort = s.abort_handle();
+            Ok((Box::new(s), Some(Box::new(move || abort.abort()))))
+        }
         #[cfg(feature = "rdma")]
-        PushTransport::Rdma(o) => Ok(Box::new(
-            colo_transport::rdma::connect(
-                host,
-                desc,
-                ram,
-                o,
-                colo_transport::verbs::VerbsOptions::default(),
-            )
-            .map_err(ColoError::transport("connect the RDMA push path"))?,
+        PushTransport::Rdma(o) => Ok((
+            Box::new(
+                colo_transport::rdma::connect(
+                    host,
+                    desc,
+                    ram,
+                    o,
+                    colo_transport::verbs::VerbsOptions::default(),
+                )
+                .map_err(ColoError::transport("connect the RDMA push path"))?,
+            ),
+            // A silent RDMA peer fails the writes by the queue pair's own retry timeout;
+            // the waits are bounded by the verbs pipeline's completion timeout.
+            None,
         )),
     }
 }
