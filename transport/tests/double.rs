@@ -161,6 +161,43 @@ fn a_release_that_never_comes_times_out_without_writing() {
     );
 }
 
+#[test]
+fn an_abort_ends_a_wait_for_a_release_that_never_comes() {
+    // The receiver never releases epoch 1, as a stopped or cut-off secondary would; the
+    // sender would wait its whole release timeout (30 s by default) for it.
+    let (src, dst) = regions();
+    let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
+    let mut tx = rx
+        .connect_with(
+            *rx.desc(),
+            Arc::clone(&src),
+            Faults::default(),
+            SimConfig::default(),
+            VerbsOptions::default(),
+        )
+        .unwrap();
+    push_epoch(&mut tx, runs(&[1]), &bitmap_of(&[1], PAGES)).unwrap();
+    assert_eq!(rx.next_commit(T).unwrap().epoch, 1);
+    fill(&src, 2, &[2]);
+    let abort = tx.abort_handle();
+    let pusher = std::thread::spawn(move || {
+        let r = push_epoch(&mut tx, runs(&[2]), &bitmap_of(&[2], PAGES));
+        (tx, r)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    abort.abort();
+    let (mut tx, r) = pusher.join().unwrap();
+    assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+    // Closed for good, and nothing of the unreleased epoch landed.
+    assert!(tx.fence().is_err());
+    let mut page = vec![1u8; PAGE as usize];
+    dst.read_at(2 * u64::from(PAGE), &mut page).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "an unreleased epoch's write landed"
+    );
+}
+
 /// Adjacent pages whose sources are scattered: each request gathers up to max_sge SGEs.
 #[test]
 fn adjacent_runs_gather_into_requests_of_max_sge() {

@@ -33,7 +33,7 @@ pub mod sim;
 use std::time::Duration;
 
 pub use receiver::VerbsReceiver;
-pub use sender::{SenderStats, VerbsOptions, VerbsSender};
+pub use sender::{SenderStats, VerbsAbort, VerbsOptions, VerbsSender};
 
 use crate::error::{Error, Result};
 

@@ -129,20 +129,17 @@ pub fn connect(
             Ok((Box::new(s), Some(Box::new(move || abort.abort()))))
         }
         #[cfg(feature = "rdma")]
-        PushTransport::Rdma(o) => Ok((
-            Box::new(
-                colo_transport::rdma::connect(
-                    host,
-                    desc,
-                    ram,
-                    o,
-                    colo_transport::verbs::VerbsOptions::default(),
-                )
-                .map_err(ColoError::transport("connect the RDMA push path"))?,
-            ),
-            // A silent RDMA peer fails the writes by the queue pair's own retry timeout;
-            // the waits are bounded by the verbs pipeline's completion timeout.
-            None,
-        )),
+        PushTransport::Rdma(o) => {
+            let s = colo_transport::rdma::connect(
+                host,
+                desc,
+                ram,
+                o,
+                colo_transport::verbs::VerbsOptions::default(),
+            )
+            .map_err(ColoError::transport("connect the RDMA push path"))?;
+            let abort = s.abort_handle();
+            Ok((Box::new(s), Some(Box::new(move || abort.abort()))))
+        }
     }
 }
