@@ -216,12 +216,10 @@ fn open_link(
         .ok_or_else(|| ColoError::Setup(format!("cannot resolve {host}")))?;
     let (push, abort) = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
     let link = Link::start(ctl, params.heartbeat)?;
-    if let Some(abort) = abort {
-        // A silent secondary (stopped, or the network cut) never fails the push streams
-        // by itself: the heartbeat's verdict ends them, so a background push or a commit
-        // waiting for the secondary fails now rather than at the push's 60 s timeout.
-        link.on_lost(abort);
-    }
+    // A silent secondary (stopped, or the network cut) never fails the push path by
+    // itself: the heartbeat's verdict ends it, so a background push or a commit waiting for
+    // the secondary fails now rather than at the push's own timeout (TCP 60 s, verbs 30 s).
+    link.on_lost(abort);
     Ok((link, push, desc.pages()))
 }
 

@@ -103,7 +103,8 @@ impl PushListener {
 }
 
 /// Connects the primary's push sender to the secondary at `host` for `desc`, reading
-/// `ram`.
+/// `ram`. Also returns what ends the sender's transport from another thread (the
+/// heartbeat's verdict calls it).
 ///
 /// # Errors
 /// [`ColoError::Transport`] when the connection fails.
@@ -112,7 +113,7 @@ pub fn connect(
     host: IpAddr,
     desc: RegionDesc,
     ram: Arc<Region>,
-) -> Result<(Box<dyn PushSender>, Option<Abort>)> {
+) -> Result<(Box<dyn PushSender>, Abort)> {
     match t {
         PushTransport::Tcp { streams } => {
             let s = TcpPushSender::connect(
@@ -126,7 +127,7 @@ pub fn connect(
             )
             .map_err(ColoError::transport("connect the push streams"))?;
             let abort = s.abort_handle();
-            Ok((Box::new(s), Some(Box::new(move || abort.abort()))))
+            Ok((Box::new(s), Box::new(move || abort.abort())))
         }
         #[cfg(feature = "rdma")]
         PushTransport::Rdma(o) => {
@@ -139,7 +140,7 @@ pub fn connect(
             )
             .map_err(ColoError::transport("connect the RDMA push path"))?;
             let abort = s.abort_handle();
-            Ok((Box::new(s), Some(Box::new(move || abort.abort()))))
+            Ok((Box::new(s), Box::new(move || abort.abort())))
         }
     }
 }
