@@ -416,8 +416,9 @@ impl TwoSides {
         assert_eq!(r, 0, "SIGSTOP the secondary");
     }
 
-    /// Waits (at most 90 s) for the primary to exit by itself; its status and log.
-    fn primary_exit(&mut self) -> (Option<std::process::ExitStatus>, String) {
+    /// Waits (at most 90 s) for the primary to exit by itself, checks that it exited
+    /// successfully, and returns its log.
+    fn primary_succeeds(&mut self) -> String {
         let start = std::time::Instant::now();
         let status = loop {
             if let Some(s) = self.primary.0.try_wait().unwrap() {
@@ -431,7 +432,9 @@ impl TwoSides {
         let _ = self.primary.0.kill();
         let _ = self.primary.0.wait();
         let log = self.pri_log.take().unwrap().join().unwrap();
-        (status, log)
+        let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
+        assert!(status.success(), "the primary failed ({status:?}):\n{log}");
+        log
     }
 }
 
@@ -460,9 +463,7 @@ fn a_secondary_lost_during_the_initial_sync_leaves_the_primary_serving() {
     );
     sides.secondary_says("primary connected mode=Resync");
     sides.silence_secondary();
-    let (status, log) = sides.primary_exit();
-    let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
-    assert!(status.success(), "the primary failed ({status:?}):\n{log}");
+    let log = sides.primary_succeeds();
     assert!(
         log.contains("the initial sync failed: the primary starts unprotected"),
         "{log}"
@@ -491,9 +492,7 @@ fn a_silent_secondary_during_colo_is_left_at_the_heartbeat_verdict() {
     );
     sides.checkpoints(10);
     sides.silence_secondary();
-    let (status, log) = sides.primary_exit();
-    let status = status.unwrap_or_else(|| panic!("the primary never ended:\n{log}"));
-    assert!(status.success(), "the primary failed ({status:?}):\n{log}");
+    let log = sides.primary_succeeds();
     let left = log
         .lines()
         .find(|l| l.contains("leaving COLO"))

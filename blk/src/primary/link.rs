@@ -285,7 +285,7 @@ impl Link {
     /// ended or stops, when it must drain its queue and exit.
     fn sender_may_gather(&self, generation: u64) -> bool {
         let st = self.lock();
-        st.generation == generation && st.linked() && st.tx.is_some()
+        st.generation == generation && st.linked()
     }
 
     fn wake_sender(&self) {

@@ -512,3 +512,23 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_that_may_be_zero_parse_and_bad_ones_are_refused() {
+        for z in ["0", "0ms", "0us", "0s", " 0.0ms "] {
+            assert_eq!(parse_ms_or_zero(z), Ok(Duration::ZERO), "{z}");
+        }
+        assert_eq!(parse_ms_or_zero("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_ms_or_zero("250us"), Ok(Duration::from_micros(250)));
+        for bad in ["", "-1ms", "abc", "0x", "1 h", "nan"] {
+            let e = parse_ms_or_zero(bad).unwrap_err();
+            assert!(e.contains("is not a duration"), "{bad}: {e}");
+        }
+        // Where zero means nothing sensible, it stays refused.
+        assert!(parse_ms("0").is_err());
+    }
+}

@@ -247,32 +247,20 @@ fn crash_point(phase: &str, checkpoint: u64) {
 }
 
 /// Connects the replicated disk `d` to the secondary at `peer` and copies it whole (the
-/// PVM may run meanwhile). Gives up as soon as `link`'s heartbeat says the secondary is
-/// gone, rather than when the disk link's own stall timeout (10 s) runs out.
-fn sync_disk(d: &colo_blk::PrimaryDisk, peer: &str, link: &Link) -> Result<()> {
+/// PVM may run meanwhile). `link`'s heartbeat verdict ends the disk link at once, so a
+/// copy (or later a barrier) gives up then rather than when the disk link's own stall
+/// timeout (10 s) runs out.
+fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &str, link: &Link) -> Result<()> {
     let addr = super::blk_addr(peer)?;
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| ColoError::Setup(format!("disk replication to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
     d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
         .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Acquire) {
-                if link.is_lost() {
-                    d.drop_secondary(&format!("the secondary is gone ({})", link.why()));
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let r = d
-            .complete_resync(Duration::from_secs(600))
-            .map_err(|e| ColoError::PeerLost(format!("disk resync: {e}")));
-        done.store(true, std::sync::atomic::Ordering::Release);
-        r
-    })
+    let disk = Arc::clone(d);
+    link.on_lost(move || disk.drop_secondary("the heartbeat says the secondary is gone"));
+    d.complete_resync(Duration::from_secs(600))
+        .map_err(|e| ColoError::PeerLost(format!("disk resync: {e}")))
 }
 
 fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
