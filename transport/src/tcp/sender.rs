@@ -159,6 +159,14 @@ impl TcpPushSender {
             let mut s = loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
+                    // The receiver stops listening once it refuses a stream's Hello: a
+                    // later stream's refused connect then means that refusal, and is
+                    // reported at once rather than after the whole connect timeout.
+                    Err(_) if socks.iter().any(closed_by_peer) => {
+                        return Err(Error::Handshake(
+                            "the receiver closed the stream: wrong key or layout".into(),
+                        ));
+                    }
                     Err(source) if Instant::now() >= deadline => {
                         return Err(Error::Connect {
                             addr: addr.to_string(),
@@ -557,4 +565,20 @@ fn round_trip(s: &mut TcpStream, req: PushFrame, body: &[u8], want: PushFrame) -
         return Err(Error::Protocol(format!("expected {want:?}, got {got:?}")));
     }
     Ok(())
+}
+
+/// Whether the peer has closed or reset `s` (which it has not written to): a
+/// non-blocking peek sees the end of the stream or an error rather than "would block".
+fn closed_by_peer(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    let closed = match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = s.set_nonblocking(false);
+    closed
 }
