@@ -48,6 +48,15 @@ pub struct Config {
     /// empty frame of its guest (colo's does not). Default off: an empty frame is
     /// malformed.
     pub commit_marker: bool,
+    /// Pace the secondary VM: when its oldest TCP output not yet compared is older than
+    /// this, the secondary has run that far ahead of the primary, and each checkpoint will
+    /// throw that work away (the secondary restarts from the primary's state). The proxy
+    /// then sends the secondary's port a [`PACE_HOLD`](crate::framing::PACE_HOLD) frame,
+    /// and a [`PACE_GO`](crate::framing::PACE_GO) frame once that output is younger than
+    /// half this (or compared, or a checkpoint committed). Only for a secondary that
+    /// understands them on a socket port (colo's does); a tap cannot carry them. Default
+    /// off.
+    pub secondary_lead: Option<Duration>,
 }
 
 impl Default for Config {
@@ -62,6 +71,7 @@ impl Default for Config {
             malformed: MalformedPolicy::Forward,
             passthrough: Vec::new(),
             commit_marker: false,
+            secondary_lead: None,
         }
     }
 }
@@ -80,6 +90,9 @@ impl Config {
         }
         if self.max_queue_size == 0 {
             return Err(Error::Config("max_queue_size must be at least 1".into()));
+        }
+        if self.secondary_lead.is_some_and(|d| d.is_zero()) {
+            return Err(Error::Config("secondary_lead must be positive".into()));
         }
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));

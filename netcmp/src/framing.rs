@@ -14,6 +14,12 @@
 
 use crate::error::{Error, Result};
 
+/// Sent by the proxy on the secondary's port ([`Config::secondary_lead`](crate::Config)):
+/// hold the VM, it is too far ahead of the primary. One byte, so never an Ethernet frame.
+pub const PACE_HOLD: [u8; 1] = [1];
+/// Sent by the proxy on the secondary's port: the VM may run again.
+pub const PACE_GO: [u8; 1] = [0];
+
 /// The largest frame accepted by default: QEMU's NET_BUFSIZE (4096 + 65536 bytes).
 pub const MAX_FRAME: u32 = 4096 + 65536;
 

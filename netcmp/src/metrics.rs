@@ -72,6 +72,9 @@ counters! {
     checkpoint_triggers,
     /// Checkpoint requests sent (at most one outstanding at a time).
     checkpoint_requests,
+    /// Times the secondary was asked to hold: it ran further ahead of the primary than
+    /// `secondary_lead`.
+    secondary_holds,
     /// Checkpoints the controller reported committed.
     checkpoints_committed,
     /// Held primary frames released by a committed checkpoint.

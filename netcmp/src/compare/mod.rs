@@ -24,7 +24,7 @@ mod tcp;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -134,6 +134,10 @@ pub struct Engine {
     mode: Mode,
     pending: bool,
     next_scan: Option<Instant>,
+    /// The secondary was asked to hold ([`Config::secondary_lead`]).
+    secondary_held: bool,
+    /// When to look at the secondary's lead again; `None` while nothing of it waits.
+    next_pace: Option<Instant>,
     log_malformed: LogLimit,
     log_trigger: LogLimit,
     /// Periodic mode: the primary's output waiting for the checkpoint that covers it.
@@ -157,6 +161,8 @@ impl Engine {
             mode: Mode::Compare,
             pending: false,
             next_scan: None,
+            secondary_held: false,
+            next_pace: None,
             log_malformed: LogLimit::new(5),
             log_trigger: LogLimit::new(5),
             periodic_held: std::collections::VecDeque::new(),
@@ -413,6 +419,11 @@ impl Engine {
         if let Some(reason) = r {
             self.trigger(Some(key), reason, now, out);
         }
+        if self.next_pace.is_none()
+            && let Some(lead) = self.config.secondary_lead
+        {
+            self.next_pace = Some(now + Self::pace_cycle(lead));
+        }
     }
 
     /// Failover: the secondary's frame goes to the client, TCP sequence numbers rewritten
@@ -567,16 +578,76 @@ impl Engine {
         }
     }
 
-    /// When [`poll`](Self::poll) next has work: the next expired-packet scan.
+    /// When [`poll`](Self::poll) next has work: the next expired-packet scan, or the next
+    /// look at the secondary's lead.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.next_scan
+        match (self.next_scan, self.next_pace) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Runs the expired-packet scan if its cycle has come (the first call only schedules
-    /// it): primary packets older than `compare_timeout` are released and a checkpoint
+    /// Whether the secondary is being held ([`Config::secondary_lead`]).
+    pub fn secondary_held(&self) -> bool {
+        self.secondary_held
+    }
+
+    /// How often the secondary's lead is looked at while it has output waiting.
+    fn pace_cycle(lead: Duration) -> Duration {
+        (lead / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
+    }
+
+    /// Paces the secondary ([`Config::secondary_lead`]): asks it to hold once its oldest
+    /// TCP output not yet compared is older than the lead, and to go on once that is
+    /// younger than half the lead (hysteresis, so that it has output ready when the
+    /// primary catches up) or gone. Outside compare mode it is never held.
+    fn pace(&mut self, now: Instant, out: &mut Output) {
+        let Some(lead) = self.config.secondary_lead else {
+            return;
+        };
+        if self.next_pace.is_some_and(|t| now < t) {
+            return;
+        }
+        let oldest = if self.mode == Mode::Compare {
+            self.conns
+                .values()
+                .filter(|c| c.handling() == Handling::Compare)
+                .filter_map(|c| match &c.state {
+                    ConnState::Tcp(t) => t.oldest_secondary(),
+                    ConnState::Datagram(_) => None,
+                })
+                .min()
+        } else {
+            None
+        };
+        let limit = if self.secondary_held { lead / 2 } else { lead };
+        let hold = oldest.is_some_and(|t| now.saturating_duration_since(t) > limit);
+        self.next_pace = (hold || oldest.is_some()).then(|| now + Self::pace_cycle(lead));
+        if hold != self.secondary_held {
+            self.secondary_held = hold;
+            if hold {
+                Metrics::inc(&self.metrics.secondary_holds);
+                out.to_secondary.push(crate::framing::PACE_HOLD.to_vec());
+            } else {
+                out.to_secondary.push(crate::framing::PACE_GO.to_vec());
+            }
+        }
+    }
+
+    /// Makes the next [`poll`](Self::poll) look at the secondary's lead.
+    fn pace_now(&mut self, now: Instant) {
+        if self.config.secondary_lead.is_some() {
+            self.next_pace = Some(now);
+        }
+    }
+
+    /// Looks at the secondary's lead when due ([`Config::secondary_lead`]), and runs the
+    /// expired-packet scan if its cycle has come (the first call only schedules it):
+    /// primary packets older than `compare_timeout` are released and a checkpoint
     /// requested; secondary output that old is forgotten and a checkpoint requested; idle
     /// connections are forgotten.
     pub fn poll(&mut self, now: Instant, out: &mut Output) {
+        self.pace(now, out);
         match self.next_scan {
             None => {
                 self.next_scan = Some(now + self.config.expired_scan_cycle);
@@ -637,6 +708,7 @@ impl Engine {
             conn.diverged = false;
         }
         self.pending = false;
+        self.pace_now(now);
         tracing::debug!(released = held, "checkpoint committed");
     }
 
@@ -694,6 +766,7 @@ impl Engine {
             }
         }
         self.mode = mode;
+        self.pace_now(now);
     }
 }
 

@@ -119,6 +119,11 @@ impl TcpState {
         self.client_rst || self.p.rst || (self.client_fin && self.p.fin.is_some())
     }
 
+    /// When the oldest secondary output not yet compared arrived.
+    pub(crate) fn oldest_secondary(&self) -> Option<std::time::Instant> {
+        self.s_pending.front().map(|(_, t)| *t)
+    }
+
     /// Primary frames held.
     pub(crate) fn held_len(&self) -> usize {
         self.held.len()

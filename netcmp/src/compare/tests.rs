@@ -671,3 +671,98 @@ fn periodic_mode_holds_the_primarys_output_until_the_checkpoint_commits() {
     h.e.set_mode(Mode::PrimaryOnly, t, &mut h.out);
     assert_eq!(h.released(), vec![pseg(5, b"again").frame()]);
 }
+
+/// The pace frames the engine sent the secondary since the last call.
+fn pace_frames(h: &mut H) -> Vec<Vec<u8>> {
+    let (pace, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut h.out.to_secondary)
+        .into_iter()
+        .partition(|f| f.len() == 1);
+    h.out.to_secondary = rest;
+    pace
+}
+
+#[test]
+fn a_secondary_too_far_ahead_is_held_until_the_primary_catches_up() {
+    let lead = Duration::from_millis(10);
+    let mut h = H::with(Config {
+        secondary_lead: Some(lead),
+        ..Config::default()
+    });
+    h.handshake();
+    let hold = crate::framing::PACE_HOLD.to_vec();
+    let go = crate::framing::PACE_GO.to_vec();
+    // The secondary answers two requests the primary has not reached yet.
+    h.s(&sseg(0, b"OK\n"));
+    h.t += Duration::from_millis(4);
+    h.s(&sseg(3, b"OK\n"));
+    let due =
+        h.e.next_deadline()
+            .expect("a look at the lead is scheduled");
+    assert!(due <= h.t + lead, "{:?} after the output", due - h.t);
+    h.t += Duration::from_millis(5);
+    h.e.poll(h.t, &mut h.out);
+    assert!(
+        pace_frames(&mut h).is_empty(),
+        "9 ms ahead is within the lead"
+    );
+    // Looked at every lead/4: 12 ms ahead is seen.
+    h.t += Duration::from_millis(3);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![hold.clone()], "12 ms ahead: hold");
+    assert!(h.e.secondary_held());
+    assert_eq!(h.m().secondary_holds, 1);
+    h.t += Duration::from_millis(3);
+    h.e.poll(h.t, &mut h.out);
+    assert!(pace_frames(&mut h).is_empty(), "a hold is sent once");
+    // The primary catches up with the first reply: the second is 11 ms old, more than
+    // half the lead, so the hold stays.
+    h.p(&pseg(0, b"OK\n"));
+    assert_eq!(h.released().len(), 1);
+    h.e.poll(h.t, &mut h.out);
+    assert!(pace_frames(&mut h).is_empty());
+    // And with the second: nothing of the secondary waits, so it goes on.
+    h.p(&pseg(3, b"OK\n"));
+    h.t += Duration::from_millis(3);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![go.clone()]);
+    assert!(!h.e.secondary_held());
+    assert_eq!(h.e.next_pace, None, "nothing waits: no look is scheduled");
+    // Ahead again, then a checkpoint commits: the secondary is the primary's copy and
+    // goes on at once.
+    h.s(&sseg(6, b"OK\n"));
+    h.t += Duration::from_millis(20);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![hold]);
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![go]);
+    assert!(h.requests().is_empty(), "pacing asks for no checkpoint");
+}
+
+#[test]
+fn a_held_secondary_goes_on_at_failover_and_is_never_held_without_a_lead() {
+    let mut h = H::with(Config {
+        secondary_lead: Some(Duration::from_millis(10)),
+        ..Config::default()
+    });
+    h.handshake();
+    h.s(&sseg(0, b"OK\n"));
+    h.t += Duration::from_millis(11);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(
+        pace_frames(&mut h),
+        vec![crate::framing::PACE_HOLD.to_vec()]
+    );
+    h.e.set_mode(Mode::SecondaryOnly, h.t, &mut h.out);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![crate::framing::PACE_GO.to_vec()]);
+
+    // Off by default: no pace frame however far ahead the secondary is.
+    let mut h = H::new();
+    h.handshake();
+    h.s(&sseg(0, b"OK\n"));
+    h.t += Duration::from_millis(2000);
+    h.e.poll(h.t, &mut h.out);
+    assert!(pace_frames(&mut h).is_empty());
+    assert!(!h.e.secondary_held());
+}

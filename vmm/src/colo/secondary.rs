@@ -328,6 +328,8 @@ impl Secondary {
         let _ = self.release_tx.send(k);
         self.checkpoints += 1;
         if self.params.mode == Mode::Colo {
+            // The proxy may hold the SVM while it runs too far ahead of the PVM.
+            self.vm.set_net_pacing(true);
             self.vm.resume();
             self.running = true;
         }
@@ -409,6 +411,8 @@ impl Secondary {
             "FAILOVER: the secondary takes over"
         );
         self.failover.activate();
+        // The SVM is the only VM now: nothing may hold it.
+        self.vm.set_net_pacing(false);
         if let Some(d) = &self.disk {
             match d.failover() {
                 Ok(st) => tracing::info!(?st, "disk buffer flushed into the secondary disk"),

@@ -61,6 +61,12 @@ pub struct PairArgs {
     /// and the checkpoint threads leave. 0 gives both VMs the same share.
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub svm_nice: i32,
+    /// COLO mode: how far the SVM may run ahead of the PVM before the proxy holds it
+    /// (netcmp's secondary_lead, measured by the SVM's oldest output still waiting for
+    /// the PVM's). What the SVM does past the PVM is thrown away at the next checkpoint,
+    /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
+    #[arg(long, default_value = "10ms", value_parser = crate::colo::cli::parse_ms_or_zero)]
+    pub svm_lead: Duration,
     /// Guest RAM of each VM.
     #[arg(long, default_value = "64MiB", value_parser = crate::bench::parse_size)]
     pub ram: u64,
@@ -464,6 +470,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     // releases the epoch's output in order with the PVM's frames, without a round trip.
     let config = colo_netcmp::Config {
         commit_marker: true,
+        secondary_lead: (!a.svm_lead.is_zero()).then_some(a.svm_lead),
         ..colo_netcmp::Config::default()
     };
     let proxy = Proxy::start(config, ports).map_err(net)?;
@@ -758,6 +765,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             (0, 0)
         }
     };
+    let pm = proxy.metrics();
     let _ = proxy.shutdown();
     let s = shared
         .summary
@@ -777,6 +785,13 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
         stats.connects.load(Ordering::Relaxed),
     );
+    if pm.secondary_holds > 0 {
+        println!(
+            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms ahead of the PVM",
+            pm.secondary_holds,
+            a.svm_lead.as_secs_f64() * 1e3
+        );
+    }
     if let Some(k) = killed_primary {
         let after = replies.saturating_sub(replies_at_kill);
         match failover {
@@ -791,6 +806,7 @@ fn run_in(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     if a.json {
         let j = serde_json::json!({
             "secs": secs,
+            "svm_holds": pm.secondary_holds,
             "epochs": s.epochs,
             "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
             "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,

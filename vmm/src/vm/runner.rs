@@ -21,12 +21,16 @@ use kvm_ioctls::VcpuExit;
 use std::os::unix::thread::JoinHandleExt;
 
 use super::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE, PORT_EXIT, PORT_IDLE};
+use super::devices::backend::Pace;
 use super::devices::blk::BlkIo;
 use super::error::{Error, Result};
 use super::{GuestExit, Machine, vcpu};
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);
+/// The longest the vCPU waits at once for the proxy to let a held VM go on (a lost word
+/// costs no more; the proxy re-sends nothing).
+const MAX_HOLD: Duration = Duration::from_millis(100);
 /// How long pause() waits for the vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -92,6 +96,8 @@ struct Shared {
     cv: Condvar,
     kick_tx: Sender<()>,
     kick_rx: Receiver<()>,
+    /// The proxy's pacing of this VM (a secondary in COLO mode).
+    pace: Arc<Pace>,
     /// The vCPU thread's kernel thread id (0 until it runs).
     tid: std::sync::atomic::AtomicI32,
 }
@@ -120,6 +126,7 @@ impl VmHandle {
         install_handler();
         let (kick_tx, kick_rx) = crossbeam_channel::bounded(1);
         let name = machine.name.clone();
+        let pace = Arc::clone(machine.devices.net.device.pace());
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
             pause: AtomicBool::new(paused),
@@ -128,6 +135,7 @@ impl VmHandle {
             cv: Condvar::new(),
             kick_tx,
             kick_rx,
+            pace,
             tid: std::sync::atomic::AtomicI32::new(0),
         });
         let s = Arc::clone(&shared);
@@ -196,6 +204,13 @@ impl VmHandle {
             return Err(std::io::ErrorKind::NotFound.into());
         }
         crate::sched::set_nice(tid, nice)
+    }
+
+    /// Lets the proxy hold this VM while it runs too far ahead of the primary (netcmp's
+    /// `secondary_lead`), or (`false`) stops that and lets a held VM go on at once. Off by
+    /// default; a secondary turns it on in COLO mode and off at failover.
+    pub fn set_net_pacing(&self, on: bool) {
+        self.shared.pace.set_enabled(on);
     }
 
     /// Pauses the vCPU and returns once it is parked (or the guest has ended, or it runs
@@ -418,6 +433,9 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
         } = &mut *m;
         devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
     }
+    if s.pace.held() {
+        hold(m, s);
+    }
     let mut data = [0u8; 8];
     let exit = match m.vcpu.run() {
         Ok(VcpuExit::IoOut(port, d)) => {
@@ -501,6 +519,40 @@ enum Exit {
     Out(u16, u32),
     MmioWrite(u64, usize),
     Crash(String),
+}
+
+/// The proxy holds the VM (it ran too far ahead of the primary): wait until it lets go,
+/// the controller kicks, or [`MAX_HOLD`] passes, delivering frames that come meanwhile.
+fn hold(m: &mut Machine, s: &Shared) {
+    let t0 = Instant::now();
+    let deadline = t0 + MAX_HOLD;
+    while s.pace.held() && !s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        {
+            let Machine {
+                devices,
+                ram,
+                tracker,
+                ..
+            } = &mut *m;
+            devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
+        }
+        let net = &m.devices.net.device;
+        let mut sel = Select::new();
+        sel.recv(s.pace.wake());
+        sel.recv(&s.kick_rx);
+        if net.rx_room() {
+            sel.recv(net.rx_channel());
+        }
+        let _ = sel.ready_timeout(left);
+        while s.pace.wake().try_recv().is_ok() {}
+    }
+    let stats = &mut m.devices.net.device.stats;
+    stats.holds += 1;
+    stats.held_us += t0.elapsed().as_micros() as u64;
 }
 
 /// The guest has nothing to do: wait until a frame arrives, the controller kicks, or the

@@ -11,9 +11,10 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
+use colo_netcmp::framing::PACE_HOLD;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::vm::error::{Error, Result};
@@ -40,12 +41,78 @@ pub trait FrameSink: Send {
     }
 }
 
+/// Pacing of a secondary VM by the COLO proxy (netcmp's `secondary_lead`). On a socket
+/// backend the proxy sends one-byte frames, never Ethernet frames: `PACE_HOLD` when the
+/// VM has run too far ahead of the primary (work each checkpoint would throw away), and
+/// `PACE_GO` when it may go on. The vCPU thread does not enter the guest while held (see
+/// `runner`), for a bounded time per wait. Off until enabled, and a disabled pace ignores
+/// the proxy: only a secondary in COLO mode enables it, and failover disables it.
+#[derive(Debug)]
+pub struct Pace {
+    state: AtomicU8,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+const PACE_OFF: u8 = 0;
+const PACE_RUN: u8 = 1;
+const PACE_HELD: u8 = 2;
+
+impl Pace {
+    fn new() -> Arc<Self> {
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        Arc::new(Self {
+            state: AtomicU8::new(PACE_OFF),
+            wake_tx,
+            wake_rx,
+        })
+    }
+
+    /// Honours the proxy's words from now on, or (`false`) ignores them and lets a held
+    /// VM go on at once.
+    pub fn set_enabled(&self, on: bool) {
+        if on {
+            let _ =
+                self.state
+                    .compare_exchange(PACE_OFF, PACE_RUN, Ordering::SeqCst, Ordering::SeqCst);
+        } else {
+            self.state.store(PACE_OFF, Ordering::SeqCst);
+            let _ = self.wake_tx.try_send(());
+        }
+    }
+
+    /// The proxy's word: hold, or go on. Ignored while disabled.
+    fn signal(&self, hold: bool) {
+        let new = if hold { PACE_HELD } else { PACE_RUN };
+        let _ = self
+            .state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s != PACE_OFF).then_some(new)
+            });
+        if !hold {
+            let _ = self.wake_tx.try_send(());
+        }
+    }
+
+    /// Whether the proxy asked to hold the VM (and pacing is enabled).
+    pub fn held(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == PACE_HELD
+    }
+
+    /// Ready when the VM may go on (or pacing was disabled).
+    pub fn wake(&self) -> &Receiver<()> {
+        &self.wake_rx
+    }
+}
+
 /// A network backend: frames out through `sink`, frames in on `rx`.
 pub struct NetBackend {
     /// Frames to transmit.
     pub sink: Box<dyn FrameSink>,
     /// Received frames.
     pub rx: Receiver<Vec<u8>>,
+    /// The proxy's pacing words (only a socket backend receives them).
+    pub pace: Arc<Pace>,
     stop: Arc<AtomicBool>,
     /// What it is, for logs.
     pub name: String,
@@ -93,6 +160,7 @@ impl NetBackend {
             Self {
                 sink: Box::new(ChannelSink(tx)),
                 rx,
+                pace: Pace::new(),
                 stop: Arc::default(),
                 name: "channel".into(),
             },
@@ -115,6 +183,7 @@ impl NetBackend {
         Self {
             sink: Box::new(Drop0),
             rx,
+            pace: Pace::new(),
             stop: Arc::default(),
             name: "none".into(),
         }
@@ -171,7 +240,7 @@ impl NetBackend {
         let flag = Arc::clone(&stop);
         std::thread::Builder::new()
             .name(format!("tap-{name}"))
-            .spawn(move || read_frames(reader, &tx, &flag, false))
+            .spawn(move || read_frames(reader, &tx, &flag, None))
             .map_err(Error::io("spawn the tap reader"))?;
         struct TapSink(File);
         impl FrameSink for TapSink {
@@ -182,6 +251,7 @@ impl NetBackend {
         Ok(Self {
             sink: Box::new(TapSink(file)),
             rx,
+            pace: Pace::new(),
             stop,
             name: format!("tap {name}"),
         })
@@ -197,9 +267,11 @@ impl NetBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(RX_QUEUE);
         let flag = Arc::clone(&stop);
+        let pace = Pace::new();
+        let words = Arc::clone(&pace);
         std::thread::Builder::new()
             .name("net-socket".into())
-            .spawn(move || read_frames(reader, &tx, &flag, true))
+            .spawn(move || read_frames(reader, &tx, &flag, Some(&words)))
             .map_err(Error::io("spawn the socket reader"))?;
         /// The socket and a buffer reused for length + frame (one write per frame).
         struct SocketSink(UnixStream, Vec<u8>);
@@ -223,15 +295,22 @@ impl NetBackend {
         Ok(Self {
             sink: Box::new(SocketSink(stream, Vec::with_capacity(4 + MAX_FRAME))),
             rx,
+            pace,
             stop,
             name: "socket".into(),
         })
     }
 }
 
-/// Reads frames until `stop`, EOF or an error. `framed`: a 4-byte big-endian length
-/// precedes each frame (a socket); else each read is one frame (a tap).
-fn read_frames<R: Read + AsRawFd>(mut r: R, tx: &Sender<Vec<u8>>, stop: &AtomicBool, framed: bool) {
+/// Reads frames until `stop`, EOF or an error. `framed` (a socket): a 4-byte big-endian
+/// length precedes each frame, and a one-byte frame is the proxy's pacing word for it;
+/// else (a tap) each read is one frame.
+fn read_frames<R: Read + AsRawFd>(
+    mut r: R,
+    tx: &Sender<Vec<u8>>,
+    stop: &AtomicBool,
+    framed: Option<&Pace>,
+) {
     let mut buf = vec![0u8; MAX_FRAME];
     let mut dropped = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -245,7 +324,7 @@ fn read_frames<R: Read + AsRawFd>(mut r: R, tx: &Sender<Vec<u8>>, stop: &AtomicB
         if n <= 0 {
             continue;
         }
-        let frame = if framed {
+        let frame = if let Some(pace) = framed {
             let mut len = [0u8; 4];
             if r.read_exact(&mut len).is_err() {
                 break;
@@ -257,6 +336,11 @@ fn read_frames<R: Read + AsRawFd>(mut r: R, tx: &Sender<Vec<u8>>, stop: &AtomicB
             }
             if r.read_exact(&mut buf[..len]).is_err() {
                 break;
+            }
+            if len == 1 {
+                // Shorter than any Ethernet header: the proxy's word, not a frame.
+                pace.signal(buf[0] == PACE_HOLD[0]);
+                continue;
             }
             buf[..len].to_vec()
         } else {
@@ -275,5 +359,71 @@ fn read_frames<R: Read + AsRawFd>(mut r: R, tx: &Sender<Vec<u8>>, stop: &AtomicB
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Waits up to 5 s for `f`.
+    fn eventually(f: impl Fn() -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    #[test]
+    fn the_proxys_one_byte_words_hold_a_socket_backend_only_while_pacing_is_on() {
+        let (ours, mut proxy) = UnixStream::pair().unwrap();
+        let b = NetBackend::socket(ours).unwrap();
+        let word = |w: [u8; 1]| [0, 0, 0, 1, w[0]];
+        let frame = [0u8, 0, 0, 14]
+            .iter()
+            .copied()
+            .chain([0xAB; 14])
+            .collect::<Vec<u8>>();
+        // Off: a hold is read (not handed to the guest) and ignored.
+        proxy
+            .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+            .unwrap();
+        proxy.write_all(&frame).unwrap();
+        assert_eq!(
+            b.rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            vec![0xAB; 14],
+            "the word is not a frame for the guest"
+        );
+        assert!(!b.pace.held());
+        // On: hold, then go (which also wakes a waiter).
+        b.pace.set_enabled(true);
+        proxy
+            .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+            .unwrap();
+        assert!(eventually(|| b.pace.held()), "held");
+        while b.pace.wake().try_recv().is_ok() {}
+        proxy
+            .write_all(&word(colo_netcmp::framing::PACE_GO))
+            .unwrap();
+        assert!(eventually(|| !b.pace.held()), "let go");
+        assert!(b.pace.wake().try_recv().is_ok(), "a waiter is woken");
+        // Disabling lets a held VM go at once and ignores later holds.
+        proxy
+            .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+            .unwrap();
+        assert!(eventually(|| b.pace.held()));
+        b.pace.set_enabled(false);
+        assert!(!b.pace.held());
+        proxy
+            .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+            .unwrap();
+        proxy.write_all(&frame).unwrap();
+        b.rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(!b.pace.held(), "a disabled pace ignores the proxy");
     }
 }

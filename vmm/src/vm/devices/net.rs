@@ -29,6 +29,10 @@ pub struct NetStats {
     pub rx_frames: u64,
     /// Frames dropped (too large, backend error, no room).
     pub dropped: u64,
+    /// Times the vCPU waited because the proxy held the VM ([`super::backend::Pace`]).
+    pub holds: u64,
+    /// Microseconds it waited so.
+    pub held_us: u64,
 }
 
 /// The virtio-net device.
@@ -65,6 +69,16 @@ impl Net {
     /// The backend's receive channel (the vCPU thread waits on it when the guest idles).
     pub fn rx_channel(&self) -> &crossbeam_channel::Receiver<Vec<u8>> {
         &self.backend.rx
+    }
+
+    /// The proxy's pacing words for this VM.
+    pub fn pace(&self) -> &std::sync::Arc<super::backend::Pace> {
+        &self.backend.pace
+    }
+
+    /// Whether [`deliver`](Self::deliver) can take more frames from the backend.
+    pub fn rx_room(&self) -> bool {
+        self.pending.len() < MAX_PENDING
     }
 
     /// Whether frames wait for the guest.
