@@ -38,6 +38,10 @@ fn print(text: &[u8]) -> Vec<u8> {
 }
 
 pub fn machine(code: &[u8], console: ConsoleSink) -> Option<Machine> {
+    machine_with_net(code, console, NetBackend::none())
+}
+
+fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -54,7 +58,7 @@ pub fn machine(code: &[u8], console: ConsoleSink) -> Option<Machine> {
         image: tiny_elf(code),
         disk: disk.clone(),
         disk_backend: None,
-        net: NetBackend::none(),
+        net,
         mac: [2, 0, 0, 0, 0, 1],
         ip: ([10, 0, 0, 2], 24),
         port: 7000,
@@ -154,6 +158,81 @@ fn pause_resume_and_snapshot_round_trip() {
     vm2.pause().unwrap();
     assert!(vm2.machine().unwrap().vcpu.get_regs().unwrap().rbx > rbx1);
     vm2.stop().unwrap();
+}
+
+/// The guest's rbx, read while paused; the VM is resumed after.
+fn rbx(vm: &VmHandle) -> u64 {
+    vm.pause().unwrap();
+    let r = vm.machine().unwrap().vcpu.get_regs().unwrap().rbx;
+    vm.resume();
+    r
+}
+
+/// Whether the guest's rbx passes `from + n` within 5 s.
+fn counts_past(vm: &VmHandle, from: u64, n: u64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if rbx(vm) > from + n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn a_vm_held_by_the_proxy_does_not_run_until_it_is_let_go() {
+    use std::io::Write;
+    // xor ebx, ebx; loop: inc rbx; out 0x80, eax; jmp loop (an exit per turn)
+    let mut code = vec![0x31, 0xdb, 0x48, 0xff, 0xc3];
+    code.extend(out(0x80, 0));
+    code.extend([0xeb, (-(3 + 10 + 2i8)) as u8]);
+    let (ours, mut proxy) = std::os::unix::net::UnixStream::pair().unwrap();
+    let net = NetBackend::socket(ours).unwrap();
+    let Some(m) = machine_with_net(&code, ConsoleSink::Discard, net) else {
+        return;
+    };
+    let pace = std::sync::Arc::clone(m.devices.net.device.pace());
+    let vm = VmHandle::start(m, false).unwrap();
+    let word = |w: [u8; 1]| [0, 0, 0, 1, w[0]];
+    // Pacing off (the default): a hold is ignored.
+    proxy
+        .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let a = rbx(&vm);
+    assert!(counts_past(&vm, a, 100), "runs while pacing is off");
+    // On: held (a pause and resume meanwhile do not let it go).
+    vm.set_net_pacing(true);
+    proxy
+        .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !pace.held() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let a = rbx(&vm);
+    std::thread::sleep(Duration::from_millis(30));
+    let b = rbx(&vm);
+    // Free, it turns thousands of times in 30 ms; held, once per 100 ms wait at most.
+    assert!(b < a + 20, "held: rbx moved from {a} to {b}");
+    // Let go.
+    proxy
+        .write_all(&word(colo_netcmp::framing::PACE_GO))
+        .unwrap();
+    assert!(counts_past(&vm, b, 100), "runs again");
+    // Held again, then pacing turned off (failover): it runs at once.
+    proxy
+        .write_all(&word(colo_netcmp::framing::PACE_HOLD))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let c = rbx(&vm);
+    vm.set_net_pacing(false);
+    assert!(counts_past(&vm, c, 100), "let go when pacing is turned off");
+    vm.pause().unwrap();
+    let holds = vm.machine().unwrap().devices.net.device.stats.holds;
+    assert!(holds >= 2, "{holds} holds counted");
+    vm.stop().unwrap();
 }
 
 #[test]
