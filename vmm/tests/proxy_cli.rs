@@ -134,4 +134,21 @@ fn colo_proxy_refuses_bad_ports_with_exit_code_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Pacing needs a socket towards the secondary.
+    let out = Command::new(env!("CARGO_BIN_EXE_colo"))
+        .args([
+            "proxy",
+            "--client",
+            "tap:a",
+            "--primary",
+            "tap:b",
+            "--secondary",
+            "tap:c",
+        ])
+        .args(["--secondary-lead-ms", "10"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("socket port for the secondary"), "{err}");
 }

@@ -65,6 +65,13 @@ pub struct ProxyArgs {
     #[arg(long)]
     commit_marker: bool,
 
+    /// Pace the secondary, in milliseconds: when its oldest output still waiting for the
+    /// primary's is older than this, tell it to hold its VM (a one-byte frame a colo
+    /// secondary understands) until that falls under half. Needs a socket port for the
+    /// secondary. Default: off.
+    #[arg(long)]
+    secondary_lead_ms: Option<u64>,
+
     /// Delay before a checkpoint request counts as committed, in milliseconds.
     #[arg(long, default_value_t = 0)]
     commit_delay_ms: u64,
@@ -99,7 +106,8 @@ impl ProxyArgs {
     /// The checked configuration.
     ///
     /// # Errors
-    /// [`crate::Error::Config`] when a limit is zero.
+    /// [`crate::Error::Config`] when a limit is zero, or pacing is asked for a secondary
+    /// on a tap.
     pub fn config(&self) -> Result<ProxyConfig> {
         let engine = Config {
             compare_timeout: Duration::from_millis(self.compare_timeout_ms),
@@ -112,9 +120,15 @@ impl ProxyArgs {
             },
             passthrough: self.passthrough.clone(),
             commit_marker: self.commit_marker,
+            secondary_lead: self.secondary_lead_ms.map(Duration::from_millis),
             ..Config::default()
         };
         engine.validate()?;
+        if engine.secondary_lead.is_some() && matches!(self.secondary, PortSpec::Tap(_)) {
+            return Err(crate::Error::Config(
+                "--secondary-lead-ms needs a socket port for the secondary: a tap cannot carry the pacing words".into(),
+            ));
+        }
         Ok(ProxyConfig {
             engine,
             client: self.client.clone(),
