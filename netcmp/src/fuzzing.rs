@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::compare::{Engine, Output};
 use crate::config::Config;
-use crate::framing::{Decoder, MAX_FRAME};
+use crate::framing::{Decoder, MAX_FRAME, PACE_GO, PACE_HOLD};
 use crate::wire;
 
 /// Parses `data` as a frame, and rewrites it if it is TCP; neither may panic, and a
@@ -42,6 +42,7 @@ pub fn engine_ingest(data: &[u8]) {
         expired_scan_cycle: Duration::from_millis(10),
         max_queue_size: 8,
         max_connections: 16,
+        secondary_lead: Some(Duration::from_millis(15)),
         ..Config::default()
     };
     let Ok(mut engine) = Engine::new(config) else {
@@ -77,12 +78,20 @@ pub fn engine_ingest(data: &[u8]) {
     now += Duration::from_secs(1);
     engine.scan(now, &mut out);
     engine.checkpoint_committed(now, &mut out);
+    engine.poll(now, &mut out);
     for f in &out.to_client {
         assert!(
             primaries.contains(f),
             "released a frame the primary never sent"
         );
     }
+    // Pacing words alternate, hold first, and a commit lets the secondary go.
+    let words: Vec<&Vec<u8>> = out.to_secondary.iter().filter(|f| f.len() == 1).collect();
+    for (i, w) in words.iter().enumerate() {
+        let want = if i % 2 == 0 { PACE_HOLD } else { PACE_GO };
+        assert_eq!(w.as_slice(), want.as_slice(), "pacing word {i}");
+    }
+    assert!(!engine.secondary_held(), "held after a commit");
 }
 
 /// Feeds `data` to the length-prefixed stream decoder in chunks whose sizes come from the

@@ -233,8 +233,15 @@ impl Engine {
         let parsed = match wire::parse(&frame) {
             Ok(p) => p,
             Err(why) => {
+                // An empty or one-byte frame is never passed on: on a VM's socket it would
+                // mean a commit marker or a pacing word, and a VM's socket ends at an empty
+                // one.
                 if self.malformed(Side::Client, &why, frame.len(), now) {
-                    self.mirror(frame, None, out);
+                    if frame.len() > crate::framing::PACE_HOLD.len() {
+                        self.mirror(frame, None, out);
+                    } else {
+                        Metrics::inc(&self.metrics.malformed_dropped);
+                    }
                 }
                 return;
             }

@@ -494,6 +494,14 @@ fn malformed_frames_are_counted_and_forwarded_or_dropped() {
     h.e.secondary_frame(junk.clone(), h.t, &mut h.out);
     h.e.primary_frame(vec![], h.t, &mut h.out);
     assert_eq!(h.m().malformed_frames, 4);
+    // Empty and one-byte client frames reach neither VM: on a VM's socket they would be a
+    // commit marker (or end the stream) and a pacing word.
+    h.out.clear();
+    for short in [vec![], vec![1u8], vec![0u8]] {
+        h.e.client_frame(short, h.t, &mut h.out);
+    }
+    assert!(h.out.is_empty(), "{:?}", h.out);
+    assert_eq!(h.m().malformed_dropped, 3);
 
     let mut h = H::with(Config {
         malformed: MalformedPolicy::Drop,

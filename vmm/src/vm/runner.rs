@@ -207,8 +207,9 @@ impl VmHandle {
     }
 
     /// Lets the proxy hold this VM while it runs too far ahead of the primary (netcmp's
-    /// `secondary_lead`), or (`false`) stops that and lets a held VM go on at once. Off by
-    /// default; a secondary turns it on in COLO mode and off at failover.
+    /// `secondary_lead`), or (`false`) stops that; either way a held VM goes on at once.
+    /// Off by default; a secondary turns it on at each checkpoint in COLO mode and off at
+    /// failover.
     pub fn set_net_pacing(&self, on: bool) {
         self.shared.pace.set_enabled(on);
     }

@@ -68,17 +68,13 @@ impl Pace {
         })
     }
 
-    /// Honours the proxy's words from now on, or (`false`) ignores them and lets a held
-    /// VM go on at once.
+    /// Honours the proxy's words from now on, or (`false`) ignores them. Either way a
+    /// held VM goes on at once: a secondary calls this at each checkpoint, after which the
+    /// proxy holds nothing (so a stray word cannot hold it longer than an epoch).
     pub fn set_enabled(&self, on: bool) {
-        if on {
-            let _ =
-                self.state
-                    .compare_exchange(PACE_OFF, PACE_RUN, Ordering::SeqCst, Ordering::SeqCst);
-        } else {
-            self.state.store(PACE_OFF, Ordering::SeqCst);
-            let _ = self.wake_tx.try_send(());
-        }
+        self.state
+            .store(if on { PACE_RUN } else { PACE_OFF }, Ordering::SeqCst);
+        let _ = self.wake_tx.try_send(());
     }
 
     /// The proxy's word: hold, or go on. Ignored while disabled.
