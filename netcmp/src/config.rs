@@ -10,7 +10,9 @@ use crate::passthrough::PassthroughRule;
 #[non_exhaustive]
 pub enum MalformedPolicy {
     /// Count it and forward it unchanged: client frames to both VMs, primary frames to the
-    /// client (without compare). The secondary's are never forwarded.
+    /// client (without compare). The secondary's are never forwarded, nor are empty and
+    /// one-byte client frames (on a VM's socket they would be a commit marker or a pacing
+    /// word).
     #[default]
     Forward,
     /// Count it and drop it.

@@ -359,8 +359,15 @@ impl Engine {
         );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
+        let mut secondary_waits = false;
         let r = match (&mut conn.state, &parsed.payload) {
-            (ConnState::Tcp(t), Payload::Tcp(seg)) => t.primary(seg, frame, how, &mut ctx),
+            (ConnState::Tcp(t), Payload::Tcp(seg)) => {
+                let r = t.primary(seg, frame, how, &mut ctx);
+                // Learning the offset replays the secondary's early segments into its
+                // queue.
+                secondary_waits = t.oldest_secondary().is_some();
+                r
+            }
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
                 d.primary(frame, compare.clone(), *tag, how, &mut ctx)
             }
@@ -373,6 +380,9 @@ impl Engine {
         };
         if let Some(reason) = r {
             self.trigger(Some(key), reason, now, out);
+        }
+        if secondary_waits {
+            self.schedule_pace(now);
         }
     }
 
@@ -426,11 +436,7 @@ impl Engine {
         if let Some(reason) = r {
             self.trigger(Some(key), reason, now, out);
         }
-        if self.next_pace.is_none()
-            && let Some(lead) = self.config.secondary_lead
-        {
-            self.next_pace = Some(now + Self::pace_cycle(lead));
-        }
+        self.schedule_pace(now);
     }
 
     /// Failover: the secondary's frame goes to the client, TCP sequence numbers rewritten
@@ -612,7 +618,9 @@ impl Engine {
         let Some(lead) = self.config.secondary_lead else {
             return;
         };
-        if self.next_pace.is_some_and(|t| now < t) {
+        // Looks are scheduled only while something of the secondary waits (or it is held):
+        // with nothing scheduled there is nothing to look at, and no table walk per frame.
+        if self.next_pace.is_none_or(|t| now < t) {
             return;
         }
         let oldest = if self.mode == Mode::Compare {
@@ -638,6 +646,16 @@ impl Engine {
             } else {
                 out.to_secondary.push(crate::framing::PACE_GO.to_vec());
             }
+        }
+    }
+
+    /// Schedules a look at the secondary's lead one cycle from now, unless one is due
+    /// sooner: secondary output may have started to wait.
+    fn schedule_pace(&mut self, now: Instant) {
+        if self.next_pace.is_none()
+            && let Some(lead) = self.config.secondary_lead
+        {
+            self.next_pace = Some(now + Self::pace_cycle(lead));
         }
     }
 

@@ -697,53 +697,63 @@ fn a_secondary_too_far_ahead_is_held_until_the_primary_catches_up() {
         ..Config::default()
     });
     h.handshake();
+    let t0 = h.t;
+    let at = |ms: f64| t0 + Duration::from_secs_f64(ms / 1e3);
     let hold = crate::framing::PACE_HOLD.to_vec();
     let go = crate::framing::PACE_GO.to_vec();
-    // The secondary answers two requests the primary has not reached yet.
-    h.s(&sseg(0, b"OK\n"));
-    h.t += Duration::from_millis(4);
-    h.s(&sseg(3, b"OK\n"));
+    // The secondary answers requests the primary has not reached yet: A at 0 ms, B at
+    // 4 ms. The lead is looked at every 2.5 ms while its output waits.
+    h.s(&sseg(0, b"A\n"));
     let due =
         h.e.next_deadline()
             .expect("a look at the lead is scheduled");
-    assert!(due <= h.t + lead, "{:?} after the output", due - h.t);
-    h.t += Duration::from_millis(5);
+    assert_eq!(due, at(2.5));
+    h.t = at(4.0);
+    h.s(&sseg(2, b"B\n"));
+    h.t = at(9.0);
     h.e.poll(h.t, &mut h.out);
     assert!(
         pace_frames(&mut h).is_empty(),
         "9 ms ahead is within the lead"
     );
-    // Looked at every lead/4: 12 ms ahead is seen.
-    h.t += Duration::from_millis(3);
+    h.t = at(11.5);
     h.e.poll(h.t, &mut h.out);
-    assert_eq!(pace_frames(&mut h), vec![hold.clone()], "12 ms ahead: hold");
+    assert_eq!(
+        pace_frames(&mut h),
+        vec![hold.clone()],
+        "11.5 ms ahead: hold"
+    );
     assert!(h.e.secondary_held());
     assert_eq!(h.m().secondary_holds, 1);
-    h.t += Duration::from_millis(3);
-    h.e.poll(h.t, &mut h.out);
-    assert!(pace_frames(&mut h).is_empty(), "a hold is sent once");
-    // The primary catches up with the first reply: the second is 11 ms old, more than
-    // half the lead, so the hold stays.
-    h.p(&pseg(0, b"OK\n"));
+    // The primary reaches A; B (at 4 ms) and C (12 ms) still wait.
+    h.p(&pseg(0, b"A\n"));
     assert_eq!(h.released().len(), 1);
+    h.t = at(12.0);
+    h.s(&sseg(4, b"C\n"));
+    // At 14 ms B is 10 ms old: under the lead, but over half of it, so the hold stays.
+    h.t = at(14.0);
     h.e.poll(h.t, &mut h.out);
-    assert!(pace_frames(&mut h).is_empty());
-    // And with the second: nothing of the secondary waits, so it goes on.
-    h.p(&pseg(3, b"OK\n"));
-    h.t += Duration::from_millis(3);
+    assert!(pace_frames(&mut h).is_empty(), "hysteresis: still held");
+    assert!(h.e.secondary_held());
+    // The primary reaches B: the oldest is C, 4.5 ms old at 16.5 ms, under half the lead.
+    h.p(&pseg(2, b"B\n"));
+    h.t = at(16.5);
     h.e.poll(h.t, &mut h.out);
-    assert_eq!(pace_frames(&mut h), vec![go.clone()]);
+    assert_eq!(
+        pace_frames(&mut h),
+        vec![go.clone()],
+        "under half the lead: go"
+    );
     assert!(!h.e.secondary_held());
-    assert_eq!(h.e.next_pace, None, "nothing waits: no look is scheduled");
-    // Ahead again, then a checkpoint commits: the secondary is the primary's copy and
-    // goes on at once.
-    h.s(&sseg(6, b"OK\n"));
-    h.t += Duration::from_millis(20);
+    // C waits on: held again once it is over the lead, then a checkpoint commits and the
+    // secondary (now the primary's copy) goes on at once.
+    h.t = at(25.0);
     h.e.poll(h.t, &mut h.out);
     assert_eq!(pace_frames(&mut h), vec![hold]);
     h.e.checkpoint_committed(h.t, &mut h.out);
     h.e.poll(h.t, &mut h.out);
     assert_eq!(pace_frames(&mut h), vec![go]);
+    assert_eq!(h.e.next_pace, None, "nothing waits: no look is scheduled");
     assert!(h.requests().is_empty(), "pacing asks for no checkpoint");
 }
 

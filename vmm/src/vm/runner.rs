@@ -28,8 +28,9 @@ use super::{GuestExit, Machine, vcpu};
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);
-/// The longest the vCPU waits at once for the proxy to let a held VM go on (a lost word
-/// costs no more; the proxy re-sends nothing).
+/// The longest the vCPU waits at once for the proxy to let a held VM go on. Should the
+/// proxy's word never come, the VM runs one exit per wait until the secondary's next
+/// checkpoint lets it go.
 const MAX_HOLD: Duration = Duration::from_millis(100);
 /// How long pause() waits for the vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -541,12 +542,14 @@ fn hold(m: &mut Machine, s: &Shared) {
             } = &mut *m;
             devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
         }
-        let net = &m.devices.net.device;
+        let net = &m.devices.net;
         let mut sel = Select::new();
         sel.recv(s.pace.wake());
         sel.recv(&s.kick_rx);
-        if net.rx_room() {
-            sel.recv(net.rx_channel());
+        // Frames only while the guest's driver takes them: else they stay in the channel
+        // and would wake this wait at once, again and again.
+        if net.driver_ok() && net.device.rx_room() {
+            sel.recv(net.device.rx_channel());
         }
         let _ = sel.ready_timeout(left);
         while s.pace.wake().try_recv().is_ok() {}

@@ -407,7 +407,10 @@ mod tests {
             .write_all(&word(colo_netcmp::framing::PACE_GO))
             .unwrap();
         assert!(eventually(|| !b.pace.held()), "let go");
-        assert!(b.pace.wake().try_recv().is_ok(), "a waiter is woken");
+        assert!(
+            b.pace.wake().recv_timeout(Duration::from_secs(5)).is_ok(),
+            "a waiter is woken"
+        );
         // Disabling lets a held VM go at once and ignores later holds.
         proxy
             .write_all(&word(colo_netcmp::framing::PACE_HOLD))
