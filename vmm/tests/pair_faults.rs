@@ -340,11 +340,16 @@ impl TwoSides {
         let dir = std::env::temp_dir().join(format!("colo-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The secondary listens on this port and the next (disk replication): both must
+        // be free, or it exits at once ("listen for disk replication: address in use").
+        let port = (0..100)
+            .find_map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = l.local_addr().ok()?.port();
+                (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
+                    .then_some(p)
+            })
+            .expect("two consecutive free ports");
         for side in ["primary", "secondary"] {
             let l =
                 std::os::unix::net::UnixListener::bind(dir.join(format!("{side}.sock"))).unwrap();
@@ -413,14 +418,19 @@ impl TwoSides {
     }
 
     /// Waits (at most 60 s) for a line of the secondary's log containing `what`.
-    fn secondary_says(&self, what: &str) {
+    fn secondary_says(&mut self, what: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.sec_lines.recv_timeout(left) {
                 Ok(l) if l.contains(what) => return,
-                Ok(_) => {}
-                Err(_) => panic!("the secondary never said {what:?}"),
+                Ok(l) => seen.push(l),
+                Err(e) => panic!(
+                    "the secondary never said {what:?} ({e}; secondary {:?}); it said:\n{}",
+                    self.secondary.0.try_wait(),
+                    seen.join("\n")
+                ),
             }
         }
     }
