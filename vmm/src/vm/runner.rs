@@ -424,17 +424,20 @@ fn crash(m: &Machine, reason: String) -> Error {
     }
 }
 
+/// Moves frames waiting for the guest into its receive queue.
+fn deliver_rx(m: &mut Machine) {
+    let Machine {
+        devices,
+        ram,
+        tracker,
+        ..
+    } = m;
+    devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
+}
+
 /// Runs the vCPU to its next exit and handles it.
 fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
-    {
-        let Machine {
-            devices,
-            ram,
-            tracker,
-            ..
-        } = &mut *m;
-        devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
-    }
+    deliver_rx(m);
     if s.pace.held() {
         hold(m, s);
     }
@@ -533,15 +536,7 @@ fn hold(m: &mut Machine, s: &Shared) {
         if left.is_zero() {
             break;
         }
-        {
-            let Machine {
-                devices,
-                ram,
-                tracker,
-                ..
-            } = &mut *m;
-            devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
-        }
+        deliver_rx(m);
         let net = &m.devices.net;
         let mut sel = Select::new();
         sel.recv(s.pace.wake());
