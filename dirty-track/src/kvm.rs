@@ -10,15 +10,14 @@
 
 use std::os::fd::AsRawFd;
 
+use colo_memory::{GuestLayout, GuestMemory, PAGE_SIZE, PageBitmap};
 use kvm_bindings::{
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, kvm_clear_dirty_log,
     kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
 };
 use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryBackend;
 
-use crate::atomic::AtomicPageBitmap;
-use crate::bitmap::PageBitmap;
-use crate::layout::GuestLayout;
 use crate::{Error, Result};
 
 /// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`; kvm-ioctls 0.25 has no wrapper.
@@ -92,29 +91,39 @@ pub fn clear_dirty_log(
 pub struct CollectStats {
     /// Pages KVM logged as written by the guest.
     pub kvm_pages: u64,
-    /// Pages the VMM marked (device writes); some may overlap the KVM ones.
+    /// Pages the VMM wrote through guest memory (device DMA, virtio rings), as marked by
+    /// the memory's own bitmap; some may overlap the KVM ones.
     pub vmm_pages: u64,
 }
 
-/// Collects dirty pages of a guest: KVM's log of every slot plus the VMM's own bitmap.
+/// Collects dirty pages of a guest: KVM's log of every slot plus the dirty bitmap of the
+/// guest memory itself, which every write the VMM makes through it marks (KVM does not log
+/// those). No device marks pages by hand.
 #[derive(Debug)]
 pub struct DirtyTracker {
     layout: GuestLayout,
+    mem: GuestMemory,
     manual_protect: bool,
-    vmm: AtomicPageBitmap,
 }
 
 impl DirtyTracker {
-    /// A tracker for the slots of `layout`, whose slots were created with
-    /// `KVM_MEM_LOG_DIRTY_PAGES`. `manual_protect` says whether
-    /// [`enable_manual_protect`] succeeded for the VM.
-    pub fn new(layout: GuestLayout, manual_protect: bool) -> Self {
-        let vmm = AtomicPageBitmap::new(layout.pages(), layout.page_size());
-        Self {
-            layout,
-            manual_protect,
-            vmm,
+    /// A tracker for `mem`, whose region `i` KVM has as slot `i`, created with
+    /// `KVM_MEM_LOG_DIRTY_PAGES`. `manual_protect` says whether [`enable_manual_protect`]
+    /// succeeded for the VM. Tracking starts now: what the VMM wrote before (loading the
+    /// guest) is forgotten.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] for guest memory that does not form a layout.
+    pub fn new(mem: GuestMemory, manual_protect: bool) -> Result<Self> {
+        let layout = GuestLayout::of_guest(&mem, PAGE_SIZE)?;
+        for r in mem.iter() {
+            r.get_mmap().bitmap().reset();
         }
+        Ok(Self {
+            layout,
+            mem,
+            manual_protect,
+        })
     }
 
     /// The layout tracked.
@@ -127,29 +136,28 @@ impl DirtyTracker {
         self.manual_protect
     }
 
-    /// The bitmap device emulation marks when it writes guest memory, in flat pages
-    /// (see [`GuestLayout::flat_offset`]).
-    pub fn vmm_bitmap(&self) -> &AtomicPageBitmap {
-        &self.vmm
-    }
-
     /// Adds every page written since the last collection to `out` (a bitmap of
     /// [`GuestLayout::pages`] flat pages), and resets the logs so the next collection sees
     /// only later writes. Copy the pages after this returns.
     ///
     /// # Errors
-    /// [`Error::GetDirtyLog`] or [`Error::ClearDirtyLog`] for a slot KVM refuses.
-    ///
-    /// # Panics
-    /// If `out` does not cover the layout's pages.
+    /// [`Error::GetDirtyLog`] or [`Error::ClearDirtyLog`] for a slot KVM refuses,
+    /// [`Error::Memory`] for a bitmap that does not cover the guest.
     pub fn collect(&self, vm: &VmFd, out: &mut PageBitmap) -> Result<CollectStats> {
-        assert_eq!(
-            out.pages(),
-            self.layout.pages(),
-            "bitmap does not cover the guest"
-        );
+        if out.pages() != self.layout.pages() {
+            return Err(Error::Memory(colo_memory::Error::BitmapPages {
+                found: out.pages(),
+                expected: self.layout.pages(),
+            }));
+        }
         let mut stats = CollectStats::default();
-        for (i, r) in self.layout.regions().iter().enumerate() {
+        for (i, (r, m)) in self
+            .layout
+            .regions()
+            .iter()
+            .zip(self.mem.iter())
+            .enumerate()
+        {
             let mut log =
                 vm.get_dirty_log(r.slot, r.len as usize)
                     .map_err(|source| Error::GetDirtyLog {
@@ -157,17 +165,24 @@ impl DirtyTracker {
                         source,
                     })?;
             let n: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
-            if n == 0 {
-                continue;
+            if n != 0 {
+                stats.kvm_pages += n;
+                if self.manual_protect {
+                    let pages = (r.len / self.layout.page_size()) as u32;
+                    clear_dirty_log(vm, r.slot, 0, pages, &mut log)?;
+                }
+                out.or_words_at(self.layout.flat_start(i), &log);
             }
-            stats.kvm_pages += n;
-            if self.manual_protect {
-                let pages = (r.len / self.layout.page_size()) as u32;
-                clear_dirty_log(vm, r.slot, 0, pages, &mut log)?;
+            // Each word is swapped with zero atomically: a mark made during the drain lands
+            // in this collection or the next, never nowhere. vm-memory marks after the write
+            // it records, so the page is copied after its bytes are in place.
+            let vmm = m.get_mmap().bitmap().get_and_reset();
+            let marked: u64 = vmm.iter().map(|w| u64::from(w.count_ones())).sum();
+            if marked != 0 {
+                stats.vmm_pages += marked;
+                out.or_words_at(self.layout.flat_start(i), &vmm);
             }
-            out.or_words_at(self.layout.flat_start(i), &log);
         }
-        stats.vmm_pages = self.vmm.drain_into(out);
         tracing::trace!(
             kvm = stats.kvm_pages,
             vmm = stats.vmm_pages,

@@ -2,31 +2,15 @@
 //!
 //! Which guest pages changed since the last checkpoint:
 //!
-//! - [`PageBitmap`]: one bit per page in `u64` words, with union, count and an iterator of
-//!   merged runs ([`PageBitmap::runs`]) that is fast on sparse and dense bitmaps alike.
-//! - [`AtomicPageBitmap`]: the VMM's own bitmap for writes it makes into guest memory
-//!   (device DMA), which KVM's dirty log does not see.
-//! - [`GuestLayout`]: several memory regions numbered as one flat run of pages.
 //! - [`DirtyTracker`]: reads KVM's dirty log per slot (with `KVM_CLEAR_DIRTY_LOG` under
-//!   manual protection) and merges it with the VMM's bitmap.
+//!   manual protection) and merges it with the dirty bitmap of the guest memory itself
+//!   (`colo_memory::GuestMemory`), which every write the VMM makes through it marks.
 //!
-//! ```
-//! use colo_dirty_track::PageBitmap;
-//! let mut b = PageBitmap::new(1000);
-//! b.set_range(10, 5);
-//! b.set(64);
-//! assert_eq!(b.runs().collect::<Vec<_>>(), vec![(10, 5), (64, 1)]);
-//! ```
+//! The bitmaps, layouts and regions it works on live in `colo-memory`.
 
-mod atomic;
-mod bitmap;
 mod kvm;
-mod layout;
 
-pub use atomic::AtomicPageBitmap;
-pub use bitmap::{PageBitmap, Runs};
 pub use kvm::{CollectStats, DirtyTracker, clear_dirty_log, enable_manual_protect};
-pub use layout::{GuestLayout, GuestRegion};
 
 /// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +19,9 @@ pub enum Error {
     /// A guest memory layout or bitmap that does not fit.
     #[error("invalid layout: {0}")]
     Layout(String),
+    /// Guest memory that does not form a layout, or a bitmap that does not cover it.
+    #[error(transparent)]
+    Memory(#[from] colo_memory::Error),
     /// KVM refused to enable manual dirty-log protection.
     #[error("cannot enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")]
     EnableManualProtect(#[source] kvm_ioctls::Error),

@@ -1,11 +1,12 @@
 //! Dirty tracking against a real KVM guest. The guest runs in real mode, so there are no
 //! page tables: the collected set must be exactly the pages its code writes, plus the pages
-//! the VMM marks itself.
+//! the VMM writes through guest memory (which mark themselves).
 
-use colo_dirty_track::{DirtyTracker, GuestLayout, GuestRegion, PageBitmap, enable_manual_protect};
+use colo_dirty_track::{DirtyTracker, enable_manual_protect};
+use colo_memory::{GuestMemory, PageBitmap};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use memmap2::MmapMut;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 1 << 20;
 
@@ -25,7 +26,7 @@ const CODE: &[u8] = &[
 ];
 
 struct Guest {
-    _mem: MmapMut,
+    mem: GuestMemory,
     vm: VmFd,
     vcpu: VcpuFd,
     tracker: DirtyTracker,
@@ -38,34 +39,23 @@ fn guest(manual: bool) -> Option<Guest> {
     };
     let vm = kvm.create_vm().unwrap();
     let manual = manual && enable_manual_protect(&vm).unwrap();
-    let mut mem = MmapMut::map_anon((2 * MIB) as usize).unwrap();
-    mem[0x1000..0x1000 + CODE.len()].copy_from_slice(CODE);
-    let layout = GuestLayout::new(
-        4096,
-        vec![
-            GuestRegion {
-                slot: 0,
-                gpa: 0,
-                len: MIB,
-            },
-            GuestRegion {
-                slot: 1,
-                gpa: MIB,
-                len: MIB,
-            },
-        ],
-    )
+    let mem = GuestMemory::from_ranges(&[
+        (GuestAddress(0), MIB as usize),
+        (GuestAddress(MIB), MIB as usize),
+    ])
     .unwrap();
-    for r in layout.regions() {
+    mem.write_slice(CODE, GuestAddress(0x1000)).unwrap();
+    let tracker = DirtyTracker::new(mem.clone(), manual).unwrap();
+    for (r, m) in tracker.layout().regions().iter().zip(mem.iter()) {
         let region = kvm_userspace_memory_region {
             slot: r.slot,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: r.gpa,
             memory_size: r.len,
-            userspace_addr: mem.as_ptr() as u64 + r.gpa,
+            userspace_addr: m.as_ptr() as u64,
         };
-        // SAFETY: the host range lies inside `mem`, which the Guest keeps mapped for as
-        // long as the VM exists.
+        // SAFETY: the host range is one region of `mem`, which the Guest keeps mapped for
+        // as long as the VM exists.
         unsafe { vm.set_user_memory_region(region) }.unwrap();
     }
     vm.set_tss_address(0xfffb_d000).unwrap();
@@ -81,10 +71,10 @@ fn guest(manual: bool) -> Option<Guest> {
     })
     .unwrap();
     Some(Guest {
-        _mem: mem,
+        mem,
         vm,
         vcpu,
-        tracker: DirtyTracker::new(layout, manual),
+        tracker,
     })
 }
 
@@ -114,10 +104,11 @@ fn exact_pages(manual: bool) {
     // Flat pages: slot 1 starts at flat page 256.
     assert_eq!(collect(&g), vec![0x10, 0x20, 0x21, 0x7f, 256, 257]);
     assert!(collect(&g).is_empty(), "collection resets the log");
-    // A device write by the VMM at gpa 0x50123 (flat page 0x50) joins the set.
-    let off = g.tracker.layout().flat_offset(0x50123).unwrap();
-    g.tracker.vmm_bitmap().mark(off, 8);
-    assert_eq!(collect(&g), vec![0x50]);
+    // Device writes by the VMM at gpa 0x50ffc (crossing into flat page 0x51) and in slot 1
+    // join the set by themselves: guest memory marks what is written through it.
+    g.mem.write_slice(&[7; 8], GuestAddress(0x50ffc)).unwrap();
+    g.mem.write_obj(9u32, GuestAddress(MIB + 0x3000)).unwrap();
+    assert_eq!(collect(&g), vec![0x50, 0x51, 256 + 3]);
     // Pages are protected again after a collection: a second write is logged again.
     run_to_halt(&mut g.vcpu);
     assert_eq!(collect(&g), vec![0x10, 0x30]);

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_dirty_track::{GuestLayout, PageBitmap};
-use colo_transport::Region;
+use colo_memory::{GuestLayout, PageBitmap, Region};
 use colo_transport::push::EpochCommit;
 
 use crate::error::{Error, Result};
@@ -64,8 +63,8 @@ impl RamCache {
     /// epoch whose pushed bitmap has every page set.
     ///
     /// # Errors
-    /// [`Error::Layout`] if `svm` does not match the layout, [`Error::Map`] if the mapping
-    /// fails.
+    /// [`Error::Layout`] if `svm` does not match the layout, [`Error::Memory`] if the
+    /// mapping fails.
     pub fn new(layout: GuestLayout, svm: Vec<Arc<Region>>) -> Result<Self> {
         if svm.len() != layout.regions().len() {
             return Err(Error::Layout(format!(
@@ -86,8 +85,7 @@ impl RamCache {
         }
         let bytes = layout.bytes();
         let started = Instant::now();
-        let cache =
-            Region::anonymous(bytes as usize).map_err(|source| Error::Map { bytes, source })?;
+        let cache = Region::anonymous(bytes as usize)?;
         tracing::info!(
             bytes,
             huge_pages = cache.huge_pages(),
@@ -159,8 +157,9 @@ impl RamCache {
     /// up one checkpoint (the background push while the primary runs).
     ///
     /// # Errors
-    /// [`Error::PushOrder`] for an epoch that is not the next one, [`Error::BitmapSize`] or
-    /// [`Error::BitmapExcess`] for a bitmap that does not fit the guest,
+    /// [`Error::PushOrder`] for an epoch that is not the next one, [`Error::Memory`] for a
+    /// bitmap of another number of pages than the guest (its words were checked where it
+    /// was built),
     /// [`Error::Duplicate`] after the seal, [`Error::Abandoned`] after an abort.
     pub fn land(&mut self, commit: &EpochCommit) -> Result<()> {
         self.usable()?;
@@ -173,25 +172,14 @@ impl RamCache {
         if self.staging.sealed {
             return Err(self.duplicate(Stage::Pages));
         }
-        let expected = self.staging.pushed.words().len();
-        if commit.bitmap.len() != expected {
-            return Err(Error::BitmapSize {
-                epoch: commit.epoch,
-                words: commit.bitmap.len(),
-                expected,
-            });
-        }
-        let pages = self.layout.pages();
-        if let Some(&last) = commit.bitmap.last() {
-            let tail = pages % 64;
-            if tail != 0 && last >> tail != 0 {
-                return Err(Error::BitmapExcess {
-                    epoch: commit.epoch,
-                    pages,
-                });
+        if commit.bitmap.pages() != self.layout.pages() {
+            return Err(colo_memory::Error::BitmapPages {
+                found: commit.bitmap.pages(),
+                expected: self.layout.pages(),
             }
+            .into());
         }
-        self.staging.pushed.union_words(&commit.bitmap);
+        self.staging.pushed.union_with(&commit.bitmap);
         self.staging.push_epochs += 1;
         self.last_push = commit.epoch;
         tracing::debug!(
@@ -328,9 +316,7 @@ impl RamCache {
                 let region_start = self.layout.flat_start(ri);
                 let region_end = region_start + regions[ri].len / ps;
                 let n = end.min(region_end) - p;
-                self.svm[ri]
-                    .copy_from((p - region_start) * ps, &self.cache, p * ps, n * ps)
-                    .map_err(Error::Copy)?;
+                self.svm[ri].copy_from((p - region_start) * ps, &self.cache, p * ps, n * ps)?;
                 pages += n;
                 runs += 1;
                 p += n;

@@ -9,33 +9,10 @@ pub enum Error {
     /// The guest layout and the SVM memory regions given do not match.
     #[error("SVM memory does not match the guest layout: {0}")]
     Layout(String),
-    /// Mapping the cache failed.
-    #[error("cannot map a RAM cache of {bytes} bytes")]
-    Map {
-        /// Bytes asked for.
-        bytes: u64,
-        /// The transport's mapping error.
-        #[source]
-        source: colo_transport::Error,
-    },
-    /// A push commit whose bitmap does not cover exactly the guest's pages.
-    #[error("push epoch {epoch}: bitmap of {words} words, the guest needs {expected}")]
-    BitmapSize {
-        /// The push epoch.
-        epoch: u64,
-        /// Words received.
-        words: usize,
-        /// Words of the guest's bitmap.
-        expected: usize,
-    },
-    /// A push commit that marks pages past the end of guest memory.
-    #[error("push epoch {epoch}: bitmap marks pages past the guest's {pages} pages")]
-    BitmapExcess {
-        /// The push epoch.
-        epoch: u64,
-        /// Pages of the guest.
-        pages: u64,
-    },
+    /// Mapping the cache failed, a bitmap that does not cover the guest, or a copy outside
+    /// a region (a bug: runs come from bitmaps sized to the layout).
+    #[error(transparent)]
+    Memory(#[from] colo_memory::Error),
     /// A push epoch that does not follow the last one landed.
     #[error("push epoch {got} arrived after push epoch {last}")]
     PushOrder {
@@ -80,10 +57,6 @@ pub enum Error {
     /// longer equals the primary's memory at any checkpoint. A new full sync is needed.
     #[error("the RAM cache was abandoned by an aborted epoch; a full resync is needed")]
     Abandoned,
-    /// A copy between cache and SVM memory failed its bounds check (a bug: runs come from
-    /// bitmaps sized to the layout).
-    #[error("copy into SVM memory out of bounds")]
-    Copy(#[source] colo_transport::Error),
 }
 
 /// The result type of this crate.

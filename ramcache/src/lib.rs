@@ -4,7 +4,7 @@
 //! committed checkpoint, plus the pages of the epoch that is arriving.
 //!
 //! - The cache is one pre-faulted mapping (transparent huge pages where the system offers
-//!   them) laid out in the flat page numbering of [`colo_dirty_track::GuestLayout`]: every
+//!   them) laid out in the flat page numbering of [`colo_memory::GuestLayout`]: every
 //!   guest region is a contiguous span of it. [`RamCache::region`] is what the secondary
 //!   registers as the receive region of the page-push transport, so pushed pages land in it
 //!   directly, with no copy.
@@ -33,9 +33,10 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use colo_dirty_track::{GuestLayout, GuestRegion, PageBitmap};
+//! use colo_memory::{GuestLayout, GuestRegion, PageBitmap};
 //! use colo_ramcache::RamCache;
-//! use colo_transport::{Region, push::EpochCommit};
+//! use colo_memory::Region;
+//! use colo_transport::push::EpochCommit;
 //!
 //! let layout = GuestLayout::new(4096, vec![GuestRegion { slot: 0, gpa: 0, len: 16 * 4096 }])?;
 //! let svm = Arc::new(Region::anonymous(16 * 4096)?);
@@ -43,7 +44,9 @@
 //!
 //! // The push transport writes page 3 into the cache and commits push epoch 1.
 //! cache.region().write_at(3 * 4096, b"from the primary")?;
-//! cache.land(&EpochCommit { epoch: 1, bitmap: vec![1 << 3], bytes: 4096 })?;
+//! let mut pushed = PageBitmap::new(16);
+//! pushed.set(3);
+//! cache.land(&EpochCommit { epoch: 1, bitmap: pushed, bytes: 4096 })?;
 //! cache.seal_pages(1)?;
 //! cache.stage_state(b"device state".to_vec())?;
 //! cache.stage_disk_acked()?;

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use colo_dirty_track::PageBitmap;
+use colo_memory::PageBitmap;
 
 /// One of the three things a checkpoint needs before it may touch the SVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

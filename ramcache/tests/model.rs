@@ -3,7 +3,7 @@
 
 mod common;
 
-use colo_dirty_track::PageBitmap;
+use colo_memory::PageBitmap;
 use colo_transport::push::EpochCommit;
 use common::{PAGE, PAGES, cache, page_bytes, svm_snapshot, svm_write};
 use proptest::prelude::*;
@@ -50,7 +50,7 @@ proptest! {
         let mut push_epoch = 0;
         let push_commit = |c: &mut colo_ramcache::RamCache, open: &mut PageBitmap, e: &mut u64| {
             *e += 1;
-            c.land(&EpochCommit { epoch: *e, bitmap: open.words().to_vec(), bytes: 0 }).unwrap();
+            c.land(&EpochCommit { epoch: *e, bitmap: open.clone(), bytes: 0 }).unwrap();
             open.clear_all();
         };
         for op in ops {

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use colo_dirty_track::{GuestLayout, GuestRegion, PageBitmap};
+use colo_memory::{GuestLayout, GuestRegion, PageBitmap, Region};
 use colo_ramcache::RamCache;
 use colo_transport::push::{PushReceiver, RegionDesc, WriteRun, push_epoch};
 use colo_transport::rdma::{RdmaEndpoint, RdmaListener, RdmaOptions, connect_endpoint};
@@ -20,7 +20,7 @@ use colo_transport::verbs::sim::{self, Faults, SimConfig, SimEndpoint};
 use colo_transport::verbs::{
     Caps, Endpoint, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr, message,
 };
-use colo_transport::{Error, Region, Result};
+use colo_transport::{Error, Result};
 
 /// Page size of every scenario.
 pub const PAGE: u32 = 4096;
@@ -202,10 +202,10 @@ fn runs_of(pages: &[u64]) -> Vec<WriteRun> {
     pages.iter().map(|&p| WriteRun::pages(p, 1, PAGE)).collect()
 }
 
-fn bitmap_of(pages: &[u64], total: u64) -> Vec<u64> {
-    let mut b = vec![0u64; total.div_ceil(64) as usize];
+fn bitmap_of(pages: &[u64], total: u64) -> PageBitmap {
+    let mut b = PageBitmap::new(total);
     for &p in pages {
-        b[(p / 64) as usize] |= 1 << (p % 64);
+        b.set(p);
     }
     b
 }

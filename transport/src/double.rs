@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
-use crate::region::Region;
 use crate::verbs::sim::{self, SimEndpoint};
 pub use crate::verbs::sim::{Faults, SimConfig};
 use crate::verbs::{VerbsOptions, VerbsReceiver, VerbsSender};
+use colo_memory::Region;
 
 /// The sending side of the double.
 pub type DoubleSender = VerbsSender<SimEndpoint>;

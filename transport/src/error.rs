@@ -46,15 +46,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Mapping memory for a region failed.
-    #[error("cannot map {len} bytes for a region")]
-    Map {
-        /// The size asked for.
-        len: usize,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
     /// Starting a worker thread failed.
     #[error("cannot start a worker thread")]
     Thread(#[source] io::Error),
@@ -109,40 +100,16 @@ pub enum Error {
     /// The peer refused our handshake and said why.
     #[error("the peer refused the handshake: {0}")]
     Rejected(String),
-    /// A write or read fell outside a registered region.
-    #[error(
-        "access at offset {offset} of {len} bytes falls outside the region of {region_len} bytes"
-    )]
-    OutOfBounds {
-        /// Offset into the region.
-        offset: u64,
-        /// Length of the access.
-        len: u64,
-        /// The region's size.
-        region_len: u64,
-    },
     /// A write named a region key the receiver did not register.
     #[error("remote key {found:#x} does not match the registered region's key")]
     BadKey {
         /// The key presented.
         found: u64,
     },
-    /// An epoch commit carried a bitmap of the wrong size or with bits past the last page.
-    #[error("epoch bitmap has {found} words, expected {expected} for {pages} pages")]
-    BitmapSize {
-        /// Words received.
-        found: usize,
-        /// Words expected.
-        expected: usize,
-        /// Pages in the region.
-        pages: u64,
-    },
-    /// An epoch bitmap marked pages past the end of the region.
-    #[error("epoch bitmap marks pages past the last page ({pages} pages)")]
-    BitmapExcess {
-        /// Pages in the region.
-        pages: u64,
-    },
+    /// An access outside a region, a bitmap that does not fit its region, or a region
+    /// that cannot be mapped: checked before any byte is placed.
+    #[error(transparent)]
+    Memory(#[from] colo_memory::Error),
     /// Waiting for the peer took longer than allowed.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),

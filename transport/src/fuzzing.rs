@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::control::ControlChannel;
 use crate::push::RegionDesc;
-use crate::region::Region;
 use crate::tcp::{MemStream, Shared, serve_stream};
+use colo_memory::Region;
 
 /// Decodes `data` as a sequence of control frames until the first error.
 pub fn control_frames(data: &[u8]) {
@@ -56,15 +56,7 @@ pub fn push_stream(data: &[u8]) {
     whole
         .write_at(65 * PAGE as u64, &[0xAA; PAGE])
         .expect("guard");
-    let inner_ptr = whole.ptr_at(PAGE as u64, 64 * PAGE as u64).expect("inner");
-    // SAFETY: the inner span is inside `whole`, which outlives `inner` (dropped at the end
-    // of this function, after every use of `inner`).
-    let inner = Arc::new(unsafe {
-        Region::from_raw(
-            std::ptr::NonNull::new(inner_ptr).expect("non-null"),
-            64 * PAGE,
-        )
-    });
+    let inner = Arc::new(whole.sub(PAGE as u64, 64 * PAGE as u64).expect("inner"));
     let desc = RegionDesc {
         addr: 0,
         key: 7,

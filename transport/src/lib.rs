@@ -17,7 +17,8 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use colo_transport::{Region, push::{PushReceiver, PushSender, WriteRun, push_epoch}};
+//! use colo_memory::{PageBitmap, Region};
+//! use colo_transport::push::{PushReceiver, PushSender, WriteRun, push_epoch};
 //! use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
 //!
 //! let cache = Arc::new(Region::anonymous(64 * 4096)?);
@@ -34,15 +35,17 @@
 //! });
 //! let addr = ([127, 0, 0, 1], desc.port).into();
 //! let mut tx = TcpPushSender::connect(addr, desc, guest, TcpPushOptions::default())?;
-//! push_epoch(&mut tx, [WriteRun::pages(5, 1, 4096)], &[1 << 5])?;
+//! let mut dirty = PageBitmap::new(64);
+//! dirty.set(5);
+//! push_epoch(&mut tx, [WriteRun::pages(5, 1, 4096)], &dirty)?;
 //! // Dropping the receiver closes its streams, so keep it until the sender is done.
 //! let (commit, _rx) = rx.join().unwrap()?;
 //! drop(tx);
-//! assert_eq!((commit.epoch, commit.bitmap[0], commit.bytes), (1, 1 << 5, 4096));
+//! assert_eq!((commit.epoch, commit.bitmap, commit.bytes), (1, dirty, 4096));
 //! let mut b = [0u8; 10];
 //! cache.read_at(5 * 4096, &mut b)?;
 //! assert_eq!(&b, b"dirty page");
-//! # Ok::<(), colo_transport::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod control;
@@ -54,9 +57,7 @@ pub mod fuzzing;
 pub mod push;
 #[cfg(feature = "rdma")]
 pub mod rdma;
-mod region;
 pub mod tcp;
 pub mod verbs;
 
 pub use error::{Error, Result};
-pub use region::Region;

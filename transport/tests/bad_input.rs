@@ -4,14 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
+use colo_memory::{Error as MemError, PageBitmap, Region};
+use colo_transport::Error;
 use colo_transport::push::{PushReceiver, PushSender, RegionDesc, WriteRun};
 use colo_transport::tcp::wire::{MAX_BATCH_BYTES, PushFrame, RunDesc};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
-use colo_transport::{Error, Region};
 
 const PAGE: u64 = 4096;
 const PAGES: u64 = 16;
@@ -30,12 +30,7 @@ impl Guarded {
         whole
             .write_at(0, &vec![GUARD; ((PAGES + 2) * PAGE) as usize])
             .unwrap();
-        let p = whole.ptr_at(PAGE, PAGES * PAGE).unwrap();
-        // SAFETY: the span is inside `whole`, which this struct keeps alive at least as
-        // long as `inner` (tests join every thread holding `inner` before dropping it).
-        let inner = Arc::new(unsafe {
-            Region::from_raw(NonNull::new(p).unwrap(), (PAGES * PAGE) as usize)
-        });
+        let inner = Arc::new(whole.sub(PAGE, PAGES * PAGE).unwrap());
         Self { whole, inner }
     }
 
@@ -185,17 +180,29 @@ fn lengths_over_the_limit_are_refused() {
 fn offsets_and_runs_outside_the_region_are_refused_before_any_byte_lands() {
     // Entirely outside.
     let e = run_case(&batch(1, &[(PAGES * PAGE, PAGE)], None));
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
     // Crossing the end by one byte.
     let e = run_case(&batch(1, &[(PAGES * PAGE - PAGE + 1, PAGE)], None));
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
     // Wrapping arithmetic.
     let e = run_case(&batch(1, &[(u64::MAX - 10, 20)], None));
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
     // A valid run followed by a bad one in the same batch: the valid one must not land
     // either (the guarded mapping stays untouched).
     let e = run_case(&batch(1, &[(0, PAGE), (PAGES * PAGE, PAGE)], None));
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
 }
 
 #[test]
@@ -208,11 +215,11 @@ fn epoch_commit_with_a_bitmap_of_the_wrong_size_is_refused() {
     assert!(
         matches!(
             e,
-            Error::BitmapSize {
+            Error::Memory(MemError::BitmapSize {
                 found: 2,
                 expected: 1,
                 pages: 16
-            }
+            })
         ),
         "{e}"
     );
@@ -221,7 +228,10 @@ fn epoch_commit_with_a_bitmap_of_the_wrong_size_is_refused() {
         .to_bytes()
         .to_vec();
     f.extend_from_slice(&(1u64 << 20).to_le_bytes());
-    assert!(matches!(run_case(&f), Error::BitmapExcess { pages: 16 }));
+    assert!(matches!(
+        run_case(&f),
+        Error::Memory(MemError::BitmapExcess { pages: 16 })
+    ));
 }
 
 #[test]
@@ -272,7 +282,10 @@ fn sender_refuses_runs_outside_either_region_before_sending() {
             len: PAGE,
         }])
         .unwrap_err();
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
     let e = tx
         .post(&[WriteRun {
             src: PAGES * PAGE,
@@ -280,8 +293,14 @@ fn sender_refuses_runs_outside_either_region_before_sending() {
             len: 1,
         }])
         .unwrap_err();
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
-    let e = tx.commit(&[0, 0]).unwrap_err();
-    assert!(matches!(e, Error::BitmapSize { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
+    let e = tx.commit(&PageBitmap::new(2 * PAGES)).unwrap_err();
+    assert!(
+        matches!(e, Error::Memory(MemError::BitmapPages { .. })),
+        "{e}"
+    );
     g.assert_untouched();
 }

@@ -6,10 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use colo_memory::{Error as MemError, PageBitmap, Region};
+use colo_transport::Error;
 use colo_transport::double::{DoubleReceiver, Faults, SimConfig};
 use colo_transport::push::{PushReceiver, PushSender, WriteRun, push_epoch};
 use colo_transport::verbs::{VerbsOptions, WcStatus};
-use colo_transport::{Error, Region};
 use common::{bitmap_of, epoch_pages, pattern};
 
 const PAGE: u32 = 4096;
@@ -334,15 +335,24 @@ fn runs_outside_either_region_are_refused_before_any_write() {
     fill(&src, 3, &[0]);
     let past = WriteRun::pages(PAGES, 1, PAGE);
     let e = tx.post(&[WriteRun::pages(0, 1, PAGE), past]).unwrap_err();
-    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Memory(MemError::OutOfBounds { .. })),
+        "{e}"
+    );
     let wild = WriteRun {
         src: 0,
         dst: u64::MAX - 10,
         len: 4096,
     };
-    assert!(matches!(tx.post(&[wild]), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(
+        tx.post(&[wild]),
+        Err(Error::Memory(MemError::OutOfBounds { .. }))
+    ));
     assert_eq!(tx.stats().writes, 0);
-    assert!(matches!(tx.commit(&[0]), Err(Error::BitmapSize { .. })));
+    assert!(matches!(
+        tx.commit(&PageBitmap::new(PAGES + 1)),
+        Err(Error::Memory(MemError::BitmapPages { .. }))
+    ));
     // The sender is still usable.
     push_epoch(&mut tx, runs(&[0]), &bitmap_of(&[0], PAGES)).unwrap();
     assert_eq!(rx.next_commit(T).unwrap().epoch, 1);

@@ -6,10 +6,11 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use colo_memory::Region;
+use colo_transport::Error;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushReceiver, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
-use colo_transport::{Error, Region};
 use common::*;
 
 const PAGE: u32 = 4096;

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use colo_dirty_track::{GuestLayout, GuestRegion};
+use colo_memory::Region;
+use colo_memory::{GuestLayout, GuestRegion};
 use colo_ramcache::RamCache;
-use colo_transport::Region;
 
 pub const PAGE: u64 = 4096;
 /// Region 0: 40 pages at 0; region 1: 30 pages at 1 MiB. 70 pages in all, so the last

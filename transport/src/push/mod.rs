@@ -21,6 +21,8 @@ use std::time::Duration;
 
 pub use pipeline::{EpochStats, push_epoch, start_epoch};
 
+use colo_memory::PageBitmap;
+
 use crate::error::{Error, Result};
 
 /// A registered receive region, as the sender needs to know it.
@@ -54,45 +56,45 @@ impl RegionDesc {
     ///
     /// # Errors
     /// [`Error::Protocol`] for an empty run, [`Error::OutOfBounds`] otherwise.
-    pub fn check_run(&self, run: &WriteRun, source: &crate::Region) -> Result<()> {
+    pub fn check_run(&self, run: &WriteRun, source: &colo_memory::Region) -> Result<()> {
         if run.len == 0 {
             return Err(Error::Protocol("empty write run".into()));
         }
         source.check(run.src, run.len)?;
         match run.dst.checked_add(run.len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::OutOfBounds {
+            _ => Err(colo_memory::Error::OutOfBounds {
                 offset: run.dst,
                 len: run.len,
                 region_len: self.len,
-            }),
+            }
+            .into()),
         }
     }
 
-    /// Checks an epoch bitmap against the region: exact word count, no bit past the last
-    /// page.
+    /// Checks that an epoch bitmap covers exactly this region's pages. A [`PageBitmap`]
+    /// was checked where it was built, so this is one comparison.
     ///
     /// # Errors
-    /// [`Error::BitmapSize`] or [`Error::BitmapExcess`].
-    pub fn check_bitmap(&self, bitmap: &[u64]) -> Result<()> {
-        let pages = self.pages();
-        let expected = self.bitmap_words();
-        if bitmap.len() != expected {
-            return Err(Error::BitmapSize {
-                found: bitmap.len(),
-                expected,
-                pages,
-            });
-        }
-        let tail_bits = pages % 64;
-        if tail_bits != 0 {
-            if let Some(&last) = bitmap.last() {
-                if last >> tail_bits != 0 {
-                    return Err(Error::BitmapExcess { pages });
-                }
+    /// [`Error::Memory`] with `BitmapPages` otherwise.
+    pub fn check_bitmap(&self, bitmap: &PageBitmap) -> Result<()> {
+        if bitmap.pages() != self.pages() {
+            return Err(colo_memory::Error::BitmapPages {
+                found: bitmap.pages(),
+                expected: self.pages(),
             }
+            .into());
         }
         Ok(())
+    }
+
+    /// Turns the words of an epoch bitmap that came over the wire into a [`PageBitmap`] of
+    /// this region: the one place such words are checked.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] with `BitmapSize` or `BitmapExcess`.
+    pub fn bitmap_from_words(&self, words: Vec<u64>) -> Result<PageBitmap> {
+        Ok(PageBitmap::from_words(words, self.pages())?)
     }
 }
 
@@ -126,8 +128,8 @@ impl WriteRun {
 pub struct EpochCommit {
     /// The epoch number (1 for the first).
     pub epoch: u64,
-    /// The pages the sender wrote in this epoch, one bit per page.
-    pub bitmap: Vec<u64>,
+    /// The pages the sender wrote in this epoch, one bit per page of the region.
+    pub bitmap: PageBitmap,
     /// Payload bytes that landed in this epoch.
     pub bytes: u64,
 }
@@ -160,9 +162,9 @@ pub trait PushSender: Send {
     /// opens.
     ///
     /// # Errors
-    /// [`Error::BitmapSize`]/[`Error::BitmapExcess`] for a bitmap that does not fit the
-    /// region, or a transport error.
-    fn commit(&mut self, bitmap: &[u64]) -> Result<u64>;
+    /// [`Error::Memory`] for a bitmap of another number of pages than the region, or a
+    /// transport error.
+    fn commit(&mut self, bitmap: &PageBitmap) -> Result<u64>;
 
     /// Sends the commit of the open epoch like [`commit`](Self::commit), but does not wait
     /// for the receiver's acknowledgement, so that the caller can overlap that round trip
@@ -173,7 +175,7 @@ pub trait PushSender: Send {
     ///
     /// # Errors
     /// As [`commit`](Self::commit).
-    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn start_commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         self.commit(bitmap)
     }
 
@@ -219,10 +221,10 @@ impl<T: PushSender + ?Sized> PushSender for Box<T> {
     fn fence(&mut self) -> Result<()> {
         (**self).fence()
     }
-    fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         (**self).commit(bitmap)
     }
-    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn start_commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         (**self).start_commit(bitmap)
     }
     fn finish_commit(&mut self) -> Result<()> {
@@ -260,21 +262,28 @@ mod tests {
     fn bitmap_must_fit_the_region() {
         let d = desc(70 * 4096);
         assert_eq!(d.bitmap_words(), 2);
-        d.check_bitmap(&[u64::MAX, 0b11_1111]).unwrap();
+        let b = d.bitmap_from_words(vec![u64::MAX, 0b11_1111]).unwrap();
+        d.check_bitmap(&b).unwrap();
         assert!(matches!(
-            d.check_bitmap(&[0]),
-            Err(Error::BitmapSize {
+            d.bitmap_from_words(vec![0]),
+            Err(Error::Memory(colo_memory::Error::BitmapSize {
                 found: 1,
                 expected: 2,
                 pages: 70
-            })
+            }))
         ));
         assert!(matches!(
-            d.check_bitmap(&[0, 1 << 6]),
-            Err(Error::BitmapExcess { pages: 70 })
+            d.bitmap_from_words(vec![0, 1 << 6]),
+            Err(Error::Memory(colo_memory::Error::BitmapExcess {
+                pages: 70
+            }))
         ));
-        desc(128 * 4096)
-            .check_bitmap(&[u64::MAX, u64::MAX])
-            .unwrap();
+        assert!(matches!(
+            desc(128 * 4096).check_bitmap(&b),
+            Err(Error::Memory(colo_memory::Error::BitmapPages {
+                found: 70,
+                expected: 128
+            }))
+        ));
     }
 }

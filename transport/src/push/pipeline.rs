@@ -1,6 +1,8 @@
 //! Driving one epoch through any [`PushSender`]: post the runs in batches, then commit
 //! (which fences).
 
+use colo_memory::PageBitmap;
+
 use super::{PushSender, WriteRun};
 use crate::error::Result;
 
@@ -25,7 +27,7 @@ pub struct EpochStats {
 ///
 /// # Errors
 /// The first error of the backend's `post`, `fence` or `commit`.
-pub fn push_epoch<S, I>(sender: &mut S, runs: I, bitmap: &[u64]) -> Result<EpochStats>
+pub fn push_epoch<S, I>(sender: &mut S, runs: I, bitmap: &PageBitmap) -> Result<EpochStats>
 where
     S: PushSender + ?Sized,
     I: IntoIterator<Item = WriteRun>,
@@ -42,7 +44,7 @@ where
 ///
 /// # Errors
 /// The first error of the backend's `post` or `start_commit`.
-pub fn start_epoch<S, I>(sender: &mut S, runs: I, bitmap: &[u64]) -> Result<EpochStats>
+pub fn start_epoch<S, I>(sender: &mut S, runs: I, bitmap: &PageBitmap) -> Result<EpochStats>
 where
     S: PushSender + ?Sized,
     I: IntoIterator<Item = WriteRun>,

@@ -26,11 +26,11 @@ use rdma_sys::{
 use super::{RdmaError, RdmaOptions};
 use crate::error::{Error, Result};
 use crate::push::RegionDesc;
-use crate::region::Region;
 use crate::verbs::{
     Caps, Endpoint, LocalMr, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr,
     message,
 };
+use colo_memory::Region;
 
 /// Receive buffers posted on each side. The protocol keeps at most one message in flight
 /// each way (a commit waits for the previous release); the rest are spares.

@@ -1,5 +1,5 @@
 //! Vectored socket I/O on raw iovecs, so that bytes move between the socket and a
-//! [`Region`](crate::Region) with no intermediate copy and no Rust references into
+//! [`Region`](colo_memory::Region) with no intermediate copy and no Rust references into
 //! memory that others may be writing.
 
 use std::io::{self, Read, Write};

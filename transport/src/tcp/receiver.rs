@@ -16,7 +16,7 @@ use super::wire::{MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc
 use crate::error::{Error, Result};
 use crate::frame_io::read_full;
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
-use crate::region::Region;
+use colo_memory::{PageBitmap, Region};
 
 /// How long a connecting stream has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,7 +184,7 @@ struct EpochState {
     committed: u64,
     applied: u64,
     arrived: u32,
-    bitmap: Option<Vec<u64>>,
+    bitmap: Option<PageBitmap>,
     goodbyes: u32,
     closed: bool,
 }
@@ -254,7 +254,7 @@ impl Shared {
 
     /// Stream `idx` reached the end of `epoch`. The last stream to arrive publishes the
     /// commit; every byte of the epoch has landed by then.
-    fn arrive(&self, idx: u32, epoch: u64, bitmap: Option<Vec<u64>>) -> Result<()> {
+    fn arrive(&self, idx: u32, epoch: u64, bitmap: Option<PageBitmap>) -> Result<()> {
         let mut st = self.lock();
         if st.closed {
             return Err(Error::Closed);
@@ -391,19 +391,19 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
                 let bitmap = if idx == 0 {
                     let expected = sh.desc.bitmap_words();
                     if words as usize != expected {
-                        return Err(Error::BitmapSize {
+                        return Err(colo_memory::Error::BitmapSize {
                             found: words as usize,
                             expected,
                             pages: sh.desc.pages(),
-                        });
+                        }
+                        .into());
                     }
                     let mut b = vec![0u64; expected];
                     read_full(s, b.as_mut_bytes(), false)?;
                     for w in &mut b {
                         *w = u64::from_le(*w);
                     }
-                    sh.desc.check_bitmap(&b)?;
-                    Some(b)
+                    Some(sh.desc.bitmap_from_words(b)?)
                 } else if words != 0 {
                     return Err(Error::Protocol(format!(
                         "stream {idx} sent a bitmap; only stream 0 does"

@@ -17,7 +17,7 @@ use super::wire::{
 use crate::error::{Error, Result};
 use crate::frame_io::read_full;
 use crate::push::{PushSender, RegionDesc, WriteRun};
-use crate::region::Region;
+use colo_memory::{PageBitmap, Region};
 
 /// Tuning of a [`TcpPushSender`].
 #[derive(Debug, Clone)]
@@ -420,13 +420,13 @@ impl PushSender for TcpPushSender {
         )
     }
 
-    fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         let epoch = self.start_commit(bitmap)?;
         self.finish_commit()?;
         Ok(epoch)
     }
 
-    fn start_commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn start_commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         self.finish_commit()?;
         if self.closed {
             return Err(Error::Closed);
@@ -438,7 +438,7 @@ impl PushSender for TcpPushSender {
         // epoch's ack, so this copies in place instead of allocating.
         let buf = Arc::make_mut(&mut self.bitmap);
         buf.clear();
-        buf.extend(bitmap.iter().map(|w| w.to_le()));
+        buf.extend(bitmap.words().iter().map(|w| w.to_le()));
         let shared = Arc::clone(&self.bitmap);
         self.broadcast(|i| Cmd::EpochEnd {
             epoch,

@@ -166,7 +166,7 @@ pub trait Endpoint: Send {
     /// The registered bounce buffers, if the source memory could not be registered (then
     /// every SGE must read from [`LocalMr::Bounce`]); `None` when the source is
     /// registered.
-    fn bounce(&self) -> Option<&crate::Region>;
+    fn bounce(&self) -> Option<&colo_memory::Region>;
 
     /// Posts a chain of RDMA WRITEs, in order.
     ///

@@ -117,9 +117,10 @@ impl<E: Endpoint> PushReceiver for VerbsReceiver<E> {
                 self.committed, self.released
             ))));
         }
-        if let Err(e) = self.desc.check_bitmap(&bitmap) {
-            return Err(self.fail(e));
-        }
+        let bitmap = match self.desc.bitmap_from_words(bitmap) {
+            Ok(b) => b,
+            Err(e) => return Err(self.fail(e)),
+        };
         if bytes > self.desc.len.saturating_mul(64) {
             // Bytes may exceed the region (a page rewritten within an epoch), but not by
             // orders of magnitude: a header this far off is corrupt.

@@ -8,7 +8,7 @@ use super::message::{self, Message};
 use super::{Caps, Endpoint, LocalMr, POLL_SLICE, Sge, Wc, WcStatus, WriteWr, rkey_of};
 use crate::error::{Error, Result};
 use crate::push::{PushSender, RegionDesc, WriteRun};
-use crate::region::Region;
+use colo_memory::{PageBitmap, Region};
 
 /// Work-request ids of commit sends carry this bit; write ids are sequence numbers.
 const COMMIT_ID: u64 = 1 << 63;
@@ -454,7 +454,7 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
         Ok(())
     }
 
-    fn commit(&mut self, bitmap: &[u64]) -> Result<u64> {
+    fn commit(&mut self, bitmap: &PageBitmap) -> Result<u64> {
         self.remote.check_bitmap(bitmap)?;
         if self.closed {
             return Err(Error::Closed);
@@ -463,7 +463,7 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
         // The commit goes out only after the completion of the epoch's last write.
         self.fence()?;
         let epoch = self.epoch;
-        message::encode_commit(&mut self.msg, epoch, self.epoch_bytes, bitmap);
+        message::encode_commit(&mut self.msg, epoch, self.epoch_bytes, bitmap.words());
         if self.msg.len() as u64 > self.caps.max_msg {
             return Err(Error::TooLarge {
                 what: "commit message",
@@ -599,9 +599,9 @@ mod tests {
         let mut tx = sender(None);
         let runs: Vec<WriteRun> = (0..40).map(|p| WriteRun::pages(p * 2, 1, 4096)).collect();
         tx.post(&runs).unwrap();
-        let mut bitmap = vec![0u64; 4];
+        let mut bitmap = colo_memory::PageBitmap::new(tx.remote().pages());
         for p in 0..40u64 {
-            bitmap[(p * 2 / 64) as usize] |= 1 << (p * 2 % 64);
+            bitmap.set(p * 2);
         }
         assert_eq!(tx.commit(&bitmap).unwrap(), 1);
         let log = &tx.ep.log;
@@ -633,7 +633,8 @@ mod tests {
     fn a_failed_write_fails_the_commit_and_closes_the_sender() {
         let mut tx = sender(Some(12));
         let runs: Vec<WriteRun> = (0..40).map(|p| WriteRun::pages(p * 2, 1, 4096)).collect();
-        let r = tx.post(&runs).and_then(|()| tx.commit(&[0; 4]));
+        let none = colo_memory::PageBitmap::new(tx.remote().pages());
+        let r = tx.post(&runs).and_then(|()| tx.commit(&none));
         assert!(
             matches!(
                 r,

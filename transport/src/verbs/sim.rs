@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{Caps, Endpoint, LocalMr, Sge, Wc, WcStatus, WriteWr};
 use crate::error::{Error, Result};
-use crate::region::Region;
+use colo_memory::Region;
 
 /// Faults to inject, each at the n-th RDMA WRITE (counting from 0) that the sending side's
 /// NIC executes after the faults were armed.

@@ -68,10 +68,10 @@ pub fn epoch_pages(epoch: u64, pages: u64) -> Vec<u64> {
 }
 
 /// The bitmap of `list` for a region of `pages` pages.
-pub fn bitmap_of(list: &[u64], pages: u64) -> Vec<u64> {
-    let mut b = vec![0u64; pages.div_ceil(64) as usize];
+pub fn bitmap_of(list: &[u64], pages: u64) -> colo_memory::PageBitmap {
+    let mut b = colo_memory::PageBitmap::new(pages);
     for &p in list {
-        b[(p / 64) as usize] |= 1 << (p % 64);
+        b.set(p);
     }
     b
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use colo_dirty_track::PageBitmap;
+use colo_memory::PageBitmap;
 
 use super::args::parse_size;
 use super::error::{Error, Result};

@@ -96,8 +96,11 @@ impl Error {
     }
 
     /// Wraps a transport error with what was being done.
-    pub fn transport(what: &'static str) -> impl FnOnce(colo_transport::Error) -> Self {
-        move |source| Self::Transport { what, source }
+    pub fn transport<E: Into<colo_transport::Error>>(what: &'static str) -> impl FnOnce(E) -> Self {
+        move |source| Self::Transport {
+            what,
+            source: source.into(),
+        }
     }
 
     /// Wraps an I/O error with what was being done.

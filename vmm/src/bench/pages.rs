@@ -4,7 +4,7 @@
 //! Regions are read and written through raw pointers only (as the transport does), never
 //! through Rust references.
 
-use colo_transport::Region;
+use colo_memory::Region;
 use colo_transport::push::WriteRun;
 
 /// Page size of the benchmark's epoch bitmaps.

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use colo_dirty_track::{GuestLayout, GuestRegion, PageBitmap};
+use colo_memory::Region;
+use colo_memory::{GuestLayout, GuestRegion, PageBitmap};
 use colo_ramcache::RamCache;
-use colo_transport::Region;
 use colo_transport::push::EpochCommit;
 
 use super::args::parse_size;
@@ -95,8 +95,9 @@ pub fn run(args: &RamcacheArgs) -> Result<()> {
     let mut epoch = 0;
     let mut worst: Option<f64> = None;
     for &n in &args.random_pages {
-        let bitmap = random_bitmap(&mut rng, pages, n);
-        let runs = PageBitmap::from_words(bitmap.clone(), pages).runs().count();
+        let bitmap = PageBitmap::from_words(random_bitmap(&mut rng, pages, n), pages)
+            .expect("the bench draws pages inside the guest");
+        let runs = bitmap.runs().count();
         let (mut commit, mut copy) = (Vec::<Duration>::new(), Vec::<Duration>::new());
         for _ in 0..args.reps {
             epoch += 1;
@@ -120,7 +121,7 @@ pub fn run(args: &RamcacheArgs) -> Result<()> {
                 )));
             }
             let t = std::time::Instant::now();
-            memcpy_pages(cache.region(), &svm, &bitmap);
+            memcpy_pages(cache.region(), &svm, bitmap.words());
             copy.push(t.elapsed());
         }
         commit.sort();

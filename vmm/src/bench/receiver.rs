@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use colo_transport::Region;
+use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Message, Role};
 use colo_transport::push::PushReceiver;
 use colo_transport::tcp::TcpPushListener;
@@ -135,7 +135,7 @@ fn push_session(
             Err(e) => return Err(Error::transport("waiting for an epoch commit")(e)),
         };
         if corrupt {
-            if let Some(p) = pages::set_pages(&c.bitmap).next() {
+            if let Some(p) = pages::set_pages(c.bitmap.words()).next() {
                 tracing::warn!(
                     page = p,
                     "corrupting the epoch, as asked (--corrupt-for-test)"
@@ -148,10 +148,10 @@ fn push_session(
                     .map_err(Error::transport("corrupting an epoch"))?;
             }
         }
-        let sum = pages::checksum(region, &c.bitmap)
+        let sum = pages::checksum(region, c.bitmap.words())
             .map_err(Error::transport("checksumming an epoch"))?;
-        let pages = pages::count_pages(&c.bitmap);
-        pages::scribble(region, &c.bitmap, SCRIBBLE)
+        let pages = pages::count_pages(c.bitmap.words());
+        pages::scribble(region, c.bitmap.words(), SCRIBBLE)
             .map_err(Error::transport("scribbling an epoch"))?;
         rx.release(c.epoch)
             .map_err(Error::transport("releasing an epoch"))?;

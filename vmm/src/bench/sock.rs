@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use colo_transport::Region;
+use colo_memory::Region;
 
 /// Bytes per `write`/`read` call of the raw baseline.
 pub const CHUNK: u64 = 1 << 20;

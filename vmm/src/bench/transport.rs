@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
 
-use colo_transport::Region;
+use colo_memory::Region;
 use colo_transport::control::Role;
 use colo_transport::push::{EpochStats, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
@@ -36,7 +36,7 @@ use super::sock;
 struct Case {
     name: String,
     kind: CaseKind,
-    bitmap: Vec<u64>,
+    bitmap: colo_memory::PageBitmap,
     runs: Vec<WriteRun>,
     pages: u64,
     bytes: u64,
@@ -163,20 +163,22 @@ fn build_cases(plan: &Plan, source: &Region) -> Result<Vec<Case>> {
             pages: n,
             bytes: n * u64::from(PAGE_SIZE),
             checksum: 0,
-            bitmap,
+            bitmap: colo_memory::PageBitmap::from_words(bitmap, pages)
+                .map_err(Error::transport("drawing the pages"))?,
         });
     }
     cases.push(Case {
         name: "contiguous".into(),
         kind: CaseKind::Contiguous,
-        bitmap: pages::full_bitmap(pages),
+        bitmap: colo_memory::PageBitmap::from_words(pages::full_bitmap(pages), pages)
+            .map_err(Error::transport("marking every page"))?,
         runs: vec![WriteRun::pages(0, pages, PAGE_SIZE)],
         pages,
         bytes: plan.size,
         checksum: 0,
     });
     for c in &mut cases {
-        c.checksum = pages::checksum(source, &c.bitmap)
+        c.checksum = pages::checksum(source, c.bitmap.words())
             .map_err(Error::transport("checksumming the source"))?;
         tracing::info!(
             "case {}: {} pages in {} runs, {}",

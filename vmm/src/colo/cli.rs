@@ -320,9 +320,9 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             pdisk = Some(Arc::clone(&p));
             Ok(Some(p))
         })?;
-    // SAFETY: the Region is handed to the push sender, which `Primary` drops before the
-    // VmHandle that owns the machine (field order), and the mapping never moves.
-    let ram = unsafe { machine.ram.region() };
+    // The push sender reads guest memory through this region, which keeps the mapping
+    // alive however the VM and the sender are dropped.
+    let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
     let events = match &a.events {
@@ -424,9 +424,9 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         })?;
     // The first commit copies all of RAM into the SVM: fault it in now, not then.
     machine.ram.prefault();
-    // SAFETY: the cache commits into this Region; `Secondary` drops the cache before the
-    // VmHandle that owns the machine (field order), and the mapping never moves.
-    let ram = unsafe { machine.ram.region() };
+    // The cache commits into this region, which keeps the mapping alive however the VM and
+    // the cache are dropped.
+    let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;

@@ -18,8 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_dirty_track::PageBitmap;
-use colo_transport::Region;
+use colo_memory::PageBitmap;
+use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushSender, WriteRun, push_epoch, start_epoch};
 use crossbeam_channel::Receiver;
@@ -368,7 +368,7 @@ impl Primary {
         }
         let mut all = PageBitmap::new(pages);
         all.set_range(0, pages);
-        push.commit(all.words())
+        push.commit(&all)
             .map_err(ColoError::transport("initial sync"))?;
         self.bg_pages += pages;
         self.bg_bytes += pages * PAGE_SIZE;
@@ -459,7 +459,7 @@ impl Primary {
         self.bitmap = PageBitmap::new(pages);
         self.dirty.collect(&mut self.bitmap)?;
         self.bitmap.set_range(0, pages);
-        let s = push_epoch(&mut push, runs(&self.bitmap), self.bitmap.words())
+        let s = push_epoch(&mut push, runs(&self.bitmap), &self.bitmap)
             .map_err(ColoError::transport("resync push"))?;
         self.bitmap.clear_all();
         self.bg_pages += pages;
@@ -558,7 +558,7 @@ impl Primary {
                 let Some(push) = self.push.as_mut() else {
                     return Ok(Trigger::Timer);
                 };
-                match push_epoch(push, runs(&self.bitmap), self.bitmap.words()) {
+                match push_epoch(push, runs(&self.bitmap), &self.bitmap) {
                     Ok(s) => {
                         self.bg_pages += count;
                         self.bg_bytes += s.bytes;
@@ -692,7 +692,7 @@ impl Primary {
             // Only the commit is sent: its acknowledgement, the disk marker's and the
             // secondary's answer to the state then overlap instead of following each other
             // (the secondary answers only once it holds the pages and the disk marker).
-            start_epoch(push, runs(&self.bitmap), self.bitmap.words())
+            start_epoch(push, runs(&self.bitmap), &self.bitmap)
         };
         self.bitmap.clear_all();
         let stats = stats.map_err(ColoError::transport("checkpoint push"))?;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use colo_transport::Region;
+use colo_memory::Region;
 use colo_transport::push::{PushReceiver, PushSender, RegionDesc};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colo_dirty_track::PageBitmap;
+use colo_memory::PageBitmap;
+use colo_memory::Region;
 use colo_ramcache::RamCache;
-use colo_transport::Region;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushReceiver, RegionDesc};
 use crossbeam_channel::{Receiver, Sender};
@@ -97,7 +97,7 @@ pub fn accept(
     vm: VmHandle,
     svm_ram: Arc<Region>,
     dirty: DirtyHandle,
-    layout: colo_dirty_track::GuestLayout,
+    layout: colo_memory::GuestLayout,
     pairing: &Pairing,
     params: Params,
 ) -> Result<Secondary> {

@@ -1,7 +1,8 @@
 //! Loading the guest: the ELF image, the GDT and TSS, identity page tables and the boot
 //! parameters, all written into guest RAM before the vCPU starts.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use colo_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::abi::{BOOT_PARAMS_GPA, BootParams, IMAGE_GPA};
@@ -89,7 +90,7 @@ fn bad(msg: impl Into<String>) -> Error {
 /// [`Error::Image`] with what is wrong: not ELF, not x86-64, not an executable, a segment
 /// outside the allowed range or past the end of the file, an entry point outside
 /// executable code.
-pub fn load_elf(mem: &GuestMemoryMmap, elf: &[u8], limit: u64) -> Result<Image> {
+pub fn load_elf(mem: &GuestMemory, elf: &[u8], limit: u64) -> Result<Image> {
     let (eh, _) = Ehdr::read_from_prefix(elf).map_err(|_| {
         bad(format!(
             "{} bytes is too short for an ELF header",
@@ -175,7 +176,7 @@ pub fn load_elf(mem: &GuestMemoryMmap, elf: &[u8], limit: u64) -> Result<Image> 
 ///
 /// # Errors
 /// [`Error::Memory`] if guest RAM is too small to hold them.
-pub fn write_tables(mem: &GuestMemoryMmap) -> Result<()> {
+pub fn write_tables(mem: &GuestMemory) -> Result<()> {
     let w = |v: &[u8], at: u64| {
         mem.write_slice(v, GuestAddress(at))
             .map_err(|e| Error::Memory(e.to_string()))
@@ -216,7 +217,7 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Memory`] if the write fails.
-pub fn write_boot_params(mem: &GuestMemoryMmap, p: &BootParams) -> Result<()> {
+pub fn write_boot_params(mem: &GuestMemory, p: &BootParams) -> Result<()> {
     // SAFETY: BootParams is repr(C) with explicit padding fields only (every byte is part
     // of a field), so viewing it as bytes reads initialized memory.
     let bytes = unsafe {
@@ -258,8 +259,8 @@ pub(crate) fn elf_image(entry: u64, paddr: u64, memsz: u64, flags: u32, code: &[
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
     }
 
     fn elf(entry: u64, paddr: u64, filesz: u64, memsz: u64, flags: u32) -> Vec<u8> {

@@ -59,6 +59,9 @@ pub enum Error {
     /// Dirty tracking failed.
     #[error("dirty tracking")]
     Dirty(#[from] colo_dirty_track::Error),
+    /// Guest memory that does not form a layout.
+    #[error("guest memory layout")]
+    Layout(#[from] colo_memory::Error),
     /// A virtio queue the guest set up is unusable.
     #[error("virtio: {0}")]
     Virtio(String),

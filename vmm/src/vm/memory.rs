@@ -1,24 +1,23 @@
-//! Guest memory: one region from guest-physical 0, mapped with vm-memory, registered as a
-//! dirty-logged KVM slot, and shared with the transport as a [`Region`].
+//! Guest memory: one region from guest-physical 0, mapped with vm-memory with a dirty bitmap
+//! that every VMM write through it marks, registered as a dirty-logged KVM slot, and shared
+//! with the transport and the RAM cache as a [`Region`] that keeps the mapping alive.
 
-use std::ptr::NonNull;
 use std::sync::Arc;
 
-use colo_dirty_track::{AtomicPageBitmap, GuestLayout, GuestRegion};
-use colo_transport::Region;
+use colo_memory::{GuestLayout, GuestMemory, GuestRegion, Region};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::error::{Error, Result};
 
 /// The page size of dirty tracking and of the push path.
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: u64 = colo_memory::PAGE_SIZE;
 
 /// Guest RAM.
 #[derive(Debug)]
 pub struct GuestRam {
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     layout: GuestLayout,
     size: u64,
 }
@@ -36,7 +35,7 @@ impl GuestRam {
                 "guest RAM of {size} bytes: use a multiple of 2 MiB below {mmio_base:#x}"
             )));
         }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::Memory(format!("cannot map {size} bytes: {e}")))?;
         let layout = GuestLayout::new(
             PAGE_SIZE,
@@ -49,8 +48,10 @@ impl GuestRam {
         Ok(Self { mem, layout, size })
     }
 
-    /// vm-memory's view, for virtio queues and loading.
-    pub fn mem(&self) -> &GuestMemoryMmap {
+    /// vm-memory's view, for virtio queues and loading. Every write through it marks its
+    /// page in the memory's dirty bitmap, which the dirty tracker collects beside KVM's
+    /// log.
+    pub fn mem(&self) -> &GuestMemory {
         &self.mem
     }
 
@@ -100,25 +101,17 @@ impl GuestRam {
             memory_size: self.size,
             userspace_addr: self.host_base() as u64,
         };
-        // SAFETY: the host range is this mapping, which lives as long as the GuestRam; the
-        // Machine that owns both drops the VM fd before the RAM (field order).
+        // SAFETY: the host range is this mapping, valid and never moved. If the mapping
+        // went while KVM still had the slot, guest accesses would fault inside KVM (an
+        // error exit), not touch other memory of this process; and it does not go while a
+        // vCPU can run: the Machine holding the vCPU holds this RAM, and the dirty tracker
+        // that shares the VM fd holds a clone of the memory.
         unsafe { vm.set_user_memory_region(region) }.map_err(Error::kvm("add the RAM slot"))
     }
 
-    /// The RAM as a transport [`Region`] (the push source, or a RAM cache commit target).
-    ///
-    /// # Safety
-    /// The Region must not outlive this GuestRam.
-    pub unsafe fn region(&self) -> Arc<Region> {
-        let ptr = NonNull::new(self.host_base()).expect("mapped memory is not null");
-        // SAFETY: the caller keeps the mapping alive for the Region's life; the mapping is
-        // `size` bytes and never remapped.
-        Arc::new(unsafe { Region::from_raw(ptr, self.size as usize) })
+    /// The RAM as a [`Region`] (the push source, or a RAM cache commit target). The region
+    /// holds the mapping: it stays mapped while the region lives, whenever the VM goes.
+    pub fn region(&self) -> Arc<Region> {
+        Arc::new(Region::of_guest(&self.mem).expect("guest RAM is one region"))
     }
-}
-
-/// Marks a guest-physical range written by the VMM (device DMA), which KVM's log misses.
-pub fn mark(bitmap: &AtomicPageBitmap, gpa: u64, len: u64) {
-    // RAM starts at 0 in one slot, so the flat offset is the guest-physical address.
-    bitmap.mark(gpa, len);
 }

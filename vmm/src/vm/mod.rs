@@ -21,7 +21,8 @@ pub mod vcpu;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use colo_dirty_track::{DirtyTracker, PageBitmap};
+use colo_dirty_track::DirtyTracker;
+use colo_memory::PageBitmap;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
 };
@@ -78,9 +79,8 @@ pub struct VmConfig {
 /// # Errors
 /// [`Error::Image`] with what is wrong.
 pub fn check_image(image: &[u8]) -> Result<()> {
-    let scratch =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), SCRATCH_GPA as usize)])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+    let scratch = colo_memory::GuestMemory::from_ranges(&[(GuestAddress(0), SCRATCH_GPA as usize)])
+        .map_err(|e| Error::Memory(e.to_string()))?;
     boot::load_elf(&scratch, image, SCRATCH_GPA).map(|_| ())
 }
 
@@ -117,8 +117,9 @@ impl DirtyHandle {
     }
 }
 
-/// One VM: KVM objects, RAM, devices and dirty tracking. Field order is drop order: the
-/// vCPU and VM go before the RAM they map.
+/// One VM: KVM objects, RAM, devices and dirty tracking. No drop order matters: regions of
+/// the RAM handed out ([`memory::GuestRam::region`]) and the dirty tracker each hold the
+/// mapping themselves.
 pub struct Machine {
     /// The vCPU.
     pub vcpu: VcpuFd,
@@ -215,7 +216,9 @@ impl Machine {
             disk = %cfg.disk.display(),
             "VM built"
         );
-        let tracker = DirtyTracker::new(ram.layout().clone(), manual);
+        // Tracking starts here: the loader's writes (which marked their pages) are not
+        // dirty pages of a checkpoint.
+        let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
         Ok(Self {
             vcpu,
             vm: Arc::new(vm),

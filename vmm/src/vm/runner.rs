@@ -405,15 +405,9 @@ fn run_disk_io(s: &Shared, io: BlkIo) -> bool {
         return false;
     }
     let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
-    let Machine {
-        devices,
-        ram,
-        tracker,
-        ..
-    } = &mut *m;
+    let Machine { devices, ram, .. } = &mut *m;
     let t = &mut devices.blk;
-    t.device
-        .finish(done, &mut t.queues[0], ram.mem(), tracker.vmm_bitmap());
+    t.device.finish(done, &mut t.queues[0], ram.mem());
     true
 }
 
@@ -426,13 +420,8 @@ fn crash(m: &Machine, reason: String) -> Error {
 
 /// Moves frames waiting for the guest into its receive queue.
 fn deliver_rx(m: &mut Machine) {
-    let Machine {
-        devices,
-        ram,
-        tracker,
-        ..
-    } = m;
-    devices.poll_rx(ram.mem(), tracker.vmm_bitmap());
+    let Machine { devices, ram, .. } = m;
+    devices.poll_rx(ram.mem());
 }
 
 /// Runs the vCPU to its next exit and handles it.
@@ -488,13 +477,8 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
         Exit::None => {}
         Exit::Crash(reason) => return Err(crash(m, reason)),
         Exit::MmioWrite(addr, n) => {
-            let Machine {
-                devices,
-                ram,
-                tracker,
-                ..
-            } = &mut *m;
-            if let Err(e) = devices.mmio_write(addr, &data[..n], ram.mem(), tracker.vmm_bitmap()) {
+            let Machine { devices, ram, .. } = &mut *m;
+            if let Err(e) = devices.mmio_write(addr, &data[..n], ram.mem()) {
                 return Err(crash(m, format!("device error: {e}")));
             }
         }

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use colo_blk::BlockBackend;
 
-use colo_dirty_track::AtomicPageBitmap;
+use colo_memory::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring};
+use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
 
@@ -182,17 +182,10 @@ impl Blk {
 
     /// Writes the outcomes of a [`BlkIo`] into their requests' buffers and the used ring,
     /// in order; drops them if the device was reset or restored since.
-    pub fn finish(
-        &mut self,
-        done: BlkDone,
-        q: &mut Queue,
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) {
+    pub fn finish(&mut self, done: BlkDone, q: &mut Queue, mem: &GuestMemory) {
         if done.generation != self.generation {
             return;
         }
-        let mut used = false;
         for o in done.outcomes {
             let Some(p) = self.pending.pop_front() else {
                 break;
@@ -206,16 +199,9 @@ impl Blk {
                 }
             }
             let written = write_outcome(&p.writable, &o, mem);
-            for &(addr, len) in &p.writable {
-                dirty.mark(addr.0, u64::from(len));
-            }
             if q.add_used(mem, p.head, written).is_err() {
                 break;
             }
-            used = true;
-        }
-        if used {
-            mark_used_ring(q, dirty);
         }
     }
 
@@ -224,7 +210,7 @@ impl Blk {
     ///
     /// # Errors
     /// As [`VirtioDevice::notify`].
-    pub fn poll(&mut self, q: &mut [Queue], mem: &GuestMemoryMmap) -> Result<()> {
+    pub fn poll(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         if std::mem::take(&mut self.restart) {
             self.take_all(q, mem)?;
         }
@@ -239,7 +225,7 @@ impl Blk {
     }
 
     /// Takes every request the driver made available.
-    fn take_all(&mut self, q: &mut [Queue], mem: &GuestMemoryMmap) -> Result<()> {
+    fn take_all(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         let Some(q) = q.first_mut() else {
             return Err(Error::Virtio("block has no queue 0".into()));
         };
@@ -270,8 +256,8 @@ impl Blk {
     /// goes.
     fn take(
         &mut self,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
     ) -> (Op, Vec<(GuestAddress, u32)>) {
         let writable: Vec<_> = chain
             .clone()
@@ -354,7 +340,7 @@ impl Blk {
 
 /// Writes an outcome into a request's device-writable buffers: its data from the start,
 /// its status into the last byte. Returns the bytes written (the used length).
-fn write_outcome(writable: &[(GuestAddress, u32)], o: &Outcome, mem: &GuestMemoryMmap) -> u32 {
+fn write_outcome(writable: &[(GuestAddress, u32)], o: &Outcome, mem: &GuestMemory) -> u32 {
     let room: u64 = writable.iter().map(|&(_, l)| u64::from(l)).sum();
     let Some(status_at) = room.checked_sub(1) else {
         return 0;
@@ -441,13 +427,7 @@ impl VirtioDevice for Blk {
         }
     }
 
-    fn notify(
-        &mut self,
-        index: usize,
-        q: &mut [Queue],
-        mem: &GuestMemoryMmap,
-        _dirty: &AtomicPageBitmap,
-    ) -> Result<()> {
+    fn notify(&mut self, index: usize, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         if index != 0 {
             return Err(Error::Virtio(format!("block has no queue {index}")));
         }

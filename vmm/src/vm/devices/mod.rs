@@ -7,8 +7,10 @@ pub mod console;
 pub mod net;
 pub mod virtio_mmio;
 
-use colo_dirty_track::AtomicPageBitmap;
-use vm_memory::GuestMemoryMmap;
+#[cfg(test)]
+mod dirty_tests;
+
+use colo_memory::GuestMemory;
 
 use super::abi::{BLK_MMIO_GPA, MMIO_LEN, NET_MMIO_GPA};
 use super::codec::{Reader, Writer};
@@ -47,20 +49,14 @@ impl Devices {
     ///
     /// # Errors
     /// A queue the guest broke.
-    pub fn mmio_write(
-        &mut self,
-        addr: u64,
-        data: &[u8],
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) -> Result<bool> {
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<bool> {
         if (NET_MMIO_GPA..NET_MMIO_GPA + MMIO_LEN).contains(&addr) {
             if let Some(q) = self.net.write(addr - NET_MMIO_GPA, data) {
-                self.net.notify(q, mem, dirty)?;
+                self.net.notify(q, mem)?;
             }
         } else if (BLK_MMIO_GPA..BLK_MMIO_GPA + MMIO_LEN).contains(&addr) {
             if let Some(q) = self.blk.write(addr - BLK_MMIO_GPA, data) {
-                self.blk.notify(q, mem, dirty)?;
+                self.blk.notify(q, mem)?;
             }
         } else {
             return Ok(false);
@@ -69,10 +65,10 @@ impl Devices {
     }
 
     /// Delivers received frames if the guest has buffers for them.
-    pub fn poll_rx(&mut self, mem: &GuestMemoryMmap, dirty: &AtomicPageBitmap) {
+    pub fn poll_rx(&mut self, mem: &GuestMemory) {
         if self.net.driver_ok() && self.net.device.has_rx() {
             let t = &mut self.net;
-            t.device.deliver(&mut t.queues, mem, dirty);
+            t.device.deliver(&mut t.queues, mem);
         }
     }
 
@@ -80,7 +76,7 @@ impl Devices {
     ///
     /// # Errors
     /// A queue the guest broke.
-    pub fn poll_blk(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+    pub fn poll_blk(&mut self, mem: &GuestMemory) -> Result<()> {
         let t = &mut self.blk;
         if !t.driver_ok() {
             return Ok(());

@@ -3,12 +3,11 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 
-use colo_dirty_track::AtomicPageBitmap;
+use colo_memory::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::backend::{MAX_FRAME, NetBackend};
-use super::virtio_mmio::{F_VERSION_1, VirtioDevice, mark_used_ring, mark_written};
+use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
 
@@ -87,12 +86,7 @@ impl Net {
     }
 
     /// Moves waiting frames into the guest's receive buffers, as many as fit.
-    pub fn deliver(
-        &mut self,
-        queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) {
+    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemory) {
         while self.pending.len() < MAX_PENDING {
             match self.backend.rx.try_recv() {
                 Ok(f) => self.pending.push_back(f),
@@ -103,13 +97,11 @@ impl Net {
         if !q.ready() || self.pending.is_empty() {
             return;
         }
-        let mut used = false;
         while let Some(frame) = self.pending.front() {
             let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
-            let written_to = chain.clone();
             let written = match chain.writer(mem) {
                 Ok(mut w) if w.available_bytes() >= HDR + frame.len() => {
                     let mut hdr = [0u8; HDR];
@@ -130,21 +122,15 @@ impl Net {
                     0
                 }
             };
-            mark_written(written_to, dirty);
             if q.add_used(mem, head, n as u32).is_err() {
                 break;
             }
-            used = true;
             self.pending.pop_front();
-        }
-        if used {
-            mark_used_ring(q, dirty);
         }
     }
 
-    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, dirty: &AtomicPageBitmap) {
+    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) {
         let mut buf = std::mem::take(&mut self.tx_buf);
-        let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             buf.clear();
@@ -167,10 +153,6 @@ impl Net {
             if q.add_used(mem, head, 0).is_err() {
                 break;
             }
-            used = true;
-        }
-        if used {
-            mark_used_ring(q, dirty);
         }
         self.tx_buf = buf;
     }
@@ -200,16 +182,10 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn notify(
-        &mut self,
-        index: usize,
-        q: &mut [Queue],
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) -> Result<()> {
+    fn notify(&mut self, index: usize, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         match index {
-            TX => self.transmit(&mut q[TX], mem, dirty),
-            RX => self.deliver(q, mem, dirty),
+            TX => self.transmit(&mut q[TX], mem),
+            RX => self.deliver(q, mem),
             _ => return Err(Error::Virtio(format!("net has no queue {index}"))),
         }
         Ok(())

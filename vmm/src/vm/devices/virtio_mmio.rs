@@ -2,9 +2,8 @@
 //! device that processes its queues when notified. Queues are rust-vmm `virtio_queue`
 //! split queues. No interrupts are raised: the built-in guest polls (abi.rs).
 
-use colo_dirty_track::AtomicPageBitmap;
+use colo_memory::GuestMemory;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::vm::codec::{Reader, Writer};
 use crate::vm::error::{Error, Result};
@@ -32,13 +31,7 @@ pub trait VirtioDevice: Send {
     /// # Errors
     /// [`Error::Virtio`] for a queue the driver broke; I/O errors of the backend are
     /// reported to the driver in-band where the device type allows it.
-    fn notify(
-        &mut self,
-        index: usize,
-        q: &mut [Queue],
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) -> Result<()>;
+    fn notify(&mut self, index: usize, q: &mut [Queue], mem: &GuestMemory) -> Result<()>;
     /// Requests of queue `index` taken from it and not yet completed. They are saved as
     /// not taken, so that a VM restored from the snapshot runs them again.
     fn unfinished(&self, _index: usize) -> u16 {
@@ -202,12 +195,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     ///
     /// # Errors
     /// As [`VirtioDevice::notify`].
-    pub fn notify(
-        &mut self,
-        index: usize,
-        mem: &GuestMemoryMmap,
-        dirty: &AtomicPageBitmap,
-    ) -> Result<()> {
+    pub fn notify(&mut self, index: usize, mem: &GuestMemory) -> Result<()> {
         if !self.driver_ok() {
             return Ok(());
         }
@@ -220,7 +208,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             None => return Ok(()),
         }
-        self.device.notify(index, &mut self.queues, mem, dirty)
+        self.device.notify(index, &mut self.queues, mem)
     }
 
     /// Saves the transport and the device.
@@ -295,23 +283,5 @@ impl<D: VirtioDevice> MmioTransport<D> {
             *q = Queue::try_from(s).map_err(|e| Error::Snapshot(format!("queue: {e}")))?;
         }
         self.device.restore(r)
-    }
-}
-
-/// Marks the used ring of `q` dirty after the device wrote it.
-pub fn mark_used_ring(q: &Queue, dirty: &AtomicPageBitmap) {
-    dirty.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
-}
-
-/// Marks every device-writable buffer of `chain` dirty. Call it after the device wrote
-/// them, never before: a collection running on another thread between a mark and the
-/// write would copy the page without the write and clear the mark, and the write would
-/// never reach the secondary.
-pub fn mark_written(
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    dirty: &AtomicPageBitmap,
-) {
-    for d in chain.writable() {
-        dirty.mark(d.addr().0, u64::from(d.len()));
     }
 }

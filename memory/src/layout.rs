@@ -69,6 +69,25 @@ impl GuestLayout {
         })
     }
 
+    /// The layout of `mem`: its regions in guest-physical order, slot `i` for region `i`
+    /// (the slots a VMM registers them as).
+    ///
+    /// # Errors
+    /// [`Error::Layout`] as [`GuestLayout::new`].
+    pub fn of_guest(mem: &crate::GuestMemory, page_size: u64) -> Result<Self> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let regions = mem
+            .iter()
+            .enumerate()
+            .map(|(i, r)| GuestRegion {
+                slot: i as u32,
+                gpa: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect();
+        Self::new(page_size, regions)
+    }
+
     /// Page size in bytes.
     pub fn page_size(&self) -> u64 {
         self.page_size
