@@ -20,6 +20,9 @@ pub mod push;
 pub mod qmp;
 pub mod secondary;
 
+#[cfg(test)]
+mod lifetime_tests;
+
 use std::time::Duration;
 
 /// Errors of the COLO controller.
