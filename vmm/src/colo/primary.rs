@@ -494,6 +494,7 @@ impl Primary {
         if self.link.is_none() {
             return;
         }
+        let _span = tracing::info_span!("failover", side = "primary", epoch = self.epoch).entered();
         if let Some(q) = &self.qmp {
             let forced = self
                 .link
@@ -620,6 +621,15 @@ impl Primary {
             .as_ref()
             .map(PushSender::epoch)
             .unwrap_or_default();
+        // Every line of this checkpoint, from this thread and the ones it waits on, reads
+        // together under this span.
+        let _span = tracing::info_span!(
+            "checkpoint",
+            epoch = self.epoch + 1,
+            push_epoch = k,
+            cause = ?trigger
+        )
+        .entered();
         self.peer()?
             .send(&Message::CheckpointRequest { epoch: k })?;
         crash_point("request", self.epoch + 1);

@@ -63,6 +63,9 @@ pub struct Secondary {
     push: Arc<PushSide>,
     release_tx: Sender<u64>,
     landed_rx: Receiver<u64>,
+    /// The thread that lands push epochs in the cache; stopped and joined when the
+    /// Secondary goes.
+    _lander: Lander,
     params: Params,
     checkpoints: u64,
     running: bool,
@@ -140,13 +143,19 @@ pub fn accept(
     let cache = Arc::new(Mutex::new(cache));
     let (release_tx, release_rx) = crossbeam_channel::unbounded();
     let (landed_tx, landed_rx) = crossbeam_channel::unbounded();
-    {
+    let lander = {
         let (cache, push, link) = (Arc::clone(&cache), Arc::clone(&push), link.clone());
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
             .name("push-land".into())
-            .spawn(move || push_thread(rx, &cache, &push, &release_rx, &landed_tx, &link))
+            .spawn(move || push_thread(rx, &cache, &push, &release_rx, &landed_tx, &link, &flag))
             .map_err(|e| ColoError::Setup(format!("spawn the push thread: {e}")))?;
-    }
+        Lander {
+            stop,
+            thread: Some(thread),
+        }
+    };
     let pages = desc.pages();
     tracing::info!(pages, "primary connected; waiting for the initial sync");
     Ok(Secondary {
@@ -157,6 +166,7 @@ pub fn accept(
         push,
         release_tx,
         landed_rx,
+        _lander: lander,
         params,
         checkpoints: 0,
         running: false,
@@ -168,8 +178,25 @@ pub fn accept(
     })
 }
 
+/// The push-land thread: told to stop and joined when dropped, so it never outlives the
+/// Secondary that started it (it holds its own owners of the cache and its regions).
+struct Lander {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Lander {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            // It sees the flag within one receive timeout (2 ms).
+            let _ = t.join();
+        }
+    }
+}
+
 /// Lands push epochs in the cache; releases all but the held one, which waits for the
-/// controller's word.
+/// controller's word. Ends when the push path fails, the link is lost, or `stop` is set.
 fn push_thread(
     mut rx: Box<dyn PushReceiver>,
     cache: &Mutex<RamCache>,
@@ -177,8 +204,9 @@ fn push_thread(
     release: &Receiver<u64>,
     landed: &Sender<u64>,
     link: &Link,
+    stop: &AtomicBool,
 ) {
-    loop {
+    while !stop.load(Ordering::SeqCst) {
         while let Ok(e) = release.try_recv() {
             if rx.release(e).is_err() {
                 side.failed.store(true, Ordering::SeqCst);
@@ -201,7 +229,7 @@ fn push_thread(
                 }
             }
             Err(colo_transport::Error::Timeout(..)) => {
-                if link.is_lost() {
+                if link.is_lost() || stop.load(Ordering::SeqCst) {
                     return;
                 }
             }
@@ -260,6 +288,8 @@ impl Secondary {
 
     /// One checkpoint, closed by push epoch `k`.
     fn checkpoint(&mut self, k: u64) -> Result<()> {
+        let _span = tracing::info_span!("checkpoint", epoch = self.checkpoints + 1, push_epoch = k)
+            .entered();
         self.push.hold.store(k, Ordering::SeqCst);
         if self.running {
             self.vm.pause()?;
@@ -374,6 +404,13 @@ impl Secondary {
 
     /// Failover: drop an incomplete epoch, and let the SVM serve.
     fn take_over(&mut self, reason: &str, mid_epoch: bool) -> Result<Outcome> {
+        let _span = tracing::info_span!(
+            "failover",
+            side = "secondary",
+            checkpoint = self.checkpoints,
+            mid_epoch
+        )
+        .entered();
         self.failover.request(false);
         let dropped = {
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
