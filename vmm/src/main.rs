@@ -6,9 +6,11 @@
 
 extern crate alloc;
 
+mod args;
 mod bench;
 mod colo;
 mod guest_image;
+mod interrupt;
 mod pair;
 mod run;
 mod sched;

@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
-use super::args::parse_size;
 use super::error::{Error, Result};
 use super::report::fmt_bytes;
+use crate::args::{parse_ms, parse_secs, parse_size};
 use crate::colo::Mode;
-use crate::colo::cli::{parse_ms, parse_secs};
 use crate::vm::SCRATCH_GPA;
 
 const PAGE: u64 = 4096;

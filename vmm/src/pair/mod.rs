@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use colo_netcmp::proxy::{Ports, Proxy};
 
+use crate::args::{parse_ms_or_zero, parse_secs, parse_size};
 use crate::colo::ColoError;
-use crate::colo::cli::{ColoArgs, parse_secs};
+use crate::colo::cli::ColoArgs;
 use crate::colo::metrics::{EpochRecord, Summary, Trigger};
-use crate::run::{catch_interrupts, interrupted};
+use crate::interrupt::{catch_interrupts, interrupted};
 use client::{ClientNet, ClientStats};
 
 /// `colo pair`.
@@ -65,10 +66,10 @@ pub struct PairArgs {
     /// (netcmp's secondary_lead, measured by the SVM's oldest output still waiting for
     /// the PVM's). What the SVM does past the PVM is thrown away at the next checkpoint,
     /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
-    #[arg(long, default_value = "10ms", value_parser = crate::colo::cli::parse_ms_or_zero)]
+    #[arg(long, default_value = "10ms", value_parser = parse_ms_or_zero)]
     pub svm_lead: Duration,
     /// Guest RAM of each VM.
-    #[arg(long, default_value = "64MiB", value_parser = crate::bench::parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub ram: u64,
     /// Pages per second each guest dirties.
     #[arg(long, default_value_t = 0)]
