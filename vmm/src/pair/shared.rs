@@ -26,7 +26,8 @@ pub(super) struct Shared {
     pub(super) failover_at: Mutex<Option<Instant>>,
     /// Whether a child said `FENCED` (the secondary stayed passive).
     pub(super) fenced: AtomicBool,
-    /// The longest pause of a checkpoint the primary gave up, in microseconds.
+    /// The longest pause of a checkpoint that failed (the secondary vanished mid-way), in
+    /// microseconds.
     pub(super) aborted_pause_us: AtomicU64,
     /// New secondaries that joined (re-protection).
     pub(super) reprotected: AtomicU64,
