@@ -1,6 +1,7 @@
 //! Builds the built-in guest (`guest/`, a freestanding `no_std` program with its own
-//! workspace and Cargo.lock) with a nested cargo, and leaves the ELF at
-//! `$OUT_DIR/colo-guest.elf` for `src/guest_image.rs` to embed.
+//! workspace and Cargo.lock, which shares the crate `guest-abi/` with the VMM) with a
+//! nested cargo, and leaves the ELF at `$OUT_DIR/colo-guest.elf` for `src/guest_image.rs`
+//! to embed.
 //!
 //! The nested build gets a clean environment: the outer RUSTFLAGS, wrappers, target
 //! directory and profile or target overrides would otherwise leak into it (cargo hands
@@ -48,6 +49,13 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld"] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
+    }
+    // The contract the guest shares with the VMM, a path dependency of both.
+    for p in ["src", "Cargo.toml"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            manifest_dir.join("guest-abi").join(p).display()
+        );
     }
 
     let elf = build_guest(&guest, &out_dir.join("guest-target"));

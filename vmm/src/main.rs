@@ -4,11 +4,11 @@
 //! the two sides of a COLO pair; `colo proxy` runs the compare proxy on its own; `colo
 //! bench` measures colo's parts.
 
-extern crate alloc;
-
+mod args;
 mod bench;
 mod colo;
 mod guest_image;
+mod interrupt;
 mod pair;
 mod run;
 mod sched;

@@ -2,13 +2,10 @@
 //! they measure (a run whose KVM log misses a page, or whose commit copies the wrong page
 //! count, fails), and refuse bad arguments. Timing figures are not asserted.
 
-use std::process::Command;
+mod common;
 
 fn colo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_colo"))
-        .args(args)
-        .output()
-        .expect("run colo");
+    let out = common::colo().args(args).output().expect("run colo");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -18,8 +15,7 @@ fn colo(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn dirty_bench_finds_exactly_the_pages_the_guest_wrote() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is absent");
+    if !common::kvm() {
         return;
     }
     let (code, out, err) = colo(&[

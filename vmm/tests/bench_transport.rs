@@ -1,12 +1,14 @@
 //! `colo bench transport` end to end: the built binary, two processes on loopback, small
 //! sizes. Nothing here asserts on timing; rates only have to be positive.
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
 
 use serde_json::Value;
 
 fn colo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_colo"))
+    common::colo()
         .args(args)
         .env("RUST_LOG", "warn")
         .output()

@@ -7,9 +7,12 @@
 //!
 //! The soak version (more trials, longer runs) is documented in README.md.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
+use common::{Netns, Reaper, kvm};
 use serde_json::Value;
 
 /// The pairs of these tests run one at a time: each runs two VMs and a client, and the
@@ -22,28 +25,19 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn kvm() -> bool {
-    let ok = std::path::Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("skipped: /dev/kvm is absent");
-    }
-    ok
-}
-
 /// Runs `colo pair` with `args` (and `env`), returns its JSON summary.
 fn pair(args: &[&str], env: Option<(&str, String)>, netns: Option<&str>) -> Value {
     // Start on a quiet disk: the writeback of an earlier pair's data can stall the PVM's
     // guest flushes for 100+ ms, and a checkpoint waits for a flush in progress.
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    let exe = env!("CARGO_BIN_EXE_colo");
     let mut c = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, exe]);
+            c.args(["netns", "exec", ns, common::COLO]);
             c
         }
-        None => Command::new(exe),
+        None => common::colo(),
     };
     c.arg("pair").arg("--json").args(args);
     if let Some((k, v)) = env {
@@ -190,15 +184,6 @@ fn the_primary_keeps_serving_when_the_secondary_dies() {
     }
 }
 
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// The link between the sides is cut (every TCP packet dropped by nftables inside a
 /// namespace where the whole pair runs). The heartbeat notices on both sides; the
 /// secondary's takeover check sees the primary still alive, so it stays passive and the
@@ -206,26 +191,18 @@ impl Drop for Netns {
 #[test]
 fn a_cut_link_leaves_exactly_one_side_active() {
     let _one_at_a_time = serial();
-    // SAFETY: geteuid has no preconditions.
-    if !kvm() || unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root and /dev/kvm");
+    if !common::root_and_kvm() {
         return;
     }
-    let ns = Netns(format!("colo-cut-{}", std::process::id()));
+    let Some(ns) = Netns::add(format!("colo-cut-{}", std::process::id())) else {
+        return;
+    };
     let run = |args: &[&str]| {
         Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .args(args)
             .status()
     };
-    if !Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("skipped: cannot create a network namespace");
-        return;
-    }
     assert!(run(&["ip", "link", "set", "lo", "up"]).unwrap().success());
     // Cut once COLO runs (10 checkpoints recorded), not at a fixed time: on a busy
     // machine a fixed time can fall into the initial sync, which is not what this tests.
@@ -307,18 +284,6 @@ fn a_new_secondary_joins_a_running_primary_and_protects_it() {
     check_failover(&v, "re-protected pair");
 }
 
-/// Kills its child when dropped.
-struct Reaper(std::process::Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child; SIGCONT first, so a stopped child can die.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `colo secondary` and `colo primary` as two processes on loopback, each VM's network on
 /// a Unix socket this harness drains (no tap, no root), the primary with a --metrics file.
 struct TwoSides {
@@ -359,7 +324,6 @@ impl TwoSides {
                 }
             });
         }
-        let exe = env!("CARGO_BIN_EXE_colo");
         let side_args = |side: &str| {
             let mut v = vec![
                 format!("--disk={}", dir.join(format!("{side}.img")).display()),
@@ -373,7 +337,7 @@ impl TwoSides {
             v
         };
         let mut secondary = Reaper(
-            Command::new(exe)
+            common::colo()
                 .args(["secondary", &format!("--listen=127.0.0.1:{port}")])
                 .args(side_args("secondary"))
                 .stdout(Stdio::null())
@@ -389,7 +353,7 @@ impl TwoSides {
             }
         });
         let mut p = Reaper(
-            Command::new(exe)
+            common::colo()
                 .args(["primary", &format!("--peer=127.0.0.1:{port}")])
                 .arg(format!("--metrics={}", dir.join("metrics.jsonl").display()))
                 .args(side_args("primary"))
@@ -458,16 +422,7 @@ impl TwoSides {
     /// Waits (at most 90 s) for the primary to exit by itself, checks that it exited
     /// successfully, and returns its log.
     fn primary_succeeds(&mut self) -> String {
-        let start = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = self.primary.0.try_wait().unwrap() {
-                break Some(s);
-            }
-            if start.elapsed() > Duration::from_secs(90) {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = common::wait_timeout(&mut self.primary.0, Duration::from_secs(90));
         let _ = self.primary.0.kill();
         let _ = self.primary.0.wait();
         let log = self.pri_log.take().unwrap().join().unwrap();

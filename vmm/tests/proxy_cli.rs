@@ -1,8 +1,10 @@
 //! `colo proxy` end to end: the built binary with Unix socket ports, fed by this test.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -41,7 +43,7 @@ fn framed_arp() -> Vec<u8> {
 fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_colo"))
+    let mut child = common::colo()
         .arg("proxy")
         .arg(format!("--client=unix-listen:{}", p("c").display()))
         .arg(format!("--primary=unix-listen:{}", p("p").display()))
@@ -73,18 +75,9 @@ fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
         }
     }
     assert_eq!(&got[..want.len()], &want[..]);
-    let status = {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > WAIT {
-                let _ = child.kill();
-                panic!("colo proxy did not stop after --duration-secs");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let Some(status) = common::wait_timeout(&mut child, WAIT) else {
+        let _ = child.kill();
+        panic!("colo proxy did not stop after --duration-secs");
     };
     let mut err = String::new();
     child
@@ -102,7 +95,7 @@ fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
 
 #[test]
 fn colo_proxy_refuses_bad_ports_with_exit_code_2() {
-    let out = Command::new(env!("CARGO_BIN_EXE_colo"))
+    let out = common::colo()
         .args([
             "proxy",
             "--client",
@@ -115,7 +108,7 @@ fn colo_proxy_refuses_bad_ports_with_exit_code_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(env!("CARGO_BIN_EXE_colo"))
+    let out = common::colo()
         .args([
             "proxy",
             "--client",
@@ -135,7 +128,7 @@ fn colo_proxy_refuses_bad_ports_with_exit_code_2() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Pacing needs a socket towards the secondary.
-    let out = Command::new(env!("CARGO_BIN_EXE_colo"))
+    let out = common::colo()
         .args([
             "proxy",
             "--client",

@@ -2,52 +2,14 @@
 //! device inside a network namespace this test creates (and removes), and bad images are
 //! refused before the VM starts.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn colo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_colo"))
-}
-
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("skipped: needs root and /dev/kvm");
-            return None;
-        }
-        let name = format!("colo-run-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipped: ip netns add failed");
-            return None;
-        }
-        Some(Self(name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Netns, Reaper, colo};
 
 /// Runs `f` on a thread that has entered the namespace.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -65,14 +27,19 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 
 #[test]
 fn colo_run_serves_a_real_tcp_client_and_keeps_its_data_on_disk() {
-    let Some(ns) = Netns::new() else { return };
+    if !common::root_and_kvm() {
+        return;
+    }
+    let Some(ns) = Netns::add(format!("colo-run-{}", std::process::id())) else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("colo-run-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
     for boot in 0..2 {
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.0])
-            .arg(env!("CARGO_BIN_EXE_colo"))
+            .arg(common::COLO)
             .args(["run", "--tap", "tap0", "--disk"])
             .arg(&disk)
             .args(["--duration", "20"])
@@ -80,7 +47,7 @@ fn colo_run_serves_a_real_tcp_client_and_keeps_its_data_on_disk() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut child = Kill(child);
+        let mut child = Reaper(child);
         let replies = in_netns(&ns.0, move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             let s = loop {

@@ -1,9 +1,9 @@
 //! The few machine instructions the guest needs: port output (every `out` exits to the
-//! VMM, see abi.rs) and the time stamp counter.
+//! VMM, see colo_guest_abi::boot) and the time stamp counter.
 
 use core::arch::asm;
 
-use crate::abi::{PORT_EXIT, PORT_IDLE};
+use colo_guest_abi::boot::{PORT_EXIT, PORT_IDLE};
 
 /// Writes `value` to I/O port `port` with `out dx, eax`.
 ///

@@ -8,7 +8,8 @@
 use alloc::boxed::Box;
 use core::fmt;
 
-use crate::abi::{BLK_MMIO_GPA, BLK_QUEUE_SIZE};
+use colo_guest_abi::boot::{BLK_MMIO_GPA, BLK_QUEUE_SIZE};
+
 use crate::virtio::mmio::{self, InitError, Mmio};
 use crate::virtio::queue::{Buf, VirtQueue};
 

@@ -7,7 +7,8 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE};
+use colo_guest_abi::boot::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE};
+
 use crate::arch::out32;
 
 /// Bytes written into the console buffer and not yet handed to the VMM.
@@ -18,8 +19,8 @@ fn put(byte: u8) {
     let pos = POS.load(Ordering::Relaxed);
     let buf = core::ptr::with_exposed_provenance_mut::<u8>(CONSOLE_GPA as usize);
     // SAFETY: [CONSOLE_GPA, CONSOLE_GPA + CONSOLE_LEN) is the console buffer in identity-
-    // mapped RAM (abi.rs), reserved for it; `pos < CONSOLE_LEN` because a full buffer is
-    // flushed (and `pos` reset) right after the byte that fills it.
+    // mapped RAM (colo_guest_abi::boot), reserved for it; `pos < CONSOLE_LEN` because a
+    // full buffer is flushed (and `pos` reset) right after the byte that fills it.
     unsafe { buf.add(pos).write_volatile(byte) };
     let pos = pos + 1;
     POS.store(pos, Ordering::Relaxed);

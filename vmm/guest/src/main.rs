@@ -3,9 +3,9 @@
 //! It serves a small key-value line protocol over TCP (smoltcp on a virtio-net driver),
 //! keeps its data in an append-only log on a virtio-blk disk (replayed at boot), and can
 //! dirty its memory at a set rate. Everything it knows about its machine comes from
-//! [`abi`], the contract it shares with the VMM: one vCPU at CPL3 in long mode, identity-
-//! mapped memory, polled virtio-mmio devices, and ports for the console, idling and
-//! exiting.
+//! [`colo_guest_abi::boot`], the contract it shares with the VMM: one vCPU at CPL3 in long
+//! mode, identity-mapped memory, polled virtio-mmio devices, and ports for the console,
+//! idling and exiting.
 //!
 //! Exit statuses: 2 bad boot parameters, 3 device initialization failed, 4 out of
 //! memory, 5 the disk log could not be read, 6 stack overflow, 101 panic.
@@ -15,26 +15,22 @@
 
 extern crate alloc;
 
-#[allow(
-    dead_code,
-    reason = "the contract is shared with the VMM; not every item is used here"
-)]
-mod abi;
 mod arch;
 mod blk;
 mod console;
 mod dirty;
 mod net;
-mod record;
 mod rt;
 mod service;
 mod store;
 mod virtio;
 
+use colo_guest_abi::boot::{
+    BOOT_MAGIC, BOOT_PARAMS_GPA, BOOT_VERSION, BootParams, FLAG_NONDETERMINISTIC,
+};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
-use abi::{BOOT_MAGIC, BOOT_PARAMS_GPA, BOOT_VERSION, BootParams, FLAG_NONDETERMINISTIC};
 use arch::Clock;
 use blk::VirtioBlk;
 use dirty::DirtyLoad;
@@ -56,8 +52,8 @@ fn boot_params(p: *const BootParams) -> BootParams {
         );
     }
     // SAFETY: BOOT_PARAMS_GPA is identity-mapped RAM where the VMM wrote the parameters
-    // (abi.rs); BootParams is plain integers, valid for any bytes, and the address is
-    // aligned.
+    // (colo_guest_abi::boot); BootParams is plain integers, valid for any bytes, and the
+    // address is aligned.
     let b = unsafe { p.read_volatile() };
     if b.magic != BOOT_MAGIC || b.version != BOOT_VERSION {
         fatal!(

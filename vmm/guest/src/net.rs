@@ -10,10 +10,10 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use colo_guest_abi::boot::{NET_MMIO_GPA, NET_QUEUE_SIZE};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use crate::abi::{NET_MMIO_GPA, NET_QUEUE_SIZE};
 use crate::virtio::mmio::{self, InitError, Mmio};
 use crate::virtio::queue::{Buf, VirtQueue};
 

@@ -18,10 +18,10 @@
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 
+use colo_guest_abi::boot::FLAG_NONDETERMINISTIC;
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
-use crate::abi::FLAG_NONDETERMINISTIC;
 use crate::blk::VirtioBlk;
 use crate::store::{SetError, Store};
 

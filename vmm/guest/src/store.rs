@@ -1,5 +1,5 @@
 //! The key-value store: a map in memory, backed by an append-only log on the disk (the
-//! record format is in [`crate::record`]).
+//! record format is in [`colo_guest_abi::record`]).
 //!
 //! At boot [`Store::recover`] reads the log from sector 0 and replays every record into
 //! the map. Each [`Store::set`] then appends one record: the sector holding the end of the
@@ -13,8 +13,9 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
 
+use colo_guest_abi::record::{self, HEADER, Header};
+
 use crate::blk::{BlkError, SECTOR, VirtioBlk};
-use crate::record::{self, HEADER, Header};
 
 /// Bytes read per request while replaying.
 const REPLAY_CHUNK: usize = 64 << 10;

@@ -9,6 +9,7 @@ use colo_transport::tcp::wire::{MAX_BATCH_BYTES, MAX_BATCH_RUNS, MAX_STREAMS};
 use super::error::{Error, Result};
 use super::pages::PAGE_SIZE;
 use super::report::fmt_bytes;
+use crate::args::parse_size;
 
 /// Seed used when none is given, so that runs choose the same pages.
 const DEFAULT_SEED: u64 = 1;
@@ -156,34 +157,6 @@ fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
     out
 }
 
-/// Parses a size: a byte count, or a number with a binary unit (KiB, MiB, GiB, TiB; K, M,
-/// G, T; B), case-insensitive.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(format!(
-            "'{s}' is not a size: use a byte count or a number with KiB, MiB, GiB or TiB"
-        ));
-    }
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        other => {
-            return Err(format!(
-                "unknown unit '{other}' in '{s}': use a byte count or KiB, MiB, GiB or TiB"
-            ));
-        }
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
 /// A region size: non-zero, a whole number of pages, addressable.
 fn parse_region_size(s: &str) -> std::result::Result<u64, String> {
     let n = parse_size(s)?;
@@ -250,18 +223,6 @@ fn parse_batch_runs(s: &str) -> std::result::Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_binary_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size(" 8 KiB "), Ok(8192));
-        assert!(parse_size("GiB").is_err());
-        assert!(parse_size("2GB").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
-    }
 
     #[test]
     fn region_sizes_are_whole_pages() {

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use colo_memory::PageBitmap;
 
-use super::args::parse_size;
 use super::error::{Error, Result};
 use super::guest32::{DirtyGuest, FIRST_GPA};
 use super::pages::{PAGE_SIZE, SplitMix64};
 use super::report::fmt_bytes;
 use super::timing::{fmt_dur, median, time_reps};
+use crate::args::parse_size;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// The sparse scan must stay within this multiple of the popcount time...

@@ -25,7 +25,7 @@ mod vm;
 
 use clap::Subcommand;
 
-pub use args::{ReceiverArgs, TransportArgs, parse_size};
+pub use args::{ReceiverArgs, TransportArgs};
 pub use error::Result;
 
 /// `colo bench` subcommands.

@@ -11,11 +11,11 @@ use colo_memory::{GuestLayout, GuestRegion, PageBitmap};
 use colo_ramcache::RamCache;
 use colo_transport::push::EpochCommit;
 
-use super::args::parse_size;
 use super::error::{Error, Result};
 use super::pages::{PAGE_SIZE, SplitMix64, fill_random, random_bitmap, set_pages};
 use super::report::fmt_bytes;
 use super::timing::{fmt_dur, median};
+use crate::args::parse_size;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const GIB: f64 = (1u64 << 30) as f64;

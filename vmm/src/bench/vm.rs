@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::error::{Error, Result};
 use super::timing::fmt_dur;
-use crate::run::VmArgs;
+use crate::args::VmArgs;
 use crate::vm::devices::console::ConsoleSink;
 use crate::vm::runner::VmHandle;
 
@@ -91,7 +91,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
         ram: a.ram,
         image: crate::guest_image::GUEST_ELF.to_vec(),
         disk: {
-            crate::run::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
+            crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
             a.disk.clone()
         },
         disk_backend: None,

@@ -12,7 +12,8 @@ use super::primary::{self, Events};
 use super::push::PushTransport;
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
-use crate::run::{VmArgs, catch_interrupts, interrupted};
+use crate::args::{VmArgs, parse_ms, parse_ms_or_zero, parse_secs};
+use crate::interrupt::{catch_interrupts, interrupted};
 use crate::vm::devices::console::ConsoleSink;
 use crate::vm::runner::VmHandle;
 
@@ -25,56 +26,6 @@ pub enum TransportKind {
     Tcp,
     /// Verbs RDMA (fails when there is no device).
     Rdma,
-}
-
-pub fn parse_ms(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix("us") {
-        (n, 1e-6)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        (t, 1e-3)
-    };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v * scale < 1e7 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!(
-            "'{s}' is not a duration like 100ms, 2s or 500us (plain numbers are ms)"
-        )),
-    }
-}
-
-/// As [`parse_ms`], and zero is allowed (`0`, `0ms`, `0us`).
-pub fn parse_ms_or_zero(s: &str) -> std::result::Result<Duration, String> {
-    let t = s
-        .trim()
-        .trim_end_matches("ms")
-        .trim_end_matches("us")
-        .trim_end_matches('s');
-    if t.trim().parse::<f64>() == Ok(0.0) {
-        return Ok(Duration::ZERO);
-    }
-    parse_ms(s)
-}
-
-/// Parses a duration where plain numbers are seconds: 30, 30s, 2m, 500ms.
-pub fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    if let Some(m) = t.strip_suffix('m').filter(|m| !m.ends_with('m')) {
-        return m
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| *v > 0.0 && *v < 1e6)
-            .map(|v| Duration::from_secs_f64(v * 60.0))
-            .ok_or_else(|| format!("'{s}' is not a duration like 30s or 2m"));
-    }
-    if t.ends_with("ms") || t.ends_with("us") || t.ends_with('s') {
-        return parse_ms(t);
-    }
-    parse_ms(&format!("{t}s"))
 }
 
 /// Checkpoint and heartbeat options shared by both sides.
@@ -511,24 +462,4 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_that_may_be_zero_parse_and_bad_ones_are_refused() {
-        for z in ["0", "0ms", "0us", "0s", " 0.0ms "] {
-            assert_eq!(parse_ms_or_zero(z), Ok(Duration::ZERO), "{z}");
-        }
-        assert_eq!(parse_ms_or_zero("1ms"), Ok(Duration::from_millis(1)));
-        assert_eq!(parse_ms_or_zero("250us"), Ok(Duration::from_micros(250)));
-        for bad in ["", "-1ms", "abc", "0x", "1 h", "nan"] {
-            let e = parse_ms_or_zero(bad).unwrap_err();
-            assert!(e.contains("is not a duration"), "{bad}: {e}");
-        }
-        // Where zero means nothing sensible, it stays refused.
-        assert!(parse_ms("0").is_err());
-    }
 }

@@ -1,11 +1,9 @@
-//! Reads the built-in guest's disk log (its record format is shared with the guest as
-//! source), to check after a run that every acknowledged write is on the disk.
+//! Reads the built-in guest's disk log (its record format is shared with the guest in
+//! `colo-guest-abi`), to check after a run that every acknowledged write is on the disk.
 
 use std::collections::BTreeMap;
 
-#[path = "../../guest/src/record.rs"]
-#[allow(dead_code, clippy::all)]
-mod record;
+use colo_guest_abi::record;
 
 /// Replays the log in `disk` as the guest does at boot: records from byte 0 until the end
 /// marker or the first record that is not whole and valid. Later SETs of a key win.

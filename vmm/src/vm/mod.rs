@@ -6,9 +6,7 @@
 //! which runs the vCPU on its own thread and can pause and resume it in tens of
 //! microseconds (a signal sets `immediate_exit`, see ENVIRONMENT.md).
 
-#[path = "../../guest/src/abi.rs"]
-#[allow(dead_code)]
-pub mod abi;
+pub use colo_guest_abi::boot as abi;
 mod boot;
 pub mod codec;
 pub mod devices;

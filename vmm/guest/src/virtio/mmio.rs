@@ -90,8 +90,9 @@ impl Mmio {
     }
 
     fn read(&self, offset: usize) -> u32 {
-        // SAFETY: `base` is a virtio-mmio window of the VMM (abi.rs), identity-mapped and
-        // not RAM; `offset` is an aligned register inside it. The read exits to the VMM.
+        // SAFETY: `base` is a virtio-mmio window of the VMM (colo_guest_abi::boot),
+        // identity-mapped and not RAM; `offset` is an aligned register inside it. The read
+        // exits to the VMM.
         unsafe { self.reg(offset).read_volatile() }
     }
 

@@ -110,3 +110,41 @@ fn fnv1a(bytes: &[u8]) -> u32 {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec::Vec;
+
+    use super::*;
+
+    /// `SET k v1`: header, key, value, FNV-1a 32 of the rest.
+    const GOLDEN: [u8; 15] = [
+        0xc5, 1, 1, 0, 2, 0, 0, 0, b'k', b'v', b'1', 0xbc, 0x6a, 0x7c, 0xbc,
+    ];
+
+    #[test]
+    fn a_set_record_encodes_to_its_golden_bytes() {
+        let mut out = Vec::new();
+        encode(b"k", b"v1", &mut out);
+        assert_eq!(out, GOLDEN);
+    }
+
+    #[test]
+    fn golden_bytes_decode_and_a_flipped_byte_does_not() {
+        let h: &[u8; HEADER] = GOLDEN[..HEADER].try_into().unwrap();
+        assert_eq!(
+            Header::parse(h),
+            Header::Set {
+                key_len: 1,
+                value_len: 2
+            }
+        );
+        assert_eq!(record_len(1, 2), GOLDEN.len());
+        assert_eq!(decode(&GOLDEN, 1, 2), Some((&b"k"[..], &b"v1"[..])));
+        let mut bad = GOLDEN;
+        bad[9] ^= 1;
+        assert_eq!(decode(&bad, 1, 2), None);
+        assert_eq!(Header::parse(&[0; HEADER]), Header::End);
+        assert_eq!(Header::parse(&[0xc5, 2, 1, 0, 0, 0, 0, 0]), Header::Bad);
+    }
+}

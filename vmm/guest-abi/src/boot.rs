@@ -1,8 +1,7 @@
-//! The contract between the colo VMM and its built-in guest (version 1).
+//! The boot contract between the colo VMM and its built-in guest (version 1).
 //!
-//! This file is shared as source: the guest compiles it as a module, and the VMM includes
-//! it with `#[path]`, so both sides always agree. It holds only plain constants and
-//! `#[repr(C)]` types, no code that needs `std`.
+//! It holds only plain constants and `#[repr(C)]` types; the byte layout of
+//! [`BootParams`] is checked by a test below.
 //!
 //! # Machine
 //! - One vCPU in 64-bit long mode at CPL3. The VMM builds the GDT, the page tables
@@ -102,4 +101,37 @@ pub struct BootParams {
     pub scratch_gpa: u64,
     /// Bytes of the scratch area.
     pub scratch_len: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn boot_params_keep_their_byte_layout() {
+        assert_eq!(size_of::<BootParams>(), 72);
+        let offsets = [
+            offset_of!(BootParams, magic),
+            offset_of!(BootParams, version),
+            offset_of!(BootParams, flags),
+            offset_of!(BootParams, ram_size),
+            offset_of!(BootParams, tsc_khz),
+            offset_of!(BootParams, ip),
+            offset_of!(BootParams, gateway),
+            offset_of!(BootParams, prefix_len),
+            offset_of!(BootParams, _pad),
+            offset_of!(BootParams, port),
+            offset_of!(BootParams, _pad2),
+            offset_of!(BootParams, dirty_pages_per_sec),
+            offset_of!(BootParams, scratch_gpa),
+            offset_of!(BootParams, scratch_len),
+        ];
+        assert_eq!(
+            offsets,
+            [0, 8, 12, 16, 24, 32, 36, 40, 41, 42, 44, 48, 56, 64]
+        );
+        assert_eq!(BOOT_MAGIC.to_le_bytes(), *b"COLOBOOT");
+    }
 }

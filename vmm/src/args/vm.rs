@@ -1,0 +1,198 @@
+//! The options that describe one VM, and the VM they build (shared by `colo run`, the two
+//! sides of a pair and `colo bench vm`).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Args;
+
+use super::parse_size;
+use crate::vm::devices::backend::NetBackend;
+use crate::vm::devices::console::ConsoleSink;
+use crate::vm::{Error, Machine, Result, VmConfig};
+
+/// The options that describe one VM (shared by `colo run` and the pair commands).
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// Guest RAM (a multiple of 2MiB, at least 32MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub ram: u64,
+    /// The disk image (a raw file). Created with --disk-size if it does not exist.
+    #[arg(long, default_value = "colo-disk.img")]
+    pub disk: PathBuf,
+    /// Size of a new disk image; if given for an existing image, the sizes must agree.
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
+    /// The tap device to attach (created if missing; needs root).
+    #[arg(long, default_value = "colo0")]
+    pub tap: String,
+    /// Address given to the host side of the tap, or "none" to leave the tap unconfigured.
+    #[arg(long, default_value = "10.0.2.1/24")]
+    pub host_ip: String,
+    /// The guest's address.
+    #[arg(long, default_value = "10.0.2.15/24")]
+    pub guest_ip: String,
+    /// The service's TCP port in the guest.
+    #[arg(long, default_value_t = 7000)]
+    pub port: u16,
+    /// Instead of a tap, exchange frames over this Unix socket (4-byte big-endian length,
+    /// then the frame; the VMM connects to it).
+    #[arg(long, conflicts_with = "tap")]
+    pub net_socket: Option<PathBuf>,
+    /// Put the guest's TSC into every reply, so two copies of the guest answer differently.
+    #[arg(long)]
+    pub nondeterministic: bool,
+    /// Pages per second the guest dirties in its scratch memory (a checkpoint load).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_rate: u64,
+    /// A guest image to run instead of the built-in one (an x86-64 ELF linked at 0x200000).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+}
+
+/// Default size of a new disk image.
+const DEFAULT_DISK: u64 = 16 << 20;
+
+/// Parses an IPv4 address with a prefix length (`10.0.2.15/24`).
+pub fn parse_cidr(s: &str) -> Result<([u8; 4], u8)> {
+    let bad = || {
+        Error::Config(format!(
+            "'{s}' is not an IPv4 address with a prefix, like 10.0.2.15/24"
+        ))
+    };
+    let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(1..=30).contains(&len) {
+        return Err(bad());
+    }
+    Ok((ip.octets(), len))
+}
+
+/// Opens or creates the disk image.
+pub fn prepare_disk(path: &Path, size: Option<u64>) -> Result<()> {
+    let disk = |reason: String| Error::Disk {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(s) = size {
+        if s == 0 || s % 512 != 0 {
+            return Err(disk(format!(
+                "--disk-size {s} is not a non-zero multiple of 512"
+            )));
+        }
+    }
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            if let Some(s) = size.filter(|&s| s != m.len()) {
+                return Err(disk(format!(
+                    "the image is {} bytes, --disk-size says {s}",
+                    m.len()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f =
+                std::fs::File::create_new(path).map_err(|e| disk(format!("cannot create: {e}")))?;
+            f.set_len(size.unwrap_or(DEFAULT_DISK))
+                .map_err(|e| disk(format!("cannot size: {e}")))?;
+            tracing::info!(path = %path.display(), bytes = size.unwrap_or(DEFAULT_DISK), "created a disk image");
+            Ok(())
+        }
+        Err(e) => Err(disk(format!("cannot stat: {e}"))),
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(Error::io("run ip(8)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// A locally administered MAC derived from the guest address.
+fn mac_for(ip: [u8; 4]) -> [u8; 6] {
+    [0x52, 0x54, ip[0], ip[1], ip[2], ip[3]]
+}
+
+impl VmArgs {
+    /// Builds the VM this describes, with its network backend and console.
+    ///
+    /// # Errors
+    /// Bad arguments, a bad image or disk, a tap that cannot be attached, a KVM failure.
+    pub fn build(&self, name: &str, console: ConsoleSink) -> Result<Machine> {
+        self.build_with(name, console, |_| Ok(None))
+    }
+
+    /// As [`VmArgs::build`], with the disk backend made by `disk` from the checked image
+    /// (block replication); `None` keeps the plain image.
+    ///
+    /// # Errors
+    /// As [`VmArgs::build`], or `disk`'s error.
+    pub fn build_with(
+        &self,
+        name: &str,
+        console: ConsoleSink,
+        disk: impl FnOnce(colo_blk::Disk) -> Result<Option<std::sync::Arc<dyn colo_blk::BlockBackend>>>,
+    ) -> Result<Machine> {
+        let guest = parse_cidr(&self.guest_ip)?;
+        let image = match &self.image {
+            Some(p) => {
+                std::fs::read(p).map_err(|e| Error::Image(format!("{}: {e}", p.display())))?
+            }
+            None => crate::guest_image::GUEST_ELF.to_vec(),
+        };
+        crate::vm::check_image(&image)?;
+        if self.ram < 32 << 20 {
+            return Err(Error::Config(format!(
+                "{} MiB of RAM is too little: at least 32 MiB",
+                self.ram >> 20
+            )));
+        }
+        prepare_disk(&self.disk, self.disk_size)?;
+        let disk_backend = disk(crate::vm::devices::blk::open_raw(&self.disk)?)?;
+        let net = match &self.net_socket {
+            Some(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p)
+                    .map_err(Error::io(format!("connect to {}", p.display())))?;
+                NetBackend::socket(s)?
+            }
+            None => {
+                let backend = NetBackend::tap(&self.tap)?;
+                if self.host_ip != "none" {
+                    parse_cidr(&self.host_ip)?;
+                    // Replace whatever address an earlier run left.
+                    ip(&["addr", "flush", "dev", &self.tap])?;
+                    ip(&["addr", "add", &self.host_ip, "dev", &self.tap])?;
+                    ip(&["link", "set", &self.tap, "up"])?;
+                }
+                backend
+            }
+        };
+        Machine::new(VmConfig {
+            name: name.into(),
+            ram: self.ram,
+            image,
+            disk: self.disk.clone(),
+            disk_backend,
+            net,
+            mac: mac_for(guest.0),
+            ip: guest,
+            port: self.port,
+            nondeterministic: self.nondeterministic,
+            dirty_pages_per_sec: self.dirty_rate,
+            console,
+        })
+    }
+}

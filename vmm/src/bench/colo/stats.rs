@@ -1,0 +1,154 @@
+//! The figures the table and the targets are judged on: steady-state pushes and pauses,
+//! the ratio of each run to its same-round baseline, medians over the rounds.
+
+use super::{Kind, PAGE, PairReport, Run};
+
+/// The steady-state figures of a protected run: the initial full sync left out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Steady {
+    /// Checkpoints after the initial sync (one pause each).
+    pub(super) epochs: u64,
+    /// Pages pushed after the initial sync, background and paused.
+    pub(super) pages: u64,
+    /// Payload bytes pushed after the initial sync.
+    pub(super) bytes: u64,
+    /// Sum of all pauses, in microseconds.
+    pub(super) pause_us: u64,
+}
+
+impl Steady {
+    /// `colo pair` counts the initial sync (every page of RAM) in `epochs`, `pages` and
+    /// `bytes` but keeps it out of `pauses_us`; this takes it out of all of them.
+    pub(super) fn of(r: &PairReport, ram: u64) -> Self {
+        let epochs = r.pauses_us.len() as u64;
+        let (pages, bytes) = if r.epochs > epochs {
+            (
+                r.pages.saturating_sub(ram / PAGE),
+                r.bytes.saturating_sub(ram),
+            )
+        } else {
+            (r.pages, r.bytes)
+        };
+        Self {
+            epochs,
+            pages,
+            bytes,
+            pause_us: r.pauses_us.iter().sum(),
+        }
+    }
+
+    pub(super) fn per_epoch(&self, v: u64) -> Option<f64> {
+        (self.epochs > 0).then(|| v as f64 / self.epochs as f64)
+    }
+
+    /// Bytes of the epochs per second of pause: how much pushed data each second of guest
+    /// downtime covered (most of it went in the background, so this is not a link rate).
+    pub(super) fn bytes_per_pause_s(&self) -> Option<f64> {
+        (self.pause_us > 0).then(|| self.bytes as f64 / (self.pause_us as f64 / 1e6))
+    }
+}
+
+/// The unprotected run of the same round and dirty rate.
+fn baseline<'a>(runs: &'a [Run], run: &Run) -> Option<&'a PairReport> {
+    runs.iter()
+        .find(|r| r.kind == Kind::Unprotected && r.rate_mib == run.rate_mib && r.round == run.round)
+        .map(|r| &r.report)
+}
+
+pub(super) fn ratio(runs: &[Run], run: &Run) -> Option<f64> {
+    baseline(runs, run)
+        .filter(|b| b.replies > 0)
+        .map(|b| run.report.rps() / b.rps())
+}
+
+/// The median of `v` (the lower middle for an even count), with the least and the
+/// greatest; `None` if empty.
+pub(super) fn median_range(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    v.sort_by(f64::total_cmp);
+    Some((*v.get((v.len().max(1) - 1) / 2)?, v[0], v[v.len() - 1]))
+}
+
+/// How a value judged over the rounds reads: the median, and the range when there are
+/// several rounds.
+pub(super) fn over_rounds(
+    v: (f64, f64, f64),
+    rounds: usize,
+    fmt: impl Fn(f64) -> String,
+) -> String {
+    if rounds > 1 {
+        format!(
+            "median of {rounds} rounds {} (range {} to {})",
+            fmt(v.0),
+            fmt(v.1),
+            fmt(v.2)
+        )
+    } else {
+        fmt(v.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::colo::MIB;
+    use crate::colo::Mode;
+
+    #[test]
+    fn steady_figures_leave_out_the_initial_sync() {
+        let ram = 64 * MIB;
+        let r = PairReport {
+            epochs: 3,
+            pauses_us: vec![1000, 3000],
+            pages: ram / PAGE + 100,
+            bytes: ram + 100 * PAGE,
+            ..PairReport::default()
+        };
+        let s = Steady::of(&r, ram);
+        assert_eq!(
+            s,
+            Steady {
+                epochs: 2,
+                pages: 100,
+                bytes: 100 * PAGE,
+                pause_us: 4000
+            }
+        );
+        assert_eq!(s.per_epoch(s.pages), Some(50.0));
+        assert_eq!(s.bytes_per_pause_s(), Some(100.0 * PAGE as f64 / 4e-3));
+    }
+
+    #[test]
+    fn each_run_is_compared_with_the_baseline_of_its_own_round() {
+        let run = |round, kind, replies| Run {
+            round,
+            kind,
+            rate_mib: 100,
+            report: PairReport {
+                replies,
+                load_secs: 10.0,
+                ..PairReport::default()
+            },
+        };
+        let p = Kind::Protected(Mode::Periodic);
+        let runs = [
+            run(1, Kind::Unprotected, 1000),
+            run(1, p, 500),
+            run(2, Kind::Unprotected, 2000),
+            run(2, p, 1800),
+            run(3, Kind::Unprotected, 1000),
+            run(3, p, 700),
+        ];
+        let ratios: Vec<f64> = runs.iter().filter_map(|r| ratio(&runs, r)).collect();
+        assert_eq!(ratios, [1.0, 0.5, 1.0, 0.9, 1.0, 0.7]);
+        let periodic = runs
+            .iter()
+            .filter(|r| r.kind == p)
+            .filter_map(|r| ratio(&runs, r))
+            .collect();
+        assert_eq!(median_range(periodic), Some((0.7, 0.5, 0.9)));
+        assert_eq!(median_range(vec![3.0, 1.0]), Some((1.0, 1.0, 3.0)));
+        assert_eq!(median_range(Vec::new()), None);
+        assert_eq!(runs[1].name(3), "periodic #1");
+        assert_eq!(runs[1].name(1), "periodic");
+    }
+}

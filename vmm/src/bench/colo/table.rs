@@ -1,0 +1,269 @@
+//! The results table on stdout, its notes, and the verdict on each target.
+
+use super::stats::{Steady, median_range, over_rounds, ratio};
+use super::{
+    ColoBenchArgs, GIB, Kind, MIB, PAGE, PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB,
+    Run, THROUGHPUT_TARGET, mode_name,
+};
+use crate::bench::report::fmt_bytes;
+use crate::colo::Mode;
+use crate::vm::SCRATCH_GPA;
+
+fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
+    v.map_or_else(
+        || format!("{:>width$}", "-"),
+        |v| format!("{v:>width$.prec$}"),
+    )
+}
+
+/// Prints the table: a row per run, the notes on what it shows, and the targets.
+pub(super) fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
+    print_runs(args, runs, cpus);
+    print_notes(args, runs, cpus);
+    print_targets(args, runs);
+}
+
+/// The heading and a row per run.
+fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
+    println!(
+        "COLO pair benchmark: {:.1} s of client load per run, checkpoint every {} ms, {} guest \
+         RAM (dirty load in the {} above 16 MiB), {cpus} CPUs",
+        args.duration.as_secs_f64(),
+        args.checkpoint_delay.as_secs_f64() * 1e3,
+        fmt_bytes(args.ram),
+        fmt_bytes(args.ram - SCRATCH_GPA)
+    );
+    println!(
+        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6}",
+        "",
+        "dirty",
+        "",
+        "pause",
+        "pause",
+        "pause",
+        "pages",
+        "MiB",
+        "pushed",
+        "epoch",
+        "client",
+        "vs",
+        "CPU s",
+        "CPU s"
+    );
+    println!(
+        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6}",
+        "mode",
+        "MiB/s",
+        "epochs",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "/epoch",
+        "/epoch",
+        "GiB/s",
+        "GiB/ps",
+        "req/s",
+        "unprot",
+        "PVM",
+        "SVM"
+    );
+    for run in runs {
+        let r = &run.report;
+        let vs = ratio(runs, run).map_or_else(|| "-".into(), |x| format!("{:.0}%", x * 100.0));
+        match run.kind {
+            Kind::Unprotected => {
+                let (name, rate, d) = (run.name(args.rounds), run.rate_mib, "-");
+                let (rps, cpu) = (r.rps(), r.cpu_primary_s);
+                println!(
+                    "{name:<14} {rate:>6} {d:>6} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} \
+                     {d:>8} {rps:>7.0} {vs:>6} {cpu:>6.1} {d:>6}"
+                );
+            }
+            Kind::Protected(_) => {
+                let s = Steady::of(r, args.ram);
+                let pushed = (r.load_secs > 0.0).then(|| s.bytes as f64 / GIB / r.load_secs);
+                println!(
+                    "{:<14} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {} {} {} {} {:>7.0} {vs:>6} \
+                     {:>6.1} {:>6.1}",
+                    run.name(args.rounds),
+                    run.rate_mib,
+                    s.epochs,
+                    r.pause_p50_ms,
+                    r.pause_p99_ms,
+                    r.pause_max_ms,
+                    opt(s.per_epoch(s.pages), 7, 0),
+                    opt(s.per_epoch(s.bytes).map(|b| b / MIB as f64), 7, 1),
+                    opt(pushed, 7, 3),
+                    opt(s.bytes_per_pause_s().map(|b| b / GIB), 8, 2),
+                    r.rps(),
+                    r.cpu_primary_s,
+                    r.cpu_secondary_s
+                );
+            }
+        }
+    }
+}
+
+/// What the columns mean, and notes on this machine and on runs that fell short.
+fn print_notes(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
+    println!(
+        "\nColumns (protected runs; the initial full sync of the RAM is left out of all of them):\n  \
+         epochs         checkpoints after the initial sync until the primary stopped (each \
+         one pause)\n  \
+         pause          how long the PVM stayed paused per checkpoint, as `colo pair` reports it \
+         (with under 100 checkpoints p99 is about the max)\n  \
+         pages, MiB /epoch  pages pushed per checkpoint, in the background during the epoch and \
+         in the pause together (a page dirtied again after its background push is counted again)\n  \
+         pushed GiB/s   pushed over the run: all page bytes pushed / the client load window \
+         (--duration): the average load on the push path, not its speed\n  \
+         epoch GiB/ps   bytes pushed per epoch / pause time (= all bytes / all pauses): how \
+         much replicated memory one second of PVM downtime covered; most pages went in the \
+         background, so this is not a transfer rate either\n  \
+         client req/s   replies the one client connection got / the client load window \
+         (--duration; one request at a time unless --pair-arg says otherwise); vs unprot = that \
+         / the same-run unprotected baseline of the same dirty rate\n  \
+         CPU s          user+system CPU seconds of the PVM process (colo primary, or the VM of \
+         the baseline) and of the SVM process (colo secondary) from their start (VM boot and \
+         initial sync included) to the end of the client load"
+    );
+    let protected: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.kind != Kind::Unprotected)
+        .collect();
+    if !protected.is_empty() {
+        let secs = protected.iter().map(|r| r.report.secs).sum::<f64>() / protected.len() as f64;
+        println!(
+            "Rates are over the load window, not over `secs` of `colo pair --json` (its own \
+             client_rps), which also counts the teardown after the load: {secs:.1} s on average \
+             for the protected runs here."
+        );
+    }
+    println!(
+        "Note: this machine has {cpus} CPU(s){}; in colo mode the SVM runs too and competes \
+         with the PVM (and the proxy and client) for them, in periodic mode it stays paused.",
+        if cpus <= 2 {
+            ", so contention is real"
+        } else {
+            ""
+        }
+    );
+    let epoch_pages = args.checkpoint_delay.as_secs_f64()
+        * args.rates.iter().copied().max().unwrap_or(0) as f64
+        * PAGES_PER_MIB as f64;
+    let scratch_pages = (args.ram - SCRATCH_GPA) / PAGE;
+    if epoch_pages > scratch_pages as f64 {
+        println!(
+            "Note: at the highest rate the guest writes {epoch_pages:.0} pages per epoch into a \
+             scratch area of {scratch_pages} pages; the load wraps, so distinct dirty pages per \
+             epoch are capped at the scratch size (raise --ram)."
+        );
+    }
+    println!(
+        "Note: the guest's dirty load drops work it falls more than 100 ms behind on (e.g. \
+         when it is paused or starved of CPU), so the rate written can be below the rate asked."
+    );
+    // The load's pages per epoch, at the rate asked, over one checkpoint delay alone.
+    for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
+        let asked = (run.rate_mib * PAGES_PER_MIB) as f64 * args.checkpoint_delay.as_secs_f64();
+        let s = Steady::of(&run.report, args.ram);
+        match s.per_epoch(s.pages) {
+            Some(got) if asked > 0.0 && got < asked * 0.75 => println!(
+                "Note: {} {} MiB/s pushed {got:.0} pages per epoch where the rate asked writes \
+                 {asked:.0} in one checkpoint delay ({:.0}%): the guest did not dirty memory at \
+                 that rate.",
+                run.kind.name(),
+                run.rate_mib,
+                got / asked * 100.0
+            ),
+            _ => {}
+        }
+    }
+    if args.modes.contains(&Mode::Periodic) {
+        println!(
+            "Note: in periodic mode the proxy releases a reply only when the checkpoint after \
+             it commits, so a client with one request in flight gets at most about one reply \
+             per checkpoint ({:.0}/s at this checkpoint delay).",
+            1.0 / args.checkpoint_delay.as_secs_f64()
+        );
+    }
+    // A pair whose secondary dropped out carries on unprotected and stops checkpointing.
+    let expected = args.duration.as_secs_f64() / args.checkpoint_delay.as_secs_f64();
+    for run in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
+        let n = run.report.pauses_us.len();
+        if (n as f64) < expected / 2.0 {
+            println!(
+                "Note: {} {} MiB/s took {n} checkpoints, under half of the {expected:.0} its \
+                 duration and checkpoint delay allow (slow checkpoints, or a secondary lost \
+                 mid-run).",
+                run.kind.name(),
+                run.rate_mib
+            );
+        }
+    }
+}
+
+/// The verdict on each target: pause p99 per mode, periodic throughput per dirty rate.
+fn print_targets(args: &ColoBenchArgs, runs: &[Run]) {
+    println!();
+    for &m in &args.modes {
+        let name = mode_name(m);
+        let p99s: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.kind == Kind::Protected(m) && r.rate_mib == PAUSE_TARGET_RATE_MIB)
+            .filter(|r| !r.report.pauses_us.is_empty())
+            .map(|r| r.report.pause_p99_ms)
+            .collect();
+        let n = p99s.len();
+        let verdict = if !args.rates.contains(&PAUSE_TARGET_RATE_MIB) {
+            format!("not measured ({PAUSE_TARGET_RATE_MIB} is not in --rates)")
+        } else {
+            match median_range(p99s) {
+                None => "not measured (no checkpoints)".into(),
+                Some(v) => format!(
+                    "{} -> {}",
+                    over_rounds(v, n, |x| format!("{x:.2} ms")),
+                    met(v.0 <= PAUSE_TARGET_MS)
+                ),
+            }
+        };
+        println!(
+            "target: pause p99 <= {PAUSE_TARGET_MS} ms at {PAUSE_TARGET_RATE_MIB} MiB/s dirty, \
+             {name}: {verdict}"
+        );
+    }
+    if !args.modes.contains(&Mode::Periodic) {
+        println!(
+            "target: service throughput >= {:.0}% of unprotected in periodic mode: not \
+             measured (periodic is not in --modes)",
+            THROUGHPUT_TARGET * 100.0
+        );
+        return;
+    }
+    for &rate in &args.rates {
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.kind == Kind::Protected(Mode::Periodic) && r.rate_mib == rate)
+            .filter_map(|r| ratio(runs, r))
+            .collect();
+        let n = ratios.len();
+        let verdict = median_range(ratios).map_or_else(
+            || "not measured (the baseline got no replies)".into(),
+            |v| {
+                format!(
+                    "{} -> {}",
+                    over_rounds(v, n, |x| format!("{:.0}%", x * 100.0)),
+                    met(v.0 >= THROUGHPUT_TARGET)
+                )
+            },
+        );
+        println!(
+            "target: service throughput >= {:.0}% of unprotected in periodic mode, {rate} MiB/s \
+             dirty: {verdict}",
+            THROUGHPUT_TARGET * 100.0,
+        );
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "MET" } else { "NOT MET" }
+}

@@ -1,0 +1,126 @@
+//! The supervisor's child processes (`colo secondary`, `colo primary`, or `colo run` for
+//! the baseline): this executable started again, its output read line by line into the
+//! shared log, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::setup;
+use super::shared::{Shared, lock};
+use crate::colo::ColoError;
+
+/// A child process that is killed when dropped.
+pub(super) struct Kid {
+    name: &'static str,
+    child: Child,
+}
+
+impl Kid {
+    /// Whether the process still runs.
+    pub(super) fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, and reap it.
+    pub(super) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `grace`, then SIGKILL.
+    pub(super) fn stop(&mut self, grace: Duration) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < grace {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(child = self.name, "did not stop in time; killing");
+        self.kill();
+    }
+
+    /// CPU seconds (user + system) the process used so far, from /proc.
+    pub(super) fn cpu_secs(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return 0.0;
+        };
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        (t(11) + t(12)) / hz
+    }
+}
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.kill();
+        }
+    }
+}
+
+/// Starts this executable with `args` as the child `name`. Its stdout and stderr go into
+/// `shared`'s log (and to stderr with `verbose`); a `FENCED` or `FAILOVER` line is noted.
+pub(super) fn spawn(
+    name: &'static str,
+    args: &[String],
+    shared: &Arc<Shared>,
+    verbose: bool,
+) -> Result<Kid, ColoError> {
+    let exe = std::env::current_exe().map_err(|e| setup(format!("own executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| setup(format!("start the {name}: {e}")))?;
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let s = Arc::clone(shared);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.contains("FENCED") {
+                    s.fenced.store(true, Ordering::SeqCst);
+                }
+                if line.contains("FAILOVER") {
+                    lock(&s.failover_at).get_or_insert_with(Instant::now);
+                }
+                if verbose {
+                    eprintln!("{name}| {line}");
+                }
+                let mut log = lock(&s.log);
+                log.push(format!("{name}| {line}"));
+                let n = log.len();
+                if n > 400 {
+                    log.drain(..n - 200);
+                }
+            }
+        });
+    }
+    Ok(Kid { name, child })
+}

@@ -1,0 +1,55 @@
+//! What the supervisor's threads share: the checkpoint figures from the primary's event
+//! lines, what the children's logs said, and whether the secondary is lost.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::colo::metrics::{EpochRecord, Summary};
+
+/// Locks `m`, also when a thread panicked while it held it (the data is figures and log
+/// lines, still fit to show).
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The supervisor's state, written by the event and log reader threads.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Every checkpoint's record, summed up.
+    pub(super) summary: Mutex<Summary>,
+    /// The last checkpoint's record, for the status line.
+    pub(super) last: Mutex<Option<EpochRecord>>,
+    /// The record of the longest pause (after the initial sync), to explain it.
+    pub(super) longest: Mutex<Option<EpochRecord>>,
+    /// When a child first said `FAILOVER`.
+    pub(super) failover_at: Mutex<Option<Instant>>,
+    /// Whether a child said `FENCED` (the secondary stayed passive).
+    pub(super) fenced: AtomicBool,
+    /// The longest pause of a checkpoint that failed (the secondary vanished mid-way), in
+    /// microseconds.
+    pub(super) aborted_pause_us: AtomicU64,
+    /// New secondaries that joined (re-protection).
+    pub(super) reprotected: AtomicU64,
+    /// Whether the primary has lost its secondary (its `EXIT` event) and no new one has
+    /// joined since (`PROTECTED`). Held while the proxy's mode is changed on its account,
+    /// so that the supervisor's "secondary gone: primary only" and the event thread's
+    /// "protected again: compare" cannot interleave. (They once did: the supervisor read
+    /// "lost", the event thread switched to compare, then the supervisor switched to
+    /// primary-only for good; the proxy released the PVM's output unchecked while COLO ran,
+    /// and the next failover lost the acknowledged writes of the last epoch.)
+    pub(super) secondary_lost: Mutex<bool>,
+    /// Commits the primary reported.
+    pub(super) commits: AtomicU64,
+    /// The children's last log lines, each prefixed with the child's name.
+    pub(super) log: Mutex<Vec<String>>,
+    /// The `--metrics` file, if any.
+    pub(super) metrics: Mutex<Option<std::fs::File>>,
+}
+
+impl Shared {
+    /// The children's last log lines, one a line.
+    pub(super) fn log_text(&self) -> String {
+        lock(&self.log).join("\n")
+    }
+}

@@ -1,0 +1,233 @@
+//! The end of `colo pair`: every acknowledged write checked on the active side's disk, the
+//! summary printed (and as JSON with `--json`), and the verdict.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use colo_netcmp::MetricsSnapshot;
+use colo_netcmp::proxy::Proxy;
+
+use super::PairArgs;
+use super::client::ClientStats;
+use super::disklog;
+use super::shared::{Shared, lock};
+use super::supervisor::Timeline;
+use crate::colo::ColoError;
+use crate::colo::metrics::Summary;
+
+/// What the supervisor noted when the load ended, before it stopped the sides.
+pub(super) struct Ending {
+    /// Seconds of client load.
+    pub(super) secs: f64,
+    /// CPU seconds of the primary and of the secondary process.
+    pub(super) cpu: (f64, f64),
+    /// The side serving at the end: "primary", "secondary" or "none".
+    pub(super) active: &'static str,
+    /// The client's acknowledged value of every key it wrote.
+    pub(super) acked: HashMap<u64, u64>,
+}
+
+/// The run's figures, gathered once the proxy has stopped.
+struct Figures {
+    secs: f64,
+    s: Summary,
+    pm: MetricsSnapshot,
+    failover: Option<Instant>,
+    replies: u64,
+    lost: u64,
+    contradicted: u64,
+    disk_keys: usize,
+    disk_missing: usize,
+}
+
+/// Checks the disk, stops the proxy, prints the summary (and its JSON with `--json`).
+///
+/// # Errors
+/// A client that saw lost or contradicted data (or a write missing from the disk), or
+/// that got no reply at all.
+pub(super) fn report(
+    a: &PairArgs,
+    dir: &Path,
+    shared: &Shared,
+    proxy: Proxy,
+    stats: &ClientStats,
+    t: &Timeline,
+    end: &Ending,
+) -> Result<(), ColoError> {
+    // Every acknowledged write must be on the disk of the side that is active now.
+    let failed_over = shared.failover_at.lock().is_ok_and(|f| f.is_some());
+    let disk = dir.join(if failed_over {
+        "secondary.img"
+    } else {
+        "primary.img"
+    });
+    let (disk_keys, disk_missing) = check_disk(&disk, &end.acked, stats);
+    let pm = proxy.metrics();
+    let _ = proxy.shutdown();
+    let f = Figures {
+        secs: end.secs,
+        s: lock(&shared.summary).clone(),
+        pm,
+        failover: *lock(&shared.failover_at),
+        replies: stats.replies.load(Ordering::Relaxed),
+        lost: stats.lost_acked.load(Ordering::Relaxed) + disk_missing as u64,
+        contradicted: stats.contradictions.load(Ordering::Relaxed),
+        disk_keys,
+        disk_missing,
+    };
+    print_text(a, &f, stats, t);
+    if a.json {
+        println!("{}", json(&f, shared, stats, t, end));
+    }
+    if f.lost > 0 || f.contradicted > 0 {
+        return Err(ColoError::Protocol(format!(
+            "the client saw {} lost acknowledged writes and {} contradicted replies",
+            f.lost, f.contradicted
+        )));
+    }
+    expect_replies(f.replies, shared)
+}
+
+/// An error with the children's log if the client got no reply at all.
+///
+/// # Errors
+/// `replies` is 0.
+pub(super) fn expect_replies(replies: u64, shared: &Shared) -> Result<(), ColoError> {
+    if replies == 0 {
+        return Err(ColoError::Protocol(format!(
+            "the client got no reply at all:\n{}",
+            shared.log_text()
+        )));
+    }
+    Ok(())
+}
+
+/// Replays the guest's disk log in `disk` and counts the keys on it and the acknowledged
+/// writes missing from it (each noted as an anomaly of the client's).
+fn check_disk(disk: &Path, acked: &HashMap<u64, u64>, stats: &ClientStats) -> (usize, usize) {
+    match std::fs::read(disk) {
+        Ok(bytes) => {
+            let log = disklog::replay(&bytes);
+            // Values grow with every request, so a key's last value on disk must be the
+            // acknowledged one or a later write (sent but not yet answered at the stop);
+            // an older value or none means an acknowledged write was lost.
+            let missing: Vec<String> = acked
+                .iter()
+                .filter(|(k, v)| {
+                    log.get(&format!("k{k}"))
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .is_none_or(|d| d < **v)
+                })
+                .map(|(k, v)| format!("k{k}={v}"))
+                .collect();
+            if !missing.is_empty() {
+                stats
+                    .anomalies
+                    .lock()
+                    .map(|mut a| {
+                        a.push(format!(
+                            "{} acknowledged SETs missing from {}: {:?}",
+                            missing.len(),
+                            disk.display(),
+                            &missing[..missing.len().min(5)]
+                        ))
+                    })
+                    .ok();
+            }
+            (log.len(), missing.len())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the disk image for the check");
+            (0, 0)
+        }
+    }
+}
+
+/// The summary's lines on stdout.
+fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
+    let (secs, replies, lost) = (f.secs, f.replies, f.lost);
+    let contradicted = f.contradicted;
+    println!("\ncolo pair summary ({secs:.1} s):");
+    println!("  COLO: {}", f.s.text(secs));
+    println!(
+        "  client: {replies} replies ({:.0}/s), {} acknowledged SETs, {lost} acknowledged writes lost, {contradicted} replies contradicted, longest wait {:.1} ms, {} connection(s)",
+        replies as f64 / secs,
+        stats.acked_sets.load(Ordering::Relaxed),
+        stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+        stats.connects.load(Ordering::Relaxed),
+    );
+    if f.pm.secondary_holds > 0 {
+        println!(
+            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms ahead of the PVM",
+            f.pm.secondary_holds,
+            a.svm_lead.as_secs_f64() * 1e3
+        );
+    }
+    if let Some(k) = t.killed_primary {
+        let after = replies.saturating_sub(t.replies_at_kill);
+        match f.failover {
+            Some(fo) => println!(
+                "  failover: the secondary took over {:.0} ms after the primary was killed; the client got {after} replies after the kill on {} connection(s)",
+                fo.saturating_duration_since(k).as_secs_f64() * 1e3,
+                stats.connects.load(Ordering::Relaxed)
+            ),
+            None => println!("  failover: the secondary did NOT take over"),
+        }
+    }
+}
+
+/// The summary as one JSON object (`--json`).
+fn json(
+    f: &Figures,
+    shared: &Shared,
+    stats: &ClientStats,
+    t: &Timeline,
+    end: &Ending,
+) -> serde_json::Value {
+    let (s, secs, replies) = (&f.s, f.secs, f.replies);
+    serde_json::json!({
+        "secs": secs,
+        "svm_holds": f.pm.secondary_holds,
+        "epochs": s.epochs,
+        "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
+        "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,
+        "pause_max_ms": s.pause(1.0).as_secs_f64() * 1e3,
+        "longest_pause": lock(&shared.longest).clone(),
+        "pauses_us": s.pauses_us,
+        "pages": s.pages,
+        "bytes": s.bytes,
+        "client_rps": replies as f64 / secs,
+        "cpu_primary_s": end.cpu.0,
+        "cpu_secondary_s": end.cpu.1,
+        "replies": replies,
+        "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
+        "lost_acked": f.lost,
+        "contradictions": f.contradicted,
+        "connects": stats.connects.load(Ordering::Relaxed),
+        "failover": f.failover.is_some(),
+        "replies_after_kill": t.killed_primary.map(|_| replies.saturating_sub(t.replies_at_kill)),
+        "replies_after_failover": t.replies_at_failover.map(|r| replies.saturating_sub(r)),
+        "fenced": shared.fenced.load(Ordering::SeqCst),
+        "disk_keys": f.disk_keys,
+        "reprotected": shared.reprotected.load(Ordering::SeqCst),
+        "disk_missing": f.disk_missing,
+        "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
+        "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+        "anomalies": stats.anomalies.lock().map(|a| a.clone()).unwrap_or_default(),
+        "child_warnings": shared
+            .log
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|x| x.contains(" WARN ") || x.contains(" ERROR ") || x.contains("error"))
+                    .rev()
+                    .take(12)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+        "active": end.active,
+    })
+}

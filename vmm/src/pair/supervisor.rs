@@ -1,0 +1,309 @@
+//! `colo pair` with both sides: the supervisor's steps, from starting the children to the
+//! summary.
+//!
+//! 1. [`Supervisor::start`]: the proxy is up; start the secondary and the primary, and
+//!    connect the primary's event socket.
+//! 2. [`Supervisor::wait_initial_sync`]: the first commit.
+//! 3. The client load starts; [`Supervisor::watch`] runs until `--duration`: it kills sides
+//!    when asked to, starts a new secondary (re-protection), switches the proxy on failover
+//!    or when the secondary is lost, and shows the status line.
+//! 4. [`Supervisor::stop`]: the client and both sides stop; [`summary::report`] checks the
+//!    disk and prints the summary.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use colo_netcmp::proxy::Proxy;
+
+use super::child::{Kid, spawn};
+use super::client::ClientStats;
+use super::shared::{Shared, lock};
+use super::status::StatusLine;
+use super::summary::{self, Ending};
+use super::{PairArgs, events, flags, proxy_error, setup, start_client, start_proxy};
+use crate::colo::ColoError;
+use crate::interrupt::interrupted;
+
+/// Runs a protected pair in the scratch directory `dir`.
+///
+/// # Errors
+/// A side that cannot start, no initial sync, a proxy that cannot switch modes, or a
+/// client that saw lost or contradicted data.
+pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
+    let shared = Arc::new(Shared::default());
+    if let Some(path) = &a.metrics {
+        let f = crate::colo::metrics::open_stream(path)?;
+        *lock(&shared.metrics) = Some(f);
+    }
+    // The primary marks each commit in its own output stream (--commit-marker): the proxy
+    // releases the epoch's output in order with the PVM's frames, without a round trip.
+    let config = colo_netcmp::Config {
+        commit_marker: true,
+        secondary_lead: (!a.svm_lead.is_zero()).then_some(a.svm_lead),
+        ..colo_netcmp::Config::default()
+    };
+    let (proxy, client_end) = start_proxy(dir, config)?;
+    if a.colo.mode == crate::colo::Mode::Periodic {
+        // The SVM does not run: output is held until the checkpoint that covers it.
+        proxy
+            .control()
+            .set_mode(colo_netcmp::Mode::Periodic)
+            .map_err(proxy_error)?;
+    }
+    let mut sup = Supervisor::start(a, dir, shared, proxy)?;
+    sup.wait_initial_sync()?;
+    let stats = Arc::new(ClientStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = start_client(a.pipeline, client_end, &stats, &stop);
+    let start = Instant::now();
+    let timeline = sup.watch(start, &stats)?;
+    let ending = sup.stop(start, &timeline, &stop, client);
+    let Supervisor { shared, proxy, .. } = sup;
+    summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
+}
+
+/// What happened to the sides while the load ran, for the status line and the summary.
+#[derive(Debug, Default)]
+pub(super) struct Timeline {
+    /// When the primary was killed (`--kill-primary-after`).
+    pub(super) killed_primary: Option<Instant>,
+    /// The client's replies by then.
+    pub(super) replies_at_kill: u64,
+    /// The client's replies when the supervisor saw the failover.
+    pub(super) replies_at_failover: Option<u64>,
+    /// When the secondary was killed (`--kill-secondary-after`).
+    killed_secondary: Option<Instant>,
+    /// Whether a new secondary was started since (`--reprotect`).
+    respawned: bool,
+    /// Whether the secondary took over and the proxy now sends the client to it.
+    pub(super) failover_done: bool,
+}
+
+/// The two sides and the proxy between them and the client.
+pub(super) struct Supervisor<'a> {
+    a: &'a PairArgs,
+    // The sides go first when dropped (killed), then the proxy.
+    primary: Kid,
+    secondary: Kid,
+    proxy: Proxy,
+    shared: Arc<Shared>,
+    /// The secondary's command line, for a new one (re-protection).
+    sec_args: Vec<String>,
+    /// Exists while the primary process runs: the secondary takes over only once it is
+    /// gone (split-brain prevention).
+    alive: PathBuf,
+}
+
+impl<'a> Supervisor<'a> {
+    /// Starts the secondary and the primary (on loopback, with their network on the
+    /// proxy's sockets in `dir`) and connects the primary's event socket.
+    ///
+    /// # Errors
+    /// A socket or file in `dir`, a child that does not start, or a primary that does not
+    /// connect its event socket.
+    pub(super) fn start(
+        a: &'a PairArgs,
+        dir: &Path,
+        shared: Arc<Shared>,
+        proxy: Proxy,
+    ) -> Result<Self, ColoError> {
+        let events_path: PathBuf = dir.join("events.sock");
+        let events =
+            UnixListener::bind(&events_path).map_err(|e| setup(format!("event socket: {e}")))?;
+        let port = flags::free_port()?;
+        // Split-brain prevention: the secondary takes over only once the supervisor has
+        // seen the primary process gone (this file is removed then).
+        let alive = dir.join("primary.alive");
+        std::fs::write(&alive, b"").map_err(|e| setup(format!("{}: {e}", alive.display())))?;
+        let sec_args = flags::secondary_args(a, dir, port, &alive);
+        let pri_args = flags::primary_args(a, dir, port, &events_path);
+        eprintln!(
+            "colo pair: starting the secondary and the primary (scratch in {})",
+            dir.display()
+        );
+        let mut secondary = spawn("secondary", &sec_args, &shared, a.verbose)?;
+        let mut primary = spawn("primary", &pri_args, &shared, a.verbose)?;
+        events::connect(&events, &mut primary, &mut secondary, &proxy, &shared)?;
+        Ok(Self {
+            a,
+            primary,
+            secondary,
+            proxy,
+            shared,
+            sec_args,
+            alive,
+        })
+    }
+
+    /// Waits (at most 60 s) for the initial sync, before the load starts.
+    ///
+    /// # Errors
+    /// No commit in time, a primary that died, or one that lost its secondary during the
+    /// sync (it serves unprotected: nothing to show here).
+    pub(super) fn wait_initial_sync(&mut self) -> Result<(), ColoError> {
+        let t1 = Instant::now();
+        while self.shared.commits.load(Ordering::Relaxed) == 0 {
+            let lost = *lock(&self.shared.secondary_lost);
+            if lost || !self.primary.alive() || t1.elapsed() > Duration::from_secs(60) {
+                return Err(setup(format!(
+                    "no initial sync:\n{}",
+                    self.shared.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "colo pair: initial sync done in {} ms; client load starts",
+            t1.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    /// Runs the load until `--duration`, Ctrl-C, or both sides gone: every 20 ms the
+    /// faults asked for, the sides' state, and once a second the status line.
+    ///
+    /// # Errors
+    /// A new secondary that cannot start, or a proxy that cannot switch to the secondary.
+    pub(super) fn watch(
+        &mut self,
+        start: Instant,
+        stats: &ClientStats,
+    ) -> Result<Timeline, ColoError> {
+        let mut t = Timeline::default();
+        let mut status = StatusLine::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let el = start.elapsed();
+            if interrupted() || self.a.colo.duration.is_some_and(|d| el >= d) {
+                break;
+            }
+            self.inject_faults(el, &mut t, stats)?;
+            self.follow_sides(&mut t, stats)?;
+            if self.both_gone() {
+                break;
+            }
+            status.tick(el, &self.shared, &self.proxy, stats, t.failover_done);
+        }
+        Ok(t)
+    }
+
+    /// `--kill-primary-after`, `--kill-secondary-after` and `--reprotect`, when due.
+    fn inject_faults(
+        &mut self,
+        el: Duration,
+        t: &mut Timeline,
+        stats: &ClientStats,
+    ) -> Result<(), ColoError> {
+        let a = self.a;
+        if t.killed_primary.is_none() && a.kill_primary_after.is_some_and(|k| el >= k) {
+            eprintln!(
+                "\ncolo pair: killing the primary (SIGKILL) at {:.1} s",
+                el.as_secs_f64()
+            );
+            self.primary.kill();
+            t.killed_primary = Some(Instant::now());
+            t.replies_at_kill = stats.replies.load(Ordering::Relaxed);
+        }
+        if a.kill_secondary_after.is_some_and(|k| el >= k)
+            && self.secondary.alive()
+            && t.killed_secondary.is_none()
+        {
+            eprintln!(
+                "\ncolo pair: killing the secondary (SIGKILL) at {:.1} s",
+                el.as_secs_f64()
+            );
+            self.secondary.kill();
+            t.killed_secondary = Some(Instant::now());
+        }
+        if a.reprotect
+            && !t.respawned
+            && t.killed_secondary
+                .is_some_and(|k| k.elapsed() >= Duration::from_secs(1))
+        {
+            eprintln!("\ncolo pair: starting a new secondary (re-protection)");
+            self.secondary = spawn("secondary", &self.sec_args, &self.shared, a.verbose)?;
+            t.respawned = true;
+        }
+        Ok(())
+    }
+
+    /// Follows the sides: the primary gone (its alive file removed), the secondary taking
+    /// over (the client goes to it), or the secondary lost (the primary alone).
+    fn follow_sides(&mut self, t: &mut Timeline, stats: &ClientStats) -> Result<(), ColoError> {
+        if !self.primary.alive() && self.alive.exists() {
+            let _ = std::fs::remove_file(&self.alive);
+        }
+        let failover = *lock(&self.shared.failover_at);
+        if !t.failover_done && failover.is_some() {
+            t.failover_done = true;
+            t.replies_at_failover = Some(stats.replies.load(Ordering::Relaxed));
+            self.proxy
+                .control()
+                .set_mode(colo_netcmp::Mode::SecondaryOnly)
+                .map_err(proxy_error)?;
+            eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
+        }
+        if failover.is_none() && self.primary.alive() {
+            // Decided and applied under the lock: see `Shared::secondary_lost`.
+            let lost = lock(&self.shared.secondary_lost);
+            if *lost || !self.secondary.alive() {
+                let _ = self
+                    .proxy
+                    .control()
+                    .set_mode(colo_netcmp::Mode::PrimaryOnly);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether both sides are gone; if so, says so with the last warnings of their logs.
+    fn both_gone(&mut self) -> bool {
+        if self.primary.alive() || self.secondary.alive() {
+            return false;
+        }
+        eprintln!("\ncolo pair: both sides are gone");
+        let log = lock(&self.shared.log);
+        let tail: Vec<&String> = log
+            .iter()
+            .filter(|l| !l.contains("] ") || l.contains("ERROR") || l.contains("WARN"))
+            .rev()
+            .take(25)
+            .collect();
+        for l in tail.iter().rev() {
+            eprintln!("  {l}");
+        }
+        true
+    }
+
+    /// Ends the run: notes the figures of its end, stops the client and then both sides.
+    pub(super) fn stop(
+        &mut self,
+        start: Instant,
+        t: &Timeline,
+        stop: &AtomicBool,
+        client: JoinHandle<HashMap<u64, u64>>,
+    ) -> Ending {
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = (self.primary.cpu_secs(), self.secondary.cpu_secs());
+        let active = match (self.primary.alive(), t.failover_done) {
+            (_, true) => "secondary",
+            (true, false) => "primary",
+            (false, false) => "none",
+        };
+        stop.store(true, Ordering::SeqCst);
+        let acked = client.join().unwrap_or_default();
+        self.primary.stop(Duration::from_secs(5));
+        self.secondary.stop(Duration::from_secs(5));
+        Ending {
+            secs,
+            cpu,
+            active,
+            acked,
+        }
+    }
+}
