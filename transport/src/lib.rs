@@ -48,7 +48,7 @@
 pub mod control;
 pub mod double;
 mod error;
-mod frame_io;
+pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod push;

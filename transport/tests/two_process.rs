@@ -9,7 +9,7 @@ use std::time::Duration;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::push::{PushReceiver, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
-use colo_transport::{Error, Region};
+use colo_transport::{Error, Region, framing};
 use common::*;
 
 const PAGE: u32 = 4096;
@@ -69,7 +69,10 @@ fn secondary(addr: &str) {
     ctl.send(&Message::Heartbeat { seq: 100 }).unwrap();
     assert_eq!(ctl.recv().unwrap(), Message::Goodbye);
     // The primary's push streams said goodbye too.
-    assert!(matches!(rx.next_commit(T), Err(Error::PeerClosed)));
+    assert!(matches!(
+        rx.next_commit(T),
+        Err(Error::Frame(framing::Error::PeerClosed))
+    ));
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use colo_transport::control::{ControlChannel, Message};
+use colo_transport::framing;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::{ColoError, Result};
@@ -93,7 +94,7 @@ impl Link {
                                 return;
                             }
                         }
-                        Err(colo_transport::Error::Timeout(..)) => {}
+                        Err(colo_transport::Error::Frame(framing::Error::Timeout)) => {}
                         Err(e) => {
                             i.lose(format!("control connection: {e}"));
                             return;
