@@ -50,15 +50,10 @@ pub enum Kind {
     Region = 48,
 }
 
-/// The control protocol, as the [`framing`] module knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ControlProtocol {}
-
-impl framing::Protocol for ControlProtocol {
+impl framing::Protocol for Kind {
     const NAME: &'static str = "colo";
     const MAGIC: u32 = CONTROL_MAGIC;
     const VERSION: u16 = PROTOCOL_VERSION;
-    type Kind = Kind;
     type Fields = ControlFields;
 }
 
@@ -86,7 +81,7 @@ impl ControlFields {
 
 /// The control frame header: magic, version, type, one 64-bit argument (an epoch, a
 /// sequence number or a size) and the length of the payload that follows.
-pub type FrameHeader = Header<ControlProtocol>;
+pub type FrameHeader = Header<Kind>;
 
 const _: () = assert!(FrameHeader::LEN == HEADER_LEN);
 

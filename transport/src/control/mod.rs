@@ -34,9 +34,7 @@ mod handshake;
 mod message;
 
 pub use channel::ControlChannel;
-pub use frame::{
-    CONTROL_MAGIC, ControlFields, ControlProtocol, FrameHeader, HEADER_LEN, Kind, PROTOCOL_VERSION,
-};
+pub use frame::{CONTROL_MAGIC, ControlFields, FrameHeader, HEADER_LEN, Kind, PROTOCOL_VERSION};
 pub use handshake::{Hello, MAX_REGIONS, MemRegion, Role};
 pub use message::{DEFAULT_MAX_STATE, MAX_REJECT_LEN, Message};
 

@@ -52,7 +52,7 @@ pub enum Error {
         theirs: u16,
     },
     /// A frame carried a type this version of the protocol does not know.
-    #[error("unknown {protocol} frame type {kind}")]
+    #[error("unknown frame type {kind} in the {protocol} protocol")]
     UnknownKind {
         /// The protocol.
         protocol: &'static str,

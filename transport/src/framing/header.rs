@@ -7,26 +7,26 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unali
 
 use super::error::{Error, Result};
 
-/// A wire protocol built on [`Header`]: what its frames start with, and which frame types
-/// it knows.
-pub trait Protocol {
+/// A wire protocol built on [`Header`], implemented by the enum of its frame types: a
+/// fieldless `#[repr(u16)]` enum, so that a code that is none of its variants is refused
+/// at parse time ([`Error::UnknownKind`]). It names what its frames start with and the
+/// fields that follow.
+pub trait Protocol: TryFromBytes + IntoBytes + Immutable + Copy + Debug + Eq {
     /// The protocol's name in error messages ("not a {NAME} peer").
     const NAME: &'static str;
     /// The first four bytes of every frame, as a little-endian `u32`.
     const MAGIC: u32;
     /// The version this build speaks. A frame of another version is refused.
     const VERSION: u16;
-    /// The frame types: a fieldless `#[repr(u16)]` enum. A code that is none of its
-    /// variants is refused at parse time ([`Error::UnknownKind`]).
-    type Kind: TryFromBytes + IntoBytes + Immutable + Copy + Debug;
     /// The fixed fields after the kind. Their layout is the protocol's; a protocol checks
     /// them itself after [`Header::parse`].
     type Fields: FromBytes + IntoBytes + KnownLayout + Immutable + Unaligned + Copy + Debug + Eq;
 }
 
-/// A frame header of protocol `P`: magic, version, kind, then `P`'s fields, little-endian
-/// and without padding. Its fields are private: build it with [`new`](Self::new), check
-/// and read it with [`parse`](Self::parse), send its [`as_bytes`](IntoBytes::as_bytes).
+/// A frame header of the protocol whose frame types are `P`: magic, version, kind, then
+/// `P`'s fields, little-endian and without padding. Its fields are private: build it with
+/// [`new`](Self::new), check and read it with [`parse`](Self::parse), send its
+/// [`as_bytes`](IntoBytes::as_bytes).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
@@ -43,7 +43,7 @@ impl<P: Protocol> Header<P> {
     pub const LEN: usize = size_of::<Self>();
 
     /// A header of this build's version.
-    pub fn new(kind: P::Kind, fields: P::Fields) -> Self {
+    pub fn new(kind: P, fields: P::Fields) -> Self {
         Self {
             magic: P::MAGIC.into(),
             version: P::VERSION.into(),
@@ -58,7 +58,7 @@ impl<P: Protocol> Header<P> {
     /// # Errors
     /// [`Error::Truncated`] if `bytes` is shorter than a header, [`Error::BadMagic`],
     /// [`Error::VersionMismatch`] or [`Error::UnknownKind`].
-    pub fn parse(bytes: &[u8]) -> Result<(P::Kind, P::Fields)> {
+    pub fn parse(bytes: &[u8]) -> Result<(P, P::Fields)> {
         let (h, _) = Self::read_from_prefix(bytes).map_err(|_| Error::Truncated {
             got: bytes.len(),
             want: Self::LEN,
@@ -79,23 +79,17 @@ impl<P: Protocol> Header<P> {
         }
         // The code is read little-endian above; the enum is checked in native order.
         let code = h.kind.get();
-        let kind =
-            P::Kind::try_read_from_bytes(&code.to_ne_bytes()).map_err(|_| Error::UnknownKind {
-                protocol: P::NAME,
-                kind: code,
-            })?;
+        let kind = P::try_read_from_bytes(&code.to_ne_bytes()).map_err(|_| Error::UnknownKind {
+            protocol: P::NAME,
+            kind: code,
+        })?;
         Ok((kind, h.fields))
     }
 }
 
 /// The numeric code of a kind (its `#[repr(u16)]` discriminant).
-fn kind_code<P: Protocol>(kind: P::Kind) -> u16 {
-    const {
-        assert!(
-            size_of::<P::Kind>() == 2,
-            "a frame kind is a #[repr(u16)] enum"
-        )
-    };
+fn kind_code<P: Protocol>(kind: P) -> u16 {
+    const { assert!(size_of::<P>() == 2, "a frame kind is a #[repr(u16)] enum") };
     let mut code = [0u8; 2];
     code.copy_from_slice(kind.as_bytes());
     u16::from_ne_bytes(code)
@@ -122,14 +116,10 @@ mod tests {
         x: U64,
     }
 
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    enum Test {}
-
-    impl Protocol for Test {
+    impl Protocol for Kind {
         const NAME: &'static str = "test";
         const MAGIC: u32 = u32::from_le_bytes(*b"TEST");
         const VERSION: u16 = 3;
-        type Kind = Kind;
         type Fields = Fields;
     }
 
@@ -142,16 +132,16 @@ mod tests {
 
     #[test]
     fn golden_construct_and_deconstruct() {
-        assert_eq!(Header::<Test>::LEN, 16);
-        let h = Header::<Test>::new(Kind::B, Fields { x: 9.into() });
+        assert_eq!(Header::<Kind>::LEN, 16);
+        let h = Header::<Kind>::new(Kind::B, Fields { x: 9.into() });
         assert_eq!(h.as_bytes(), GOLDEN);
-        let (kind, fields) = Header::<Test>::parse(&GOLDEN).unwrap();
+        let (kind, fields) = Header::<Kind>::parse(&GOLDEN).unwrap();
         assert_eq!((kind, fields.x.get()), (Kind::B, 9));
         // Bytes after the header (a payload) are left alone.
         let mut longer = GOLDEN.to_vec();
         longer.push(0xFF);
-        assert_eq!(Header::<Test>::parse(&longer).unwrap().0, Kind::B);
-        let a = Header::<Test>::new(Kind::A, Fields { x: 0.into() });
+        assert_eq!(Header::<Kind>::parse(&longer).unwrap().0, Kind::B);
+        let a = Header::<Kind>::new(Kind::A, Fields { x: 0.into() });
         assert_eq!(&a.as_bytes()[6..8], &[1, 0]);
     }
 
@@ -160,7 +150,7 @@ mod tests {
         let mut b = GOLDEN;
         b[3] = b'X';
         assert!(matches!(
-            Header::<Test>::parse(&b),
+            Header::<Kind>::parse(&b),
             Err(Error::BadMagic {
                 protocol: "test",
                 expected: 0x5453_4554,
@@ -170,7 +160,7 @@ mod tests {
         let mut b = GOLDEN;
         b[4] = 4;
         assert!(matches!(
-            Header::<Test>::parse(&b),
+            Header::<Kind>::parse(&b),
             Err(Error::VersionMismatch {
                 ours: 3,
                 theirs: 4,
@@ -182,14 +172,14 @@ mod tests {
             b[6..8].copy_from_slice(&code.to_le_bytes());
             assert!(
                 matches!(
-                    Header::<Test>::parse(&b),
+                    Header::<Kind>::parse(&b),
                     Err(Error::UnknownKind { kind, .. }) if kind == code
                 ),
                 "{code}"
             );
         }
         assert!(matches!(
-            Header::<Test>::parse(&GOLDEN[..15]),
+            Header::<Kind>::parse(&GOLDEN[..15]),
             Err(Error::Truncated { got: 15, want: 16 })
         ));
     }

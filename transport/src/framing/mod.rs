@@ -1,9 +1,9 @@
 //! Framing shared by every colo wire protocol: one checked header prefix, one way to read
 //! a frame off a byte stream, one error type for what can go wrong doing either.
 //!
-//! A protocol is a type implementing [`Protocol`]: its magic, its version, its frame
-//! types as a `#[repr(u16)]` enum, and the fixed fields that follow them. Every frame of
-//! it starts with a [`Header`] (little-endian):
+//! A protocol is the `#[repr(u16)]` enum of its frame types, implementing [`Protocol`]:
+//! it names its magic, its version and the fixed fields that follow the type. Every frame
+//! of it starts with a [`Header`] (little-endian):
 //!
 //! ```text
 //!  0        4        6        8                            Header::<P>::LEN
@@ -33,26 +33,22 @@
 //! #[repr(C)]
 //! struct Fields { seq: U32 }
 //!
-//! #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-//! enum Echo {}
-//!
-//! impl Protocol for Echo {
+//! impl Protocol for Kind {
 //!     const NAME: &'static str = "echo";
 //!     const MAGIC: u32 = u32::from_le_bytes(*b"ECHO");
 //!     const VERSION: u16 = 1;
-//!     type Kind = Kind;
 //!     type Fields = Fields;
 //! }
 //!
-//! let h = Header::<Echo>::new(Kind::Pong, Fields { seq: 7.into() });
+//! let h = Header::<Kind>::new(Kind::Pong, Fields { seq: 7.into() });
 //! assert_eq!(h.as_bytes(), b"ECHO\x01\x00\x02\x00\x07\x00\x00\x00");
-//! let (kind, fields) = Header::<Echo>::parse(h.as_bytes())?;
+//! let (kind, fields) = Header::<Kind>::parse(h.as_bytes())?;
 //! assert_eq!((kind, fields.seq.get()), (Kind::Pong, 7));
 //!
 //! let mut unknown = h.as_bytes().to_vec();
 //! unknown[6] = 3;
 //! assert!(matches!(
-//!     Header::<Echo>::parse(&unknown),
+//!     Header::<Kind>::parse(&unknown),
 //!     Err(framing::Error::UnknownKind { kind: 3, .. })
 //! ));
 //! # Ok::<(), framing::Error>(())

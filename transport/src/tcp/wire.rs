@@ -57,15 +57,10 @@ pub enum PushKind {
     Goodbye = 8,
 }
 
-/// The TCP push framing, as the [`framing`] module knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushProtocol {}
-
-impl framing::Protocol for PushProtocol {
+impl framing::Protocol for PushKind {
     const NAME: &'static str = "colo push";
     const MAGIC: u32 = PUSH_MAGIC;
     const VERSION: u16 = PUSH_VERSION;
-    type Kind = PushKind;
     type Fields = PushFields;
 }
 
@@ -86,7 +81,7 @@ pub struct PushFields {
 }
 
 /// The 32-byte header of every push frame. Build and read it as a [`PushFrame`].
-pub type PushHeader = Header<PushProtocol>;
+pub type PushHeader = Header<PushKind>;
 
 const _: () = assert!(PushHeader::LEN == PUSH_HEADER_LEN);
 

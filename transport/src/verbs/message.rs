@@ -31,15 +31,10 @@ enum Kind {
     Release = 2,
 }
 
-/// The verbs push messages, as the [`framing`] module knows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VerbsProtocol {}
-
-impl framing::Protocol for VerbsProtocol {
+impl framing::Protocol for Kind {
     const NAME: &'static str = "colo verbs push";
     const MAGIC: u32 = MAGIC;
     const VERSION: u16 = VERSION;
-    type Kind = Kind;
     type Fields = Fields;
 }
 
@@ -55,7 +50,7 @@ struct Fields {
     reserved: U32,
 }
 
-const _: () = assert!(Header::<VerbsProtocol>::LEN == HEADER_LEN);
+const _: () = assert!(Header::<Kind>::LEN == HEADER_LEN);
 
 /// A decoded message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +84,7 @@ fn header(out: &mut Vec<u8>, kind: Kind, epoch: u64, bytes: u64, words: u32) {
         reserved: 0.into(),
     };
     out.clear();
-    out.extend_from_slice(Header::<VerbsProtocol>::new(kind, fields).as_bytes());
+    out.extend_from_slice(Header::<Kind>::new(kind, fields).as_bytes());
 }
 
 /// Encodes a commit into `out` (cleared first).
@@ -115,7 +110,7 @@ pub fn encode_release(out: &mut Vec<u8>, epoch: u64) {
 /// [`Error::Protocol`] (a length that disagrees with the header, a non-zero reserved field,
 /// an immediate that disagrees with the epoch, a release with a bitmap).
 pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
-    let (kind, f) = Header::<VerbsProtocol>::parse(data)?;
+    let (kind, f) = Header::<Kind>::parse(data)?;
     let (epoch, bytes, words) = (f.epoch.get(), f.bytes.get(), f.words.get() as usize);
     if f.reserved.get() != 0 {
         return Err(Error::Protocol(
