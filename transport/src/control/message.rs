@@ -101,6 +101,18 @@ impl Message {
         }
     }
 
+    /// The checkpoint epoch the message names, for the messages that carry one.
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Self::CheckpointRequest { epoch }
+            | Self::CheckpointReply { epoch }
+            | Self::VmstateSend { epoch }
+            | Self::VmstateReceived { epoch }
+            | Self::VmstateLoaded { epoch } => Some(*epoch),
+            _ => None,
+        }
+    }
+
     /// Encodes the message as one frame: header then payload.
     ///
     /// # Errors

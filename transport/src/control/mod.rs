@@ -82,6 +82,24 @@ mod tests {
     }
 
     #[test]
+    fn only_the_checkpoint_messages_name_an_epoch() {
+        let named: Vec<_> = all_messages()
+            .iter()
+            .filter_map(|m| Some((m.kind(), m.epoch()?)))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Kind::CheckpointRequest, 1),
+                (Kind::CheckpointReply, 2),
+                (Kind::VmstateSend, 3),
+                (Kind::VmstateReceived, 4),
+                (Kind::VmstateLoaded, 5),
+            ]
+        );
+    }
+
+    #[test]
     fn every_message_round_trips_over_a_socket() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut tx = ControlChannel::new(a);
