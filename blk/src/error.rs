@@ -43,16 +43,6 @@ pub enum Error {
         /// The disk's size.
         disk_len: u64,
     },
-    /// A length field is over its limit.
-    #[error("{what} of {len} exceeds the limit of {max}")]
-    TooLarge {
-        /// Which length.
-        what: &'static str,
-        /// The length found.
-        len: u64,
-        /// The limit.
-        max: u64,
-    },
     /// Reading a disk failed.
     #[error("cannot read {len} bytes at offset {offset} of the disk")]
     DiskRead {
@@ -102,41 +92,10 @@ pub enum Error {
     /// Writing to the peer failed.
     #[error("cannot send to the peer")]
     Send(#[source] io::Error),
-    /// Reading from the peer failed.
-    #[error("cannot receive from the peer")]
-    Recv(#[source] io::Error),
-    /// The peer closed the connection where a frame was expected.
-    #[error("the peer closed the connection")]
-    PeerClosed,
-    /// The connection ended in the middle of a frame.
-    #[error("truncated frame: the connection ended after {got} of {want} bytes")]
-    Truncated {
-        /// Bytes of the frame that arrived.
-        got: usize,
-        /// Bytes the frame needed.
-        want: usize,
-    },
-    /// A frame did not start with the block replication magic.
-    #[error(
-        "bad magic {found:#010x}, expected {expected:#010x}: not a colo-blk peer, or the stream is out of step"
-    )]
-    BadMagic {
-        /// What arrived.
-        found: u32,
-        /// What was expected.
-        expected: u32,
-    },
-    /// The peer speaks another protocol version.
-    #[error("protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}")]
-    VersionMismatch {
-        /// Our version.
-        ours: u16,
-        /// The peer's version.
-        theirs: u16,
-    },
-    /// A frame carried a type this version does not know.
-    #[error("unknown frame type {0}")]
-    UnknownFrame(u16),
+    /// A frame could not be read, or failed the checks every protocol makes (magic,
+    /// version, known type, length limits).
+    #[error(transparent)]
+    Frame(#[from] colo_transport::framing::Error),
     /// A frame was well formed but broke a rule of the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),

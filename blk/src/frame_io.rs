@@ -1,63 +1,18 @@
 //! Reading and writing whole frames on a byte stream.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::time::Duration;
+
+use colo_transport::framing::{self, read_full};
 
 use crate::error::{Error, Result};
 use crate::wire::{Frame, HEADER_LEN, MAX_REASON_BYTES, MAX_WRITE_BYTES};
-
-/// Reads exactly `buf.len()` bytes, telling a clean end of stream (allowed only before the
-/// first byte of a frame, when `frame_start` is set) from a truncated frame.
-///
-/// # Errors
-/// [`Error::PeerClosed`] on a clean end, [`Error::Truncated`] mid-frame,
-/// [`Error::Timeout`] if a read timeout fires before the frame starts, [`Error::Recv`]
-/// otherwise.
-pub(crate) fn read_full(s: &mut impl Read, buf: &mut [u8], frame_start: bool) -> Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let r = s.read(&mut buf[got..]);
-        got += read_result(r, got, buf.len(), frame_start)?;
-    }
-    Ok(())
-}
-
-/// Classifies one `read` of a frame that has `got` of its `want` bytes: the bytes read
-/// (0 after an interrupted read, to be retried), or the error that ends the frame —
-/// [`Error::PeerClosed`] for a clean end before the first byte of a frame (`frame_start`),
-/// [`Error::Truncated`] mid-frame, [`Error::Timeout`] if a read timeout fires before the
-/// frame starts, [`Error::Recv`] otherwise.
-pub(crate) fn read_result(
-    r: io::Result<usize>,
-    got: usize,
-    want: usize,
-    frame_start: bool,
-) -> Result<usize> {
-    match r {
-        Ok(0) if got == 0 && frame_start => Err(Error::PeerClosed),
-        Ok(0) => Err(Error::Truncated { got, want }),
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-        Err(e)
-            if got == 0
-                && frame_start
-                && matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-        {
-            Err(Error::Timeout(Duration::ZERO, "a frame"))
-        }
-        Err(e) => Err(Error::Recv(e)),
-    }
-}
 
 /// Reads one frame header and its payload into `payload` (resized to the payload's
 /// length, which the header check bounds by [`MAX_WRITE_BYTES`]: a length field never
 /// makes this allocate more).
 ///
 /// # Errors
-/// Any error of [`read_full`] or [`Frame::parse`].
+/// Any error of [`read_full`] (its counts are the whole frame's) or [`Frame::parse`].
 pub(crate) fn read_frame(s: &mut impl Read, payload: &mut Vec<u8>) -> Result<Frame> {
     let mut h = [0u8; HEADER_LEN];
     read_full(s, &mut h, true)?;
@@ -67,7 +22,7 @@ pub(crate) fn read_frame(s: &mut impl Read, payload: &mut Vec<u8>) -> Result<Fra
     payload.resize(n, 0);
     if n > 0 {
         read_full(s, payload, false).map_err(|e| match e {
-            Error::Truncated { got, want } => Error::Truncated {
+            framing::Error::Truncated { got, want } => framing::Error::Truncated {
                 got: got + HEADER_LEN,
                 want: want + HEADER_LEN,
             },
@@ -124,6 +79,7 @@ pub(crate) fn send_reject(s: &mut impl Write, reason: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colo_transport::framing::Error as FrameError;
 
     #[test]
     fn frames_round_trip_through_a_stream() {
@@ -157,7 +113,10 @@ mod tests {
         };
         assert!(len <= MAX_REASON_BYTES);
         assert!(std::str::from_utf8(&p).is_ok());
-        assert!(matches!(read_frame(&mut r, &mut p), Err(Error::PeerClosed)));
+        assert!(matches!(
+            read_frame(&mut r, &mut p),
+            Err(Error::Frame(FrameError::PeerClosed))
+        ));
     }
 
     #[test]
@@ -176,15 +135,15 @@ mod tests {
         let mut r = &out[..100];
         assert!(matches!(
             read_frame(&mut r, &mut Vec::new()),
-            Err(Error::Truncated {
+            Err(Error::Frame(FrameError::Truncated {
                 got: 100,
                 want: 544
-            })
+            }))
         ));
         let mut r = &out[..10];
         assert!(matches!(
             read_frame(&mut r, &mut Vec::new()),
-            Err(Error::Truncated { got: 10, want: 32 })
+            Err(Error::Frame(FrameError::Truncated { got: 10, want: 32 }))
         ));
     }
 }

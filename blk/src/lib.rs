@@ -15,8 +15,8 @@
 //!   undoes the uncommitted epoch and flushes the SVM's writes into the disk. The buffer
 //!   lives in memory and spills to a file past a limit; its size is reported
 //!   ([`SecondaryDisk::stats`], and to the primary in every acknowledgement).
-//! - [`wire`]: the protocol of forwarded writes (zerocopy headers, magic and version,
-//!   length and offset checks).
+//! - [`wire`]: the protocol of forwarded writes (headers on `colo_transport::framing`:
+//!   magic, version and type checked there; length and offset checks here).
 //! - [`BlockBackend`]: the interface the VMM's virtio-blk calls; [`PlainDisk`] is the
 //!   unreplicated one.
 //!

@@ -1,8 +1,9 @@
 //! The wire protocol of forwarded writes: one TCP stream from the primary to the
 //! secondary, acknowledgements flowing back on the same stream.
 //!
-//! Every frame starts with a fixed 32-byte little-endian header ([`FrameHeader`]): magic
-//! `"CBLK"`, version, type, payload length, one 32-bit and two 64-bit fields. Unknown
+//! Every frame starts with a fixed 32-byte little-endian header ([`FrameHeader`], a
+//! [`framing::Header`]): magic `"CBLK"`, version, type, payload length, one 32-bit and two
+//! 64-bit fields. Unknown
 //! types, other versions, non-zero unused fields, unaligned or oversized payloads are
 //! refused at parse time, before anything is allocated; offsets are checked against the
 //! disk ([`Frame::check_disk`]) before any byte reaches it. Sequence numbers count every
@@ -25,8 +26,9 @@
 //!     │── Goodbye ─────────────────────────────────────────────────▶│
 //! ```
 
-use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use colo_transport::framing::{self, Header};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unaligned};
 
 use crate::error::{Error, Result};
 use crate::sector::{SECTOR_SIZE, check_span};
@@ -43,7 +45,7 @@ pub const MAX_WRITE_BYTES: u64 = 1 << 20;
 pub const MAX_REASON_BYTES: u32 = 256;
 
 /// Frame type codes. Values not listed are rejected at parse time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(u16)]
 #[non_exhaustive]
 pub enum FrameKind {
@@ -69,22 +71,11 @@ pub enum FrameKind {
     Goodbye = 34,
 }
 
-impl FrameKind {
-    fn from_u16(v: u16) -> Result<Self> {
-        Ok(match v {
-            1 => Self::Hello,
-            2 => Self::HelloAck,
-            3 => Self::Reject,
-            16 => Self::Write,
-            17 => Self::Flush,
-            18 => Self::Checkpoint,
-            19 => Self::SyncData,
-            20 => Self::SyncDone,
-            32 => Self::Ack,
-            34 => Self::Goodbye,
-            other => return Err(Error::UnknownFrame(other)),
-        })
-    }
+impl framing::Protocol for FrameKind {
+    const NAME: &'static str = "colo-blk";
+    const MAGIC: u32 = BLK_MAGIC;
+    const VERSION: u16 = BLK_VERSION;
+    type Fields = BlkFields;
 }
 
 /// How a secondary starts.
@@ -107,23 +98,23 @@ impl SyncMode {
     }
 }
 
-/// The wire layout of every frame's header. Fields are private; build frames with
+/// The header's fields after the kind. They are private; build frames with
 /// [`Frame::to_bytes`] and read them with [`Frame::parse`].
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
 #[repr(C)]
-pub struct FrameHeader {
-    magic: U32,
-    version: U16,
-    kind: U16,
+pub struct BlkFields {
     len: U32,
     aux: U32,
     seq: U64,
     arg: U64,
 }
 
-const _: () = assert!(size_of::<FrameHeader>() == HEADER_LEN);
+/// The wire layout of every frame's header.
+pub type FrameHeader = Header<FrameKind>;
+
+const _: () = assert!(FrameHeader::LEN == HEADER_LEN);
 
 /// A parsed, validated frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,11 +187,12 @@ pub enum Frame {
 
 fn data_len(len: u32) -> Result<u32> {
     if u64::from(len) > MAX_WRITE_BYTES {
-        return Err(Error::TooLarge {
+        return Err(framing::Error::TooLarge {
             what: "write payload",
             len: len.into(),
             max: MAX_WRITE_BYTES,
-        });
+        }
+        .into());
     }
     if len == 0 || u64::from(len) % SECTOR_SIZE != 0 {
         return Err(Error::Protocol(format!(
@@ -260,18 +252,13 @@ impl Frame {
             Self::Ack { seq, buffered } => (FrameKind::Ack, 0, 0, seq, buffered),
             Self::Goodbye => (FrameKind::Goodbye, 0, 0, 0, 0),
         };
-        let h = FrameHeader {
-            magic: BLK_MAGIC.into(),
-            version: BLK_VERSION.into(),
-            kind: (kind as u16).into(),
+        let fields = BlkFields {
             len: len.into(),
             aux: aux.into(),
             seq: seq.into(),
             arg: arg.into(),
         };
-        let mut out = [0u8; HEADER_LEN];
-        out.copy_from_slice(h.as_bytes());
-        out
+        zerocopy::transmute!(FrameHeader::new(kind, fields))
     }
 
     /// Parses and validates a header: magic, version, known type, zero unused fields,
@@ -279,24 +266,12 @@ impl Frame {
     /// [`MAX_WRITE_BYTES`]; reasons: at most [`MAX_REASON_BYTES`]; others: none).
     ///
     /// # Errors
-    /// [`Error::BadMagic`], [`Error::VersionMismatch`], [`Error::UnknownFrame`],
-    /// [`Error::TooLarge`] or [`Error::Protocol`].
+    /// [`framing::Error::BadMagic`], [`framing::Error::VersionMismatch`],
+    /// [`framing::Error::UnknownKind`], [`framing::Error::TooLarge`] (all as
+    /// [`Error::Frame`]) or [`Error::Protocol`].
     pub fn parse(bytes: &[u8; HEADER_LEN]) -> Result<Self> {
-        let h = FrameHeader::read_from_bytes(bytes).expect("array has exactly the header's size");
-        if h.magic.get() != BLK_MAGIC {
-            return Err(Error::BadMagic {
-                found: h.magic.get(),
-                expected: BLK_MAGIC,
-            });
-        }
-        if h.version.get() != BLK_VERSION {
-            return Err(Error::VersionMismatch {
-                ours: BLK_VERSION,
-                theirs: h.version.get(),
-            });
-        }
+        let (kind, h) = FrameHeader::parse(bytes)?;
         let (len, aux, seq, arg) = (h.len.get(), h.aux.get(), h.seq.get(), h.arg.get());
-        let kind = FrameKind::from_u16(h.kind.get())?;
         // Which of len, aux, seq, arg the type uses; the others must be zero.
         let (uses_len, uses_aux, uses_seq, uses_arg) = match kind {
             FrameKind::Hello => (false, true, false, true),
@@ -333,11 +308,12 @@ impl Frame {
             FrameKind::HelloAck => Self::HelloAck { disk_len: arg },
             FrameKind::Reject => {
                 if len > MAX_REASON_BYTES {
-                    return Err(Error::TooLarge {
+                    return Err(framing::Error::TooLarge {
                         what: "reject reason",
                         len: len.into(),
                         max: MAX_REASON_BYTES.into(),
-                    });
+                    }
+                    .into());
                 }
                 Self::Reject { len }
             }
@@ -363,6 +339,7 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colo_transport::framing::Error as FrameError;
 
     /// A golden Write header: sequence 7, 4096 bytes at offset 1 MiB.
     const GOLDEN_WRITE: [u8; HEADER_LEN] = [
@@ -403,6 +380,23 @@ mod tests {
     }
 
     #[test]
+    fn exactly_the_listed_kinds_parse_and_keep_their_codes() {
+        let listed = [1u16, 2, 3, 16, 17, 18, 19, 20, 32, 34];
+        let goodbye = Frame::Goodbye.to_bytes();
+        for code in 0..=u16::MAX {
+            let mut b = goodbye;
+            b[6..8].copy_from_slice(&code.to_le_bytes());
+            match FrameHeader::parse(&b) {
+                Ok((kind, fields)) => {
+                    assert!(listed.contains(&code), "{code} parsed as {kind:?}");
+                    assert_eq!(FrameHeader::new(kind, fields).as_bytes(), b, "{kind:?}");
+                }
+                Err(e) => assert!(!listed.contains(&code), "{code}: {e}"),
+            }
+        }
+    }
+
+    #[test]
     fn every_frame_round_trips() {
         for f in [
             Frame::Hello {
@@ -438,16 +432,29 @@ mod tests {
     fn garbage_is_refused_with_typed_errors() {
         let mut b = GOLDEN_WRITE;
         b[0] = b'X';
-        assert!(matches!(Frame::parse(&b), Err(Error::BadMagic { .. })));
+        assert!(matches!(
+            Frame::parse(&b),
+            Err(Error::Frame(FrameError::BadMagic {
+                protocol: "colo-blk",
+                ..
+            }))
+        ));
         let mut b = GOLDEN_WRITE;
         b[4] = 2;
         assert!(matches!(
             Frame::parse(&b),
-            Err(Error::VersionMismatch { ours: 1, theirs: 2 })
+            Err(Error::Frame(FrameError::VersionMismatch {
+                ours: 1,
+                theirs: 2,
+                ..
+            }))
         ));
         let mut b = GOLDEN_WRITE;
         b[6] = 99;
-        assert!(matches!(Frame::parse(&b), Err(Error::UnknownFrame(99))));
+        assert!(matches!(
+            Frame::parse(&b),
+            Err(Error::Frame(FrameError::UnknownKind { kind: 99, .. }))
+        ));
         // Unused aux field.
         let mut b = GOLDEN_WRITE;
         b[12] = 1;
@@ -464,7 +471,7 @@ mod tests {
         };
         assert!(matches!(
             Frame::parse(&big.to_bytes()),
-            Err(Error::TooLarge { .. })
+            Err(Error::Frame(FrameError::TooLarge { .. }))
         ));
         // Sequence zero.
         let z = Frame::Flush { seq: 0 };
@@ -476,7 +483,7 @@ mod tests {
         let r = Frame::Reject { len: 10_000 };
         assert!(matches!(
             Frame::parse(&r.to_bytes()),
-            Err(Error::TooLarge { .. })
+            Err(Error::Frame(FrameError::TooLarge { .. }))
         ));
         // Unknown mode.
         let mut h = Frame::Hello {

@@ -34,9 +34,6 @@ pub enum Error {
     /// Writing to the peer failed.
     #[error("cannot send to the peer")]
     Send(#[source] io::Error),
-    /// Reading from the peer failed.
-    #[error("cannot receive from the peer")]
-    Recv(#[source] io::Error),
     /// Setting a socket option failed.
     #[error("cannot set socket option {option}")]
     SocketOption {
@@ -49,48 +46,10 @@ pub enum Error {
     /// Starting a worker thread failed.
     #[error("cannot start a worker thread")]
     Thread(#[source] io::Error),
-    /// The peer closed the connection where a frame was expected.
-    #[error("the peer closed the connection")]
-    PeerClosed,
-    /// The connection ended in the middle of a frame.
-    #[error("truncated frame: the connection ended after {got} of {want} bytes")]
-    Truncated {
-        /// Bytes of the frame that arrived.
-        got: usize,
-        /// Bytes the frame needed.
-        want: usize,
-    },
-    /// A frame did not start with the expected magic number.
-    #[error(
-        "bad magic {found:#010x}, expected {expected:#010x}: not a colo peer, or the stream is out of step"
-    )]
-    BadMagic {
-        /// What arrived.
-        found: u32,
-        /// What was expected.
-        expected: u32,
-    },
-    /// The peer speaks another protocol version.
-    #[error("protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}")]
-    VersionMismatch {
-        /// Our version.
-        ours: u16,
-        /// The peer's version.
-        theirs: u16,
-    },
-    /// A frame carried a message type this version does not know.
-    #[error("unknown message type {0}")]
-    UnknownMessage(u16),
-    /// A frame announced more bytes than the limit allows.
-    #[error("{what} of {len} exceeds the limit of {max}")]
-    TooLarge {
-        /// Which length field.
-        what: &'static str,
-        /// The announced length.
-        len: u64,
-        /// The limit.
-        max: u64,
-    },
+    /// A frame could not be read, or failed the checks every protocol makes (magic,
+    /// version, known type, length limits).
+    #[error(transparent)]
+    Frame(#[from] crate::framing::Error),
     /// A frame was well formed but broke a rule of the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),

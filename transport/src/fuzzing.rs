@@ -82,7 +82,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::control::{FrameHeader, Kind};
+    use crate::control::{ControlFields, FrameHeader, Kind};
     use crate::tcp::wire::{PushFrame, RunDesc};
 
     fn batch(epoch: u64, runs: &[(u64, u64)]) -> Vec<u8> {
@@ -140,7 +140,7 @@ mod tests {
 
         #[test]
         fn decoders_never_panic_on_valid_headers(kind in 0u16..64, arg in any::<u64>(), tail in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut f = FrameHeader::new(Kind::Hello, arg, tail.len() as u32).to_bytes().to_vec();
+            let mut f = FrameHeader::new(Kind::Hello, ControlFields::new(arg, tail.len() as u32)).to_bytes().to_vec();
             f[6..8].copy_from_slice(&kind.to_le_bytes());
             f.extend_from_slice(&tail);
             control_frames(&f);

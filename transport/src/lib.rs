@@ -2,6 +2,9 @@
 //!
 //! The wire between a COLO primary and its secondary:
 //!
+//! - [`framing`]: what every colo protocol's frames share (here and in `colo-blk`): a
+//!   zerocopy-checked header of magic, version and type, reading whole frames off a
+//!   stream, and the errors of both.
 //! - [`control`]: the versioned handshake and the COLO control messages (checkpoint
 //!   request/reply, vmstate send/size/received/loaded, heartbeat, failover).
 //! - [`push`]: the one-sided page-push model: a registered receive region, posted writes of
@@ -51,7 +54,7 @@
 pub mod control;
 pub mod double;
 mod error;
-mod frame_io;
+pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod push;

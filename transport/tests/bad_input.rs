@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use colo_memory::{Error as MemError, PageBitmap, Region};
 use colo_transport::Error;
+use colo_transport::framing;
 use colo_transport::push::{PushReceiver, PushSender, RegionDesc, WriteRun};
 use colo_transport::tcp::wire::{MAX_BATCH_BYTES, PushFrame, RunDesc};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
@@ -128,21 +129,39 @@ fn run_case_with(after_hello: &[u8], untouched: bool) -> Error {
 #[test]
 fn truncated_frames_are_refused() {
     let e = run_case(&PushFrame::Fence(1).to_bytes()[..20]);
-    assert!(matches!(e, Error::Truncated { got: 20, want: 32 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Frame(framing::Error::Truncated { got: 20, want: 32 })
+        ),
+        "{e}"
+    );
     let mut b = batch(1, &[(0, PAGE)], None);
     b.truncate(32 + 16 + 100);
     let e = run_case_with(&b, false);
-    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Frame(framing::Error::Truncated { .. })),
+        "{e}"
+    );
     let b = batch(1, &[(0, PAGE)], None);
     let e = run_case(&b[..40]);
-    assert!(matches!(e, Error::Truncated { got: 8, want: 16 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Frame(framing::Error::Truncated { got: 8, want: 16 })
+        ),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_magic_is_refused() {
     let mut f = PushFrame::Fence(1).to_bytes();
     f[..4].copy_from_slice(b"HTTP");
-    assert!(matches!(run_case(&f), Error::BadMagic { .. }));
+    assert!(matches!(
+        run_case(&f),
+        Error::Frame(framing::Error::BadMagic { .. })
+    ));
 }
 
 #[test]
@@ -151,7 +170,11 @@ fn wrong_version_is_refused() {
     f[4] = 2;
     assert!(matches!(
         run_case(&f),
-        Error::VersionMismatch { ours: 1, theirs: 2 }
+        Error::Frame(framing::Error::VersionMismatch {
+            ours: 1,
+            theirs: 2,
+            ..
+        })
     ));
 }
 
@@ -163,14 +186,20 @@ fn lengths_over_the_limit_are_refused() {
         bytes: MAX_BATCH_BYTES + 1,
     }
     .to_bytes();
-    assert!(matches!(run_case(&f), Error::TooLarge { .. }));
+    assert!(matches!(
+        run_case(&f),
+        Error::Frame(framing::Error::TooLarge { .. })
+    ));
     let f = PushFrame::Batch {
         epoch: 1,
         runs: 5000,
         bytes: 1,
     }
     .to_bytes();
-    assert!(matches!(run_case(&f), Error::TooLarge { .. }));
+    assert!(matches!(
+        run_case(&f),
+        Error::Frame(framing::Error::TooLarge { .. })
+    ));
     // A header whose byte count disagrees with its runs.
     let e = run_case(&batch(1, &[(0, PAGE)], Some(2 * PAGE)));
     assert!(matches!(e, Error::Protocol(_)), "{e}");
@@ -255,7 +284,13 @@ fn wrong_region_key_is_refused_at_connect() {
         TcpPushOptions::default(),
     )
     .unwrap_err();
-    assert!(matches!(e, Error::Handshake(_) | Error::Recv(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Handshake(_) | Error::Frame(framing::Error::Recv(_))
+        ),
+        "{e}"
+    );
     assert!(matches!(rx.join().unwrap(), Err(Error::BadKey { .. })));
     g.assert_untouched();
 }

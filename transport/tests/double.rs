@@ -9,6 +9,7 @@ use std::time::Duration;
 use colo_memory::{Error as MemError, PageBitmap, Region};
 use colo_transport::Error;
 use colo_transport::double::{DoubleReceiver, Faults, SimConfig};
+use colo_transport::framing;
 use colo_transport::push::{PushReceiver, PushSender, WriteRun, push_epoch};
 use colo_transport::verbs::{VerbsOptions, WcStatus};
 use common::{bitmap_of, epoch_pages, pattern};
@@ -405,7 +406,7 @@ fn lost_connection_mid_epoch_never_commits() {
         ..Faults::default()
     });
     assert!(is_status(&t, WcStatus::RetryExceeded), "{t}");
-    assert!(matches!(r, Error::PeerClosed), "{r}");
+    assert!(matches!(r, Error::Frame(framing::Error::PeerClosed)), "{r}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use colo_memory::Region;
 use colo_transport::Error;
 use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
+use colo_transport::framing;
 use colo_transport::push::{PushReceiver, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
 use common::*;
@@ -70,7 +71,10 @@ fn secondary(addr: &str) {
     ctl.send(&Message::Heartbeat { seq: 100 }).unwrap();
     assert_eq!(ctl.recv().unwrap(), Message::Goodbye);
     // The primary's push streams said goodbye too.
-    assert!(matches!(rx.next_commit(T), Err(Error::PeerClosed)));
+    assert!(matches!(
+        rx.next_commit(T),
+        Err(Error::Frame(framing::Error::PeerClosed))
+    ));
 }
 
 #[test]

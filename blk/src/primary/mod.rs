@@ -688,7 +688,9 @@ fn handshake(stream: &TcpStream, disk_len: u64, mode: SyncMode, timeout: Duratio
     write_frame(&mut s, Frame::Hello { disk_len, mode }, &[])?;
     let mut payload = Vec::new();
     let reply = read_frame(&mut s, &mut payload).map_err(|e| match e {
-        Error::Timeout(..) => Error::Timeout(timeout, "the secondary's hello"),
+        Error::Frame(colo_transport::framing::Error::Timeout) => {
+            Error::Timeout(timeout, "the secondary's hello")
+        }
         e => e,
     })?;
     match reply {

@@ -8,9 +8,10 @@
 use std::io::Read;
 use std::ops::Range;
 
+use colo_transport::framing::read_result;
+
 use crate::aligned::AlignedBuf;
 use crate::error::Result;
-use crate::frame_io::read_result;
 use crate::wire::{Frame, HEADER_LEN, MAX_REASON_BYTES, MAX_WRITE_BYTES};
 
 /// Reads start at multiples of this (relative to the buffer) unless a short read left
@@ -62,9 +63,8 @@ impl<R: Read> FrameReader<R> {
     /// [`Frame::parse`], payload available from [`payload`](Self::payload).
     ///
     /// # Errors
-    /// [`Error::PeerClosed`] on a clean end of stream before a frame, [`Error::Truncated`]
-    /// in the middle of one, [`Error::Timeout`] if a read timeout fires before a frame
-    /// starts, [`Error::Recv`] for other read errors, or any error of [`Frame::parse`].
+    /// Any error of [`read_result`] (as [`Error::Frame`](crate::Error::Frame)), counted
+    /// within the whole frame, or of [`Frame::parse`].
     pub fn next(&mut self) -> Result<Frame> {
         self.payload = self.start..self.start;
         self.fill(HEADER_LEN, HEADER_LEN)?;
@@ -102,10 +102,13 @@ impl<R: Read> FrameReader<R> {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use colo_transport::framing::Error as FrameError;
+
     use super::*;
     use crate::error::Error;
     use crate::frame_io::write_frame;
-    use std::io;
 
     /// A reader that returns at most `chunk` bytes per read.
     struct Dribble<'a>(&'a [u8], usize);
@@ -141,12 +144,17 @@ mod tests {
                 assert_eq!(r.payload(), &data[..]);
             }
             assert_eq!(r.buffered(), 0);
-            assert!(matches!(r.next(), Err(Error::PeerClosed)));
+            assert!(matches!(
+                r.next(),
+                Err(Error::Frame(FrameError::PeerClosed))
+            ));
         }
         // Cut inside a header and inside a payload.
         for cut in [10, HEADER_LEN + 100] {
             let mut r = FrameReader::new(&stream[..cut]);
-            assert!(matches!(r.next(), Err(Error::Truncated { got, .. }) if got == cut));
+            assert!(
+                matches!(r.next(), Err(Error::Frame(FrameError::Truncated { got, .. })) if got == cut)
+            );
         }
     }
 }

@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use colo_transport::framing;
+
 use super::reader::FrameReader;
 use super::{Inner, SecondaryPhase, State};
 use crate::error::{Error, Result};
@@ -33,7 +35,7 @@ pub(crate) fn handshake(stream: &TcpStream, disk_len: u64, timeout: Duration) ->
     let mut payload = Vec::new();
     let mut s = stream;
     let frame = read_frame(&mut s, &mut payload).map_err(|e| match e {
-        Error::Timeout(..) => Error::Timeout(timeout, "the primary's hello"),
+        Error::Frame(framing::Error::Timeout) => Error::Timeout(timeout, "the primary's hello"),
         e => e,
     })?;
     let mode = match frame {
@@ -116,7 +118,7 @@ fn poll_now(s: &TcpStream, events: libc::c_short) -> Result<libc::c_short> {
         if e.kind() == std::io::ErrorKind::Interrupted {
             return Ok(0);
         }
-        return Err(Error::Recv(e));
+        return Err(framing::Error::Recv(e).into());
     }
     Ok(if r > 0 { p.revents } else { 0 })
 }
@@ -159,7 +161,11 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
             Err(e) => {
                 if !matches!(
                     e,
-                    Error::PeerClosed | Error::Truncated { .. } | Error::Recv(_)
+                    Error::Frame(
+                        framing::Error::PeerClosed
+                            | framing::Error::Truncated { .. }
+                            | framing::Error::Recv(_)
+                    )
                 ) {
                     let _ = send_reject(&mut writer, &e.to_string());
                 }
@@ -218,7 +224,7 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
                 if st.committed < epoch && !st.stop && peer_gone(probe)? {
-                    return Err(Error::PeerClosed);
+                    return Err(framing::Error::PeerClosed.into());
                 }
             }
             if st.stop {

@@ -8,7 +8,7 @@ use super::frame::{FrameHeader, HEADER_LEN};
 use super::handshake::Hello;
 use super::message::{DEFAULT_MAX_STATE, Message};
 use crate::error::{Error, Result};
-use crate::frame_io::read_full;
+use crate::framing::{self, read_full};
 
 /// A control channel: sends and receives [`Message`]s, checks every frame, and runs the
 /// handshake.
@@ -153,17 +153,17 @@ impl<S: Read + Write> ControlChannel<S> {
     /// Receives and validates one message.
     ///
     /// # Errors
-    /// [`Error::PeerClosed`] on a clean end of stream between frames,
-    /// [`Error::Truncated`] inside a frame, [`Error::Timeout`] if a receive timeout is set
-    /// and no frame starts in time, and the frame's decoding error otherwise. Any error but
-    /// a timeout poisons the channel.
+    /// [`framing::Error::PeerClosed`] on a clean end of stream between frames,
+    /// [`framing::Error::Truncated`] inside a frame, [`framing::Error::Timeout`] if a
+    /// receive timeout is set and no frame starts in time (all as [`Error::Frame`]), and
+    /// the frame's decoding error otherwise. Any error but a timeout poisons the channel.
     pub fn recv(&mut self) -> Result<Message> {
         if self.poisoned {
             return Err(Error::Closed);
         }
         let r = self.recv_inner();
         if let Err(e) = &r {
-            if !matches!(e, Error::Timeout(..)) {
+            if !matches!(e, Error::Frame(framing::Error::Timeout)) {
                 self.poisoned = true;
             }
         }
@@ -176,11 +176,12 @@ impl<S: Read + Write> ControlChannel<S> {
         let (kind, arg, len) = FrameHeader::read_from(&hdr)?;
         let max = Message::max_payload(kind, self.max_state);
         if len > max {
-            return Err(Error::TooLarge {
+            return Err(framing::Error::TooLarge {
                 what: "payload length",
                 len: len.into(),
                 max: max.into(),
-            });
+            }
+            .into());
         }
         let mut payload = vec![0u8; len as usize];
         read_full(&mut self.stream, &mut payload, false)?;
@@ -192,7 +193,7 @@ impl<S: Read + Write> ControlChannel<S> {
     ///
     /// # Errors
     /// [`Error::Handshake`] on a mismatch found here, [`Error::Rejected`] when the peer
-    /// refused us, [`Error::VersionMismatch`] for a peer of another version, and
+    /// refused us, [`framing::Error::VersionMismatch`] for a peer of another version, and
     /// [`Error::Protocol`] if the first frame is not a Hello.
     pub fn handshake(&mut self, local: &Hello) -> Result<Hello> {
         self.send(&Message::Hello(local.clone()))?;
@@ -207,7 +208,9 @@ impl<S: Read + Write> ControlChannel<S> {
             Err(e) => {
                 if matches!(
                     e,
-                    Error::VersionMismatch { .. } | Error::BadMagic { .. } | Error::Handshake(_)
+                    Error::Frame(
+                        framing::Error::VersionMismatch { .. } | framing::Error::BadMagic { .. }
+                    ) | Error::Handshake(_)
                 ) {
                     self.poisoned = false;
                     self.reject(&e);

@@ -1,9 +1,12 @@
-//! The fixed 24-byte header that starts every control frame.
+//! The fixed 24-byte header that starts every control frame: the [`framing`] prefix, then
+//! one 64-bit argument (an epoch, a sequence number or a size), the payload length and a
+//! reserved word.
 
-use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unaligned};
 
 use crate::error::{Error, Result};
+use crate::framing::{self, Header};
 
 /// "COLO" read as a little-endian u32.
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"COLO");
@@ -15,7 +18,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 24;
 
 /// Message type codes. Values not listed are rejected at parse time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(u16)]
 #[non_exhaustive]
 pub enum Kind {
@@ -47,101 +50,69 @@ pub enum Kind {
     Region = 48,
 }
 
-impl Kind {
-    /// Parses a type code, rejecting unknown ones.
-    ///
-    /// # Errors
-    /// [`Error::UnknownMessage`] for a code this version does not define.
-    pub fn from_u16(v: u16) -> Result<Self> {
-        Ok(match v {
-            1 => Self::Hello,
-            2 => Self::Reject,
-            16 => Self::CheckpointReady,
-            17 => Self::CheckpointRequest,
-            18 => Self::CheckpointReply,
-            19 => Self::VmstateSend,
-            20 => Self::VmstateSize,
-            21 => Self::VmstateReceived,
-            22 => Self::VmstateLoaded,
-            32 => Self::Heartbeat,
-            33 => Self::Failover,
-            34 => Self::Goodbye,
-            48 => Self::Region,
-            other => return Err(Error::UnknownMessage(other)),
-        })
-    }
+impl framing::Protocol for Kind {
+    const NAME: &'static str = "colo";
+    const MAGIC: u32 = CONTROL_MAGIC;
+    const VERSION: u16 = PROTOCOL_VERSION;
+    type Fields = ControlFields;
 }
 
-/// The control frame header: magic, version, type, one 64-bit argument (an epoch, a
-/// sequence number or a size) and the length of the payload that follows.
+/// The control header's fields after the kind.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
 #[repr(C)]
-pub struct FrameHeader {
-    magic: U32,
-    version: U16,
-    kind: U16,
+pub struct ControlFields {
     arg: U64,
     payload_len: U32,
     reserved: U32,
 }
 
-const _: () = assert!(size_of::<FrameHeader>() == HEADER_LEN);
-
-impl FrameHeader {
-    /// A header of the current version.
-    pub fn new(kind: Kind, arg: u64, payload_len: u32) -> Self {
+impl ControlFields {
+    /// The fields of a frame with argument `arg` and `payload_len` bytes of payload.
+    pub fn new(arg: u64, payload_len: u32) -> Self {
         Self {
-            magic: CONTROL_MAGIC.into(),
-            version: PROTOCOL_VERSION.into(),
-            kind: (kind as u16).into(),
             arg: arg.into(),
             payload_len: payload_len.into(),
             reserved: 0.into(),
         }
     }
+}
 
+/// The control frame header: magic, version, type, one 64-bit argument (an epoch, a
+/// sequence number or a size) and the length of the payload that follows.
+pub type FrameHeader = Header<Kind>;
+
+const _: () = assert!(FrameHeader::LEN == HEADER_LEN);
+
+impl FrameHeader {
     /// Parses and validates a header: magic, version, known type, zero reserved field.
     ///
     /// # Errors
-    /// [`Error::BadMagic`], [`Error::VersionMismatch`], [`Error::UnknownMessage`] or
-    /// [`Error::Protocol`] for a non-zero reserved field.
+    /// [`framing::Error::BadMagic`], [`framing::Error::VersionMismatch`],
+    /// [`framing::Error::UnknownKind`] (as [`Error::Frame`]), or [`Error::Protocol`] for a
+    /// non-zero reserved field.
     pub fn read_from(bytes: &[u8; HEADER_LEN]) -> Result<(Kind, u64, u32)> {
-        let h = Self::read_from_bytes(bytes).expect("array has exactly the header's size");
-        if h.magic.get() != CONTROL_MAGIC {
-            return Err(Error::BadMagic {
-                found: h.magic.get(),
-                expected: CONTROL_MAGIC,
-            });
-        }
-        if h.version.get() != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: h.version.get(),
-            });
-        }
-        let kind = Kind::from_u16(h.kind.get())?;
-        if h.reserved.get() != 0 {
+        let (kind, f) = Self::parse(bytes)?;
+        if f.reserved.get() != 0 {
             return Err(Error::Protocol(format!(
                 "reserved header field is {:#x}, not 0",
-                h.reserved.get()
+                f.reserved.get()
             )));
         }
-        Ok((kind, h.arg.get(), h.payload_len.get()))
+        Ok((kind, f.arg.get(), f.payload_len.get()))
     }
 
     /// The header's wire bytes.
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut out = [0u8; HEADER_LEN];
-        out.copy_from_slice(self.as_bytes());
-        out
+        zerocopy::transmute!(*self)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::Error as FrameError;
 
     /// A golden checkpoint-request header for epoch 7, byte for byte.
     const GOLDEN: [u8; HEADER_LEN] = [
@@ -156,7 +127,7 @@ mod tests {
     #[test]
     fn golden_construct() {
         assert_eq!(
-            FrameHeader::new(Kind::CheckpointRequest, 7, 0).to_bytes(),
+            FrameHeader::new(Kind::CheckpointRequest, ControlFields::new(7, 0)).to_bytes(),
             GOLDEN
         );
     }
@@ -175,19 +146,26 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(
             FrameHeader::read_from(&b),
-            Err(Error::BadMagic { .. })
+            Err(Error::Frame(FrameError::BadMagic {
+                protocol: "colo",
+                ..
+            }))
         ));
         let mut b = GOLDEN;
         b[4] = 2;
         assert!(matches!(
             FrameHeader::read_from(&b),
-            Err(Error::VersionMismatch { ours: 1, theirs: 2 })
+            Err(Error::Frame(FrameError::VersionMismatch {
+                ours: 1,
+                theirs: 2,
+                ..
+            }))
         ));
         let mut b = GOLDEN;
         b[6] = 99;
         assert!(matches!(
             FrameHeader::read_from(&b),
-            Err(Error::UnknownMessage(99))
+            Err(Error::Frame(FrameError::UnknownKind { kind: 99, .. }))
         ));
         let mut b = GOLDEN;
         b[23] = 1;
@@ -195,5 +173,23 @@ mod tests {
             FrameHeader::read_from(&b),
             Err(Error::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn exactly_the_listed_kinds_parse_and_keep_their_codes() {
+        let listed = [1u16, 2, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 48];
+        for code in 0..=u16::MAX {
+            let mut b = GOLDEN;
+            b[6..8].copy_from_slice(&code.to_le_bytes());
+            match FrameHeader::read_from(&b) {
+                Ok((kind, 7, 0)) => {
+                    assert!(listed.contains(&code), "{code} parsed as {kind:?}");
+                    let again = FrameHeader::new(kind, ControlFields::new(7, 0)).to_bytes();
+                    assert_eq!(again, b, "{kind:?}");
+                }
+                Ok(other) => panic!("{code}: {other:?}"),
+                Err(e) => assert!(!listed.contains(&code), "{code}: {e}"),
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{Error, Result};
+use crate::framing;
 
 /// Most guest memory regions a handshake may describe.
 pub const MAX_REGIONS: usize = 64;
@@ -205,31 +206,34 @@ impl Hello {
     /// Decodes and validates a Hello payload.
     ///
     /// # Errors
-    /// [`Error::Truncated`] if `bytes` is shorter than the region count says,
+    /// [`framing::Error::Truncated`] if `bytes` is shorter than the region count says,
     /// [`Error::Protocol`] for trailing bytes or an unknown role, [`Error::Handshake`] for
     /// an invalid layout.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (fixed, rest) = HelloWire::read_from_prefix(bytes).map_err(|_| Error::Truncated {
-            got: bytes.len(),
-            want: FIXED,
-        })?;
+        let (fixed, rest) =
+            HelloWire::read_from_prefix(bytes).map_err(|_| framing::Error::Truncated {
+                got: bytes.len(),
+                want: FIXED,
+            })?;
         if fixed.reserved != [0; 3] || fixed.reserved2.get() != 0 {
             return Err(Error::Protocol("reserved Hello fields are not zero".into()));
         }
         let count = fixed.region_count.get() as usize;
         if count > MAX_REGIONS {
-            return Err(Error::TooLarge {
+            return Err(framing::Error::TooLarge {
                 what: "region count",
                 len: count as u64,
                 max: MAX_REGIONS as u64,
-            });
+            }
+            .into());
         }
         let want = count * PER_REGION;
         if rest.len() < want {
-            return Err(Error::Truncated {
+            return Err(framing::Error::Truncated {
                 got: bytes.len(),
                 want: FIXED + want,
-            });
+            }
+            .into());
         }
         if rest.len() > want {
             return Err(Error::Protocol(format!(
@@ -452,6 +456,9 @@ mod tests {
         assert!(matches!(Hello::decode(&reserved), Err(Error::Protocol(_))));
         let mut many = b;
         many[24..28].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(Hello::decode(&many), Err(Error::TooLarge { .. })));
+        assert!(matches!(
+            Hello::decode(&many),
+            Err(Error::Frame(framing::Error::TooLarge { .. }))
+        ));
     }
 }

@@ -3,9 +3,10 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::frame::{FrameHeader, HEADER_LEN, Kind};
+use super::frame::{ControlFields, FrameHeader, HEADER_LEN, Kind};
 use super::handshake::{Hello, MAX_HELLO_LEN};
 use crate::error::{Error, Result};
+use crate::framing;
 use crate::push::RegionDesc;
 
 /// Longest reason text a Reject may carry.
@@ -100,10 +101,22 @@ impl Message {
         }
     }
 
+    /// The checkpoint epoch the message names, for the messages that carry one.
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Self::CheckpointRequest { epoch }
+            | Self::CheckpointReply { epoch }
+            | Self::VmstateSend { epoch }
+            | Self::VmstateReceived { epoch }
+            | Self::VmstateLoaded { epoch } => Some(*epoch),
+            _ => None,
+        }
+    }
+
     /// Encodes the message as one frame: header then payload.
     ///
     /// # Errors
-    /// [`Error::TooLarge`] if a payload does not fit its length field.
+    /// [`framing::Error::TooLarge`] if a payload does not fit its length field.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let (arg, payload): (u64, std::borrow::Cow<'_, [u8]>) = match self {
             Self::Hello(h) => (0, h.encode().into()),
@@ -134,13 +147,15 @@ impl Message {
                 (0, w.as_bytes().to_vec().into())
             }
         };
-        let len = u32::try_from(payload.len()).map_err(|_| Error::TooLarge {
+        let len = u32::try_from(payload.len()).map_err(|_| framing::Error::TooLarge {
             what: "payload",
             len: payload.len() as u64,
             max: u32::MAX.into(),
         })?;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&FrameHeader::new(self.kind(), arg, len).to_bytes());
+        out.extend_from_slice(
+            &FrameHeader::new(self.kind(), ControlFields::new(arg, len)).to_bytes(),
+        );
         out.extend_from_slice(&payload);
         Ok(out)
     }

@@ -1,9 +1,10 @@
 //! The COLO control protocol: a versioned handshake and the checkpoint messages.
 //!
-//! Every frame starts with a fixed 24-byte header ([`FrameHeader`]): magic `"COLO"`,
-//! protocol version, message type, a 64-bit argument (an epoch, a sequence number or a
-//! size), and the payload length. Unknown types, other versions, oversized payloads and
-//! payloads on messages that take none are refused before anything is allocated.
+//! Every frame starts with a fixed 24-byte header ([`FrameHeader`], a
+//! [`framing::Header`](crate::framing::Header)): magic `"COLO"`, protocol version, message
+//! type, a 64-bit argument (an epoch, a sequence number or a size), and the payload
+//! length. Unknown types, other versions, oversized payloads and payloads on messages that
+//! take none are refused before anything is allocated.
 //!
 //! ```text
 //!  primary                                                secondary
@@ -33,7 +34,7 @@ mod handshake;
 mod message;
 
 pub use channel::ControlChannel;
-pub use frame::{CONTROL_MAGIC, FrameHeader, HEADER_LEN, Kind, PROTOCOL_VERSION};
+pub use frame::{CONTROL_MAGIC, ControlFields, FrameHeader, HEADER_LEN, Kind, PROTOCOL_VERSION};
 pub use handshake::{Hello, MAX_REGIONS, MemRegion, Role};
 pub use message::{DEFAULT_MAX_STATE, MAX_REJECT_LEN, Message};
 
@@ -43,6 +44,7 @@ mod tests {
 
     use super::*;
     use crate::error::Error;
+    use crate::framing::Error as FrameError;
     use crate::push::RegionDesc;
 
     fn all_messages() -> Vec<Message> {
@@ -80,6 +82,24 @@ mod tests {
     }
 
     #[test]
+    fn only_the_checkpoint_messages_name_an_epoch() {
+        let named: Vec<_> = all_messages()
+            .iter()
+            .filter_map(|m| Some((m.kind(), m.epoch()?)))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Kind::CheckpointRequest, 1),
+                (Kind::CheckpointReply, 2),
+                (Kind::VmstateSend, 3),
+                (Kind::VmstateReceived, 4),
+                (Kind::VmstateLoaded, 5),
+            ]
+        );
+    }
+
+    #[test]
     fn every_message_round_trips_over_a_socket() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut tx = ControlChannel::new(a);
@@ -89,7 +109,10 @@ mod tests {
             assert_eq!(rx.recv().unwrap(), m);
         }
         drop(tx);
-        assert!(matches!(rx.recv(), Err(Error::PeerClosed)));
+        assert!(matches!(
+            rx.recv(),
+            Err(Error::Frame(FrameError::PeerClosed))
+        ));
     }
 
     #[test]
@@ -100,7 +123,7 @@ mod tests {
                 let mut ch = ControlChannel::new(std::io::Cursor::new(bytes[..cut].to_vec()));
                 let e = ch.recv().unwrap_err();
                 assert!(
-                    matches!(e, Error::Truncated { .. }),
+                    matches!(e, Error::Frame(FrameError::Truncated { .. })),
                     "{m:?} cut at {cut}: {e}"
                 );
                 assert!(matches!(ch.recv(), Err(Error::Closed)));
@@ -110,20 +133,28 @@ mod tests {
 
     #[test]
     fn oversized_payload_is_refused_before_allocation() {
-        let mut f = FrameHeader::new(Kind::VmstateSize, 1 << 31, u32::MAX)
+        let mut f = FrameHeader::new(Kind::VmstateSize, ControlFields::new(1 << 31, u32::MAX))
             .to_bytes()
             .to_vec();
         f.extend_from_slice(&[0; 16]);
         let mut ch = ControlChannel::new(std::io::Cursor::new(f));
-        assert!(matches!(ch.recv(), Err(Error::TooLarge { .. })));
-        let f = FrameHeader::new(Kind::Heartbeat, 1, 1).to_bytes().to_vec();
+        assert!(matches!(
+            ch.recv(),
+            Err(Error::Frame(FrameError::TooLarge { .. }))
+        ));
+        let f = FrameHeader::new(Kind::Heartbeat, ControlFields::new(1, 1))
+            .to_bytes()
+            .to_vec();
         let mut ch = ControlChannel::new(std::io::Cursor::new(f));
-        assert!(matches!(ch.recv(), Err(Error::TooLarge { max: 0, .. })));
+        assert!(matches!(
+            ch.recv(),
+            Err(Error::Frame(FrameError::TooLarge { max: 0, .. }))
+        ));
     }
 
     #[test]
     fn vmstate_size_must_match_its_payload() {
-        let mut f = FrameHeader::new(Kind::VmstateSize, 5, 4)
+        let mut f = FrameHeader::new(Kind::VmstateSize, ControlFields::new(5, 4))
             .to_bytes()
             .to_vec();
         f.extend_from_slice(&[1, 2, 3, 4]);
@@ -184,7 +215,14 @@ mod tests {
         std::io::Write::write_all(&mut a, &f).unwrap();
         let e = t.join().unwrap().unwrap_err();
         assert!(
-            matches!(e, Error::VersionMismatch { ours: 1, theirs: 2 }),
+            matches!(
+                e,
+                Error::Frame(FrameError::VersionMismatch {
+                    ours: 1,
+                    theirs: 2,
+                    ..
+                })
+            ),
             "{e}"
         );
         // The future peer receives our Hello and then a Reject naming the versions.

@@ -14,7 +14,7 @@ use zerocopy::IntoBytes;
 use super::io::ScatterIo;
 use super::wire::{MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc};
 use crate::error::{Error, Result};
-use crate::frame_io::read_full;
+use crate::framing::{self, read_full};
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
 use colo_memory::{PageBitmap, Region};
 
@@ -298,7 +298,7 @@ impl Shared {
         st.goodbyes += 1;
         if st.goodbyes == self.streams && !st.closed {
             st.closed = true;
-            let _ = self.commits.send(Err(Error::PeerClosed));
+            let _ = self.commits.send(Err(framing::Error::PeerClosed.into()));
             self.cond.notify_all();
         }
     }
@@ -373,11 +373,11 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
                 // SAFETY: every iovec was produced by `Region::ptr_at`, which checked that
                 // the span lies inside the region, and the region outlives `sh`.
                 unsafe { s.read_all_iov(&mut iovs) }.map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => Error::Truncated {
+                    std::io::ErrorKind::UnexpectedEof => framing::Error::Truncated {
                         got: 0,
                         want: bytes as usize,
                     },
-                    _ => Error::Recv(e),
+                    _ => framing::Error::Recv(e),
                 })?;
                 sh.bytes.fetch_add(bytes, Ordering::Relaxed);
             }

@@ -15,7 +15,7 @@ use super::wire::{
     MAX_BATCH_BYTES, MAX_BATCH_RUNS, MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc,
 };
 use crate::error::{Error, Result};
-use crate::frame_io::read_full;
+use crate::framing::{self, read_full};
 use crate::push::{PushSender, RegionDesc, WriteRun};
 use colo_memory::{PageBitmap, Region};
 
@@ -199,10 +199,10 @@ impl TcpPushSender {
                 })?;
             let mut hdr = [0u8; PUSH_HEADER_LEN];
             read_full(s, &mut hdr, true).map_err(|e| match e {
-                Error::PeerClosed => {
+                framing::Error::PeerClosed => {
                     Error::Handshake("the receiver closed the stream: wrong key or layout".into())
                 }
-                e => e,
+                e => e.into(),
             })?;
             if PushFrame::parse(&hdr)? != PushFrame::HelloAck {
                 return Err(Error::Protocol("expected HelloAck".into()));

@@ -14,9 +14,10 @@
 //! ```
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unaligned};
 
 use crate::error::{Error, Result};
+use crate::framing::{self, Header};
 
 /// "CPSH" as a little-endian u32.
 pub const PUSH_MAGIC: u32 = u32::from_le_bytes(*b"CPSH");
@@ -33,8 +34,8 @@ pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Most parallel streams of one sender.
 pub const MAX_STREAMS: u32 = 16;
 
-/// Push frame types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Push frame types. Values not listed are rejected at parse time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(u16)]
 #[non_exhaustive]
 pub enum PushKind {
@@ -56,36 +57,22 @@ pub enum PushKind {
     Goodbye = 8,
 }
 
-impl PushKind {
-    fn from_u16(v: u16) -> Result<Self> {
-        Ok(match v {
-            1 => Self::Hello,
-            2 => Self::HelloAck,
-            3 => Self::Batch,
-            4 => Self::Fence,
-            5 => Self::FenceAck,
-            6 => Self::EpochEnd,
-            7 => Self::EpochAck,
-            8 => Self::Goodbye,
-            other => return Err(Error::UnknownMessage(other)),
-        })
-    }
+impl framing::Protocol for PushKind {
+    const NAME: &'static str = "colo push";
+    const MAGIC: u32 = PUSH_MAGIC;
+    const VERSION: u16 = PUSH_VERSION;
+    type Fields = PushFields;
 }
 
-/// The 32-byte header of every push frame.
-///
-/// Field use by type: `Hello` (a = stream index, b = stream count, x = key,
-/// y = region length, c = page size); `Batch` (a = runs, x = epoch, y = payload bytes);
-/// `Fence`/`FenceAck` (x = fence id); `EpochEnd` (a = bitmap words, x = epoch);
-/// `EpochAck` (x = epoch).
+/// The push header's fields after the kind. Their use by type: `Hello` (a = stream index,
+/// b = stream count, x = key, y = region length, c = page size); `Batch` (a = runs,
+/// x = epoch, y = payload bytes); `Fence`/`FenceAck` (x = fence id); `EpochEnd`
+/// (a = bitmap words, x = epoch); `EpochAck` (x = epoch).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
 #[repr(C)]
-pub struct PushHeader {
-    magic: U32,
-    version: U16,
-    kind: U16,
+pub struct PushFields {
     a: U32,
     b: U16,
     c: U16,
@@ -93,7 +80,10 @@ pub struct PushHeader {
     y: U64,
 }
 
-const _: () = assert!(size_of::<PushHeader>() == PUSH_HEADER_LEN);
+/// The 32-byte header of every push frame. Build and read it as a [`PushFrame`].
+pub type PushHeader = Header<PushKind>;
+
+const _: () = assert!(PushHeader::LEN == PUSH_HEADER_LEN);
 
 /// A parsed, validated push header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,43 +149,30 @@ impl PushFrame {
             Self::EpochAck(epoch) => (PushKind::EpochAck, 0, 0, 0, epoch, 0),
             Self::Goodbye => (PushKind::Goodbye, 0, 0, 0, 0, 0),
         };
-        let h = PushHeader {
-            magic: PUSH_MAGIC.into(),
-            version: PUSH_VERSION.into(),
-            kind: (kind as u16).into(),
-            a: a.into(),
-            b: b.into(),
-            c: c.into(),
-            x: x.into(),
-            y: y.into(),
-        };
-        let mut out = [0u8; PUSH_HEADER_LEN];
-        out.copy_from_slice(h.as_bytes());
-        out
+        let h = PushHeader::new(
+            kind,
+            PushFields {
+                a: a.into(),
+                b: b.into(),
+                c: c.into(),
+                x: x.into(),
+                y: y.into(),
+            },
+        );
+        zerocopy::transmute!(h)
     }
 
     /// Parses and validates a header: magic, version, known type, and per-type limits
     /// (runs and bytes of a batch).
     ///
     /// # Errors
-    /// [`Error::BadMagic`], [`Error::VersionMismatch`], [`Error::UnknownMessage`],
-    /// [`Error::TooLarge`] or [`Error::Protocol`].
+    /// [`framing::Error::BadMagic`], [`framing::Error::VersionMismatch`],
+    /// [`framing::Error::UnknownKind`], [`framing::Error::TooLarge`] (all as
+    /// [`Error::Frame`]) or [`Error::Protocol`].
     pub fn parse(bytes: &[u8; PUSH_HEADER_LEN]) -> Result<Self> {
-        let h = PushHeader::read_from_bytes(bytes).expect("array has exactly the header's size");
-        if h.magic.get() != PUSH_MAGIC {
-            return Err(Error::BadMagic {
-                found: h.magic.get(),
-                expected: PUSH_MAGIC,
-            });
-        }
-        if h.version.get() != PUSH_VERSION {
-            return Err(Error::VersionMismatch {
-                ours: PUSH_VERSION,
-                theirs: h.version.get(),
-            });
-        }
+        let (kind, h) = PushHeader::parse(bytes)?;
         let (a, b, c, x, y) = (h.a.get(), h.b.get(), h.c.get(), h.x.get(), h.y.get());
-        let frame = match PushKind::from_u16(h.kind.get())? {
+        let frame = match kind {
             PushKind::Hello => Self::Hello {
                 key: x,
                 region_len: y,
@@ -206,18 +183,20 @@ impl PushFrame {
             PushKind::HelloAck => Self::HelloAck,
             PushKind::Batch => {
                 if a == 0 || a > MAX_BATCH_RUNS {
-                    return Err(Error::TooLarge {
+                    return Err(framing::Error::TooLarge {
                         what: "runs in a batch",
                         len: a.into(),
                         max: MAX_BATCH_RUNS.into(),
-                    });
+                    }
+                    .into());
                 }
                 if y > MAX_BATCH_BYTES {
-                    return Err(Error::TooLarge {
+                    return Err(framing::Error::TooLarge {
                         what: "batch payload",
                         len: y,
                         max: MAX_BATCH_BYTES,
-                    });
+                    }
+                    .into());
                 }
                 Self::Batch {
                     epoch: x,
@@ -296,6 +275,7 @@ impl RunDesc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::Error as FrameError;
 
     #[test]
     fn golden_batch_header() {
@@ -312,6 +292,24 @@ mod tests {
         };
         assert_eq!(f.to_bytes(), golden);
         assert_eq!(PushFrame::parse(&golden).unwrap(), f);
+    }
+
+    #[test]
+    fn exactly_the_listed_kinds_parse_and_keep_their_codes() {
+        let goodbye = PushFrame::Goodbye.to_bytes();
+        for code in 0..=u16::MAX {
+            let mut b = goodbye;
+            b[6..8].copy_from_slice(&code.to_le_bytes());
+            let (kind, fields) = match PushHeader::parse(&b) {
+                Ok(k) => k,
+                Err(e) => {
+                    assert!(!(1..=8).contains(&code), "{code}: {e}");
+                    continue;
+                }
+            };
+            assert!((1..=8).contains(&code), "{code} parsed as {kind:?}");
+            assert_eq!(PushHeader::new(kind, fields).as_bytes(), b, "{kind:?}");
+        }
     }
 
     #[test]
@@ -353,7 +351,7 @@ mod tests {
         .to_bytes();
         assert!(matches!(
             PushFrame::parse(&big),
-            Err(Error::TooLarge { .. })
+            Err(Error::Frame(FrameError::TooLarge { .. }))
         ));
         let empty = PushFrame::Batch {
             epoch: 1,
@@ -363,7 +361,7 @@ mod tests {
         .to_bytes();
         assert!(matches!(
             PushFrame::parse(&empty),
-            Err(Error::TooLarge { .. })
+            Err(Error::Frame(FrameError::TooLarge { .. }))
         ));
         let huge = PushFrame::Batch {
             epoch: 1,
@@ -373,7 +371,7 @@ mod tests {
         .to_bytes();
         assert!(matches!(
             PushFrame::parse(&huge),
-            Err(Error::TooLarge { .. })
+            Err(Error::Frame(FrameError::TooLarge { .. }))
         ));
         let mut junk = PushFrame::Goodbye.to_bytes();
         junk[8] = 1;
@@ -382,13 +380,13 @@ mod tests {
         k[6] = 77;
         assert!(matches!(
             PushFrame::parse(&k),
-            Err(Error::UnknownMessage(77))
+            Err(Error::Frame(FrameError::UnknownKind { kind: 77, .. }))
         ));
         let mut v = PushFrame::Goodbye.to_bytes();
         v[4] = 9;
         assert!(matches!(
             PushFrame::parse(&v),
-            Err(Error::VersionMismatch { .. })
+            Err(Error::Frame(FrameError::VersionMismatch { .. }))
         ));
         assert!(RunDesc::slice_from(&[0; 17]).is_err());
     }

@@ -10,7 +10,11 @@
 //! bitmap words `u32`, reserved `u32` (zero), then the bitmap words. The decoder treats the
 //! bytes as hostile: they come from the network.
 
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unaligned};
+
 use crate::error::{Error, Result};
+use crate::framing::{self, Header};
 
 /// "CPSH" (colo push).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CPSH");
@@ -19,8 +23,34 @@ pub const VERSION: u16 = 1;
 /// Bytes before the bitmap.
 pub const HEADER_LEN: usize = 32;
 
-const KIND_COMMIT: u16 = 1;
-const KIND_RELEASE: u16 = 2;
+/// The message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(u16)]
+enum Kind {
+    Commit = 1,
+    Release = 2,
+}
+
+impl framing::Protocol for Kind {
+    const NAME: &'static str = "colo verbs push";
+    const MAGIC: u32 = MAGIC;
+    const VERSION: u16 = VERSION;
+    type Fields = Fields;
+}
+
+/// The header's fields after the kind.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+struct Fields {
+    epoch: U64,
+    bytes: U64,
+    words: U32,
+    reserved: U32,
+}
+
+const _: () = assert!(Header::<Kind>::LEN == HEADER_LEN);
 
 /// A decoded message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,20 +76,20 @@ pub fn commit_len(words: usize) -> usize {
     HEADER_LEN + words * 8
 }
 
-fn header(out: &mut Vec<u8>, kind: u16, epoch: u64, bytes: u64, words: u32) {
+fn header(out: &mut Vec<u8>, kind: Kind, epoch: u64, bytes: u64, words: u32) {
+    let fields = Fields {
+        epoch: epoch.into(),
+        bytes: bytes.into(),
+        words: words.into(),
+        reserved: 0.into(),
+    };
     out.clear();
-    out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&epoch.to_le_bytes());
-    out.extend_from_slice(&bytes.to_le_bytes());
-    out.extend_from_slice(&words.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(Header::<Kind>::new(kind, fields).as_bytes());
 }
 
 /// Encodes a commit into `out` (cleared first).
 pub fn encode_commit(out: &mut Vec<u8>, epoch: u64, bytes: u64, bitmap: &[u64]) {
-    header(out, KIND_COMMIT, epoch, bytes, bitmap.len() as u32);
+    header(out, Kind::Commit, epoch, bytes, bitmap.len() as u32);
     for w in bitmap {
         out.extend_from_slice(&w.to_le_bytes());
     }
@@ -67,59 +97,22 @@ pub fn encode_commit(out: &mut Vec<u8>, epoch: u64, bytes: u64, bitmap: &[u64]) 
 
 /// Encodes a release into `out` (cleared first).
 pub fn encode_release(out: &mut Vec<u8>, epoch: u64) {
-    header(out, KIND_RELEASE, epoch, 0, 0);
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
+    header(out, Kind::Release, epoch, 0, 0);
 }
 
 /// Decodes a message that arrived with immediate data `imm`, accepting at most
 /// `max_words` bitmap words.
 ///
 /// # Errors
-/// [`Error::Truncated`], [`Error::BadMagic`], [`Error::VersionMismatch`],
-/// [`Error::UnknownMessage`], [`Error::TooLarge`] (bitmap over `max_words`), or
+/// [`framing::Error::Truncated`], [`framing::Error::BadMagic`],
+/// [`framing::Error::VersionMismatch`], [`framing::Error::UnknownKind`],
+/// [`framing::Error::TooLarge`] (bitmap over `max_words`) (all as [`Error::Frame`]), or
 /// [`Error::Protocol`] (a length that disagrees with the header, a non-zero reserved field,
 /// an immediate that disagrees with the epoch, a release with a bitmap).
 pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
-    if data.len() < HEADER_LEN {
-        return Err(Error::Truncated {
-            got: data.len(),
-            want: HEADER_LEN,
-        });
-    }
-    let magic = u32_at(data, 0);
-    if magic != MAGIC {
-        return Err(Error::BadMagic {
-            found: magic,
-            expected: MAGIC,
-        });
-    }
-    let version = u16_at(data, 4);
-    if version != VERSION {
-        return Err(Error::VersionMismatch {
-            ours: VERSION,
-            theirs: version,
-        });
-    }
-    let kind = u16_at(data, 6);
-    let epoch = u64_at(data, 8);
-    let bytes = u64_at(data, 16);
-    let words = u32_at(data, 24) as usize;
-    if u32_at(data, 28) != 0 {
+    let (kind, f) = Header::<Kind>::parse(data)?;
+    let (epoch, bytes, words) = (f.epoch.get(), f.bytes.get(), f.words.get() as usize);
+    if f.reserved.get() != 0 {
         return Err(Error::Protocol(
             "push message: reserved field is not zero".into(),
         ));
@@ -130,40 +123,41 @@ pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
         )));
     }
     if words > max_words {
-        return Err(Error::TooLarge {
+        return Err(framing::Error::TooLarge {
             what: "commit bitmap (words)",
             len: words as u64,
             max: max_words as u64,
-        });
+        }
+        .into());
     }
-    if data.len() != commit_len(words) {
-        return Err(Error::Protocol(format!(
-            "push message of {} bytes, but its header says {} bitmap words ({} bytes)",
-            data.len(),
-            words,
-            commit_len(words)
-        )));
-    }
+    let bitmap = <[U64]>::ref_from_bytes(&data[HEADER_LEN..])
+        .ok()
+        .filter(|b| b.len() == words)
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "push message of {} bytes, but its header says {} bitmap words ({} bytes)",
+                data.len(),
+                words,
+                commit_len(words)
+            ))
+        })?;
     match kind {
-        KIND_COMMIT => Ok(Message::Commit {
+        Kind::Commit => Ok(Message::Commit {
             epoch,
             bytes,
-            bitmap: data[HEADER_LEN..]
-                .chunks_exact(8)
-                .map(|c| u64_at(c, 0))
-                .collect(),
+            bitmap: bitmap.iter().map(|w| w.get()).collect(),
         }),
-        KIND_RELEASE if words == 0 && bytes == 0 => Ok(Message::Release { epoch }),
-        KIND_RELEASE => Err(Error::Protocol(
+        Kind::Release if words == 0 && bytes == 0 => Ok(Message::Release { epoch }),
+        Kind::Release => Err(Error::Protocol(
             "push message: a release carries no bitmap or byte count".into(),
         )),
-        other => Err(Error::UnknownMessage(other)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::Error as FrameError;
     use proptest::prelude::*;
 
     #[test]
@@ -187,6 +181,36 @@ mod tests {
     }
 
     #[test]
+    fn golden_commit() {
+        let golden = [
+            b'C', b'P', b'S', b'H', 1, 0, 1, 0, // magic, version, kind commit
+            7, 0, 0, 0, 0, 0, 0, 0, // epoch 7
+            0, 0x20, 0, 0, 0, 0, 0, 0, // 8192 bytes
+            1, 0, 0, 0, 0, 0, 0, 0, // one bitmap word, reserved
+            5, 0, 0, 0, 0, 0, 0, 0x80, // the word
+        ];
+        let mut b = Vec::new();
+        encode_commit(&mut b, 7, 8192, &[(1 << 63) | 5]);
+        assert_eq!(b, golden);
+        assert_eq!(
+            decode(&golden, 7, 1).unwrap(),
+            Message::Commit {
+                epoch: 7,
+                bytes: 8192,
+                bitmap: vec![(1 << 63) | 5]
+            }
+        );
+        encode_release(&mut b, 7);
+        assert_eq!(b[..8], [b'C', b'P', b'S', b'H', 1, 0, 2, 0]);
+        assert_eq!(
+            b[8..],
+            [
+                7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+    }
+
+    #[test]
     fn every_header_field_is_checked() {
         let mut good = Vec::new();
         encode_commit(&mut good, 5, 0, &[1]);
@@ -195,14 +219,26 @@ mod tests {
             b[at] ^= v;
             decode(&b, 5, 1).unwrap_err()
         };
-        assert!(matches!(bad(0, 1), Error::BadMagic { .. }));
-        assert!(matches!(bad(4, 1), Error::VersionMismatch { .. }));
-        assert!(matches!(bad(6, 4), Error::UnknownMessage(5)));
+        assert!(matches!(
+            bad(0, 1),
+            Error::Frame(FrameError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            bad(4, 1),
+            Error::Frame(FrameError::VersionMismatch { .. })
+        ));
+        assert!(matches!(
+            bad(6, 4),
+            Error::Frame(FrameError::UnknownKind { kind: 5, .. })
+        ));
         assert!(
             matches!(bad(8, 1), Error::Protocol(_)),
             "epoch vs immediate"
         );
-        assert!(matches!(bad(24, 2), Error::TooLarge { .. }));
+        assert!(matches!(
+            bad(24, 2),
+            Error::Frame(FrameError::TooLarge { .. })
+        ));
         assert!(matches!(bad(28, 1), Error::Protocol(_)));
         assert!(matches!(
             decode(&good[..good.len() - 1], 5, 1),
@@ -210,7 +246,7 @@ mod tests {
         ));
         assert!(matches!(
             decode(&good[..10], 5, 1),
-            Err(Error::Truncated { got: 10, .. })
+            Err(Error::Frame(FrameError::Truncated { got: 10, .. }))
         ));
     }
 

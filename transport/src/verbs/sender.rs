@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::message::{self, Message};
 use super::{Caps, Endpoint, LocalMr, POLL_SLICE, Sge, Wc, WcStatus, WriteWr, rkey_of};
 use crate::error::{Error, Result};
+use crate::framing;
 use crate::push::{PushSender, RegionDesc, WriteRun};
 use colo_memory::{PageBitmap, Region};
 
@@ -465,11 +466,12 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
         let epoch = self.epoch;
         message::encode_commit(&mut self.msg, epoch, self.epoch_bytes, bitmap.words());
         if self.msg.len() as u64 > self.caps.max_msg {
-            return Err(Error::TooLarge {
+            return Err(framing::Error::TooLarge {
                 what: "commit message",
                 len: self.msg.len() as u64,
                 max: self.caps.max_msg,
-            });
+            }
+            .into());
         }
         if let Err(e) = self
             .ep

@@ -29,6 +29,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{Caps, Endpoint, LocalMr, Sge, Wc, WcStatus, WriteWr};
 use crate::error::{Error, Result};
+use crate::framing;
 use colo_memory::Region;
 
 /// Faults to inject, each at the n-th RDMA WRITE (counting from 0) that the sending side's
@@ -322,7 +323,7 @@ impl Endpoint for SimEndpoint {
             Err(RecvTimeoutError::Timeout) => {
                 Err(Error::Timeout(timeout, "a message on the queue pair"))
             }
-            Err(RecvTimeoutError::Disconnected) => Err(Error::PeerClosed),
+            Err(RecvTimeoutError::Disconnected) => Err(framing::Error::PeerClosed.into()),
         }
     }
 }
@@ -405,7 +406,10 @@ impl Nic {
         };
         let len: u64 = sges.iter().map(|s| u64::from(s.len)).sum();
         if self.faults.lose_connection_at == Some(n) {
-            self.break_with(Error::PeerClosed, Error::PeerClosed);
+            self.break_with(
+                framing::Error::PeerClosed.into(),
+                framing::Error::PeerClosed.into(),
+            );
             return WcStatus::RetryExceeded;
         }
         if self.faults.corrupt_key_at == Some(n) {

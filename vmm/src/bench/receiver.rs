@@ -131,7 +131,7 @@ fn push_session(
     loop {
         let c = match rx.next_commit(COMMIT_TIMEOUT) {
             Ok(c) => c,
-            Err(colo_transport::Error::PeerClosed) => break,
+            Err(colo_transport::Error::Frame(colo_transport::framing::Error::PeerClosed)) => break,
             Err(e) => return Err(Error::transport("waiting for an epoch commit")(e)),
         };
         if corrupt {

@@ -12,10 +12,56 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colo_transport::control::{ControlChannel, Message};
+use colo_transport::control::{ControlChannel, Kind, Message};
+use colo_transport::framing;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::{ColoError, Result};
+
+/// A control message as a protocol step names it: its kind, and its epoch where it
+/// carries one (as expected: `None` takes any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageId {
+    /// The message type.
+    pub kind: Kind,
+    /// The checkpoint epoch.
+    pub epoch: Option<u64>,
+}
+
+impl MessageId {
+    /// What `m` is.
+    pub fn of(m: &Message) -> Self {
+        Self {
+            kind: m.kind(),
+            epoch: m.epoch(),
+        }
+    }
+
+    /// Checks that `m` is this message, and returns it.
+    ///
+    /// # Errors
+    /// [`ColoError::Unexpected`] naming this message and `m`.
+    pub fn check(self, m: Message) -> Result<Message> {
+        let got = Self::of(&m);
+        if got.kind == self.kind && self.epoch.is_none_or(|e| got.epoch == Some(e)) {
+            Ok(m)
+        } else {
+            Err(ColoError::Unexpected {
+                expected: self,
+                got,
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.epoch {
+            Some(e) => write!(f, "{:?}(epoch {e})", self.kind),
+            None => write!(f, "{:?}", self.kind),
+        }
+    }
+}
 
 /// Heartbeat settings.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +139,7 @@ impl Link {
                                 return;
                             }
                         }
-                        Err(colo_transport::Error::Timeout(..)) => {}
+                        Err(colo_transport::Error::Frame(framing::Error::Timeout)) => {}
                         Err(e) => {
                             i.lose(format!("control connection: {e}"));
                             return;
@@ -166,6 +212,16 @@ impl Link {
                 Err(RecvTimeoutError::Disconnected) => return Err(self.lost_error()),
             }
         }
+    }
+
+    /// Waits for the next message (heartbeats excluded) for at most `timeout`, and checks
+    /// that it is a `kind` message of `epoch` (any epoch where `None`).
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv), and [`ColoError::Unexpected`] for another message.
+    pub fn expect(&self, kind: Kind, epoch: Option<u64>, timeout: Duration) -> Result<Message> {
+        let expected = MessageId { kind, epoch };
+        expected.check(self.recv(timeout, &expected.to_string())?)
     }
 
     /// A message if one is waiting.
@@ -248,5 +304,55 @@ impl Inner {
                 f();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_check_names_what_was_expected_and_what_came() {
+        let reply = MessageId {
+            kind: Kind::CheckpointReply,
+            epoch: Some(5),
+        };
+        assert!(reply.check(Message::CheckpointReply { epoch: 5 }).is_ok());
+        let e = reply
+            .check(Message::CheckpointReply { epoch: 4 })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "protocol: expected CheckpointReply(epoch 5), got CheckpointReply(epoch 4)"
+        );
+        // A message without an epoch, and no megabytes of state in the error.
+        let e = reply
+            .check(Message::VmstateSize {
+                state: vec![7; 1 << 20],
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ColoError::Unexpected {
+                    got: MessageId {
+                        kind: Kind::VmstateSize,
+                        epoch: None
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "protocol: expected CheckpointReply(epoch 5), got VmstateSize"
+        );
+        let state = MessageId {
+            kind: Kind::VmstateSize,
+            epoch: None,
+        };
+        assert!(state.check(Message::VmstateSize { state: vec![1] }).is_ok());
+        assert!(state.check(Message::VmstateSend { epoch: 1 }).is_err());
     }
 }

@@ -53,6 +53,14 @@ pub enum ColoError {
     /// The peer said something out of order.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The peer sent another message than the protocol step waits for.
+    #[error("protocol: expected {expected}, got {got}")]
+    Unexpected {
+        /// The message the step waits for.
+        expected: link::MessageId,
+        /// The message that came.
+        got: link::MessageId,
+    },
 }
 
 impl ColoError {

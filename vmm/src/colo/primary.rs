@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use colo_memory::PageBitmap;
 use colo_memory::Region;
-use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
+use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
 use colo_transport::push::{PushSender, WriteRun, push_epoch, start_epoch};
 use crossbeam_channel::Receiver;
 
-use super::link::Link;
+use super::link::{Link, MessageId};
 use super::metrics::{EpochRecord, Summary, Trigger};
 use super::{ColoError, Params, Result, STEP_TIMEOUT};
 use crate::vm::DirtyHandle;
@@ -195,16 +195,15 @@ fn open_link(
         .map_err(ColoError::transport("handshake"))?;
     ctl.set_recv_timeout(Some(STEP_TIMEOUT))
         .map_err(ColoError::transport("set a timeout"))?;
-    let desc = match ctl
+    let region = MessageId {
+        kind: Kind::Region,
+        epoch: None,
+    };
+    let reply = ctl
         .recv()
-        .map_err(ColoError::transport("receive the region"))?
-    {
-        Message::Region(d) => d,
-        other => {
-            return Err(ColoError::Protocol(format!(
-                "expected Region, got {other:?}"
-            )));
-        }
+        .map_err(ColoError::transport("receive the region"))?;
+    let Message::Region(desc) = region.check(reply)? else {
+        unreachable!("checked to be a Region");
     };
     let host = peer
         .addr
@@ -607,14 +606,9 @@ impl Primary {
     fn checkpoint(&mut self, trigger: Trigger) -> Result<()> {
         // The secondary answers in order: the previous epoch's Loaded comes first.
         if let Some(e) = self.awaiting_loaded {
-            match self.peer()?.recv(STEP_TIMEOUT, "vmstate-loaded")? {
-                Message::VmstateLoaded { epoch } if epoch == e => self.awaiting_loaded = None,
-                other => {
-                    return Err(ColoError::Protocol(format!(
-                        "expected Loaded({e}), got {other:?}"
-                    )));
-                }
-            }
+            self.peer()?
+                .expect(Kind::VmstateLoaded, Some(e), STEP_TIMEOUT)?;
+            self.awaiting_loaded = None;
         }
         let k = self
             .push
@@ -633,14 +627,8 @@ impl Primary {
         self.peer()?
             .send(&Message::CheckpointRequest { epoch: k })?;
         crash_point("request", self.epoch + 1);
-        match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
-            Message::CheckpointReply { epoch } if epoch == k => {}
-            other => {
-                return Err(ColoError::Protocol(format!(
-                    "expected Reply({k}), got {other:?}"
-                )));
-            }
-        }
+        self.peer()?
+            .expect(Kind::CheckpointReply, Some(k), STEP_TIMEOUT)?;
         let t = Instant::now();
         self.vm.pause()?;
         let parked = t.elapsed();
@@ -679,14 +667,8 @@ impl Primary {
         if trigger == Trigger::InitialSync {
             self.peer()?
                 .send(&Message::CheckpointRequest { epoch: k })?;
-            match self.peer()?.recv(STEP_TIMEOUT, "checkpoint-reply")? {
-                Message::CheckpointReply { epoch } if epoch == k => {}
-                other => {
-                    return Err(ColoError::Protocol(format!(
-                        "expected Reply({k}), got {other:?}"
-                    )));
-                }
-            }
+            self.peer()?
+                .expect(Kind::CheckpointReply, Some(k), STEP_TIMEOUT)?;
         }
         let push = self.push.as_mut().expect("checked above");
         let checkpoint = self.epoch + 1;
@@ -720,14 +702,7 @@ impl Primary {
         link.send(&Message::VmstateSend { epoch: k })?;
         crash_point("state", checkpoint);
         link.send(&Message::VmstateSize { state })?;
-        match link.recv(STEP_TIMEOUT, "vmstate-received")? {
-            Message::VmstateReceived { epoch } if epoch == k => {}
-            other => {
-                return Err(ColoError::Protocol(format!(
-                    "expected Received({k}), got {other:?}"
-                )));
-            }
-        }
+        link.expect(Kind::VmstateReceived, Some(k), STEP_TIMEOUT)?;
         // Normally here already: the answer implies both. The push's must be taken before
         // the PVM may change a page that was on its way.
         self.push

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_ramcache::RamCache;
-use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
+use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
 use colo_transport::push::{PushReceiver, RegionDesc};
 use crossbeam_channel::{Receiver, Sender};
 
@@ -295,21 +295,12 @@ impl Secondary {
             self.vm.pause()?;
         }
         self.link.send(&Message::CheckpointReply { epoch: k })?;
-        let epoch = match self.link.recv(STEP_TIMEOUT, "vmstate-send")? {
-            Message::VmstateSend { epoch } if epoch == k => epoch,
-            other => {
-                return Err(ColoError::Protocol(format!(
-                    "expected VmstateSend({k}), got {other:?}"
-                )));
-            }
-        };
-        let state = match self.link.recv(STEP_TIMEOUT, "vmstate-size")? {
-            Message::VmstateSize { state } => state,
-            other => {
-                return Err(ColoError::Protocol(format!(
-                    "expected VmstateSize, got {other:?}"
-                )));
-            }
+        self.link.expect(Kind::VmstateSend, Some(k), STEP_TIMEOUT)?;
+        let epoch = k;
+        let Message::VmstateSize { state } =
+            self.link.expect(Kind::VmstateSize, None, STEP_TIMEOUT)?
+        else {
+            unreachable!("checked to be a VmstateSize");
         };
         // Every page of the epoch must have landed before it is sealed.
         let deadline = Instant::now() + STEP_TIMEOUT;
