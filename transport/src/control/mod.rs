@@ -6,27 +6,31 @@
 //! length. Unknown types, other versions, oversized payloads and payloads on messages that
 //! take none are refused before anything is allocated.
 //!
+//! What the controller (`colo primary` / `colo secondary`) sends, in order:
+//!
 //! ```text
 //!  primary                                                secondary
 //!     │── Hello(role, pair id, page size, memory layout) ──▶│
 //!     │◀── Hello ───────────────────────────── (or Reject) ──│  both check the peer
 //!     │◀── Region(addr, key, len, page size, port) ──────────│  page-push target
-//!     │        (initial sync: push epoch 0 through the push path)
-//!     │◀── CheckpointReady ──────────────────────────────────│
-//!     │                                                       │
-//!     │   ┌─ one epoch ────────────────────────────────────┐  │
-//!     │── CheckpointRequest(epoch) ─────────────────────────▶│  pause SVM
-//!     │◀── CheckpointReply(epoch) ───────────────────────────│
-//!     │   pause PVM, final dirty pages, push fence + commit   │
-//!     │── VmstateSend(epoch) ───────────────────────────────▶│
+//!     │   (background push epochs stream into the cache while the PVM runs)
+//!     │   ┌─ one checkpoint; the first is the initial sync of every page ─┐
+//!     │── CheckpointRequest(k) ─────────────────────────────▶│  pause SVM; hold push
+//!     │◀── CheckpointReply(k) ───────────────────────────────│  epoch k for the commit
+//!     │   pause PVM, final dirty pages, push epoch k + commit │
+//!     │── VmstateSend(k) ───────────────────────────────────▶│
 //!     │── VmstateSize(n) + n bytes of device state ─────────▶│  buffered whole
-//!     │◀── VmstateReceived(epoch) ───────────────────────────│
+//!     │◀── VmstateReceived(k) ───────────────────────────────│  disk epoch acknowledged
 //!     │   resume PVM, release held output                    │  flush cache → SVM
-//!     │◀── VmstateLoaded(epoch) ─────────────────────────────│  resume SVM
-//!     │   └────────────────────────────────────────────────┘  │
+//!     │◀── VmstateLoaded(k) ─────────────────────────────────│  resume SVM (the primary
+//!     │   └─────────────────────────── reads it before the next request) ──┘
 //!     │◀─── Heartbeat(seq) ──── both ways, any time ────────▶│
-//!     │── Failover / Goodbye ───────────────────────────────▶│
+//!     │── Goodbye ──────────────────────────────────────────▶│  orderly end
 //! ```
+//!
+//! `CheckpointReady` and `Failover` are defined and decoded (a peer may send them) but the
+//! controller sends neither: the secondary is ready once it answers the first
+//! `CheckpointRequest`, and a failover is decided by each side from the heartbeat.
 
 mod channel;
 mod frame;
