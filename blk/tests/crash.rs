@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use colo_blk::{BufferOptions, Disk, PrimaryDisk, PrimaryOptions, SecondaryDisk, SyncMode};
 use colo_transport::control::{ControlChannel, Message};
+use colo_transport::testing::{ROLE_VAR, spawn_child};
 use common::*;
 
 const DISK: u64 = 4 << 20;

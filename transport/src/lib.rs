@@ -61,6 +61,8 @@ pub mod push;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+#[doc(hidden)]
+pub mod testing;
 pub mod verbs;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use colo_transport::control::{ControlChannel, Hello, MemRegion, Message, Role};
 use colo_transport::framing;
 use colo_transport::push::{PushReceiver, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
+use colo_transport::testing::{ROLE_VAR, spawn_child, wait_child};
 use common::*;
 
 const PAGE: u32 = 4096;

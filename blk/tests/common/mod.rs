@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use colo_blk::{BufferOptions, Disk, PrimaryDisk, PrimaryOptions, SecondaryDisk, SyncMode};
@@ -83,45 +82,5 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// The environment variable that tells a child which role to play.
-pub const ROLE_VAR: &str = "COLO_BLK_TEST_CHILD_ROLE";
-
-/// Starts this test binary again, running only `entry`, with `role` and extra env vars.
-pub fn spawn_child(entry: &str, role: &str, env: &[(&str, String)]) -> Child {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut c = Command::new(exe);
-    c.args([
-        "--exact",
-        entry,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE_VAR, role)
-    .stdout(Stdio::inherit())
-    .stderr(Stdio::inherit());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.spawn().expect("spawn child process")
-}
-
-/// Waits for `child` at most `limit`, killing it if it overruns; returns whether it
-/// succeeded.
-pub fn wait_child(mut child: Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait child") {
-            return st.success();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }

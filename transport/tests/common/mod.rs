@@ -4,49 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// The environment variable that tells the child which role to play.
-pub const ROLE_VAR: &str = "COLO_TEST_CHILD_ROLE";
-
-/// Starts this test binary again, running only `entry`, with `role` and extra env vars.
-pub fn spawn_child(entry: &str, role: &str, env: &[(&str, String)]) -> Child {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut c = Command::new(exe);
-    c.args([
-        "--exact",
-        entry,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE_VAR, role)
-    .stdout(Stdio::inherit())
-    .stderr(Stdio::inherit());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.spawn().expect("spawn child process")
-}
-
-/// Waits for `child` at most `limit`, killing it if it overruns; returns whether it
-/// succeeded.
-pub fn wait_child(mut child: Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait child") {
-            return st.success();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A deterministic byte pattern for page `page` of epoch `epoch`.
 pub fn pattern(epoch: u64, page: u64, out: &mut [u8]) {
     let mut x =
