@@ -53,6 +53,21 @@ pub enum Error {
         /// Pages of the guest.
         pages: u64,
     },
+    /// The landing thread could not start.
+    #[error("cannot start the push landing thread")]
+    Thread(#[source] std::io::Error),
+    /// The landing of push epochs ended (the push path failed or closed, or it was
+    /// interrupted) while a step waited for it.
+    #[error("push landing ended: {0}")]
+    Landing(crate::landing::LandingEnd),
+    /// A push epoch did not land in time.
+    #[error("push epoch {epoch} did not land in time (the last landed is {landed})")]
+    LandTimeout {
+        /// The epoch waited for.
+        epoch: u64,
+        /// The last epoch that landed.
+        landed: u64,
+    },
     /// An epoch was aborted: the cache holds pages that were never committed, so it no
     /// longer equals the primary's memory at any checkpoint. A new full sync is needed.
     #[error("the RAM cache was abandoned by an aborted epoch; a full resync is needed")]

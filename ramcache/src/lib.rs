@@ -28,8 +28,10 @@
 //! ## Release gating
 //! Pages of the next epoch must not land in the cache before [`RamCache::commit`] has
 //! copied this one, or the SVM would get bytes from the future. The push transport's
-//! `release(epoch)` provides that gate: the secondary releases every push epoch at once
-//! except the last one of a checkpoint, which it releases after the commit.
+//! `release(epoch)` provides that gate, and [`Landing`] drives it: its thread lands every
+//! push epoch and releases it at once, except the one that closes a checkpoint
+//! ([`Landing::hold`]), which [`Landing::commit_and_release`] lets go after the commit. The
+//! controller waits for an epoch with [`Landing::wait_landed`], on a condition variable.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -65,8 +67,10 @@
 
 mod cache;
 mod error;
+mod landing;
 mod staging;
 
 pub use cache::{Committed, RamCache};
 pub use error::{Error, Result};
+pub use landing::{Interrupt, Landing, LandingEnd};
 pub use staging::{Stage, StageStatus};

@@ -262,7 +262,7 @@ impl Link {
         }
     }
 
-    fn lost_error(&self) -> ColoError {
+    pub(crate) fn lost_error(&self) -> ColoError {
         ColoError::PeerLost(self.why())
     }
 }

@@ -1,22 +1,20 @@
 //! The secondary: stages each epoch in the RAM cache and applies it to the SVM only once
 //! the whole epoch has arrived; takes over when the primary is lost.
 //!
-//! The push receiver runs on its own thread: it lands every push epoch in the cache and
-//! releases it at once, except the push epoch that closes the checkpoint being taken
-//! (named by `CheckpointRequest`), which is released only after the commit has copied the
-//! epoch into SVM memory.
+//! The push receiver runs on its own thread ([`colo_ramcache::Landing`]): it lands every
+//! push epoch in the cache and releases it at once, except the push epoch that closes the
+//! checkpoint being taken (named by `CheckpointRequest`), which is released only after the
+//! commit has copied the epoch into SVM memory.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_memory::PageBitmap;
 use colo_memory::Region;
-use colo_ramcache::RamCache;
+use colo_ramcache::{Landing, LandingEnd, RamCache};
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
-use colo_transport::push::{PushReceiver, RegionDesc};
-use crossbeam_channel::{Receiver, Sender};
+use colo_transport::push::RegionDesc;
 
 use super::link::Link;
 use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
@@ -46,26 +44,13 @@ pub enum Outcome {
     },
 }
 
-struct PushSide {
-    /// The push epoch to hold back (0: none yet).
-    hold: AtomicU64,
-    /// Highest push epoch landed.
-    landed: AtomicU64,
-    failed: AtomicBool,
-}
-
 /// The secondary.
 pub struct Secondary {
     vm: VmHandle,
     dirty: DirtyHandle,
-    cache: Arc<Mutex<RamCache>>,
+    /// The RAM cache, the thread landing push epochs in it and the release gate.
+    landing: Landing,
     link: Link,
-    push: Arc<PushSide>,
-    release_tx: Sender<u64>,
-    landed_rx: Receiver<u64>,
-    /// The thread that lands push epochs in the cache; stopped and joined when the
-    /// Secondary goes.
-    _lander: Lander,
     params: Params,
     checkpoints: u64,
     running: bool,
@@ -135,38 +120,17 @@ pub fn accept(
         .map_err(ColoError::transport("send the region"))?;
     let rx = pl.accept(Duration::from_secs(30))?;
     let link = Link::start(ctl, params.heartbeat)?;
-    let push = Arc::new(PushSide {
-        hold: AtomicU64::new(0),
-        landed: AtomicU64::new(0),
-        failed: AtomicBool::new(false),
-    });
-    let cache = Arc::new(Mutex::new(cache));
-    let (release_tx, release_rx) = crossbeam_channel::unbounded();
-    let (landed_tx, landed_rx) = crossbeam_channel::unbounded();
-    let lander = {
-        let (cache, push, link) = (Arc::clone(&cache), Arc::clone(&push), link.clone());
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("push-land".into())
-            .spawn(move || push_thread(rx, &cache, &push, &release_rx, &landed_tx, &link, &flag))
-            .map_err(|e| ColoError::Setup(format!("spawn the push thread: {e}")))?;
-        Lander {
-            stop,
-            thread: Some(thread),
-        }
-    };
+    let landing = Landing::start(cache, rx)?;
+    // The heartbeat is the authority on the peer: its verdict ends a wait for pages too.
+    let interrupt = landing.interrupter();
+    link.on_lost(move || interrupt.interrupt());
     let pages = desc.pages();
     tracing::info!(pages, "primary connected; waiting for the initial sync");
     Ok(Secondary {
         vm,
         dirty,
-        cache,
+        landing,
         link,
-        push,
-        release_tx,
-        landed_rx,
-        _lander: lander,
         params,
         checkpoints: 0,
         running: false,
@@ -176,72 +140,6 @@ pub fn accept(
         disk: None,
         failover: super::failover::Failover::default(),
     })
-}
-
-/// The push-land thread: told to stop and joined when dropped, so it never outlives the
-/// Secondary that started it (it holds its own owners of the cache and its regions).
-struct Lander {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Lander {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            // It sees the flag within one receive timeout (2 ms).
-            let _ = t.join();
-        }
-    }
-}
-
-/// Lands push epochs in the cache; releases all but the held one, which waits for the
-/// controller's word. Ends when the push path fails, the link is lost, or `stop` is set.
-fn push_thread(
-    mut rx: Box<dyn PushReceiver>,
-    cache: &Mutex<RamCache>,
-    side: &PushSide,
-    release: &Receiver<u64>,
-    landed: &Sender<u64>,
-    link: &Link,
-    stop: &AtomicBool,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        while let Ok(e) = release.try_recv() {
-            if rx.release(e).is_err() {
-                side.failed.store(true, Ordering::SeqCst);
-                return;
-            }
-        }
-        match rx.next_commit(Duration::from_millis(2)) {
-            Ok(c) => {
-                let e = c.epoch;
-                if let Err(err) = cache.lock().unwrap_or_else(|p| p.into_inner()).land(&c) {
-                    tracing::error!(error = %err, "cannot land a push epoch");
-                    side.failed.store(true, Ordering::SeqCst);
-                    return;
-                }
-                side.landed.store(e, Ordering::SeqCst);
-                let _ = landed.send(e);
-                if side.hold.load(Ordering::SeqCst) != e && rx.release(e).is_err() {
-                    side.failed.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
-            Err(colo_transport::Error::Timeout(..)) => {
-                if link.is_lost() || stop.load(Ordering::SeqCst) {
-                    return;
-                }
-            }
-            Err(e) => {
-                if !link.is_lost() {
-                    tracing::warn!(error = %e, "push path closed");
-                }
-                side.failed.store(true, Ordering::SeqCst);
-                return;
-            }
-        }
-    }
 }
 
 impl Secondary {
@@ -290,7 +188,7 @@ impl Secondary {
     fn checkpoint(&mut self, k: u64) -> Result<()> {
         let _span = tracing::info_span!("checkpoint", epoch = self.checkpoints + 1, push_epoch = k)
             .entered();
-        self.push.hold.store(k, Ordering::SeqCst);
+        self.landing.hold(k);
         if self.running {
             self.vm.pause()?;
         }
@@ -303,16 +201,15 @@ impl Secondary {
             unreachable!("checked to be a VmstateSize");
         };
         // Every page of the epoch must have landed before it is sealed.
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while self.push.landed.load(Ordering::SeqCst) < k {
-            if self.push.failed.load(Ordering::SeqCst) || self.link.is_lost() {
-                return Err(ColoError::PeerLost("push path closed mid-epoch".into()));
-            }
-            if Instant::now() > deadline {
-                return Err(ColoError::Protocol(format!("push epoch {k} did not land")));
-            }
-            let _ = self.landed_rx.recv_timeout(Duration::from_millis(5));
-        }
+        self.landing
+            .wait_landed(k, STEP_TIMEOUT)
+            .map_err(|e| match e {
+                colo_ramcache::Error::Landing(LandingEnd::Interrupted) => self.link.lost_error(),
+                colo_ramcache::Error::Landing(why) => {
+                    ColoError::PeerLost(format!("push path closed mid-epoch: {why}"))
+                }
+                other => ColoError::Cache(other),
+            })?;
         // "Disk acknowledged": the primary queued its end-of-epoch marker behind every
         // write of the epoch before it sent the state, and does not wait for the marker's
         // acknowledgement first; this answer is what tells it the disk is here too.
@@ -320,12 +217,12 @@ impl Secondary {
             d.wait_next_marker(STEP_TIMEOUT)
                 .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
         }
-        {
-            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        self.landing.with_cache(|c| -> Result<()> {
             c.seal_pages(k)?;
             c.stage_state(state)?;
             c.stage_disk_acked()?;
-        }
+            Ok(())
+        })?;
         self.link.send(&Message::VmstateReceived { epoch })?;
         // The whole checkpoint is here: the disk buffer may be dropped, once the paused
         // SVM's disk requests in flight have landed (the state loaded below runs them
@@ -340,13 +237,10 @@ impl Secondary {
         // failover asked for from now on waits for the load to finish (relaunch).
         self.svm_dirty.clear_all();
         self.dirty.collect(&mut self.svm_dirty)?;
-        let done = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .commit(&self.svm_dirty)?;
+        // The held push epoch goes once the commit has copied it: the cache may take the
+        // next epoch's pages while the state loads.
+        let done = self.landing.commit_and_release(k, &self.svm_dirty)?;
         self.vm.machine()?.restore_state(&done.state)?;
-        let _ = self.release_tx.send(k);
         self.checkpoints += 1;
         if self.params.mode == Mode::Colo {
             // The proxy may hold the SVM while it runs too far ahead of the PVM.
@@ -403,13 +297,15 @@ impl Secondary {
         )
         .entered();
         self.failover.request(false);
-        let dropped = {
-            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        // No more pages land: the cache's incomplete epoch is dropped below and the SVM
+        // goes on from its own state.
+        self.landing.interrupt();
+        let dropped = self.landing.with_cache(|c| {
             let s = c.status();
             let incomplete = mid_epoch || s.sealed || s.state_bytes.is_some() || s.pages > 0;
             c.abort();
             incomplete
-        };
+        });
         if self.checkpoints == 0 {
             return Err(ColoError::PeerLost(format!(
                 "{reason} before the first checkpoint: nothing to take over"
