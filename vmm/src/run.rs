@@ -5,12 +5,12 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::runner::VmHandle;
+use colo_machine::{Error, GuestExit, Result};
 
 use crate::args::{VmArgs, parse_cidr};
 use crate::interrupt::{catch_interrupts, interrupted};
-use crate::vm::devices::console::ConsoleSink;
-use crate::vm::runner::VmHandle;
-use crate::vm::{Error, GuestExit, Result};
 
 /// `colo run`.
 #[derive(Debug, Args)]

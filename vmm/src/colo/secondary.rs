@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use colo_machine::DirtyHandle;
+use colo_machine::memory::PAGE_SIZE;
+use colo_machine::runner::VmHandle;
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_ramcache::RamCache;
@@ -20,9 +23,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::link::Link;
 use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
-use crate::vm::DirtyHandle;
-use crate::vm::memory::PAGE_SIZE;
-use crate::vm::runner::VmHandle;
 
 /// How the secondary's COLO session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,14 +5,21 @@
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
 //! which runs the vCPU on its own thread and can pause and resume it in tens of
 //! microseconds (a signal sets `immediate_exit`, see ENVIRONMENT.md).
+//!
+//! The built-in guest ([`guest_image::GUEST_ELF`]) is built from `vmm/guest` by this
+//! crate's build script; the tests run it (and tiny hand-assembled guests) in real VMs
+//! where `/dev/kvm` exists, and say so in one line where it does not.
 
 pub use colo_guest_abi::boot as abi;
 mod boot;
 pub mod codec;
 pub mod devices;
 mod error;
+pub mod guest_image;
 pub mod memory;
+pub mod peer;
 pub mod runner;
+pub mod sched;
 pub mod snapshot;
 pub mod vcpu;
 
@@ -338,4 +345,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use colo_netcmp::framing::PACE_HOLD;
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::vm::error::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Largest frame accepted from a backend.
 pub const MAX_FRAME: usize = 65_536;

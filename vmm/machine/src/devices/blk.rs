@@ -14,8 +14,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
-use crate::vm::codec::{Reader, Writer};
-use crate::vm::error::{Error, Result};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
 
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
@@ -417,7 +417,7 @@ impl VirtioDevice for Blk {
     }
 
     fn queue_max_sizes(&self) -> &'static [u16] {
-        &[crate::vm::abi::BLK_QUEUE_SIZE]
+        &[crate::abi::BLK_QUEUE_SIZE]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

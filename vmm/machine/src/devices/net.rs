@@ -8,8 +8,8 @@ use virtio_queue::{Queue, QueueT};
 
 use super::backend::{MAX_FRAME, NetBackend};
 use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
-use crate::vm::codec::{Reader, Writer};
-use crate::vm::error::{Error, Result};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
 
 const F_MAC: u64 = 1 << 5;
 /// `virtio_net_hdr_v1`.
@@ -168,10 +168,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &'static [u16] {
-        &[
-            crate::vm::abi::NET_QUEUE_SIZE,
-            crate::vm::abi::NET_QUEUE_SIZE,
-        ]
+        &[crate::abi::NET_QUEUE_SIZE, crate::abi::NET_QUEUE_SIZE]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
