@@ -69,7 +69,7 @@ pub enum Error {
 
 impl Error {
     /// Wraps a KVM error with what was being done.
-    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
         move |source| Self::Kvm { what, source }
     }
 
