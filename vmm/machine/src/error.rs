@@ -1,4 +1,4 @@
-//! The one error type of the VMM.
+//! The one error type of the machine.
 
 use std::io;
 
@@ -80,5 +80,5 @@ impl Error {
     }
 }
 
-/// The result type of the VMM.
+/// The result type of the machine.
 pub type Result<T> = std::result::Result<T, Error>;
