@@ -7,13 +7,10 @@
 mod args;
 mod bench;
 mod colo;
-mod guest_image;
 mod interrupt;
 mod pair;
 mod run;
 mod sched;
-#[allow(dead_code)]
-mod vm;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -132,7 +129,9 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let code = match e {
-                    vm::Error::Config(_) | vm::Error::Image(_) | vm::Error::Disk { .. } => 2,
+                    colo_machine::Error::Config(_)
+                    | colo_machine::Error::Image(_)
+                    | colo_machine::Error::Disk { .. } => 2,
                     _ => 1,
                 };
                 report("", &e, code)

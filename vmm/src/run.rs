@@ -5,12 +5,12 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::runner::VmHandle;
+use colo_machine::{Error, GuestExit, Result};
 
 use crate::args::{VmArgs, parse_cidr};
 use crate::interrupt::{catch_interrupts, interrupted};
-use crate::vm::devices::console::ConsoleSink;
-use crate::vm::runner::VmHandle;
-use crate::vm::{Error, GuestExit, Result};
 
 /// `colo run`.
 #[derive(Debug, Args)]
@@ -50,7 +50,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             vm.pause()?;
         }
         let m = vm.machine()?;
-        (m.devices.net.device.stats, m.devices.blk.device.stats)
+        (m.net_stats(), m.blk_stats())
     };
     let exit = if vm.finished() {
         vm.wait()?
@@ -65,6 +65,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         dropped = stats.0.dropped,
         disk_reads = stats.1.reads,
         disk_writes = stats.1.writes,
+        disk_flushes = stats.1.flushes,
+        disk_errors = stats.1.errors,
         "VM stopped"
     );
     if exit == GuestExit::Stopped || exit == GuestExit::Status(0) {

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Args;
+use colo_machine::devices::backend::NetBackend;
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::{Error, Machine, Result, VmConfig};
 
 use super::parse_size;
-use crate::vm::devices::backend::NetBackend;
-use crate::vm::devices::console::ConsoleSink;
-use crate::vm::{Error, Machine, Result, VmConfig};
 
 /// The options that describe one VM (shared by `colo run` and the pair commands).
 #[derive(Debug, Args, Clone)]
@@ -151,9 +151,9 @@ impl VmArgs {
             Some(p) => {
                 std::fs::read(p).map_err(|e| Error::Image(format!("{}: {e}", p.display())))?
             }
-            None => crate::guest_image::GUEST_ELF.to_vec(),
+            None => colo_machine::guest_image::GUEST_ELF.to_vec(),
         };
-        crate::vm::check_image(&image)?;
+        colo_machine::check_image(&image)?;
         if self.ram < 32 << 20 {
             return Err(Error::Config(format!(
                 "{} MiB of RAM is too little: at least 32 MiB",
@@ -161,7 +161,7 @@ impl VmArgs {
             )));
         }
         prepare_disk(&self.disk, self.disk_size)?;
-        let disk_backend = disk(crate::vm::devices::blk::open_raw(&self.disk)?)?;
+        let disk_backend = disk(colo_machine::devices::blk::open_raw(&self.disk)?)?;
         let net = match &self.net_socket {
             Some(p) => {
                 let s = std::os::unix::net::UnixStream::connect(p)

@@ -8,12 +8,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::runner::VmHandle;
 
 use super::error::{Error, Result};
 use super::timing::fmt_dur;
 use crate::args::VmArgs;
-use crate::vm::devices::console::ConsoleSink;
-use crate::vm::runner::VmHandle;
 
 /// `colo bench vm`.
 #[derive(Debug, Args)]
@@ -39,7 +39,7 @@ pub struct VmBenchArgs {
     tap: String,
 }
 
-fn vm_err(e: crate::vm::Error) -> Error {
+fn vm_err(e: colo_machine::Error) -> Error {
     Error::Guest(format!("VM: {e}"))
 }
 
@@ -86,16 +86,16 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
     // backend nobody feeds), running its idle loop.
     let mut a = vm_args(dir, "none", false);
     a.net_socket = None;
-    let machine = crate::vm::Machine::new(crate::vm::VmConfig {
+    let machine = colo_machine::Machine::new(colo_machine::VmConfig {
         name: "bench".into(),
         ram: a.ram,
-        image: crate::guest_image::GUEST_ELF.to_vec(),
+        image: colo_machine::guest_image::GUEST_ELF.to_vec(),
         disk: {
             crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
             a.disk.clone()
         },
         disk_backend: None,
-        net: crate::vm::devices::backend::NetBackend::channel().0,
+        net: colo_machine::devices::backend::NetBackend::channel().0,
         mac: [0x52, 0x54, 10, 0, 3, 2],
         ip: ([10, 0, 3, 2], 24),
         port: 7000,

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::runner::VmHandle;
 
 use super::link::Heartbeat;
 use super::primary::{self, Events};
@@ -14,8 +16,6 @@ use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
 use crate::args::{VmArgs, parse_ms, parse_ms_or_zero, parse_secs};
 use crate::interrupt::{catch_interrupts, interrupted};
-use crate::vm::devices::console::ConsoleSink;
-use crate::vm::runner::VmHandle;
 
 /// Which page-push transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -362,7 +362,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let params = a.colo.params()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
-    crate::sched::set_vcpu_nice(a.vcpu_nice);
+    colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
     let machine =
         a.vm.build_with("secondary", ConsoleSink::Stdout("svm".into()), |d| {

@@ -8,12 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use colo_machine::memory::GuestRam;
 use colo_memory::{PAGE_SIZE, PageBitmap, Region};
 use colo_ramcache::RamCache;
 use colo_transport::push::{EpochCommit, PushReceiver, PushSender, WriteRun};
 use colo_transport::tcp::{TcpPushListener, TcpPushOptions, TcpPushSender};
-
-use crate::vm::memory::GuestRam;
 
 const RAM: u64 = 4 << 20;
 const T: Duration = Duration::from_secs(10);

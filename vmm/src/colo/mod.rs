@@ -34,7 +34,7 @@ pub enum ColoError {
     Setup(String),
     /// The VM failed.
     #[error("VM")]
-    Vm(#[from] crate::vm::Error),
+    Vm(#[from] colo_machine::Error),
     /// A transport operation failed.
     #[error("{what}")]
     Transport {

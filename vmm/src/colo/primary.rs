@@ -18,6 +18,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use colo_machine::DirtyHandle;
+use colo_machine::memory::PAGE_SIZE;
+use colo_machine::runner::VmHandle;
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
@@ -27,9 +30,6 @@ use crossbeam_channel::Receiver;
 use super::link::{Link, MessageId};
 use super::metrics::{EpochRecord, Summary, Trigger};
 use super::{ColoError, Params, Result, STEP_TIMEOUT};
-use crate::vm::DirtyHandle;
-use crate::vm::memory::PAGE_SIZE;
-use crate::vm::runner::VmHandle;
 
 /// Events the primary reports to whoever supervises it, and requests it takes.
 pub struct Events {

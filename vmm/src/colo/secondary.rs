@@ -10,6 +10,9 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use colo_machine::DirtyHandle;
+use colo_machine::memory::PAGE_SIZE;
+use colo_machine::runner::VmHandle;
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_ramcache::{Landing, LandingEnd, RamCache};
@@ -18,9 +21,6 @@ use colo_transport::push::RegionDesc;
 
 use super::link::Link;
 use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
-use crate::vm::DirtyHandle;
-use crate::vm::memory::PAGE_SIZE;
-use crate::vm::runner::VmHandle;
 
 /// How the secondary's COLO session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

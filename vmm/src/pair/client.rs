@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use colo_machine::peer::{FrameOut, PeerDevice};
 use crossbeam_channel::Receiver;
 use smoltcp::iface::{Config, Interface, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
@@ -55,61 +55,6 @@ impl ClientStats {
     }
 }
 
-/// Sends one frame towards the network.
-pub type FrameOut = Box<dyn Fn(Vec<u8>) + Send>;
-
-pub(crate) struct ChanDevice {
-    pub(crate) tx: FrameOut,
-    pub(crate) rx: Receiver<Vec<u8>>,
-    /// A frame taken off `rx` while waiting, delivered first.
-    pub(crate) front: Option<Vec<u8>>,
-}
-
-pub(crate) struct Rx(Vec<u8>);
-pub(crate) struct Tx<'a>(&'a FrameOut);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = vec![0u8; len];
-        let r = f(&mut b);
-        tracing::trace!(len, "client frame out");
-        (self.0)(b);
-        r
-    }
-}
-
-impl Device for ChanDevice {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-
-    fn receive(&mut self, _: SInstant) -> Option<(Rx, Tx<'_>)> {
-        self.front
-            .take()
-            .or_else(|| self.rx.try_recv().ok())
-            .map(|f| {
-                tracing::trace!(len = f.len(), "client frame in");
-                (Rx(f), Tx(&self.tx))
-            })
-    }
-
-    fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
-        Some(Tx(&self.tx))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut c = DeviceCapabilities::default();
-        c.medium = Medium::Ethernet;
-        c.max_transmission_unit = 1514;
-        c
-    }
-}
-
 /// The client's addresses.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientNet {
@@ -130,11 +75,7 @@ pub fn run(
     stats: &Arc<ClientStats>,
     stop: &AtomicBool,
 ) -> HashMap<u64, u64> {
-    let mut dev = ChanDevice {
-        tx,
-        rx: rx.clone(),
-        front: None,
-    };
+    let mut dev = PeerDevice::new(tx, rx);
     let start = Instant::now();
     let now = || SInstant::from_micros(start.elapsed().as_micros() as i64);
     let mac = EthernetAddress([0x52, 0x54, 0, 0xc1, 0x1e, 0x47]);
@@ -233,8 +174,8 @@ pub fn run(
             })
             .min(Duration::from_millis(5));
         let idle = pending.len() >= window || !stats.connected.load(Ordering::Relaxed);
-        if idle && !delay.is_zero() && dev.front.is_none() {
-            dev.front = rx.recv_timeout(delay).ok();
+        if idle && !delay.is_zero() {
+            dev.wait(delay);
         }
     }
     acked

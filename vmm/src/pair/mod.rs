@@ -166,7 +166,7 @@ fn start_client(
         window,
     };
     std::thread::spawn(move || {
-        let out: client::FrameOut = Box::new(move |f| {
+        let out: colo_machine::peer::FrameOut = Box::new(move |f| {
             let _ = client_end.send(f);
         });
         client::run(net, out, rx, &stats, &stop)

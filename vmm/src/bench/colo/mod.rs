@@ -18,13 +18,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use colo_machine::SCRATCH_GPA;
 use serde::Deserialize;
 
 use super::error::{Error, Result};
 use super::report::fmt_bytes;
 use crate::args::{parse_ms, parse_secs, parse_size};
 use crate::colo::Mode;
-use crate::vm::SCRATCH_GPA;
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;

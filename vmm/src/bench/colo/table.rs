@@ -1,5 +1,7 @@
 //! The results table on stdout, its notes, and the verdict on each target.
 
+use colo_machine::SCRATCH_GPA;
+
 use super::stats::{Steady, median_range, over_rounds, ratio};
 use super::{
     ColoBenchArgs, GIB, Kind, MIB, PAGE, PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB,
@@ -7,7 +9,6 @@ use super::{
 };
 use crate::bench::report::fmt_bytes;
 use crate::colo::Mode;
-use crate::vm::SCRATCH_GPA;
 
 fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
     v.map_or_else(

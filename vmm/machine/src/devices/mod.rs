@@ -5,7 +5,7 @@ pub mod backend;
 pub mod blk;
 pub mod console;
 pub mod net;
-pub mod virtio_mmio;
+pub(crate) mod virtio_mmio;
 
 #[cfg(test)]
 mod dirty_tests;
@@ -21,18 +21,18 @@ use net::Net;
 use virtio_mmio::MmioTransport;
 
 /// Every device of one VM.
-pub struct Devices {
+pub(crate) struct Devices {
     /// The console.
-    pub console: Console,
+    pub(crate) console: Console,
     /// The network device.
-    pub net: MmioTransport<Net>,
+    pub(crate) net: MmioTransport<Net>,
     /// The block device.
-    pub blk: MmioTransport<Blk>,
+    pub(crate) blk: MmioTransport<Blk>,
 }
 
 impl Devices {
     /// An MMIO read; false if no device is at `addr`.
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+    pub(crate) fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         if (NET_MMIO_GPA..NET_MMIO_GPA + MMIO_LEN).contains(&addr) {
             self.net.read(addr - NET_MMIO_GPA, data);
         } else if (BLK_MMIO_GPA..BLK_MMIO_GPA + MMIO_LEN).contains(&addr) {
@@ -49,7 +49,7 @@ impl Devices {
     ///
     /// # Errors
     /// A queue the guest broke.
-    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<bool> {
+    pub(crate) fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<bool> {
         if (NET_MMIO_GPA..NET_MMIO_GPA + MMIO_LEN).contains(&addr) {
             if let Some(q) = self.net.write(addr - NET_MMIO_GPA, data) {
                 self.net.notify(q, mem)?;
@@ -65,7 +65,7 @@ impl Devices {
     }
 
     /// Delivers received frames if the guest has buffers for them.
-    pub fn poll_rx(&mut self, mem: &GuestMemory) {
+    pub(crate) fn poll_rx(&mut self, mem: &GuestMemory) {
         if self.net.driver_ok() && self.net.device.has_rx() {
             let t = &mut self.net;
             t.device.deliver(&mut t.queues, mem);
@@ -76,7 +76,7 @@ impl Devices {
     ///
     /// # Errors
     /// A queue the guest broke.
-    pub fn poll_blk(&mut self, mem: &GuestMemory) -> Result<()> {
+    pub(crate) fn poll_blk(&mut self, mem: &GuestMemory) -> Result<()> {
         let t = &mut self.blk;
         if !t.driver_ok() {
             return Ok(());
@@ -85,7 +85,7 @@ impl Devices {
     }
 
     /// Saves every device.
-    pub fn save(&self, w: &mut Writer) {
+    pub(crate) fn save(&self, w: &mut Writer) {
         self.net.save(w);
         self.blk.save(w);
     }
@@ -94,7 +94,7 @@ impl Devices {
     ///
     /// # Errors
     /// Bad snapshot bytes.
-    pub fn restore(&mut self, r: &mut Reader<'_>) -> Result<()> {
+    pub(crate) fn restore(&mut self, r: &mut Reader<'_>) -> Result<()> {
         self.net.restore(r)?;
         self.blk.restore(r)
     }

@@ -5,16 +5,23 @@
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
 //! which runs the vCPU on its own thread and can pause and resume it in tens of
 //! microseconds (a signal sets `immediate_exit`, see ENVIRONMENT.md).
+//!
+//! The built-in guest ([`guest_image::GUEST_ELF`]) is built from `vmm/guest` by this
+//! crate's build script; the tests run it (and tiny hand-assembled guests) in real VMs
+//! where `/dev/kvm` exists, and say so in one line where it does not.
 
-pub use colo_guest_abi::boot as abi;
+use colo_guest_abi::boot as abi;
 mod boot;
-pub mod codec;
+mod codec;
 pub mod devices;
 mod error;
+pub mod guest_image;
 pub mod memory;
+pub mod peer;
 pub mod runner;
-pub mod snapshot;
-pub mod vcpu;
+pub mod sched;
+mod snapshot;
+mod vcpu;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,9 +40,9 @@ use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
 use devices::Devices;
 use devices::backend::NetBackend;
-use devices::blk::{Blk, open_raw};
+use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
-use devices::net::Net;
+use devices::net::{Net, NetStats};
 use devices::virtio_mmio::MmioTransport;
 use memory::GuestRam;
 use snapshot::VmState;
@@ -120,18 +127,18 @@ impl DirtyHandle {
 /// mapping themselves.
 pub struct Machine {
     /// The vCPU.
-    pub vcpu: VcpuFd,
+    pub(crate) vcpu: VcpuFd,
     /// The VM (shared: its dirty log may be read while the vCPU runs).
-    pub vm: Arc<VmFd>,
+    pub(crate) vm: Arc<VmFd>,
     _kvm: Kvm,
     /// The devices.
-    pub devices: Devices,
+    pub(crate) devices: Devices,
     /// Dirty tracking of RAM (KVM log plus device writes); shared like the VM.
-    pub tracker: Arc<DirtyTracker>,
+    pub(crate) tracker: Arc<DirtyTracker>,
     /// Guest RAM.
     pub ram: GuestRam,
     /// The VM's name.
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl std::fmt::Debug for Machine {
@@ -243,6 +250,16 @@ impl Machine {
         self.devices.net.device.commit_marker()
     }
 
+    /// The network device's counters.
+    pub fn net_stats(&self) -> NetStats {
+        self.devices.net.device.stats
+    }
+
+    /// The block device's counters.
+    pub fn blk_stats(&self) -> BlkStats {
+        self.devices.blk.device.stats
+    }
+
     /// Saves the VM state (not RAM). The vCPU must be paused.
     ///
     /// # Errors
@@ -304,16 +321,6 @@ impl Machine {
         }
     }
 
-    /// Collects the pages written since the last collection (KVM log and device writes)
-    /// into `out`.
-    ///
-    /// # Errors
-    /// [`Error::Dirty`] if KVM refuses.
-    pub fn collect_dirty(&self, out: &mut PageBitmap) -> Result<u64> {
-        let s = self.tracker.collect(&self.vm, out)?;
-        Ok(s.kvm_pages + s.vmm_pages)
-    }
-
     /// Copies `buf` into guest RAM at `gpa` (restoring RAM that travelled as pages).
     ///
     /// # Errors
@@ -338,4 +345,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

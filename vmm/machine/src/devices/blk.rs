@@ -1,6 +1,6 @@
 //! virtio-blk over a `colo_blk::BlockBackend`: a raw image file, or block replication
 //! (the primary's replicated disk, the secondary's disk buffer). Requests run without
-//! the machine locked, so a pause need not wait for them (see [`Blk`]).
+//! the machine locked, so a pause need not wait for them (see `Blk`).
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -14,11 +14,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
-use crate::vm::codec::{Reader, Writer};
-use crate::vm::error::{Error, Result};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
 
 /// Bytes per sector.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 const F_FLUSH: u64 = 1 << 9;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -95,7 +95,7 @@ struct Pending {
 }
 
 /// Requests handed out by [`Blk::start_io`], to run without the machine.
-pub struct BlkIo {
+pub(crate) struct BlkIo {
     backend: Arc<dyn BlockBackend>,
     generation: u64,
     ops: Vec<Op>,
@@ -103,7 +103,7 @@ pub struct BlkIo {
 
 impl BlkIo {
     /// Runs the requests against the backend, in order.
-    pub fn run(self) -> BlkDone {
+    pub(crate) fn run(self) -> BlkDone {
         let outcomes = self
             .ops
             .into_iter()
@@ -117,7 +117,7 @@ impl BlkIo {
 }
 
 /// The outcomes of a [`BlkIo`], for [`Blk::finish`].
-pub struct BlkDone {
+pub(crate) struct BlkDone {
     generation: u64,
     outcomes: Vec<Outcome>,
 }
@@ -137,10 +137,10 @@ pub struct BlkDone {
 /// level — a write writes the same bytes from the same guest buffer (a driver does not
 /// touch a buffer in flight), a flush flushes, a read reads again — and requests complete
 /// in the order they were taken, so the unfinished ones are the last taken.
-pub struct Blk {
+pub(crate) struct Blk {
     backend: Arc<dyn BlockBackend>,
     /// Counters.
-    pub stats: BlkStats,
+    pub(crate) stats: BlkStats,
     pending: VecDeque<Pending>,
     /// Bumped by a reset or restore: outcomes of requests taken before are dropped.
     generation: u64,
@@ -151,7 +151,7 @@ pub struct Blk {
 
 impl Blk {
     /// A device over `backend`.
-    pub fn new(backend: Arc<dyn BlockBackend>) -> Self {
+    pub(crate) fn new(backend: Arc<dyn BlockBackend>) -> Self {
         Self {
             backend,
             stats: BlkStats::default(),
@@ -162,12 +162,13 @@ impl Blk {
     }
 
     /// Requests taken from the queue and not yet completed.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
         self.pending.len()
     }
 
     /// Hands out the requests taken and not yet started, to run without the machine.
-    pub fn start_io(&mut self) -> Option<BlkIo> {
+    pub(crate) fn start_io(&mut self) -> Option<BlkIo> {
         let ops: Vec<Op> = self
             .pending
             .iter_mut()
@@ -182,7 +183,7 @@ impl Blk {
 
     /// Writes the outcomes of a [`BlkIo`] into their requests' buffers and the used ring,
     /// in order; drops them if the device was reset or restored since.
-    pub fn finish(&mut self, done: BlkDone, q: &mut Queue, mem: &GuestMemory) {
+    pub(crate) fn finish(&mut self, done: BlkDone, q: &mut Queue, mem: &GuestMemory) {
         if done.generation != self.generation {
             return;
         }
@@ -210,7 +211,7 @@ impl Blk {
     ///
     /// # Errors
     /// As [`VirtioDevice::notify`].
-    pub fn poll(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
+    pub(crate) fn poll(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         if std::mem::take(&mut self.restart) {
             self.take_all(q, mem)?;
         }
@@ -417,7 +418,7 @@ impl VirtioDevice for Blk {
     }
 
     fn queue_max_sizes(&self) -> &'static [u16] {
-        &[crate::vm::abi::BLK_QUEUE_SIZE]
+        &[crate::abi::BLK_QUEUE_SIZE]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

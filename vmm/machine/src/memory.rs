@@ -51,7 +51,7 @@ impl GuestRam {
     /// vm-memory's view, for virtio queues and loading. Every write through it marks its
     /// page in the memory's dirty bitmap, which the dirty tracker collects beside KVM's
     /// log.
-    pub fn mem(&self) -> &GuestMemory {
+    pub(crate) fn mem(&self) -> &GuestMemory {
         &self.mem
     }
 
@@ -60,13 +60,8 @@ impl GuestRam {
         &self.layout
     }
 
-    /// Bytes of RAM.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// The host address of guest-physical 0.
-    pub fn host_base(&self) -> *mut u8 {
+    pub(crate) fn host_base(&self) -> *mut u8 {
         self.mem
             .get_host_address(GuestAddress(0))
             .expect("guest address 0 is mapped")
@@ -93,7 +88,7 @@ impl GuestRam {
     ///
     /// # Errors
     /// [`Error::Kvm`] if KVM refuses the slot.
-    pub fn register(&self, vm: &VmFd) -> Result<()> {
+    pub(crate) fn register(&self, vm: &VmFd) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: KVM_MEM_LOG_DIRTY_PAGES,

@@ -5,8 +5,8 @@
 use colo_memory::GuestMemory;
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use crate::vm::codec::{Reader, Writer};
-use crate::vm::error::{Error, Result};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;

@@ -21,14 +21,14 @@ const MAX_LINE: usize = 4096;
 
 /// The console device.
 #[derive(Debug)]
-pub struct Console {
+pub(crate) struct Console {
     sink: ConsoleSink,
     line: Vec<u8>,
 }
 
 impl Console {
     /// A console writing to `sink`.
-    pub fn new(sink: ConsoleSink) -> Self {
+    pub(crate) fn new(sink: ConsoleSink) -> Self {
         Self {
             sink,
             line: Vec::new(),
@@ -36,7 +36,7 @@ impl Console {
     }
 
     /// Takes guest bytes.
-    pub fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' || self.line.len() >= MAX_LINE {
                 self.emit();

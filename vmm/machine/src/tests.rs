@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use super::abi::IMAGE_GPA;
-use super::devices::backend::NetBackend;
+use super::devices::backend::{ChannelPeer, NetBackend};
 use super::devices::console::ConsoleSink;
+use super::peer::FrameOut;
 use super::runner::VmHandle;
 use super::{Error, GuestExit, Machine, VmConfig};
 
@@ -301,10 +302,10 @@ mod tcp_client {
     use smoltcp::time::Instant as SInstant;
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
-    use crate::pair::client::{ChanDevice, FrameOut};
+    use crate::peer::{FrameOut, PeerDevice};
 
     pub struct Client {
-        dev: ChanDevice,
+        dev: PeerDevice,
         iface: Interface,
         sockets: SocketSet<'static>,
         h: SocketHandle,
@@ -314,11 +315,7 @@ mod tcp_client {
 
     impl Client {
         pub fn new(tx: FrameOut, rx: Receiver<Vec<u8>>) -> Self {
-            let mut dev = ChanDevice {
-                tx,
-                rx,
-                front: None,
-            };
+            let mut dev = PeerDevice::new(tx, rx);
             let start = Instant::now();
             let mac = EthernetAddress([0x52, 0x54, 0, 0, 0, 0x99]);
             let mut iface =
@@ -355,16 +352,12 @@ mod tcp_client {
         fn poll(&mut self) {
             let now = SInstant::from_micros(self.start.elapsed().as_micros() as i64);
             self.iface.poll(now, &mut self.dev, &mut self.sockets);
-            if self.dev.front.is_none() {
-                self.dev.front = self.dev.rx.recv_timeout(Duration::from_millis(1)).ok();
-            }
+            self.dev.wait(Duration::from_millis(1));
         }
 
         /// The same connection over other frame channels.
         pub fn rebind(mut self, tx: FrameOut, rx: Receiver<Vec<u8>>) -> Self {
-            self.dev.tx = tx;
-            self.dev.rx = rx;
-            self.dev.front = None;
+            self.dev.rebind(tx, rx);
             self
         }
 
@@ -447,7 +440,7 @@ fn guest_machine_on(
 }
 
 /// A client's frame output into a channel-backed VM.
-fn frames_to(peer: &super::devices::backend::ChannelPeer) -> super::super::pair::client::FrameOut {
+fn frames_to(peer: &ChannelPeer) -> FrameOut {
     let to = peer.to_guest.clone();
     Box::new(move |f| {
         let _ = to.send(f);
@@ -555,7 +548,7 @@ fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
             }
         }
     });
-    let out: super::super::pair::client::FrameOut = Box::new(move |f| {
+    let out: FrameOut = Box::new(move |f| {
         let _ = to2.send(f.clone());
         let _ = to1.send(f);
     });

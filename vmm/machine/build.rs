@@ -1,7 +1,7 @@
-//! Builds the built-in guest (`guest/`, a freestanding `no_std` program with its own
-//! workspace and Cargo.lock, which shares the crate `guest-abi/` with the VMM) with a
-//! nested cargo, and leaves the ELF at `$OUT_DIR/colo-guest.elf` for `src/guest_image.rs`
-//! to embed.
+//! Builds the built-in guest (`vmm/guest/`, a freestanding `no_std` program with its own
+//! workspace and Cargo.lock, which shares the crate `vmm/guest-abi/` with the machine)
+//! with a nested cargo, and leaves the ELF at `$OUT_DIR/colo-guest.elf` for
+//! `src/guest_image.rs` to embed.
 //!
 //! The nested build gets a clean environment: the outer RUSTFLAGS, wrappers, target
 //! directory and profile or target overrides would otherwise leak into it (cargo hands
@@ -44,7 +44,9 @@ const CLEARED_PREFIXES: &[&str] = &["CARGO_PROFILE_", "CARGO_TARGET_"];
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
-    let guest = manifest_dir.join("guest");
+    // This crate is vmm/machine; the guest and its ABI crate are its siblings.
+    let vmm = manifest_dir.parent().expect("vmm/machine has a parent");
+    let guest = vmm.join("guest");
 
     println!("cargo:rerun-if-changed=build.rs");
     for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld"] {
@@ -54,7 +56,7 @@ fn main() {
     for p in ["src", "Cargo.toml"] {
         println!(
             "cargo:rerun-if-changed={}",
-            manifest_dir.join("guest-abi").join(p).display()
+            vmm.join("guest-abi").join(p).display()
         );
     }
 

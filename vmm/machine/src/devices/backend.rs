@@ -4,7 +4,7 @@
 //! an in-process channel.
 //!
 //! Every backend delivers received frames into a channel that the vCPU thread drains, and
-//! takes transmitted frames through [`FrameSink`].
+//! takes transmitted frames through a `FrameSink`.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,15 +17,15 @@ use std::time::Duration;
 use colo_netcmp::framing::PACE_HOLD;
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::vm::error::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Largest frame accepted from a backend.
-pub const MAX_FRAME: usize = 65_536;
+pub(crate) const MAX_FRAME: usize = 65_536;
 /// Frames queued towards the guest before the oldest are dropped (as a NIC would).
-pub const RX_QUEUE: usize = 1024;
+pub(crate) const RX_QUEUE: usize = 1024;
 
 /// The transmit side of a backend.
-pub trait FrameSink: Send {
+pub(crate) trait FrameSink: Send {
     /// Sends one Ethernet frame.
     ///
     /// # Errors
@@ -48,7 +48,7 @@ pub trait FrameSink: Send {
 /// `runner`), for a bounded time per wait. Off until enabled, and a disabled pace ignores
 /// the proxy: only a secondary in COLO mode enables it, and failover disables it.
 #[derive(Debug)]
-pub struct Pace {
+pub(crate) struct Pace {
     state: AtomicU8,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -71,7 +71,7 @@ impl Pace {
     /// Honours the proxy's words from now on, or (`false`) ignores them. Either way a
     /// held VM goes on at once: a secondary calls this at each checkpoint, after which the
     /// proxy holds nothing (so a stray word cannot hold it longer than an epoch).
-    pub fn set_enabled(&self, on: bool) {
+    pub(crate) fn set_enabled(&self, on: bool) {
         self.state
             .store(if on { PACE_RUN } else { PACE_OFF }, Ordering::SeqCst);
         let _ = self.wake_tx.try_send(());
@@ -91,12 +91,12 @@ impl Pace {
     }
 
     /// Whether the proxy asked to hold the VM (and pacing is enabled).
-    pub fn held(&self) -> bool {
+    pub(crate) fn held(&self) -> bool {
         self.state.load(Ordering::SeqCst) == PACE_HELD
     }
 
     /// Ready when the VM may go on (or pacing was disabled).
-    pub fn wake(&self) -> &Receiver<()> {
+    pub(crate) fn wake(&self) -> &Receiver<()> {
         &self.wake_rx
     }
 }
@@ -104,14 +104,14 @@ impl Pace {
 /// A network backend: frames out through `sink`, frames in on `rx`.
 pub struct NetBackend {
     /// Frames to transmit.
-    pub sink: Box<dyn FrameSink>,
+    pub(crate) sink: Box<dyn FrameSink>,
     /// Received frames.
-    pub rx: Receiver<Vec<u8>>,
+    pub(crate) rx: Receiver<Vec<u8>>,
     /// The proxy's pacing words (only a socket backend receives them).
-    pub pace: Arc<Pace>,
+    pub(crate) pace: Arc<Pace>,
     stop: Arc<AtomicBool>,
     /// What it is, for logs.
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl Drop for NetBackend {

@@ -1,4 +1,4 @@
-//! The one error type of the VMM.
+//! The one error type of the machine.
 
 use std::io;
 
@@ -69,7 +69,7 @@ pub enum Error {
 
 impl Error {
     /// Wraps a KVM error with what was being done.
-    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
         move |source| Self::Kvm { what, source }
     }
 
@@ -80,5 +80,5 @@ impl Error {
     }
 }
 
-/// The result type of the VMM.
+/// The result type of the machine.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -8,8 +8,8 @@ use virtio_queue::{Queue, QueueT};
 
 use super::backend::{MAX_FRAME, NetBackend};
 use super::virtio_mmio::{F_VERSION_1, VirtioDevice};
-use crate::vm::codec::{Reader, Writer};
-use crate::vm::error::{Error, Result};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
 
 const F_MAC: u64 = 1 << 5;
 /// `virtio_net_hdr_v1`.
@@ -28,26 +28,24 @@ pub struct NetStats {
     pub rx_frames: u64,
     /// Frames dropped (too large, backend error, no room).
     pub dropped: u64,
-    /// Times the vCPU waited because the proxy held the VM ([`super::backend::Pace`]).
+    /// Times the vCPU waited because the proxy held the VM (its pacing of a secondary).
     pub holds: u64,
-    /// Microseconds it waited so.
-    pub held_us: u64,
 }
 
 /// The virtio-net device.
-pub struct Net {
+pub(crate) struct Net {
     mac: [u8; 6],
     backend: NetBackend,
     pending: VecDeque<Vec<u8>>,
     /// Transmit scratch, kept between notifications.
     tx_buf: Vec<u8>,
     /// Counters.
-    pub stats: NetStats,
+    pub(crate) stats: NetStats,
 }
 
 impl Net {
     /// A device with `mac` over `backend`.
-    pub fn new(mac: [u8; 6], backend: NetBackend) -> Self {
+    pub(crate) fn new(mac: [u8; 6], backend: NetBackend) -> Self {
         Self {
             mac,
             backend,
@@ -61,32 +59,32 @@ impl Net {
     ///
     /// # Errors
     /// `Unsupported` for a backend without markers (a tap), or its I/O error.
-    pub fn commit_marker(&mut self) -> std::io::Result<()> {
+    pub(crate) fn commit_marker(&mut self) -> std::io::Result<()> {
         self.backend.sink.marker()
     }
 
     /// The backend's receive channel (the vCPU thread waits on it when the guest idles).
-    pub fn rx_channel(&self) -> &crossbeam_channel::Receiver<Vec<u8>> {
+    pub(crate) fn rx_channel(&self) -> &crossbeam_channel::Receiver<Vec<u8>> {
         &self.backend.rx
     }
 
     /// The proxy's pacing words for this VM.
-    pub fn pace(&self) -> &std::sync::Arc<super::backend::Pace> {
+    pub(crate) fn pace(&self) -> &std::sync::Arc<super::backend::Pace> {
         &self.backend.pace
     }
 
     /// Whether [`deliver`](Self::deliver) can take more frames from the backend.
-    pub fn rx_room(&self) -> bool {
+    pub(crate) fn rx_room(&self) -> bool {
         self.pending.len() < MAX_PENDING
     }
 
     /// Whether frames wait for the guest.
-    pub fn has_rx(&self) -> bool {
+    pub(crate) fn has_rx(&self) -> bool {
         !self.pending.is_empty() || !self.backend.rx.is_empty()
     }
 
     /// Moves waiting frames into the guest's receive buffers, as many as fit.
-    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemory) {
+    pub(crate) fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemory) {
         while self.pending.len() < MAX_PENDING {
             match self.backend.rx.try_recv() {
                 Ok(f) => self.pending.push_back(f),
@@ -168,10 +166,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &'static [u16] {
-        &[
-            crate::vm::abi::NET_QUEUE_SIZE,
-            crate::vm::abi::NET_QUEUE_SIZE,
-        ]
+        &[crate::abi::NET_QUEUE_SIZE, crate::abi::NET_QUEUE_SIZE]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -155,7 +155,7 @@ fn the_tracker_collects_what_devices_wrote() {
         return;
     };
     let vm = kvm.create_vm().unwrap();
-    let ram = crate::vm::memory::GuestRam::new(8 << 20, 1 << 32).unwrap();
+    let ram = crate::memory::GuestRam::new(8 << 20, 1 << 32).unwrap();
     ram.register(&vm).unwrap();
     let mem = ram.mem().clone();
     let tracker = DirtyTracker::new(mem.clone(), false).unwrap();
