@@ -4,7 +4,7 @@
 //!
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
 //! which runs the vCPU on its own thread and can pause and resume it in tens of
-//! microseconds (a signal sets `immediate_exit`, see ENVIRONMENT.md).
+//! microseconds (a signal sets `immediate_exit`, see the shared ENVIRONMENT.md beside the repository).
 //!
 //! The built-in guest ([`guest_image::GUEST_ELF`]) is built from `vmm/guest` by this
 //! crate's build script; the tests run it (and tiny hand-assembled guests) in real VMs

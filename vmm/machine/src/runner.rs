@@ -1,6 +1,6 @@
 //! Running a [`Machine`]: the vCPU thread, its exits, and pausing it from another thread.
 //!
-//! Pausing uses the pattern measured in ENVIRONMENT.md: the controller sets a flag and
+//! Pausing uses the pattern measured in the shared ENVIRONMENT.md (beside the repository): the controller sets a flag and
 //! sends the vCPU thread a real-time signal whose handler sets `kvm_run.immediate_exit`,
 //! so `KVM_RUN` returns `EINTR` at once (about 25 us here) whether the signal lands
 //! before or during the ioctl. The vCPU thread then parks without holding the machine, and
