@@ -85,7 +85,7 @@ pub struct Primary {
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
 ///
 /// # Errors
-/// Setup, handshake or push connection failures.
+/// Address resolution, handshake or push connection failures.
 pub fn connect(
     vm: VmHandle,
     ram: Arc<Region>,
