@@ -163,3 +163,81 @@ fn checkpoint(r: EpochRecord, shared: &Shared) {
     }
     *lock(&shared.last) = Some(r);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::colo::event::ExitReason;
+    use crate::colo::link::LostReason;
+
+    #[test]
+    fn the_supervisor_acts_on_typed_events_and_skips_other_lines() {
+        let (client, _c) = colo_netcmp::io::channel::port("client", 16);
+        let (primary, _p) = colo_netcmp::io::channel::port("primary", 16);
+        let (secondary, _s) = colo_netcmp::io::channel::port("secondary", 16);
+        let ports = colo_netcmp::proxy::Ports {
+            client,
+            primary,
+            secondary,
+        };
+        let proxy = Proxy::start(colo_netcmp::Config::default(), ports).unwrap();
+        let shared = Shared::default();
+        let feed = |lines: &[u8]| {
+            let (mut side, sup) = UnixStream::pair().unwrap();
+            side.write_all(lines).unwrap();
+            drop(side);
+            serve(sup, proxy.control(), &shared);
+        };
+        // Log lines that used to be acted on are only text now.
+        feed(b"FENCED\nsecondary| FAILOVER: the secondary takes over\nCOMMIT 1\n");
+        assert!(!shared.fenced.load(Ordering::SeqCst));
+        assert!(lock(&shared.failover_at).is_none());
+        assert_eq!(shared.commits.load(Ordering::Relaxed), 0);
+
+        let lost = || ExitReason::PeerLost {
+            lost: LostReason::Closed,
+        };
+        let rec: EpochRecord = serde_json::from_value(serde_json::json!({
+            "epoch": 2, "trigger": "timer", "pause_us": 800, "pause_pages": 1,
+            "background_pages": 9, "bytes": 40960, "state_bytes": 100
+        }))
+        .unwrap();
+        let mut lines = Vec::new();
+        for ev in [
+            Event::Checkpoint(rec),
+            Event::AbortedPause { pause_us: 5000 },
+            Event::AbortedPause { pause_us: 300 },
+            Event::Fenced { reason: lost() },
+            Event::Failover {
+                side: Side::Primary,
+                reason: lost(),
+            },
+        ] {
+            lines.extend(event::encode(&ev));
+        }
+        feed(&lines);
+        assert_eq!(shared.commits.load(Ordering::Relaxed), 1);
+        assert_eq!(lock(&shared.summary).epochs, 1);
+        assert_eq!(lock(&shared.last).as_ref().map(|r| r.pause_us), Some(800));
+        assert_eq!(shared.aborted_pause_us.load(Ordering::SeqCst), 5000);
+        assert!(shared.fenced.load(Ordering::SeqCst));
+        assert!(
+            *lock(&shared.secondary_lost),
+            "the primary lost its secondary"
+        );
+        assert!(lock(&shared.failover_at).is_none(), "no takeover yet");
+
+        let took_over = Event::Failover {
+            side: Side::Secondary,
+            reason: lost(),
+        };
+        feed(&[event::encode(&took_over), event::encode(&Event::Protected)].concat());
+        assert!(
+            lock(&shared.failover_at).is_some(),
+            "the secondary took over"
+        );
+        assert!(!*lock(&shared.secondary_lost), "protected again");
+        assert_eq!(shared.reprotected.load(Ordering::SeqCst), 1);
+        proxy.shutdown().unwrap();
+    }
+}
