@@ -9,8 +9,9 @@ use clap::{Args, ValueEnum};
 use colo_machine::devices::console::ConsoleSink;
 use colo_machine::runner::VmHandle;
 
+use super::event::{Events, Side};
 use super::link::Heartbeat;
-use super::primary::{self, Events};
+use super::primary;
 use super::push::PushTransport;
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
@@ -86,12 +87,12 @@ pub struct ColoArgs {
 impl ColoArgs {
     fn params(&self) -> Result<Params> {
         if self.heartbeat_timeout <= self.heartbeat_interval {
-            return Err(ColoError::Setup(
-                "--heartbeat-timeout must exceed --heartbeat-interval".into(),
+            return Err(ColoError::Usage(
+                "--heartbeat-timeout must exceed --heartbeat-interval",
             ));
         }
         if !(1..=16).contains(&self.streams) {
-            return Err(ColoError::Setup("--streams must be 1 to 16".into()));
+            return Err(ColoError::Usage("--streams must be 1 to 16"));
         }
         Ok(Params {
             checkpoint_delay: self.checkpoint_delay,
@@ -116,9 +117,7 @@ impl ColoArgs {
                 tracing::info!("no RDMA ({why}); using TCP");
                 Ok(tcp)
             }
-            (TransportKind::Rdma, Err(why)) => {
-                Err(ColoError::Setup(format!("--transport rdma: {why}")))
-            }
+            (TransportKind::Rdma, Err(why)) => Err(ColoError::NoRdma(why)),
             (_, Ok(devices)) => self.rdma(&devices),
         }
     }
@@ -127,10 +126,10 @@ impl ColoArgs {
     fn rdma(&self, devices: &[String]) -> Result<PushTransport> {
         if let Some(d) = &self.rdma_device {
             if !devices.contains(d) {
-                return Err(ColoError::Setup(format!(
-                    "--rdma-device {d}: no such device; present: {}",
-                    devices.join(", ")
-                )));
+                return Err(ColoError::NoSuchRdmaDevice {
+                    device: d.clone(),
+                    present: devices.to_vec(),
+                });
             }
         }
         tracing::info!(
@@ -176,23 +175,19 @@ fn accept_timeout(
     t: Duration,
 ) -> Result<(std::net::TcpStream, std::net::SocketAddr)> {
     l.set_nonblocking(true)
-        .map_err(|e| ColoError::Setup(e.to_string()))?;
+        .map_err(ColoError::io("make the disk listener non-blocking"))?;
     let deadline = Instant::now() + t;
     loop {
         match l.accept() {
             Ok((s, a)) => {
                 s.set_nonblocking(false)
-                    .map_err(|e| ColoError::Setup(e.to_string()))?;
+                    .map_err(ColoError::io("make the disk stream blocking"))?;
                 return Ok((s, a));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => {
-                return Err(ColoError::Setup(format!(
-                    "accept the disk replication: {e}"
-                )));
-            }
+            Err(e) => return Err(ColoError::io("accept the disk replication")(e)),
         }
     }
 }
@@ -246,10 +241,18 @@ pub struct SecondaryArgs {
     /// the PVM and the checkpoint threads go first.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub vcpu_nice: i32,
+    /// A supervisor's event socket (used by `colo pair`): takeover and fencing.
+    #[arg(long, hide = true)]
+    pub events: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
     pub colo: ColoArgs,
+}
+
+/// The supervisor's event socket at `path`, if one is given.
+fn connect_events(path: Option<&std::path::Path>) -> Result<Events> {
+    path.map_or_else(|| Ok(Events::none()), Events::connect)
 }
 
 /// Runs `colo primary`.
@@ -276,14 +279,11 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
-    let events = match &a.events {
-        Some(p) => Events::connect(p)?,
-        None => Events::none(),
-    };
+    let events = connect_events(a.events.as_deref())?;
     let qmp = match &a.colo.qmp {
         Some(path) => {
             let st = super::qmp::QmpState::new(
-                "primary",
+                Side::Primary,
                 params.checkpoint_delay.as_millis() as u64,
                 (
                     params.heartbeat.interval.as_millis() as u64,
@@ -316,8 +316,8 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             }
         }
         (None, None) => {
-            return Err(ColoError::Setup(
-                "give --peer, or --qmp and a QMP 'migrate'".into(),
+            return Err(ColoError::Usage(
+                "give --peer, or --qmp and a QMP 'migrate'",
             ));
         }
     };
@@ -381,16 +381,23 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;
-    let listener = TcpListener::bind(&a.listen)
-        .map_err(|e| ColoError::Setup(format!("listen on {}: {e}", a.listen)))?;
+    let events = connect_events(a.events.as_deref())?;
+    let listener = TcpListener::bind(&a.listen).map_err(|source| ColoError::Listen {
+        what: "the primary",
+        addr: a.listen.clone(),
+        source,
+    })?;
     let blk_at = super::blk_addr(&a.listen)?;
-    let blk_listener = TcpListener::bind(blk_at)
-        .map_err(|e| ColoError::Setup(format!("listen for disk replication on {blk_at}: {e}")))?;
+    let blk_listener = TcpListener::bind(blk_at).map_err(|source| ColoError::Listen {
+        what: "disk replication",
+        addr: blk_at.to_string(),
+        source,
+    })?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
     let qmp = match &a.colo.qmp {
         Some(path) => {
             let st = super::qmp::QmpState::new(
-                "secondary",
+                Side::Secondary,
                 params.checkpoint_delay.as_millis() as u64,
                 (
                     params.heartbeat.interval.as_millis() as u64,
@@ -416,16 +423,17 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     )?;
     s.qmp = qmp;
     s.takeover_check = a.takeover_check.clone();
+    s.events = events;
     if let Some(d) = sdisk {
         blk_listener
             .set_nonblocking(false)
-            .map_err(|e| ColoError::Setup(e.to_string()))?;
+            .map_err(ColoError::io("make the disk listener blocking"))?;
         let (stream, _) = accept_timeout(&blk_listener, Duration::from_secs(30))?;
         let _ = stream.set_nodelay(true);
         d.serve(stream, Duration::from_secs(30))
-            .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+            .map_err(ColoError::disk("serve the primary"))?;
         d.wait_synced(Duration::from_secs(600))
-            .map_err(|e| ColoError::Setup(format!("disk resync: {e}")))?;
+            .map_err(ColoError::disk("resync"))?;
         tracing::info!("disk in sync with the primary");
         s.disk = Some(d);
     }

@@ -5,7 +5,8 @@
 //! "last heard" time, everything else goes to the controller through a channel. A
 //! heartbeat thread sends a heartbeat every interval. Sends from both threads go through
 //! one mutex, so frames never interleave. The link is *lost* when the peer closes the
-//! socket, a frame is bad, or nothing (not even a heartbeat) arrives within the timeout.
+//! socket, a frame is bad, or nothing (not even a heartbeat) arrives within the timeout;
+//! [`LostReason`] says which.
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,8 +16,75 @@ use std::time::{Duration, Instant};
 use colo_transport::control::{ControlChannel, Kind, Message};
 use colo_transport::framing;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde::{Deserialize, Serialize};
 
-use super::{ColoError, Result};
+use super::{Chain, ColoError, Result};
+
+/// Why the peer counts as lost.
+///
+/// Serialized (its `kind`, and its figures) in the events a side reports; the sources of
+/// the failures are not, they are for this side's logs.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LostReason {
+    /// Nothing, not even a heartbeat, arrived within the heartbeat timeout.
+    #[error("no heartbeat for {silent_ms} ms")]
+    HeartbeatTimeout {
+        /// How long the peer was silent.
+        silent_ms: u64,
+    },
+    /// The peer closed the control connection.
+    #[error("the peer closed the control connection")]
+    Closed,
+    /// Receiving on the control connection failed (a bad frame, a reset).
+    #[error("the control connection failed")]
+    Receive {
+        /// The transport's error.
+        #[serde(skip)]
+        #[source]
+        source: Option<Arc<colo_transport::Error>>,
+    },
+    /// A heartbeat could not be sent.
+    #[error("cannot send a heartbeat")]
+    HeartbeatSend {
+        /// The transport's error.
+        #[serde(skip)]
+        #[source]
+        source: Option<Arc<colo_transport::Error>>,
+    },
+    /// A protocol message could not be sent.
+    #[error("cannot send on the control connection")]
+    Send {
+        /// The transport's error.
+        #[serde(skip)]
+        #[source]
+        source: Option<Arc<colo_transport::Error>>,
+    },
+    /// Declared lost by hand (QMP `x-colo-lost-heartbeat`).
+    #[error("x-colo-lost-heartbeat")]
+    Forced,
+    /// The peer asked for failover (`Failover` message).
+    #[error("the peer asked for failover")]
+    FailoverRequested,
+    /// The peer said goodbye outside an orderly stop of this side.
+    #[error("the peer left")]
+    Left,
+    /// The push path closed in the middle of an epoch.
+    #[error("the push path closed mid-epoch")]
+    PushClosed,
+}
+
+impl LostReason {
+    fn receive(e: colo_transport::Error) -> Self {
+        match e {
+            colo_transport::Error::Frame(framing::Error::PeerClosed) => Self::Closed,
+            e => Self::Receive {
+                source: Some(Arc::new(e)),
+            },
+        }
+    }
+}
 
 /// A control message as a protocol step names it: its kind, and its epoch where it
 /// carries one (as expected: `None` takes any).
@@ -75,12 +143,11 @@ pub struct Heartbeat {
 struct Inner {
     tx: Mutex<ControlChannel<TcpStream>>,
     lost: AtomicBool,
-    why: Mutex<String>,
+    /// Set once, before `lost`.
+    why: Mutex<Option<LostReason>>,
     /// Milliseconds since `epoch` when the peer was last heard.
     last_heard_ms: AtomicU64,
     epoch: Instant,
-    /// `x-colo-lost-heartbeat`: act as if the peer were lost.
-    forced: AtomicBool,
     /// Run once when the link is lost (e.g. ending the push streams).
     on_lost: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
@@ -119,7 +186,6 @@ impl Link {
             why: Mutex::default(),
             last_heard_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            forced: AtomicBool::new(false),
             on_lost: Mutex::default(),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -141,13 +207,13 @@ impl Link {
                         }
                         Err(colo_transport::Error::Frame(framing::Error::Timeout)) => {}
                         Err(e) => {
-                            i.lose(format!("control connection: {e}"));
+                            i.lose(LostReason::receive(e));
                             return;
                         }
                     }
                 }
             })
-            .map_err(|e| ColoError::Setup(format!("spawn the link reader: {e}")))?;
+            .map_err(ColoError::spawn("control link reader"))?;
         let i = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("colo-heartbeat".into())
@@ -156,18 +222,22 @@ impl Link {
                 while !i.lost.load(Ordering::SeqCst) {
                     seq += 1;
                     if let Err(e) = i.send(&Message::Heartbeat { seq }) {
-                        i.lose(format!("heartbeat send: {e}"));
+                        i.lose(LostReason::HeartbeatSend {
+                            source: Some(Arc::new(e)),
+                        });
                         return;
                     }
                     let silent = i.since_heard();
                     if silent > hb.timeout {
-                        i.lose(format!("no heartbeat for {} ms", silent.as_millis()));
+                        i.lose(LostReason::HeartbeatTimeout {
+                            silent_ms: silent.as_millis() as u64,
+                        });
                         return;
                     }
                     std::thread::sleep(hb.interval);
                 }
             })
-            .map_err(|e| ColoError::Setup(format!("spawn the heartbeat: {e}")))?;
+            .map_err(ColoError::spawn("heartbeat"))?;
         inner.heard();
         Ok(Self { inner, rx, hb })
     }
@@ -181,7 +251,9 @@ impl Link {
             return Err(self.lost_error());
         }
         self.inner.send(m).map_err(|e| {
-            self.inner.lose(format!("control send: {e}"));
+            self.inner.lose(LostReason::Send {
+                source: Some(Arc::new(e)),
+            });
             self.lost_error()
         })
     }
@@ -189,9 +261,14 @@ impl Link {
     /// Waits for the next message (heartbeats excluded) for at most `timeout`.
     ///
     /// # Errors
-    /// [`ColoError::PeerLost`] if the link is lost first, [`ColoError::Protocol`] on
+    /// [`ColoError::PeerLost`] if the link is lost first, [`ColoError::Timeout`] on
     /// timeout.
-    pub fn recv(&self, timeout: Duration, waiting_for: &str) -> Result<Message> {
+    pub fn recv(&self, timeout: Duration) -> Result<Message> {
+        self.recv_for(timeout, None)
+    }
+
+    /// [`recv`](Self::recv), for a step that waits for `expected` (named in the timeout).
+    fn recv_for(&self, timeout: Duration, expected: Option<MessageId>) -> Result<Message> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.is_lost() {
@@ -204,10 +281,10 @@ impl Link {
                 Ok(m) => return Ok(m),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(ColoError::Protocol(format!(
-                        "no {waiting_for} within {} ms",
-                        timeout.as_millis()
-                    )));
+                    return Err(ColoError::Timeout {
+                        expected,
+                        after: timeout,
+                    });
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(self.lost_error()),
             }
@@ -221,7 +298,7 @@ impl Link {
     /// As [`recv`](Self::recv), and [`ColoError::Unexpected`] for another message.
     pub fn expect(&self, kind: Kind, epoch: Option<u64>, timeout: Duration) -> Result<Message> {
         let expected = MessageId { kind, epoch };
-        expected.check(self.recv(timeout, &expected.to_string())?)
+        expected.check(self.recv_for(timeout, Some(expected))?)
     }
 
     /// A message if one is waiting.
@@ -234,15 +311,19 @@ impl Link {
         self.inner.lost.load(Ordering::SeqCst)
     }
 
-    /// Why the link was lost.
-    pub fn why(&self) -> String {
-        self.inner.why.lock().map(|w| w.clone()).unwrap_or_default()
+    /// Why the link was lost (`None` while it is not: once [`is_lost`](Self::is_lost)
+    /// says so, this is set).
+    pub fn why(&self) -> Option<LostReason> {
+        self.inner
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// `x-colo-lost-heartbeat`: declares the peer lost now.
     pub fn force_lost(&self) {
-        self.inner.forced.store(true, Ordering::SeqCst);
-        self.inner.lose("x-colo-lost-heartbeat".into());
+        self.inner.lose(LostReason::Forced);
     }
 
     /// Runs `f` once when the link is lost (at once if it already is): the heartbeat is
@@ -263,7 +344,8 @@ impl Link {
     }
 
     pub(crate) fn lost_error(&self) -> ColoError {
-        ColoError::PeerLost(self.why())
+        // Lost without a reason cannot be: `lose` sets the reason first.
+        ColoError::PeerLost(self.why().unwrap_or(LostReason::Closed))
     }
 }
 
@@ -285,12 +367,16 @@ impl Inner {
             .send(m)
     }
 
-    fn lose(&self, why: String) {
-        if !self.lost.swap(true, Ordering::SeqCst) {
-            tracing::warn!(reason = %why, "peer lost");
-            if let Ok(mut w) = self.why.lock() {
-                *w = why;
-            }
+    fn lose(&self, why: LostReason) {
+        let mut w = self
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if w.is_none() {
+            tracing::warn!(reason = %Chain(&why), "peer lost");
+            *w = Some(why);
+            self.lost.store(true, Ordering::SeqCst);
+            drop(w);
             if let Ok(c) = self.tx.lock() {
                 c.shutdown();
             }
@@ -309,7 +395,98 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
+
+    /// Two ends of a control connection on loopback, the second as a bare channel.
+    fn pair() -> (ControlChannel<TcpStream>, ControlChannel<TcpStream>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (
+            ControlChannel::from_tcp(a).unwrap(),
+            ControlChannel::from_tcp(b).unwrap(),
+        )
+    }
+
+    fn hb(timeout_ms: u64) -> Heartbeat {
+        Heartbeat {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    fn wait_lost(l: &Link) -> LostReason {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Some(why) = l.why() {
+                assert!(l.is_lost());
+                return why;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the link was never lost");
+    }
+
+    #[test]
+    fn a_link_says_why_it_was_lost_as_a_reason_to_match() {
+        // By hand on one side; the other sees the connection closed.
+        let (a, b) = pair();
+        let (a, b) = (
+            Link::start(a, hb(5000)).unwrap(),
+            Link::start(b, hb(5000)).unwrap(),
+        );
+        assert!(a.why().is_none() && !a.is_lost());
+        assert!(matches!(
+            a.recv(Duration::from_millis(30)),
+            Err(ColoError::Timeout { expected: None, .. })
+        ));
+        b.force_lost();
+        assert!(matches!(b.why(), Some(LostReason::Forced)));
+        assert!(matches!(
+            b.recv(Duration::from_secs(1)),
+            Err(ColoError::PeerLost(LostReason::Forced))
+        ));
+        assert!(matches!(wait_lost(&a), LostReason::Closed));
+        assert!(matches!(
+            a.send(&Message::Goodbye),
+            Err(ColoError::PeerLost(LostReason::Closed))
+        ));
+
+        // A silent peer: the heartbeat's verdict.
+        let (a, _silent) = pair();
+        let a = Link::start(a, hb(100)).unwrap();
+        let LostReason::HeartbeatTimeout { silent_ms } = wait_lost(&a) else {
+            panic!("{:?}", a.why());
+        };
+        assert!(silent_ms > 100, "{silent_ms}");
+        assert!(
+            a.expect(Kind::CheckpointReply, Some(1), Duration::from_secs(1))
+                .is_err_and(|e| matches!(
+                    e,
+                    ColoError::PeerLost(LostReason::HeartbeatTimeout { .. })
+                ))
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_and_a_failed_one_are_told_apart() {
+        let closed = colo_transport::Error::Frame(framing::Error::PeerClosed);
+        assert!(matches!(LostReason::receive(closed), LostReason::Closed));
+        let r = LostReason::receive(colo_transport::Error::Frame(framing::Error::Truncated {
+            got: 3,
+            want: 8,
+        }));
+        assert_eq!(
+            Chain(&r).to_string(),
+            "the control connection failed: truncated frame: the connection ended after 3 of 8 bytes"
+        );
+        // Serialized: the kind and the figures; the source stays in this side's log.
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"kind":"receive"}"#);
+        let back: LostReason = serde_json::from_str(r#"{"kind":"receive"}"#).unwrap();
+        assert!(matches!(back, LostReason::Receive { source: None }));
+    }
 
     #[test]
     fn a_check_names_what_was_expected_and_what_came() {

@@ -69,13 +69,13 @@ pub struct EpochRecord {
 /// Opens `path` for appending checkpoint records (`--metrics`), creating it if needed.
 ///
 /// # Errors
-/// [`ColoError::Setup`] naming the file.
+/// [`ColoError::File`](super::ColoError::File) naming the file.
 pub fn open_stream(path: &std::path::Path) -> Result<std::fs::File, super::ColoError> {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| super::ColoError::Setup(format!("metrics file {}: {e}", path.display())))
+        .map_err(super::ColoError::file("open the metrics file", path))
 }
 
 /// Running totals and the pause distribution.

@@ -1,6 +1,9 @@
 //! COLO itself: a primary and a secondary VM in coarse-grained lock-step.
 //!
-//! - [`link`]: the control connection with its heartbeat.
+//! - [`link`]: the control connection with its heartbeat, and why a peer counts as lost
+//!   ([`link::LostReason`]).
+//! - [`event`]: what a side reports to a supervisor (`colo pair`) and what it is asked,
+//!   as typed JSON lines.
 //! - [`primary`]: the checkpoint loop of the primary (background push of dirty pages
 //!   while the PVM runs, then a short pause for the last pages and the device state).
 //! - [`secondary`]: the secondary, which stages each epoch in the RAM cache and applies it
@@ -12,6 +15,8 @@
 //! (every earlier push epoch is released at once, see `colo_ramcache`).
 
 pub mod cli;
+pub mod error;
+pub mod event;
 pub mod failover;
 pub mod link;
 pub mod metrics;
@@ -25,53 +30,7 @@ mod lifetime_tests;
 
 use std::time::Duration;
 
-/// Errors of the COLO controller.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ColoError {
-    /// Setting up a side failed.
-    #[error("setup: {0}")]
-    Setup(String),
-    /// The VM failed.
-    #[error("VM")]
-    Vm(#[from] colo_machine::Error),
-    /// A transport operation failed.
-    #[error("{what}")]
-    Transport {
-        /// What was being done.
-        what: &'static str,
-        /// The transport's error.
-        #[source]
-        source: colo_transport::Error,
-    },
-    /// The RAM cache refused a step.
-    #[error("RAM cache")]
-    Cache(#[from] colo_ramcache::Error),
-    /// The peer is gone (connection closed, heartbeat timeout, or declared lost).
-    #[error("peer lost: {0}")]
-    PeerLost(String),
-    /// The peer said something out of order.
-    #[error("protocol: {0}")]
-    Protocol(String),
-    /// The peer sent another message than the protocol step waits for.
-    #[error("protocol: expected {expected}, got {got}")]
-    Unexpected {
-        /// The message the step waits for.
-        expected: link::MessageId,
-        /// The message that came.
-        got: link::MessageId,
-    },
-}
-
-impl ColoError {
-    /// Wraps a transport error with what was being done.
-    pub fn transport(what: &'static str) -> impl FnOnce(colo_transport::Error) -> Self {
-        move |source| Self::Transport { what, source }
-    }
-}
-
-/// The result type of the controller.
-pub type Result<T> = std::result::Result<T, ColoError>;
+pub use error::{Chain, ColoError, Result};
 
 /// What the secondary VM does between checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -105,10 +64,14 @@ pub fn blk_addr(control: &str) -> Result<std::net::SocketAddr> {
     let a: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(control)
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {control}")))?;
+        .ok_or_else(|| ColoError::Resolve {
+            addr: control.to_string(),
+        })?;
     let port = a
         .port()
         .checked_add(1)
-        .ok_or_else(|| ColoError::Setup(format!("{control}: no port after it for the disk")))?;
+        .ok_or_else(|| ColoError::NoDiskPort {
+            addr: control.to_string(),
+        })?;
     Ok(std::net::SocketAddr::new(a.ip(), port))
 }

@@ -13,8 +13,7 @@
 //!
 //! If the secondary is lost at any point the primary leaves COLO and keeps serving.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,62 +24,12 @@ use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
 use colo_transport::push::{PushSender, WriteRun, push_epoch, start_epoch};
-use crossbeam_channel::Receiver;
 
-use super::link::{Link, MessageId};
+use super::event::{Event, Events, ExitReason, Request, Side};
+use super::link::{Link, LostReason, MessageId};
 use super::metrics::{EpochRecord, Summary, Trigger};
-use super::{ColoError, Params, Result, STEP_TIMEOUT};
-
-/// Events the primary reports to whoever supervises it, and requests it takes.
-pub struct Events {
-    out: Option<UnixStream>,
-    /// Checkpoint requests from the proxy (a mismatch).
-    pub requests: Receiver<()>,
-}
-
-impl Events {
-    /// No supervisor.
-    pub fn none() -> Self {
-        Self {
-            out: None,
-            requests: crossbeam_channel::never(),
-        }
-    }
-
-    /// Connects to a supervisor's event socket: lines out ("METRIC {json}", "COMMIT n",
-    /// "EXIT reason"), lines in ("CHECKPOINT" asks for one now).
-    ///
-    /// # Errors
-    /// [`ColoError::Setup`] if the socket cannot be reached.
-    pub fn connect(path: &std::path::Path) -> Result<Self> {
-        let s = UnixStream::connect(path)
-            .map_err(|e| ColoError::Setup(format!("event socket {}: {e}", path.display())))?;
-        let r = s.try_clone().map_err(|e| ColoError::Setup(e.to_string()))?;
-        let (tx, rx) = crossbeam_channel::unbounded();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).lines() {
-                let Ok(l) = line else { return };
-                let l = l.trim();
-                if l == "CHECKPOINT" && tx.send(()).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Self {
-            out: Some(s),
-            requests: rx,
-        })
-    }
-
-    /// Sends one line to the supervisor (dropped if there is none).
-    pub fn emit(&mut self, line: &str) {
-        if let Some(s) = &mut self.out {
-            if s.write_all(format!("{line}\n").as_bytes()).is_err() {
-                self.out = None;
-            }
-        }
-    }
-}
+use super::qmp::ColoExitReason;
+use super::{Chain, ColoError, Params, Result, STEP_TIMEOUT};
 
 /// Where the secondary is and how to reach it.
 #[derive(Debug, Clone)]
@@ -136,7 +85,7 @@ pub struct Primary {
 /// Connects to the secondary and builds the primary around a VM that has not run yet.
 ///
 /// # Errors
-/// Setup, handshake or push connection failures.
+/// Address resolution, handshake or push connection failures.
 pub fn connect(
     vm: VmHandle,
     ram: Arc<Region>,
@@ -212,7 +161,9 @@ fn open_link(
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, desc.port))
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| ColoError::Setup(format!("cannot resolve {host}")))?;
+        .ok_or_else(|| ColoError::Resolve {
+            addr: host.to_string(),
+        })?;
     let (push, abort) = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
     let link = Link::start(ctl, params.heartbeat)?;
     // A silent secondary (stopped, or the network cut) never fails the push path by
@@ -251,15 +202,21 @@ fn crash_point(phase: &str, checkpoint: u64) {
 /// timeout (10 s) runs out.
 fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &str, link: &Link) -> Result<()> {
     let addr = super::blk_addr(peer)?;
-    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| ColoError::Setup(format!("disk replication to {addr}: {e}")))?;
+    let s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
+            ColoError::Connect {
+                what: "disk replication",
+                addr: addr.to_string(),
+                source,
+            }
+        })?;
     let _ = s.set_nodelay(true);
     d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
-        .map_err(|e| ColoError::Setup(format!("disk replication: {e}")))?;
+        .map_err(ColoError::disk("attach the secondary"))?;
     let disk = Arc::clone(d);
     link.on_lost(move || disk.drop_secondary("the heartbeat says the secondary is gone"));
     d.complete_resync(Duration::from_secs(600))
-        .map_err(|e| ColoError::PeerLost(format!("disk resync: {e}")))
+        .map_err(ColoError::disk("resync"))
 }
 
 fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
@@ -300,7 +257,7 @@ impl Primary {
             Ok(()) => Ok(()),
             Err(e @ ColoError::Vm(_)) => Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "the initial sync failed: the primary starts unprotected");
+                tracing::warn!(error = %Chain(&e), "the initial sync failed: the primary starts unprotected");
                 self.leave(&e);
                 Ok(())
             }
@@ -333,10 +290,7 @@ impl Primary {
     /// line on stderr.
     fn push_everything_with_progress(&mut self) -> Result<()> {
         const STEP: u64 = 8192; // pages (32 MiB)
-        let push = self
-            .push
-            .as_mut()
-            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?;
+        let push = self.push.as_mut().ok_or(ColoError::NoPeer)?;
         let pages = push.remote().pages();
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let t = Instant::now();
@@ -398,8 +352,7 @@ impl Primary {
                     self.leave(&e);
                 }
             }
-            if self.link.as_ref().is_some_and(Link::is_lost) {
-                let why = self.link.as_ref().map(Link::why).unwrap_or_default();
+            if let Some(why) = self.link.as_ref().and_then(Link::why) {
                 self.leave(&ColoError::PeerLost(why));
             } else if let Some(l) = self.link.take() {
                 // An orderly stop: the secondary must not take over.
@@ -416,7 +369,7 @@ impl Primary {
                         Ok(false) => std::thread::sleep(Duration::from_millis(500)),
                         Err(e @ ColoError::Vm(_)) => return Err(e),
                         Err(e) => {
-                            tracing::warn!(error = %e, "re-protection failed; retrying");
+                            tracing::warn!(error = %Chain(&e), "re-protection failed; retrying");
                             self.link = None;
                             self.push = None;
                             if let Some(d) = &self.disk {
@@ -466,7 +419,7 @@ impl Primary {
         self.link = Some(link);
         self.push = Some(push);
         self.awaiting_loaded = None;
-        self.events.emit("PROTECTED");
+        self.events.emit(&Event::Protected);
         self.checkpoint(Trigger::Resync)?;
         tracing::info!(
             ms = t.elapsed().as_millis() as u64,
@@ -494,27 +447,27 @@ impl Primary {
             return;
         }
         let _span = tracing::info_span!("failover", side = "primary", epoch = self.epoch).entered();
-        if let Some(q) = &self.qmp {
-            let forced = self
-                .link
-                .as_ref()
-                .is_some_and(|l| l.why().contains("x-colo-lost-heartbeat"));
-            super::qmp::colo_exit(q, if forced { "request" } else { "error" });
-        }
+        let lost = self.link.as_ref().and_then(Link::why);
         // When the heartbeat declared the peer lost, that is the cause; the failure that
         // surfaced here (a push ended by it, say) is only its consequence.
-        let why = match self.link.as_ref() {
-            Some(l) if l.is_lost() && !matches!(e, ColoError::PeerLost(_)) => {
-                format!("peer lost: {} (then: {e})", l.why())
-            }
-            _ => e.to_string(),
+        let consequence = lost.is_some() && !matches!(e, ColoError::PeerLost(_));
+        let reason = ExitReason::of(e, lost);
+        if let Some(q) = &self.qmp {
+            super::qmp::colo_exit(q, ColoExitReason::from(&reason));
+        }
+        let shown = if consequence {
+            format!("{reason} (then: {})", Chain(e))
+        } else {
+            reason.to_string()
         };
-        tracing::warn!(error = %why, "secondary lost: leaving COLO, the primary keeps serving");
+        tracing::warn!(error = %shown, "secondary lost: leaving COLO, the primary keeps serving");
         if let Some(d) = &self.disk {
             d.stop_replication();
         }
-        self.events
-            .emit(&format!("EXIT primary secondary-lost {why}"));
+        self.events.emit(&Event::Failover {
+            side: Side::Primary,
+            reason,
+        });
         self.link = None;
         self.push = None;
         self.vm.resume();
@@ -542,7 +495,7 @@ impl Primary {
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(1))
                 .min(self.params.push_interval);
-            if self.events.requests.recv_timeout(wait).is_ok() {
+            if let Ok(Request::Checkpoint) = self.events.requests.recv_timeout(wait) {
                 due = Some(Trigger::Mismatch);
             }
             self.poll_qmp();
@@ -589,17 +542,16 @@ impl Primary {
                 self.awaiting_loaded = None;
                 Ok(())
             }
-            Message::Failover | Message::Goodbye => {
-                Err(ColoError::PeerLost("the secondary left".into()))
-            }
-            other => Err(ColoError::Protocol(format!("unexpected {other:?}"))),
+            Message::Failover => Err(ColoError::PeerLost(LostReason::FailoverRequested)),
+            Message::Goodbye => Err(ColoError::PeerLost(LostReason::Left)),
+            other => Err(ColoError::Stray {
+                got: MessageId::of(&other),
+            }),
         }
     }
 
     fn peer(&self) -> Result<&Link> {
-        self.link
-            .as_ref()
-            .ok_or_else(|| ColoError::PeerLost("no secondary".into()))
+        self.link.as_ref().ok_or(ColoError::NoPeer)
     }
 
     /// One checkpoint while the PVM runs.
@@ -641,12 +593,9 @@ impl Primary {
         self.vm.resume();
         if r.is_err() {
             // A checkpoint that failed (the secondary vanished mid-way) paused the PVM too.
-            let us = t.elapsed().as_micros();
-            self.events.emit(&format!("ABORTED_PAUSE_US {us}"));
-            tracing::warn!(
-                pause_us = us as u64,
-                "checkpoint abandoned; the PVM resumed"
-            );
+            let us = t.elapsed().as_micros() as u64;
+            self.events.emit(&Event::AbortedPause { pause_us: us });
+            tracing::warn!(pause_us = us, "checkpoint abandoned; the PVM resumed");
         }
         r
     }
@@ -659,10 +608,7 @@ impl Primary {
         start: PauseStart,
     ) -> Result<()> {
         let pause_pages = self.bitmap.count();
-        let push = self
-            .push
-            .as_mut()
-            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?;
+        let push = self.push.as_mut().ok_or(ColoError::NoPeer)?;
         let k = push.epoch();
         if trigger == Trigger::InitialSync {
             self.peer()?
@@ -695,7 +641,7 @@ impl Primary {
         // completed so far; the secondary waits for it before it answers.
         if let Some(d) = &self.disk {
             d.checkpoint_marker(checkpoint)
-                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+                .map_err(ColoError::disk("checkpoint marker"))?;
         }
         let barrier_done = paused_at.elapsed();
         let link = self.peer()?;
@@ -707,12 +653,12 @@ impl Primary {
         // the PVM may change a page that was on its way.
         self.push
             .as_mut()
-            .ok_or_else(|| ColoError::PeerLost("no push path".into()))?
+            .ok_or(ColoError::NoPeer)?
             .finish_commit()
             .map_err(ColoError::transport("checkpoint push"))?;
         if let Some(d) = &self.disk {
             d.checkpoint_barrier(checkpoint, STEP_TIMEOUT)
-                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+                .map_err(ColoError::disk("checkpoint barrier"))?;
         }
         crash_point("commit", checkpoint);
         self.awaiting_loaded = Some(k);
@@ -728,7 +674,6 @@ impl Primary {
                 tracing::warn!(error = %e, "cannot mark the commit in the network output");
             }
         }
-        self.events.emit(&format!("COMMIT {}", self.epoch));
         let rec = EpochRecord {
             epoch: self.epoch,
             trigger,
@@ -747,13 +692,14 @@ impl Primary {
         self.bg_pages = 0;
         self.bg_bytes = 0;
         self.summary.add(&rec);
-        if let Ok(j) = serde_json::to_string(&rec) {
-            self.events.emit(&format!("METRIC {j}"));
-            if let Some(f) = &mut self.metrics {
-                if writeln!(f, "{j}").and_then(|()| f.flush()).is_err() {
-                    tracing::warn!("cannot write the metrics stream; stopping it");
-                    self.metrics = None;
-                }
+        self.events.emit(&Event::Checkpoint(rec.clone()));
+        if let Some(f) = &mut self.metrics {
+            if f.write_all(&super::event::encode(&rec))
+                .and_then(|()| f.flush())
+                .is_err()
+            {
+                tracing::warn!("cannot write the metrics stream; stopping it");
+                self.metrics = None;
             }
         }
         tracing::debug!(?rec, "checkpoint");

@@ -14,19 +14,65 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::event::{ExitReason, Side};
 use super::{ColoError, Result};
+
+/// QEMU's `COLOMode`: what this side is in COLO, as `query-colo-status` and `COLO_EXIT`
+/// name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColoMode {
+    /// Not in COLO (never was, or left it).
+    None,
+    /// The primary.
+    Primary,
+    /// The secondary.
+    Secondary,
+}
+
+impl From<Side> for ColoMode {
+    fn from(s: Side) -> Self {
+        match s {
+            Side::Primary => Self::Primary,
+            Side::Secondary => Self::Secondary,
+        }
+    }
+}
+
+/// QEMU's `COLOExitReason`: why COLO ended, as `query-colo-status` and `COLO_EXIT` say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColoExitReason {
+    /// COLO has not ended.
+    None,
+    /// Ended by hand (`x-colo-lost-heartbeat`).
+    Request,
+    /// Ended by a failure (the peer was lost).
+    Error,
+}
+
+impl From<&ExitReason> for ColoExitReason {
+    fn from(r: &ExitReason) -> Self {
+        if r.by_hand() {
+            Self::Request
+        } else {
+            Self::Error
+        }
+    }
+}
 
 /// The state the socket reports and the requests it carries to the controller.
 #[derive(Debug)]
 pub struct QmpState {
-    /// "primary", "secondary" or "none".
-    pub mode: &'static str,
+    /// What this side is in COLO now.
+    pub mode: ColoMode,
     /// The mode before the last COLO exit.
-    pub last_mode: &'static str,
-    /// "none", "request" (by hand) or "error" (the peer was lost).
-    pub reason: &'static str,
+    pub last_mode: ColoMode,
+    /// Why COLO last ended.
+    pub reason: ColoExitReason,
     /// `x-checkpoint-delay` in ms.
     pub checkpoint_delay_ms: u64,
     /// Heartbeat interval and timeout in ms.
@@ -45,11 +91,11 @@ pub type Shared = Arc<Mutex<QmpState>>;
 
 impl QmpState {
     /// State for one side.
-    pub fn new(mode: &'static str, delay_ms: u64, heartbeat_ms: (u64, u64)) -> Shared {
+    pub fn new(side: Side, delay_ms: u64, heartbeat_ms: (u64, u64)) -> Shared {
         Arc::new(Mutex::new(Self {
-            mode,
-            last_mode: "none",
-            reason: "none",
+            mode: side.into(),
+            last_mode: ColoMode::None,
+            reason: ColoExitReason::None,
             checkpoint_delay_ms: delay_ms,
             heartbeat_ms,
             x_colo: true,
@@ -61,7 +107,7 @@ impl QmpState {
 }
 
 /// Records that this side left COLO and sends `COLO_EXIT` to every client.
-pub fn colo_exit(s: &Shared, reason: &'static str) {
+pub fn colo_exit(s: &Shared, reason: ColoExitReason) {
     let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
     st.last_mode = st.mode;
     st.reason = reason;
@@ -70,7 +116,7 @@ pub fn colo_exit(s: &Shared, reason: &'static str) {
         "data": {"mode": st.mode, "reason": reason},
         "timestamp": timestamp(),
     });
-    st.mode = "none";
+    st.mode = ColoMode::None;
     let line = format!("{ev}\r\n");
     st.events
         .retain_mut(|c| c.write_all(line.as_bytes()).is_ok());
@@ -87,16 +133,15 @@ fn timestamp() -> Value {
 /// thread.
 ///
 /// # Errors
-/// [`ColoError::Setup`] if the socket cannot be created.
+/// [`ColoError::File`] if the socket cannot be created, [`ColoError::Spawn`] if its
+/// thread cannot start.
 pub fn serve(path: &Path, state: Shared) -> Result<PathBuf> {
     if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path)
-            .map_err(|e| ColoError::Setup(format!("{}: {e}", path.display())))?;
+        std::fs::remove_file(path).map_err(ColoError::file("remove the stale socket", path))?;
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| ColoError::Setup(format!("QMP socket {}: {e}", path.display())))?;
+    let l = UnixListener::bind(path).map_err(ColoError::file("bind the QMP socket", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ColoError::Setup(format!("chmod {}: {e}", path.display())))?;
+        .map_err(ColoError::file("set the mode of", path))?;
     std::thread::Builder::new()
         .name("qmp".into())
         .spawn(move || {
@@ -105,7 +150,7 @@ pub fn serve(path: &Path, state: Shared) -> Result<PathBuf> {
                 std::thread::spawn(move || client(c, &s));
             }
         })
-        .map_err(|e| ColoError::Setup(e.to_string()))?;
+        .map_err(ColoError::spawn("QMP"))?;
     Ok(path.to_path_buf())
 }
 
@@ -230,7 +275,7 @@ pub fn handle(cmd: &Value, s: &Shared, negotiated: &mut bool, events: &UnixStrea
             ),
         },
         "x-colo-lost-heartbeat" => {
-            if st.mode == "none" {
+            if st.mode == ColoMode::None {
                 return error("GenericError", "VM is not in COLO mode", id);
             }
             st.lost_heartbeat = true;
@@ -247,27 +292,40 @@ pub fn handle(cmd: &Value, s: &Shared, negotiated: &mut bool, events: &UnixStrea
 /// `colo status`: asks a running side for `query-colo-status` over its QMP socket.
 ///
 /// # Errors
-/// [`ColoError::Setup`] if the socket cannot be reached or answers something else.
+/// [`ColoError::QmpIo`] if the socket cannot be reached, [`ColoError::QmpJson`] or
+/// [`ColoError::QmpAnswer`] if it answers something else.
 pub fn status(path: &Path) -> Result<Value> {
-    let err = |m: String| ColoError::Setup(format!("QMP {}: {m}", path.display()));
-    let s = UnixStream::connect(path).map_err(|e| err(e.to_string()))?;
+    let io = |source| ColoError::QmpIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let answer = |expected, got| ColoError::QmpAnswer {
+        path: path.to_path_buf(),
+        expected,
+        got,
+    };
+    let s = UnixStream::connect(path).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| err(e.to_string()))?;
-    let mut w = s.try_clone().map_err(|e| err(e.to_string()))?;
+        .map_err(io)?;
+    let mut w = s.try_clone().map_err(io)?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
     let mut next = |r: &mut BufReader<UnixStream>| -> Result<Value> {
         line.clear();
-        r.read_line(&mut line).map_err(|e| err(e.to_string()))?;
-        serde_json::from_str(&line).map_err(|e| err(format!("bad reply {line:?}: {e}")))
+        r.read_line(&mut line).map_err(io)?;
+        serde_json::from_str(&line).map_err(|source| ColoError::QmpJson {
+            path: path.to_path_buf(),
+            line: line.clone(),
+            source,
+        })
     };
     let greeting = next(&mut r)?;
     if greeting.get("QMP").is_none() {
-        return Err(err(format!("no QMP greeting: {greeting}")));
+        return Err(answer("a QMP greeting", greeting));
     }
     for cmd in ["qmp_capabilities", "query-colo-status"] {
         w.write_all(format!("{}\r\n", json!({"execute": cmd})).as_bytes())
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(io)?;
         let reply = loop {
             let v = next(&mut r)?;
             if v.get("event").is_none() {
@@ -275,7 +333,7 @@ pub fn status(path: &Path) -> Result<Value> {
             }
         };
         if let Some(e) = reply.get("error") {
-            return Err(err(format!("{cmd}: {e}")));
+            return Err(answer(cmd, e.clone()));
         }
         if cmd == "query-colo-status" {
             return Ok(reply["return"].clone());
@@ -296,11 +354,29 @@ mod tests {
     }
 
     #[test]
+    fn colo_exit_says_request_only_for_x_colo_lost_heartbeat() {
+        use crate::colo::link::LostReason;
+        let reason = |lost| ColoExitReason::from(&ExitReason::PeerLost { lost });
+        assert_eq!(reason(LostReason::Forced), ColoExitReason::Request);
+        assert_eq!(reason(LostReason::Closed), ColoExitReason::Error);
+        assert_eq!(
+            reason(LostReason::HeartbeatTimeout { silent_ms: 1000 }),
+            ColoExitReason::Error
+        );
+        let failed = ExitReason::Failed {
+            error: "x-colo-lost-heartbeat in a message decides nothing".into(),
+        };
+        assert_eq!(ColoExitReason::from(&failed), ColoExitReason::Error);
+        assert_eq!(json!(ColoExitReason::Request), json!("request"));
+        assert_eq!(json!(ColoMode::Secondary), json!("secondary"));
+    }
+
+    #[test]
     fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
         let dir = std::env::temp_dir().join(format!("colo-qmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("qmp.sock");
-        let st = QmpState::new("primary", 100, (100, 1000));
+        let st = QmpState::new(Side::Primary, 100, (100, 1000));
         serve(&path, Arc::clone(&st)).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -386,7 +462,7 @@ mod tests {
         };
         assert_eq!(junk["error"]["class"], "GenericError");
         // The controller leaves COLO: the event reaches the client, the status says so.
-        colo_exit(&st, "request");
+        colo_exit(&st, ColoExitReason::Request);
         let mut l = String::new();
         r.read_line(&mut l).unwrap();
         let ev: Value = serde_json::from_str(&l).unwrap();

@@ -19,11 +19,13 @@ use colo_ramcache::{Landing, LandingEnd, RamCache};
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
 use colo_transport::push::RegionDesc;
 
-use super::link::Link;
+use super::event::{Event, Events, ExitReason, Side};
+use super::link::{Link, LostReason, MessageId};
+use super::qmp::ColoExitReason;
 use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
 
 /// How the secondary's COLO session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// The primary left in order (Goodbye).
     PrimaryLeft,
@@ -31,12 +33,12 @@ pub enum Outcome {
     /// secondary stays passive (split-brain prevention).
     Fenced {
         /// Why the link was lost.
-        reason: String,
+        reason: ExitReason,
     },
     /// The secondary took over: the SVM now serves.
     TookOver {
         /// Why.
-        reason: String,
+        reason: ExitReason,
         /// Checkpoints applied before.
         checkpoints: u64,
         /// Whether an incomplete epoch was dropped.
@@ -64,6 +66,8 @@ pub struct Secondary {
     pub disk: Option<Arc<colo_blk::SecondaryDisk>>,
     /// The failover state machine.
     pub failover: super::failover::Failover,
+    /// Where takeover and fencing are reported (`colo pair`).
+    pub events: Events,
 }
 
 /// What both sides must agree on.
@@ -107,7 +111,7 @@ pub fn accept(
     let cache = RamCache::new(layout, vec![svm_ram])?;
     let ip = listener
         .local_addr()
-        .map_err(|e| ColoError::Setup(e.to_string()))?
+        .map_err(ColoError::io("read the control listener's address"))?
         .ip();
     let pl = super::push::PushListener::bind(
         transport,
@@ -139,6 +143,7 @@ pub fn accept(
         takeover_check: None,
         disk: None,
         failover: super::failover::Failover::default(),
+        events: Events::none(),
     })
 }
 
@@ -162,10 +167,10 @@ impl Secondary {
                     self.link.force_lost();
                 }
             }
-            let m = match self.link.recv(Duration::from_millis(50), "a message") {
+            let m = match self.link.recv(Duration::from_millis(50)) {
                 Ok(m) => m,
-                Err(ColoError::Protocol(_)) => continue,
-                Err(e) => return self.take_over(&e.to_string(), false),
+                Err(ColoError::Timeout { .. }) => continue,
+                Err(e) => return self.take_over(ExitReason::of(&e, self.link.why()), false),
             };
             let r = match m {
                 Message::CheckpointRequest { epoch } => self.checkpoint(epoch),
@@ -174,12 +179,15 @@ impl Secondary {
                     return Ok(Outcome::PrimaryLeft);
                 }
                 Message::Failover => {
-                    return self.take_over("the primary asked for failover", false);
+                    let lost = LostReason::FailoverRequested;
+                    return self.take_over(ExitReason::PeerLost { lost }, false);
                 }
-                other => Err(ColoError::Protocol(format!("unexpected {other:?}"))),
+                other => Err(ColoError::Stray {
+                    got: MessageId::of(&other),
+                }),
             };
             if let Err(e) = r {
-                return self.take_over(&e.to_string(), true);
+                return self.take_over(ExitReason::of(&e, self.link.why()), true);
             }
         }
     }
@@ -205,9 +213,11 @@ impl Secondary {
             .wait_landed(k, STEP_TIMEOUT)
             .map_err(|e| match e {
                 colo_ramcache::Error::Landing(LandingEnd::Interrupted) => self.link.lost_error(),
-                colo_ramcache::Error::Landing(why) => {
-                    ColoError::PeerLost(format!("push path closed mid-epoch: {why}"))
-                }
+                colo_ramcache::Error::Landing(_) => ColoError::PeerLost(LostReason::PushClosed),
+                colo_ramcache::Error::LandTimeout { .. } => ColoError::NotLanded {
+                    push_epoch: k,
+                    after: STEP_TIMEOUT,
+                },
                 other => ColoError::Cache(other),
             })?;
         // "Disk acknowledged": the primary queued its end-of-epoch marker behind every
@@ -215,7 +225,7 @@ impl Secondary {
         // acknowledgement first; this answer is what tells it the disk is here too.
         if let Some(d) = &self.disk {
             d.wait_next_marker(STEP_TIMEOUT)
-                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+                .map_err(ColoError::disk("checkpoint marker"))?;
         }
         self.landing.with_cache(|c| -> Result<()> {
             c.seal_pages(k)?;
@@ -231,7 +241,7 @@ impl Secondary {
             self.vm.wait_disk_idle(STEP_TIMEOUT)?;
             // The marker that arrived above names the epoch to commit.
             d.commit_next(STEP_TIMEOUT)
-                .map_err(|e| ColoError::PeerLost(format!("disk replication: {e}")))?;
+                .map_err(ColoError::disk("commit"))?;
         }
         // Apply: SVM-dirty pages since the last commit, the cache flush, the state. A
         // failover asked for from now on waits for the load to finish (relaunch).
@@ -252,9 +262,7 @@ impl Secondary {
             if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
                 self.failover.request(true);
                 self.link.force_lost();
-                return Err(ColoError::PeerLost(
-                    "x-colo-lost-heartbeat during a load".into(),
-                ));
+                return Err(ColoError::PeerLost(LostReason::Forced));
             }
         }
         self.link.send(&Message::VmstateLoaded { epoch })?;
@@ -288,7 +296,7 @@ impl Secondary {
     }
 
     /// Failover: drop an incomplete epoch, and let the SVM serve.
-    fn take_over(&mut self, reason: &str, mid_epoch: bool) -> Result<Outcome> {
+    fn take_over(&mut self, reason: ExitReason, mid_epoch: bool) -> Result<Outcome> {
         let _span = tracing::info_span!(
             "failover",
             side = "secondary",
@@ -307,33 +315,35 @@ impl Secondary {
             incomplete
         });
         if self.checkpoints == 0 {
-            return Err(ColoError::PeerLost(format!(
-                "{reason} before the first checkpoint: nothing to take over"
-            )));
+            return Err(ColoError::NothingToTakeOver { reason });
         }
-        if !reason.contains("asked for failover") && !self.may_take_over() {
+        if !reason.peer_asked() && !self.may_take_over() {
             tracing::warn!(
-                reason,
+                %reason,
                 "FENCED: the takeover check says the primary is still active; the secondary stays passive"
             );
+            self.events.emit(&Event::Fenced {
+                reason: reason.clone(),
+            });
             if self.running {
                 self.vm.pause()?;
                 self.running = false;
             }
-            return Ok(Outcome::Fenced {
-                reason: reason.into(),
-            });
+            return Ok(Outcome::Fenced { reason });
         }
         if let Some(q) = &self.qmp {
-            let forced = reason.contains("x-colo-lost-heartbeat");
-            super::qmp::colo_exit(q, if forced { "request" } else { "error" });
+            super::qmp::colo_exit(q, ColoExitReason::from(&reason));
         }
         tracing::warn!(
-            reason,
+            %reason,
             checkpoints = self.checkpoints,
             dropped_incomplete_epoch = dropped,
             "FAILOVER: the secondary takes over"
         );
+        self.events.emit(&Event::Failover {
+            side: Side::Secondary,
+            reason: reason.clone(),
+        });
         self.failover.activate();
         // The SVM is the only VM now: nothing may hold it.
         self.vm.set_net_pacing(false);
@@ -352,7 +362,7 @@ impl Secondary {
             "failover done"
         );
         Ok(Outcome::TookOver {
-            reason: reason.into(),
+            reason,
             checkpoints: self.checkpoints,
             dropped_epoch: dropped,
         })

@@ -5,10 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::setup;
 use super::shared::{Shared, lock};
 use crate::colo::ColoError;
 
@@ -70,21 +68,22 @@ impl Drop for Kid {
 }
 
 /// Starts this executable with `args` as the child `name`. Its stdout and stderr go into
-/// `shared`'s log (and to stderr with `verbose`); a `FENCED` or `FAILOVER` line is noted.
+/// `shared`'s log (and to stderr with `verbose`), only to be shown: what the supervisor acts
+/// on comes as typed events (`super::events`).
 pub(super) fn spawn(
     name: &'static str,
     args: &[String],
     shared: &Arc<Shared>,
     verbose: bool,
 ) -> Result<Kid, ColoError> {
-    let exe = std::env::current_exe().map_err(|e| setup(format!("own executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(ColoError::io("find the own executable"))?;
     let mut child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| setup(format!("start the {name}: {e}")))?;
+        .map_err(|source| ColoError::Child { name, source })?;
     for pipe in [
         child
             .stdout
@@ -104,12 +103,6 @@ pub(super) fn spawn(
                 .lines()
                 .map_while(std::result::Result::ok)
             {
-                if line.contains("FENCED") {
-                    s.fenced.store(true, Ordering::SeqCst);
-                }
-                if line.contains("FAILOVER") {
-                    lock(&s.failover_at).get_or_insert_with(Instant::now);
-                }
                 if verbose {
                     eprintln!("{name}| {line}");
                 }

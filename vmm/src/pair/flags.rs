@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{GUEST, PairArgs, setup};
+use super::{GUEST, PairArgs};
 use crate::colo::ColoError;
 use crate::colo::cli::ColoArgs;
 
@@ -54,11 +54,19 @@ pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     v
 }
 
-/// `colo secondary` listening on loopback `port`, taking over only once `alive` is gone.
-pub(super) fn secondary_args(a: &PairArgs, dir: &Path, port: u16, alive: &Path) -> Vec<String> {
+/// `colo secondary` listening on loopback `port`, taking over only once `alive` is gone,
+/// with its events on `events`.
+pub(super) fn secondary_args(
+    a: &PairArgs,
+    dir: &Path,
+    port: u16,
+    alive: &Path,
+    events: &Path,
+) -> Vec<String> {
     let mut v = vec![
         "secondary".to_string(),
         format!("--listen=127.0.0.1:{port}"),
+        format!("--events={}", events.display()),
     ];
     v.push(format!("--takeover-check=test ! -e {}", alive.display()));
     v.push(format!("--vcpu-nice={}", a.svm_nice));
@@ -86,11 +94,15 @@ pub(super) fn primary_args(a: &PairArgs, dir: &Path, port: u16, events: &Path) -
 /// A loopback port P with P+1 free too (the secondary's control and disk replication).
 pub(super) fn free_port() -> Result<u16, ColoError> {
     for _ in 0..64 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| setup(e.to_string()))?;
-        let p = l.local_addr().map_err(|e| setup(e.to_string()))?.port();
+        let l = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(ColoError::io("bind a loopback port"))?;
+        let p = l
+            .local_addr()
+            .map_err(ColoError::io("read a loopback port"))?
+            .port();
         if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
             return Ok(p);
         }
     }
-    Err(setup("no two adjacent free loopback ports"))
+    Err(ColoError::NoFreePorts)
 }

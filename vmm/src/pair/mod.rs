@@ -11,9 +11,11 @@
 //! The primary marks every commit in its own network output (`--commit-marker`), so the
 //! proxy releases the held output in order with the PVM's frames, and reports every
 //! checkpoint on an event socket; the supervisor forwards the proxy's checkpoint requests
-//! (mismatches) to the primary and shows a status line. `--kill-primary-after` kills the
-//! primary process outright; the secondary notices (heartbeat or closed connection), takes
-//! over, and the proxy switches the client to it.
+//! (mismatches) to the primary and shows a status line. The secondary reports a takeover
+//! or fencing on an event socket of its own. Both carry typed JSON lines
+//! (`crate::colo::event`). `--kill-primary-after` kills the primary process outright; the
+//! secondary notices (heartbeat or closed connection), takes over, and the proxy switches
+//! the client to it.
 
 mod child;
 pub mod client;
@@ -104,14 +106,6 @@ pub struct PairArgs {
 const GUEST: ([u8; 4], u16) = ([10, 0, 2, 15], 7000);
 const CLIENT_IP: ([u8; 4], u8) = ([10, 0, 2, 100], 24);
 
-fn setup(msg: impl Into<String>) -> ColoError {
-    ColoError::Setup(msg.into())
-}
-
-fn proxy_error(e: colo_netcmp::Error) -> ColoError {
-    setup(format!("proxy: {e}"))
-}
-
 /// Starts the proxy with `config`: its client port is a channel (the returned end is the
 /// client's), its primary and secondary ports the Unix sockets `primary.sock` and
 /// `secondary.sock` in `dir`, where the VMs connect.
@@ -126,11 +120,11 @@ fn start_proxy(
     let ports = Ports {
         client: client_port,
         primary: colo_netcmp::io::stream::listen_unix(&dir.join("primary.sock"))
-            .map_err(proxy_error)?,
+            .map_err(ColoError::Proxy)?,
         secondary: colo_netcmp::io::stream::listen_unix(&dir.join("secondary.sock"))
-            .map_err(proxy_error)?,
+            .map_err(ColoError::Proxy)?,
     };
-    let proxy = Proxy::start(config, ports).map_err(proxy_error)?;
+    let proxy = Proxy::start(config, ports).map_err(ColoError::Proxy)?;
     Ok((proxy, client_end))
 }
 
@@ -141,7 +135,7 @@ fn start_proxy(
 pub fn run(a: &PairArgs) -> Result<(), ColoError> {
     catch_interrupts();
     let dir = std::env::temp_dir().join(format!("colo-pair-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(ColoError::file("create", &dir))?;
     let r = if a.unprotected {
         unprotected::run(a, &dir)
     } else {

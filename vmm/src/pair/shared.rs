@@ -1,5 +1,6 @@
-//! What the supervisor's threads share: the checkpoint figures from the primary's event
-//! lines, what the children's logs said, and whether the secondary is lost.
+//! What the supervisor's threads share: the checkpoint figures from the primary's events,
+//! the secondary's takeover or fencing from its events, the children's logs (to show),
+//! and whether the secondary is lost.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, MutexGuard};
@@ -22,17 +23,17 @@ pub(super) struct Shared {
     pub(super) last: Mutex<Option<EpochRecord>>,
     /// The record of the longest pause (after the initial sync), to explain it.
     pub(super) longest: Mutex<Option<EpochRecord>>,
-    /// When a child first said `FAILOVER`.
+    /// When the secondary first reported that it took over (its `failover` event).
     pub(super) failover_at: Mutex<Option<Instant>>,
-    /// Whether a child said `FENCED` (the secondary stayed passive).
+    /// Whether the secondary reported that it stayed passive (its `fenced` event).
     pub(super) fenced: AtomicBool,
     /// The longest pause of a checkpoint that failed (the secondary vanished mid-way), in
     /// microseconds.
     pub(super) aborted_pause_us: AtomicU64,
     /// New secondaries that joined (re-protection).
     pub(super) reprotected: AtomicU64,
-    /// Whether the primary has lost its secondary (its `EXIT` event) and no new one has
-    /// joined since (`PROTECTED`). Held while the proxy's mode is changed on its account,
+    /// Whether the primary has lost its secondary (its `failover` event) and no new one
+    /// has joined since (`protected`). Held while the proxy's mode is changed on its account,
     /// so that the supervisor's "secondary gone: primary only" and the event thread's
     /// "protected again: compare" cannot interleave. (They once did: the supervisor read
     /// "lost", the event thread switched to compare, then the supervisor switched to

@@ -82,10 +82,10 @@ pub(super) fn report(
         println!("{}", json(&f, shared, stats, t, end));
     }
     if f.lost > 0 || f.contradicted > 0 {
-        return Err(ColoError::Protocol(format!(
-            "the client saw {} lost acknowledged writes and {} contradicted replies",
-            f.lost, f.contradicted
-        )));
+        return Err(ColoError::DataLost {
+            lost: f.lost,
+            contradicted: f.contradicted,
+        });
     }
     expect_replies(f.replies, shared)
 }
@@ -96,10 +96,9 @@ pub(super) fn report(
 /// `replies` is 0.
 pub(super) fn expect_replies(replies: u64, shared: &Shared) -> Result<(), ColoError> {
     if replies == 0 {
-        return Err(ColoError::Protocol(format!(
-            "the client got no reply at all:\n{}",
-            shared.log_text()
-        )));
+        return Err(ColoError::NoReplies {
+            log: shared.log_text(),
+        });
     }
     Ok(())
 }

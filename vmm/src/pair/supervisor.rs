@@ -25,7 +25,7 @@ use super::client::ClientStats;
 use super::shared::{Shared, lock};
 use super::status::StatusLine;
 use super::summary::{self, Ending};
-use super::{PairArgs, events, flags, proxy_error, setup, start_client, start_proxy};
+use super::{PairArgs, events, flags, start_client, start_proxy};
 use crate::colo::ColoError;
 use crate::interrupt::interrupted;
 
@@ -53,7 +53,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         proxy
             .control()
             .set_mode(colo_netcmp::Mode::Periodic)
-            .map_err(proxy_error)?;
+            .map_err(ColoError::Proxy)?;
     }
     let mut sup = Supervisor::start(a, dir, shared, proxy)?;
     sup.wait_initial_sync()?;
@@ -101,7 +101,7 @@ pub(super) struct Supervisor<'a> {
 
 impl<'a> Supervisor<'a> {
     /// Starts the secondary and the primary (on loopback, with their network on the
-    /// proxy's sockets in `dir`) and connects the primary's event socket.
+    /// proxy's sockets in `dir`) and connects their event sockets.
     ///
     /// # Errors
     /// A socket or file in `dir`, a child that does not start, or a primary that does not
@@ -113,14 +113,18 @@ impl<'a> Supervisor<'a> {
         proxy: Proxy,
     ) -> Result<Self, ColoError> {
         let events_path: PathBuf = dir.join("events.sock");
-        let events =
-            UnixListener::bind(&events_path).map_err(|e| setup(format!("event socket: {e}")))?;
+        let events = UnixListener::bind(&events_path)
+            .map_err(ColoError::file("bind the event socket", &events_path))?;
+        let sec_events_path: PathBuf = dir.join("secondary-events.sock");
+        let sec_events = UnixListener::bind(&sec_events_path)
+            .map_err(ColoError::file("bind the event socket", &sec_events_path))?;
+        events::serve_secondaries(sec_events, &proxy, &shared);
         let port = flags::free_port()?;
         // Split-brain prevention: the secondary takes over only once the supervisor has
         // seen the primary process gone (this file is removed then).
         let alive = dir.join("primary.alive");
-        std::fs::write(&alive, b"").map_err(|e| setup(format!("{}: {e}", alive.display())))?;
-        let sec_args = flags::secondary_args(a, dir, port, &alive);
+        std::fs::write(&alive, b"").map_err(ColoError::file("write", &alive))?;
+        let sec_args = flags::secondary_args(a, dir, port, &alive, &sec_events_path);
         let pri_args = flags::primary_args(a, dir, port, &events_path);
         eprintln!(
             "colo pair: starting the secondary and the primary (scratch in {})",
@@ -150,10 +154,9 @@ impl<'a> Supervisor<'a> {
         while self.shared.commits.load(Ordering::Relaxed) == 0 {
             let lost = *lock(&self.shared.secondary_lost);
             if lost || !self.primary.alive() || t1.elapsed() > Duration::from_secs(60) {
-                return Err(setup(format!(
-                    "no initial sync:\n{}",
-                    self.shared.log_text()
-                )));
+                return Err(ColoError::NoInitialSync {
+                    log: self.shared.log_text(),
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -245,7 +248,7 @@ impl<'a> Supervisor<'a> {
             self.proxy
                 .control()
                 .set_mode(colo_netcmp::Mode::SecondaryOnly)
-                .map_err(proxy_error)?;
+                .map_err(ColoError::Proxy)?;
             eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
         }
         if failover.is_none() && self.primary.alive() {

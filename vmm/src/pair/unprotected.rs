@@ -10,7 +10,7 @@ use super::child::spawn;
 use super::client::ClientStats;
 use super::shared::Shared;
 use super::summary::expect_replies;
-use super::{PairArgs, flags, proxy_error, start_client, start_proxy};
+use super::{PairArgs, flags, start_client, start_proxy};
 use crate::colo::ColoError;
 use crate::interrupt::interrupted;
 
@@ -24,7 +24,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     proxy
         .control()
         .set_mode(colo_netcmp::Mode::PrimaryOnly)
-        .map_err(proxy_error)?;
+        .map_err(ColoError::Proxy)?;
     let mut args = vec!["run".to_string()];
     args.extend(flags::vm_flags(a, dir, "primary"));
     eprintln!("colo pair --unprotected: the primary's VM alone, no checkpoints");
