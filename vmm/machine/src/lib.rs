@@ -128,6 +128,8 @@ impl DirtyHandle {
 pub struct Machine {
     /// The vCPU.
     pub(crate) vcpu: VcpuFd,
+    /// The MSRs a snapshot carries (every one KVM lists that the vCPU reads and writes).
+    saved_msrs: Vec<u32>,
     /// The VM (shared: its dirty log may be read while the vCPU runs).
     pub(crate) vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -183,6 +185,9 @@ impl Machine {
             .map_err(Error::kvm("set the TSS address"))?;
         vm.create_irq_chip()
             .map_err(Error::kvm("create the irqchip"))?;
+        // The PIT Linux calibrates against and ticks with; the built-in guest does not use it.
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create the vCPU"))?;
         let tsc_khz = vcpu
@@ -210,6 +215,8 @@ impl Machine {
         };
         boot::write_boot_params(ram.mem(), &params)?;
         vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
+        // After CPUID: which MSRs exist depends on the features the vCPU has.
+        let saved_msrs = vcpu::saved_msrs(&kvm, &vcpu)?;
         tracing::info!(
             vm = %cfg.name,
             ram_mib = cfg.ram >> 20,
@@ -224,8 +231,10 @@ impl Machine {
         // Tracking starts here: the loader's writes (which marked their pages) are not
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
+        tracing::debug!(msrs = saved_msrs.len(), "MSRs a snapshot carries");
         Ok(Self {
             vcpu,
+            saved_msrs,
             vm: Arc::new(vm),
             _kvm: kvm,
             devices: Devices {
@@ -278,13 +287,14 @@ impl Machine {
         let mut w = Writer::default();
         self.devices.save(&mut w);
         let state = VmState {
-            vcpu: vcpu::save(&self.vcpu)?,
+            vcpu: vcpu::save(&self.vcpu, &self.saved_msrs)?,
             irqchip: [
                 chip(KVM_IRQCHIP_PIC_MASTER)?,
                 chip(KVM_IRQCHIP_PIC_SLAVE)?,
                 chip(KVM_IRQCHIP_IOAPIC)?,
             ],
             clock: self.vm.get_clock().map_err(Error::kvm("get clock"))?,
+            pit: self.vm.get_pit2().map_err(Error::kvm("get the PIT"))?,
             devices: w.into_bytes(),
         };
         Ok(state.encode())
@@ -307,6 +317,9 @@ impl Machine {
         for c in &s.irqchip {
             self.vm.set_irqchip(c).map_err(Error::kvm("set irqchip"))?;
         }
+        self.vm
+            .set_pit2(&s.pit)
+            .map_err(Error::kvm("set the PIT"))?;
         let mut clock = s.clock;
         clock.flags = 0;
         self.vm.set_clock(&clock).map_err(Error::kvm("set clock"))?;

@@ -1,13 +1,14 @@
 //! The VM state snapshot: a versioned, checksummed binary image of everything about a VM
-//! except its RAM (which travels separately, as pages): the vCPU, the interrupt
-//! controller, the clock and every device.
+//! except its RAM (which travels separately, as pages): the vCPU (with every MSR the host's
+//! KVM lists that the vCPU can read and write), the interrupt controllers, the PIT, the
+//! clock and every device. Version 2 added the PIT and the host's full MSR list.
 //!
 //! ```text
 //! header (32 bytes): "COLOSNAP" | version u32 | reserved u32 | body length u64 | FNV-1a u64
 //! body: length-prefixed items in a fixed order (codec.rs), each checked on decode
 //! ```
 
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_msr_entry};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_msr_entry, kvm_pit_state2};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::codec::{Reader, Writer};
@@ -17,7 +18,7 @@ use super::vcpu::VcpuState;
 /// "COLOSNAP".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"COLOSNAP");
 /// The snapshot format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest snapshot body accepted.
 pub const MAX_BODY: u64 = 16 << 20;
 /// Most MSRs in a snapshot.
@@ -42,6 +43,8 @@ pub struct VmState {
     pub irqchip: [kvm_irqchip; 3],
     /// kvmclock's view of time.
     pub clock: kvm_clock_data,
+    /// The in-kernel PIT (channels, speaker, flags).
+    pub pit: kvm_pit_state2,
     /// The devices' bytes (decoded by the devices themselves).
     pub devices: Vec<u8>,
 }
@@ -75,6 +78,7 @@ impl VmState {
             w.pod(c);
         }
         w.pod(&self.clock);
+        w.pod(&self.pit);
         w.bytes(&self.devices);
         let body = w.into_bytes();
         let h = Header {
@@ -158,12 +162,14 @@ impl VmState {
         };
         let irqchip = [r.pod("pic master")?, r.pod("pic slave")?, r.pod("ioapic")?];
         let clock = r.pod("clock")?;
+        let pit = r.pod("pit")?;
         let devices = r.bytes("devices")?.to_vec();
         r.finish()?;
         Ok(Self {
             vcpu,
             irqchip,
             clock,
+            pit,
             devices,
         })
     }
@@ -192,6 +198,7 @@ mod tests {
             },
             irqchip: Default::default(),
             clock: Default::default(),
+            pit: Default::default(),
             devices: vec![1, 2, 3],
         }
         .encode()

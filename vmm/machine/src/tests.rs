@@ -155,6 +155,86 @@ fn pause_resume_and_snapshot_round_trip() {
     vm2.stop().unwrap();
 }
 
+/// The snapshot carries every MSR the host lists that the vCPU can read and write (the TSC
+/// and the kvm-clock MSRs among them) and the PIT; a VM restored from it holds the same
+/// values, and its own snapshot is the same (the TSC aside, which runs on).
+#[test]
+fn the_snapshot_carries_every_msr_and_the_pit() {
+    let Some(m) = machine(&counter(), ConsoleSink::Discard) else {
+        return;
+    };
+    assert!(m.saved_msrs.contains(&0x10), "IA32_TSC");
+    assert!(m.saved_msrs.contains(&0x277), "IA32_PAT");
+    assert!(
+        m.saved_msrs.contains(&0x4b56_4d01),
+        "MSR_KVM_SYSTEM_TIME_NEW (kvm-clock): {:x?}",
+        m.saved_msrs
+    );
+    assert!(
+        !m.saved_msrs.contains(&0x6e0),
+        "TSC_DEADLINE is left to the LAPIC"
+    );
+    assert!(m.saved_msrs.len() > 12, "more than the old fixed list");
+    eprintln!("the snapshot carries {} MSRs", m.saved_msrs.len());
+    // Guest-visible changes a restore must carry: a PAT and a kvm-clock page the guest set,
+    // a PIT channel it programmed.
+    let pat = 0x0007_0406_0007_0406u64;
+    let kvmclock = (2u64 << 20) | 1;
+    let msrs = kvm_bindings::Msrs::from_entries(&[
+        kvm_bindings::kvm_msr_entry {
+            index: 0x277,
+            data: pat,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: 0x4b56_4d01,
+            data: kvmclock,
+            ..Default::default()
+        },
+    ])
+    .unwrap();
+    assert_eq!(m.vcpu.set_msrs(&msrs).unwrap(), 2);
+    let mut pit = m.vm.get_pit2().unwrap();
+    pit.channels[0].count = 0x1234;
+    pit.channels[0].mode = 2;
+    m.vm.set_pit2(&pit).unwrap();
+    let snap = m.save_state().unwrap();
+    let decoded = crate::snapshot::VmState::decode(&snap).unwrap();
+    assert_eq!(decoded.vcpu.msrs.len(), m.saved_msrs.len());
+    drop(m);
+
+    let Some(mut m2) = machine(&counter(), ConsoleSink::Discard) else {
+        return;
+    };
+    m2.restore_state(&snap).unwrap();
+    let mut back = kvm_bindings::Msrs::from_entries(&[
+        kvm_bindings::kvm_msr_entry {
+            index: 0x277,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: 0x4b56_4d01,
+            ..Default::default()
+        },
+    ])
+    .unwrap();
+    assert_eq!(m2.vcpu.get_msrs(&mut back).unwrap(), 2);
+    assert_eq!(
+        (back.as_slice()[0].data, back.as_slice()[1].data),
+        (pat, kvmclock)
+    );
+    let pit2 = m2.vm.get_pit2().unwrap();
+    assert_eq!((pit2.channels[0].count, pit2.channels[0].mode), (0x1234, 2));
+    let again = crate::snapshot::VmState::decode(&m2.save_state().unwrap()).unwrap();
+    for (a, b) in decoded.vcpu.msrs.iter().zip(&again.vcpu.msrs) {
+        assert_eq!(a.index, b.index);
+        if a.index != 0x10 && a.index != 0x3b {
+            // Everything but the running TSC (and its adjust) comes back as it was.
+            assert_eq!(a.data, b.data, "MSR {:#x}", a.index);
+        }
+    }
+}
+
 /// The guest's rbx, read while paused; the VM is resumed after.
 fn rbx(vm: &VmHandle) -> u64 {
     vm.pause().unwrap();

@@ -11,22 +11,46 @@ use super::abi::BOOT_PARAMS_GPA;
 use super::boot::{GDT_ENTRIES, GDT_GPA, PML4_GPA, TSS_GPA, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
 use super::error::{Error, Result};
 
-/// The MSRs a snapshot carries: the syscall and sysenter set, the TSC (so that the guest's
-/// clock continues), PAT, MISC_ENABLE, TSC_AUX and KERNEL_GS_BASE.
-pub const SAVED_MSRS: [u32; 12] = [
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0x10,        // IA32_TSC
-    0x1a0,       // IA32_MISC_ENABLE
-    0x277,       // IA32_PAT
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SYSCALL_MASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
+/// MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`) that a snapshot leaves out: the TSC deadline
+/// (the LAPIC's state carries the timer, and restoring an absolute deadline from another
+/// host's clock would fire it at once or never). Any other listed MSR the vCPU can read and
+/// write back is saved.
+const UNSAVED_MSRS: [u32; 1] = [
+    0x6e0, // IA32_TSC_DEADLINE
 ];
+
+/// The MSRs a snapshot carries for this host: every MSR `KVM_GET_MSR_INDEX_LIST` names that
+/// `vcpu` can read and write back (checked by reading each and writing the value it read,
+/// on a vCPU that has not run), except [`UNSAVED_MSRS`]. On these hosts this covers the
+/// syscall/sysenter set, the TSC and TSC_ADJUST, PAT, MISC_ENABLE, the kvm-clock and
+/// paravirtual MSRs, the MTRRs and more: whatever the guest can change.
+///
+/// # Errors
+/// [`Error::Kvm`] if KVM cannot list its MSRs.
+pub fn saved_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(Error::kvm("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut out = Vec::new();
+    for &index in list.as_slice() {
+        if UNSAVED_MSRS.contains(&index) {
+            continue;
+        }
+        let Ok(mut one) = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }]) else {
+            continue;
+        };
+        if !matches!(vcpu.get_msrs(&mut one), Ok(1)) {
+            continue;
+        }
+        if matches!(vcpu.set_msrs(&one), Ok(1)) {
+            out.push(index);
+        }
+    }
+    Ok(out)
+}
 
 /// Everything KVM holds about one vCPU.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,7 +67,7 @@ pub struct VcpuState {
     pub xcrs: kvm_xcrs,
     /// The local APIC.
     pub lapic: kvm_lapic_state,
-    /// The MSRs of [`SAVED_MSRS`].
+    /// The MSRs of [`saved_msrs`], with their values.
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs.
     pub events: kvm_vcpu_events,
@@ -147,13 +171,14 @@ pub fn setup_long_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<()> {
     Ok(())
 }
 
-/// Reads the whole vCPU state. The vCPU must not be running.
+/// Reads the whole vCPU state, with the MSRs `saved_msrs` names ([`saved_msrs`]). The vCPU
+/// must not be running.
 ///
 /// # Errors
 /// [`Error::Kvm`] if an ioctl fails or KVM returns fewer MSRs than asked for.
-pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
+pub fn save(vcpu: &VcpuFd, saved_msrs: &[u32]) -> Result<VcpuState> {
     let mut msrs = Msrs::from_entries(
-        &SAVED_MSRS
+        &saved_msrs
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
@@ -163,10 +188,10 @@ pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
     )
     .map_err(|_| Error::Snapshot("too many MSRs".into()))?;
     let n = vcpu.get_msrs(&mut msrs).map_err(Error::kvm("get MSRs"))?;
-    if n != SAVED_MSRS.len() {
+    if n != saved_msrs.len() {
         return Err(Error::Snapshot(format!(
             "KVM returned {n} of {} MSRs",
-            SAVED_MSRS.len()
+            saved_msrs.len()
         )));
     }
     Ok(VcpuState {
