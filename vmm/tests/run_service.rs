@@ -151,3 +151,44 @@ fn bad_images_and_disks_are_refused_before_the_vm_starts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_kernels_are_refused_before_the_vm_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, [b'x'; 600]).unwrap();
+    // The built-in guest: an x86-64 ELF, but without the PVH note.
+    let nopvh = dir.path().join("guest.elf");
+    std::fs::write(&nopvh, colo_machine::guest_image::GUEST_ELF).unwrap();
+    let disk = dir.path().join("d.img");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), "/nonexistent/vmlinux".into()],
+            "cannot read the kernel",
+        ),
+        (
+            vec!["--kernel".into(), junk.display().to_string()],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["--kernel".into(), nopvh.display().to_string()],
+            "without the Xen PVH entry note",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec![
+            "run".to_string(),
+            "--disk".into(),
+            disk.display().to_string(),
+        ];
+        all.extend(args);
+        let out = colo().args(&all).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(want), "{all:?} should say {want:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // An initrd needs a kernel.
+    let out = colo().args(["run", "--initrd", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -172,3 +172,60 @@ impl GuestRam {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use colo_dirty_track::DirtyTracker;
+    use colo_memory::PageBitmap;
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn ram_above_3_gib_is_two_regions_and_the_push_path_says_it_takes_one() {
+        let r = GuestRam::around_hole(3584 << 20).unwrap();
+        let regions: Vec<_> = r
+            .layout()
+            .regions()
+            .iter()
+            .map(|g| (g.slot, g.gpa, g.len))
+            .collect();
+        assert_eq!(regions, [(0, 0, 3 << 30), (1, 4 << 30, 512 << 20)]);
+        assert_eq!(r.size(), 3584 << 20);
+        let e = r.region().unwrap_err().to_string();
+        assert!(e.contains("at most 3072 MiB in COLO modes"), "{e}");
+        let small = GuestRam::around_hole(64 << 20).unwrap();
+        assert_eq!(small.layout().regions().len(), 1);
+        assert!(small.region().is_ok());
+        assert!(
+            GuestRam::around_hole(3 << 20).is_err(),
+            "not a multiple of 2 MiB"
+        );
+    }
+
+    #[test]
+    fn both_regions_are_kvm_slots_and_dirty_tracking_covers_them() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is absent");
+            return;
+        }
+        let ram = GuestRam::around_hole(3584 << 20).unwrap();
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let manual = colo_dirty_track::enable_manual_protect(&vm).unwrap();
+        ram.register(&vm).unwrap();
+        let tracker = DirtyTracker::new(ram.mem().clone(), manual).unwrap();
+        // A device write high above the hole, and one in low RAM.
+        ram.mem()
+            .write_slice(&[1; 8], GuestAddress(HIGH_RAM_START + 2 * PAGE_SIZE))
+            .unwrap();
+        ram.mem()
+            .write_slice(&[1; 8], GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        let mut b = PageBitmap::new(ram.layout().pages());
+        tracker.collect(&vm, &mut b).unwrap();
+        let high = ram.layout().flat_offset(HIGH_RAM_START).unwrap() / PAGE_SIZE;
+        assert_eq!(high, HOLE_START / PAGE_SIZE);
+        assert_eq!(b.runs().collect::<Vec<_>>(), [(5, 1), (high + 2, 1)]);
+    }
+}

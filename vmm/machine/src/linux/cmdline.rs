@@ -39,6 +39,10 @@ pub fn bzimage_max(version: u16, cmdline_size: u32) -> usize {
 /// (characters that are not printable ASCII, unbalanced quotes).
 pub fn build(user: Option<&str>, owned: &[String], max: usize) -> Result<Cmdline, Error> {
     let base = user.unwrap_or(DEFAULT).trim();
+    // linux-loader checks what is inserted, not what it parses: check the user's part.
+    if !base.chars().all(|c| matches!(c, ' '..='~')) {
+        return Err(Error::Cmdline(linux_loader::cmdline::Error::InvalidAscii));
+    }
     let len = base.len() + owned.iter().map(|o| o.len() + 1).sum::<usize>();
     if len + 1 > max {
         return Err(Error::CmdlineTooLong { len, max: max - 1 });

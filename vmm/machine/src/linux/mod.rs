@@ -449,3 +449,6 @@ fn write_zero_page(
     )
     .map_err(Error::BootParams)
 }
+
+#[cfg(test)]
+mod tests;
