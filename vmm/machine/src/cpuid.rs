@@ -86,7 +86,7 @@ impl Hidden {
 pub const HIDDEN: &[Hidden] = &[
     // Leaf 1 ECX.
     Hidden::new(1, 0, Reg::Ecx, 1, "pclmulqdq", true),
-    Hidden::new(1, 0, Reg::Ecx, 9, "ssse3", false),
+    Hidden::new(1, 0, Reg::Ecx, 9, "ssse3", true),
     Hidden::new(1, 0, Reg::Ecx, 12, "fma", false),
     // `lock cmpxchg16b` killed the 6.1 kernel in the QEMU probe.
     Hidden::new(1, 0, Reg::Ecx, 13, "cx16", true),

@@ -207,6 +207,30 @@ enum Boot<'a> {
     Linux(linux::Loaded),
 }
 
+/// The vCPU of a Linux guest: its CPUID (and, where the host shows features anyway, the
+/// `clearcpuid=` entry that keeps the kernel off them), then the entry registers.
+fn setup_linux_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    loaded: &mut linux::Loaded,
+) -> Result<()> {
+    vcpu.set_cpuid2(&cpuid::for_linux(kvm, 0)?)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let seen = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_CPUID2"))?;
+    let shown = cpuid::not_hidden(seen.as_slice());
+    if let Some(entry) = cpuid::clearcpuid(&shown) {
+        tracing::warn!(
+            "this host's KVM does not hide CPU features from the guest; the kernel is told \
+             to leave them alone with {entry}"
+        );
+        loaded.append_cmdline(ram.mem(), &entry)?;
+    }
+    linux::entry::setup_vcpu(vcpu, &loaded.entry)
+}
+
 /// The built-in guest's boot parameters.
 fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32) -> BootParams {
     BootParams {
@@ -303,20 +327,7 @@ impl Machine {
                 );
             }
             Boot::Linux(loaded) => {
-                vcpu.set_cpuid2(&cpuid::for_linux(&kvm, 0)?)
-                    .map_err(Error::kvm("KVM_SET_CPUID2"))?;
-                let seen = vcpu
-                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(Error::kvm("KVM_GET_CPUID2"))?;
-                let shown = cpuid::not_hidden(seen.as_slice());
-                if let Some(entry) = cpuid::clearcpuid(&shown) {
-                    tracing::warn!(
-                        "this host's KVM does not hide CPU features from the guest; \
-                         the kernel is told to leave them alone with {entry}"
-                    );
-                    loaded.append_cmdline(ram.mem(), &entry)?;
-                }
-                linux::entry::setup_vcpu(&vcpu, &loaded.entry)?;
+                setup_linux_vcpu(&kvm, &vcpu, &ram, loaded)?;
                 tracing::info!(
                     vm = %cfg.name,
                     ram_mib = cfg.ram >> 20,

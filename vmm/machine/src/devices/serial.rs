@@ -81,8 +81,8 @@ impl SerialPort {
         Self::offset(port).is_some()
     }
 
-    /// An `in` from `port` (one byte; wider reads repeat it as the hardware's bus would not,
-    /// but Linux only reads bytes).
+    /// An `in` from `port`: the register's byte (Linux reads the 16550 a byte at a time;
+    /// a wider read gets the byte in every lane).
     pub(crate) fn read(&mut self, port: u16, data: &mut [u8]) {
         let v = Self::offset(port).map_or(0xff, |o| self.uart.read(o));
         data.fill(v);

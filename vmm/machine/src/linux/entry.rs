@@ -1,8 +1,8 @@
 //! How the vCPU enters a Linux kernel: the GDT (and for the 64-bit boot protocol identity
 //! page tables) in low guest memory, and the registers each protocol asks for.
 //!
-//! - PVH (`Documentation/x86/boot.rst` of Xen's `pvh.html`): 32-bit protected mode, paging
-//!   off, flat 4 GiB code and data segments, `ebx` = the `hvm_start_info`.
+//! - PVH (Xen's `docs/misc/pvh.pandoc`): 32-bit protected mode, paging off, flat 4 GiB code
+//!   and data segments, a usable TR, `ebx` = the `hvm_start_info`.
 //! - The 64-bit Linux boot protocol (`Documentation/x86/boot.rst`, "64-bit BOOT
 //!   PROTOCOL"): long mode on identity-mapped page tables, a GDT with flat `__BOOT_CS`
 //!   (0x10) and `__BOOT_DS` (0x18), `rsi` = the zero page, entry at the loaded kernel +
