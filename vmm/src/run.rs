@@ -70,7 +70,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             vm.pause()?;
         }
         let m = vm.machine()?;
-        (m.net_stats(), m.blk_stats())
+        (m.net_stats(), m.blk_stats(), m.assists())
     };
     let exit = if vm.finished() {
         vm.wait()?
@@ -87,6 +87,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         disk_writes = stats.1.writes,
         disk_flushes = stats.1.flushes,
         disk_errors = stats.1.errors,
+        assisted_int3 = stats.2.int3,
+        assisted_fwait = stats.2.fwait,
+        assisted_mxcsr = stats.2.mxcsr,
         "VM stopped"
     );
     if exit == GuestExit::Stopped || exit == GuestExit::Status(0) {

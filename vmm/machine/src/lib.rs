@@ -178,6 +178,8 @@ pub struct Assists {
     pub int3: u64,
     /// `fwait` completed (skipped, or #MF delivered).
     pub fwait: u64,
+    /// `ldmxcsr`/`stmxcsr` completed.
+    pub mxcsr: u64,
 }
 
 impl Assists {
@@ -185,6 +187,7 @@ impl Assists {
         let n = match done {
             assist::Assisted::Int3 => &mut self.int3,
             assist::Assisted::Fwait | assist::Assisted::FwaitFault => &mut self.fwait,
+            assist::Assisted::Ldmxcsr | assist::Assisted::Stmxcsr => &mut self.mxcsr,
         };
         *n += 1;
         if *n == 1 {
@@ -361,6 +364,11 @@ impl Machine {
                 Boot::Linux(l) => Some(l),
             },
         })
+    }
+
+    /// The instructions colo completed for the host's emulator so far.
+    pub fn assists(&self) -> Assists {
+        self.assists
     }
 
     /// What the Linux kernel got at boot (its command line, memory map and entry), for a
