@@ -64,7 +64,7 @@ const DEFAULT_LINUX_RAM: u64 = 256 << 20;
 pub struct KernelArgs {
     /// Boot this Linux kernel instead of the built-in guest: an ELF vmlinux with the PVH
     /// note (CONFIG_PVH=y), or a bzImage (64-bit boot protocol).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     pub kernel: Option<PathBuf>,
     /// An initramfs for --kernel.
     #[arg(long, requires = "kernel")]
