@@ -20,6 +20,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The Linux boot test's kernel and initramfs (cached under target/test-kernel; the script
+# installs busybox-static, cpio and the decompressors it needs itself).
+echo "==> test kernel"
+bash scripts/test-kernel.sh
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one VM with the built-in guest: its console on stdout, its key-value service on
-    /// a tap device.
+    /// a tap device. Or, with --kernel, a Linux kernel with its serial console on stdout.
     Run(run::RunArgs),
     /// Run a whole COLO pair on this machine: the proxy, a client load, and both sides as
     /// child processes, with a live status line.
@@ -131,6 +131,7 @@ fn main() -> ExitCode {
                 let code = match e {
                     colo_machine::Error::Config(_)
                     | colo_machine::Error::Image(_)
+                    | colo_machine::Error::Kernel(_)
                     | colo_machine::Error::Disk { .. } => 2,
                     _ => 1,
                 };

@@ -1,5 +1,6 @@
 //! `colo run`: one VM with the built-in guest, its console on stdout, its service on a tap
-//! device. The single-VM building block of `colo pair`.
+//! device (the single-VM building block of `colo pair`); or, with `--kernel`, a Linux
+//! kernel with its serial console on stdout.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use colo_machine::devices::console::ConsoleSink;
 use colo_machine::runner::VmHandle;
 use colo_machine::{Error, GuestExit, Result};
 
-use crate::args::{VmArgs, parse_cidr};
+use crate::args::{KernelArgs, VmArgs, parse_cidr};
 use crate::interrupt::{catch_interrupts, interrupted};
 
 /// `colo run`.
@@ -17,10 +18,14 @@ use crate::interrupt::{catch_interrupts, interrupted};
 #[command(after_help = "Example (as root):\n  colo run --tap colo0\n  \
                         printf 'SET a 1\\nGET a\\n' | nc -q1 10.0.2.15 7000\n\n\
                         The guest serves a line protocol: PING, SET <key> <value>, GET <key>, \
-                        COUNT. Every SET is appended to the disk image and replayed at boot.")]
+                        COUNT. Every SET is appended to the disk image and replayed at boot.\n\n\
+                        A Linux kernel instead (its serial console on stdout):\n  \
+                        colo run --kernel vmlinux --initrd initrd.img")]
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
     /// Stop after this many seconds (default: run until Ctrl-C or the guest exits).
     #[arg(long)]
     pub duration: Option<f64>,
@@ -31,15 +36,30 @@ pub struct RunArgs {
 /// # Errors
 /// A VM that cannot be built, or a guest that crashes.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let machine = args.vm.build("vm", ConsoleSink::Stdout("guest".into()))?;
+    let linux = args.kernel.guest();
+    let machine = match linux {
+        Some(l) => {
+            tracing::info!(
+                "virtio devices are not announced to a Linux guest yet: no network, no disk"
+            );
+            args.vm
+                .build_linux("linux", ConsoleSink::Stdout("linux".into()), l)?
+        }
+        None => args.vm.build("vm", ConsoleSink::Stdout("guest".into()))?,
+    };
     catch_interrupts();
+    let linux = machine.linux_boot().is_some();
     let vm = VmHandle::start(machine, false)?;
-    let (gip, _) = parse_cidr(&args.vm.guest_ip)?;
-    tracing::info!(
-        "guest service at {}:{} (Ctrl-C stops)",
-        Ipv4Addr::from(gip),
-        args.vm.port
-    );
+    if linux {
+        tracing::info!("Linux kernel started (Ctrl-C stops)");
+    } else {
+        let (gip, _) = parse_cidr(&args.vm.guest_ip)?;
+        tracing::info!(
+            "guest service at {}:{} (Ctrl-C stops)",
+            Ipv4Addr::from(gip),
+            args.vm.port
+        );
+    }
     let started = Instant::now();
     let limit = args.duration.map(Duration::from_secs_f64);
     while !vm.finished() && !interrupted() && limit.is_none_or(|l| started.elapsed() < l) {
@@ -50,7 +70,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             vm.pause()?;
         }
         let m = vm.machine()?;
-        (m.net_stats(), m.blk_stats())
+        (m.net_stats(), m.blk_stats(), m.assists())
     };
     let exit = if vm.finished() {
         vm.wait()?
@@ -67,6 +87,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         disk_writes = stats.1.writes,
         disk_flushes = stats.1.flushes,
         disk_errors = stats.1.errors,
+        assisted_int3 = stats.2.int3,
+        assisted_fwait = stats.2.fwait,
+        assisted_mxcsr = stats.2.mxcsr,
         "VM stopped"
     );
     if exit == GuestExit::Stopped || exit == GuestExit::Status(0) {

@@ -151,3 +151,105 @@ fn bad_images_and_disks_are_refused_before_the_vm_starts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_kernels_are_refused_before_the_vm_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, [b'x'; 600]).unwrap();
+    // The built-in guest: an x86-64 ELF, but without the PVH note.
+    let nopvh = dir.path().join("guest.elf");
+    std::fs::write(&nopvh, colo_machine::guest_image::GUEST_ELF).unwrap();
+    let disk = dir.path().join("d.img");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), "/nonexistent/vmlinux".into()],
+            "cannot read the kernel",
+        ),
+        (
+            vec!["--kernel".into(), junk.display().to_string()],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["--kernel".into(), nopvh.display().to_string()],
+            "without the Xen PVH entry note",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec![
+            "run".to_string(),
+            "--disk".into(),
+            disk.display().to_string(),
+        ];
+        all.extend(args);
+        let out = colo().args(&all).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(want), "{all:?} should say {want:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // An initrd needs a kernel.
+    let out = colo().args(["run", "--initrd", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn colo_run_shows_a_linux_kernels_console_on_stdout_and_sigterm_ends_it_cleanly() {
+    if !common::kvm() {
+        return;
+    }
+    let kdir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-kernel");
+    if !kdir.join("vmlinux").exists() || !kdir.join("initrd.img").exists() {
+        eprintln!(
+            "skipped: no test kernel in {} (run `bash scripts/test-kernel.sh`, which the test \
+             command does first)",
+            kdir.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = colo()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kdir.join("vmlinux"))
+        .arg("--initrd")
+        .arg(kdir.join("initrd.img"))
+        .arg("--disk")
+        .arg(dir.path().join("d.img"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The e820 map comes about 7 s after the start here.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| {
+        l.starts_with("[linux] ") && l.contains("BIOS-e820: [mem 0x0000000000100000")
+    }) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no e820 line on stdout within 120 s:\n{}", seen.join("\n")),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("[linux] ") && l.contains("Linux version")),
+        "{seen:?}"
+    );
+    // SAFETY: kill(2) on our own child, still running (it is printing).
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = common::wait_timeout(&mut child.0, Duration::from_secs(20))
+        .expect("colo run did not stop within 20 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+}

@@ -12,6 +12,9 @@ pub enum Error {
     /// The guest image is not a loadable x86-64 executable.
     #[error("bad guest image: {0}")]
     Image(String),
+    /// The Linux kernel, its initrd or its command line cannot be booted.
+    #[error("cannot boot the Linux kernel")]
+    Kernel(#[from] crate::linux::Error),
     /// The disk image cannot be used.
     #[error("disk image {path}: {reason}")]
     Disk {

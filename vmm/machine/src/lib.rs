@@ -1,6 +1,8 @@
-//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, one vCPU in
-//! long mode running the built-in guest at CPL3, the console, virtio-net and virtio-blk,
-//! and the VM state snapshot.
+//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, one vCPU
+//! running either the built-in guest (in long mode at CPL3) or a Linux kernel ([`linux`]:
+//! PVH vmlinux or bzImage through rust-vmm's linux-loader, an e820 map, a CPUID the host's
+//! emulator copes with), the in-kernel irqchip and PIT, a 16550 serial port, the console,
+//! virtio-net and virtio-blk, and the VM state snapshot.
 //!
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
 //! which runs the vCPU on its own thread and can pause and resume it in tens of
@@ -11,11 +13,14 @@
 //! where `/dev/kvm` exists, and say so in one line where it does not.
 
 use colo_guest_abi::boot as abi;
+mod assist;
 mod boot;
 mod codec;
+pub mod cpuid;
 pub mod devices;
 mod error;
 pub mod guest_image;
+pub mod linux;
 pub mod memory;
 pub mod peer;
 pub mod runner;
@@ -29,12 +34,14 @@ use std::sync::Arc;
 use colo_dirty_track::DirtyTracker;
 use colo_memory::PageBitmap;
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use error::{Error, Result};
+pub use linux::LinuxGuest;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
@@ -43,6 +50,7 @@ use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
 use devices::net::{Net, NetStats};
+use devices::serial::{COM1_IRQ, IrqLine, SerialPort};
 use devices::virtio_mmio::MmioTransport;
 use memory::GuestRam;
 use snapshot::VmState;
@@ -56,8 +64,8 @@ pub struct VmConfig {
     pub name: String,
     /// Bytes of RAM (a multiple of 2 MiB, at least 32 MiB).
     pub ram: u64,
-    /// The guest image (an x86-64 ELF executable linked at 0x200000).
-    pub image: Vec<u8>,
+    /// What runs in it.
+    pub guest: Guest,
     /// The disk image.
     pub disk: PathBuf,
     /// Replaces the plain image backend (block replication); `disk` is still checked.
@@ -66,6 +74,25 @@ pub struct VmConfig {
     pub net: NetBackend,
     /// The guest's MAC address.
     pub mac: [u8; 6],
+    /// Where console lines go (the built-in guest's console port and the serial port).
+    pub console: ConsoleSink,
+}
+
+/// What a VM runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Guest {
+    /// The built-in guest, or another image on its boot contract (`colo_guest_abi`).
+    BuiltIn(BuiltInGuest),
+    /// A Linux kernel ([`linux`]).
+    Linux(LinuxGuest),
+}
+
+/// The built-in guest's image and boot parameters.
+#[derive(Debug, Clone)]
+pub struct BuiltInGuest {
+    /// The guest image (an x86-64 ELF executable linked at 0x200000).
+    pub image: Vec<u8>,
     /// The guest's IPv4 address and prefix length.
     pub ip: ([u8; 4], u8),
     /// The service's TCP port.
@@ -74,8 +101,6 @@ pub struct VmConfig {
     pub nondeterministic: bool,
     /// Pages per second the guest dirties.
     pub dirty_pages_per_sec: u64,
-    /// Where console lines go.
-    pub console: ConsoleSink,
 }
 
 /// Checks a guest image the way [`Machine::new`] will load it, without a VM: for errors
@@ -141,6 +166,36 @@ pub struct Machine {
     pub ram: GuestRam,
     /// The VM's name.
     pub(crate) name: String,
+    /// What a Linux guest got at boot.
+    boot: Option<linux::Loaded>,
+    /// Instructions colo completed for the host's emulator.
+    pub(crate) assists: Assists,
+}
+
+/// Counts of the instructions colo completed because the host's KVM could not emulate
+/// them (`assist`); the first of each kind is logged.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Assists {
+    /// `int3` delivered as #BP.
+    pub int3: u64,
+    /// `fwait` completed (skipped, or #MF delivered).
+    pub fwait: u64,
+    /// `ldmxcsr`/`stmxcsr` completed.
+    pub mxcsr: u64,
+}
+
+impl Assists {
+    fn note(&mut self, done: assist::Assisted) {
+        let n = match done {
+            assist::Assisted::Int3 => &mut self.int3,
+            assist::Assisted::Fwait | assist::Assisted::FwaitFault => &mut self.fwait,
+            assist::Assisted::Ldmxcsr | assist::Assisted::Stmxcsr => &mut self.mxcsr,
+        };
+        *n += 1;
+        if *n == 1 {
+            tracing::info!(instruction = ?done, "completed an instruction the host's KVM could not emulate (logged once per kind)");
+        }
+    }
 }
 
 impl std::fmt::Debug for Machine {
@@ -151,13 +206,67 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// What the loader left in guest memory, for the vCPU.
+enum Boot<'a> {
+    BuiltIn(boot::Image, &'a BuiltInGuest),
+    Linux(linux::Loaded),
+}
+
+/// The vCPU of a Linux guest: its CPUID (and, where the host shows features anyway, the
+/// `clearcpuid=` entry that keeps the kernel off them), then the entry registers.
+fn setup_linux_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    loaded: &mut linux::Loaded,
+) -> Result<()> {
+    vcpu.set_cpuid2(&cpuid::for_linux(kvm, 0)?)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let seen = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_CPUID2"))?;
+    let shown = cpuid::not_hidden(seen.as_slice());
+    if let Some(entry) = cpuid::clearcpuid(&shown) {
+        tracing::warn!(
+            "this host's KVM does not hide CPU features from the guest; the kernel is told \
+             to leave them alone with {entry}"
+        );
+        loaded.append_cmdline(ram.mem(), &entry)?;
+    }
+    linux::entry::setup_vcpu(vcpu, &loaded.entry)
+}
+
+/// The built-in guest's boot parameters.
+fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32) -> BootParams {
+    BootParams {
+        magic: abi::BOOT_MAGIC,
+        version: abi::BOOT_VERSION,
+        flags: if g.nondeterministic {
+            abi::FLAG_NONDETERMINISTIC
+        } else {
+            0
+        },
+        ram_size: ram,
+        tsc_khz: u64::from(tsc_khz),
+        ip: g.ip.0,
+        gateway: [0; 4],
+        prefix_len: g.ip.1,
+        _pad: 0,
+        port: g.port,
+        _pad2: 0,
+        dirty_pages_per_sec: g.dirty_pages_per_sec,
+        scratch_gpa: SCRATCH_GPA,
+        scratch_len: ram - SCRATCH_GPA,
+    }
+}
+
 impl Machine {
-    /// Builds the VM: checks the image and disk, maps RAM, loads the guest and sets up the
+    /// Builds the VM: checks the guest and disk, maps RAM, loads the guest and sets up the
     /// vCPU. Nothing runs yet.
     ///
     /// # Errors
-    /// [`Error::Image`], [`Error::Disk`] or [`Error::Config`] for bad input (before any
-    /// KVM object exists), [`Error::Kvm`] if KVM refuses.
+    /// [`Error::Image`], [`Error::Kernel`], [`Error::Disk`] or [`Error::Config`] for bad
+    /// input (before any KVM object exists), [`Error::Kvm`] if KVM refuses.
     pub fn new(cfg: VmConfig) -> Result<Self> {
         if cfg.ram < 32 << 20 {
             return Err(Error::Config(format!(
@@ -165,19 +274,29 @@ impl Machine {
                 cfg.ram >> 20
             )));
         }
-        if cfg.ip.1 == 0 || cfg.ip.1 > 30 {
-            return Err(Error::Config(format!(
-                "prefix length /{} is not usable",
-                cfg.ip.1
-            )));
-        }
         let disk: Arc<dyn colo_blk::BlockBackend> = match cfg.disk_backend {
             Some(b) => b,
             None => Arc::new(colo_blk::PlainDisk::new(open_raw(&cfg.disk)?)),
         };
-        let ram = GuestRam::new(cfg.ram, NET_MMIO_GPA)?;
-        let image = boot::load_elf(ram.mem(), &cfg.image, SCRATCH_GPA)?;
-        boot::write_tables(ram.mem())?;
+        let (ram, mut boot) = match &cfg.guest {
+            Guest::BuiltIn(g) => {
+                if g.ip.1 == 0 || g.ip.1 > 30 {
+                    return Err(Error::Config(format!(
+                        "prefix length /{} is not usable",
+                        g.ip.1
+                    )));
+                }
+                let ram = GuestRam::new(cfg.ram, NET_MMIO_GPA)?;
+                let image = boot::load_elf(ram.mem(), &g.image, SCRATCH_GPA)?;
+                boot::write_tables(ram.mem())?;
+                (ram, Boot::BuiltIn(image, g))
+            }
+            Guest::Linux(g) => {
+                let ram = GuestRam::around_hole(cfg.ram)?;
+                let loaded = linux::load(ram.mem(), ram.layout(), g, &[])?;
+                (ram, Boot::Linux(loaded))
+            }
+        };
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(Error::kvm("create the VM"))?;
         let manual = colo_dirty_track::enable_manual_protect(&vm)?;
@@ -185,49 +304,49 @@ impl Machine {
             .map_err(Error::kvm("set the TSS address"))?;
         vm.create_irq_chip()
             .map_err(Error::kvm("create the irqchip"))?;
-        // The PIT Linux calibrates against and ticks with; the built-in guest does not use it.
-        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
-            .map_err(Error::kvm("create the PIT"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
+        let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console));
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create the vCPU"))?;
-        let tsc_khz = vcpu
-            .get_tsc_khz()
-            .map_err(Error::kvm("read the TSC frequency"))?;
-        let params = BootParams {
-            magic: abi::BOOT_MAGIC,
-            version: abi::BOOT_VERSION,
-            flags: if cfg.nondeterministic {
-                abi::FLAG_NONDETERMINISTIC
-            } else {
-                0
-            },
-            ram_size: cfg.ram,
-            tsc_khz: u64::from(tsc_khz),
-            ip: cfg.ip.0,
-            gateway: [0; 4],
-            prefix_len: cfg.ip.1,
-            _pad: 0,
-            port: cfg.port,
-            _pad2: 0,
-            dirty_pages_per_sec: cfg.dirty_pages_per_sec,
-            scratch_gpa: SCRATCH_GPA,
-            scratch_len: cfg.ram - SCRATCH_GPA,
-        };
-        boot::write_boot_params(ram.mem(), &params)?;
-        vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
+        match &mut boot {
+            Boot::BuiltIn(image, g) => {
+                let tsc_khz = vcpu
+                    .get_tsc_khz()
+                    .map_err(Error::kvm("read the TSC frequency"))?;
+                boot::write_boot_params(ram.mem(), &built_in_params(g, cfg.ram, tsc_khz))?;
+                vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
+                tracing::info!(
+                    vm = %cfg.name,
+                    ram_mib = cfg.ram >> 20,
+                    entry = format_args!("{:#x}", image.entry),
+                    image_end = format_args!("{:#x}", image.end),
+                    tsc_khz,
+                    manual_protect = manual,
+                    net = %cfg.net.name,
+                    disk = %cfg.disk.display(),
+                    "VM built"
+                );
+            }
+            Boot::Linux(loaded) => {
+                setup_linux_vcpu(&kvm, &vcpu, &ram, loaded)?;
+                tracing::info!(
+                    vm = %cfg.name,
+                    ram_mib = cfg.ram >> 20,
+                    slots = ram.layout().regions().len(),
+                    entry = ?loaded.entry,
+                    initrd = ?loaded.initrd,
+                    cmdline = %loaded.cmdline,
+                    manual_protect = manual,
+                    "Linux VM built"
+                );
+            }
+        }
         // After CPUID: which MSRs exist depends on the features the vCPU has.
         let saved_msrs = vcpu::saved_msrs(&kvm, &vcpu)?;
-        tracing::info!(
-            vm = %cfg.name,
-            ram_mib = cfg.ram >> 20,
-            entry = format_args!("{:#x}", image.entry),
-            image_end = format_args!("{:#x}", image.end),
-            tsc_khz,
-            manual_protect = manual,
-            net = %cfg.net.name,
-            disk = %cfg.disk.display(),
-            "VM built"
-        );
         // Tracking starts here: the loader's writes (which marked their pages) are not
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
@@ -238,14 +357,30 @@ impl Machine {
             vm: Arc::new(vm),
             _kvm: kvm,
             devices: Devices {
-                console: Console::new(cfg.console),
+                serial,
                 net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
                 blk: MmioTransport::new(Blk::new(disk)),
             },
             tracker: Arc::new(tracker),
             ram,
             name: cfg.name,
+            assists: Assists::default(),
+            boot: match boot {
+                Boot::BuiltIn(..) => None,
+                Boot::Linux(l) => Some(l),
+            },
         })
+    }
+
+    /// The instructions colo completed for the host's emulator so far.
+    pub fn assists(&self) -> Assists {
+        self.assists
+    }
+
+    /// What the Linux kernel got at boot (its command line, memory map and entry), for a
+    /// Linux guest.
+    pub fn linux_boot(&self) -> Option<&linux::Loaded> {
+        self.boot.as_ref()
     }
 
     /// Marks a committed checkpoint in the network output: on a socket backend, an empty

@@ -23,8 +23,9 @@ use std::os::unix::thread::JoinHandleExt;
 use super::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE, PORT_EXIT, PORT_IDLE};
 use super::devices::backend::Pace;
 use super::devices::blk::BlkIo;
+use super::devices::serial::SerialPort;
 use super::error::{Error, Result};
-use super::{GuestExit, Machine, vcpu};
+use super::{GuestExit, Machine, assist, vcpu};
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);
@@ -32,6 +33,10 @@ const MAX_IDLE: Duration = Duration::from_millis(50);
 /// proxy's word never come, the VM runs one exit per wait until the secondary's next
 /// checkpoint lets it go.
 const MAX_HOLD: Duration = Duration::from_millis(100);
+/// The i8042 command port, and its command that pulses the CPU reset line (Linux's
+/// `reboot=k`).
+const PORT_I8042: u16 = 0x64;
+const I8042_RESET: u32 = 0xfe;
 /// How long pause() waits for the vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -440,8 +445,13 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
                 u32::from_le_bytes(data[..4].try_into().expect("4 bytes")),
             )
         }
-        Ok(VcpuExit::IoIn(_, d)) => {
-            d.fill(0);
+        Ok(VcpuExit::IoIn(port, d)) => {
+            if SerialPort::owns(port) {
+                m.devices.serial.read(port, d);
+            } else {
+                // No device answers: the bus reads as all ones (Linux probes like this).
+                d.fill(0xff);
+            }
             Exit::None
         }
         Ok(VcpuExit::MmioRead(addr, d)) => {
@@ -460,7 +470,13 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
         Ok(VcpuExit::FailEntry(reason, cpu)) => {
             Exit::Crash(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
         }
-        Ok(VcpuExit::InternalError) => Exit::Crash("KVM internal error".into()),
+        Ok(VcpuExit::InternalError) => match assist::complete(&mut m.vcpu, m.ram.mem())? {
+            Some(done) => {
+                m.assists.note(done);
+                Exit::None
+            }
+            None => Exit::Crash(vcpu::internal_error(&mut m.vcpu, m.ram.mem())),
+        },
         Ok(other) => Exit::Crash(format!("unexpected exit {other:?}")),
         Err(e) if e.errno() == libc::EINTR => {
             m.vcpu.set_kvm_immediate_exit(0);
@@ -487,7 +503,7 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
                 let n = u64::from(value).min(CONSOLE_LEN) as usize;
                 let mut buf = vec![0u8; n];
                 m.read_ram(CONSOLE_GPA, &mut buf)?;
-                m.devices.console.write(&buf);
+                m.devices.serial.console().put(&buf);
             }
             PORT_IDLE => idle(m, s, Duration::from_micros(u64::from(value)).min(MAX_IDLE)),
             PORT_EXIT => {
@@ -496,7 +512,10 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
                     v => Err(crash(m, format!("the guest exited with status {v}"))),
                 };
             }
-            0x3f8 => m.devices.console.write(&data[..1]),
+            p if SerialPort::owns(p) => m.devices.serial.write(p, data[0]),
+            PORT_I8042 if value & 0xff == I8042_RESET => {
+                tracing::info!("the guest asked for a reset through the i8042 (not emulated yet)");
+            }
             _ => tracing::trace!(port, value, "write to an unused port"),
         },
     }

@@ -8,7 +8,7 @@ use super::devices::backend::{ChannelPeer, NetBackend};
 use super::devices::console::ConsoleSink;
 use super::peer::FrameOut;
 use super::runner::VmHandle;
-use super::{Error, GuestExit, Machine, VmConfig};
+use super::{BuiltInGuest, Error, Guest, GuestExit, Machine, VmConfig};
 
 /// A minimal ELF executable with `code` at IMAGE_GPA (one RWX segment of 64 KiB).
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
@@ -56,15 +56,17 @@ fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Optio
     let m = Machine::new(VmConfig {
         name: "test".into(),
         ram: 32 << 20,
-        image: tiny_elf(code),
+        guest: Guest::BuiltIn(BuiltInGuest {
+            image: tiny_elf(code),
+            ip: ([10, 0, 0, 2], 24),
+            port: 7000,
+            nondeterministic: false,
+            dirty_pages_per_sec: 0,
+        }),
         disk: disk.clone(),
         disk_backend: None,
         net,
         mac: [2, 0, 0, 0, 0, 1],
-        ip: ([10, 0, 0, 2], 24),
-        port: 7000,
-        nondeterministic: false,
-        dirty_pages_per_sec: 0,
         console,
     });
     let _ = std::fs::remove_file(&disk);
@@ -345,15 +347,17 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
     let cfg = |disk: std::path::PathBuf| VmConfig {
         name: "t".into(),
         ram: 32 << 20,
-        image: tiny_elf(&counter()),
+        guest: Guest::BuiltIn(BuiltInGuest {
+            image: tiny_elf(&counter()),
+            ip: ([10, 0, 0, 2], 24),
+            port: 7000,
+            nondeterministic: false,
+            dirty_pages_per_sec: 0,
+        }),
         disk,
         disk_backend: None,
         net: NetBackend::none(),
         mac: [2, 0, 0, 0, 0, 1],
-        ip: ([10, 0, 0, 2], 24),
-        port: 7000,
-        nondeterministic: false,
-        dirty_pages_per_sec: 0,
         console: ConsoleSink::Discard,
     };
     let missing = std::env::temp_dir().join("colo-no-such-disk.img");
@@ -365,7 +369,9 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
     std::fs::remove_file(&odd).unwrap();
     assert!(e.contains("not a non-zero multiple of 512"), "{e}");
     let mut c = cfg(std::env::temp_dir());
-    c.image = b"not an elf at all, not at all........................................".to_vec();
+    if let Guest::BuiltIn(g) = &mut c.guest {
+        g.image = b"not an elf at all, not at all........................................".to_vec();
+    }
     assert!(matches!(
         Machine::new(c),
         Err(Error::Disk { .. } | Error::Image(_))
@@ -504,15 +510,17 @@ fn guest_machine_on(
         Machine::new(VmConfig {
             name: name.into(),
             ram: 64 << 20,
-            image: crate::guest_image::GUEST_ELF.to_vec(),
+            guest: Guest::BuiltIn(BuiltInGuest {
+                image: crate::guest_image::GUEST_ELF.to_vec(),
+                ip: ([10, 0, 0, 2], 24),
+                port: 7000,
+                nondeterministic: false,
+                dirty_pages_per_sec: 0,
+            }),
             disk: disk.to_path_buf(),
             disk_backend,
             net,
             mac: [0x52, 0x54, 10, 0, 0, 2],
-            ip: ([10, 0, 0, 2], 24),
-            port: 7000,
-            nondeterministic: false,
-            dirty_pages_per_sec: 0,
             console: ConsoleSink::Discard,
         })
         .unwrap(),

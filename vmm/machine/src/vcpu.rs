@@ -2,10 +2,12 @@
 //! VM state snapshot.
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_debugregs, kvm_fpu,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::Bytes;
 
 use super::abi::BOOT_PARAMS_GPA;
 use super::boot::{GDT_ENTRIES, GDT_GPA, PML4_GPA, TSS_GPA, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
@@ -243,6 +245,46 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     vcpu.set_vcpu_events(&s.events)
         .map_err(Error::kvm("set vcpu events"))?;
     Ok(())
+}
+
+/// What `KVM_EXIT_INTERNAL_ERROR` says: the suberror (1 is an instruction KVM's emulator
+/// cannot emulate, the usual end of a guest kernel on a host that emulates CPL0 code), the
+/// data words KVM adds, and the bytes at the guest's RIP, so that the report names the
+/// instruction.
+pub fn internal_error(vcpu: &mut VcpuFd, mem: &colo_memory::GuestMemory) -> String {
+    // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the member of the exit
+    // union KVM filled in; every bit pattern of its integers is valid.
+    let info = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+    let n = (info.ndata as usize).min(info.data.len());
+    let what = match info.suberror {
+        KVM_INTERNAL_ERROR_EMULATION => "emulation failure".to_string(),
+        other => format!("suberror {other}"),
+    };
+    let data: Vec<String> = info.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    let insn = vcpu
+        .get_regs()
+        .ok()
+        .and_then(|r| vcpu.translate_gva(r.rip).ok())
+        .filter(|t| t.valid != 0)
+        .and_then(|t| {
+            let mut b = [0u8; 15];
+            mem.read_slice(&mut b, vm_memory::GuestAddress(t.physical_address))
+                .ok()
+                .map(|()| b)
+        })
+        .map_or_else(
+            || "unreadable".to_string(),
+            |b| {
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+        );
+    format!(
+        "KVM internal error: {what} (data [{}]); bytes at rip: {insn}",
+        data.join(", ")
+    )
 }
 
 /// The registers, formatted for a crash report.

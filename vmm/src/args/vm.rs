@@ -8,16 +8,17 @@ use std::process::Command;
 use clap::Args;
 use colo_machine::devices::backend::NetBackend;
 use colo_machine::devices::console::ConsoleSink;
-use colo_machine::{Error, Machine, Result, VmConfig};
+use colo_machine::{BuiltInGuest, Error, Guest, LinuxGuest, Machine, Result, VmConfig};
 
 use super::parse_size;
 
 /// The options that describe one VM (shared by `colo run` and the pair commands).
 #[derive(Debug, Args, Clone)]
 pub struct VmArgs {
-    /// Guest RAM (a multiple of 2MiB, at least 32MiB).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub ram: u64,
+    /// Guest RAM (a multiple of 2MiB, at least 32MiB) [default: 64MiB; 256MiB with
+    /// --kernel]. A Linux guest with more than 3GiB gets the rest above 4GiB.
+    #[arg(long, value_parser = parse_size)]
+    pub ram: Option<u64>,
     /// The disk image (a raw file). Created with --disk-size if it does not exist.
     #[arg(long, default_value = "colo-disk.img")]
     pub disk: PathBuf,
@@ -53,6 +54,38 @@ pub struct VmArgs {
 
 /// Default size of a new disk image.
 const DEFAULT_DISK: u64 = 16 << 20;
+/// Default RAM of the built-in guest.
+const DEFAULT_RAM: u64 = 64 << 20;
+/// Default RAM of a Linux guest.
+const DEFAULT_LINUX_RAM: u64 = 256 << 20;
+
+/// The options that boot a Linux kernel instead of the built-in guest (`colo run`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct KernelArgs {
+    /// Boot this Linux kernel instead of the built-in guest: an ELF vmlinux with the PVH
+    /// note (CONFIG_PVH=y), or a bzImage (64-bit boot protocol).
+    #[arg(long, conflicts_with = "image")]
+    pub kernel: Option<PathBuf>,
+    /// An initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line [default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k
+    /// panic=-1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd]; colo
+    /// appends the entries it owns.
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+}
+
+impl KernelArgs {
+    /// The Linux guest these describe, if --kernel was given.
+    pub fn guest(&self) -> Option<LinuxGuest> {
+        self.kernel.as_ref().map(|k| LinuxGuest {
+            kernel: k.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+        })
+    }
+}
 
 /// Parses an IPv4 address with a prefix length (`10.0.2.15/24`).
 pub fn parse_cidr(s: &str) -> Result<([u8; 4], u8)> {
@@ -127,12 +160,48 @@ fn mac_for(ip: [u8; 4]) -> [u8; 6] {
 }
 
 impl VmArgs {
+    /// The RAM to give the guest: --ram, or the default for its kind.
+    pub fn ram_for(&self, linux: bool) -> u64 {
+        self.ram.unwrap_or(if linux {
+            DEFAULT_LINUX_RAM
+        } else {
+            DEFAULT_RAM
+        })
+    }
+
     /// Builds the VM this describes, with its network backend and console.
     ///
     /// # Errors
     /// Bad arguments, a bad image or disk, a tap that cannot be attached, a KVM failure.
     pub fn build(&self, name: &str, console: ConsoleSink) -> Result<Machine> {
         self.build_with(name, console, |_| Ok(None))
+    }
+
+    /// Builds a VM that boots `linux` instead of the built-in guest. Its virtio devices
+    /// are not announced to the kernel yet, so it gets no network backend (no tap is made);
+    /// the disk image is opened as for the built-in guest.
+    ///
+    /// # Errors
+    /// As [`VmArgs::build`], and [`Error::Kernel`] for a kernel, initrd or command line
+    /// that cannot boot.
+    pub fn build_linux(
+        &self,
+        name: &str,
+        console: ConsoleSink,
+        linux: LinuxGuest,
+    ) -> Result<Machine> {
+        let ram = self.ram_for(true);
+        prepare_disk(&self.disk, self.disk_size)?;
+        Machine::new(VmConfig {
+            name: name.into(),
+            ram,
+            guest: Guest::Linux(linux),
+            disk: self.disk.clone(),
+            disk_backend: None,
+            net: NetBackend::none(),
+            mac: mac_for(parse_cidr(&self.guest_ip)?.0),
+            console,
+        })
     }
 
     /// As [`VmArgs::build`], with the disk backend made by `disk` from the checked image
@@ -154,10 +223,11 @@ impl VmArgs {
             None => colo_machine::guest_image::GUEST_ELF.to_vec(),
         };
         colo_machine::check_image(&image)?;
-        if self.ram < 32 << 20 {
+        let ram = self.ram_for(false);
+        if ram < 32 << 20 {
             return Err(Error::Config(format!(
                 "{} MiB of RAM is too little: at least 32 MiB",
-                self.ram >> 20
+                ram >> 20
             )));
         }
         prepare_disk(&self.disk, self.disk_size)?;
@@ -182,16 +252,18 @@ impl VmArgs {
         };
         Machine::new(VmConfig {
             name: name.into(),
-            ram: self.ram,
-            image,
+            ram,
+            guest: Guest::BuiltIn(BuiltInGuest {
+                image,
+                ip: guest,
+                port: self.port,
+                nondeterministic: self.nondeterministic,
+                dirty_pages_per_sec: self.dirty_rate,
+            }),
             disk: self.disk.clone(),
             disk_backend,
             net,
             mac: mac_for(guest.0),
-            ip: guest,
-            port: self.port,
-            nondeterministic: self.nondeterministic,
-            dirty_pages_per_sec: self.dirty_rate,
             console,
         })
     }

@@ -67,7 +67,7 @@ pub fn run(args: &VmBenchArgs) -> Result<()> {
 
 fn vm_args(dir: &std::path::Path, tap: &str, with_net: bool) -> VmArgs {
     VmArgs {
-        ram: 64 << 20,
+        ram: Some(64 << 20),
         disk: dir.join(format!("disk-{tap}-{with_net}.img")),
         disk_size: Some(16 << 20),
         tap: tap.into(),
@@ -88,8 +88,14 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
     a.net_socket = None;
     let machine = colo_machine::Machine::new(colo_machine::VmConfig {
         name: "bench".into(),
-        ram: a.ram,
-        image: colo_machine::guest_image::GUEST_ELF.to_vec(),
+        ram: a.ram_for(false),
+        guest: colo_machine::Guest::BuiltIn(colo_machine::BuiltInGuest {
+            image: colo_machine::guest_image::GUEST_ELF.to_vec(),
+            ip: ([10, 0, 3, 2], 24),
+            port: 7000,
+            nondeterministic: false,
+            dirty_pages_per_sec: 1000,
+        }),
         disk: {
             crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
             a.disk.clone()
@@ -97,10 +103,6 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
         disk_backend: None,
         net: colo_machine::devices::backend::NetBackend::channel().0,
         mac: [0x52, 0x54, 10, 0, 3, 2],
-        ip: ([10, 0, 3, 2], 24),
-        port: 7000,
-        nondeterministic: false,
-        dirty_pages_per_sec: 1000,
         console: ConsoleSink::Discard,
     })
     .map_err(vm_err)?;

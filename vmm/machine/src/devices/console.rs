@@ -1,5 +1,5 @@
-//! The guest console: bytes the guest hands over through the console port (or the legacy
-//! serial port 0x3f8, a byte at a time), cut into lines and passed to a sink.
+//! The guest console: bytes the guest hands over through the console port or transmits on
+//! the serial port (`devices::serial`), cut into lines and passed to a sink.
 
 use crossbeam_channel::Sender;
 
@@ -36,7 +36,7 @@ impl Console {
     }
 
     /// Takes guest bytes.
-    pub(crate) fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' || self.line.len() >= MAX_LINE {
                 self.emit();
@@ -61,5 +61,26 @@ impl Console {
             }
             ConsoleSink::Discard => {}
         }
+    }
+}
+
+impl Drop for Console {
+    /// A last line without its newline (a guest that died mid-line) is not lost.
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.emit();
+        }
+    }
+}
+
+/// What the serial port transmits.
+impl std::io::Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.put(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -1,10 +1,11 @@
-//! The devices of the built-in machine: the console, virtio-net and virtio-blk on
-//! virtio-mmio, and the network backends.
+//! The devices of the machine: the console and the serial port, virtio-net and virtio-blk
+//! on virtio-mmio, and the network backends.
 
 pub mod backend;
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod serial;
 pub(crate) mod virtio_mmio;
 
 #[cfg(test)]
@@ -16,14 +17,14 @@ use super::abi::{BLK_MMIO_GPA, MMIO_LEN, NET_MMIO_GPA};
 use super::codec::{Reader, Writer};
 use super::error::Result;
 use blk::Blk;
-use console::Console;
 use net::Net;
+use serial::SerialPort;
 use virtio_mmio::MmioTransport;
 
 /// Every device of one VM.
 pub(crate) struct Devices {
-    /// The console.
-    pub(crate) console: Console,
+    /// COM1, whose console also takes the built-in guest's console port.
+    pub(crate) serial: SerialPort,
     /// The network device.
     pub(crate) net: MmioTransport<Net>,
     /// The block device.

@@ -1,0 +1,139 @@
+//! A real Linux kernel (Debian's 6.1 cloud kernel, fetched by `scripts/test-kernel.sh`)
+//! through colo's loader, serial port and e820 map, up to its first console lines.
+//!
+//! On this project's hosts guest kernel code is emulated (about 1.3M instructions/s), so
+//! the test stops the kernel once its banner, command line and memory map are out (about
+//! 7 s here); README.md ("Booting your own kernel") says how far it gets beyond that.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use colo_machine::devices::backend::NetBackend;
+use colo_machine::devices::console::ConsoleSink;
+use colo_machine::runner::VmHandle;
+use colo_machine::{Guest, GuestExit, LinuxGuest, Machine, VmConfig};
+
+/// How long the kernel may take to print its memory map: about 7 s here, with a wide
+/// margin for a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// Where `scripts/test-kernel.sh` leaves the kernel; `None` (and a line saying how to get
+/// it) if it has not run.
+fn test_kernel_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("COLO_TEST_KERNEL_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-kernel"),
+        PathBuf::from,
+    );
+    if ["vmlinux", "initrd.img"]
+        .iter()
+        .all(|f| dir.join(f).exists())
+    {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipped: no test kernel in {} (run `bash scripts/test-kernel.sh`, which the test \
+             command does first)",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the_serial_port() {
+    let Some(dir) = test_kernel_dir() else {
+        return;
+    };
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = scratch.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let t0 = Instant::now();
+    // 3.5 GiB: RAM split around the 32-bit hole, two KVM slots, two usable e820 ranges.
+    // Only what the guest touches is ever backed.
+    let m = Machine::new(VmConfig {
+        name: "linux".into(),
+        ram: 3584 << 20,
+        guest: Guest::Linux(LinuxGuest {
+            kernel: dir.join("vmlinux"),
+            initrd: Some(dir.join("initrd.img")),
+            cmdline: None,
+        }),
+        disk,
+        disk_backend: None,
+        net: NetBackend::none(),
+        mac: [2, 0, 0, 0, 0, 1],
+        console: ConsoleSink::Channel(tx),
+    })
+    .unwrap();
+    assert_eq!(m.ram.layout().regions().len(), 2, "two RAM regions");
+    let boot = m.linux_boot().unwrap().clone();
+    let e820: Vec<String> = boot
+        .e820
+        .iter()
+        .map(|e| format!("BIOS-e820: {}", e.linux_line()))
+        .collect();
+    assert_eq!(e820.len(), 5, "{e820:?}");
+    // What must appear (the banner anywhere in a line; the command line and the map as
+    // the end of a line, exactly), each with when it did.
+    let mut want: Vec<(String, Option<Duration>)> = [
+        " Linux version ".to_string(),
+        format!("] Command line: {}", boot.cmdline),
+    ]
+    .into_iter()
+    .chain(e820.into_iter().map(|l| format!("] {l}")))
+    .map(|w| (w, None))
+    .collect();
+    let vm = VmHandle::start(m, false).unwrap();
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    while want.iter().any(|w| w.1.is_none()) && !vm.finished() {
+        let left = BOUND.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let Ok(line) = rx.recv_timeout(left.min(Duration::from_secs(1))) else {
+            continue;
+        };
+        for w in want.iter_mut().filter(|w| w.1.is_none()) {
+            let hit = if w.0.starts_with(']') {
+                line.ends_with(&w.0)
+            } else {
+                line.contains(&w.0)
+            };
+            if hit {
+                w.1 = Some(started.elapsed());
+            }
+        }
+        lines.push(line);
+    }
+    let finished = vm.finished();
+    let exit = vm.stop();
+    for (w, at) in &want {
+        eprintln!(
+            "{:>8} {w}",
+            at.map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
+        );
+    }
+    eprintln!("built in {:.2}s", (started - t0).as_secs_f64());
+    assert!(
+        !finished,
+        "the kernel stopped early: {exit:?}\n{}",
+        lines.join("\n")
+    );
+    assert_eq!(exit.unwrap(), GuestExit::Stopped);
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|w| w.1.is_none())
+        .map(|w| &w.0)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not on the serial port within {BOUND:?}: {missing:?}\nwhat came:\n{}",
+        lines.join("\n")
+    );
+}
