@@ -186,8 +186,9 @@ pub fn complete(vcpu: &mut VcpuFd, mem: &colo_memory::GuestMemory) -> Result<Opt
     Ok(Some(done))
 }
 
-/// `N` bytes at guest-virtual `addr`, if they lie in one mapped page.
-fn read_virt<const N: usize>(
+/// `N` bytes at guest-virtual `addr` (those past the end of its page read as zero), if its
+/// page is mapped.
+pub(crate) fn read_virt<const N: usize>(
     vcpu: &VcpuFd,
     mem: &colo_memory::GuestMemory,
     addr: u64,

@@ -7,7 +7,6 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::Bytes;
 
 use super::abi::BOOT_PARAMS_GPA;
 use super::boot::{GDT_ENTRIES, GDT_GPA, PML4_GPA, TSS_GPA, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
@@ -264,14 +263,7 @@ pub fn internal_error(vcpu: &mut VcpuFd, mem: &colo_memory::GuestMemory) -> Stri
     let insn = vcpu
         .get_regs()
         .ok()
-        .and_then(|r| vcpu.translate_gva(r.rip).ok())
-        .filter(|t| t.valid != 0)
-        .and_then(|t| {
-            let mut b = [0u8; 15];
-            mem.read_slice(&mut b, vm_memory::GuestAddress(t.physical_address))
-                .ok()
-                .map(|()| b)
-        })
+        .and_then(|r| crate::assist::read_virt::<15>(vcpu, mem, r.rip))
         .map_or_else(
             || "unreadable".to_string(),
             |b| {

@@ -258,13 +258,11 @@ fn the_real_bzimage_gets_a_zero_page_with_colos_e820_map_and_a_64_bit_entry() {
     let Some(dir) = test_kernel_dir() else {
         return;
     };
-    let d = Dir::new("bz");
     let g = LinuxGuest {
         kernel: dir.join("bzImage"),
         initrd: Some(dir.join("initrd.img")),
         cmdline: None,
     };
-    let _ = &d;
     let (mem, layout) = ram(256);
     let l = load(&mem, &layout, &g, &[]).unwrap();
     let Entry::Linux64 { rip, zero_page } = l.entry else {
