@@ -1,9 +1,9 @@
-//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, one vCPU in
-//! long mode running the built-in guest at CPL3, the console, virtio-net and virtio-blk,
-//! and the VM state snapshot.
+//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, 1 to 8 vCPUs
+//! in long mode running the built-in guest at CPL3, the console, virtio-net and
+//! virtio-blk, and the VM state snapshot.
 //!
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
-//! which runs the vCPU on its own thread and can pause and resume it in tens of
+//! which runs each vCPU on its own thread and can pause and resume them all in tens of
 //! microseconds (a signal sets `immediate_exit`, see the shared ENVIRONMENT.md beside the repository).
 //!
 //! The built-in guest ([`guest_image::GUEST_ELF`]) is built from `vmm/guest` by this
@@ -22,6 +22,7 @@ pub mod runner;
 pub mod sched;
 mod snapshot;
 mod vcpu;
+mod vcpus;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,10 +32,11 @@ use colo_memory::PageBitmap;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use error::{Error, Result};
+pub use vcpus::check_count as check_vcpus;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
@@ -46,6 +48,7 @@ use devices::net::{Net, NetStats};
 use devices::virtio_mmio::MmioTransport;
 use memory::GuestRam;
 use snapshot::VmState;
+use vcpus::Vcpus;
 
 /// Where the guest's scratch area (its dirty-rate load) starts.
 pub const SCRATCH_GPA: u64 = 16 << 20;
@@ -56,6 +59,8 @@ pub struct VmConfig {
     pub name: String,
     /// Bytes of RAM (a multiple of 2 MiB, at least 32 MiB).
     pub ram: u64,
+    /// Number of vCPUs (1 to 8): vCPU 0 runs the guest's service, the others its workers.
+    pub vcpus: u32,
     /// The guest image (an x86-64 ELF executable linked at 0x200000).
     pub image: Vec<u8>,
     /// The disk image.
@@ -126,8 +131,8 @@ impl DirtyHandle {
 /// the RAM handed out ([`memory::GuestRam::region`]) and the dirty tracker each hold the
 /// mapping themselves.
 pub struct Machine {
-    /// The vCPU.
-    pub(crate) vcpu: VcpuFd,
+    /// The vCPUs.
+    pub(crate) vcpus: Vcpus,
     /// The MSRs a snapshot carries (every one KVM lists that the vCPU reads and writes).
     saved_msrs: Vec<u32>,
     /// The VM (shared: its dirty log may be read while the vCPU runs).
@@ -153,7 +158,7 @@ impl std::fmt::Debug for Machine {
 
 impl Machine {
     /// Builds the VM: checks the image and disk, maps RAM, loads the guest and sets up the
-    /// vCPU. Nothing runs yet.
+    /// vCPUs. Nothing runs yet.
     ///
     /// # Errors
     /// [`Error::Image`], [`Error::Disk`] or [`Error::Config`] for bad input (before any
@@ -165,6 +170,7 @@ impl Machine {
                 cfg.ram >> 20
             )));
         }
+        vcpus::check_count(cfg.vcpus)?;
         if cfg.ip.1 == 0 || cfg.ip.1 > 30 {
             return Err(Error::Config(format!(
                 "prefix length /{} is not usable",
@@ -189,7 +195,8 @@ impl Machine {
         vm.create_pit2(kvm_bindings::kvm_pit_config::default())
             .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
-        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create the vCPU"))?;
+        let vcpus = Vcpus::create(&kvm, &vm, cfg.vcpus, image.entry)?;
+        let vcpu = vcpus.lock(0);
         let tsc_khz = vcpu
             .get_tsc_khz()
             .map_err(Error::kvm("read the TSC frequency"))?;
@@ -212,14 +219,18 @@ impl Machine {
             dirty_pages_per_sec: cfg.dirty_pages_per_sec,
             scratch_gpa: SCRATCH_GPA,
             scratch_len: cfg.ram - SCRATCH_GPA,
+            vcpus: cfg.vcpus,
+            _pad3: 0,
         };
         boot::write_boot_params(ram.mem(), &params)?;
-        vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
-        // After CPUID: which MSRs exist depends on the features the vCPU has.
+        // After CPUID: which MSRs exist depends on the features the vCPU has (the same on
+        // every vCPU).
         let saved_msrs = vcpu::saved_msrs(&kvm, &vcpu)?;
+        drop(vcpu);
         tracing::info!(
             vm = %cfg.name,
             ram_mib = cfg.ram >> 20,
+            vcpus = cfg.vcpus,
             entry = format_args!("{:#x}", image.entry),
             image_end = format_args!("{:#x}", image.end),
             tsc_khz,
@@ -233,7 +244,7 @@ impl Machine {
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
         tracing::debug!(msrs = saved_msrs.len(), "MSRs a snapshot carries");
         Ok(Self {
-            vcpu,
+            vcpus,
             saved_msrs,
             vm: Arc::new(vm),
             _kvm: kvm,
@@ -269,7 +280,13 @@ impl Machine {
         self.devices.blk.device.stats
     }
 
-    /// Saves the VM state (not RAM). The vCPU must be paused.
+    /// The number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Saves the VM state (not RAM): every vCPU's, in order, and the VM's. The VM must be
+    /// paused.
     ///
     /// # Errors
     /// [`Error::Kvm`] if KVM refuses a read.
@@ -287,7 +304,12 @@ impl Machine {
         let mut w = Writer::default();
         self.devices.save(&mut w);
         let state = VmState {
-            vcpu: vcpu::save(&self.vcpu, &self.saved_msrs)?,
+            vcpus: self
+                .vcpus
+                .lock_all()
+                .iter()
+                .map(|v| vcpu::save(v, &self.saved_msrs))
+                .collect::<Result<_>>()?,
             irqchip: [
                 chip(KVM_IRQCHIP_PIC_MASTER)?,
                 chip(KVM_IRQCHIP_PIC_SLAVE)?,
@@ -300,20 +322,30 @@ impl Machine {
         Ok(state.encode())
     }
 
-    /// Loads a VM state saved by [`Machine::save_state`]. The vCPU must be paused; RAM must
+    /// Loads a VM state saved by [`Machine::save_state`]. The VM must be paused; RAM must
     /// already hold the matching pages.
     ///
     /// # Errors
-    /// [`Error::Snapshot`] for bytes that do not decode or do not fit this VM (nothing is
-    /// applied then), [`Error::Kvm`] if KVM refuses a write.
+    /// [`Error::Snapshot`] for bytes that do not decode or do not fit this VM (another
+    /// vCPU count among them; nothing is applied then), [`Error::Kvm`] if KVM refuses a
+    /// write.
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
         let s = VmState::decode(bytes)?;
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(Error::Snapshot(format!(
+                "the snapshot holds {} vCPUs, this VM has {}: both sides need the same --vcpus",
+                s.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
         // The whole snapshot is decoded and checksummed above; the devices go first, so
         // one that does not fit this VM fails before the vCPU is touched.
         let mut r = Reader::new(&s.devices, "devices");
         self.devices.restore(&mut r)?;
         r.finish()?;
-        vcpu::restore(&self.vcpu, &s.vcpu)?;
+        for (v, state) in self.vcpus.lock_all().iter().zip(&s.vcpus) {
+            vcpu::restore(v, state)?;
+        }
         for c in &s.irqchip {
             self.vm.set_irqchip(c).map_err(Error::kvm("set irqchip"))?;
         }
@@ -357,5 +389,7 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+mod smp_tests;
 #[cfg(test)]
 mod tests;

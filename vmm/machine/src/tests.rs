@@ -16,7 +16,7 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
 }
 
 /// `out dx, eax` with dx = port, eax = value.
-fn out(port: u16, value: u32) -> Vec<u8> {
+pub(crate) fn out(port: u16, value: u32) -> Vec<u8> {
     let mut c = vec![0xb8];
     c.extend_from_slice(&value.to_le_bytes());
     c.extend_from_slice(&[0x66, 0xba]);
@@ -43,6 +43,16 @@ pub fn machine(code: &[u8], console: ConsoleSink) -> Option<Machine> {
 }
 
 fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Option<Machine> {
+    machine_on(code, console, net, 1)
+}
+
+/// A machine of `vcpus` vCPUs running `code`, or None (with a line saying why) without KVM.
+pub fn machine_on(
+    code: &[u8],
+    console: ConsoleSink,
+    net: NetBackend,
+    vcpus: u32,
+) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -56,6 +66,7 @@ fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Optio
     let m = Machine::new(VmConfig {
         name: "test".into(),
         ram: 32 << 20,
+        vcpus,
         image: tiny_elf(code),
         disk: disk.clone(),
         disk_backend: None,
@@ -117,7 +128,7 @@ fn a_non_zero_exit_status_is_an_error() {
 }
 
 /// A counting loop: rbx counts up forever; `jmp` back.
-fn counter() -> Vec<u8> {
+pub(crate) fn counter() -> Vec<u8> {
     // xor ebx, ebx; loop: inc rbx; jmp loop
     vec![0x31, 0xdb, 0x48, 0xff, 0xc3, 0xeb, 0xfb]
 }
@@ -134,11 +145,17 @@ fn pause_resume_and_snapshot_round_trip() {
     vm.pause().unwrap();
     let (snap, rbx1) = {
         let m = vm.machine().unwrap();
-        (m.save_state().unwrap(), m.vcpu.get_regs().unwrap().rbx)
+        (
+            m.save_state().unwrap(),
+            m.vcpus.lock(0).get_regs().unwrap().rbx,
+        )
     };
     // Paused means paused: the counter does not move.
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(vm.machine().unwrap().vcpu.get_regs().unwrap().rbx, rbx1);
+    assert_eq!(
+        vm.machine().unwrap().vcpus.lock(0).get_regs().unwrap().rbx,
+        rbx1
+    );
     vm.resume();
     assert!(counts_past(&vm, rbx1, 0), "resumed");
     vm.stop().unwrap();
@@ -148,7 +165,7 @@ fn pause_resume_and_snapshot_round_trip() {
         return;
     };
     m2.restore_state(&snap).unwrap();
-    assert_eq!(m2.vcpu.get_regs().unwrap().rbx, rbx1);
+    assert_eq!(m2.vcpus.lock(0).get_regs().unwrap().rbx, rbx1);
     assert_eq!(m2.save_state().unwrap().len(), snap.len());
     let vm2 = VmHandle::start(m2, false).unwrap();
     assert!(counts_past(&vm2, rbx1, 0), "the restored VM counts on");
@@ -193,14 +210,14 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
         },
     ])
     .unwrap();
-    assert_eq!(m.vcpu.set_msrs(&msrs).unwrap(), 2);
+    assert_eq!(m.vcpus.lock(0).set_msrs(&msrs).unwrap(), 2);
     let mut pit = m.vm.get_pit2().unwrap();
     pit.channels[0].count = 0x1234;
     pit.channels[0].mode = 2;
     m.vm.set_pit2(&pit).unwrap();
     let snap = m.save_state().unwrap();
     let decoded = crate::snapshot::VmState::decode(&snap).unwrap();
-    assert_eq!(decoded.vcpu.msrs.len(), m.saved_msrs.len());
+    assert_eq!(decoded.vcpus[0].msrs.len(), m.saved_msrs.len());
     drop(m);
 
     let Some(mut m2) = machine(&counter(), ConsoleSink::Discard) else {
@@ -218,7 +235,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
         },
     ])
     .unwrap();
-    assert_eq!(m2.vcpu.get_msrs(&mut back).unwrap(), 2);
+    assert_eq!(m2.vcpus.lock(0).get_msrs(&mut back).unwrap(), 2);
     assert_eq!(
         (back.as_slice()[0].data, back.as_slice()[1].data),
         (pat, kvmclock)
@@ -226,7 +243,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
     let pit2 = m2.vm.get_pit2().unwrap();
     assert_eq!((pit2.channels[0].count, pit2.channels[0].mode), (0x1234, 2));
     let again = crate::snapshot::VmState::decode(&m2.save_state().unwrap()).unwrap();
-    for (a, b) in decoded.vcpu.msrs.iter().zip(&again.vcpu.msrs) {
+    for (a, b) in decoded.vcpus[0].msrs.iter().zip(&again.vcpus[0].msrs) {
         assert_eq!(a.index, b.index);
         if a.index != 0x10 && a.index != 0x3b {
             // Everything but the running TSC (and its adjust) comes back as it was.
@@ -238,7 +255,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
 /// The guest's rbx, read while paused; the VM is resumed after.
 fn rbx(vm: &VmHandle) -> u64 {
     vm.pause().unwrap();
-    let r = vm.machine().unwrap().vcpu.get_regs().unwrap().rbx;
+    let r = vm.machine().unwrap().vcpus.lock(0).get_regs().unwrap().rbx;
     vm.resume();
     r
 }
@@ -332,12 +349,12 @@ fn corrupt_snapshots_are_refused_before_anything_is_applied() {
     v[last] ^= 0x55;
     cases.push((v, "checksum"));
     let mut m = m;
-    let regs = m.vcpu.get_regs().unwrap();
+    let regs = m.vcpus.lock(0).get_regs().unwrap();
     for (bytes, want) in cases {
         let e = m.restore_state(&bytes).unwrap_err().to_string();
         assert!(e.contains(want), "{e:?} should say {want:?}");
     }
-    assert_eq!(m.vcpu.get_regs().unwrap(), regs);
+    assert_eq!(m.vcpus.lock(0).get_regs().unwrap(), regs);
 }
 
 #[test]
@@ -345,6 +362,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
     let cfg = |disk: std::path::PathBuf| VmConfig {
         name: "t".into(),
         ram: 32 << 20,
+        vcpus: 1,
         image: tiny_elf(&counter()),
         disk,
         disk_backend: None,
@@ -373,7 +391,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
 }
 
 /// A tiny smoltcp client for tests: one connection, line requests.
-mod tcp_client {
+pub(crate) mod tcp_client {
     use std::time::{Duration, Instant};
 
     use crossbeam_channel::Receiver;
@@ -496,6 +514,17 @@ fn guest_machine_on(
     disk: &std::path::Path,
     disk_backend: Option<std::sync::Arc<dyn colo_blk::BlockBackend>>,
 ) -> Option<Machine> {
+    guest_machine_with(name, net, disk, disk_backend, 1)
+}
+
+/// The built-in guest on `vcpus` vCPUs, or None (with a line saying why) without KVM.
+pub(crate) fn guest_machine_with(
+    name: &str,
+    net: NetBackend,
+    disk: &std::path::Path,
+    disk_backend: Option<std::sync::Arc<dyn colo_blk::BlockBackend>>,
+    vcpus: u32,
+) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -504,6 +533,7 @@ fn guest_machine_on(
         Machine::new(VmConfig {
             name: name.into(),
             ram: 64 << 20,
+            vcpus,
             image: crate::guest_image::GUEST_ELF.to_vec(),
             disk: disk.to_path_buf(),
             disk_backend,
@@ -520,7 +550,7 @@ fn guest_machine_on(
 }
 
 /// A client's frame output into a channel-backed VM.
-fn frames_to(peer: &ChannelPeer) -> FrameOut {
+pub(crate) fn frames_to(peer: &ChannelPeer) -> FrameOut {
     let to = peer.to_guest.clone();
     Box::new(move |f| {
         let _ = to.send(f);

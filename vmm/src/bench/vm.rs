@@ -68,6 +68,7 @@ pub fn run(args: &VmBenchArgs) -> Result<()> {
 fn vm_args(dir: &std::path::Path, tap: &str, with_net: bool) -> VmArgs {
     VmArgs {
         ram: 64 << 20,
+        vcpus: 1,
         disk: dir.join(format!("disk-{tap}-{with_net}.img")),
         disk_size: Some(16 << 20),
         tap: tap.into(),
@@ -89,6 +90,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
     let machine = colo_machine::Machine::new(colo_machine::VmConfig {
         name: "bench".into(),
         ram: a.ram,
+        vcpus: a.vcpus,
         image: colo_machine::guest_image::GUEST_ELF.to_vec(),
         disk: {
             crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;
