@@ -373,6 +373,8 @@ impl Drop for VmHandle {
 
 enum Step {
     Continue,
+    /// A device register was written (maybe a queue notified).
+    Notified,
     /// The guest waits for at most this long (or until a device has work).
     Idle(Duration),
     Exit(GuestExit),
@@ -399,6 +401,7 @@ fn vcpu_thread(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
 
 fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
     let mut v = lock_vcpu(vcpu);
+    let mut notified = false;
     loop {
         if s.stop.load(Ordering::SeqCst) {
             return Ok(GuestExit::Stopped);
@@ -410,9 +413,11 @@ fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
             v = lock_vcpu(vcpu);
             continue;
         }
-        // Disk requests the guest gave (or a restore left in flight) complete before it
-        // runs again.
-        match before_run(s, i) {
+        // Disk requests complete before the vCPU that gave them runs again (the guest
+        // expects them done when its notification returns); vCPU 0 also takes those a
+        // restore left in flight.
+        let disk = i == DEVICE_VCPU || std::mem::take(&mut notified);
+        match before_run(s, i, disk) {
             Ok(None) => {}
             Ok(Some(io)) => {
                 drop(v);
@@ -426,6 +431,7 @@ fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
         }
         match step(&mut v, s, i)? {
             Step::Continue => {}
+            Step::Notified => notified = true,
             Step::Idle(max) => idle(s, i, max),
             Step::Exit(e) => return Ok(e),
         }
@@ -452,11 +458,11 @@ fn wait_while_paused<'a>(s: &'a Shared, mut c: MutexGuard<'a, Ctl>) -> MutexGuar
     c
 }
 
-/// The device work before vCPU `i` enters the guest: disk requests to run (any vCPU
-/// takes them), and on vCPU 0 received frames and the proxy's hold.
-fn before_run(s: &Shared, i: usize) -> Result<Option<BlkIo>> {
+/// The device work before vCPU `i` enters the guest: disk requests to run (if `disk`),
+/// and on vCPU 0 received frames and the proxy's hold.
+fn before_run(s: &Shared, i: usize, disk: bool) -> Result<Option<BlkIo>> {
     let mut m = s.machine();
-    if let Some(io) = take_disk_io(&mut m)? {
+    if disk && let Some(io) = take_disk_io(&mut m)? {
         return Ok(Some(io));
     }
     if i == DEVICE_VCPU {
@@ -572,6 +578,7 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
             if let Err(e) = devices.mmio_write(addr, &data[..n], ram.mem()) {
                 return Err(crash(v, i, format!("device error: {e}")));
             }
+            return Ok(Step::Notified);
         }
         Exit::Out(port, value) => match port {
             PORT_CONSOLE => {
