@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use super::devices::backend::NetBackend;
 use super::devices::console::ConsoleSink;
 use super::runner::VmHandle;
-use super::tests::{counter, frames_to, guest_machine_with, machine_on, out, tcp_client};
+use super::tests::{
+    checkpoint_into_new_vm, counter, frames_to, guest_machine_with, machine_on, out, scratch_disks,
+    tcp_client,
+};
 use super::{Error, Machine};
 
 /// A tiny guest with `vcpus` vCPUs, each counting in its rbx (and leaving rsi, its index,
@@ -156,10 +159,7 @@ fn an_exit_on_any_vcpu_stops_the_vm() {
 /// snapshot counts on from the saved counter.
 #[test]
 fn the_built_in_guest_worker_counts_on_from_a_snapshot() {
-    let dir = std::env::temp_dir().join(format!("colo-smp-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
-    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (dir, d1, d2) = scratch_disks("colo-smp-test");
     let (net1, peer1) = NetBackend::channel();
     let Some(m1) = guest_machine_with("one", net1, &d1, None, 2) else {
         return;
@@ -185,19 +185,8 @@ fn the_built_in_guest_worker_counts_on_from_a_snapshot() {
         seen = turns(&mut c);
     }
 
-    vm1.pause().unwrap();
-    let (state, ram) = {
-        let m = vm1.machine().unwrap();
-        let mut ram = vec![0u8; 64 << 20];
-        m.read_ram(0, &mut ram).unwrap();
-        (m.save_state().unwrap(), ram)
-    };
-    std::fs::copy(&d1, &d2).unwrap();
+    let (m2, peer2) = checkpoint_into_new_vm(&vm1, &d1, &d2, 2);
     vm1.stop().unwrap();
-    let (net2, peer2) = NetBackend::channel();
-    let mut m2 = guest_machine_with("two", net2, &d2, None, 2).unwrap();
-    m2.write_ram(0, &ram).unwrap();
-    m2.restore_state(&state).unwrap();
     let vm2 = VmHandle::start(m2, false).unwrap();
     let mut c = c.rebind(frames_to(&peer2), peer2.from_guest.clone());
     let after = turns(&mut c);

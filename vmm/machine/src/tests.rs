@@ -1,6 +1,7 @@
 //! Machine tests with tiny hand-assembled guests: long mode at CPL3, the console and exit
 //! ports, a crash report, pause/resume, and a snapshot round trip.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::abi::IMAGE_GPA;
@@ -549,6 +550,40 @@ pub(crate) fn guest_machine_with(
     )
 }
 
+/// A new scratch directory named after `tag` with an empty 1 MiB disk image `1.img`, and
+/// the path `2.img` beside it for a copy.
+pub(crate) fn scratch_disks(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
+    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    (dir, d1, d2)
+}
+
+/// Pauses `vm` (the built-in guest on the disk `disk`, 64 MiB of RAM) and restores it into
+/// a new VM of `vcpus` vCPUs on a copy of the disk at `copy`: its RAM, its state and its
+/// disk, the three parts of a checkpoint. The new VM is not started; `vm` stays paused.
+pub(crate) fn checkpoint_into_new_vm(
+    vm: &VmHandle,
+    disk: &std::path::Path,
+    copy: &std::path::Path,
+    vcpus: u32,
+) -> (Machine, ChannelPeer) {
+    vm.pause().unwrap();
+    let (state, ram) = {
+        let m = vm.machine().unwrap();
+        let mut ram = vec![0u8; 64 << 20];
+        m.read_ram(0, &mut ram).unwrap();
+        (m.save_state().unwrap(), ram)
+    };
+    std::fs::copy(disk, copy).unwrap();
+    let (net, peer) = NetBackend::channel();
+    let mut m = guest_machine_with("two", net, copy, None, vcpus).unwrap();
+    m.write_ram(0, &ram).unwrap();
+    m.restore_state(&state).unwrap();
+    (m, peer)
+}
+
 /// A client's frame output into a channel-backed VM.
 pub(crate) fn frames_to(peer: &ChannelPeer) -> FrameOut {
     let to = peer.to_guest.clone();
@@ -607,10 +642,7 @@ fn tcp_payload(frame: &[u8]) -> Vec<u8> {
 /// VM: both answer the next requests on that connection with the same bytes.
 #[test]
 fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
-    let dir = std::env::temp_dir().join(format!("colo-snap-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
-    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (dir, d1, d2) = scratch_disks("colo-snap-test");
     let (net1, peer1) = NetBackend::channel();
     let Some(m1) = guest_machine("one", net1, &d1) else {
         return;
@@ -620,20 +652,7 @@ fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
     assert_eq!(c.request("SET a 1"), "OK");
     assert_eq!(c.request("GET a"), "VALUE 1");
 
-    // Pause, save state and RAM, copy the disk: the three parts of a checkpoint.
-    vm1.pause().unwrap();
-    let (state, ram) = {
-        let m = vm1.machine().unwrap();
-        let mut ram = vec![0u8; 64 << 20];
-        m.read_ram(0, &mut ram).unwrap();
-        (m.save_state().unwrap(), ram)
-    };
-    std::fs::copy(&d1, &d2).unwrap();
-    let (net2, peer2) = NetBackend::channel();
-    let m2 = guest_machine("two", net2, &d2).unwrap();
-    m2.write_ram(0, &ram).unwrap();
-    let mut m2 = m2;
-    m2.restore_state(&state).unwrap();
+    let (m2, peer2) = checkpoint_into_new_vm(&vm1, &d1, &d2, 1);
     let vm2 = VmHandle::start(m2, false).unwrap();
     vm1.resume();
 
@@ -743,10 +762,7 @@ impl colo_blk::BlockBackend for GatedDisk {
 /// its own once the flush ends.
 #[test]
 fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
-    let dir = std::env::temp_dir().join(format!("colo-inflight-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
-    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (dir, d1, d2) = scratch_disks("colo-inflight-test");
     let (flushing, flush_started) = crossbeam_channel::bounded(1);
     let gated = std::sync::Arc::new(GatedDisk {
         disk: colo_blk::PlainDisk::new(colo_blk::Disk::open(&d1).unwrap()),
