@@ -173,8 +173,12 @@ impl VmHandle {
             match spawned {
                 Ok(t) => h.threads.push(t),
                 Err(e) => {
-                    // The spawned threads see the stop as soon as they may start.
+                    // The spawned threads see the stop as soon as they may start; the
+                    // others never will, so nothing waits for them.
                     shared.stop.store(true, Ordering::SeqCst);
+                    for c in &mut shared.ctl().vcpus[i..] {
+                        c.finished = true;
+                    }
                     h.release_threads();
                     return Err(Error::io("spawn a vCPU thread")(e));
                 }
