@@ -18,7 +18,7 @@ use crate::interrupt::{catch_interrupts, interrupted};
 #[command(after_help = "Example (as root):\n  colo run --tap colo0\n  \
                         printf 'SET a 1\\nGET a\\n' | nc -q1 10.0.2.15 7000\n\n\
                         The guest serves a line protocol: PING, SET <key> <value>, GET <key>, \
-                        COUNT. Every SET is appended to the disk image and replayed at boot.\n\n\
+                        COUNT, VCPUS (each worker vCPU's count). Every SET is appended to the disk image and replayed at boot.\n\n\
                         A Linux kernel instead (its serial console on stdout):\n  \
                         colo run --kernel vmlinux --initrd initrd.img")]
 pub struct RunArgs {

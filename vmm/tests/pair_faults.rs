@@ -522,3 +522,100 @@ fn log_secs(line: &str) -> f64 {
         })
         .fold(0.0, |acc, x| acc * 60.0 + x)
 }
+
+/// The worker counters `colo pair --json` reported: at the end and when the supervisor saw
+/// the failover.
+fn vcpu_turns(v: &Value, key: &str) -> Vec<u64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// Two vCPUs: the primary is killed (and, cheaper, dies after posting a checkpoint's
+/// pages); the secondary takes over with no acknowledged write lost, and the worker vCPU
+/// carries on from its checkpointed state: its counter, asked for every 250 ms, never goes
+/// back across the failover and keeps increasing after it.
+#[test]
+fn a_two_vcpu_pair_fails_over_and_every_vcpu_counts_on() {
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    for crash in [None, Some("push:6")] {
+        let (what, v) = match crash {
+            None => (
+                "--vcpus 2, primary killed at 3 s".to_string(),
+                pair(
+                    &[
+                        "--duration",
+                        "6s",
+                        "--vcpus",
+                        "2",
+                        "--kill-primary-after",
+                        "3s",
+                    ],
+                    None,
+                    None,
+                ),
+            ),
+            Some(at) => (
+                format!("--vcpus 2, primary crashing at {at}"),
+                pair(
+                    &["--duration", "4s", "--vcpus", "2"],
+                    Some(("COLO_TEST_CRASH_AT", at.to_string())),
+                    None,
+                ),
+            ),
+        };
+        check_failover(&v, &what);
+        assert_eq!(v["vcpus"], 2, "{what}: {v}");
+        assert_eq!(v["vcpu_regressions"], 0, "{what}: {v}");
+        assert!(
+            v["vcpu_checks"].as_u64().unwrap_or(0) >= 4,
+            "{what}: the client checked the counters: {v}"
+        );
+        let before = vcpu_turns(&v, "vcpu_turns_at_failover");
+        let after = vcpu_turns(&v, "vcpu_turns");
+        assert_eq!(after.len(), 1, "{what}: one worker: {v}");
+        assert_eq!(
+            before.len(),
+            1,
+            "{what}: counters seen before the failover: {v}"
+        );
+        assert!(
+            after[0] > before[0],
+            "{what}: the worker counts on after the failover ({} then {}): {v}",
+            before[0],
+            after[0]
+        );
+        eprintln!(
+            "{what}: ok (worker counter {} at the failover, {} at the end)",
+            before[0], after[0]
+        );
+    }
+}
+
+/// A primary and a secondary with different vCPU counts refuse each other in the
+/// handshake, saying why.
+#[test]
+fn sides_with_different_vcpu_counts_refuse_each_other() {
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    let mut sides = TwoSides::start("vcpus", &[], &["--vcpus=2", "--duration=3s"]);
+    let status = common::wait_timeout(&mut sides.primary.0, Duration::from_secs(60));
+    let _ = sides.primary.0.kill();
+    let log = sides.pri_log.take().unwrap().join().unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the primary ran with a secondary of another vCPU count:\n{log}"
+    );
+    assert!(
+        log.contains("vCPU count mismatch: ours 2, peer's 1"),
+        "the primary says why:\n{log}"
+    );
+}

@@ -12,7 +12,8 @@ use crate::framing::{self, Header};
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 
 /// The control protocol version this build speaks. Peers must speak the same one.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: the Hello carries the VM's vCPU count.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_LEN: usize = 24;
@@ -117,7 +118,7 @@ mod tests {
     /// A golden checkpoint-request header for epoch 7, byte for byte.
     const GOLDEN: [u8; HEADER_LEN] = [
         b'C', b'O', b'L', b'O', // magic
-        1, 0, // version
+        2, 0, // version
         17, 0, // kind: checkpoint-request
         7, 0, 0, 0, 0, 0, 0, 0, // arg: epoch 7
         0, 0, 0, 0, // payload length
@@ -152,12 +153,12 @@ mod tests {
             }))
         ));
         let mut b = GOLDEN;
-        b[4] = 2;
+        b[4] = 3;
         assert!(matches!(
             FrameHeader::read_from(&b),
             Err(Error::Frame(FrameError::VersionMismatch {
-                ours: 1,
-                theirs: 2,
+                ours: 2,
+                theirs: 3,
                 ..
             }))
         ));

@@ -1,5 +1,5 @@
-//! The handshake: each side says who it is and what guest memory it protects, and each
-//! refuses a peer that does not match.
+//! The handshake: each side says who it is, what guest memory it protects and how many
+//! vCPUs its VM has, and each refuses a peer that does not match.
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -9,6 +9,8 @@ use crate::framing;
 
 /// Most guest memory regions a handshake may describe.
 pub const MAX_REGIONS: usize = 64;
+/// Most vCPUs a handshake may announce.
+pub const MAX_VCPUS: u32 = 1024;
 
 /// Which side of the pair a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,7 @@ pub struct Hello {
     pair_id: u64,
     page_size: u32,
     features: u64,
+    vcpus: u32,
     regions: Vec<MemRegion>,
 }
 
@@ -73,7 +76,7 @@ struct HelloWire {
     pair_id: U64,
     features: U64,
     region_count: U32,
-    reserved2: U32,
+    vcpus: U32,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -90,7 +93,8 @@ const PER_REGION: usize = size_of::<RegionWire>();
 pub const MAX_HELLO_LEN: usize = FIXED + MAX_REGIONS * PER_REGION;
 
 impl Hello {
-    /// A Hello for `role` in pair `pair_id`, protecting `regions` with pages of `page_size`.
+    /// A Hello for `role` in pair `pair_id`, protecting `regions` with pages of `page_size`,
+    /// of a VM with one vCPU (see [`Hello::with_vcpus`]).
     ///
     /// # Errors
     /// [`Error::Handshake`] if the page size is not a power of two of at least 4 KiB, a
@@ -102,10 +106,26 @@ impl Hello {
             pair_id,
             page_size,
             features: 0,
+            vcpus: 1,
             regions,
         };
         h.validate()?;
         Ok(h)
+    }
+
+    /// Sets the VM's vCPU count (1 by default; must match the peer's).
+    ///
+    /// # Errors
+    /// [`Error::Handshake`] for 0 or more than [`MAX_VCPUS`].
+    pub fn with_vcpus(mut self, vcpus: u32) -> Result<Self> {
+        self.vcpus = vcpus;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The VM's vCPU count.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
     }
 
     /// Sets the feature bits (reserved for optional capabilities; must match the peer's).
@@ -140,6 +160,12 @@ impl Hello {
     }
 
     fn validate(&self) -> Result<()> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(Error::Handshake(format!(
+                "{} vCPUs, expected 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
         let ps = u64::from(self.page_size);
         if !self.page_size.is_power_of_two() || self.page_size < 4096 {
             return Err(Error::Handshake(format!(
@@ -187,7 +213,7 @@ impl Hello {
             pair_id: self.pair_id.into(),
             features: self.features.into(),
             region_count: (self.regions.len() as u32).into(),
-            reserved2: 0.into(),
+            vcpus: self.vcpus.into(),
         };
         let mut out = Vec::with_capacity(FIXED + self.regions.len() * PER_REGION);
         out.extend_from_slice(fixed.as_bytes());
@@ -215,7 +241,7 @@ impl Hello {
                 got: bytes.len(),
                 want: FIXED,
             })?;
-        if fixed.reserved != [0; 3] || fixed.reserved2.get() != 0 {
+        if fixed.reserved != [0; 3] {
             return Err(Error::Protocol("reserved Hello fields are not zero".into()));
         }
         let count = fixed.region_count.get() as usize;
@@ -256,6 +282,7 @@ impl Hello {
             pair_id: fixed.pair_id.get(),
             page_size: fixed.page_size.get(),
             features: fixed.features.get(),
+            vcpus: fixed.vcpus.get(),
             regions,
         };
         h.validate()?;
@@ -263,7 +290,7 @@ impl Hello {
     }
 
     /// Checks that `peer` is the partner this side expects: the opposite role, the same
-    /// pair, page size, features and memory layout.
+    /// pair, page size, features, memory layout and vCPU count.
     ///
     /// # Errors
     /// [`Error::Handshake`] naming the first mismatch.
@@ -297,6 +324,12 @@ impl Hello {
             return Err(Error::Handshake(format!(
                 "guest memory layout mismatch: ours {:?}, peer's {:?}",
                 self.regions, peer.regions
+            )));
+        }
+        if peer.vcpus != self.vcpus {
+            return Err(Error::Handshake(format!(
+                "vCPU count mismatch: ours {}, peer's {} (give both sides the same --vcpus)",
+                self.vcpus, peer.vcpus
             )));
         }
         Ok(())
@@ -344,7 +377,7 @@ mod tests {
             &[2, 1, 0, 0, 0, 0, 0, 0],    // pair id
             &[0; 8],                      // features
             &[1, 0, 0, 0],                // region count
-            &[0; 4],                      // reserved
+            &[1, 0, 0, 0],                // vCPUs
             &[0, 0x10, 0, 0, 0, 0, 0, 0], // gpa
             &[0, 0x20, 0, 0, 0, 0, 0, 0], // len
         ]
@@ -412,6 +445,24 @@ mod tests {
                 .to_string()
                 .contains("feature")
         );
+        let other_vcpus = hello(Role::Secondary).with_vcpus(2).unwrap();
+        let e = p.check_peer(&other_vcpus).unwrap_err().to_string();
+        assert!(e.contains("vCPU count mismatch: ours 1, peer's 2"), "{e}");
+        let two = hello(Role::Primary).with_vcpus(2).unwrap();
+        two.check_peer(&other_vcpus).unwrap();
+    }
+
+    #[test]
+    fn the_vcpu_count_travels_and_is_checked() {
+        let h = hello(Role::Primary).with_vcpus(8).unwrap();
+        let b = h.encode();
+        assert_eq!(b[28..32], 8u32.to_le_bytes());
+        assert_eq!(Hello::decode(&b).unwrap().vcpus(), 8);
+        assert!(hello(Role::Primary).with_vcpus(0).is_err());
+        assert!(hello(Role::Primary).with_vcpus(MAX_VCPUS + 1).is_err());
+        let mut zero = b;
+        zero[28..32].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(Hello::decode(&zero), Err(Error::Handshake(_))));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //!  primary                                                secondary
-//!     │── Hello(role, pair id, page size, memory layout) ──▶│
+//!     │── Hello(role, pair id, page size, layout, vCPUs) ──▶│
 //!     │◀── Hello ───────────────────────────── (or Reject) ──│  both check the peer
 //!     │◀── Region(addr, key, len, page size, port) ──────────│  page-push target
 //!     │   (background push epochs stream into the cache while the PVM runs)
@@ -203,7 +203,7 @@ mod tests {
         )
         .unwrap();
         let t = std::thread::spawn(move || ControlChannel::new(b).handshake(&s));
-        // A peer from the future: version 2 header.
+        // A peer from the future: version 3 header.
         let mut f = Message::Hello(
             Hello::new(
                 Role::Primary,
@@ -215,15 +215,15 @@ mod tests {
         )
         .encode()
         .unwrap();
-        f[4] = 2;
+        f[4] = 3;
         std::io::Write::write_all(&mut a, &f).unwrap();
         let e = t.join().unwrap().unwrap_err();
         assert!(
             matches!(
                 e,
                 Error::Frame(FrameError::VersionMismatch {
-                    ours: 1,
-                    theirs: 2,
+                    ours: 2,
+                    theirs: 3,
                     ..
                 })
             ),

@@ -1,13 +1,17 @@
-//! The boot contract between the colo VMM and its built-in guest (version 1).
+//! The boot contract between the colo VMM and its built-in guest (version 2).
 //!
 //! It holds only plain constants and `#[repr(C)]` types; the byte layout of
 //! [`BootParams`] is checked by a test below.
 //!
 //! # Machine
-//! - One vCPU in 64-bit long mode at CPL3. The VMM builds the GDT, the page tables
-//!   (identity map of RAM and of the MMIO window, 2 MiB pages, U and W bits on every entry)
-//!   and loads the guest ELF's PT_LOAD segments. It enters at the ELF entry point with
-//!   `rsp` = 0 (the guest sets its own stack in `_start`) and `rdi` = [`BOOT_PARAMS_GPA`].
+//! - [`BootParams::vcpus`] vCPUs (1 to [`MAX_VCPUS`]), each in 64-bit long mode at CPL3.
+//!   The VMM builds the GDT, the page tables (identity map of RAM and of the MMIO window,
+//!   2 MiB pages, U and W bits on every entry) and loads the guest ELF's PT_LOAD segments.
+//!   Every vCPU enters at the ELF entry point at once, with `rsp` = 0 (the guest sets a
+//!   stack of its own for each vCPU in `_start`), `rdi` = [`BOOT_PARAMS_GPA`] and `rsi` =
+//!   the vCPU's index (0 to `vcpus - 1`).
+//! - vCPU 0 drives the devices: the VMM delivers received frames, and ends an idle wait
+//!   early for one, on vCPU 0 only. The other vCPUs' idle waits end on time alone.
 //! - RAM starts at guest-physical 0. The first 2 MiB below [`IMAGE_GPA`] hold VMM data:
 //!   the GDT, the page tables, the boot parameters and the console buffer.
 //! - No interrupts are delivered. The guest polls its virtqueues and, when it has nothing
@@ -62,8 +66,10 @@ pub const BLK_QUEUE_SIZE: u16 = 64;
 
 /// "COLOBOOT".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"COLOBOOT");
-/// This contract's version.
-pub const BOOT_VERSION: u32 = 1;
+/// This contract's version (2: several vCPUs, `rsi` = the vCPU's index).
+pub const BOOT_VERSION: u32 = 2;
+/// Most vCPUs a VM of this contract has (the guest keeps a stack for each).
+pub const MAX_VCPUS: u32 = 8;
 
 /// [`BootParams::flags`]: put the guest's TSC into every reply, so that two copies of the
 /// guest answer differently (work for the COLO compare).
@@ -95,12 +101,46 @@ pub struct BootParams {
     pub port: u16,
     /// Padding.
     pub _pad2: u32,
-    /// Pages per second the guest dirties in its scratch area (0: none).
+    /// Pages per second the guest dirties in its scratch area (0: none), in all: each of
+    /// the `vcpus` vCPUs writes an equal share into its own equal slice of the area.
     pub dirty_pages_per_sec: u64,
     /// Guest-physical start of the scratch area (page-aligned).
     pub scratch_gpa: u64,
     /// Bytes of the scratch area.
     pub scratch_len: u64,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
+    pub vcpus: u32,
+    /// Padding.
+    pub _pad3: u32,
+}
+
+/// One vCPU's part of the dirty load ([`BootParams::dirty_pages_per_sec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyShare {
+    /// Pages per second this vCPU writes.
+    pub pages_per_sec: u64,
+    /// Guest-physical start of its slice of the scratch area (page-aligned).
+    pub gpa: u64,
+    /// Bytes of its slice (whole pages).
+    pub len: u64,
+}
+
+impl BootParams {
+    /// vCPU `index`'s share of the dirty load: the rate split evenly over the vCPUs (the
+    /// first ones take the remainder), and the scratch area cut into as many equal slices
+    /// of whole pages, one per vCPU in order. `vcpus` of 0 counts as 1.
+    pub fn dirty_share(&self, index: u32) -> DirtyShare {
+        const PAGE: u64 = 4096;
+        let n = u64::from(self.vcpus.max(1));
+        let i = u64::from(index);
+        let rate = self.dirty_pages_per_sec;
+        let slice = self.scratch_len / PAGE / n * PAGE;
+        DirtyShare {
+            pages_per_sec: rate / n + u64::from(i < rate % n),
+            gpa: self.scratch_gpa + i * slice,
+            len: slice,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,7 +151,7 @@ mod tests {
 
     #[test]
     fn boot_params_keep_their_byte_layout() {
-        assert_eq!(size_of::<BootParams>(), 72);
+        assert_eq!(size_of::<BootParams>(), 80);
         let offsets = [
             offset_of!(BootParams, magic),
             offset_of!(BootParams, version),
@@ -127,11 +167,54 @@ mod tests {
             offset_of!(BootParams, dirty_pages_per_sec),
             offset_of!(BootParams, scratch_gpa),
             offset_of!(BootParams, scratch_len),
+            offset_of!(BootParams, vcpus),
+            offset_of!(BootParams, _pad3),
         ];
         assert_eq!(
             offsets,
-            [0, 8, 12, 16, 24, 32, 36, 40, 41, 42, 44, 48, 56, 64]
+            [0, 8, 12, 16, 24, 32, 36, 40, 41, 42, 44, 48, 56, 64, 72, 76]
         );
         assert_eq!(BOOT_MAGIC.to_le_bytes(), *b"COLOBOOT");
+    }
+
+    fn params(vcpus: u32, rate: u64, scratch_len: u64) -> BootParams {
+        BootParams {
+            magic: BOOT_MAGIC,
+            version: BOOT_VERSION,
+            flags: 0,
+            ram_size: 64 << 20,
+            tsc_khz: 1,
+            ip: [0; 4],
+            gateway: [0; 4],
+            prefix_len: 24,
+            _pad: 0,
+            port: 7000,
+            _pad2: 0,
+            dirty_pages_per_sec: rate,
+            scratch_gpa: 16 << 20,
+            scratch_len,
+            vcpus,
+            _pad3: 0,
+        }
+    }
+
+    #[test]
+    fn the_dirty_load_is_shared_evenly_over_disjoint_slices() {
+        let one = params(1, 25_600, 48 << 20).dirty_share(0);
+        assert_eq!(
+            (one.pages_per_sec, one.gpa, one.len),
+            (25_600, 16 << 20, 48 << 20)
+        );
+        // 3 vCPUs: 10 pages/s and 10 pages of scratch (plus a partial page) split 4/3/3
+        // and 3 pages each, back to back.
+        let p = params(3, 10, 10 * 4096 + 100);
+        let shares: [DirtyShare; 3] = [p.dirty_share(0), p.dirty_share(1), p.dirty_share(2)];
+        assert_eq!(shares.map(|s| s.pages_per_sec), [4, 3, 3]);
+        assert_eq!(shares.map(|s| s.len), [3 * 4096; 3]);
+        assert_eq!(
+            shares.map(|s| s.gpa),
+            [16 << 20, (16 << 20) + 3 * 4096, (16 << 20) + 6 * 4096]
+        );
+        assert_eq!(params(0, 7, 4096).dirty_share(0).pages_per_sec, 7);
     }
 }

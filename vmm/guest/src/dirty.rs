@@ -66,9 +66,11 @@ impl DirtyLoad {
             self.done += 1;
             self.next = (self.next + 1) % self.pages;
         }
-        // When page `done` falls due, in ticks since start, rounded up.
-        let next_due =
-            (u128::from(self.done) * u128::from(self.clock.hz())).div_ceil(u128::from(self.rate));
+        // When the next page (the `done + 1`-th) falls due, in ticks since start, rounded
+        // up. (It used to be the time the `done`-th fell due, which has always passed: the
+        // wait was always 0 and the guest never idled while its load ran.)
+        let next_due = (u128::from(self.done + 1) * u128::from(self.clock.hz()))
+            .div_ceil(u128::from(self.rate));
         let wait = (next_due as u64).saturating_sub(rdtsc().wrapping_sub(self.start));
         self.clock.ticks_to_micros(wait)
     }

@@ -3,9 +3,10 @@
 //! It serves a small key-value line protocol over TCP (smoltcp on a virtio-net driver),
 //! keeps its data in an append-only log on a virtio-blk disk (replayed at boot), and can
 //! dirty its memory at a set rate. Everything it knows about its machine comes from
-//! [`colo_guest_abi::boot`], the contract it shares with the VMM: one vCPU at CPL3 in long
-//! mode, identity-mapped memory, polled virtio-mmio devices, and ports for the console,
-//! idling and exiting.
+//! [`colo_guest_abi::boot`], the contract it shares with the VMM: one or more vCPUs at CPL3
+//! in long mode, identity-mapped memory, polled virtio-mmio devices, and ports for the
+//! console, idling and exiting. vCPU 0 runs the service; every other vCPU runs a worker
+//! ([`worker`]) that dirties its own pages and counts.
 //!
 //! Exit statuses: 2 bad boot parameters, 3 device initialization failed, 4 out of
 //! memory, 5 the disk log could not be read, 6 stack overflow, 101 panic.
@@ -24,9 +25,10 @@ mod rt;
 mod service;
 mod store;
 mod virtio;
+mod worker;
 
 use colo_guest_abi::boot::{
-    BOOT_MAGIC, BOOT_PARAMS_GPA, BOOT_VERSION, BootParams, FLAG_NONDETERMINISTIC,
+    BOOT_MAGIC, BOOT_PARAMS_GPA, BOOT_VERSION, BootParams, FLAG_NONDETERMINISTIC, MAX_VCPUS,
 };
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
@@ -63,20 +65,21 @@ fn boot_params(p: *const BootParams) -> BootParams {
             b.version
         );
     }
-    if b.tsc_khz == 0 || b.prefix_len > 32 || b.port == 0 {
+    if b.tsc_khz == 0 || b.prefix_len > 32 || b.port == 0 || !(1..=MAX_VCPUS).contains(&b.vcpus) {
         fatal!(
             EXIT_BAD_BOOT,
-            "boot parameters: tsc {} kHz, prefix /{}, port {}",
+            "boot parameters: tsc {} kHz, prefix /{}, port {}, {} vCPUs",
             b.tsc_khz,
             b.prefix_len,
-            b.port
+            b.port,
+            b.vcpus
         );
     }
     b
 }
 
-/// The dirty-page load the boot parameters ask for, after checking that the scratch area
-/// is page-aligned RAM above the image.
+/// vCPU 0's share of the dirty-page load the boot parameters ask for, after checking that
+/// the scratch area is page-aligned RAM above the image.
 fn dirty_load(b: &BootParams, clock: Clock) -> Option<DirtyLoad> {
     if b.dirty_pages_per_sec == 0 {
         return None;
@@ -95,10 +98,11 @@ fn dirty_load(b: &BootParams, clock: Clock) -> Option<DirtyLoad> {
             b.ram_size
         );
     }
-    DirtyLoad::new(b.scratch_gpa, b.scratch_len, b.dirty_pages_per_sec, clock)
+    let share = b.dirty_share(0);
+    DirtyLoad::new(share.gpa, share.len, share.pages_per_sec, clock)
 }
 
-/// Called by `_start` with the boot parameters' address (rdi).
+/// Called by `_start` on vCPU 0 with the boot parameters' address (rdi).
 extern "C" fn guest_main(params: *const BootParams) -> ! {
     rt::init_stack_canary();
     rt::init_heap();
@@ -106,7 +110,7 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
     let clock = Clock::new(b.tsc_khz);
     let ip = Ipv4Address::from(b.ip);
     println!(
-        "colo-guest {} (contract v{BOOT_VERSION}): {ip}/{} port {}, RAM {} MiB, TSC {} kHz, flags {:#x}{}, dirty {} pages/s, image end {:#x}",
+        "colo-guest {} (contract v{BOOT_VERSION}): {ip}/{} port {}, RAM {} MiB, TSC {} kHz, flags {:#x}{}, dirty {} pages/s over {} vCPUs, image end {:#x}",
         env!("CARGO_PKG_VERSION"),
         b.prefix_len,
         b.port,
@@ -119,6 +123,7 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
             ""
         },
         b.dirty_pages_per_sec,
+        b.vcpus,
         rt::image_end(),
     );
     let mut dirty = dirty_load(&b, clock);
@@ -193,6 +198,7 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
             store: &mut store,
             blk: &mut blk,
             dirty: dirty.as_mut(),
+            vcpus: b.vcpus,
         };
         // Answer before egress, so that replies carry the ACKs of their requests.
         busy |= service.serve(&mut sockets, &mut be);

@@ -7,6 +7,7 @@ use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 
+use colo_guest_abi::boot::MAX_VCPUS;
 use linked_list_allocator::Heap;
 
 /// Bytes of stack (in .bss, no guard page: see [`check_stack`]).
@@ -28,10 +29,16 @@ pub const EXIT_STACK: u32 = 6;
 /// Exit status: a panic.
 pub const EXIT_PANIC: u32 = 101;
 
-// The VMM enters at `_start` (linked first, at IMAGE_GPA) with rsp = 0 and rdi = the boot
-// parameters' address. Set the stack (16-byte aligned, so that `call` leaves rsp + 8
-// aligned as the ABI wants), clear the direction flag for the string instructions below,
-// and pass rdi on to `guest_main`, which never returns.
+/// Bytes of stack of each worker vCPU (1 and up; in .bss). Workers write pages and count:
+/// they need little.
+pub const WORKER_STACK_SIZE: usize = 64 << 10;
+
+// The VMM enters every vCPU at `_start` (linked first, at IMAGE_GPA) with rsp = 0, rdi =
+// the boot parameters' address and rsi = the vCPU's index. Set the vCPU's own stack
+// (16-byte aligned, so that `call` leaves rsp + 8 aligned as the ABI wants), clear the
+// direction flag for the string instructions below, and pass rdi and rsi on: vCPU 0 to
+// `guest_main`, the others to `worker_main`, neither of which returns. Worker i's stack is
+// slot i - 1 of `colo_worker_stacks`; an index past the slots stops the vCPU (ud2).
 global_asm!(
     ".section .text._start, \"ax\", @progbits",
     ".global _start",
@@ -39,8 +46,20 @@ global_asm!(
     "_start:",
     "    cld",
     "    xor ebp, ebp",
+    "    test rsi, rsi",
+    "    jnz 2f",
     "    lea rsp, [rip + colo_stack_top]",
     "    call {main}",
+    "    ud2",
+    "2:",
+    "    cmp rsi, {max_vcpus}",
+    "    jae 3f",
+    "    mov rax, rsi",
+    "    imul rax, rax, {worker_stack}",
+    "    lea rsp, [rip + colo_worker_stacks]",
+    "    add rsp, rax",
+    "    call {worker}",
+    "3:",
     "    ud2",
     ".size _start, . - _start",
     "",
@@ -50,8 +69,15 @@ global_asm!(
     "colo_stack_bottom:",
     "    .skip {size}",
     "colo_stack_top:",
+    ".global colo_worker_stacks",
+    "colo_worker_stacks:",
+    "    .skip {worker_stacks}",
     main = sym crate::guest_main,
+    worker = sym crate::worker::worker_main,
     size = const STACK_SIZE,
+    max_vcpus = const MAX_VCPUS,
+    worker_stack = const WORKER_STACK_SIZE,
+    worker_stacks = const (MAX_VCPUS as usize - 1) * WORKER_STACK_SIZE,
 );
 
 unsafe extern "C" {
@@ -209,7 +235,8 @@ pub extern "C" fn rust_eh_personality() {}
 /// Backing store of the heap.
 struct HeapMemory(UnsafeCell<MaybeUninit<[u8; HEAP_SIZE]>>);
 
-// SAFETY: the guest has one vCPU and no interrupts; only GuestAlloc::init touches it.
+// SAFETY: no interrupts, and only vCPU 0 allocates (the workers of the other vCPUs never
+// do); only GuestAlloc::init touches it.
 unsafe impl Sync for HeapMemory {}
 
 static HEAP_MEMORY: HeapMemory = HeapMemory(UnsafeCell::new(MaybeUninit::uninit()));
@@ -218,8 +245,9 @@ static HEAP_MEMORY: HeapMemory = HeapMemory(UnsafeCell::new(MaybeUninit::uninit(
 /// fatal ([`EXIT_NO_MEMORY`]); the service checks [`heap_free`] before it grows.
 struct GuestAlloc(UnsafeCell<Heap>);
 
-// SAFETY: one vCPU, no interrupts, and the allocator never calls itself: no two accesses
-// to the heap ever overlap.
+// SAFETY: only vCPU 0 allocates (workers never do: see worker.rs), there are no
+// interrupts, and the allocator never calls itself: no two accesses to the heap ever
+// overlap.
 unsafe impl Sync for GuestAlloc {}
 
 impl GuestAlloc {

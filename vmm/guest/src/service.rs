@@ -8,6 +8,7 @@
 //! | `SET <key> <value>` | `OK` (or `ERR disk full`, `ERR memory full`, `ERR disk error`) |
 //! | `GET <key>`         | `VALUE <value>` or `NONE`               |
 //! | `COUNT`             | `COUNT <n>`: SETs since boot            |
+//! | `VCPUS`             | `VCPUS <n> <t1> ... <t(n-1)>`: the vCPU count, then each worker's turns (vCPUs 1 to n-1) |
 //! | anything else       | `ERR unknown command`                   |
 //!
 //! A key is one word (no spaces); a value is the rest of the line after the single space
@@ -65,6 +66,8 @@ pub struct Backend<'a> {
     /// The dirty-page load, run between requests too: a batch of requests with their
     /// disk flushes can take many milliseconds, which would starve it.
     pub dirty: Option<&'a mut crate::dirty::DirtyLoad>,
+    /// The VM's vCPU count (`VCPUS`).
+    pub vcpus: u32,
 }
 
 /// The service.
@@ -254,6 +257,13 @@ fn answer(line: &[u8], out: &mut Vec<u8>, be: &mut Backend<'_>, stamp: bool) {
         Some(Request::Count) => {
             let _ = write!(VecWriter(out), "COUNT {}", be.store.sets());
         }
+        Some(Request::Vcpus) => {
+            let mut w = VecWriter(out);
+            let _ = write!(w, "VCPUS {}", be.vcpus);
+            for t in crate::worker::turns(be.vcpus) {
+                let _ = write!(w, " {t}");
+            }
+        }
         None => out.extend_from_slice(b"ERR unknown command"),
     }
     end_reply(out, stamp);
@@ -266,6 +276,7 @@ enum Request<'a> {
     Set { key: &'a [u8], value: &'a [u8] },
     Get { key: &'a [u8] },
     Count,
+    Vcpus,
 }
 
 impl<'a> Request<'a> {
@@ -279,6 +290,7 @@ impl<'a> Request<'a> {
         match (cmd, args) {
             (b"PING", None) => Some(Self::Ping),
             (b"COUNT", None) => Some(Self::Count),
+            (b"VCPUS", None) => Some(Self::Vcpus),
             (b"GET", Some(key)) if is_key(key) => Some(Self::Get { key }),
             (b"SET", Some(args)) => {
                 let i = args.iter().position(|&b| b == b' ')?;

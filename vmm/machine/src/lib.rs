@@ -1,11 +1,12 @@
-//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, one vCPU
-//! running either the built-in guest (in long mode at CPL3) or a Linux kernel ([`linux`]:
-//! PVH vmlinux or bzImage through rust-vmm's linux-loader, an e820 map, a CPUID the host's
-//! emulator copes with), the in-kernel irqchip and PIT, a 16550 serial port, the console,
-//! virtio-net and virtio-blk, and the VM state snapshot.
+//! The KVM virtual machine that COLO protects: guest RAM with dirty logging, 1 to 8 vCPUs
+//! (each on its own thread) running either the built-in guest (in long mode at CPL3) or a
+//! Linux kernel on one vCPU ([`linux`]: PVH vmlinux or bzImage through rust-vmm's
+//! linux-loader, an e820 map, a CPUID the host's emulator copes with), the in-kernel
+//! irqchip and PIT, a 16550 serial port, the console, virtio-net and virtio-blk, and the
+//! VM state snapshot.
 //!
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
-//! which runs the vCPU on its own thread and can pause and resume it in tens of
+//! which runs each vCPU on its own thread and can pause and resume them all in tens of
 //! microseconds (a signal sets `immediate_exit`, see the shared ENVIRONMENT.md beside the repository).
 //!
 //! The built-in guest ([`guest_image::GUEST_ELF`]) is built from `vmm/guest` by this
@@ -27,6 +28,7 @@ pub mod runner;
 pub mod sched;
 mod snapshot;
 mod vcpu;
+mod vcpus;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +44,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 pub use error::{Error, Result};
 pub use linux::LinuxGuest;
+pub use vcpus::check_count as check_vcpus;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
@@ -54,6 +57,7 @@ use devices::serial::{COM1_IRQ, IrqLine, SerialPort};
 use devices::virtio_mmio::MmioTransport;
 use memory::GuestRam;
 use snapshot::VmState;
+use vcpus::Vcpus;
 
 /// Where the guest's scratch area (its dirty-rate load) starts.
 pub const SCRATCH_GPA: u64 = 16 << 20;
@@ -64,6 +68,9 @@ pub struct VmConfig {
     pub name: String,
     /// Bytes of RAM (a multiple of 2 MiB, at least 32 MiB).
     pub ram: u64,
+    /// Number of vCPUs (1 to 8): the built-in guest's vCPU 0 runs its service, the others
+    /// its workers; a Linux guest runs on one for now.
+    pub vcpus: u32,
     /// What runs in it.
     pub guest: Guest,
     /// The disk image.
@@ -151,8 +158,8 @@ impl DirtyHandle {
 /// the RAM handed out ([`memory::GuestRam::region`]) and the dirty tracker each hold the
 /// mapping themselves.
 pub struct Machine {
-    /// The vCPU.
-    pub(crate) vcpu: VcpuFd,
+    /// The vCPUs.
+    pub(crate) vcpus: Vcpus,
     /// The MSRs a snapshot carries (every one KVM lists that the vCPU reads and writes).
     saved_msrs: Vec<u32>,
     /// The VM (shared: its dirty log may be read while the vCPU runs).
@@ -237,7 +244,7 @@ fn setup_linux_vcpu(
 }
 
 /// The built-in guest's boot parameters.
-fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32) -> BootParams {
+fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32, vcpus: u32) -> BootParams {
     BootParams {
         magic: abi::BOOT_MAGIC,
         version: abi::BOOT_VERSION,
@@ -257,12 +264,14 @@ fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32) -> BootParams {
         dirty_pages_per_sec: g.dirty_pages_per_sec,
         scratch_gpa: SCRATCH_GPA,
         scratch_len: ram - SCRATCH_GPA,
+        vcpus,
+        _pad3: 0,
     }
 }
 
 impl Machine {
-    /// Builds the VM: checks the guest and disk, maps RAM, loads the guest and sets up the
-    /// vCPU. Nothing runs yet.
+    /// Builds the VM: checks the image and disk, maps RAM, loads the guest and sets up the
+    /// vCPUs. Nothing runs yet.
     ///
     /// # Errors
     /// [`Error::Image`], [`Error::Kernel`], [`Error::Disk`] or [`Error::Config`] for bad
@@ -274,6 +283,7 @@ impl Machine {
                 cfg.ram >> 20
             )));
         }
+        vcpus::check_count(cfg.vcpus)?;
         let disk: Arc<dyn colo_blk::BlockBackend> = match cfg.disk_backend {
             Some(b) => b,
             None => Arc::new(colo_blk::PlainDisk::new(open_raw(&cfg.disk)?)),
@@ -311,17 +321,27 @@ impl Machine {
         .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
         let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console));
-        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("create the vCPU"))?;
-        match &mut boot {
+        let vcpus = match &mut boot {
             Boot::BuiltIn(image, g) => {
-                let tsc_khz = vcpu
+                let entry = image.entry;
+                let vcpus = Vcpus::create(&vm, cfg.vcpus, |i, v| {
+                    vcpu::setup_long_mode(&kvm, v, entry)?;
+                    let mut regs = v.get_regs().map_err(Error::kvm("get regs"))?;
+                    regs.rsi = u64::from(i);
+                    v.set_regs(&regs).map_err(Error::kvm("set regs"))
+                })?;
+                let tsc_khz = vcpus
+                    .lock(0)
                     .get_tsc_khz()
                     .map_err(Error::kvm("read the TSC frequency"))?;
-                boot::write_boot_params(ram.mem(), &built_in_params(g, cfg.ram, tsc_khz))?;
-                vcpu::setup_long_mode(&kvm, &vcpu, image.entry)?;
+                boot::write_boot_params(
+                    ram.mem(),
+                    &built_in_params(g, cfg.ram, tsc_khz, cfg.vcpus),
+                )?;
                 tracing::info!(
                     vm = %cfg.name,
                     ram_mib = cfg.ram >> 20,
+                    vcpus = cfg.vcpus,
                     entry = format_args!("{:#x}", image.entry),
                     image_end = format_args!("{:#x}", image.end),
                     tsc_khz,
@@ -330,9 +350,17 @@ impl Machine {
                     disk = %cfg.disk.display(),
                     "VM built"
                 );
+                vcpus
             }
             Boot::Linux(loaded) => {
-                setup_linux_vcpu(&kvm, &vcpu, &ram, loaded)?;
+                if cfg.vcpus != 1 {
+                    return Err(Error::Config(format!(
+                        "{} vCPUs: a Linux guest runs on one vCPU for now (no MP table or \
+                         ACPI yet)",
+                        cfg.vcpus
+                    )));
+                }
+                let vcpus = Vcpus::create(&vm, 1, |_, v| setup_linux_vcpu(&kvm, v, &ram, loaded))?;
                 tracing::info!(
                     vm = %cfg.name,
                     ram_mib = cfg.ram >> 20,
@@ -343,16 +371,18 @@ impl Machine {
                     manual_protect = manual,
                     "Linux VM built"
                 );
+                vcpus
             }
-        }
-        // After CPUID: which MSRs exist depends on the features the vCPU has.
-        let saved_msrs = vcpu::saved_msrs(&kvm, &vcpu)?;
+        };
+        // After CPUID: which MSRs exist depends on the features the vCPU has (the same on
+        // every vCPU).
+        let saved_msrs = vcpu::saved_msrs(&kvm, &vcpus.lock(0))?;
         // Tracking starts here: the loader's writes (which marked their pages) are not
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
         tracing::debug!(msrs = saved_msrs.len(), "MSRs a snapshot carries");
         Ok(Self {
-            vcpu,
+            vcpus,
             saved_msrs,
             vm: Arc::new(vm),
             _kvm: kvm,
@@ -404,7 +434,13 @@ impl Machine {
         self.devices.blk.device.stats
     }
 
-    /// Saves the VM state (not RAM). The vCPU must be paused.
+    /// The number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Saves the VM state (not RAM): every vCPU's, in order, and the VM's. The VM must be
+    /// paused.
     ///
     /// # Errors
     /// [`Error::Kvm`] if KVM refuses a read.
@@ -422,7 +458,12 @@ impl Machine {
         let mut w = Writer::default();
         self.devices.save(&mut w);
         let state = VmState {
-            vcpu: vcpu::save(&self.vcpu, &self.saved_msrs)?,
+            vcpus: self
+                .vcpus
+                .lock_all()
+                .iter()
+                .map(|v| vcpu::save(v, &self.saved_msrs))
+                .collect::<Result<_>>()?,
             irqchip: [
                 chip(KVM_IRQCHIP_PIC_MASTER)?,
                 chip(KVM_IRQCHIP_PIC_SLAVE)?,
@@ -435,20 +476,30 @@ impl Machine {
         Ok(state.encode())
     }
 
-    /// Loads a VM state saved by [`Machine::save_state`]. The vCPU must be paused; RAM must
+    /// Loads a VM state saved by [`Machine::save_state`]. The VM must be paused; RAM must
     /// already hold the matching pages.
     ///
     /// # Errors
-    /// [`Error::Snapshot`] for bytes that do not decode or do not fit this VM (nothing is
-    /// applied then), [`Error::Kvm`] if KVM refuses a write.
+    /// [`Error::Snapshot`] for bytes that do not decode or do not fit this VM (another
+    /// vCPU count among them; nothing is applied then), [`Error::Kvm`] if KVM refuses a
+    /// write.
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
         let s = VmState::decode(bytes)?;
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(Error::Snapshot(format!(
+                "the snapshot holds {} vCPUs, this VM has {}: both sides need the same --vcpus",
+                s.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
         // The whole snapshot is decoded and checksummed above; the devices go first, so
         // one that does not fit this VM fails before the vCPU is touched.
         let mut r = Reader::new(&s.devices, "devices");
         self.devices.restore(&mut r)?;
         r.finish()?;
-        vcpu::restore(&self.vcpu, &s.vcpu)?;
+        for (v, state) in self.vcpus.lock_all().iter().zip(&s.vcpus) {
+            vcpu::restore(v, state)?;
+        }
         for c in &s.irqchip {
             self.vm.set_irqchip(c).map_err(Error::kvm("set irqchip"))?;
         }
@@ -492,5 +543,7 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+mod smp_tests;
 #[cfg(test)]
 mod tests;

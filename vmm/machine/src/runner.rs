@@ -1,23 +1,31 @@
-//! Running a [`Machine`]: the vCPU thread, its exits, and pausing it from another thread.
+//! Running a [`Machine`]: one thread per vCPU, their exits, and pausing them all from
+//! another thread.
 //!
-//! Pausing uses the pattern measured in the shared ENVIRONMENT.md (beside the repository): the controller sets a flag and
-//! sends the vCPU thread a real-time signal whose handler sets `kvm_run.immediate_exit`,
-//! so `KVM_RUN` returns `EINTR` at once (about 25 us here) whether the signal lands
-//! before or during the ioctl. The vCPU thread then parks without holding the machine, and
-//! the controller may read or change it until it resumes.
+//! Pausing uses the pattern measured in the shared ENVIRONMENT.md (beside the repository):
+//! the controller sets a flag and kicks every vCPU thread (`kick`), so `KVM_RUN` returns
+//! at once. Each vCPU thread then parks holding neither the machine nor its vCPU, and once
+//! all are parked the controller may read or change the machine (every vCPU's state among
+//! it) until it resumes them.
+//!
+//! A vCPU thread holds its own vCPU while it runs and locks the machine (devices, RAM)
+//! only for the exits that need it, so the vCPUs run at once. vCPU 0 drives the devices:
+//! it delivers received frames, and a frame ends its idle wait; the others idle on time
+//! alone. A guest exit or crash on any vCPU stops them all.
 //!
 //! Disk requests run on the vCPU thread without the machine (see `devices::blk`): while
 //! they run the thread counts as parked, so a pause does not wait for a disk flush; it
 //! writes their outcomes into the guest only once the VM runs again.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+mod kick;
+mod park;
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
-use kvm_ioctls::VcpuExit;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::os::unix::thread::JoinHandleExt;
 
 use super::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE, PORT_EXIT, PORT_IDLE};
@@ -25,7 +33,10 @@ use super::devices::backend::Pace;
 use super::devices::blk::BlkIo;
 use super::devices::serial::SerialPort;
 use super::error::{Error, Result};
+use super::vcpus::SharedVcpu;
 use super::{GuestExit, Machine, assist, vcpu};
+use park::Ctl;
+pub use park::PauseReport;
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);
@@ -37,61 +48,15 @@ const MAX_HOLD: Duration = Duration::from_millis(100);
 /// `reboot=k`).
 const PORT_I8042: u16 = 0x64;
 const I8042_RESET: u32 = 0xfe;
-/// How long pause() waits for the vCPU to park.
+/// How long pause() waits for the vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The vCPU that drives the devices.
+const DEVICE_VCPU: usize = 0;
 
-thread_local! {
-    /// The running vCPU's `kvm_run.immediate_exit`, for the kick signal handler.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn on_kick(_: libc::c_int) {
-    // Only touches a const-initialized thread-local Cell (no allocation, no lock): safe
-    // in a signal handler.
-    IMMEDIATE_EXIT.with(|p| {
-        let p = p.get();
-        if !p.is_null() {
-            // SAFETY: the pointer is this thread's kvm_run mapping, set by the vCPU thread
-            // and valid until it clears it.
-            unsafe { p.write_volatile(1) };
-        }
-    });
-}
-
-fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
-}
-
-fn install_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction with a valid handler and no SA_RESTART (KVM_RUN must
-        // return EINTR) is a valid argument; the handler is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_kick as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
-        }
-    });
-}
-
-#[derive(Debug, Default)]
-struct Ctl {
-    paused: bool,
-    finished: bool,
-    /// The vCPU thread runs disk requests, or waits to write their outcomes, without the
-    /// machine: a pause need not wait for it.
-    off_machine: bool,
-    /// The disk requests are still running.
-    disk_io: bool,
-}
-
-impl Ctl {
-    /// Whether a controller that asked for a pause may use the machine.
-    fn parked(&self) -> bool {
-        self.paused || self.finished || self.off_machine
-    }
+/// Wakes one vCPU thread from an idle or held wait (the signal wakes it from `KVM_RUN`).
+struct Wake {
+    tx: Sender<()>,
+    rx: Receiver<()>,
 }
 
 struct Shared {
@@ -100,18 +65,57 @@ struct Shared {
     stop: AtomicBool,
     ctl: Mutex<Ctl>,
     cv: Condvar,
-    kick_tx: Sender<()>,
-    kick_rx: Receiver<()>,
+    /// By vCPU index.
+    wakes: Vec<Wake>,
+    /// The vCPU threads, by index (set once all are spawned, before any runs).
+    threads: OnceLock<Vec<libc::pthread_t>>,
+    /// The network backend's receive channel: a frame ends vCPU 0's idle wait.
+    net_rx: Receiver<Vec<u8>>,
     /// The proxy's pacing of this VM (a secondary in COLO mode).
     pace: Arc<Pace>,
-    /// The vCPU thread's kernel thread id (0 until it runs).
-    tid: std::sync::atomic::AtomicI32,
+    /// The vCPU threads' kernel thread ids (0 until each runs).
+    tids: Vec<AtomicI32>,
+}
+
+impl Shared {
+    fn machine(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kicks every vCPU thread out of `KVM_RUN` and any wait. Only while no vCPU thread
+    /// has been joined: the owner joins them only once all have ended, and a thread kicks
+    /// only before it ends.
+    fn kick_all(&self) {
+        for w in &self.wakes {
+            let _ = w.tx.try_send(());
+        }
+        for &t in self.threads.get().into_iter().flatten() {
+            // SAFETY: a thread of this process, not joined yet (see above).
+            unsafe { kick::kick(t) };
+        }
+    }
+
+    /// vCPU `i`'s thread ends: a guest exit or crash there stops the other vCPUs.
+    fn ended(&self, i: usize) {
+        let mut c = self.ctl();
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            c.first_end = Some(i);
+            self.kick_all();
+        }
+        c.vcpus[i].finished = true;
+        c.vcpus[i].parks();
+        self.cv.notify_all();
+    }
 }
 
 /// A running VM.
 pub struct VmHandle {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<Result<GuestExit>>>,
+    threads: Vec<JoinHandle<Result<GuestExit>>>,
     name: String,
 }
 
@@ -124,66 +128,88 @@ impl std::fmt::Debug for VmHandle {
 }
 
 impl VmHandle {
-    /// Starts the vCPU thread. With `paused`, the VM starts paused (for a restore).
+    /// Starts a thread per vCPU. With `paused`, the VM starts paused (for a restore).
     ///
     /// # Errors
-    /// [`Error::Io`] if the thread cannot be spawned.
+    /// [`Error::Io`] if a thread cannot be spawned (none runs then).
     pub fn start(machine: Machine, paused: bool) -> Result<Self> {
-        install_handler();
-        let (kick_tx, kick_rx) = crossbeam_channel::bounded(1);
+        kick::install_handler();
         let name = machine.name.clone();
+        let n = machine.vcpus.len();
+        let vcpus: Vec<SharedVcpu> = (0..n).map(|i| machine.vcpus.shared(i)).collect();
         let pace = Arc::clone(machine.devices.net.device.pace());
+        let net_rx = machine.devices.net.device.rx_channel().clone();
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
             pause: AtomicBool::new(paused),
             stop: AtomicBool::new(false),
-            ctl: Mutex::default(),
+            ctl: Mutex::new(Ctl::new(n)),
             cv: Condvar::new(),
-            kick_tx,
-            kick_rx,
+            wakes: (0..n)
+                .map(|_| {
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    Wake { tx, rx }
+                })
+                .collect(),
+            threads: OnceLock::new(),
+            net_rx,
             pace,
-            tid: std::sync::atomic::AtomicI32::new(0),
+            tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
         });
-        let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu-{name}"))
-            .spawn(move || {
-                // The guest's own work takes the default slice (and the configured nice);
-                // colo's threads preempt it.
-                // SAFETY: gettid has no preconditions.
-                s.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-                crate::sched::enter_vcpu_thread();
-                let r = vcpu_thread(&s);
-                let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
-                c.finished = true;
-                s.cv.notify_all();
-                r
-            })
-            .map_err(Error::io("spawn the vCPU thread"))?;
-        let h = Self {
-            shared,
-            thread: Some(thread),
-            name,
+        let mut h = Self {
+            shared: Arc::clone(&shared),
+            threads: Vec::with_capacity(n),
+            name: name.clone(),
         };
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let s = Arc::clone(&shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{i}-{name}"))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    s.tids[i].store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                    // The guest's own work takes the default slice (and the configured
+                    // nice); colo's threads preempt it.
+                    crate::sched::enter_vcpu_thread();
+                    let r = vcpu_thread(&s, i, &vcpu);
+                    s.ended(i);
+                    r
+                });
+            match spawned {
+                Ok(t) => h.threads.push(t),
+                Err(e) => {
+                    // The spawned threads see the stop as soon as they may start; the
+                    // others never will, so nothing waits for them.
+                    shared.stop.store(true, Ordering::SeqCst);
+                    for c in &mut shared.ctl().vcpus[i..] {
+                        c.finished = true;
+                    }
+                    h.release_threads();
+                    return Err(Error::io("spawn a vCPU thread")(e));
+                }
+            }
+        }
+        h.release_threads();
         if paused {
             h.wait_parked()?;
         }
         Ok(h)
     }
 
-    fn kick(&self) {
-        let _ = self.shared.kick_tx.try_send(());
-        if let Some(t) = &self.thread {
-            // SAFETY: the pthread is alive until joined (we hold its JoinHandle), and the
-            // signal's handler is installed.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-        }
+    /// Lets the spawned threads run, once they are known for kicks.
+    fn release_threads(&self) {
+        let _ = self
+            .shared
+            .threads
+            .set(self.threads.iter().map(|t| t.as_pthread_t()).collect());
+        self.shared.ctl().started = true;
+        self.shared.cv.notify_all();
     }
 
     fn wait_parked(&self) -> Result<()> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        while !c.parked() {
+        let mut c = self.shared.ctl();
+        while !c.all_parked() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Error::Timeout("pause"));
@@ -198,43 +224,53 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Sets the vCPU thread's nice value (e.g. back to 0 when an SVM that ran at a low
+    /// The number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.shared.wakes.len()
+    }
+
+    /// Sets every vCPU thread's nice value (e.g. back to 0 when an SVM that ran at a low
     /// priority takes over). Raising the priority needs CAP_SYS_NICE or a permissive
     /// RLIMIT_NICE.
     ///
     /// # Errors
-    /// The `setpriority` error, or `NotFound` before the vCPU thread runs.
+    /// The first `setpriority` error, or `NotFound` before the vCPU threads run.
     pub fn set_vcpu_nice(&self, nice: i32) -> std::io::Result<()> {
-        let tid = self.shared.tid.load(Ordering::SeqCst);
-        if tid == 0 {
-            return Err(std::io::ErrorKind::NotFound.into());
+        for t in &self.shared.tids {
+            let tid = t.load(Ordering::SeqCst);
+            if tid == 0 {
+                return Err(std::io::ErrorKind::NotFound.into());
+            }
+            crate::sched::set_nice(tid, nice)?;
         }
-        crate::sched::set_nice(tid, nice)
+        Ok(())
     }
 
     /// Lets the proxy hold this VM while it runs too far ahead of the primary (netcmp's
     /// `secondary_lead`), or (`false`) stops that; either way a held VM goes on at once.
     /// Off by default; a secondary turns it on at each checkpoint in COLO mode and off at
-    /// failover.
+    /// failover. The hold stops vCPU 0, which serves the network.
     pub fn set_net_pacing(&self, on: bool) {
         self.shared.pace.set_enabled(on);
     }
 
-    /// Pauses the vCPU and returns once it is parked (or the guest has ended, or it runs
-    /// disk requests without the machine).
+    /// Pauses every vCPU and returns once all are parked (or ended, or run disk requests
+    /// without the machine), with how long each took.
     ///
     /// # Errors
-    /// [`Error::Timeout`] if the vCPU does not park within 2 s.
-    pub fn pause(&self) -> Result<()> {
+    /// [`Error::Timeout`] if a vCPU does not park within 2 s.
+    pub fn pause(&self) -> Result<PauseReport> {
+        let asked = Instant::now();
         self.shared.pause.store(true, Ordering::SeqCst);
-        self.kick();
-        self.wait_parked()
+        self.shared.kick_all();
+        self.wait_parked()?;
+        Ok(self.shared.ctl().report(asked))
     }
 
-    /// Resumes a paused vCPU.
+    /// Resumes the paused vCPUs.
     pub fn resume(&self) {
         self.shared.pause.store(false, Ordering::SeqCst);
-        let _c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let _c = self.shared.ctl();
         self.shared.cv.notify_all();
     }
 
@@ -245,49 +281,50 @@ impl VmHandle {
     /// # Errors
     /// [`Error::Timeout`] if they run longer than `timeout`.
     pub fn wait_disk_idle(&self, timeout: Duration) -> Result<()> {
-        let c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let c = self.shared.ctl();
         let (c, _) = self
             .shared
             .cv
-            .wait_timeout_while(c, timeout, |c| c.disk_io)
+            .wait_timeout_while(c, timeout, |c| c.disk_io())
             .unwrap_or_else(|e| e.into_inner());
-        if c.disk_io {
+        if c.disk_io() {
             return Err(Error::Timeout("the guest's disk requests"));
         }
         Ok(())
     }
 
-    /// Whether the vCPU thread has ended (the guest exited or crashed).
+    /// Whether the VM has ended: every vCPU thread has (a guest exit or crash on one
+    /// stops the others at once).
     pub fn finished(&self) -> bool {
-        self.shared.ctl.lock().map(|c| c.finished).unwrap_or(true)
+        self.shared
+            .ctl
+            .lock()
+            .map(|c| c.all_finished())
+            .unwrap_or(true)
     }
 
-    /// The machine, for a paused VM (or one whose vCPU thread has ended).
+    /// The machine, for a paused VM (or one whose vCPU threads have ended).
     ///
     /// # Errors
     /// [`Error::Config`] if the VM is running.
     pub fn machine(&self) -> Result<MutexGuard<'_, Machine>> {
-        let c = self.shared.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let c = self.shared.ctl();
         let asked = self.shared.pause.load(Ordering::SeqCst);
-        if !(c.paused || c.finished || (asked && c.off_machine)) {
+        if !c.machine_free(asked) {
             return Err(Error::Config("the VM must be paused first".into()));
         }
         drop(c);
-        Ok(self
-            .shared
-            .machine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()))
+        Ok(self.shared.machine())
     }
 
-    /// Stops the vCPU and returns how the guest ended.
+    /// Stops the vCPUs and returns how the guest ended.
     ///
     /// # Errors
-    /// The error that ended the vCPU thread (a guest crash, a KVM failure).
+    /// The error that ended a vCPU thread (a guest crash, a KVM failure).
     pub fn stop(mut self) -> Result<GuestExit> {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.resume();
-        self.kick();
+        self.shared.kick_all();
         self.join()
     }
 
@@ -299,13 +336,34 @@ impl VmHandle {
         self.join()
     }
 
+    /// Joins every vCPU thread once all have ended (no thread kicks another after that),
+    /// and returns the result of the one whose end stopped the others, else the first
+    /// error, else [`GuestExit::Stopped`].
     fn join(&mut self) -> Result<GuestExit> {
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(Error::GuestCrash {
-                reason: "the vCPU thread panicked".into(),
-                regs: String::new(),
-            }),
+        let first = {
+            let mut c = self.shared.ctl();
+            while !c.all_finished() {
+                c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+            c.first_end
+        };
+        let mut results: Vec<Result<GuestExit>> = self
+            .threads
+            .drain(..)
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(Error::GuestCrash {
+                        reason: "a vCPU thread panicked".into(),
+                        regs: String::new(),
+                    })
+                })
+            })
+            .collect();
+        if let Some(i) = first.filter(|&i| i < results.len()) {
+            return results.swap_remove(i);
+        }
+        match results.into_iter().find(Result::is_err) {
+            Some(e) => e,
             None => Ok(GuestExit::Stopped),
         }
     }
@@ -313,10 +371,10 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if !self.threads.is_empty() {
             self.shared.stop.store(true, Ordering::SeqCst);
             self.resume();
-            self.kick();
+            self.shared.kick_all();
             let _ = self.join();
         }
     }
@@ -324,53 +382,81 @@ impl Drop for VmHandle {
 
 enum Step {
     Continue,
+    /// A device register was written (maybe a queue notified).
+    Notified,
+    /// The guest waits for at most this long (or until a device has work).
+    Idle(Duration),
     Exit(GuestExit),
 }
 
-fn vcpu_thread(s: &Shared) -> Result<GuestExit> {
+fn lock_vcpu(v: &SharedVcpu) -> MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn vcpu_thread(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
     {
-        let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
-        let p: *mut u8 = &mut m.vcpu.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|c| c.set(p));
+        let c = s.ctl();
+        let c =
+            s.cv.wait_while(c, |c| !c.started)
+                .unwrap_or_else(|e| e.into_inner());
+        drop(c);
     }
-    let r = run_loop(s);
-    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    // The thread holds `vcpu` (an Arc) until it returns, so the mapping stays valid.
+    kick::arm(&mut lock_vcpu(vcpu));
+    let r = run_loop(s, i, vcpu);
+    kick::disarm();
     r
 }
 
-fn run_loop(s: &Shared) -> Result<GuestExit> {
+fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
+    let mut v = lock_vcpu(vcpu);
+    let mut notified = false;
     loop {
         if s.stop.load(Ordering::SeqCst) {
             return Ok(GuestExit::Stopped);
         }
         if s.pause.load(Ordering::SeqCst) {
-            let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            c.paused = true;
-            s.cv.notify_all();
-            let mut c = wait_while_paused(s, c);
-            c.paused = false;
-            while s.kick_rx.try_recv().is_ok() {}
+            // The controller may use the vCPU while it is parked.
+            drop(v);
+            park(s, i);
+            v = lock_vcpu(vcpu);
             continue;
         }
-        let io = {
-            let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
-            // Disk requests the guest gave (or a restore left in flight) complete before
-            // it runs again.
-            match take_disk_io(&mut m) {
-                Ok(Some(io)) => Some(io),
-                Ok(None) => match step(&mut m, s)? {
-                    Step::Continue => None,
-                    Step::Exit(e) => return Ok(e),
-                },
-                Err(e) => return Err(crash(&m, format!("device error: {e}"))),
+        // Disk requests complete before the vCPU that gave them runs again (the guest
+        // expects them done when its notification returns); vCPU 0 also takes those a
+        // restore left in flight.
+        let disk = i == DEVICE_VCPU || std::mem::take(&mut notified);
+        match before_run(s, i, disk) {
+            Ok(None) => {}
+            Ok(Some(io)) => {
+                drop(v);
+                if !run_disk_io(s, i, io) {
+                    return Ok(GuestExit::Stopped);
+                }
+                v = lock_vcpu(vcpu);
+                continue;
             }
-        };
-        if let Some(io) = io
-            && !run_disk_io(s, io)
-        {
-            return Ok(GuestExit::Stopped);
+            Err(e) => return Err(crash(&v, i, format!("device error: {e}"))),
+        }
+        match step(&mut v, s, i)? {
+            Step::Continue => {}
+            Step::Notified => notified = true,
+            Step::Idle(max) => idle(s, i, max),
+            Step::Exit(e) => return Ok(e),
         }
     }
+}
+
+/// Parks vCPU `i` until the controller resumes or stops the VM.
+fn park(s: &Shared, i: usize) {
+    let mut c = s.ctl();
+    c.vcpus[i].paused = true;
+    c.vcpus[i].parks();
+    s.cv.notify_all();
+    let mut c = wait_while_paused(s, c);
+    c.vcpus[i].paused = false;
+    drop(c);
+    while s.wakes[i].rx.try_recv().is_ok() {}
 }
 
 /// Waits (with `c` held) until the controller resumes or stops the VM.
@@ -381,45 +467,62 @@ fn wait_while_paused<'a>(s: &'a Shared, mut c: MutexGuard<'a, Ctl>) -> MutexGuar
     c
 }
 
+/// The device work before vCPU `i` enters the guest: disk requests to run (if `disk`),
+/// and on vCPU 0 received frames and the proxy's hold.
+fn before_run(s: &Shared, i: usize, disk: bool) -> Result<Option<BlkIo>> {
+    let mut m = s.machine();
+    if disk && let Some(io) = take_disk_io(&mut m)? {
+        return Ok(Some(io));
+    }
+    if i == DEVICE_VCPU {
+        deliver_rx(&mut m);
+        if s.pace.held() {
+            hold(&mut m, s);
+        }
+    }
+    Ok(None)
+}
+
 fn take_disk_io(m: &mut Machine) -> Result<Option<BlkIo>> {
     let Machine { devices, ram, .. } = m;
     devices.poll_blk(ram.mem())?;
     Ok(devices.blk.device.start_io())
 }
 
-/// Runs disk requests without the machine, then writes their outcomes once the VM is not
-/// paused. False if the VM was stopped meanwhile.
-fn run_disk_io(s: &Shared, io: BlkIo) -> bool {
+/// Runs disk requests on vCPU `i`'s thread without the machine, then writes their
+/// outcomes once the VM is not paused. False if the VM was stopped meanwhile.
+fn run_disk_io(s: &Shared, i: usize, io: BlkIo) -> bool {
     {
-        let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        c.off_machine = true;
-        c.disk_io = true;
+        let mut c = s.ctl();
+        c.vcpus[i].off_machine = true;
+        c.vcpus[i].disk_io = true;
+        c.vcpus[i].parks();
         s.cv.notify_all();
     }
     let done = io.run();
     {
-        let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        c.disk_io = false;
+        let mut c = s.ctl();
+        c.vcpus[i].disk_io = false;
         s.cv.notify_all();
         let mut c = wait_while_paused(s, c);
-        c.off_machine = false;
+        c.vcpus[i].off_machine = false;
     }
     // A kick for a pause that came and went while the requests ran.
-    while s.kick_rx.try_recv().is_ok() {}
+    while s.wakes[i].rx.try_recv().is_ok() {}
     if s.stop.load(Ordering::SeqCst) {
         return false;
     }
-    let mut m = s.machine.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = s.machine();
     let Machine { devices, ram, .. } = &mut *m;
     let t = &mut devices.blk;
     t.device.finish(done, &mut t.queues[0], ram.mem());
     true
 }
 
-fn crash(m: &Machine, reason: String) -> Error {
+fn crash(v: &VcpuFd, i: usize, reason: String) -> Error {
     Error::GuestCrash {
-        reason,
-        regs: vcpu::dump(&m.vcpu),
+        reason: format!("{reason} (vCPU {i})"),
+        regs: vcpu::dump(v),
     }
 }
 
@@ -429,14 +532,11 @@ fn deliver_rx(m: &mut Machine) {
     devices.poll_rx(ram.mem());
 }
 
-/// Runs the vCPU to its next exit and handles it.
-fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
-    deliver_rx(m);
-    if s.pace.held() {
-        hold(m, s);
-    }
+/// Runs vCPU `i` to its next exit and handles it, with the machine locked only for the
+/// exits that need it.
+fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
     let mut data = [0u8; 8];
-    let exit = match m.vcpu.run() {
+    let exit = match v.run() {
         Ok(VcpuExit::IoOut(port, d)) => {
             let n = d.len().min(8);
             data[..n].copy_from_slice(&d[..n]);
@@ -447,7 +547,7 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
         }
         Ok(VcpuExit::IoIn(port, d)) => {
             if SerialPort::owns(port) {
-                m.devices.serial.read(port, d);
+                s.machine().devices.serial.read(port, d);
             } else {
                 // No device answers: the bus reads as all ones (Linux probes like this).
                 d.fill(0xff);
@@ -455,7 +555,7 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
             Exit::None
         }
         Ok(VcpuExit::MmioRead(addr, d)) => {
-            if !m.devices.mmio_read(addr, d) {
+            if !s.machine().devices.mmio_read(addr, d) {
                 tracing::debug!(addr = format_args!("{addr:#x}"), "MMIO read of nothing");
             }
             Exit::None
@@ -470,16 +570,19 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
         Ok(VcpuExit::FailEntry(reason, cpu)) => {
             Exit::Crash(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
         }
-        Ok(VcpuExit::InternalError) => match assist::complete(&mut m.vcpu, m.ram.mem())? {
-            Some(done) => {
-                m.assists.note(done);
-                Exit::None
+        Ok(VcpuExit::InternalError) => {
+            let mut m = s.machine();
+            match assist::complete(v, m.ram.mem())? {
+                Some(done) => {
+                    m.assists.note(done);
+                    Exit::None
+                }
+                None => Exit::Crash(vcpu::internal_error(v, m.ram.mem())),
             }
-            None => Exit::Crash(vcpu::internal_error(&mut m.vcpu, m.ram.mem())),
-        },
+        }
         Ok(other) => Exit::Crash(format!("unexpected exit {other:?}")),
         Err(e) if e.errno() == libc::EINTR => {
-            m.vcpu.set_kvm_immediate_exit(0);
+            v.set_kvm_immediate_exit(0);
             Exit::None
         }
         Err(e) => {
@@ -491,28 +594,35 @@ fn step(m: &mut Machine, s: &Shared) -> Result<Step> {
     };
     match exit {
         Exit::None => {}
-        Exit::Crash(reason) => return Err(crash(m, reason)),
+        Exit::Crash(reason) => return Err(crash(v, i, reason)),
         Exit::MmioWrite(addr, n) => {
+            let mut m = s.machine();
             let Machine { devices, ram, .. } = &mut *m;
             if let Err(e) = devices.mmio_write(addr, &data[..n], ram.mem()) {
-                return Err(crash(m, format!("device error: {e}")));
+                return Err(crash(v, i, format!("device error: {e}")));
             }
+            return Ok(Step::Notified);
         }
         Exit::Out(port, value) => match port {
             PORT_CONSOLE => {
                 let n = u64::from(value).min(CONSOLE_LEN) as usize;
                 let mut buf = vec![0u8; n];
+                let mut m = s.machine();
                 m.read_ram(CONSOLE_GPA, &mut buf)?;
                 m.devices.serial.console().put(&buf);
             }
-            PORT_IDLE => idle(m, s, Duration::from_micros(u64::from(value)).min(MAX_IDLE)),
+            PORT_IDLE => {
+                return Ok(Step::Idle(
+                    Duration::from_micros(u64::from(value)).min(MAX_IDLE),
+                ));
+            }
             PORT_EXIT => {
                 return match value {
                     0 => Ok(Step::Exit(GuestExit::Status(0))),
-                    v => Err(crash(m, format!("the guest exited with status {v}"))),
+                    v2 => Err(crash(v, i, format!("the guest exited with status {v2}"))),
                 };
             }
-            p if SerialPort::owns(p) => m.devices.serial.write(p, data[0]),
+            p if SerialPort::owns(p) => s.machine().devices.serial.write(p, data[0]),
             PORT_I8042 if value & 0xff == I8042_RESET => {
                 tracing::info!("the guest asked for a reset through the i8042 (not emulated yet)");
             }
@@ -534,6 +644,7 @@ enum Exit {
 fn hold(m: &mut Machine, s: &Shared) {
     let t0 = Instant::now();
     let deadline = t0 + MAX_HOLD;
+    let kick = &s.wakes[DEVICE_VCPU].rx;
     while s.pace.held() && !s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -543,7 +654,7 @@ fn hold(m: &mut Machine, s: &Shared) {
         let net = &m.devices.net;
         let mut sel = Select::new();
         sel.recv(s.pace.wake());
-        sel.recv(&s.kick_rx);
+        sel.recv(kick);
         // Frames only while the guest's driver takes them: else they stay in the channel
         // and would wake this wait at once, again and again.
         if net.driver_ok() && net.device.rx_room() {
@@ -555,15 +666,19 @@ fn hold(m: &mut Machine, s: &Shared) {
     m.devices.net.device.stats.holds += 1;
 }
 
-/// The guest has nothing to do: wait until a frame arrives, the controller kicks, or the
-/// time passes.
-fn idle(m: &Machine, s: &Shared, max: Duration) {
-    if max.is_zero() || m.devices.net.device.has_rx() || s.pause.load(Ordering::SeqCst) {
+/// vCPU `i` has nothing to do: wait until the controller kicks or the time passes, and on
+/// vCPU 0 until a frame arrives. The machine is not locked meanwhile.
+fn idle(s: &Shared, i: usize, max: Duration) {
+    if max.is_zero() || s.pause.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
         return;
     }
-    let rx = m.devices.net.device.rx_channel();
     let mut sel = Select::new();
-    sel.recv(rx);
-    sel.recv(&s.kick_rx);
+    sel.recv(&s.wakes[i].rx);
+    if i == DEVICE_VCPU {
+        if s.machine().devices.net.device.has_rx() {
+            return;
+        }
+        sel.recv(&s.net_rx);
+    }
     let _ = sel.ready_timeout(max);
 }

@@ -1,11 +1,13 @@
 //! The VM state snapshot: a versioned, checksummed binary image of everything about a VM
-//! except its RAM (which travels separately, as pages): the vCPU (with every MSR the host's
-//! KVM lists that the vCPU can read and write), the interrupt controllers, the PIT, the
-//! clock and every device. Version 2 added the PIT and the host's full MSR list.
+//! except its RAM (which travels separately, as pages): every vCPU in index order (each
+//! with every MSR the host's KVM lists that the vCPU can read and write), the interrupt
+//! controllers, the PIT, the clock and every device. Version 2 added the PIT and the
+//! host's full MSR list; version 3 the vCPU count and one vCPU state per vCPU.
 //!
 //! ```text
 //! header (32 bytes): "COLOSNAP" | version u32 | reserved u32 | body length u64 | FNV-1a u64
-//! body: length-prefixed items in a fixed order (codec.rs), each checked on decode
+//! body: length-prefixed items in a fixed order (codec.rs), each checked on decode:
+//!       vCPU count u64, then per vCPU its registers ... debug registers; then the VM's
 //! ```
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_msr_entry, kvm_pit_state2};
@@ -18,11 +20,13 @@ use super::vcpu::VcpuState;
 /// "COLOSNAP".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"COLOSNAP");
 /// The snapshot format version this build writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The largest snapshot body accepted.
 pub const MAX_BODY: u64 = 16 << 20;
 /// Most MSRs in a snapshot.
 const MAX_MSRS: u64 = 256;
+/// Most vCPUs in a snapshot.
+const MAX_VCPUS: u64 = super::abi::MAX_VCPUS as u64;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Debug, Clone, Copy)]
 #[repr(C)]
@@ -37,8 +41,8 @@ struct Header {
 /// What a snapshot holds, decoded.
 #[derive(Clone, Debug)]
 pub struct VmState {
-    /// The vCPU.
-    pub vcpu: VcpuState,
+    /// Every vCPU, in index order (at least one).
+    pub vcpus: Vec<VcpuState>,
     /// PIC master, PIC slave, IOAPIC.
     pub irqchip: [kvm_irqchip; 3],
     /// kvmclock's view of time.
@@ -60,20 +64,10 @@ impl VmState {
     /// Encodes the state.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        let v = &self.vcpu;
-        w.pod(&v.regs);
-        w.pod(&v.sregs);
-        w.bytes(super::vcpu::fpu_bytes(&v.fpu));
-        w.pod(&*v.xsave);
-        w.pod(&v.xcrs);
-        w.pod(&v.lapic);
-        w.u64(v.msrs.len() as u64);
-        for m in &v.msrs {
-            w.pod(m);
+        w.u64(self.vcpus.len() as u64);
+        for v in &self.vcpus {
+            encode_vcpu(&mut w, v);
         }
-        w.pod(&v.events);
-        w.pod(&v.mp_state);
-        w.pod(&v.debug);
         for c in &self.irqchip {
             w.pod(c);
         }
@@ -134,39 +128,22 @@ impl VmState {
             ));
         }
         let mut r = Reader::new(body, "vm state");
-        let regs = r.pod("regs")?;
-        let sregs = r.pod("sregs")?;
-        let fpu = super::vcpu::fpu_from(r.bytes("fpu")?)
-            .ok_or_else(|| Error::Snapshot("vm state: fpu has the wrong length".into()))?;
-        let xsave = Box::new(r.pod("xsave")?);
-        let xcrs = r.pod("xcrs")?;
-        let lapic = r.pod("lapic")?;
-        let n = r.u64("msr count")?;
-        if n > MAX_MSRS {
-            return Err(Error::Snapshot(format!("{n} MSRs, at most {MAX_MSRS}")));
+        let n = r.u64("vcpu count")?;
+        if !(1..=MAX_VCPUS).contains(&n) {
+            return Err(Error::Snapshot(format!(
+                "{n} vCPUs, expected 1 to {MAX_VCPUS}"
+            )));
         }
-        let msrs = (0..n)
-            .map(|_| r.pod::<kvm_msr_entry>("msr"))
+        let vcpus = (0..n)
+            .map(|_| decode_vcpu(&mut r))
             .collect::<Result<Vec<_>>>()?;
-        let vcpu = VcpuState {
-            regs,
-            sregs,
-            fpu,
-            xsave,
-            xcrs,
-            lapic,
-            msrs,
-            events: r.pod("vcpu events")?,
-            mp_state: r.pod("mp state")?,
-            debug: r.pod("debug regs")?,
-        };
         let irqchip = [r.pod("pic master")?, r.pod("pic slave")?, r.pod("ioapic")?];
         let clock = r.pod("clock")?;
         let pit = r.pod("pit")?;
         let devices = r.bytes("devices")?.to_vec();
         r.finish()?;
         Ok(Self {
-            vcpu,
+            vcpus,
             irqchip,
             clock,
             pit,
@@ -175,27 +152,82 @@ impl VmState {
     }
 }
 
+/// Appends one vCPU's items.
+fn encode_vcpu(w: &mut Writer, v: &VcpuState) {
+    w.pod(&v.regs);
+    w.pod(&v.sregs);
+    w.bytes(super::vcpu::fpu_bytes(&v.fpu));
+    w.pod(&*v.xsave);
+    w.pod(&v.xcrs);
+    w.pod(&v.lapic);
+    w.u64(v.msrs.len() as u64);
+    for m in &v.msrs {
+        w.pod(m);
+    }
+    w.pod(&v.events);
+    w.pod(&v.mp_state);
+    w.pod(&v.debug);
+}
+
+/// Reads one vCPU's items.
+fn decode_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
+    let regs = r.pod("regs")?;
+    let sregs = r.pod("sregs")?;
+    let fpu = super::vcpu::fpu_from(r.bytes("fpu")?)
+        .ok_or_else(|| Error::Snapshot("vm state: fpu has the wrong length".into()))?;
+    let xsave = Box::new(r.pod("xsave")?);
+    let xcrs = r.pod("xcrs")?;
+    let lapic = r.pod("lapic")?;
+    let n = r.u64("msr count")?;
+    if n > MAX_MSRS {
+        return Err(Error::Snapshot(format!("{n} MSRs, at most {MAX_MSRS}")));
+    }
+    let msrs = (0..n)
+        .map(|_| r.pod::<kvm_msr_entry>("msr"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(VcpuState {
+        regs,
+        sregs,
+        fpu,
+        xsave,
+        xcrs,
+        lapic,
+        msrs,
+        events: r.pod("vcpu events")?,
+        mp_state: r.pod("mp state")?,
+        debug: r.pod("debug regs")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
-    /// A valid snapshot of made-up state (decoding does not care where it came from).
+    fn vcpu(rip: u64) -> VcpuState {
+        VcpuState {
+            regs: kvm_bindings::kvm_regs {
+                rip,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            fpu: Default::default(),
+            xsave: Box::new([7; 1024]),
+            xcrs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![Default::default(); 3],
+            events: Default::default(),
+            mp_state: Default::default(),
+            debug: Default::default(),
+        }
+    }
+
+    /// A valid snapshot of made-up state of two vCPUs (decoding does not care where it
+    /// came from).
     fn sample() -> Vec<u8> {
         VmState {
-            vcpu: VcpuState {
-                regs: Default::default(),
-                sregs: Default::default(),
-                fpu: Default::default(),
-                xsave: Box::new([7; 1024]),
-                xcrs: Default::default(),
-                lapic: Default::default(),
-                msrs: vec![Default::default(); 3],
-                events: Default::default(),
-                mp_state: Default::default(),
-                debug: Default::default(),
-            },
+            vcpus: vec![vcpu(1), vcpu(2)],
             irqchip: Default::default(),
             clock: Default::default(),
             pit: Default::default(),
@@ -218,8 +250,23 @@ mod tests {
     fn a_sample_round_trips() {
         let s = VmState::decode(&sample()).unwrap();
         assert_eq!(s.devices, [1, 2, 3]);
-        assert_eq!(s.vcpu.msrs.len(), 3);
-        assert_eq!(s.vcpu.xsave[5], 7);
+        assert_eq!(s.vcpus.len(), 2);
+        assert_eq!(
+            s.vcpus.iter().map(|v| v.regs.rip).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(s.vcpus[1].msrs.len(), 3);
+        assert_eq!(s.vcpus[1].xsave[5], 7);
+    }
+
+    #[test]
+    fn a_vcpu_count_out_of_range_is_refused() {
+        for n in [0, MAX_VCPUS + 1] {
+            let mut s = VmState::decode(&sample()).unwrap();
+            s.vcpus = vec![vcpu(0); n as usize];
+            let e = VmState::decode(&s.encode()).unwrap_err().to_string();
+            assert!(e.contains(&format!("{n} vCPUs")), "{e}");
+        }
     }
 
     proptest! {

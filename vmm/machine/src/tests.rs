@@ -1,6 +1,7 @@
 //! Machine tests with tiny hand-assembled guests: long mode at CPL3, the console and exit
 //! ports, a crash report, pause/resume, and a snapshot round trip.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::abi::IMAGE_GPA;
@@ -16,7 +17,7 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
 }
 
 /// `out dx, eax` with dx = port, eax = value.
-fn out(port: u16, value: u32) -> Vec<u8> {
+pub(crate) fn out(port: u16, value: u32) -> Vec<u8> {
     let mut c = vec![0xb8];
     c.extend_from_slice(&value.to_le_bytes());
     c.extend_from_slice(&[0x66, 0xba]);
@@ -43,6 +44,16 @@ pub fn machine(code: &[u8], console: ConsoleSink) -> Option<Machine> {
 }
 
 fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Option<Machine> {
+    machine_on(code, console, net, 1)
+}
+
+/// A machine of `vcpus` vCPUs running `code`, or None (with a line saying why) without KVM.
+pub fn machine_on(
+    code: &[u8],
+    console: ConsoleSink,
+    net: NetBackend,
+    vcpus: u32,
+) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -56,6 +67,7 @@ fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Optio
     let m = Machine::new(VmConfig {
         name: "test".into(),
         ram: 32 << 20,
+        vcpus,
         guest: Guest::BuiltIn(BuiltInGuest {
             image: tiny_elf(code),
             ip: ([10, 0, 0, 2], 24),
@@ -119,7 +131,7 @@ fn a_non_zero_exit_status_is_an_error() {
 }
 
 /// A counting loop: rbx counts up forever; `jmp` back.
-fn counter() -> Vec<u8> {
+pub(crate) fn counter() -> Vec<u8> {
     // xor ebx, ebx; loop: inc rbx; jmp loop
     vec![0x31, 0xdb, 0x48, 0xff, 0xc3, 0xeb, 0xfb]
 }
@@ -136,11 +148,17 @@ fn pause_resume_and_snapshot_round_trip() {
     vm.pause().unwrap();
     let (snap, rbx1) = {
         let m = vm.machine().unwrap();
-        (m.save_state().unwrap(), m.vcpu.get_regs().unwrap().rbx)
+        (
+            m.save_state().unwrap(),
+            m.vcpus.lock(0).get_regs().unwrap().rbx,
+        )
     };
     // Paused means paused: the counter does not move.
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(vm.machine().unwrap().vcpu.get_regs().unwrap().rbx, rbx1);
+    assert_eq!(
+        vm.machine().unwrap().vcpus.lock(0).get_regs().unwrap().rbx,
+        rbx1
+    );
     vm.resume();
     assert!(counts_past(&vm, rbx1, 0), "resumed");
     vm.stop().unwrap();
@@ -150,7 +168,7 @@ fn pause_resume_and_snapshot_round_trip() {
         return;
     };
     m2.restore_state(&snap).unwrap();
-    assert_eq!(m2.vcpu.get_regs().unwrap().rbx, rbx1);
+    assert_eq!(m2.vcpus.lock(0).get_regs().unwrap().rbx, rbx1);
     assert_eq!(m2.save_state().unwrap().len(), snap.len());
     let vm2 = VmHandle::start(m2, false).unwrap();
     assert!(counts_past(&vm2, rbx1, 0), "the restored VM counts on");
@@ -195,14 +213,14 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
         },
     ])
     .unwrap();
-    assert_eq!(m.vcpu.set_msrs(&msrs).unwrap(), 2);
+    assert_eq!(m.vcpus.lock(0).set_msrs(&msrs).unwrap(), 2);
     let mut pit = m.vm.get_pit2().unwrap();
     pit.channels[0].count = 0x1234;
     pit.channels[0].mode = 2;
     m.vm.set_pit2(&pit).unwrap();
     let snap = m.save_state().unwrap();
     let decoded = crate::snapshot::VmState::decode(&snap).unwrap();
-    assert_eq!(decoded.vcpu.msrs.len(), m.saved_msrs.len());
+    assert_eq!(decoded.vcpus[0].msrs.len(), m.saved_msrs.len());
     drop(m);
 
     let Some(mut m2) = machine(&counter(), ConsoleSink::Discard) else {
@@ -220,7 +238,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
         },
     ])
     .unwrap();
-    assert_eq!(m2.vcpu.get_msrs(&mut back).unwrap(), 2);
+    assert_eq!(m2.vcpus.lock(0).get_msrs(&mut back).unwrap(), 2);
     assert_eq!(
         (back.as_slice()[0].data, back.as_slice()[1].data),
         (pat, kvmclock)
@@ -228,7 +246,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
     let pit2 = m2.vm.get_pit2().unwrap();
     assert_eq!((pit2.channels[0].count, pit2.channels[0].mode), (0x1234, 2));
     let again = crate::snapshot::VmState::decode(&m2.save_state().unwrap()).unwrap();
-    for (a, b) in decoded.vcpu.msrs.iter().zip(&again.vcpu.msrs) {
+    for (a, b) in decoded.vcpus[0].msrs.iter().zip(&again.vcpus[0].msrs) {
         assert_eq!(a.index, b.index);
         if a.index != 0x10 && a.index != 0x3b {
             // Everything but the running TSC (and its adjust) comes back as it was.
@@ -240,7 +258,7 @@ fn the_snapshot_carries_every_msr_and_the_pit() {
 /// The guest's rbx, read while paused; the VM is resumed after.
 fn rbx(vm: &VmHandle) -> u64 {
     vm.pause().unwrap();
-    let r = vm.machine().unwrap().vcpu.get_regs().unwrap().rbx;
+    let r = vm.machine().unwrap().vcpus.lock(0).get_regs().unwrap().rbx;
     vm.resume();
     r
 }
@@ -334,12 +352,12 @@ fn corrupt_snapshots_are_refused_before_anything_is_applied() {
     v[last] ^= 0x55;
     cases.push((v, "checksum"));
     let mut m = m;
-    let regs = m.vcpu.get_regs().unwrap();
+    let regs = m.vcpus.lock(0).get_regs().unwrap();
     for (bytes, want) in cases {
         let e = m.restore_state(&bytes).unwrap_err().to_string();
         assert!(e.contains(want), "{e:?} should say {want:?}");
     }
-    assert_eq!(m.vcpu.get_regs().unwrap(), regs);
+    assert_eq!(m.vcpus.lock(0).get_regs().unwrap(), regs);
 }
 
 #[test]
@@ -347,6 +365,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
     let cfg = |disk: std::path::PathBuf| VmConfig {
         name: "t".into(),
         ram: 32 << 20,
+        vcpus: 1,
         guest: Guest::BuiltIn(BuiltInGuest {
             image: tiny_elf(&counter()),
             ip: ([10, 0, 0, 2], 24),
@@ -379,7 +398,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
 }
 
 /// A tiny smoltcp client for tests: one connection, line requests.
-mod tcp_client {
+pub(crate) mod tcp_client {
     use std::time::{Duration, Instant};
 
     use crossbeam_channel::Receiver;
@@ -502,6 +521,17 @@ fn guest_machine_on(
     disk: &std::path::Path,
     disk_backend: Option<std::sync::Arc<dyn colo_blk::BlockBackend>>,
 ) -> Option<Machine> {
+    guest_machine_with(name, net, disk, disk_backend, 1)
+}
+
+/// The built-in guest on `vcpus` vCPUs, or None (with a line saying why) without KVM.
+pub(crate) fn guest_machine_with(
+    name: &str,
+    net: NetBackend,
+    disk: &std::path::Path,
+    disk_backend: Option<std::sync::Arc<dyn colo_blk::BlockBackend>>,
+    vcpus: u32,
+) -> Option<Machine> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent");
         return None;
@@ -510,6 +540,7 @@ fn guest_machine_on(
         Machine::new(VmConfig {
             name: name.into(),
             ram: 64 << 20,
+            vcpus,
             guest: Guest::BuiltIn(BuiltInGuest {
                 image: crate::guest_image::GUEST_ELF.to_vec(),
                 ip: ([10, 0, 0, 2], 24),
@@ -527,8 +558,42 @@ fn guest_machine_on(
     )
 }
 
+/// A new scratch directory named after `tag` with an empty 1 MiB disk image `1.img`, and
+/// the path `2.img` beside it for a copy.
+pub(crate) fn scratch_disks(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
+    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    (dir, d1, d2)
+}
+
+/// Pauses `vm` (the built-in guest on the disk `disk`, 64 MiB of RAM) and restores it into
+/// a new VM of `vcpus` vCPUs on a copy of the disk at `copy`: its RAM, its state and its
+/// disk, the three parts of a checkpoint. The new VM is not started; `vm` stays paused.
+pub(crate) fn checkpoint_into_new_vm(
+    vm: &VmHandle,
+    disk: &std::path::Path,
+    copy: &std::path::Path,
+    vcpus: u32,
+) -> (Machine, ChannelPeer) {
+    vm.pause().unwrap();
+    let (state, ram) = {
+        let m = vm.machine().unwrap();
+        let mut ram = vec![0u8; 64 << 20];
+        m.read_ram(0, &mut ram).unwrap();
+        (m.save_state().unwrap(), ram)
+    };
+    std::fs::copy(disk, copy).unwrap();
+    let (net, peer) = NetBackend::channel();
+    let mut m = guest_machine_with("two", net, copy, None, vcpus).unwrap();
+    m.write_ram(0, &ram).unwrap();
+    m.restore_state(&state).unwrap();
+    (m, peer)
+}
+
 /// A client's frame output into a channel-backed VM.
-fn frames_to(peer: &ChannelPeer) -> FrameOut {
+pub(crate) fn frames_to(peer: &ChannelPeer) -> FrameOut {
     let to = peer.to_guest.clone();
     Box::new(move |f| {
         let _ = to.send(f);
@@ -585,10 +650,7 @@ fn tcp_payload(frame: &[u8]) -> Vec<u8> {
 /// VM: both answer the next requests on that connection with the same bytes.
 #[test]
 fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
-    let dir = std::env::temp_dir().join(format!("colo-snap-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
-    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (dir, d1, d2) = scratch_disks("colo-snap-test");
     let (net1, peer1) = NetBackend::channel();
     let Some(m1) = guest_machine("one", net1, &d1) else {
         return;
@@ -598,20 +660,7 @@ fn a_snapshot_taken_mid_service_restores_into_a_vm_that_answers_identically() {
     assert_eq!(c.request("SET a 1"), "OK");
     assert_eq!(c.request("GET a"), "VALUE 1");
 
-    // Pause, save state and RAM, copy the disk: the three parts of a checkpoint.
-    vm1.pause().unwrap();
-    let (state, ram) = {
-        let m = vm1.machine().unwrap();
-        let mut ram = vec![0u8; 64 << 20];
-        m.read_ram(0, &mut ram).unwrap();
-        (m.save_state().unwrap(), ram)
-    };
-    std::fs::copy(&d1, &d2).unwrap();
-    let (net2, peer2) = NetBackend::channel();
-    let m2 = guest_machine("two", net2, &d2).unwrap();
-    m2.write_ram(0, &ram).unwrap();
-    let mut m2 = m2;
-    m2.restore_state(&state).unwrap();
+    let (m2, peer2) = checkpoint_into_new_vm(&vm1, &d1, &d2, 1);
     let vm2 = VmHandle::start(m2, false).unwrap();
     vm1.resume();
 
@@ -721,10 +770,7 @@ impl colo_blk::BlockBackend for GatedDisk {
 /// its own once the flush ends.
 #[test]
 fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
-    let dir = std::env::temp_dir().join(format!("colo-inflight-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d1, d2) = (dir.join("1.img"), dir.join("2.img"));
-    std::fs::write(&d1, vec![0u8; 1 << 20]).unwrap();
+    let (dir, d1, d2) = scratch_disks("colo-inflight-test");
     let (flushing, flush_started) = crossbeam_channel::bounded(1);
     let gated = std::sync::Arc::new(GatedDisk {
         disk: colo_blk::PlainDisk::new(colo_blk::Disk::open(&d1).unwrap()),

@@ -58,6 +58,7 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
     let m = Machine::new(VmConfig {
         name: "linux".into(),
         ram: 3584 << 20,
+        vcpus: 1,
         guest: Guest::Linux(LinuxGuest {
             kernel: dir.join("vmlinux"),
             initrd: Some(dir.join("initrd.img")),

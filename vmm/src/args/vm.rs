@@ -19,6 +19,11 @@ pub struct VmArgs {
     /// --kernel]. A Linux guest with more than 3GiB gets the rest above 4GiB.
     #[arg(long, value_parser = parse_size)]
     pub ram: Option<u64>,
+    /// vCPUs (1 to 8), each on its own thread. vCPU 0 runs the guest's service; every
+    /// other vCPU runs a worker that dirties its own share of --dirty-rate in its own
+    /// pages and counts its turns (the service's VCPUS command reports the counts).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub vcpus: u32,
     /// The disk image (a raw file). Created with --disk-size if it does not exist.
     #[arg(long, default_value = "colo-disk.img")]
     pub disk: PathBuf,
@@ -44,7 +49,8 @@ pub struct VmArgs {
     /// Put the guest's TSC into every reply, so two copies of the guest answer differently.
     #[arg(long)]
     pub nondeterministic: bool,
-    /// Pages per second the guest dirties in its scratch memory (a checkpoint load).
+    /// Pages per second the guest dirties in its scratch memory (a checkpoint load), in
+    /// all: every vCPU writes an equal share into its own slice.
     #[arg(long, default_value_t = 0)]
     pub dirty_rate: u64,
     /// A guest image to run instead of the built-in one (an x86-64 ELF linked at 0x200000).
@@ -195,6 +201,7 @@ impl VmArgs {
         Machine::new(VmConfig {
             name: name.into(),
             ram,
+            vcpus: self.vcpus,
             guest: Guest::Linux(linux),
             disk: self.disk.clone(),
             disk_backend: None,
@@ -253,6 +260,7 @@ impl VmArgs {
         Machine::new(VmConfig {
             name: name.into(),
             ram,
+            vcpus: self.vcpus,
             guest: Guest::BuiltIn(BuiltInGuest {
                 image,
                 ip: guest,

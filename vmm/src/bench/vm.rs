@@ -68,6 +68,7 @@ pub fn run(args: &VmBenchArgs) -> Result<()> {
 fn vm_args(dir: &std::path::Path, tap: &str, with_net: bool) -> VmArgs {
     VmArgs {
         ram: Some(64 << 20),
+        vcpus: 1,
         disk: dir.join(format!("disk-{tap}-{with_net}.img")),
         disk_size: Some(16 << 20),
         tap: tap.into(),
@@ -89,6 +90,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
     let machine = colo_machine::Machine::new(colo_machine::VmConfig {
         name: "bench".into(),
         ram: a.ram_for(false),
+        vcpus: a.vcpus,
         guest: colo_machine::Guest::BuiltIn(colo_machine::BuiltInGuest {
             image: colo_machine::guest_image::GUEST_ELF.to_vec(),
             ip: ([10, 0, 3, 2], 24),

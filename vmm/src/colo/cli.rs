@@ -329,6 +329,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             addr: peer.clone(),
             pair_id: a.colo.pair_id,
             transport: transport.clone(),
+            vcpus: a.vm.vcpus,
         },
         params,
         events,
@@ -418,6 +419,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         &secondary::Pairing {
             pair_id: a.colo.pair_id,
             transport,
+            vcpus: a.vm.vcpus,
         },
         params,
     )?;

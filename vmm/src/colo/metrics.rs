@@ -30,10 +30,15 @@ pub struct EpochRecord {
     pub trigger: Trigger,
     /// How long the PVM was paused, in microseconds.
     pub pause_us: u64,
-    /// Of the pause: microseconds until the vCPU had stopped (a vCPU busy in a device
+    /// Of the pause: microseconds until every vCPU had stopped (a vCPU busy in a device
     /// exit, e.g. a disk flush, finishes it first).
     #[serde(default)]
     pub park_us: u64,
+    /// Each vCPU's stop time, in microseconds from the request to stop, in vCPU order (0
+    /// for a vCPU that was stopped already, e.g. running disk requests off the machine);
+    /// the slowest is the pause's part in `park_us`.
+    #[serde(default)]
+    pub vcpu_stop_us: Vec<u64>,
     /// Of the pause: microseconds to read and clear the dirty log.
     #[serde(default)]
     pub collect_us: u64,
@@ -83,6 +88,10 @@ pub fn open_stream(path: &std::path::Path) -> Result<std::fs::File, super::ColoE
 pub struct Summary {
     /// Every pause, in microseconds (kept to compute percentiles).
     pub pauses_us: Vec<u64>,
+    /// Every pause's slowest vCPU stop, in microseconds.
+    pub stops_us: Vec<u64>,
+    /// vCPUs of the VM (from the latest checkpoint).
+    pub vcpus: usize,
     /// Checkpoints taken.
     pub epochs: u64,
     /// Pages pushed.
@@ -106,21 +115,29 @@ impl Summary {
             Trigger::Threshold => self.by_trigger[2] += 1,
         }
         self.pauses_us.push(r.pause_us);
+        self.stops_us
+            .push(r.vcpu_stop_us.iter().copied().max().unwrap_or(0));
+        if !r.vcpu_stop_us.is_empty() {
+            self.vcpus = r.vcpu_stop_us.len();
+        }
     }
 
     /// The p-th percentile pause (0..=1).
     pub fn pause(&self, p: f64) -> Duration {
-        let mut v = self.pauses_us.clone();
-        v.sort_unstable();
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        Duration::from_micros(v.get(i).copied().unwrap_or(0))
+        percentile(&self.pauses_us, p)
+    }
+
+    /// The p-th percentile of the slowest vCPU's stop time (0..=1).
+    pub fn stop(&self, p: f64) -> Duration {
+        percentile(&self.stops_us, p)
     }
 
     /// A one-paragraph summary.
     pub fn text(&self, secs: f64) -> String {
         format!(
             "{} checkpoints in {secs:.1} s ({:.1}/s; timer {}, mismatch {}, threshold {}); \
-             pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} pages ({:.1} MiB) pushed",
+             pause p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (slowest of {} vCPU(s) stopped in \
+             {} us p99); {} pages ({:.1} MiB) pushed",
             self.epochs,
             self.epochs as f64 / secs.max(1e-9),
             self.by_trigger[0],
@@ -129,8 +146,18 @@ impl Summary {
             self.pause(0.5).as_secs_f64() * 1e3,
             self.pause(0.99).as_secs_f64() * 1e3,
             self.pause(1.0).as_secs_f64() * 1e3,
+            self.vcpus.max(1),
+            self.stop(0.99).as_micros(),
             self.pages,
             self.bytes as f64 / f64::from(1 << 20)
         )
     }
+}
+
+/// The p-th percentile (0..=1) of microsecond values.
+fn percentile(us: &[u64], p: f64) -> Duration {
+    let mut v = us.to_vec();
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    Duration::from_micros(v.get(i).copied().unwrap_or(0))
 }

@@ -40,12 +40,16 @@ pub struct Peer {
     pub pair_id: u64,
     /// The page-push transport.
     pub transport: super::push::PushTransport,
+    /// The VM's vCPU count, which the secondary's must match.
+    pub vcpus: u32,
 }
 
-/// How the pause began: until the vCPU parked, then reading the dirty log.
-#[derive(Debug, Clone, Copy, Default)]
+/// How the pause began: until every vCPU parked (and each one's stop time), then reading
+/// the dirty log.
+#[derive(Debug, Clone, Default)]
 struct PauseStart {
     park: Duration,
+    vcpu_stops: Vec<Duration>,
     collect: Duration,
 }
 
@@ -139,6 +143,7 @@ fn open_link(
             len: ram.len() as u64,
         }],
     )
+    .and_then(|h| h.with_vcpus(peer.vcpus))
     .map_err(ColoError::transport("build the hello"))?;
     ctl.handshake(&hello)
         .map_err(ColoError::transport("handshake"))?;
@@ -582,11 +587,12 @@ impl Primary {
         self.peer()?
             .expect(Kind::CheckpointReply, Some(k), STEP_TIMEOUT)?;
         let t = Instant::now();
-        self.vm.pause()?;
+        let report = self.vm.pause()?;
         let parked = t.elapsed();
         self.dirty.collect(&mut self.bitmap)?;
         let start = PauseStart {
             park: parked,
+            vcpu_stops: report.stops().to_vec(),
             collect: t.elapsed() - parked,
         };
         let r = self.checkpoint_paused(trigger, t, start);
@@ -680,6 +686,11 @@ impl Primary {
             pause_us: paused_at.elapsed().as_micros() as u64,
             release_us: (paused_at.elapsed() - received_at).as_micros() as u64,
             park_us: start.park.as_micros() as u64,
+            vcpu_stop_us: start
+                .vcpu_stops
+                .iter()
+                .map(|d| d.as_micros() as u64)
+                .collect(),
             collect_us: start.collect.as_micros() as u64,
             push_us: pushed_at.as_micros() as u64,
             barrier_us: (barrier_done - pushed_at).as_micros() as u64,

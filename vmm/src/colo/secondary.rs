@@ -77,6 +77,8 @@ pub struct Pairing {
     pub pair_id: u64,
     /// The page-push transport.
     pub transport: super::push::PushTransport,
+    /// The VM's vCPU count.
+    pub vcpus: u32,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
@@ -105,6 +107,7 @@ pub fn accept(
             len: svm_ram.len() as u64,
         }],
     )
+    .and_then(|h| h.with_vcpus(pairing.vcpus))
     .map_err(ColoError::transport("build the hello"))?;
     ctl.handshake(&hello)
         .map_err(ColoError::transport("handshake"))?;

@@ -7,6 +7,11 @@
 //! does not return the acknowledged value is counted as a *lost acknowledged write*, and
 //! any reply that does not fit its request as a *contradiction*. Both must stay 0, across
 //! checkpoints and across failover.
+//!
+//! On a guest with several vCPUs it also asks `VCPUS` every [`VCPUS_EVERY`]: each worker
+//! vCPU's turn counter must never go back from one reply to the next (a reply released to
+//! the client is covered by a checkpoint, so a secondary that took over counts on from at
+//! least there); a counter that goes back is a contradiction too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +27,9 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
 /// Distinct keys the load writes (then overwrites).
 const KEYS: u64 = 50_000;
+/// How often the client asks for the worker vCPUs' counters (each answer differs between
+/// the two VMs, so in COLO mode each one costs a checkpoint).
+pub const VCPUS_EVERY: Duration = Duration::from_millis(250);
 
 /// What the client saw, shared with the status line.
 #[derive(Debug, Default)]
@@ -42,6 +50,12 @@ pub struct ClientStats {
     pub connected: AtomicBool,
     /// The first few anomalies (lost or contradicted), for the report.
     pub anomalies: std::sync::Mutex<Vec<String>>,
+    /// The worker vCPUs' counters in the latest `VCPUS` reply (vCPUs 1 and up).
+    pub vcpu_turns: std::sync::Mutex<Vec<u64>>,
+    /// `VCPUS` replies checked.
+    pub vcpu_checks: AtomicU64,
+    /// `VCPUS` replies in which a counter went back (also counted as contradictions).
+    pub vcpu_regressions: AtomicU64,
 }
 
 impl ClientStats {
@@ -64,6 +78,8 @@ pub struct ClientNet {
     pub server: ([u8; 4], u16),
     /// Requests kept in flight (1: one at a time).
     pub window: usize,
+    /// The guest's vCPU count: above 1, the client checks the workers' counters.
+    pub vcpus: u32,
 }
 
 /// Runs the load until `stop`: frames out on `tx`, in on `rx`. Returns every acknowledged
@@ -105,6 +121,7 @@ pub fn run(
         std::collections::VecDeque::new();
     let window = net.window.max(1);
     let mut inbuf = Vec::new();
+    let mut last_vcpus = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         iface.poll(now(), &mut dev, &mut sockets);
         let s = sockets.get_mut::<tcp::Socket<'_>>(h);
@@ -127,7 +144,10 @@ pub fn run(
                 // runs; values grow with every request, so a stale or lost write shows.
                 let key = next % KEYS + 1;
                 let set = || format!("SET k{key} {}", next * 7);
-                let req = if next % 4 == 0 && !acked.is_empty() {
+                let req = if net.vcpus > 1 && last_vcpus.elapsed() >= VCPUS_EVERY {
+                    last_vcpus = Instant::now();
+                    "VCPUS".to_string()
+                } else if next % 4 == 0 && !acked.is_empty() {
                     let k = (next / 2) % KEYS + 1;
                     let in_flight = pending.iter().any(|(r, _)| {
                         r.strip_prefix("SET ")
@@ -164,7 +184,7 @@ pub fn run(
                 stats
                     .max_wait_us
                     .fetch_max(at.elapsed().as_micros() as u64, Ordering::Relaxed);
-                check(&req, &line, &mut acked, stats);
+                check(&req, &line, &mut acked, stats, net.vcpus);
             }
         }
         let delay = iface
@@ -181,9 +201,10 @@ pub fn run(
     acked
 }
 
-fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientStats) {
+fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientStats, vcpus: u32) {
     let mut p = req.split(' ');
     match (p.next(), p.next(), p.next()) {
+        (Some("VCPUS"), None, None) => check_vcpus(reply, stats, vcpus),
         (Some("SET"), Some(k), Some(v)) if reply == "OK" || reply.starts_with("OK ") => {
             if let (Ok(k), Ok(v)) = (k[1..].parse(), v.parse()) {
                 acked.insert(k, v);
@@ -210,5 +231,64 @@ fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientSt
             stats.contradictions.fetch_add(1, Ordering::Relaxed);
             stats.anomaly(format!("contradicted: {req:?} -> {reply:?}"));
         }
+    }
+}
+
+/// Checks a `VCPUS` reply (`VCPUS <n> <turns of vCPU 1> ... <turns of vCPU n-1>`, maybe
+/// with a TSC stamp after): the vCPU count, and no worker's counter below its last value.
+fn check_vcpus(reply: &str, stats: &ClientStats, vcpus: u32) {
+    let mut f = reply.split(' ');
+    let turns: Option<Vec<u64>> = match (f.next(), f.next().and_then(|n| n.parse::<u32>().ok())) {
+        (Some("VCPUS"), Some(n)) if n == vcpus => f
+            .take(vcpus.saturating_sub(1) as usize)
+            .map(|t| t.parse().ok())
+            .collect(),
+        _ => None,
+    };
+    let Some(turns) = turns.filter(|t| t.len() + 1 == vcpus as usize) else {
+        stats.contradictions.fetch_add(1, Ordering::Relaxed);
+        stats.anomaly(format!(
+            "contradicted: \"VCPUS\" -> {reply:?} on a guest of {vcpus} vCPUs"
+        ));
+        return;
+    };
+    stats.vcpu_checks.fetch_add(1, Ordering::Relaxed);
+    let Ok(mut last) = stats.vcpu_turns.lock() else {
+        return;
+    };
+    let back: Vec<String> = last
+        .iter()
+        .zip(&turns)
+        .enumerate()
+        .filter(|(_, (was, now))| now < was)
+        .map(|(i, (was, now))| format!("vCPU {}: {was} -> {now}", i + 1))
+        .collect();
+    if !back.is_empty() {
+        stats.vcpu_regressions.fetch_add(1, Ordering::Relaxed);
+        stats.contradictions.fetch_add(1, Ordering::Relaxed);
+        stats.anomaly(format!("a worker's counter went back: {}", back.join(", ")));
+    }
+    *last = turns;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_counters_may_stay_or_grow_but_never_go_back() {
+        let s = ClientStats::default();
+        check_vcpus("VCPUS 3 10 20", &s, 3);
+        check_vcpus("VCPUS 3 10 25 t=123", &s, 3);
+        assert_eq!(s.contradictions.load(Ordering::Relaxed), 0);
+        assert_eq!(*s.vcpu_turns.lock().unwrap(), [10, 25]);
+        check_vcpus("VCPUS 3 11 24", &s, 3);
+        assert_eq!(s.vcpu_regressions.load(Ordering::Relaxed), 1);
+        assert!(s.anomalies.lock().unwrap()[0].contains("vCPU 2: 25 -> 24"));
+        for bad in ["VCPUS 2 10", "VCPUS 3 10", "PONG", "VCPUS 3 x 1"] {
+            check_vcpus(bad, &s, 3);
+        }
+        assert_eq!(s.contradictions.load(Ordering::Relaxed), 5);
+        assert_eq!(s.vcpu_checks.load(Ordering::Relaxed), 3);
     }
 }

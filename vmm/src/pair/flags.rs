@@ -34,6 +34,7 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
 pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     let mut v = vec![
         format!("--ram={}", a.ram),
+        format!("--vcpus={}", a.vcpus),
         format!("--disk={}", dir.join(format!("{side}.img")).display()),
         // The guest's disk log only grows: room for long, fast runs (a sparse file).
         "--disk-size=268435456".into(),

@@ -77,7 +77,13 @@ pub struct PairArgs {
     /// Guest RAM of each VM.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub ram: u64,
-    /// Pages per second each guest dirties.
+    /// vCPUs of each VM (1 to 8; both sides get the same). vCPU 0 serves; each other vCPU
+    /// runs a worker that dirties its share of --dirty-rate and counts, and the client
+    /// checks with the service's VCPUS command that no count ever goes back (across
+    /// checkpoints and failover).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub vcpus: u32,
+    /// Pages per second each guest dirties (in all, shared evenly by its vCPUs).
     #[arg(long, default_value_t = 0)]
     pub dirty_rate: u64,
     /// Put the TSC into every reply, so PVM and SVM answer differently (mismatches).
@@ -148,6 +154,7 @@ pub fn run(a: &PairArgs) -> Result<(), ColoError> {
 /// Starts the client load on the proxy's client port.
 fn start_client(
     window: usize,
+    vcpus: u32,
     client_end: colo_netcmp::io::channel::VmEnd,
     stats: &Arc<ClientStats>,
     stop: &Arc<AtomicBool>,
@@ -158,6 +165,7 @@ fn start_client(
         ip: CLIENT_IP,
         server: GUEST,
         window,
+        vcpus,
     };
     std::thread::spawn(move || {
         let out: colo_machine::peer::FrameOut = Box::new(move |f| {

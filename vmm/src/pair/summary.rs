@@ -79,7 +79,7 @@ pub(super) fn report(
     };
     print_text(a, &f, stats, t);
     if a.json {
-        println!("{}", json(&f, shared, stats, t, end));
+        println!("{}", json(a, &f, shared, stats, t, end));
     }
     if f.lost > 0 || f.contradicted > 0 {
         return Err(ColoError::DataLost {
@@ -157,6 +157,15 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
         stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
         stats.connects.load(Ordering::Relaxed),
     );
+    if a.vcpus > 1 {
+        println!(
+            "  vCPUs: {} each; worker counters {:?} at the end, {} VCPUS replies checked, {} with a counter that went back",
+            a.vcpus,
+            lock(&stats.vcpu_turns),
+            stats.vcpu_checks.load(Ordering::Relaxed),
+            stats.vcpu_regressions.load(Ordering::Relaxed),
+        );
+    }
     if f.pm.secondary_holds > 0 {
         println!(
             "  pacing: the proxy held the SVM {} times, when it ran more than {} ms ahead of the PVM",
@@ -179,6 +188,7 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
 
 /// The summary as one JSON object (`--json`).
 fn json(
+    a: &PairArgs,
     f: &Figures,
     shared: &Shared,
     stats: &ClientStats,
@@ -193,6 +203,13 @@ fn json(
         "pause_p50_ms": s.pause(0.5).as_secs_f64() * 1e3,
         "pause_p99_ms": s.pause(0.99).as_secs_f64() * 1e3,
         "pause_max_ms": s.pause(1.0).as_secs_f64() * 1e3,
+        "vcpus": a.vcpus,
+        "vcpu_stop_p99_us": s.stop(0.99).as_micros() as u64,
+        "vcpu_stop_max_us": s.stop(1.0).as_micros() as u64,
+        "vcpu_turns": lock(&stats.vcpu_turns).clone(),
+        "vcpu_turns_at_failover": t.vcpu_turns_at_failover,
+        "vcpu_checks": stats.vcpu_checks.load(Ordering::Relaxed),
+        "vcpu_regressions": stats.vcpu_regressions.load(Ordering::Relaxed),
         "longest_pause": lock(&shared.longest).clone(),
         "pauses_us": s.pauses_us,
         "pages": s.pages,

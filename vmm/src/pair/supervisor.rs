@@ -59,7 +59,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     sup.wait_initial_sync()?;
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(a.pipeline, client_end, &stats, &stop);
+    let client = start_client(a.pipeline, a.vcpus, client_end, &stats, &stop);
     let start = Instant::now();
     let timeline = sup.watch(start, &stats)?;
     let ending = sup.stop(start, &timeline, &stop, client);
@@ -76,6 +76,8 @@ pub(super) struct Timeline {
     pub(super) replies_at_kill: u64,
     /// The client's replies when the supervisor saw the failover.
     pub(super) replies_at_failover: Option<u64>,
+    /// The worker vCPUs' counters the client had seen by then (`VCPUS`).
+    pub(super) vcpu_turns_at_failover: Option<Vec<u64>>,
     /// When the secondary was killed (`--kill-secondary-after`).
     killed_secondary: Option<Instant>,
     /// Whether a new secondary was started since (`--reprotect`).
@@ -245,6 +247,7 @@ impl<'a> Supervisor<'a> {
         if !t.failover_done && failover.is_some() {
             t.failover_done = true;
             t.replies_at_failover = Some(stats.replies.load(Ordering::Relaxed));
+            t.vcpu_turns_at_failover = Some(lock(&stats.vcpu_turns).clone());
             self.proxy
                 .control()
                 .set_mode(colo_netcmp::Mode::SecondaryOnly)

@@ -31,7 +31,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let mut vm = spawn("vm", &args, &shared, a.verbose)?;
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(a.pipeline, client_end, &stats, &stop);
+    let client = start_client(a.pipeline, a.vcpus, client_end, &stats, &stop);
     let start = Instant::now();
     let limit = a.colo.duration.unwrap_or(Duration::from_secs(3600));
     while start.elapsed() < limit && !interrupted() && vm.alive() {

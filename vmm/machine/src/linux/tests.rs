@@ -327,6 +327,7 @@ fn a_pvh_guest_reads_its_command_line_through_the_start_info_and_prints_it_on_co
     let m = Machine::new(VmConfig {
         name: "pvh".into(),
         ram: 64 << 20,
+        vcpus: 1,
         guest: Guest::Linux(LinuxGuest {
             cmdline: Some("console=ttyS0 colo-pvh-test".into()),
             ..guest(&d.file("vmlinux", &tiny_kernel(true)))
