@@ -69,6 +69,24 @@ impl GuestLayout {
         })
     }
 
+    /// A layout of `ranges` (`(guest-physical base, length)`, in flat order), region `i` as
+    /// slot `i`.
+    ///
+    /// # Errors
+    /// [`Error::Layout`] as [`GuestLayout::new`].
+    pub fn from_ranges(page_size: u64, ranges: &[(u64, u64)]) -> Result<Self> {
+        let regions = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, len))| GuestRegion {
+                slot: i as u32,
+                gpa,
+                len,
+            })
+            .collect();
+        Self::new(page_size, regions)
+    }
+
     /// The layout of `mem`: its regions in guest-physical order, slot `i` for region `i`
     /// (the slots a VMM registers them as).
     ///

@@ -27,6 +27,8 @@ pub mod peer;
 pub mod runner;
 pub mod sched;
 mod snapshot;
+#[doc(hidden)]
+pub mod testing;
 mod vcpu;
 mod vcpus;
 

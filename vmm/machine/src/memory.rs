@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use colo_memory::{GuestLayout, GuestMemory, GuestRegion, Region};
+use colo_memory::{GuestLayout, GuestMemory, Region};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -75,18 +75,7 @@ impl GuestRam {
                 .collect::<Vec<_>>(),
         )
         .map_err(|e| Error::Memory(format!("cannot map {total} bytes: {e}")))?;
-        let layout = GuestLayout::new(
-            PAGE_SIZE,
-            ranges
-                .iter()
-                .enumerate()
-                .map(|(i, &(gpa, len))| GuestRegion {
-                    slot: i as u32,
-                    gpa,
-                    len,
-                })
-                .collect(),
-        )?;
+        let layout = GuestLayout::from_ranges(PAGE_SIZE, ranges)?;
         Ok(Self { mem, layout })
     }
 

@@ -5,7 +5,7 @@
 //! the test stops the kernel once its banner, command line and memory map are out (about
 //! 7 s here); README.md ("Booting your own kernel") says how far it gets beyond that.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use colo_machine::devices::backend::NetBackend;
@@ -17,31 +17,9 @@ use colo_machine::{Guest, GuestExit, LinuxGuest, Machine, VmConfig};
 /// margin for a loaded CI machine.
 const BOUND: Duration = Duration::from_secs(120);
 
-/// Where `scripts/test-kernel.sh` leaves the kernel; `None` (and a line saying how to get
-/// it) if it has not run.
-fn test_kernel_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("COLO_TEST_KERNEL_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-kernel"),
-        PathBuf::from,
-    );
-    if ["vmlinux", "initrd.img"]
-        .iter()
-        .all(|f| dir.join(f).exists())
-    {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: no test kernel in {} (run `bash scripts/test-kernel.sh`, which the test \
-             command does first)",
-            dir.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the_serial_port() {
-    let Some(dir) = test_kernel_dir() else {
+    let Some(dir) = colo_machine::testing::test_kernel_dir(&["vmlinux", "initrd.img"]) else {
         return;
     };
     if !Path::new("/dev/kvm").exists() {

@@ -111,24 +111,11 @@ pub fn build(layout: &GuestLayout) -> Vec<Entry> {
 
 #[cfg(test)]
 mod tests {
-    use colo_memory::GuestRegion;
 
     use super::*;
 
     fn layout(regions: &[(u64, u64)]) -> GuestLayout {
-        GuestLayout::new(
-            4096,
-            regions
-                .iter()
-                .enumerate()
-                .map(|(i, &(gpa, len))| GuestRegion {
-                    slot: i as u32,
-                    gpa,
-                    len,
-                })
-                .collect(),
-        )
-        .unwrap()
+        GuestLayout::from_ranges(4096, regions).unwrap()
     }
 
     #[test]

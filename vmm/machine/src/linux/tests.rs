@@ -255,7 +255,7 @@ fn a_kernel_whose_segments_miss_ram_is_refused_and_names_the_ram() {
 
 #[test]
 fn the_real_bzimage_gets_a_zero_page_with_colos_e820_map_and_a_64_bit_entry() {
-    let Some(dir) = test_kernel_dir() else {
+    let Some(dir) = crate::testing::test_kernel_dir(&["vmlinux", "bzImage", "initrd.img"]) else {
         return;
     };
     let g = LinuxGuest {
@@ -290,28 +290,6 @@ fn the_real_bzimage_gets_a_zero_page_with_colos_e820_map_and_a_64_bit_entry() {
         let t = zp.e820_table[i];
         let (addr, sz, kind) = (t.addr, t.size, t.r#type);
         assert_eq!((addr, sz, kind), (e.addr, e.size, e.kind.code()));
-    }
-}
-
-/// Where `scripts/test-kernel.sh` leaves Debian's kernel; `None` (and a line saying how to
-/// get it) if it has not run.
-pub(crate) fn test_kernel_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("COLO_TEST_KERNEL_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-kernel"),
-        PathBuf::from,
-    );
-    if ["vmlinux", "bzImage", "initrd.img"]
-        .iter()
-        .all(|f| dir.join(f).exists())
-    {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: no test kernel in {} (run `bash scripts/test-kernel.sh`, which the test \
-             command does first)",
-            dir.display()
-        );
-        None
     }
 }
 
