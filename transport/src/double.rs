@@ -67,7 +67,7 @@ impl DoubleReceiver {
     /// Connects a sender with a chosen queue pair shape and pipeline tuning.
     ///
     /// # Errors
-    /// [`Error::Protocol`] for a key wider than an rkey, [`Error::Map`] or
+    /// [`Error::Protocol`] for a key wider than an rkey, [`Error::Memory`] or
     /// [`Error::Thread`] if the simulated queue pair cannot be set up.
     pub fn connect_with(
         &self,

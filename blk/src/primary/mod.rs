@@ -190,7 +190,7 @@ struct Threads {
 }
 
 /// The primary's disk: a [`BlockBackend`] the VMM uses in place of a plain file. See the
-/// [module docs](self) and [`SecondaryDisk`](crate::SecondaryDisk) for an example.
+/// the module docs and [`SecondaryDisk`](crate::SecondaryDisk) for an example.
 #[derive(Debug)]
 pub struct PrimaryDisk {
     shared: Arc<Shared>,

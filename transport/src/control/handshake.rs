@@ -116,7 +116,7 @@ impl Hello {
     /// Sets the VM's vCPU count (1 by default; must match the peer's).
     ///
     /// # Errors
-    /// [`Error::Handshake`] for 0 or more than [`MAX_VCPUS`].
+    /// [`Error::Handshake`] for 0 or more than `MAX_VCPUS`.
     pub fn with_vcpus(mut self, vcpus: u32) -> Result<Self> {
         self.vcpus = vcpus;
         self.validate()?;

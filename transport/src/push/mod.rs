@@ -55,7 +55,7 @@ impl RegionDesc {
     /// both.
     ///
     /// # Errors
-    /// [`Error::Protocol`] for an empty run, [`Error::OutOfBounds`] otherwise.
+    /// [`Error::Protocol`] for an empty run, [`Error::Memory`] (out of bounds) otherwise.
     pub fn check_run(&self, run: &WriteRun, source: &colo_memory::Region) -> Result<()> {
         if run.len == 0 {
             return Err(Error::Protocol("empty write run".into()));
@@ -145,7 +145,7 @@ pub trait PushSender: Send {
     /// Posts writes of the open epoch. They may still be in flight when this returns.
     ///
     /// # Errors
-    /// [`Error::OutOfBounds`] for a run outside either region (nothing of it is posted),
+    /// [`Error::Memory`] (out of bounds) for a run outside either region (nothing of it is posted),
     /// or the backend's transport error.
     fn post(&mut self, runs: &[WriteRun]) -> Result<()>;
 

@@ -80,7 +80,7 @@ struct Worker {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Pushes page runs from a local source region into a remote [`TcpPushReceiver`]
+/// Pushes page runs from a local source region into a remote `TcpPushReceiver`
 /// (crate::tcp::TcpPushReceiver) over one or more TCP streams.
 #[derive(Debug)]
 pub struct TcpPushSender {

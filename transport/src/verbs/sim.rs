@@ -113,7 +113,7 @@ pub struct SimEndpoint {
 /// `source` (or from its bounce buffers); the second owns `target`.
 ///
 /// # Errors
-/// [`Error::Map`] if the bounce buffers cannot be mapped.
+/// [`Error::Memory`] if the bounce buffers cannot be mapped.
 pub fn connect(
     target: Arc<Region>,
     rkey: u32,

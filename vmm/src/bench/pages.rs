@@ -139,7 +139,7 @@ pub fn runs_from_bitmap(bitmap: &[u64]) -> Vec<WriteRun> {
 /// that a page landing at the wrong place changes the sum.
 ///
 /// # Errors
-/// [`colo_transport::Error::OutOfBounds`] if the bitmap names a page past the region.
+/// [`colo_transport::Error::Memory`] (out of bounds) if the bitmap names a page past the region.
 pub fn checksum(region: &Region, bitmap: &[u64]) -> colo_transport::Result<u64> {
     let mut sum = 0u64;
     for p in set_pages(bitmap) {
@@ -175,7 +175,7 @@ unsafe fn page_hash(ptr: *const u64, page: u64) -> u64 {
 /// pass on data an earlier one left behind.
 ///
 /// # Errors
-/// [`colo_transport::Error::OutOfBounds`] if the bitmap names a page past the region.
+/// [`colo_transport::Error::Memory`] (out of bounds) if the bitmap names a page past the region.
 pub fn scribble(region: &Region, bitmap: &[u64], byte: u8) -> colo_transport::Result<()> {
     for p in set_pages(bitmap) {
         let ptr = region.ptr_at(p * PAGE, PAGE)?;

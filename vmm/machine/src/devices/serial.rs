@@ -1,7 +1,7 @@
 //! The 16550 serial port at 0x3f8 / IRQ 4 that Linux finds by itself (`console=ttyS0`):
 //! rust-vmm's `vm-superio` emulates the registers, its interrupt goes to the in-kernel
 //! irqchip through an irqfd (so raising it never waits for the vCPU thread), and what the
-//! guest transmits goes to the machine's [`Console`] sink.
+//! guest transmits goes to the machine's console sink.
 //!
 //! Its registers are not in the VM state snapshot yet (the whole-machine state comes with
 //! SMP): a restored VM starts with a reset port.
