@@ -12,7 +12,8 @@
 //!   built from foreign words ([`PageBitmap::from_words`]) and then passed as a type; merged
 //!   page runs come from [`PageBitmap::runs`].
 //! - [`GuestLayout`]: several guest memory regions numbered as one flat run of pages, the
-//!   numbering the dirty bitmap, the RAM cache and the push path share.
+//!   numbering the dirty bitmap, the RAM cache and the push path share; [`flat::in_one_file`]
+//!   maps such a guest so that one [`Region`] sees all of it in that numbering.
 //!
 //! ```
 //! use colo_memory::PageBitmap;
@@ -24,6 +25,7 @@
 
 mod bitmap;
 mod error;
+pub mod flat;
 mod layout;
 mod region;
 

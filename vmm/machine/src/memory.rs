@@ -28,6 +28,9 @@ pub const HIGH_RAM_START: u64 = 4 << 30;
 pub struct GuestRam {
     mem: GuestMemory,
     layout: GuestLayout,
+    /// All of RAM in the flat page numbering: the guest memory's own mapping for one
+    /// region, a view of the memory file the regions share for two.
+    flat: Arc<Region>,
 }
 
 impl GuestRam {
@@ -66,17 +69,48 @@ impl GuestRam {
         }
     }
 
+    /// Maps RAM at the given (guest-physical base, length) ranges, in order: what
+    /// [`Self::around_hole`] does for a size, for layouts of other shapes (tests of the
+    /// flat numbering with small regions).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a range that is empty or not a multiple of 2 MiB in base or
+    /// length, [`Error::Memory`] for ranges that overlap or if the mapping fails.
+    pub fn with_ranges(ranges: &[(u64, u64)]) -> Result<Self> {
+        const ALIGN: u64 = 2 << 20;
+        if ranges.is_empty()
+            || ranges
+                .iter()
+                .any(|&(gpa, len)| len == 0 || gpa % ALIGN != 0 || len % ALIGN != 0)
+        {
+            return Err(Error::Config(format!(
+                "guest RAM ranges {ranges:x?}: each must be non-empty and 2 MiB aligned"
+            )));
+        }
+        Self::map(ranges)
+    }
+
+    /// One region: an anonymous mapping (with transparent huge pages where the system
+    /// offers them), already flat. Several: consecutive spans of one memory file, so that
+    /// a view of the file is the flat RAM the push path reads and the cache commits into.
     fn map(ranges: &[(u64, u64)]) -> Result<Self> {
         let total: u64 = ranges.iter().map(|r| r.1).sum();
-        let mem = GuestMemory::from_ranges(
-            &ranges
-                .iter()
-                .map(|&(gpa, len)| (GuestAddress(gpa), len as usize))
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|e| Error::Memory(format!("cannot map {total} bytes: {e}")))?;
+        let failed =
+            |e: &dyn std::fmt::Display| Error::Memory(format!("cannot map {total} bytes: {e}"));
         let layout = GuestLayout::from_ranges(PAGE_SIZE, ranges)?;
-        Ok(Self { mem, layout })
+        let (mem, flat) = if let [(gpa, len)] = ranges {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(*gpa), *len as usize)])
+                .map_err(|e| failed(&e))?;
+            let flat = Region::of_guest(&mem).map_err(|e| failed(&e))?;
+            (mem, flat)
+        } else {
+            colo_memory::flat::in_one_file(ranges).map_err(|e| failed(&e))?
+        };
+        Ok(Self {
+            mem,
+            layout,
+            flat: Arc::new(flat),
+        })
     }
 
     /// vm-memory's view, for virtio queues and loading. Every write through it marks its
@@ -143,22 +177,30 @@ impl GuestRam {
         Ok(())
     }
 
-    /// The RAM as one [`Region`] (the push source, or a RAM cache commit target). The
-    /// region holds the mapping: it stays mapped while the region lives, whenever the VM
-    /// goes.
-    ///
-    /// # Errors
-    /// [`Error::Config`] for RAM split around the 32-bit hole: the COLO push path takes
-    /// one region (at most 3 GiB of RAM) for now.
-    pub fn region(&self) -> Result<Arc<Region>> {
-        Region::of_guest(&self.mem).map(Arc::new).map_err(|_| {
-            Error::Config(format!(
-                "{} MiB of RAM is split around the 32-bit hole, and the COLO push path \
-                 handles one region: use at most {} MiB in COLO modes",
-                self.size() >> 20,
-                HOLE_START >> 20
-            ))
-        })
+    /// All of RAM as one [`Region`] in the layout's flat numbering: the push source, or a
+    /// RAM cache's commit target. RAM split around the 32-bit hole is seen through one
+    /// view of the memory file both regions live in ([`colo_memory::flat`]). The region
+    /// holds the mapping: it stays mapped while the region lives, whenever the VM goes.
+    pub fn region(&self) -> Arc<Region> {
+        Arc::clone(&self.flat)
+    }
+
+    /// Each region of RAM as a [`Region`], in layout order (the spans of [`Self::region`]
+    /// that regions of the layout cover): the SVM memory a RAM cache commits into.
+    pub fn regions_by_slot(&self) -> Vec<Arc<Region>> {
+        let mut start = 0;
+        self.layout
+            .regions()
+            .iter()
+            .map(|r| {
+                let sub = self
+                    .flat
+                    .sub(start, r.len)
+                    .expect("the layout's regions tile the flat view");
+                start += r.len;
+                Arc::new(sub)
+            })
+            .collect()
     }
 }
 
@@ -171,7 +213,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ram_above_3_gib_is_two_regions_and_the_push_path_says_it_takes_one() {
+    fn ram_above_3_gib_is_two_regions_seen_flat_by_the_push_path() {
         let r = GuestRam::around_hole(3584 << 20).unwrap();
         let regions: Vec<_> = r
             .layout()
@@ -181,11 +223,18 @@ mod tests {
             .collect();
         assert_eq!(regions, [(0, 0, 3 << 30), (1, 4 << 30, 512 << 20)]);
         assert_eq!(r.size(), 3584 << 20);
-        let e = r.region().unwrap_err().to_string();
-        assert!(e.contains("at most 3072 MiB in COLO modes"), "{e}");
+        // The push path's view: the byte at a high guest address sits at its flat offset.
+        let flat = r.region();
+        assert_eq!(flat.len() as u64, r.size());
+        r.mem()
+            .write_slice(b"above the hole", GuestAddress(HIGH_RAM_START + 7))
+            .unwrap();
+        let mut b = [0u8; 14];
+        flat.read_at(HOLE_START + 7, &mut b).unwrap();
+        assert_eq!(&b, b"above the hole");
         let small = GuestRam::around_hole(64 << 20).unwrap();
         assert_eq!(small.layout().regions().len(), 1);
-        assert!(small.region().is_ok());
+        assert_eq!(small.region().len(), 64 << 20);
         assert!(
             GuestRam::around_hole(3 << 20).is_err(),
             "not a multiple of 2 MiB"

@@ -276,7 +276,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         })?;
     // The push sender reads guest memory through this region, which keeps the mapping
     // alive however the VM and the sender are dropped.
-    let ram = machine.ram.region()?;
+    let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
     let events = connect_events(a.events.as_deref())?;
@@ -376,9 +376,9 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         })?;
     // The first commit copies all of RAM into the SVM: fault it in now, not then.
     machine.ram.prefault();
-    // The cache commits into this region, which keeps the mapping alive however the VM and
-    // the cache are dropped.
-    let ram = machine.ram.region()?;
+    // The cache commits into these regions, which keep the mapping alive however the VM
+    // and the cache are dropped.
+    let ram = machine.ram.regions_by_slot();
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;

@@ -24,7 +24,7 @@ fn pattern(page: u64) -> Vec<u8> {
 #[test]
 fn a_primary_dropped_with_a_push_batch_pending_still_sends_its_bytes() {
     let ram = GuestRam::new(RAM, 1 << 32).unwrap();
-    let source = ram.region().unwrap();
+    let source = ram.region();
     assert_eq!(source.owners(), 2, "the VM's memory and the push source");
     for p in [3, 4, 9] {
         source.write_at(p * PAGE_SIZE, &pattern(p)).unwrap();
@@ -67,7 +67,7 @@ fn a_primary_dropped_with_a_push_batch_pending_still_sends_its_bytes() {
 #[test]
 fn a_secondary_dropped_mid_land_commits_into_mapped_memory() {
     let ram = GuestRam::new(RAM, 1 << 32).unwrap();
-    let svm = ram.region().unwrap();
+    let svm = ram.region();
     let pages = RAM / PAGE_SIZE;
     let mut cache = RamCache::new(ram.layout().clone(), vec![Arc::clone(&svm)]).unwrap();
     cache.region().write_at(7 * PAGE_SIZE, &pattern(7)).unwrap();

@@ -27,6 +27,8 @@ pub mod secondary;
 
 #[cfg(test)]
 mod lifetime_tests;
+#[cfg(test)]
+mod split_ram_tests;
 
 use std::time::Duration;
 

@@ -89,7 +89,7 @@ pub struct Pairing {
 pub fn accept(
     listener: &TcpListener,
     vm: VmHandle,
-    svm_ram: Arc<Region>,
+    svm_ram: Vec<Arc<Region>>,
     dirty: DirtyHandle,
     layout: colo_memory::GuestLayout,
     pairing: &Pairing,
@@ -104,14 +104,14 @@ pub fn accept(
         PAGE_SIZE as u32,
         vec![MemRegion {
             gpa: 0,
-            len: svm_ram.len() as u64,
+            len: layout.bytes(),
         }],
     )
     .and_then(|h| h.with_vcpus(pairing.vcpus))
     .map_err(ColoError::transport("build the hello"))?;
     ctl.handshake(&hello)
         .map_err(ColoError::transport("handshake"))?;
-    let cache = RamCache::new(layout, vec![svm_ram])?;
+    let cache = RamCache::new(layout, svm_ram)?;
     let ip = listener
         .local_addr()
         .map_err(ColoError::io("read the control listener's address"))?
