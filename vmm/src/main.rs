@@ -151,3 +151,15 @@ fn report(who: &str, e: &dyn std::error::Error, code: u8) -> ExitCode {
     }
     ExitCode::from(code)
 }
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every subcommand (names that options refer to,
+    /// defaults, conflicts): they run only in debug builds, at parse time, as a panic.
+    #[test]
+    fn every_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -10,7 +10,7 @@ use colo_machine::devices::console::ConsoleSink;
 use colo_machine::runner::VmHandle;
 use colo_machine::{Error, GuestExit, Result};
 
-use crate::args::{KernelArgs, VmArgs, parse_cidr};
+use crate::args::{VmArgs, parse_cidr};
 use crate::interrupt::{catch_interrupts, interrupted};
 
 /// `colo run`.
@@ -24,8 +24,6 @@ use crate::interrupt::{catch_interrupts, interrupted};
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
     /// Stop after this many seconds (default: run until Ctrl-C or the guest exits).
     #[arg(long)]
     pub duration: Option<f64>,
@@ -36,16 +34,11 @@ pub struct RunArgs {
 /// # Errors
 /// A VM that cannot be built, or a guest that crashes.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let linux = args.kernel.guest();
-    let machine = match linux {
-        Some(l) => {
-            tracing::info!(
-                "virtio devices are not announced to a Linux guest yet: no network, no disk"
-            );
-            args.vm
-                .build_linux("linux", ConsoleSink::Stdout("linux".into()), l)?
-        }
-        None => args.vm.build("vm", ConsoleSink::Stdout("guest".into()))?,
+    let machine = if args.vm.kernel.kernel.is_some() {
+        args.vm
+            .build("linux", ConsoleSink::Stdout("linux".into()))?
+    } else {
+        args.vm.build("vm", ConsoleSink::Stdout("guest".into()))?
     };
     catch_interrupts();
     let linux = machine.linux_boot().is_some();

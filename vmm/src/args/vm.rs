@@ -30,9 +30,11 @@ pub struct VmArgs {
     /// Size of a new disk image; if given for an existing image, the sizes must agree.
     #[arg(long, value_parser = parse_size)]
     pub disk_size: Option<u64>,
-    /// The tap device to attach (created if missing; needs root).
-    #[arg(long, default_value = "colo0")]
-    pub tap: String,
+    /// The tap device to attach (created if missing; needs root) [default: colo0 for the
+    /// built-in guest; a Linux guest gets a network device only when --tap or
+    /// --net-socket is given].
+    #[arg(long)]
+    pub tap: Option<String>,
     /// Address given to the host side of the tap, or "none" to leave the tap unconfigured.
     #[arg(long, default_value = "10.0.2.1/24")]
     pub host_ip: String,
@@ -56,6 +58,8 @@ pub struct VmArgs {
     /// A guest image to run instead of the built-in one (an x86-64 ELF linked at 0x200000).
     #[arg(long)]
     pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
 }
 
 /// Default size of a new disk image.
@@ -64,13 +68,15 @@ const DEFAULT_DISK: u64 = 16 << 20;
 const DEFAULT_RAM: u64 = 64 << 20;
 /// Default RAM of a Linux guest.
 const DEFAULT_LINUX_RAM: u64 = 256 << 20;
+/// The tap of the built-in guest when none is named.
+const DEFAULT_TAP: &str = "colo0";
 
-/// The options that boot a Linux kernel instead of the built-in guest (`colo run`).
+/// The options that boot a Linux kernel instead of the built-in guest.
 #[derive(Debug, Args, Clone, Default)]
 pub struct KernelArgs {
     /// Boot this Linux kernel instead of the built-in guest: an ELF vmlinux with the PVH
     /// note (CONFIG_PVH=y), or a bzImage (64-bit boot protocol).
-    #[arg(long, conflicts_with = "image")]
+    #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// An initramfs for --kernel.
     #[arg(long, requires = "kernel")]
@@ -144,6 +150,21 @@ pub fn prepare_disk(path: &Path, size: Option<u64>) -> Result<()> {
     }
 }
 
+/// Gives the host side of tap `name` the address `host_ip` (replacing any an earlier run
+/// left) and brings it up; "none" leaves the tap alone.
+///
+/// # Errors
+/// A malformed address, or ip(8) failing.
+pub fn configure_tap(name: &str, host_ip: &str) -> Result<()> {
+    if host_ip == "none" {
+        return Ok(());
+    }
+    parse_cidr(host_ip)?;
+    ip(&["addr", "flush", "dev", name])?;
+    ip(&["addr", "add", host_ip, "dev", name])?;
+    ip(&["link", "set", name, "up"])
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
@@ -175,40 +196,13 @@ impl VmArgs {
         })
     }
 
-    /// Builds the VM this describes, with its network backend and console.
+    /// Builds the VM this describes (the built-in guest, or the Linux kernel of
+    /// --kernel), with its disk, network backend and console.
     ///
     /// # Errors
     /// Bad arguments, a bad image or disk, a tap that cannot be attached, a KVM failure.
     pub fn build(&self, name: &str, console: ConsoleSink) -> Result<Machine> {
         self.build_with(name, console, |_| Ok(None))
-    }
-
-    /// Builds a VM that boots `linux` instead of the built-in guest. Its virtio devices
-    /// are not announced to the kernel yet, so it gets no network backend (no tap is made);
-    /// the disk image is opened as for the built-in guest.
-    ///
-    /// # Errors
-    /// As [`VmArgs::build`], and [`Error::Kernel`] for a kernel, initrd or command line
-    /// that cannot boot.
-    pub fn build_linux(
-        &self,
-        name: &str,
-        console: ConsoleSink,
-        linux: LinuxGuest,
-    ) -> Result<Machine> {
-        let ram = self.ram_for(true);
-        prepare_disk(&self.disk, self.disk_size)?;
-        Machine::new(VmConfig {
-            name: name.into(),
-            ram,
-            vcpus: self.vcpus,
-            guest: Guest::Linux(linux),
-            disk: self.disk.clone(),
-            disk_backend: None,
-            net: NetBackend::none(),
-            mac: mac_for(parse_cidr(&self.guest_ip)?.0),
-            console,
-        })
     }
 
     /// As [`VmArgs::build`], with the disk backend made by `disk` from the checked image
@@ -222,15 +216,33 @@ impl VmArgs {
         console: ConsoleSink,
         disk: impl FnOnce(colo_blk::Disk) -> Result<Option<std::sync::Arc<dyn colo_blk::BlockBackend>>>,
     ) -> Result<Machine> {
-        let guest = parse_cidr(&self.guest_ip)?;
-        let image = match &self.image {
-            Some(p) => {
-                std::fs::read(p).map_err(|e| Error::Image(format!("{}: {e}", p.display())))?
+        let guest_ip = parse_cidr(&self.guest_ip)?;
+        let linux = self.kernel.guest();
+        let guest = match linux {
+            Some(_) if self.image.is_some() => {
+                return Err(Error::Config(
+                    "--kernel and --image both name what the VM runs: give one".into(),
+                ));
             }
-            None => colo_machine::guest_image::GUEST_ELF.to_vec(),
+            Some(l) => Guest::Linux(l),
+            None => {
+                let image = match &self.image {
+                    Some(p) => std::fs::read(p)
+                        .map_err(|e| Error::Image(format!("{}: {e}", p.display())))?,
+                    None => colo_machine::guest_image::GUEST_ELF.to_vec(),
+                };
+                colo_machine::check_image(&image)?;
+                Guest::BuiltIn(BuiltInGuest {
+                    image,
+                    ip: guest_ip,
+                    port: self.port,
+                    nondeterministic: self.nondeterministic,
+                    dirty_pages_per_sec: self.dirty_rate,
+                })
+            }
         };
-        colo_machine::check_image(&image)?;
-        let ram = self.ram_for(false);
+        let linux = matches!(guest, Guest::Linux(_));
+        let ram = self.ram_for(linux);
         if ram < 32 << 20 {
             return Err(Error::Config(format!(
                 "{} MiB of RAM is too little: at least 32 MiB",
@@ -239,39 +251,33 @@ impl VmArgs {
         }
         prepare_disk(&self.disk, self.disk_size)?;
         let disk_backend = disk(colo_machine::devices::blk::open_raw(&self.disk)?)?;
-        let net = match &self.net_socket {
-            Some(p) => {
+        let tap = match (&self.tap, linux) {
+            (Some(t), _) => Some(t.as_str()),
+            (None, false) => Some(DEFAULT_TAP),
+            (None, true) => None,
+        };
+        let net = match (&self.net_socket, tap) {
+            (Some(p), _) => {
                 let s = std::os::unix::net::UnixStream::connect(p)
                     .map_err(Error::io(format!("connect to {}", p.display())))?;
                 NetBackend::socket(s)?
             }
-            None => {
-                let backend = NetBackend::tap(&self.tap)?;
-                if self.host_ip != "none" {
-                    parse_cidr(&self.host_ip)?;
-                    // Replace whatever address an earlier run left.
-                    ip(&["addr", "flush", "dev", &self.tap])?;
-                    ip(&["addr", "add", &self.host_ip, "dev", &self.tap])?;
-                    ip(&["link", "set", &self.tap, "up"])?;
-                }
+            (None, Some(tap)) => {
+                let backend = NetBackend::tap(tap)?;
+                configure_tap(tap, &self.host_ip)?;
                 backend
             }
+            (None, None) => NetBackend::none(),
         };
         Machine::new(VmConfig {
             name: name.into(),
             ram,
             vcpus: self.vcpus,
-            guest: Guest::BuiltIn(BuiltInGuest {
-                image,
-                ip: guest,
-                port: self.port,
-                nondeterministic: self.nondeterministic,
-                dirty_pages_per_sec: self.dirty_rate,
-            }),
+            guest,
             disk: self.disk.clone(),
             disk_backend,
             net,
-            mac: mac_for(guest.0),
+            mac: mac_for(guest_ip.0),
             console,
         })
     }

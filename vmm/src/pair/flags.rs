@@ -1,6 +1,6 @@
 //! The children's command lines: the options of each side, drawn from `colo pair`'s own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{GUEST, PairArgs};
 use crate::colo::ColoError;
@@ -33,11 +33,8 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
 /// `dir`, the guest's address, its load.
 pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     let mut v = vec![
-        format!("--ram={}", a.ram),
         format!("--vcpus={}", a.vcpus),
-        format!("--disk={}", dir.join(format!("{side}.img")).display()),
-        // The guest's disk log only grows: room for long, fast runs (a sparse file).
-        "--disk-size=268435456".into(),
+        format!("--disk={}", disk_of(a, dir, side).display()),
         format!(
             "--net-socket={}",
             dir.join(format!("{side}.sock")).display()
@@ -52,7 +49,58 @@ pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     if a.nondeterministic {
         v.push("--nondeterministic".into());
     }
+    if let Some(ram) = a.ram {
+        v.push(format!("--ram={ram}"));
+    }
+    if a.disk.is_none() {
+        // The guest's disk log only grows: room for long, fast runs (a sparse file).
+        v.push("--disk-size=268435456".into());
+    }
+    let k = &a.kernel;
+    if let Some(kernel) = &k.kernel {
+        v.push(format!("--kernel={}", kernel.display()));
+    }
+    if let Some(initrd) = &k.initrd {
+        v.push(format!("--initrd={}", initrd.display()));
+    }
+    if let Some(cmdline) = &k.cmdline {
+        v.push(format!("--cmdline={cmdline}"));
+    }
     v
+}
+
+/// The disk image of `side`: the user's `--disk` for the primary, else a file in `dir`
+/// (the secondary's a copy of the user's image, made by [`copy_disk`]).
+pub(super) fn disk_of(a: &PairArgs, dir: &Path, side: &str) -> PathBuf {
+    match (&a.disk, side) {
+        (Some(d), "primary") => d.clone(),
+        _ => dir.join(format!("{side}.img")),
+    }
+}
+
+/// The secondary starts from the same disk as the primary: a sparse copy of `--disk` in
+/// `dir` (block replication keeps them equal from then on). Nothing to do without --disk:
+/// each side makes a fresh, equal image.
+///
+/// # Errors
+/// The image cannot be read or the copy written.
+pub(super) fn copy_disk(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
+    let Some(src) = &a.disk else {
+        return Ok(());
+    };
+    let dst = disk_of(a, dir, "secondary");
+    let out = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(src)
+        .arg(&dst)
+        .output()
+        .map_err(ColoError::io("run cp(1)"))?;
+    if !out.status.success() {
+        return Err(ColoError::file("copy for the secondary", src)(
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(())
 }
 
 /// `colo secondary` listening on loopback `port`, taking over only once `alive` is gone,

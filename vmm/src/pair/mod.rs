@@ -36,7 +36,7 @@ use std::time::Duration;
 use clap::Args;
 use colo_netcmp::proxy::{Ports, Proxy};
 
-use crate::args::{parse_ms_or_zero, parse_secs, parse_size};
+use crate::args::{KernelArgs, configure_tap, parse_ms_or_zero, parse_secs, parse_size};
 use crate::colo::ColoError;
 use crate::colo::cli::ColoArgs;
 use crate::interrupt::catch_interrupts;
@@ -74,9 +74,10 @@ pub struct PairArgs {
     /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
     #[arg(long, default_value = "10ms", value_parser = parse_ms_or_zero)]
     pub svm_lead: Duration,
-    /// Guest RAM of each VM.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub ram: u64,
+    /// Guest RAM of each VM [default: 64MiB; 256MiB with --kernel]. Above 3GiB the RAM is
+    /// split around the 32-bit hole.
+    #[arg(long, value_parser = parse_size)]
+    pub ram: Option<u64>,
     /// vCPUs of each VM (1 to 8; both sides get the same). vCPU 0 serves; each other vCPU
     /// runs a worker that dirties its share of --dirty-rate and counts, and the client
     /// checks with the service's VCPUS command that no count ever goes back (across
@@ -90,9 +91,25 @@ pub struct PairArgs {
     #[arg(long)]
     pub nondeterministic: bool,
     /// Requests the client keeps in flight on its connection (pipelining). Periodic mode
-    /// releases output only at checkpoints, so its throughput depends on this.
+    /// releases output only at checkpoints, so its throughput depends on this. 0: no
+    /// client load at all (an idle pair).
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// The primary's disk image (a raw file, used in place: after a failover the
+    /// secondary's copy is the current one and its path is printed). The secondary starts
+    /// from a sparse copy in the scratch directory. Default: a fresh image for each side.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Serve the guest's clients on this tap device (created if missing; needs root)
+    /// instead of colo's own client load: the proxy compares the two VMs' output and
+    /// releases it there, and switches to the secondary at failover.
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// With --tap: the host side's address, or "none" to leave the tap unconfigured.
+    #[arg(long, default_value = "10.0.2.1/24", requires = "tap")]
+    pub host_ip: String,
     /// Show the guests' consoles and the children's logs.
     #[arg(long)]
     pub verbose: bool,
@@ -112,17 +129,78 @@ pub struct PairArgs {
 const GUEST: ([u8; 4], u16) = ([10, 0, 2, 15], 7000);
 const CLIENT_IP: ([u8; 4], u8) = ([10, 0, 2, 100], 24);
 
-/// Starts the proxy with `config`: its client port is a channel (the returned end is the
-/// client's), its primary and secondary ports the Unix sockets `primary.sock` and
-/// `secondary.sock` in `dir`, where the VMs connect.
+/// Who talks to the guest through the proxy's client port.
+pub(super) enum Clients {
+    /// colo's own client load (the built-in guest's key-value service), on this end of a
+    /// channel.
+    Load(colo_netcmp::io::channel::VmEnd),
+    /// The user's own clients, on the host side of a tap device.
+    Tap,
+    /// Nobody: `--pipeline 0`, or a kernel of the user's without `--tap`. The end is
+    /// held for as long as the pair runs (the proxy ends when its client port closes).
+    Idle(colo_netcmp::io::channel::VmEnd),
+}
+
+/// The running client side of the pair.
+pub(super) enum Client {
+    /// colo's client load: its thread returns the acknowledged writes.
+    Load(std::thread::JoinHandle<std::collections::HashMap<u64, u64>>),
+    /// No load (the tap's users, or nobody); an idle client port's end, kept open.
+    None {
+        _idle: Option<colo_netcmp::io::channel::VmEnd>,
+    },
+}
+
+impl Client {
+    /// Waits for the load to stop (after its stop flag is set) and returns the writes the
+    /// guest acknowledged: key to value (none without colo's load).
+    pub(super) fn finish(self) -> std::collections::HashMap<u64, u64> {
+        match self {
+            Client::Load(t) => t.join().unwrap_or_default(),
+            Client::None { .. } => std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl PairArgs {
+    /// Whether colo's own client load runs (the built-in guest, no --tap, a pipeline).
+    fn client_load(&self) -> bool {
+        self.kernel.kernel.is_none() && self.tap.is_none() && self.pipeline > 0
+    }
+}
+
+/// Starts the proxy with `config`: its client port is a channel for colo's client load
+/// (the returned end is the client's), the tap of `--tap`, or a channel nobody uses; its
+/// primary and secondary ports the Unix sockets `primary.sock` and `secondary.sock` in
+/// `dir`, where the VMs connect.
 ///
 /// # Errors
-/// A socket that cannot be bound, or a proxy that does not start.
+/// A socket or tap that cannot be set up, or a proxy that does not start.
 fn start_proxy(
+    a: &PairArgs,
     dir: &Path,
     config: colo_netcmp::Config,
-) -> Result<(Proxy, colo_netcmp::io::channel::VmEnd), ColoError> {
-    let (client_port, client_end) = colo_netcmp::io::channel::port("client", 4096);
+) -> Result<(Proxy, Clients), ColoError> {
+    let (client_port, clients) = match &a.tap {
+        Some(name) => {
+            let tap = colo_netcmp::io::tap::Tap::open(name).map_err(ColoError::Proxy)?;
+            configure_tap(name, &a.host_ip)?;
+            eprintln!(
+                "colo pair: the guest's clients reach it on tap {name} (host side {})",
+                a.host_ip
+            );
+            (tap.into_port().map_err(ColoError::Proxy)?, Clients::Tap)
+        }
+        None => {
+            let (port, end) = colo_netcmp::io::channel::port("client", 4096);
+            if a.client_load() {
+                (port, Clients::Load(end))
+            } else {
+                eprintln!("colo pair: no client load (--pipeline 0, or --kernel without --tap)");
+                (port, Clients::Idle(end))
+            }
+        }
+    };
     let ports = Ports {
         client: client_port,
         primary: colo_netcmp::io::stream::listen_unix(&dir.join("primary.sock"))
@@ -131,7 +209,7 @@ fn start_proxy(
             .map_err(ColoError::Proxy)?,
     };
     let proxy = Proxy::start(config, ports).map_err(ColoError::Proxy)?;
-    Ok((proxy, client_end))
+    Ok((proxy, clients))
 }
 
 /// Runs `colo pair`.
@@ -151,14 +229,19 @@ pub fn run(a: &PairArgs) -> Result<(), ColoError> {
     r
 }
 
-/// Starts the client load on the proxy's client port.
+/// Starts colo's client load on the proxy's client port, if it is colo's.
 fn start_client(
     window: usize,
     vcpus: u32,
-    client_end: colo_netcmp::io::channel::VmEnd,
+    clients: Clients,
     stats: &Arc<ClientStats>,
     stop: &Arc<AtomicBool>,
-) -> std::thread::JoinHandle<std::collections::HashMap<u64, u64>> {
+) -> Client {
+    let client_end = match clients {
+        Clients::Load(end) => end,
+        Clients::Tap => return Client::None { _idle: None },
+        Clients::Idle(end) => return Client::None { _idle: Some(end) },
+    };
     let (stats, stop) = (Arc::clone(stats), Arc::clone(stop));
     let rx = client_end.receiver().clone();
     let net = ClientNet {
@@ -167,10 +250,10 @@ fn start_client(
         window,
         vcpus,
     };
-    std::thread::spawn(move || {
+    Client::Load(std::thread::spawn(move || {
         let out: colo_machine::peer::FrameOut = Box::new(move |f| {
             let _ = client_end.send(f);
         });
         client::run(net, out, rx, &stats, &stop)
-    })
+    }))
 }

@@ -10,12 +10,10 @@
 //! 4. [`Supervisor::stop`]: the client and both sides stop; [`summary::report`] checks the
 //!    disk and prints the summary.
 
-use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use colo_netcmp::proxy::Proxy;
@@ -25,7 +23,7 @@ use super::client::ClientStats;
 use super::shared::{Shared, lock};
 use super::status::StatusLine;
 use super::summary::{self, Ending};
-use super::{PairArgs, events, flags, start_client, start_proxy};
+use super::{Client, PairArgs, events, flags, start_client, start_proxy};
 use crate::colo::ColoError;
 use crate::interrupt::interrupted;
 
@@ -47,7 +45,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         secondary_lead: (!a.svm_lead.is_zero()).then_some(a.svm_lead),
         ..colo_netcmp::Config::default()
     };
-    let (proxy, client_end) = start_proxy(dir, config)?;
+    let (proxy, clients) = start_proxy(a, dir, config)?;
     if a.colo.mode == crate::colo::Mode::Periodic {
         // The SVM does not run: output is held until the checkpoint that covers it.
         proxy
@@ -59,7 +57,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     sup.wait_initial_sync()?;
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(a.pipeline, a.vcpus, client_end, &stats, &stop);
+    let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
     let timeline = sup.watch(start, &stats)?;
     let ending = sup.stop(start, &timeline, &stop, client);
@@ -126,6 +124,7 @@ impl<'a> Supervisor<'a> {
         // seen the primary process gone (this file is removed then).
         let alive = dir.join("primary.alive");
         std::fs::write(&alive, b"").map_err(ColoError::file("write", &alive))?;
+        flags::copy_disk(a, dir)?;
         let sec_args = flags::secondary_args(a, dir, port, &alive, &sec_events_path);
         let pri_args = flags::primary_args(a, dir, port, &events_path);
         eprintln!(
@@ -292,7 +291,7 @@ impl<'a> Supervisor<'a> {
         start: Instant,
         t: &Timeline,
         stop: &AtomicBool,
-        client: JoinHandle<HashMap<u64, u64>>,
+        client: Client,
     ) -> Ending {
         let secs = start.elapsed().as_secs_f64();
         let cpu = (self.primary.cpu_secs(), self.secondary.cpu_secs());
@@ -302,7 +301,7 @@ impl<'a> Supervisor<'a> {
             (false, false) => "none",
         };
         stop.store(true, Ordering::SeqCst);
-        let acked = client.join().unwrap_or_default();
+        let acked = client.finish();
         self.primary.stop(Duration::from_secs(5));
         self.secondary.stop(Duration::from_secs(5));
         Ending {
