@@ -9,21 +9,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, Reaper, colo};
-
-/// Runs `f` on a thread that has entered the namespace.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns with a namespace fd only changes this thread's network namespace.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns");
-        f()
-    })
-    .join()
-    .unwrap()
-}
+use common::{Netns, Reaper, colo, in_netns};
 
 #[test]
 fn colo_run_serves_a_real_tcp_client_and_keeps_its_data_on_disk() {

@@ -69,17 +69,24 @@ pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
     v
 }
 
-/// The disk image of `side`: the user's `--disk` for the primary, else a file in `dir`
-/// (the secondary's a copy of the user's image, made by [`copy_disk`]).
+/// The disk image of `side`. With `--disk`: that image for the primary, and beside it
+/// `<image>.secondary` for the secondary (a copy made by [`copy_disk`], kept after the
+/// pair ends: after a failover it is the current one). Without: a fresh file in `dir`.
 pub(super) fn disk_of(a: &PairArgs, dir: &Path, side: &str) -> PathBuf {
     match (&a.disk, side) {
         (Some(d), "primary") => d.clone(),
-        _ => dir.join(format!("{side}.img")),
+        (Some(d), _) => {
+            let mut name = d.as_os_str().to_owned();
+            name.push(".secondary");
+            PathBuf::from(name)
+        }
+        (None, _) => dir.join(format!("{side}.img")),
     }
 }
 
-/// The secondary starts from the same disk as the primary: a sparse copy of `--disk` in
-/// `dir` (block replication keeps them equal from then on). Nothing to do without --disk:
+/// The secondary starts from the same disk as the primary: a sparse copy of `--disk`
+/// (created first if it does not exist) beside it, replacing an older copy (block
+/// replication keeps them equal from then on). Nothing to do without --disk:
 /// each side makes a fresh, equal image.
 ///
 /// # Errors
@@ -88,6 +95,8 @@ pub(super) fn copy_disk(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let Some(src) = &a.disk else {
         return Ok(());
     };
+    // A new image is made here as `colo run` would make it, so that both sides start from it.
+    crate::args::prepare_disk(src, None)?;
     let dst = disk_of(a, dir, "secondary");
     let out = std::process::Command::new("cp")
         .arg("--sparse=always")

@@ -97,9 +97,10 @@ pub struct PairArgs {
     pub pipeline: usize,
     #[command(flatten)]
     pub kernel: KernelArgs,
-    /// The primary's disk image (a raw file, used in place: after a failover the
-    /// secondary's copy is the current one and its path is printed). The secondary starts
-    /// from a sparse copy in the scratch directory. Default: a fresh image for each side.
+    /// The primary's disk image (a raw file, used in place). The secondary starts from a
+    /// sparse copy beside it, `<image>.secondary`, kept when the pair ends: after a
+    /// failover that copy is the current disk (the summary says so). Default: a fresh
+    /// image for each side in the scratch directory.
     #[arg(long)]
     pub disk: Option<PathBuf>,
     /// Serve the guest's clients on this tap device (created if missing; needs root)

@@ -162,8 +162,13 @@ impl<'a> Supervisor<'a> {
             std::thread::sleep(Duration::from_millis(10));
         }
         eprintln!(
-            "colo pair: initial sync done in {} ms; client load starts",
-            t1.elapsed().as_millis()
+            "colo pair: initial sync done in {} ms; {}",
+            t1.elapsed().as_millis(),
+            if self.a.client_load() {
+                "client load starts"
+            } else {
+                "the guest is protected"
+            }
         );
         Ok(())
     }
