@@ -96,6 +96,10 @@ pub fn accept(
     params: Params,
 ) -> Result<Secondary> {
     let (pair_id, transport) = (pairing.pair_id, &pairing.transport);
+    // Map and pre-fault the cache before the primary is accepted: that takes about a
+    // second per few GiB, and the primary waits for the region only a step's timeout.
+    let bytes = layout.bytes();
+    let cache = RamCache::new(layout, svm_ram)?;
     let mut ctl =
         ControlChannel::accept(listener).map_err(ColoError::transport("accept the primary"))?;
     let hello = Hello::new(
@@ -104,14 +108,13 @@ pub fn accept(
         PAGE_SIZE as u32,
         vec![MemRegion {
             gpa: 0,
-            len: layout.bytes(),
+            len: bytes,
         }],
     )
     .and_then(|h| h.with_vcpus(pairing.vcpus))
     .map_err(ColoError::transport("build the hello"))?;
     ctl.handshake(&hello)
         .map_err(ColoError::transport("handshake"))?;
-    let cache = RamCache::new(layout, svm_ram)?;
     let ip = listener
         .local_addr()
         .map_err(ColoError::io("read the control listener's address"))?
