@@ -173,15 +173,12 @@ impl DirtyTracker {
                 }
                 out.or_words_at(self.layout.flat_start(i), &log);
             }
-            // Each word is swapped with zero atomically: a mark made during the drain lands
-            // in this collection or the next, never nowhere. vm-memory marks after the write
-            // it records, so the page is copied after its bytes are in place.
-            let vmm = m.get_mmap().bitmap().get_and_reset();
-            let marked: u64 = vmm.iter().map(|w| u64::from(w.count_ones())).sum();
-            if marked != 0 {
-                stats.vmm_pages += marked;
-                out.or_words_at(self.layout.flat_start(i), &vmm);
-            }
+            // Only words with a mark are swapped (DirtyBitmap::drain_into says why a mark
+            // made meanwhile is never lost), straight into `out`.
+            stats.vmm_pages += m
+                .get_mmap()
+                .bitmap()
+                .drain_into(out, self.layout.flat_start(i));
         }
         tracing::trace!(
             kvm = stats.kvm_pages,

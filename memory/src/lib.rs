@@ -5,7 +5,7 @@
 //! - [`Region`]: a mapped span that the push path reads and writes through raw pointers,
 //!   bounds-checked on every access, and kept mapped by the owner it holds (an `Arc` of a
 //!   [`Mapping`]), so no drop order decides whether a push in flight reads unmapped memory.
-//! - [`GuestMemory`]: vm-memory's mmap-backed guest memory with an `AtomicBitmap` per
+//! - [`GuestMemory`]: vm-memory's mmap-backed guest memory with a [`DirtyBitmap`] per
 //!   region, so every write the VMM makes through it (device DMA, virtio rings, loading)
 //!   marks its page dirty by itself: no device marks pages by hand.
 //! - [`PageBitmap`]: one bit per page in `u64` words (KVM's layout), checked once where it is
@@ -24,19 +24,21 @@
 //! ```
 
 mod bitmap;
+mod dirty;
 mod error;
 pub mod flat;
 mod layout;
 mod region;
 
 pub use bitmap::{PageBitmap, Runs};
+pub use dirty::DirtyBitmap;
 pub use error::{Error, Result};
 pub use layout::{GuestLayout, GuestRegion};
 pub use region::{Mapping, Region};
 
-/// Guest memory as the VMM maps it: vm-memory's mmap regions, each with a dirty bitmap that
-/// every write through it marks.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// Guest memory as the VMM maps it: vm-memory's mmap regions, each with a dirty bitmap
+/// ([`DirtyBitmap`]) that every write through it marks.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// The page size of dirty tracking, of the RAM cache and of the push path.
 pub const PAGE_SIZE: u64 = 4096;

@@ -106,10 +106,7 @@ pub fn accept(
         Role::Secondary,
         pair_id,
         PAGE_SIZE as u32,
-        vec![MemRegion {
-            gpa: 0,
-            len: bytes,
-        }],
+        vec![MemRegion { gpa: 0, len: bytes }],
     )
     .and_then(|h| h.with_vcpus(pairing.vcpus))
     .map_err(ColoError::transport("build the hello"))?;

@@ -33,19 +33,10 @@ fn marked(mem: &GuestMemory) -> BTreeSet<u64> {
     use vm_memory::GuestMemoryBackend;
     let mut out = BTreeSet::new();
     for r in mem.iter() {
-        for (w, bits) in r
-            .get_mmap()
-            .bitmap()
-            .get_and_reset()
-            .into_iter()
-            .enumerate()
-        {
-            for b in 0..64 {
-                if bits & (1 << b) != 0 {
-                    out.insert(w as u64 * 64 + b);
-                }
-            }
-        }
+        let map = r.get_mmap();
+        let mut b = colo_memory::PageBitmap::new(map.bitmap().pages());
+        map.bitmap().drain_into(&mut b, 0);
+        out.extend(b.runs().flat_map(|(first, n)| first..first + n));
     }
     out
 }
