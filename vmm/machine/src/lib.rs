@@ -50,7 +50,7 @@ pub use vcpus::check_count as check_vcpus;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
-use devices::Devices;
+use devices::{BLK_GSI, Devices, NET_GSI};
 use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
@@ -322,7 +322,7 @@ impl Machine {
         })
         .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
-        let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console));
+        let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console))?;
         let vcpus = match &mut boot {
             Boot::BuiltIn(image, g) => {
                 let entry = image.entry;
@@ -383,16 +383,18 @@ impl Machine {
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
         tracing::debug!(msrs = saved_msrs.len(), "MSRs a snapshot carries");
+        let devices = Devices::new(
+            &vm,
+            serial,
+            MmioTransport::new(Net::new(cfg.mac, cfg.net)).with_irq(IrqLine::new(&vm, NET_GSI)?),
+            MmioTransport::new(Blk::new(disk)).with_irq(IrqLine::new(&vm, BLK_GSI)?),
+        )?;
         Ok(Self {
             vcpus,
             saved_msrs,
             vm: Arc::new(vm),
             _kvm: kvm,
-            devices: Devices {
-                serial,
-                net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
-                blk: MmioTransport::new(Blk::new(disk)),
-            },
+            devices,
             tracker: Arc::new(tracker),
             ram,
             name: cfg.name,
