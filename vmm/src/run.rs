@@ -39,9 +39,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let linux = args.kernel.guest();
     let machine = match linux {
         Some(l) => {
-            tracing::info!(
-                "virtio devices are not announced to a Linux guest yet: no network, no disk"
-            );
             args.vm
                 .build_linux("linux", ConsoleSink::Stdout("linux".into()), l)?
         }

@@ -305,7 +305,8 @@ impl Machine {
             }
             Guest::Linux(g) => {
                 let ram = GuestRam::around_hole(cfg.ram)?;
-                let loaded = linux::load(ram.mem(), ram.layout(), g, &[])?;
+                let devices = devices::linux_cmdline_entries(cfg.net.connected());
+                let loaded = linux::load(ram.mem(), ram.layout(), g, &devices)?;
                 (ram, Boot::Linux(loaded))
             }
         };

@@ -30,9 +30,11 @@ pub struct VmArgs {
     /// Size of a new disk image; if given for an existing image, the sizes must agree.
     #[arg(long, value_parser = parse_size)]
     pub disk_size: Option<u64>,
-    /// The tap device to attach (created if missing; needs root).
-    #[arg(long, default_value = "colo0")]
-    pub tap: String,
+    /// The tap device to attach (created if missing; needs root) [default: colo0 for the
+    /// built-in guest; a Linux guest gets a network device only with --tap or
+    /// --net-socket].
+    #[arg(long)]
+    pub tap: Option<String>,
     /// Address given to the host side of the tap, or "none" to leave the tap unconfigured.
     #[arg(long, default_value = "10.0.2.1/24")]
     pub host_ip: String,
@@ -58,6 +60,8 @@ pub struct VmArgs {
     pub image: Option<PathBuf>,
 }
 
+/// The built-in guest's tap device when none is given.
+const DEFAULT_TAP: &str = "colo0";
 /// Default size of a new disk image.
 const DEFAULT_DISK: u64 = 16 << 20;
 /// Default RAM of the built-in guest.
@@ -183,9 +187,11 @@ impl VmArgs {
         self.build_with(name, console, |_| Ok(None))
     }
 
-    /// Builds a VM that boots `linux` instead of the built-in guest. Its virtio devices
-    /// are not announced to the kernel yet, so it gets no network backend (no tap is made);
-    /// the disk image is opened as for the built-in guest.
+    /// Builds a VM that boots `linux` instead of the built-in guest. colo announces its
+    /// virtio devices on the kernel's command line (`virtio_mmio.device=`): the network
+    /// device on the tap (or --net-socket) as for the built-in guest, and the disk image
+    /// (--disk) as a virtio-blk disk (`/dev/vda`). Without --tap or --net-socket it has
+    /// no network device.
     ///
     /// # Errors
     /// As [`VmArgs::build`], and [`Error::Kernel`] for a kernel, initrd or command line
@@ -198,6 +204,11 @@ impl VmArgs {
     ) -> Result<Machine> {
         let ram = self.ram_for(true);
         prepare_disk(&self.disk, self.disk_size)?;
+        let net = if self.tap.is_some() || self.net_socket.is_some() {
+            self.net_backend()?
+        } else {
+            NetBackend::none()
+        };
         Machine::new(VmConfig {
             name: name.into(),
             ram,
@@ -205,7 +216,7 @@ impl VmArgs {
             guest: Guest::Linux(linux),
             disk: self.disk.clone(),
             disk_backend: None,
-            net: NetBackend::none(),
+            net,
             mac: mac_for(parse_cidr(&self.guest_ip)?.0),
             console,
         })
@@ -239,24 +250,7 @@ impl VmArgs {
         }
         prepare_disk(&self.disk, self.disk_size)?;
         let disk_backend = disk(colo_machine::devices::blk::open_raw(&self.disk)?)?;
-        let net = match &self.net_socket {
-            Some(p) => {
-                let s = std::os::unix::net::UnixStream::connect(p)
-                    .map_err(Error::io(format!("connect to {}", p.display())))?;
-                NetBackend::socket(s)?
-            }
-            None => {
-                let backend = NetBackend::tap(&self.tap)?;
-                if self.host_ip != "none" {
-                    parse_cidr(&self.host_ip)?;
-                    // Replace whatever address an earlier run left.
-                    ip(&["addr", "flush", "dev", &self.tap])?;
-                    ip(&["addr", "add", &self.host_ip, "dev", &self.tap])?;
-                    ip(&["link", "set", &self.tap, "up"])?;
-                }
-                backend
-            }
-        };
+        let net = self.net_backend()?;
         Machine::new(VmConfig {
             name: name.into(),
             ram,
@@ -274,5 +268,29 @@ impl VmArgs {
             mac: mac_for(guest.0),
             console,
         })
+    }
+
+    /// The network backend: --net-socket, else the tap (configured with --host-ip).
+    fn net_backend(&self) -> Result<NetBackend> {
+        let net = match &self.net_socket {
+            Some(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p)
+                    .map_err(Error::io(format!("connect to {}", p.display())))?;
+                NetBackend::socket(s)?
+            }
+            None => {
+                let tap = self.tap.as_deref().unwrap_or(DEFAULT_TAP);
+                let backend = NetBackend::tap(tap)?;
+                if self.host_ip != "none" {
+                    parse_cidr(&self.host_ip)?;
+                    // Replace whatever address an earlier run left.
+                    ip(&["addr", "flush", "dev", tap])?;
+                    ip(&["addr", "add", &self.host_ip, "dev", tap])?;
+                    ip(&["link", "set", tap, "up"])?;
+                }
+                backend
+            }
+        };
+        Ok(net)
     }
 }

@@ -71,7 +71,7 @@ fn vm_args(dir: &std::path::Path, tap: &str, with_net: bool) -> VmArgs {
         vcpus: 1,
         disk: dir.join(format!("disk-{tap}-{with_net}.img")),
         disk_size: Some(16 << 20),
-        tap: tap.into(),
+        tap: Some(tap.into()),
         host_ip: "10.0.3.1/24".into(),
         guest_ip: "10.0.3.2/24".into(),
         port: 7000,

@@ -116,6 +116,8 @@ pub struct NetBackend {
     stop: Arc<AtomicBool>,
     /// What it is, for logs.
     pub(crate) name: String,
+    /// False for [`NetBackend::none`]: the device is not announced to a Linux guest.
+    connected: bool,
 }
 
 impl Drop for NetBackend {
@@ -180,6 +182,11 @@ fn rx_event() -> Result<Arc<EventFd>> {
 }
 
 impl NetBackend {
+    /// Whether frames go anywhere (not [`NetBackend::none`]).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
     /// An in-process channel backend and its peer.
     ///
     /// # Panics
@@ -196,6 +203,7 @@ impl NetBackend {
                 pace: Pace::new(),
                 stop: Arc::default(),
                 name: "channel".into(),
+                connected: true,
             },
             ChannelPeer {
                 from_guest,
@@ -226,6 +234,7 @@ impl NetBackend {
             pace: Pace::new(),
             stop: Arc::default(),
             name: "none".into(),
+            connected: false,
         }
     }
 
@@ -297,6 +306,7 @@ impl NetBackend {
             pace: Pace::new(),
             stop,
             name: format!("tap {name}"),
+            connected: true,
         })
     }
 
@@ -344,6 +354,7 @@ impl NetBackend {
             pace,
             stop,
             name: "socket".into(),
+            connected: true,
         })
     }
 }

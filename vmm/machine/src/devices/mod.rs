@@ -32,12 +32,18 @@ pub const BLK_GSI: u32 = 6;
 /// The QueueNotify register of a virtio-mmio window.
 const QUEUE_NOTIFY: u64 = 0x50;
 
-/// The `virtio_mmio.device=` entries that announce the devices to a Linux guest.
-pub fn linux_cmdline_entries() -> Vec<String> {
-    [(NET_MMIO_GPA, NET_GSI), (BLK_MMIO_GPA, BLK_GSI)]
-        .iter()
-        .map(|(gpa, gsi)| format!("virtio_mmio.device={}K@{gpa:#x}:{gsi}", MMIO_LEN >> 10))
-        .collect()
+/// The `virtio_mmio.device=` entries that announce the devices to a Linux guest
+/// (`size@base:irq`, Linux's VIRTIO_MMIO_CMDLINE_DEVICES syntax): the network device if
+/// it has a backend (`net`), and the disk.
+pub fn linux_cmdline_entries(net: bool) -> Vec<String> {
+    let entry =
+        |gpa: u64, gsi: u32| format!("virtio_mmio.device={}K@{gpa:#x}:{gsi}", MMIO_LEN >> 10);
+    let mut v = Vec::new();
+    if net {
+        v.push(entry(NET_MMIO_GPA, NET_GSI));
+    }
+    v.push(entry(BLK_MMIO_GPA, BLK_GSI));
+    v
 }
 
 /// The wake-ups of the device thread (`runner`): an ioeventfd on each queue's QueueNotify
