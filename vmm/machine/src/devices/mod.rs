@@ -10,6 +10,8 @@ pub(crate) mod virtio_mmio;
 
 #[cfg(test)]
 mod dirty_tests;
+#[cfg(test)]
+mod thread_tests;
 
 use colo_memory::GuestMemory;
 use kvm_ioctls::{IoEventAddress, VmFd};

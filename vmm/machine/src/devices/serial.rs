@@ -107,7 +107,14 @@ impl SerialPort {
         })
     }
 
+    /// Bytes for the guest to read (as if they came down the line).
+    #[cfg(test)]
+    pub(crate) fn receive(&mut self, bytes: &[u8]) {
+        self.uart.enqueue_raw_bytes(bytes).expect("room in the FIFO");
+    }
+
     /// The registers and receive FIFO.
+    #[cfg(test)]
     pub(crate) fn state(&self) -> SerialState {
         self.uart.state()
     }

@@ -104,6 +104,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// The InterruptStatus register.
+    #[cfg(test)]
     pub fn interrupt_status(&self) -> u32 {
         self.interrupt_status
     }
