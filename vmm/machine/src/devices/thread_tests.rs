@@ -322,3 +322,133 @@ fn a_linux_guest_is_told_of_each_device_at_its_window_and_line() {
         "no network backend, no network device"
     );
 }
+
+/// A network namespace the test made, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Option<Self> {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(name.into()))
+    }
+
+    /// Runs `ip args` inside the namespace.
+    fn ip(&self, args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip -n {} {args:?}", self.0);
+    }
+
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
+        // SAFETY: setns on a namespace file this thread opened; it changes only the
+        // calling thread's network namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn the_built_in_guest_serves_tcp_through_a_real_tap_in_a_network_namespace() {
+    use std::io::{BufRead, BufReader, Write};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: a tap device needs root and /dev/net/tun");
+        return;
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return;
+    }
+    let id = std::process::id();
+    let Some(ns) = Netns::new(&format!("colo-devtest-{id}")) else {
+        eprintln!("skipped: `ip netns add` failed (no iproute2?)");
+        return;
+    };
+    let tap = format!("cdt{}", id % 1_000_000);
+    // The tap is made from a thread inside the namespace, so it lives there; the client
+    // connects from that thread too. Nothing reaches the host's own network.
+    let (dir, disk, _) = crate::tests::scratch_disks("colo-tap-test");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = {
+        let ns_name = ns.0.clone();
+        let tap = tap.clone();
+        std::thread::spawn(move || {
+            // Enter by name only: the test's own Netns deletes it.
+            std::mem::ManuallyDrop::new(Netns(ns_name)).enter();
+            tx.send(NetBackend::tap(&tap)).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let addr = "10.0.0.2:7000".parse().unwrap();
+            let stream = loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("the guest never accepted a connection: {e}"),
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            let mut replies = Vec::new();
+            for line in ["PING\n", "SET k tap\n", "GET k\n"] {
+                w.write_all(line.as_bytes()).unwrap();
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                replies.push(l.trim().to_string());
+            }
+            replies
+        })
+    };
+    let backend = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("the tap opens in the namespace");
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", &tap]);
+    ns.ip(&["link", "set", &tap, "up"]);
+    let m = crate::tests::guest_machine_with("tap", backend, &disk, None, 1).unwrap();
+    let vm = VmHandle::start(m, false).unwrap();
+    let replies = client.join().expect("the client in the namespace");
+    assert_eq!(replies, ["PONG", "OK", "VALUE tap"]);
+    vm.pause().unwrap();
+    let stats = vm.machine().unwrap().net_stats();
+    assert!(stats.tx_frames > 0 && stats.rx_frames > 0, "{stats:?}");
+    vm.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_tap_that_cannot_be_attached_names_the_tap_and_the_os_error() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: a tap device needs root and /dev/net/tun");
+        return;
+    }
+    // `lo` exists and is not a tap: TUNSETIFF refuses it.
+    let e = NetBackend::tap("lo").unwrap_err();
+    let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(text.contains("tap device lo"), "{text}");
+    match e {
+        crate::Error::Io { source, .. } => assert!(source.raw_os_error().is_some(), "{source}"),
+        other => panic!("expected an OS error, got {other:?}"),
+    }
+}
