@@ -38,10 +38,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let linux = args.kernel.guest();
     let machine = match linux {
-        Some(l) => {
-            args.vm
-                .build_linux("linux", ConsoleSink::Stdout("linux".into()), l)?
-        }
+        Some(l) => args
+            .vm
+            .build_linux("linux", ConsoleSink::Stdout("linux".into()), l)?,
         None => args.vm.build("vm", ConsoleSink::Stdout("guest".into()))?,
     };
     catch_interrupts();

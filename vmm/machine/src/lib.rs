@@ -50,13 +50,13 @@ pub use vcpus::check_count as check_vcpus;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
-use devices::{BLK_GSI, Devices, NET_GSI};
 use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
 use devices::net::{Net, NetStats};
 use devices::serial::{COM1_IRQ, IrqLine, SerialPort};
 use devices::virtio_mmio::MmioTransport;
+use devices::{BLK_GSI, Devices, NET_GSI};
 use memory::GuestRam;
 use snapshot::VmState;
 use vcpus::Vcpus;

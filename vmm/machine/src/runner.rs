@@ -41,12 +41,12 @@ use super::devices::DeviceEvents;
 use super::devices::backend::Pace;
 use super::devices::blk::BlkIo;
 use super::devices::serial::SerialPort;
-use vmm_sys_util::eventfd::EventFd;
 use super::error::{Error, Result};
 use super::vcpus::SharedVcpu;
 use super::{GuestExit, Machine, assist, vcpu};
 use park::Ctl;
 pub use park::PauseReport;
+use vmm_sys_util::eventfd::EventFd;
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);

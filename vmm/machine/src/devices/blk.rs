@@ -202,7 +202,6 @@ impl Blk {
         }
     }
 
-
     /// Drops every request in flight: their outcomes will not be written (reset,
     /// restore).
     fn forget_in_flight(&mut self) {

@@ -97,8 +97,10 @@ impl Devices {
     ) -> Result<Self> {
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(Error::io("create an eventfd"));
         let mut notify = Vec::new();
-        for (base, queues) in [(NET_MMIO_GPA, net.queues.len()), (BLK_MMIO_GPA, blk.queues.len())]
-        {
+        for (base, queues) in [
+            (NET_MMIO_GPA, net.queues.len()),
+            (BLK_MMIO_GPA, blk.queues.len()),
+        ] {
             for q in 0..queues as u32 {
                 let fd = efd()?;
                 vm.register_ioevent(&fd, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q)
@@ -114,7 +116,9 @@ impl Devices {
                 .rx_event()
                 .try_clone()
                 .map_err(Error::io("duplicate the receive eventfd"))?,
-            wake: wake.try_clone().map_err(Error::io("duplicate an eventfd"))?,
+            wake: wake
+                .try_clone()
+                .map_err(Error::io("duplicate an eventfd"))?,
         };
         Ok(Self {
             serial,
@@ -174,7 +178,11 @@ impl Devices {
                     let _ = n.notify(q, mem);
                 }
             }
-            if n.device.has_rx() && n.queues.first().is_some_and(|q| q.ready() && q.is_valid(mem)) {
+            if n.device.has_rx()
+                && n.queues
+                    .first()
+                    .is_some_and(|q| q.ready() && q.is_valid(mem))
+            {
                 n.device.deliver(&mut n.queues, mem);
             }
         }

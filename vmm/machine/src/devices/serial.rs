@@ -100,7 +100,8 @@ impl SerialPort {
     pub(crate) fn new(irq: IrqLine, console: Console) -> Result<Self> {
         Ok(Self {
             uart: Serial::new(
-                irq.try_clone().map_err(Error::io("duplicate the serial irqfd"))?,
+                irq.try_clone()
+                    .map_err(Error::io("duplicate the serial irqfd"))?,
                 console,
             ),
             irq,
@@ -110,7 +111,9 @@ impl SerialPort {
     /// Bytes for the guest to read (as if they came down the line).
     #[cfg(test)]
     pub(crate) fn receive(&mut self, bytes: &[u8]) {
-        self.uart.enqueue_raw_bytes(bytes).expect("room in the FIFO");
+        self.uart
+            .enqueue_raw_bytes(bytes)
+            .expect("room in the FIFO");
     }
 
     /// The registers and receive FIFO.
@@ -163,7 +166,11 @@ impl SerialPort {
             scratch: regs[8],
             in_buffer: fifo.to_vec(),
         };
-        let dup = || self.irq.try_clone().map_err(Error::io("duplicate the serial irqfd"));
+        let dup = || {
+            self.irq
+                .try_clone()
+                .map_err(Error::io("duplicate the serial irqfd"))
+        };
         let (line, spare) = (dup()?, dup()?);
         // The console moves from the old UART to the new one; a placeholder (which never
         // receives a byte) stands in between.

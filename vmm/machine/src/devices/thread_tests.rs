@@ -115,7 +115,11 @@ fn a_queue_notify_completes_in_kvm_without_a_vcpu_exit_and_other_values_still_ex
             other => panic!("the notify exited to the VMM: {other:?}"),
         }
     }
-    assert_eq!(ev.notify[1].read().unwrap(), 1, "KVM signalled the TX queue's ioeventfd");
+    assert_eq!(
+        ev.notify[1].read().unwrap(),
+        1,
+        "KVM signalled the TX queue's ioeventfd"
+    );
     assert!(ev.notify[0].read().is_err(), "and no other queue's");
 
     // A value no ioeventfd matches is an ordinary MMIO exit.
@@ -185,8 +189,16 @@ fn the_device_thread_serves_a_notify_and_the_used_buffer_interrupt_reaches_the_i
     assert_eq!(m.devices.net.interrupt_status(), 1, "used-buffer bit");
     assert_eq!(m.devices.blk.interrupt_status(), 1, "used-buffer bit");
     let irr = pic_master_irr(&m);
-    assert_ne!(irr & (1 << NET_GSI), 0, "net's line is latched: irr {irr:#x}");
-    assert_ne!(irr & (1 << BLK_GSI), 0, "blk's line is latched: irr {irr:#x}");
+    assert_ne!(
+        irr & (1 << NET_GSI),
+        0,
+        "net's line is latched: irr {irr:#x}"
+    );
+    assert_ne!(
+        irr & (1 << BLK_GSI),
+        0,
+        "blk's line is latched: irr {irr:#x}"
+    );
     // InterruptACK clears the bit; the window reads it back.
     reg(&mut m, NET_MMIO_GPA, 0x64, 1);
     let mut b = [0u8; 4];
@@ -232,7 +244,11 @@ fn a_paused_vms_device_thread_writes_no_guest_memory_until_it_resumes() {
         0,
         "no page written while paused"
     );
-    assert_eq!(rxq.used().idx().load(), 1, "no frame delivered while paused");
+    assert_eq!(
+        rxq.used().idx().load(),
+        1,
+        "no frame delivered while paused"
+    );
 
     vm.resume();
     wait_for("the frames held over the pause", || {
@@ -289,9 +305,16 @@ fn the_serial_port_and_a_frame_waiting_for_the_guest_survive_a_snapshot_into_a_f
     let mut m2 = machine_on(&counter(), ConsoleSink::Discard, net2, 1).unwrap();
     m2.write_ram(0, &ram).unwrap();
     m2.restore_state(&state).unwrap();
-    assert_eq!(m2.devices.serial.state(), serial, "the serial port round-trips");
+    assert_eq!(
+        m2.devices.serial.state(),
+        serial,
+        "the serial port round-trips"
+    );
     assert_eq!(m2.devices.net.interrupt_status(), status);
-    assert!(m2.devices.net.driver_ok(), "the transport's status came along");
+    assert!(
+        m2.devices.net.driver_ok(),
+        "the transport's status came along"
+    );
     let mem2 = m2.ram.mem().clone();
     // The same queues, now in the new VM's RAM: the driver posts a buffer and notifies.
     let rxq2 = MockSplitQueue::create(&mem2, GuestAddress(NET_RX_Q), QSIZE);
@@ -302,7 +325,8 @@ fn the_serial_port_and_a_frame_waiting_for_the_guest_survive_a_snapshot_into_a_f
         rxq2.used().idx().load() == 1
     });
     let mut got = [0u8; 80];
-    mem2.read_slice(&mut got, GuestAddress(RX_BUF + 12)).unwrap();
+    mem2.read_slice(&mut got, GuestAddress(RX_BUF + 12))
+        .unwrap();
     assert_eq!(got, [0x77; 80]);
     vm2.stop().unwrap();
 }
