@@ -420,8 +420,10 @@ impl Machine {
 
     /// Marks a committed checkpoint in the network output: on a socket backend, an empty
     /// frame after every frame the guest sent so far, which a proxy with `commit_marker`
-    /// turns into the commit of the held output, in order. Call it with the vCPU paused
-    /// (transmission happens on the vCPU thread), before it resumes.
+    /// turns into the commit of the held output, in order. Call it with the VM paused
+    /// (transmission happens on the device thread, which parks at a pause), before it
+    /// resumes: frames the guest queued but the device has not sent yet go after the
+    /// marker, into the next epoch, as the snapshot has them still in the ring.
     ///
     /// # Errors
     /// `Unsupported` for a backend without markers (a tap), or the socket's error.

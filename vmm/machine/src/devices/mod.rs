@@ -172,18 +172,13 @@ impl Devices {
     pub(crate) fn serve(&mut self, mem: &GuestMemory) -> (Option<BlkIo>, bool) {
         let n = &mut self.net;
         if n.driver_ok() {
+            // Every queue, as if notified: TX sends what the guest queued, RX delivers
+            // waiting frames into the buffers it posted.
             for q in 0..n.queues.len() {
                 if n.queues[q].ready() && n.queues[q].is_valid(mem) {
                     // Net's notify fails only for a queue it does not have.
                     let _ = n.notify(q, mem);
                 }
-            }
-            if n.device.has_rx()
-                && n.queues
-                    .first()
-                    .is_some_and(|q| q.ready() && q.is_valid(mem))
-            {
-                n.device.deliver(&mut n.queues, mem);
             }
         }
         let mut used = n.signal_used();

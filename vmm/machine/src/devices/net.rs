@@ -73,11 +73,6 @@ impl Net {
         &self.backend.pace
     }
 
-    /// Whether frames wait for the guest.
-    pub(crate) fn has_rx(&self) -> bool {
-        !self.pending.is_empty() || !self.backend.rx.is_empty()
-    }
-
     /// Moves waiting frames into the guest's receive buffers, as many as fit.
     pub(crate) fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemory) {
         while self.pending.len() < MAX_PENDING {
