@@ -62,9 +62,10 @@ impl Ctl {
         self.vcpus.iter().all(VcpuCtl::parked) && self.device.parked()
     }
 
-    /// Whether every vCPU thread has ended.
+    /// Whether every vCPU thread and the device thread have ended (a vCPU's end stops the
+    /// device thread at once).
     pub(super) fn all_finished(&self) -> bool {
-        self.vcpus.iter().all(|v| v.finished)
+        self.vcpus.iter().chain([&self.device]).all(|v| v.finished)
     }
 
     /// Whether disk requests of the guest are running.
