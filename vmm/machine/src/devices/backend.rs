@@ -241,9 +241,14 @@ impl NetBackend {
     /// Opens (creating if needed) the tap device `name`.
     ///
     /// # Errors
-    /// [`Error::Io`] if /dev/net/tun cannot be opened or the device cannot be attached
-    /// (not root, or the name is in use by a non-tap device).
+    /// [`Error::Tap`] naming the tap, the step and the OS error if /dev/net/tun cannot be
+    /// opened or the device cannot be attached (not root, the name is in use by a non-tap
+    /// device, or another process holds the tap); [`Error::Config`] for a bad name.
     pub fn tap(name: &str) -> Result<Self> {
+        let tap_err = |what: &'static str| {
+            let name = name.to_string();
+            move |source| Error::Tap { name, what, source }
+        };
         if name.is_empty() || name.len() >= 16 {
             return Err(Error::Config(format!(
                 "tap name '{name}' must be 1 to 15 bytes"
@@ -253,7 +258,7 @@ impl NetBackend {
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .map_err(Error::io("open /dev/net/tun"))?;
+            .map_err(tap_err("open /dev/net/tun"))?;
         #[repr(C)]
         struct IfReq {
             name: [u8; 16],
@@ -271,14 +276,14 @@ impl NetBackend {
         // size (40 bytes) and layout for the name and flags fields.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
         if r < 0 {
-            return Err(Error::io(format!("attach tap device {name}"))(
+            return Err(tap_err("attach (TUNSETIFF)")(
                 std::io::Error::last_os_error(),
             ));
         }
         // SAFETY: dup returns a new descriptor we own (checked below).
         let dup = unsafe { libc::dup(file.as_raw_fd()) };
         if dup < 0 {
-            return Err(Error::io("dup the tap descriptor")(
+            return Err(tap_err("duplicate the descriptor")(
                 std::io::Error::last_os_error(),
             ));
         }
