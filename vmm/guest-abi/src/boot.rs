@@ -1,4 +1,4 @@
-//! The boot contract between the colo VMM and its built-in guest (version 2).
+//! The boot contract between the colo VMM and its built-in guest (version 3).
 //!
 //! It holds only plain constants and `#[repr(C)]` types; the byte layout of
 //! [`BootParams`] is checked by a test below.
@@ -10,18 +10,21 @@
 //!   Every vCPU enters at the ELF entry point at once, with `rsp` = 0 (the guest sets a
 //!   stack of its own for each vCPU in `_start`), `rdi` = [`BOOT_PARAMS_GPA`] and `rsi` =
 //!   the vCPU's index (0 to `vcpus - 1`).
-//! - vCPU 0 drives the devices: the VMM delivers received frames, and ends an idle wait
-//!   early for one, on vCPU 0 only. The other vCPUs' idle waits end on time alone.
+//! - The devices run on a VMM thread of their own, while the guest runs. When a device
+//!   has put buffers into a used ring (a frame received or sent, a disk request done), the
+//!   VMM ends vCPU 0's idle wait early. The other vCPUs' idle waits end on time alone.
 //! - RAM starts at guest-physical 0. The first 2 MiB below [`IMAGE_GPA`] hold VMM data:
 //!   the GDT, the page tables, the boot parameters and the console buffer.
-//! - No interrupts are delivered. The guest polls its virtqueues and, when it has nothing
-//!   to do, waits with [`PORT_IDLE`].
+//! - The guest runs with interrupts off (RFLAGS.IF = 0), so the devices' interrupt lines
+//!   (GSI 5 net, GSI 6 block, edge-triggered) are raised but never taken. The guest polls
+//!   its virtqueues and, when it has nothing to do, waits with [`PORT_IDLE`].
 //!
 //! # Ports (`out` at CPL3 exits to the VMM; each exit costs about 20 us, so batch)
 //! - [`PORT_CONSOLE`]: `out dx, eax` with eax = number of bytes the guest put at
 //!   [`CONSOLE_GPA`] (at most [`CONSOLE_LEN`]). The VMM logs them (UTF-8, lossy).
-//! - [`PORT_IDLE`]: `out dx, eax` with eax = most microseconds to wait. The VMM returns
-//!   earlier when a device has work for the guest (a received frame).
+//! - [`PORT_IDLE`]: `out dx, eax` with eax = most microseconds to wait. On vCPU 0 the VMM
+//!   returns earlier when a device used buffers (and a wait may end early for no reason
+//!   the guest can see, e.g. a checkpoint).
 //! - [`PORT_EXIT`]: `out dx, eax` with eax = exit status. The VM stops.
 //!
 //! # Devices: virtio-mmio version 2 (modern), polled
@@ -33,8 +36,11 @@
 //!   Offers VIRTIO_F_VERSION_1 and VIRTIO_BLK_F_FLUSH; capacity (in 512-byte sectors) in
 //!   config space at 0x100. Requests: header {type u32, reserved u32, sector u64}, data,
 //!   status byte.
-//! - Notification: write the queue index to QueueNotify (0x50). The VMM processes the
-//!   queue during that exit, so used entries are visible when the write returns.
+//! - Notification: write the queue index to QueueNotify (0x50) as one 32-bit write. KVM
+//!   completes the write itself (an ioeventfd: no exit) and the VMM's device thread
+//!   processes the queue shortly after, while the guest runs on: used entries appear
+//!   later, so a driver waits for them (polling the used ring, then [`PORT_IDLE`]).
+//!   (Version 2 processed the queue during the write's exit.)
 //! - Time: `rdtsc` (not trapped) and [`BootParams::tsc_khz`].
 
 /// Where the VMM puts [`BootParams`].
@@ -66,8 +72,9 @@ pub const BLK_QUEUE_SIZE: u16 = 64;
 
 /// "COLOBOOT".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"COLOBOOT");
-/// This contract's version (2: several vCPUs, `rsi` = the vCPU's index).
-pub const BOOT_VERSION: u32 = 2;
+/// This contract's version (2: several vCPUs, `rsi` = the vCPU's index; 3: devices
+/// complete queues after the notification, not during it).
+pub const BOOT_VERSION: u32 = 3;
 /// Most vCPUs a VM of this contract has (the guest keeps a stack for each).
 pub const MAX_VCPUS: u32 = 8;
 

@@ -1,5 +1,5 @@
-//! The virtio-blk driver: one request at a time, synchronously (the VMM completes a
-//! request during the notification exit).
+//! The virtio-blk driver: one request at a time, waiting for each (the VMM's device
+//! thread completes it while the guest runs on: the notification does not exit).
 //!
 //! A request is a chain of three descriptors: the 16-byte header (device reads), the
 //! data (device reads for a write, writes for a read) and the status byte (device
@@ -23,9 +23,14 @@ const T_FLUSH: u32 = 4;
 const S_OK: u8 = 0;
 /// Largest data buffer of one request (the VMM accepts up to 1 MiB).
 pub const MAX_REQUEST: usize = 256 << 10;
-/// How often to look at the used ring before declaring the device broken (the VMM
-/// completes requests during the notification, so the first look should succeed).
-const POLLS: u32 = 1000;
+/// How often to look at the used ring before waiting with the VMM (a request to the
+/// host's page cache completes in some tens of microseconds).
+const SPINS: u32 = 2000;
+/// Each wait with the VMM: it ends early once the device used the request.
+const WAIT_US: u32 = 500;
+/// Waits before declaring the device broken: 20 s in all, unless waits end early (the
+/// device's wake-up for another buffer, a checkpoint's pause), which only stretches it.
+const WAITS: u32 = 40_000;
 
 /// Why a request failed.
 #[derive(Debug, Clone, Copy)]
@@ -201,7 +206,7 @@ impl VirtioBlk {
         }
         .expect("requests run one at a time, so the queue is empty");
         self.mmio.notify(self.q.index());
-        for _ in 0..POLLS {
+        for round in 0..SPINS + WAITS {
             if let Some(used) = self.q.pop_used() {
                 assert_eq!(used.head, head, "the only request in flight");
                 // SAFETY: the device completed the request (acquire fence in pop_used)
@@ -213,7 +218,11 @@ impl VirtioBlk {
                     Err(BlkError::Status(st))
                 };
             }
-            core::hint::spin_loop();
+            if round < SPINS {
+                core::hint::spin_loop();
+            } else {
+                crate::arch::idle(WAIT_US);
+            }
         }
         // The device may still write into the buffers later: stopping is the only safe
         // way out.

@@ -27,6 +27,11 @@ pub const MTU: usize = 1514;
 const F_MAC: u64 = 1 << 5;
 const RX: usize = 0;
 const TX: usize = 1;
+/// Waits for the device to return a transmit buffer when all are in flight, each ended
+/// early by the device's wake-up: at most about 100 ms in all.
+const TX_WAITS: u32 = 1000;
+/// Each of those waits.
+const TX_WAIT_US: u32 = 100;
 
 /// `count` zeroed buffers of [`BUF_SIZE`] bytes in one block that is never freed.
 fn buffers(count: usize) -> *mut u8 {
@@ -95,24 +100,32 @@ impl TxRing {
         }
     }
 
-    /// Notifies the device of the frames made available since the last notification;
-    /// it sends them during the exit, so their buffers come back at once.
+    /// Notifies the device of the frames made available since the last notification.
+    /// The VMM's device thread sends them while the guest runs on; their buffers come
+    /// back through the used ring ([`TxRing::reclaim`]).
     fn notify(&mut self, mmio: Mmio) {
         if self.unnotified {
             self.unnotified = false;
             mmio.notify(self.q.index());
-            self.reclaim();
         }
     }
 
     /// Whether a transmit buffer is free, after taking back what the device sent and, if
-    /// every buffer waits for the device, notifying it.
+    /// every buffer waits for the device, notifying it and waiting (bounded) for it to
+    /// send some: a frame without a buffer would be dropped.
     fn has_room(&mut self, mmio: Mmio) -> bool {
         if self.free_slots.is_empty() {
             self.reclaim();
         }
         if self.free_slots.is_empty() {
             self.notify(mmio);
+            for _ in 0..TX_WAITS {
+                self.reclaim();
+                if !self.free_slots.is_empty() {
+                    break;
+                }
+                crate::arch::idle(TX_WAIT_US);
+            }
         }
         !self.free_slots.is_empty()
     }

@@ -41,6 +41,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A tap device could not be opened or attached.
+    #[error("tap device {name}: {what} failed")]
+    Tap {
+        /// The tap's name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error (its errno).
+        #[source]
+        source: io::Error,
+    },
     /// Guest memory could not be created or accessed.
     #[error("guest memory: {0}")]
     Memory(String),

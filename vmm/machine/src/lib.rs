@@ -50,13 +50,13 @@ pub use vcpus::check_count as check_vcpus;
 
 use abi::{BootParams, NET_MMIO_GPA};
 use codec::{Reader, Writer};
-use devices::Devices;
 use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
 use devices::net::{Net, NetStats};
 use devices::serial::{COM1_IRQ, IrqLine, SerialPort};
 use devices::virtio_mmio::MmioTransport;
+use devices::{BLK_GSI, Devices, NET_GSI};
 use memory::GuestRam;
 use snapshot::VmState;
 use vcpus::Vcpus;
@@ -305,7 +305,8 @@ impl Machine {
             }
             Guest::Linux(g) => {
                 let ram = GuestRam::around_hole(cfg.ram)?;
-                let loaded = linux::load(ram.mem(), ram.layout(), g, &[])?;
+                let devices = devices::linux_cmdline_entries(cfg.net.connected());
+                let loaded = linux::load(ram.mem(), ram.layout(), g, &devices)?;
                 (ram, Boot::Linux(loaded))
             }
         };
@@ -322,7 +323,7 @@ impl Machine {
         })
         .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
-        let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console));
+        let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console))?;
         let vcpus = match &mut boot {
             Boot::BuiltIn(image, g) => {
                 let entry = image.entry;
@@ -383,16 +384,18 @@ impl Machine {
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
         tracing::debug!(msrs = saved_msrs.len(), "MSRs a snapshot carries");
+        let devices = Devices::new(
+            &vm,
+            serial,
+            MmioTransport::new(Net::new(cfg.mac, cfg.net)).with_irq(IrqLine::new(&vm, NET_GSI)?),
+            MmioTransport::new(Blk::new(disk)).with_irq(IrqLine::new(&vm, BLK_GSI)?),
+        )?;
         Ok(Self {
             vcpus,
             saved_msrs,
             vm: Arc::new(vm),
             _kvm: kvm,
-            devices: Devices {
-                serial,
-                net: MmioTransport::new(Net::new(cfg.mac, cfg.net)),
-                blk: MmioTransport::new(Blk::new(disk)),
-            },
+            devices,
             tracker: Arc::new(tracker),
             ram,
             name: cfg.name,
@@ -417,8 +420,10 @@ impl Machine {
 
     /// Marks a committed checkpoint in the network output: on a socket backend, an empty
     /// frame after every frame the guest sent so far, which a proxy with `commit_marker`
-    /// turns into the commit of the held output, in order. Call it with the vCPU paused
-    /// (transmission happens on the vCPU thread), before it resumes.
+    /// turns into the commit of the held output, in order. Call it with the VM paused
+    /// (transmission happens on the device thread, which parks at a pause), before it
+    /// resumes: frames the guest queued but the device has not sent yet go after the
+    /// marker, into the next epoch, as the snapshot has them still in the ring.
     ///
     /// # Errors
     /// `Unsupported` for a backend without markers (a tap), or the socket's error.

@@ -8,13 +8,21 @@
 //! it) until it resumes them.
 //!
 //! A vCPU thread holds its own vCPU while it runs and locks the machine (devices, RAM)
-//! only for the exits that need it, so the vCPUs run at once. vCPU 0 drives the devices:
-//! it delivers received frames, and a frame ends its idle wait; the others idle on time
-//! alone. A guest exit or crash on any vCPU stops them all.
+//! only for the exits that need it, so the vCPUs run at once. A guest exit or crash on
+//! any vCPU stops them all.
 //!
-//! Disk requests run on the vCPU thread without the machine (see `devices::blk`): while
-//! they run the thread counts as parked, so a pause does not wait for a disk flush; it
-//! writes their outcomes into the guest only once the VM runs again.
+//! The virtio devices run on a device thread of their own: it waits on the ioeventfds of
+//! the queues' QueueNotify registers (KVM completes the guest's notify write without an
+//! exit) and on the network backend's received-frame eventfd, serves every queue under
+//! the machine lock, and raises the devices' interrupts (irqfds). It parks at a pause like
+//! a vCPU, so a paused VM's devices write neither guest memory nor device state; the
+//! controller's dirty-page collection and snapshot at a checkpoint rely on that. After
+//! it used buffers it also ends vCPU 0's idle wait (the built-in guest polls instead of
+//! taking interrupts).
+//!
+//! Disk requests run on the device thread without the machine (see `devices::blk`):
+//! while they run the thread counts as parked, so a pause does not wait for a disk flush;
+//! it writes their outcomes into the guest only once the VM runs again.
 
 mod kick;
 mod park;
@@ -29,6 +37,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::os::unix::thread::JoinHandleExt;
 
 use super::abi::{CONSOLE_GPA, CONSOLE_LEN, PORT_CONSOLE, PORT_EXIT, PORT_IDLE};
+use super::devices::DeviceEvents;
 use super::devices::backend::Pace;
 use super::devices::blk::BlkIo;
 use super::devices::serial::SerialPort;
@@ -37,6 +46,7 @@ use super::vcpus::SharedVcpu;
 use super::{GuestExit, Machine, assist, vcpu};
 use park::Ctl;
 pub use park::PauseReport;
+use vmm_sys_util::eventfd::EventFd;
 
 /// The longest the guest may idle in one exit.
 const MAX_IDLE: Duration = Duration::from_millis(50);
@@ -50,7 +60,8 @@ const PORT_I8042: u16 = 0x64;
 const I8042_RESET: u32 = 0xfe;
 /// How long pause() waits for the vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The vCPU that drives the devices.
+/// The vCPU whose idle wait a device's used buffers end (the built-in guest's service
+/// runs there), and which the proxy's hold stops.
 const DEVICE_VCPU: usize = 0;
 
 /// Wakes one vCPU thread from an idle or held wait (the signal wakes it from `KVM_RUN`).
@@ -69,8 +80,8 @@ struct Shared {
     wakes: Vec<Wake>,
     /// The vCPU threads, by index (set once all are spawned, before any runs).
     threads: OnceLock<Vec<libc::pthread_t>>,
-    /// The network backend's receive channel: a frame ends vCPU 0's idle wait.
-    net_rx: Receiver<Vec<u8>>,
+    /// Wakes the device thread (for a pause or stop).
+    dev_wake: EventFd,
     /// The proxy's pacing of this VM (a secondary in COLO mode).
     pace: Arc<Pace>,
     /// The vCPU threads' kernel thread ids (0 until each runs).
@@ -93,6 +104,8 @@ impl Shared {
         for w in &self.wakes {
             let _ = w.tx.try_send(());
         }
+        // A full counter is a wake-up already pending.
+        let _ = self.dev_wake.write(1);
         for &t in self.threads.get().into_iter().flatten() {
             // SAFETY: a thread of this process, not joined yet (see above).
             unsafe { kick::kick(t) };
@@ -110,12 +123,22 @@ impl Shared {
         c.vcpus[i].parks();
         self.cv.notify_all();
     }
+
+    /// The device thread ends (only once the VM stops).
+    fn device_ended(&self) {
+        let mut c = self.ctl();
+        c.device.finished = true;
+        c.device.parks();
+        self.cv.notify_all();
+    }
 }
 
 /// A running VM.
 pub struct VmHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<Result<GuestExit>>>,
+    /// The device thread (joined after the vCPU threads).
+    devices: Option<JoinHandle<()>>,
     name: String,
 }
 
@@ -132,13 +155,20 @@ impl VmHandle {
     ///
     /// # Errors
     /// [`Error::Io`] if a thread cannot be spawned (none runs then).
-    pub fn start(machine: Machine, paused: bool) -> Result<Self> {
+    pub fn start(mut machine: Machine, paused: bool) -> Result<Self> {
         kick::install_handler();
         let name = machine.name.clone();
         let n = machine.vcpus.len();
         let vcpus: Vec<SharedVcpu> = (0..n).map(|i| machine.vcpus.shared(i)).collect();
         let pace = Arc::clone(machine.devices.net.device.pace());
-        let net_rx = machine.devices.net.device.rx_channel().clone();
+        let events = machine
+            .devices
+            .take_events()
+            .ok_or_else(|| Error::Config("the machine's devices already ran".into()))?;
+        let dev_wake = events
+            .wake
+            .try_clone()
+            .map_err(Error::io("duplicate an eventfd"))?;
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
             pause: AtomicBool::new(paused),
@@ -152,15 +182,33 @@ impl VmHandle {
                 })
                 .collect(),
             threads: OnceLock::new(),
-            net_rx,
+            dev_wake,
             pace,
             tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
         });
         let mut h = Self {
             shared: Arc::clone(&shared),
             threads: Vec::with_capacity(n),
+            devices: None,
             name: name.clone(),
         };
+        let s = Arc::clone(&shared);
+        match std::thread::Builder::new()
+            .name(format!("dev-{name}"))
+            .spawn(move || {
+                device_thread(&s, &events);
+                s.device_ended();
+            }) {
+            Ok(t) => h.devices = Some(t),
+            Err(e) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                for c in &mut shared.ctl().vcpus {
+                    c.finished = true;
+                }
+                shared.ctl().device.finished = true;
+                return Err(Error::io("spawn the device thread")(e));
+            }
+        }
         for (i, vcpu) in vcpus.into_iter().enumerate() {
             let s = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
@@ -181,6 +229,7 @@ impl VmHandle {
                     // The spawned threads see the stop as soon as they may start; the
                     // others never will, so nothing waits for them.
                     shared.stop.store(true, Ordering::SeqCst);
+                    let _ = shared.dev_wake.write(1);
                     for c in &mut shared.ctl().vcpus[i..] {
                         c.finished = true;
                     }
@@ -347,6 +396,13 @@ impl VmHandle {
             }
             c.first_end
         };
+        // Every vCPU ended, so the stop is set and the device thread was kicked.
+        if let Some(d) = self.devices.take() {
+            let _ = self.shared.dev_wake.write(1);
+            if d.join().is_err() {
+                tracing::error!("the device thread panicked");
+            }
+        }
         let mut results: Vec<Result<GuestExit>> = self
             .threads
             .drain(..)
@@ -371,7 +427,7 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || self.devices.is_some() {
             self.shared.stop.store(true, Ordering::SeqCst);
             self.resume();
             self.shared.kick_all();
@@ -382,8 +438,6 @@ impl Drop for VmHandle {
 
 enum Step {
     Continue,
-    /// A device register was written (maybe a queue notified).
-    Notified,
     /// The guest waits for at most this long (or until a device has work).
     Idle(Duration),
     Exit(GuestExit),
@@ -410,7 +464,6 @@ fn vcpu_thread(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
 
 fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
     let mut v = lock_vcpu(vcpu);
-    let mut notified = false;
     loop {
         if s.stop.load(Ordering::SeqCst) {
             return Ok(GuestExit::Stopped);
@@ -422,25 +475,11 @@ fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
             v = lock_vcpu(vcpu);
             continue;
         }
-        // Disk requests complete before the vCPU that gave them runs again (the guest
-        // expects them done when its notification returns); vCPU 0 also takes those a
-        // restore left in flight.
-        let disk = i == DEVICE_VCPU || std::mem::take(&mut notified);
-        match before_run(s, i, disk) {
-            Ok(None) => {}
-            Ok(Some(io)) => {
-                drop(v);
-                if !run_disk_io(s, i, io) {
-                    return Ok(GuestExit::Stopped);
-                }
-                v = lock_vcpu(vcpu);
-                continue;
-            }
-            Err(e) => return Err(crash(&v, i, format!("device error: {e}"))),
+        if i == DEVICE_VCPU && s.pace.held() {
+            hold(s);
         }
         match step(&mut v, s, i)? {
             Step::Continue => {}
-            Step::Notified => notified = true,
             Step::Idle(max) => idle(s, i, max),
             Step::Exit(e) => return Ok(e),
         }
@@ -467,69 +506,11 @@ fn wait_while_paused<'a>(s: &'a Shared, mut c: MutexGuard<'a, Ctl>) -> MutexGuar
     c
 }
 
-/// The device work before vCPU `i` enters the guest: disk requests to run (if `disk`),
-/// and on vCPU 0 received frames and the proxy's hold.
-fn before_run(s: &Shared, i: usize, disk: bool) -> Result<Option<BlkIo>> {
-    let mut m = s.machine();
-    if disk && let Some(io) = take_disk_io(&mut m)? {
-        return Ok(Some(io));
-    }
-    if i == DEVICE_VCPU {
-        deliver_rx(&mut m);
-        if s.pace.held() {
-            hold(&mut m, s);
-        }
-    }
-    Ok(None)
-}
-
-fn take_disk_io(m: &mut Machine) -> Result<Option<BlkIo>> {
-    let Machine { devices, ram, .. } = m;
-    devices.poll_blk(ram.mem())?;
-    Ok(devices.blk.device.start_io())
-}
-
-/// Runs disk requests on vCPU `i`'s thread without the machine, then writes their
-/// outcomes once the VM is not paused. False if the VM was stopped meanwhile.
-fn run_disk_io(s: &Shared, i: usize, io: BlkIo) -> bool {
-    {
-        let mut c = s.ctl();
-        c.vcpus[i].off_machine = true;
-        c.vcpus[i].disk_io = true;
-        c.vcpus[i].parks();
-        s.cv.notify_all();
-    }
-    let done = io.run();
-    {
-        let mut c = s.ctl();
-        c.vcpus[i].disk_io = false;
-        s.cv.notify_all();
-        let mut c = wait_while_paused(s, c);
-        c.vcpus[i].off_machine = false;
-    }
-    // A kick for a pause that came and went while the requests ran.
-    while s.wakes[i].rx.try_recv().is_ok() {}
-    if s.stop.load(Ordering::SeqCst) {
-        return false;
-    }
-    let mut m = s.machine();
-    let Machine { devices, ram, .. } = &mut *m;
-    let t = &mut devices.blk;
-    t.device.finish(done, &mut t.queues[0], ram.mem());
-    true
-}
-
 fn crash(v: &VcpuFd, i: usize, reason: String) -> Error {
     Error::GuestCrash {
         reason: format!("{reason} (vCPU {i})"),
         regs: vcpu::dump(v),
     }
-}
-
-/// Moves frames waiting for the guest into its receive queue.
-fn deliver_rx(m: &mut Machine) {
-    let Machine { devices, ram, .. } = m;
-    devices.poll_rx(ram.mem());
 }
 
 /// Runs vCPU `i` to its next exit and handles it, with the machine locked only for the
@@ -596,12 +577,9 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
         Exit::None => {}
         Exit::Crash(reason) => return Err(crash(v, i, reason)),
         Exit::MmioWrite(addr, n) => {
-            let mut m = s.machine();
-            let Machine { devices, ram, .. } = &mut *m;
-            if let Err(e) = devices.mmio_write(addr, &data[..n], ram.mem()) {
-                return Err(crash(v, i, format!("device error: {e}")));
+            if !s.machine().devices.mmio_write(addr, &data[..n]) {
+                tracing::debug!(addr = format_args!("{addr:#x}"), "MMIO write to nothing");
             }
-            return Ok(Step::Notified);
         }
         Exit::Out(port, value) => match port {
             PORT_CONSOLE => {
@@ -640,8 +618,9 @@ enum Exit {
 }
 
 /// The proxy holds the VM (it ran too far ahead of the primary): wait until it lets go,
-/// the controller kicks, or [`MAX_HOLD`] passes, delivering frames that come meanwhile.
-fn hold(m: &mut Machine, s: &Shared) {
+/// the controller kicks, or [`MAX_HOLD`] passes. The device thread goes on delivering
+/// frames meanwhile (its used buffers end this wait early, which only re-checks).
+fn hold(s: &Shared) {
     let t0 = Instant::now();
     let deadline = t0 + MAX_HOLD;
     let kick = &s.wakes[DEVICE_VCPU].rx;
@@ -650,35 +629,135 @@ fn hold(m: &mut Machine, s: &Shared) {
         if left.is_zero() {
             break;
         }
-        deliver_rx(m);
-        let net = &m.devices.net;
         let mut sel = Select::new();
         sel.recv(s.pace.wake());
         sel.recv(kick);
-        // Frames only while the guest's driver takes them: else they stay in the channel
-        // and would wake this wait at once, again and again.
-        if net.driver_ok() && net.device.rx_room() {
-            sel.recv(net.device.rx_channel());
+        if let Ok(op) = sel.ready_timeout(left) {
+            // Consume what woke us, so the next wait blocks.
+            let _ = match op {
+                0 => s.pace.wake().try_recv(),
+                _ => kick.try_recv(),
+            };
         }
-        let _ = sel.ready_timeout(left);
-        while s.pace.wake().try_recv().is_ok() {}
     }
-    m.devices.net.device.stats.holds += 1;
+    s.machine().devices.net.device.stats.holds += 1;
 }
 
 /// vCPU `i` has nothing to do: wait until the controller kicks or the time passes, and on
-/// vCPU 0 until a frame arrives. The machine is not locked meanwhile.
+/// vCPU 0 until a device used buffers. The machine is not locked meanwhile.
 fn idle(s: &Shared, i: usize, max: Duration) {
     if max.is_zero() || s.pause.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
         return;
     }
-    let mut sel = Select::new();
-    sel.recv(&s.wakes[i].rx);
-    if i == DEVICE_VCPU {
-        if s.machine().devices.net.device.has_rx() {
+    let _ = s.wakes[i].rx.recv_timeout(max);
+}
+
+/// The device thread: serves the queues whenever an eventfd says there may be work,
+/// parks at a pause, and runs disk requests without the machine.
+fn device_thread(s: &Shared, ev: &DeviceEvents) {
+    {
+        let c = s.ctl();
+        let c =
+            s.cv.wait_while(c, |c| !c.started)
+                .unwrap_or_else(|e| e.into_inner());
+        drop(c);
+    }
+    let mut pfds: Vec<libc::pollfd> = ev
+        .all()
+        .map(|fd| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        if s.stop.load(Ordering::SeqCst) {
             return;
         }
-        sel.recv(&s.net_rx);
+        if s.pause.load(Ordering::SeqCst) {
+            park_device(s);
+            // Serve at once after a resume: a restored VM's requests in flight, and
+            // whatever the guest queued while its wake-up was drained.
+            continue;
+        }
+        let (io, used) = {
+            let mut m = s.machine();
+            // A pause asked for while the lock was taken: park first (the controller
+            // uses the machine once this thread is parked).
+            if s.pause.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Machine { devices, ram, .. } = &mut *m;
+            devices.serve(ram.mem())
+        };
+        if used {
+            let _ = s.wakes[DEVICE_VCPU].tx.try_send(());
+        }
+        if let Some(io) = io {
+            if !run_disk_io(s, io) {
+                return;
+            }
+            continue;
+        }
+        wait_events(&mut pfds);
     }
-    let _ = sel.ready_timeout(max);
+}
+
+/// Waits until one of the device thread's eventfds is written, and reads every one that
+/// was (so that the next wait blocks until new work).
+fn wait_events(pfds: &mut [libc::pollfd]) {
+    for p in pfds.iter_mut() {
+        p.revents = 0;
+    }
+    // SAFETY: `pfds` is a valid array of pollfds for the call; the descriptors are the
+    // device thread's eventfds, which its caller owns for the thread's life.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+    if n <= 0 {
+        // EINTR (the vCPU kick signal is process-wide): the caller looks at its flags.
+        return;
+    }
+    for p in pfds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into `v` from an eventfd (non-blocking) that stays open.
+        let _ = unsafe { libc::read(p.fd, (&raw mut v).cast(), 8) };
+    }
+}
+
+/// Parks the device thread until the controller resumes or stops the VM.
+fn park_device(s: &Shared) {
+    let mut c = s.ctl();
+    c.device.paused = true;
+    c.device.parks();
+    s.cv.notify_all();
+    let mut c = wait_while_paused(s, c);
+    c.device.paused = false;
+}
+
+/// Runs disk requests on the device thread without the machine, then writes their
+/// outcomes once the VM is not paused. False if the VM was stopped meanwhile.
+fn run_disk_io(s: &Shared, io: BlkIo) -> bool {
+    {
+        let mut c = s.ctl();
+        c.device.off_machine = true;
+        c.device.disk_io = true;
+        c.device.parks();
+        s.cv.notify_all();
+    }
+    let done = io.run();
+    {
+        let mut c = s.ctl();
+        c.device.disk_io = false;
+        s.cv.notify_all();
+        let mut c = wait_while_paused(s, c);
+        c.device.off_machine = false;
+    }
+    if s.stop.load(Ordering::SeqCst) {
+        return false;
+    }
+    let mut m = s.machine();
+    let Machine { devices, ram, .. } = &mut *m;
+    devices.finish_blk(done, ram.mem());
+    drop(m);
+    let _ = s.wakes[DEVICE_VCPU].tx.try_send(());
+    true
 }

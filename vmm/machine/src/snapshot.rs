@@ -2,7 +2,8 @@
 //! except its RAM (which travels separately, as pages): every vCPU in index order (each
 //! with every MSR the host's KVM lists that the vCPU can read and write), the interrupt
 //! controllers, the PIT, the clock and every device. Version 2 added the PIT and the
-//! host's full MSR list; version 3 the vCPU count and one vCPU state per vCPU.
+//! host's full MSR list; version 3 the vCPU count and one vCPU state per vCPU; version 4
+//! the serial port (registers and FIFO) and each virtio-mmio transport's InterruptStatus.
 //!
 //! ```text
 //! header (32 bytes): "COLOSNAP" | version u32 | reserved u32 | body length u64 | FNV-1a u64
@@ -20,7 +21,7 @@ use super::vcpu::VcpuState;
 /// "COLOSNAP".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"COLOSNAP");
 /// The snapshot format version this build writes and reads.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The largest snapshot body accepted.
 pub const MAX_BODY: u64 = 16 << 20;
 /// Most MSRs in a snapshot.

@@ -51,6 +51,14 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
     .unwrap();
     assert_eq!(m.ram.layout().regions().len(), 2, "two RAM regions");
     let boot = m.linux_boot().unwrap().clone();
+    // colo announces the disk (no network backend: no network device); the kernel echoes
+    // the line below.
+    assert!(
+        boot.cmdline.contains(" virtio_mmio.device=4K@0xd0001000:6")
+            && !boot.cmdline.contains("0xd0000000"),
+        "{}",
+        boot.cmdline
+    );
     let e820: Vec<String> = boot
         .e820
         .iter()

@@ -62,14 +62,14 @@ pub struct VmArgs {
     pub kernel: KernelArgs,
 }
 
+/// The built-in guest's tap device when none is given.
+const DEFAULT_TAP: &str = "colo0";
 /// Default size of a new disk image.
 const DEFAULT_DISK: u64 = 16 << 20;
 /// Default RAM of the built-in guest.
 const DEFAULT_RAM: u64 = 64 << 20;
 /// Default RAM of a Linux guest.
 const DEFAULT_LINUX_RAM: u64 = 256 << 20;
-/// The tap of the built-in guest when none is named.
-const DEFAULT_TAP: &str = "colo0";
 
 /// The options that boot a Linux kernel instead of the built-in guest.
 #[derive(Debug, Args, Clone, Default)]

@@ -116,8 +116,9 @@ impl Mmio {
         u64::from(lo) | (u64::from(hi) << 32)
     }
 
-    /// Tells the device that queue `index` has new buffers. The VMM processes the queue
-    /// during this exit.
+    /// Tells the device that queue `index` has new buffers. KVM completes the write
+    /// without an exit; the VMM's device thread processes the queue while the guest runs
+    /// on, so its used entries come later.
     pub fn notify(&self, index: u16) {
         // The ring updates must be visible before the device looks at the queue.
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);

@@ -3,8 +3,9 @@
 //! `-netdev socket`/chardev framing, so netcmp or a QEMU VM can sit on the other end), or
 //! an in-process channel.
 //!
-//! Every backend delivers received frames into a channel that the vCPU thread drains, and
-//! takes transmitted frames through a `FrameSink`.
+//! Every backend delivers received frames into a channel that the device thread
+//! (`runner`) drains, writing an eventfd after each so that the thread wakes from its
+//! wait on the queues' ioeventfds; transmitted frames go out through a `FrameSink`.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use colo_netcmp::framing::PACE_HOLD;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, SendError, Sender};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::error::{Error, Result};
 
@@ -107,11 +109,15 @@ pub struct NetBackend {
     pub(crate) sink: Box<dyn FrameSink>,
     /// Received frames.
     pub(crate) rx: Receiver<Vec<u8>>,
+    /// Written after each frame put into `rx`.
+    pub(crate) rx_ready: Arc<EventFd>,
     /// The proxy's pacing words (only a socket backend receives them).
     pub(crate) pace: Arc<Pace>,
     stop: Arc<AtomicBool>,
     /// What it is, for logs.
     pub(crate) name: String,
+    /// False for [`NetBackend::none`]: the device is not announced to a Linux guest.
+    connected: bool,
 }
 
 impl Drop for NetBackend {
@@ -138,36 +144,81 @@ impl FrameSink for ChannelSink {
     }
 }
 
+/// Sends frames towards the guest: into the backend's channel, then a wake-up of the
+/// device thread.
+#[derive(Debug, Clone)]
+pub struct FrameSender {
+    tx: Sender<Vec<u8>>,
+    ready: Arc<EventFd>,
+}
+
+impl FrameSender {
+    /// Queues `frame` for the guest, waiting while the queue is full.
+    ///
+    /// # Errors
+    /// The frame back if the VM's backend is gone.
+    pub fn send(&self, frame: Vec<u8>) -> std::result::Result<(), SendError<Vec<u8>>> {
+        self.tx.send(frame)?;
+        // A wake-up that cannot be written (the counter is full) is one already pending.
+        let _ = self.ready.write(1);
+        Ok(())
+    }
+}
+
 /// The other end of a channel backend: frames from the guest, and a sender of frames to it.
 #[derive(Debug)]
 pub struct ChannelPeer {
     /// Frames the guest transmitted.
     pub from_guest: Receiver<Vec<u8>>,
     /// Frames for the guest.
-    pub to_guest: Sender<Vec<u8>>,
+    pub to_guest: FrameSender,
+}
+
+/// A new wake-up eventfd for received frames.
+fn rx_event() -> Result<Arc<EventFd>> {
+    EventFd::new(EFD_NONBLOCK)
+        .map(Arc::new)
+        .map_err(Error::io("create the receive eventfd"))
 }
 
 impl NetBackend {
+    /// Whether frames go anywhere (not [`NetBackend::none`]).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
     /// An in-process channel backend and its peer.
+    ///
+    /// # Panics
+    /// If no eventfd can be created (the process is out of file descriptors).
     pub fn channel() -> (Self, ChannelPeer) {
         let (to_guest, rx) = crossbeam_channel::bounded(RX_QUEUE);
         let (tx, from_guest) = crossbeam_channel::bounded(RX_QUEUE);
+        let ready = rx_event().expect("an eventfd for the channel backend");
         (
             Self {
                 sink: Box::new(ChannelSink(tx)),
                 rx,
+                rx_ready: Arc::clone(&ready),
                 pace: Pace::new(),
                 stop: Arc::default(),
                 name: "channel".into(),
+                connected: true,
             },
             ChannelPeer {
                 from_guest,
-                to_guest,
+                to_guest: FrameSender {
+                    tx: to_guest,
+                    ready,
+                },
             },
         )
     }
 
     /// A backend without a network: frames out are dropped, none come in.
+    ///
+    /// # Panics
+    /// If no eventfd can be created (the process is out of file descriptors).
     pub fn none() -> Self {
         struct Drop0;
         impl FrameSink for Drop0 {
@@ -179,18 +230,25 @@ impl NetBackend {
         Self {
             sink: Box::new(Drop0),
             rx,
+            rx_ready: rx_event().expect("an eventfd for the backend"),
             pace: Pace::new(),
             stop: Arc::default(),
             name: "none".into(),
+            connected: false,
         }
     }
 
     /// Opens (creating if needed) the tap device `name`.
     ///
     /// # Errors
-    /// [`Error::Io`] if /dev/net/tun cannot be opened or the device cannot be attached
-    /// (not root, or the name is in use by a non-tap device).
+    /// [`Error::Tap`] naming the tap, the step and the OS error if /dev/net/tun cannot be
+    /// opened or the device cannot be attached (not root, the name is in use by a non-tap
+    /// device, or another process holds the tap); [`Error::Config`] for a bad name.
     pub fn tap(name: &str) -> Result<Self> {
+        let tap_err = |what: &'static str| {
+            let name = name.to_string();
+            move |source| Error::Tap { name, what, source }
+        };
         if name.is_empty() || name.len() >= 16 {
             return Err(Error::Config(format!(
                 "tap name '{name}' must be 1 to 15 bytes"
@@ -200,7 +258,7 @@ impl NetBackend {
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .map_err(Error::io("open /dev/net/tun"))?;
+            .map_err(tap_err("open /dev/net/tun"))?;
         #[repr(C)]
         struct IfReq {
             name: [u8; 16],
@@ -218,14 +276,14 @@ impl NetBackend {
         // size (40 bytes) and layout for the name and flags fields.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
         if r < 0 {
-            return Err(Error::io(format!("attach tap device {name}"))(
+            return Err(tap_err("attach (TUNSETIFF)")(
                 std::io::Error::last_os_error(),
             ));
         }
         // SAFETY: dup returns a new descriptor we own (checked below).
         let dup = unsafe { libc::dup(file.as_raw_fd()) };
         if dup < 0 {
-            return Err(Error::io("dup the tap descriptor")(
+            return Err(tap_err("duplicate the descriptor")(
                 std::io::Error::last_os_error(),
             ));
         }
@@ -234,9 +292,11 @@ impl NetBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(RX_QUEUE);
         let flag = Arc::clone(&stop);
+        let rx_ready = rx_event()?;
+        let ready = Arc::clone(&rx_ready);
         std::thread::Builder::new()
             .name(format!("tap-{name}"))
-            .spawn(move || read_frames(reader, &tx, &flag, None))
+            .spawn(move || read_frames(reader, &tx, &ready, &flag, None))
             .map_err(Error::io("spawn the tap reader"))?;
         struct TapSink(File);
         impl FrameSink for TapSink {
@@ -247,9 +307,11 @@ impl NetBackend {
         Ok(Self {
             sink: Box::new(TapSink(file)),
             rx,
+            rx_ready,
             pace: Pace::new(),
             stop,
             name: format!("tap {name}"),
+            connected: true,
         })
     }
 
@@ -265,9 +327,11 @@ impl NetBackend {
         let flag = Arc::clone(&stop);
         let pace = Pace::new();
         let words = Arc::clone(&pace);
+        let rx_ready = rx_event()?;
+        let ready = Arc::clone(&rx_ready);
         std::thread::Builder::new()
             .name("net-socket".into())
-            .spawn(move || read_frames(reader, &tx, &flag, Some(&words)))
+            .spawn(move || read_frames(reader, &tx, &ready, &flag, Some(&words)))
             .map_err(Error::io("spawn the socket reader"))?;
         /// The socket and a buffer reused for length + frame (one write per frame).
         struct SocketSink(UnixStream, Vec<u8>);
@@ -291,9 +355,11 @@ impl NetBackend {
         Ok(Self {
             sink: Box::new(SocketSink(stream, Vec::with_capacity(4 + MAX_FRAME))),
             rx,
+            rx_ready,
             pace,
             stop,
             name: "socket".into(),
+            connected: true,
         })
     }
 }
@@ -304,6 +370,7 @@ impl NetBackend {
 fn read_frames<R: Read + AsRawFd>(
     mut r: R,
     tx: &Sender<Vec<u8>>,
+    ready: &EventFd,
     stop: &AtomicBool,
     framed: Option<&Pace>,
 ) {
@@ -346,7 +413,11 @@ fn read_frames<R: Read + AsRawFd>(
             }
         };
         match tx.try_send(frame) {
-            Ok(()) => {}
+            // A wake-up that cannot be written (the counter is full) is one already
+            // pending.
+            Ok(()) => {
+                let _ = ready.write(1);
+            }
             Err(crossbeam_channel::TrySendError::Full(_)) => {
                 dropped += 1;
                 if dropped.is_power_of_two() {

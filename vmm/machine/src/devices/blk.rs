@@ -122,17 +122,17 @@ pub(crate) struct BlkDone {
     outcomes: Vec<Outcome>,
 }
 
-/// The virtio-blk device. When the guest notifies, the requests are taken from the queue
-/// (what a write carries is copied out of the guest then); the vCPU thread runs them
-/// against the backend *without holding the machine* ([`Blk::start_io`], then
+/// The virtio-blk device. When the guest notifies, the device thread (`runner`) takes the
+/// requests from the queue (what a write carries is copied out of the guest then), runs
+/// them against the backend *without holding the machine* ([`Blk::start_io`], then
 /// [`BlkIo::run`]) and writes their outcomes into guest memory afterwards
-/// ([`Blk::finish`]), before the guest runs again. To the guest a request still completes
-/// during its notification; but a checkpoint can pause the VM while a request runs (a
-/// guest disk flush can take milliseconds, even a hundred), instead of waiting for it.
+/// ([`Blk::finish`]) once the VM is not paused, then raises the interrupt. A checkpoint
+/// can pause the VM while a request runs (a guest disk flush can take milliseconds, even
+/// a hundred), instead of waiting for it.
 ///
 /// A request not completed when the VM is saved is saved as not yet taken from the queue
-/// ([`VirtioDevice::unfinished`]), and a restored device takes it again before the guest
-/// runs ([`Blk::poll`]): a VM restored from that snapshot (the SVM at each checkpoint, and
+/// ([`VirtioDevice::unfinished`]), and a restored device takes it again in the device
+/// thread's first pass ([`Blk::take_requests`]): a VM restored from that snapshot (the SVM at each checkpoint, and
 /// after failover) runs it again. That is safe because a request is idempotent at this
 /// level — a write writes the same bytes from the same guest buffer (a driver does not
 /// touch a buffer in flight), a flush flushes, a read reads again — and requests complete
@@ -144,9 +144,6 @@ pub(crate) struct Blk {
     pending: VecDeque<Pending>,
     /// Bumped by a reset or restore: outcomes of requests taken before are dropped.
     generation: u64,
-    /// Restored: take what the queue holds before the guest runs (the requests that were
-    /// in flight when the snapshot was saved).
-    restart: bool,
 }
 
 impl Blk {
@@ -157,7 +154,6 @@ impl Blk {
             stats: BlkStats::default(),
             pending: VecDeque::new(),
             generation: 0,
-            restart: false,
         }
     }
 
@@ -206,18 +202,6 @@ impl Blk {
         }
     }
 
-    /// After a restore: takes the requests the queue holds (those in flight when the
-    /// snapshot was saved), as a notification would.
-    ///
-    /// # Errors
-    /// As [`VirtioDevice::notify`].
-    pub(crate) fn poll(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
-        if std::mem::take(&mut self.restart) {
-            self.take_all(q, mem)?;
-        }
-        Ok(())
-    }
-
     /// Drops every request in flight: their outcomes will not be written (reset,
     /// restore).
     fn forget_in_flight(&mut self) {
@@ -225,8 +209,12 @@ impl Blk {
         self.generation += 1;
     }
 
-    /// Takes every request the driver made available.
-    fn take_all(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
+    /// Takes every request the driver made available (after a restore, first those in
+    /// flight when the snapshot was saved).
+    ///
+    /// # Errors
+    /// [`Error::Virtio`] for a device without its queue.
+    pub(crate) fn take_requests(&mut self, q: &mut [Queue], mem: &GuestMemory) -> Result<()> {
         let Some(q) = q.first_mut() else {
             return Err(Error::Virtio("block has no queue 0".into()));
         };
@@ -432,7 +420,7 @@ impl VirtioDevice for Blk {
         if index != 0 {
             return Err(Error::Virtio(format!("block has no queue {index}")));
         }
-        self.take_all(q, mem)
+        self.take_requests(q, mem)
     }
 
     fn unfinished(&self, _index: usize) -> u16 {
@@ -459,7 +447,6 @@ impl VirtioDevice for Blk {
         // Requests the VM took before must not complete into the restored memory; those
         // the snapshot has in flight are taken again before the guest runs.
         self.forget_in_flight();
-        self.restart = true;
         Ok(())
     }
 }

@@ -63,24 +63,14 @@ impl Net {
         self.backend.sink.marker()
     }
 
-    /// The backend's receive channel (the vCPU thread waits on it when the guest idles).
-    pub(crate) fn rx_channel(&self) -> &crossbeam_channel::Receiver<Vec<u8>> {
-        &self.backend.rx
+    /// Written by the backend after each received frame (the device thread waits on it).
+    pub(crate) fn rx_event(&self) -> &vmm_sys_util::eventfd::EventFd {
+        &self.backend.rx_ready
     }
 
     /// The proxy's pacing words for this VM.
     pub(crate) fn pace(&self) -> &std::sync::Arc<super::backend::Pace> {
         &self.backend.pace
-    }
-
-    /// Whether [`deliver`](Self::deliver) can take more frames from the backend.
-    pub(crate) fn rx_room(&self) -> bool {
-        self.pending.len() < MAX_PENDING
-    }
-
-    /// Whether frames wait for the guest.
-    pub(crate) fn has_rx(&self) -> bool {
-        !self.pending.is_empty() || !self.backend.rx.is_empty()
     }
 
     /// Moves waiting frames into the guest's receive buffers, as many as fit.

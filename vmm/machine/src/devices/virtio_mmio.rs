@@ -1,10 +1,14 @@
 //! The virtio-mmio (version 2) transport: the register window a driver programs, over a
 //! device that processes its queues when notified. Queues are rust-vmm `virtio_queue`
-//! split queues. No interrupts are raised: the built-in guest polls (abi.rs).
+//! split queues. When the device puts buffers into a used ring, the transport sets the
+//! used-buffer bit of InterruptStatus and raises its interrupt line (an irqfd, see
+//! [`super::IrqLine`]); the driver clears the bit with InterruptACK. The built-in guest
+//! ignores the interrupt and polls its used rings (abi.rs).
 
 use colo_memory::GuestMemory;
 use virtio_queue::{Queue, QueueState, QueueT};
 
+use super::serial::IrqLine;
 use crate::codec::{Reader, Writer};
 use crate::error::{Error, Result};
 
@@ -15,6 +19,8 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4f4c_4f43; // "COLO"
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_DRIVER_OK: u32 = 4;
+/// InterruptStatus: the device used a buffer.
+pub const INT_USED_RING: u32 = 1;
 
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
@@ -60,6 +66,12 @@ pub struct MmioTransport<D> {
     driver_features: u64,
     queue_sel: u32,
     config_generation: u32,
+    /// InterruptStatus: set when the device uses buffers, cleared by InterruptACK.
+    interrupt_status: u32,
+    /// Per queue, the used index an interrupt was last raised for.
+    signalled_used: Vec<u16>,
+    /// The interrupt line (none in tests that drive the device without a VM).
+    irq: Option<IrqLine>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -69,9 +81,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .queue_max_sizes()
             .iter()
             .map(|&m| Queue::new(m).expect("queue sizes are powers of two"))
-            .collect();
+            .collect::<Vec<Queue>>();
         Self {
             device,
+            signalled_used: vec![0; queues.len()],
             queues,
             status: 0,
             device_features_sel: 0,
@@ -79,7 +92,45 @@ impl<D: VirtioDevice> MmioTransport<D> {
             driver_features: 0,
             queue_sel: 0,
             config_generation: 0,
+            interrupt_status: 0,
+            irq: None,
         }
+    }
+
+    /// The same transport, raising `irq` when it uses buffers.
+    pub fn with_irq(mut self, irq: IrqLine) -> Self {
+        self.irq = Some(irq);
+        self
+    }
+
+    /// The InterruptStatus register.
+    #[cfg(test)]
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    /// After the device worked on its queues: if it put buffers into a used ring since the
+    /// last interrupt, sets the used-buffer bit of InterruptStatus and raises the line.
+    /// Returns whether it did. A line that cannot be raised is logged (the driver still
+    /// finds the buffers when it next looks).
+    pub fn signal_used(&mut self) -> bool {
+        let mut used = false;
+        for (q, seen) in self.queues.iter().zip(&mut self.signalled_used) {
+            let now = q.next_used();
+            if now != *seen {
+                *seen = now;
+                used = true;
+            }
+        }
+        if used {
+            self.interrupt_status |= INT_USED_RING;
+            if let Some(irq) = &self.irq
+                && let Err(e) = irq.raise()
+            {
+                tracing::warn!(error = %e, "cannot raise a virtio interrupt");
+            }
+        }
+        used
     }
 
     /// Whether the driver finished initialization.
@@ -91,9 +142,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
+        self.interrupt_status = 0;
         for q in &mut self.queues {
             q.reset();
         }
+        self.signalled_used.fill(0);
         self.device.reset();
     }
 
@@ -120,7 +173,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             0x034 => q.map_or(0, |q| u32::from(q.max_size())),
             0x044 => q.map_or(0, |q| u32::from(q.ready())),
-            0x060 => 0,
+            0x060 => self.interrupt_status,
             0x070 => self.status,
             0x0fc => self.config_generation,
             _ => 0,
@@ -159,7 +212,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             0x050 => return Some(v as usize),
-            0x064 => {}
+            0x064 => self.interrupt_status &= !v,
             0x070 => {
                 if v == 0 {
                     self.reset();
@@ -219,7 +272,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.driver_features_sel,
             self.queue_sel,
             self.config_generation,
-            0,
+            self.interrupt_status,
         ]);
         w.u64(self.driver_features);
         w.u64(self.queues.len() as u64);
@@ -255,7 +308,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.driver_features_sel,
             self.queue_sel,
             self.config_generation,
-        ] = [regs[0], regs[1], regs[2], regs[3], regs[4]];
+            self.interrupt_status,
+        ] = regs;
         self.driver_features = r.u64("driver features")?;
         let n = r.u64("queue count")?;
         if n != self.queues.len() as u64 {
@@ -281,6 +335,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 return Err(Error::Snapshot("queue of another maximum size".into()));
             }
             *q = Queue::try_from(s).map_err(|e| Error::Snapshot(format!("queue: {e}")))?;
+        }
+        // An interrupt raised before the save is in the interrupt controllers' state (the
+        // snapshot carries them); raise again only for buffers used after this point.
+        for (q, seen) in self.queues.iter().zip(&mut self.signalled_used) {
+            *seen = q.next_used();
         }
         self.device.restore(r)
     }

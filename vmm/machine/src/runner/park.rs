@@ -1,10 +1,11 @@
-//! What each vCPU thread is doing, as far as the controller cares: running, parked
-//! (paused, off the machine for disk requests, or ended), and when it parked. A pause is
-//! done once every vCPU is parked; [`PauseReport`] says how long each took.
+//! What each vCPU thread and the device thread are doing, as far as the controller
+//! cares: running, parked (paused, off the machine for disk requests, or ended), and when
+//! they parked. A pause is done once every vCPU and the device thread are parked;
+//! [`PauseReport`] says how long each vCPU took.
 
 use std::time::{Duration, Instant};
 
-/// One vCPU thread's state.
+/// One vCPU thread's (or the device thread's) state.
 #[derive(Debug, Default)]
 pub(super) struct VcpuCtl {
     /// Parked at the controller's request.
@@ -37,6 +38,8 @@ impl VcpuCtl {
 pub(super) struct Ctl {
     /// By vCPU index.
     pub(super) vcpus: Vec<VcpuCtl>,
+    /// The device thread.
+    pub(super) device: VcpuCtl,
     /// Every thread is spawned: they may run.
     pub(super) started: bool,
     /// The vCPU whose end stopped the others (a guest exit or crash), if any did.
@@ -48,31 +51,34 @@ impl Ctl {
     pub(super) fn new(n: usize) -> Self {
         Self {
             vcpus: (0..n).map(|_| VcpuCtl::default()).collect(),
+            device: VcpuCtl::default(),
             started: false,
             first_end: None,
         }
     }
 
-    /// Whether every vCPU is parked.
+    /// Whether every vCPU and the device thread are parked.
     pub(super) fn all_parked(&self) -> bool {
-        self.vcpus.iter().all(VcpuCtl::parked)
+        self.vcpus.iter().all(VcpuCtl::parked) && self.device.parked()
     }
 
-    /// Whether every vCPU thread has ended.
+    /// Whether every vCPU thread and the device thread have ended (a vCPU's end stops the
+    /// device thread at once).
     pub(super) fn all_finished(&self) -> bool {
-        self.vcpus.iter().all(|v| v.finished)
+        self.vcpus.iter().chain([&self.device]).all(|v| v.finished)
     }
 
     /// Whether disk requests of the guest are running.
     pub(super) fn disk_io(&self) -> bool {
-        self.vcpus.iter().any(|v| v.disk_io)
+        self.vcpus.iter().chain([&self.device]).any(|v| v.disk_io)
     }
 
-    /// Whether the machine may be used: every vCPU paused or ended, or (once a pause was
-    /// `asked` for) off the machine.
+    /// Whether the machine may be used: every vCPU and the device thread paused or
+    /// ended, or (once a pause was `asked` for) off the machine.
     pub(super) fn machine_free(&self, asked: bool) -> bool {
         self.vcpus
             .iter()
+            .chain([&self.device])
             .all(|v| v.paused || v.finished || (asked && v.off_machine))
     }
 
@@ -118,6 +124,7 @@ mod tests {
     #[test]
     fn a_pause_is_done_when_every_vcpu_is_parked_and_reports_each() {
         let mut c = Ctl::new(3);
+        c.device.paused = true;
         let asked = Instant::now();
         assert!(!c.all_parked() && !c.machine_free(true));
         c.vcpus[0].paused = true;
@@ -140,5 +147,10 @@ mod tests {
         assert_eq!(r.slowest(), r.stops()[2]);
         assert!(r.slowest() >= Duration::from_millis(2));
         assert!(!c.all_finished());
+        c.device.paused = false;
+        assert!(
+            !c.all_parked() && !c.machine_free(true),
+            "the device thread still runs"
+        );
     }
 }
