@@ -562,6 +562,33 @@ impl Machine {
 }
 
 #[cfg(test)]
+mod cmdline_tests {
+    use super::*;
+
+    /// What colo writes for the built-in guest is what the guest reads back, once the TSC
+    /// frequency is appended (as `Machine::new` does).
+    #[test]
+    fn the_built_in_guests_command_line_carries_every_parameter() {
+        let g = BuiltInGuest {
+            image: Vec::new(),
+            ip: ([10, 0, 2, 15], 24),
+            port: 7000,
+            nondeterministic: true,
+            dirty_pages_per_sec: 25_600,
+        };
+        let line = format!("{} clearcpuid=xsave colo.tsc_khz=2600000", g.cmdline(3));
+        let p = Params::parse(&line).unwrap();
+        assert_eq!((p.ip, p.prefix_len, p.port), ([10, 0, 2, 15], 24, 7000));
+        assert_eq!(p.flags, abi::FLAG_NONDETERMINISTIC);
+        assert_eq!((p.dirty_pages_per_sec, p.vcpus, p.tsc_khz), (25_600, 3, 2_600_000));
+        let devs: Vec<(u64, u64, u32)> = p.devices().iter().map(|d| (d.base, d.size, d.irq)).collect();
+        assert_eq!(
+            devs,
+            [(NET_MMIO_GPA, MMIO_LEN, NET_GSI), (BLK_MMIO_GPA, MMIO_LEN, BLK_GSI)]
+        );
+    }
+}
+#[cfg(test)]
 mod smp_tests;
 #[cfg(test)]
 mod tests;

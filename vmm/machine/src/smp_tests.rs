@@ -217,3 +217,26 @@ fn the_built_in_guest_worker_counts_on_from_a_snapshot() {
     vm2.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// vCPU 1 stays uninitialized (KVM holds it in KVM_RUN) until the guest sends INIT/SIPI:
+/// a guest that never does runs on vCPU 0 alone, and its trampoline code never runs.
+#[test]
+fn the_other_vcpus_wait_for_the_guests_init_and_sipi() {
+    // vCPU 0 counts and never starts vCPU 1, whose code would stop the VM at once.
+    let mut ap = vec![0x66, 0xb8, 0x03, 0x00, 0x00, 0x00, 0xba];
+    ap.extend(super::abi::PORT_EXIT.to_le_bytes());
+    ap.extend([0x66, 0xef]);
+    let image = tiny_pvh(&counter(), Some(&ap));
+    let Some(m) = machine_on(&image, ConsoleSink::Discard, NetBackend::none(), 2) else {
+        return;
+    };
+    let vm = VmHandle::start(m, false).unwrap();
+    assert!(all_count_past(&vm, &[(0, 0)]), "vCPU 0 runs");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.finished(), "vCPU 1 ran without a SIPI");
+    vm.pause().unwrap();
+    let state = vm.machine().unwrap().vcpus.lock(1).get_mp_state().unwrap();
+    assert_eq!(state.mp_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
+    vm.resume();
+    vm.stop().unwrap();
+}

@@ -90,7 +90,8 @@ pub struct PairArgs {
     #[arg(long)]
     pub nondeterministic: bool,
     /// Requests the client keeps in flight on its connection (pipelining). Periodic mode
-    /// releases output only at checkpoints, so its throughput depends on this.
+    /// releases output only at checkpoints, so its throughput depends on this. 0: no
+    /// client at all, an idle pair (what `colo bench idle` measures).
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
     /// Show the guests' consoles and the children's logs.
@@ -151,7 +152,7 @@ pub fn run(a: &PairArgs) -> Result<(), ColoError> {
     r
 }
 
-/// Starts the client load on the proxy's client port.
+/// Starts the client load on the proxy's client port (none for a `window` of 0).
 fn start_client(
     window: usize,
     vcpus: u32,
@@ -160,6 +161,16 @@ fn start_client(
     stop: &Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<std::collections::HashMap<u64, u64>> {
     let (stats, stop) = (Arc::clone(stats), Arc::clone(stop));
+    if window == 0 {
+        // No load: an idle pair. The proxy's client port stays open and unused.
+        return std::thread::spawn(move || {
+            let _keep = client_end;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            std::collections::HashMap::new()
+        });
+    }
     let rx = client_end.receiver().clone();
     let net = ClientNet {
         ip: CLIENT_IP,

@@ -59,5 +59,8 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         });
         println!("{j}");
     }
+    if a.pipeline == 0 {
+        return Ok(());
+    }
     expect_replies(replies, &shared)
 }
