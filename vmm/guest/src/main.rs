@@ -49,7 +49,7 @@ use service::{Backend, Service};
 use store::{RecoverError, Store};
 
 /// Longest wait handed to the VMM when idle.
-const MAX_IDLE_US: u64 = 10_000;
+const MAX_IDLE_US: u64 = 50_000;
 
 /// vCPU `index`'s share of the dirty-page load the command line asks for, after checking
 /// that the scratch area is RAM above the image. `Err` if it is not.

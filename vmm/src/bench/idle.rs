@@ -2,8 +2,9 @@
 //! client: the guest only idles, the pair only checkpoints and heartbeats) for
 //! `--duration`, beside the same-run baseline of the same guest alone and idle
 //! (`colo pair --unprotected --pipeline 0`: `colo run` behind the proxy). Each side's CPU
-//! is its process's user + system time (from /proc, as `colo pair` reports it) over the
-//! run's wall time, in % of one core.
+//! is its process's user + system time (from /proc) over the idle window, in % of one
+//! core: `colo pair`'s `cpu_*_load_s`, which leave out the start-up and, for the pair,
+//! the initial sync (a copy of all of RAM).
 
 use std::io::Read;
 use std::path::Path;
@@ -43,8 +44,8 @@ pub struct IdleArgs {
 struct Report {
     secs: f64,
     epochs: u64,
-    cpu_primary_s: f64,
-    cpu_secondary_s: f64,
+    cpu_primary_load_s: f64,
+    cpu_secondary_load_s: f64,
 }
 
 /// Runs `colo <argv>` to its end and parses its last stdout line.
@@ -144,9 +145,9 @@ pub fn run_bench(a: &IdleArgs) -> Result<()> {
     ));
     let pair = run(&exe, &pair_args, budget)?;
     let (p, s, b) = (
-        pct(pair.cpu_primary_s, pair.secs),
-        pct(pair.cpu_secondary_s, pair.secs),
-        pct(base.cpu_primary_s, base.secs),
+        pct(pair.cpu_primary_load_s, pair.secs),
+        pct(pair.cpu_secondary_load_s, pair.secs),
+        pct(base.cpu_primary_load_s, base.secs),
     );
     println!(
         "\ncolo bench idle: an idle pair (no client) for {:.1} s, {} vCPU(s), a checkpoint \
@@ -158,9 +159,9 @@ pub fn run_bench(a: &IdleArgs) -> Result<()> {
     );
     println!("{:<34} {:>10} {:>12}", "process", "CPU s", "% of a core");
     for (name, cpu, pc) in [
-        ("unprotected (colo run)", base.cpu_primary_s, b),
-        ("pair: primary", pair.cpu_primary_s, p),
-        ("pair: secondary", pair.cpu_secondary_s, s),
+        ("unprotected (colo run)", base.cpu_primary_load_s, b),
+        ("pair: primary", pair.cpu_primary_load_s, p),
+        ("pair: secondary", pair.cpu_secondary_load_s, s),
     ] {
         println!("{name:<34} {cpu:>10.2} {pc:>11.1}%");
     }
