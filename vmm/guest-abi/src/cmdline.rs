@@ -278,15 +278,30 @@ mod tests {
     #[test]
     fn bad_or_missing_words_are_named() {
         let cases = [
-            ("colo.port=7000 colo.tsc_khz=1", ParamError::Missing("colo.ip")),
-            ("colo.ip=10.0.0.2/24 colo.tsc_khz=1", ParamError::Missing("colo.port")),
-            ("colo.ip=10.0.0.2/24 colo.port=1", ParamError::Missing("colo.tsc_khz")),
-            ("colo.ip=10.0.0.2/33 colo.port=1", ParamError::Bad("colo.ip")),
+            (
+                "colo.port=7000 colo.tsc_khz=1",
+                ParamError::Missing("colo.ip"),
+            ),
+            (
+                "colo.ip=10.0.0.2/24 colo.tsc_khz=1",
+                ParamError::Missing("colo.port"),
+            ),
+            (
+                "colo.ip=10.0.0.2/24 colo.port=1",
+                ParamError::Missing("colo.tsc_khz"),
+            ),
+            (
+                "colo.ip=10.0.0.2/33 colo.port=1",
+                ParamError::Bad("colo.ip"),
+            ),
             ("colo.ip=10.0.2/24", ParamError::Bad("colo.ip")),
             ("colo.port=0", ParamError::Bad("colo.port")),
             ("colo.vcpus=9", ParamError::Bad("colo.vcpus")),
             ("colo.dirty=many", ParamError::Bad("colo.dirty")),
-            ("virtio_mmio.device=4K@0xd0000000", ParamError::Bad("virtio_mmio.device")),
+            (
+                "virtio_mmio.device=4K@0xd0000000",
+                ParamError::Bad("virtio_mmio.device"),
+            ),
         ];
         for (line, want) in cases {
             assert_eq!(Params::parse(line), Err(want), "{line}");
@@ -305,7 +320,10 @@ mod tests {
                 irq: 5
             })
         );
-        assert_eq!(device("1M@4096:0").map(|d| (d.size, d.base)), Some((1 << 20, 4096)));
+        assert_eq!(
+            device("1M@4096:0").map(|d| (d.size, d.base)),
+            Some((1 << 20, 4096))
+        );
         assert_eq!(device("4K@:5"), None);
     }
 }

@@ -42,7 +42,8 @@ const TSS0: u32 = 0x38;
 /// terminator the CPU wants.
 const IOMAP_BYTE: u16 = PORT_CONSOLE / 8;
 const _: () = assert!((PORT_EXIT + 3) / 8 == IOMAP_BYTE && PORT_CONSOLE <= PORT_IDLE);
-const IOMAP_MASK: u8 = !(((1u16 << (PORT_EXIT + 4 - PORT_CONSOLE)) - 1) << (PORT_CONSOLE % 8)) as u8;
+const IOMAP_MASK: u8 =
+    !(((1u16 << (PORT_EXIT + 4 - PORT_CONSOLE)) - 1) << (PORT_CONSOLE % 8)) as u8;
 /// Bytes of one TSS: 0x68, the bitmap and its terminator, rounded up to 16.
 const TSS_BYTES: u32 = 0x68 + IOMAP_BYTE as u32 + 2;
 const TSS_SIZE: u32 = TSS_BYTES.next_multiple_of(16);
@@ -389,4 +390,3 @@ global_asm!(
     worker = sym crate::worker::worker_main,
     options(att_syntax),
 );
-

@@ -63,7 +63,12 @@ fn dirty_load(b: &Boot, index: u32, clock: Clock) -> Result<Option<DirtyLoad>, (
         return Err(());
     }
     let share = dirty_share(p.dirty_pages_per_sec, gpa, len, p.vcpus, index);
-    Ok(DirtyLoad::new(share.gpa, share.len, share.pages_per_sec, clock))
+    Ok(DirtyLoad::new(
+        share.gpa,
+        share.len,
+        share.pages_per_sec,
+        clock,
+    ))
 }
 
 /// The base of the first `virtio_mmio.device=` of the command line whose device id is
@@ -110,19 +115,29 @@ extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
             rt::image_end()
         )
     });
-    let net_base = find_device(&p, VIRTIO_ID_NET)
-        .unwrap_or_else(|| fatal!(EXIT_DEVICE, "no virtio-net among the command line's devices"));
-    let blk_base = find_device(&p, VIRTIO_ID_BLOCK)
-        .unwrap_or_else(|| fatal!(EXIT_DEVICE, "no virtio-blk among the command line's devices"));
+    let net_base = find_device(&p, VIRTIO_ID_NET).unwrap_or_else(|| {
+        fatal!(
+            EXIT_DEVICE,
+            "no virtio-net among the command line's devices"
+        )
+    });
+    let blk_base = find_device(&p, VIRTIO_ID_BLOCK).unwrap_or_else(|| {
+        fatal!(
+            EXIT_DEVICE,
+            "no virtio-blk among the command line's devices"
+        )
+    });
 
-    let mut net = VirtioNet::new(net_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-net: {e}"));
+    let mut net =
+        VirtioNet::new(net_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-net: {e}"));
     let mac = net.mac();
     let (rxq, txq) = net.queue_sizes();
     println!(
         "virtio-net: MAC {}, queues rx {rxq} tx {txq}",
         EthernetAddress(mac)
     );
-    let mut blk = VirtioBlk::new(blk_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-blk: {e}"));
+    let mut blk =
+        VirtioBlk::new(blk_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-blk: {e}"));
     println!(
         "virtio-blk: {} sectors ({} MiB){}",
         blk.sectors(),

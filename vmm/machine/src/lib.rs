@@ -49,8 +49,8 @@ pub use linux::LinuxGuest;
 pub use vcpus::check_count as check_vcpus;
 
 use abi::{BLK_MMIO_GPA, MMIO_LEN, NET_MMIO_GPA};
-use colo_guest_abi::cmdline::{MAX_DEVICES, MmioDevice, Params};
 use codec::{Reader, Writer};
+use colo_guest_abi::cmdline::{MAX_DEVICES, MmioDevice, Params};
 use devices::Devices;
 use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
@@ -580,11 +580,21 @@ mod cmdline_tests {
         let p = Params::parse(&line).unwrap();
         assert_eq!((p.ip, p.prefix_len, p.port), ([10, 0, 2, 15], 24, 7000));
         assert_eq!(p.flags, abi::FLAG_NONDETERMINISTIC);
-        assert_eq!((p.dirty_pages_per_sec, p.vcpus, p.tsc_khz), (25_600, 3, 2_600_000));
-        let devs: Vec<(u64, u64, u32)> = p.devices().iter().map(|d| (d.base, d.size, d.irq)).collect();
+        assert_eq!(
+            (p.dirty_pages_per_sec, p.vcpus, p.tsc_khz),
+            (25_600, 3, 2_600_000)
+        );
+        let devs: Vec<(u64, u64, u32)> = p
+            .devices()
+            .iter()
+            .map(|d| (d.base, d.size, d.irq))
+            .collect();
         assert_eq!(
             devs,
-            [(NET_MMIO_GPA, MMIO_LEN, NET_GSI), (BLK_MMIO_GPA, MMIO_LEN, BLK_GSI)]
+            [
+                (NET_MMIO_GPA, MMIO_LEN, NET_GSI),
+                (BLK_MMIO_GPA, MMIO_LEN, BLK_GSI)
+            ]
         );
     }
 }

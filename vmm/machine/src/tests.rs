@@ -42,7 +42,14 @@ pub fn tiny_pvh(code: &[u8], ap: Option<&[u8]>) -> Vec<u8> {
     f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
     f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
     f[56..58].copy_from_slice(&(phnum as u16).to_le_bytes());
-    let phdr = |f: &mut Vec<u8>, i: usize, kind: u32, flags: u32, off: usize, addr: u64, filesz: usize, memsz: u64| {
+    let phdr = |f: &mut Vec<u8>,
+                i: usize,
+                kind: u32,
+                flags: u32,
+                off: usize,
+                addr: u64,
+                filesz: usize,
+                memsz: u64| {
         let p = &mut f[EHDR + PHDR * i..EHDR + PHDR * (i + 1)];
         p[..4].copy_from_slice(&kind.to_le_bytes());
         p[4..8].copy_from_slice(&flags.to_le_bytes());
@@ -908,4 +915,3 @@ fn a_pause_does_not_wait_for_a_disk_flush_and_the_snapshot_runs_it_again() {
     vm2.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
-

@@ -1,9 +1,8 @@
 //! The vCPU's part of a VM state snapshot, and what a crash report says about a vCPU.
 
 use kvm_bindings::{
-    KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_debugregs, kvm_fpu,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
