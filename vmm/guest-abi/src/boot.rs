@@ -26,6 +26,10 @@
 //! - `colo.ip=A.B.C.D/N`: the address and prefix length;
 //! - `colo.port=P`: the service's TCP port;
 //! - `colo.nondeterministic`: put the TSC into replies ([`FLAG_NONDETERMINISTIC`]);
+//! - `colo.selftest=ud` or `colo.selftest=io`: right at CPL3, execute `ud2`
+//!   ([`FLAG_SELFTEST_UD`]) or `out` to a port the TSS does not allow, COM1's 0x3f8
+//!   ([`FLAG_SELFTEST_IO`]), so that a test sees the exception reach the guest's handler
+//!   (status [`EXIT_EXCEPTION`] + 6 or + 13);
 //! - `colo.dirty=R`: pages per second to dirty, in all vCPUs together (0 if absent);
 //! - `colo.tsc_khz=K`: the TSC frequency;
 //! - `colo.vcpus=N`: how many vCPUs the machine has (1 if absent);
@@ -103,6 +107,10 @@ pub const MAX_VCPUS: u32 = 8;
 /// Put the guest's TSC into every reply (`colo.nondeterministic`), so that two copies of
 /// the guest answer differently (work for the COLO compare).
 pub const FLAG_NONDETERMINISTIC: u32 = 1;
+/// `colo.selftest=ud`: the guest executes `ud2` at CPL3 first thing.
+pub const FLAG_SELFTEST_UD: u32 = 2;
+/// `colo.selftest=io`: the guest writes a port its TSS denies at CPL3 first thing.
+pub const FLAG_SELFTEST_IO: u32 = 4;
 
 /// Exit status of a CPU exception: this plus the vector. The handler leaves the vector in
 /// `rbx`, the faulting `rip` in `rdi`, the error code (or 0) in `rsi` and the faulting

@@ -5,7 +5,7 @@
 
 use core::fmt;
 
-use crate::boot::{FLAG_NONDETERMINISTIC, MAX_VCPUS};
+use crate::boot::{FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, MAX_VCPUS};
 
 /// Most `virtio_mmio.device=` entries the guest keeps.
 pub const MAX_DEVICES: usize = 8;
@@ -82,6 +82,7 @@ impl fmt::Display for ParamError {
 const IP: &str = "colo.ip";
 const PORT: &str = "colo.port";
 const NONDET: &str = "colo.nondeterministic";
+const SELFTEST: &str = "colo.selftest";
 const DIRTY: &str = "colo.dirty";
 const TSC: &str = "colo.tsc_khz";
 const VCPUS: &str = "colo.vcpus";
@@ -166,6 +167,13 @@ impl Params {
                     have_port = true;
                 }
                 NONDET => p.flags |= FLAG_NONDETERMINISTIC,
+                SELFTEST => {
+                    p.flags |= match value {
+                        "ud" => FLAG_SELFTEST_UD,
+                        "io" => FLAG_SELFTEST_IO,
+                        _ => return Err(ParamError::Bad(SELFTEST)),
+                    }
+                }
                 DIRTY => p.dirty_pages_per_sec = number(value).ok_or(ParamError::Bad(DIRTY))?,
                 TSC => {
                     p.tsc_khz = number(value)
@@ -298,6 +306,7 @@ mod tests {
             ("colo.port=0", ParamError::Bad("colo.port")),
             ("colo.vcpus=9", ParamError::Bad("colo.vcpus")),
             ("colo.dirty=many", ParamError::Bad("colo.dirty")),
+            ("colo.selftest=boom", ParamError::Bad("colo.selftest")),
             (
                 "virtio_mmio.device=4K@0xd0000000",
                 ParamError::Bad("virtio_mmio.device"),

@@ -33,7 +33,8 @@ mod virtio;
 mod worker;
 
 use colo_guest_abi::boot::{
-    BOOT_VERSION, FLAG_NONDETERMINISTIC, VIRTIO_ID_BLOCK, VIRTIO_ID_NET, dirty_share,
+    BOOT_VERSION, FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, VIRTIO_ID_BLOCK,
+    VIRTIO_ID_NET, dirty_share,
 };
 use colo_guest_abi::cmdline::Params;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
@@ -80,12 +81,26 @@ fn find_device(p: &Params, id: u32) -> Option<u64> {
         .find(|&base| virtio::mmio::device_id(base) == id)
 }
 
+/// The faults `colo.selftest=` asks for: each must end in the CPU exception handler of
+/// entry.rs, which stops the VM with its status.
+fn selftest(flags: u32) {
+    if flags & FLAG_SELFTEST_UD != 0 {
+        // SAFETY: ud2 raises #UD and never returns here: the handler stops the VM.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+    if flags & FLAG_SELFTEST_IO != 0 {
+        // COM1: a port the TSS's I/O bitmap denies at CPL3, so this is a #GP.
+        arch::out32(0x3f8, 0);
+    }
+}
+
 /// Entered at CPL3 on vCPU 0 (entry.rs) with the PVH start info's address.
 extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
     rt::init_stack_canary();
     rt::init_heap();
     let b = pvh::read_boot(start_info).unwrap_or_else(|e| fatal!(EXIT_BAD_BOOT, "boot: {e}"));
     let p = b.params;
+    selftest(p.flags);
     let clock = Clock::new(p.tsc_khz);
     let ip = Ipv4Address::from(p.ip);
     println!(

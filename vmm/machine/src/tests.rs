@@ -200,6 +200,57 @@ fn a_non_zero_exit_status_is_an_error() {
     assert!(e.contains("status 3"), "{e}");
 }
 
+/// The built-in guest's own CPU exception handling (its IDT, the CPL0 stack its TSS gives
+/// exceptions from CPL3, the I/O bitmap of that TSS): booted as a plain PVH kernel with
+/// `colo.selftest=`, it takes #UD, or #GP at a port its TSS denies, at CPL3, and its
+/// handler stops the VM with status 0x100 + the vector.
+#[test]
+fn the_built_in_guests_exception_handlers_report_the_vector() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return;
+    }
+    let (dir, disk, _) = scratch_disks("colo-selftest");
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, crate::guest_image::GUEST_ELF).unwrap();
+    for (test, vector) in [("ud", 6), ("io", 13)] {
+        let m = Machine::new(VmConfig {
+            name: "selftest".into(),
+            ram: 64 << 20,
+            vcpus: 1,
+            guest: Guest::Linux(crate::LinuxGuest {
+                kernel: kernel.clone(),
+                initrd: None,
+                cmdline: Some(format!(
+                    "colo.ip=10.0.0.2/24 colo.port=7000 colo.tsc_khz=1000000 \
+                     colo.selftest={test}"
+                )),
+            }),
+            disk: disk.clone(),
+            disk_backend: None,
+            net: NetBackend::none(),
+            mac: [2, 0, 0, 0, 0, 1],
+            console: ConsoleSink::Discard,
+        })
+        .unwrap();
+        let vm = VmHandle::start(m, false).unwrap();
+        match vm.wait() {
+            Err(Error::GuestCrash { reason, regs }) => {
+                let want = format!("CPU exception {vector} (status {:#x}", 0x100 + vector);
+                assert!(reason.contains(&want), "{test}: {reason}");
+                // The handler runs at CPL0 (cs 0x8) and names the vector in rbx.
+                assert!(regs.contains("cs=0x8 "), "{test}: {regs}");
+                assert!(
+                    regs.contains(&format!("rbx={vector:#018x}")),
+                    "{test}: {regs}"
+                );
+            }
+            other => panic!("{test}: expected the exception to stop the VM, got {other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A counting loop (32-bit): rbx counts up forever; `jmp` back.
 pub(crate) fn counter() -> Vec<u8> {
     // xor ebx, ebx; loop: inc ebx; jmp loop
