@@ -19,6 +19,7 @@ pub enum ColoError {
     #[error("--transport rdma: {0}")]
     NoRdma(String),
     /// `--rdma-device` names a device that is not there.
+    #[cfg(feature = "rdma")]
     #[error("--rdma-device {device}: no such device; present: {}", present.join(", "))]
     NoSuchRdmaDevice {
         /// The device asked for.
