@@ -1,4 +1,4 @@
-//! The contract between the colo VMM and its built-in guest (version 3).
+//! The contract between the colo VMM and its built-in guest (version 4).
 //!
 //! It holds only plain constants and functions over them; the command line the VMM builds
 //! and the guest parses is described here and tested on both sides.
@@ -98,9 +98,10 @@ pub const VIRTIO_ID_NET: u32 = 1;
 /// The virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
-/// This contract's version (3: a PVH ELF, its parameters on the command line, the other
-/// vCPUs started by the guest with INIT/SIPI).
-pub const BOOT_VERSION: u32 = 3;
+/// This contract's version (4: a PVH ELF, its parameters on the command line, the other
+/// vCPUs started by the guest with INIT/SIPI; 3 was the VMM's boot parameters with the
+/// devices served on a VMM thread, 2 the same with several vCPUs).
+pub const BOOT_VERSION: u32 = 4;
 /// Most vCPUs a VM of this contract has (the guest keeps a stack and a TSS for each).
 pub const MAX_VCPUS: u32 = 8;
 
