@@ -131,6 +131,7 @@ fn main() -> ExitCode {
                 let code = match e {
                     colo_machine::Error::Config(_)
                     | colo_machine::Error::Image(_)
+                    | colo_machine::Error::GuestImage(_)
                     | colo_machine::Error::Kernel(_)
                     | colo_machine::Error::Disk { .. } => 2,
                     _ => 1,

@@ -1,6 +1,7 @@
-//! `colo bench dirty` and `colo bench ramcache` run end to end on small sizes, check what
-//! they measure (a run whose KVM log misses a page, or whose commit copies the wrong page
-//! count, fails), and refuse bad arguments. Timing figures are not asserted.
+//! `colo bench dirty`, `colo bench ramcache` and `colo bench idle` run end to end on small
+//! sizes; the first two check what they measure (a run whose KVM log misses a page, or
+//! whose commit copies the wrong page count, fails), and refuse bad arguments. Timing
+//! figures are not asserted.
 
 mod common;
 
@@ -79,4 +80,32 @@ fn bad_arguments_are_refused_with_a_message() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("invalid arguments"), "{args:?}: {err}");
     }
+}
+
+/// `colo bench idle` runs an idle pair and the idle guest alone, and prints each side's CPU
+/// over the idle window beside the baseline, and the target line. The figures themselves
+/// are not asserted (this machine is shared), only that they are there and sane.
+#[test]
+fn idle_bench_shows_both_sides_beside_the_unprotected_guest() {
+    if !common::kvm() {
+        return;
+    }
+    let (code, out, err) = colo(&["bench", "idle", "--duration", "2s"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let pct = |name: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} line:\n{out}"));
+        let last = line.split_whitespace().last().unwrap();
+        last.trim_end_matches('%').parse().unwrap()
+    };
+    for name in ["unprotected (colo run)", "pair: primary", "pair: secondary"] {
+        let p = pct(name);
+        assert!((0.0..=200.0).contains(&p), "{name}: {p}%\n{out}");
+    }
+    assert!(
+        out.contains("target: each side of an idle pair <= 5% of a core"),
+        "{out}"
+    );
 }

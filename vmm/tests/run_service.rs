@@ -143,9 +143,17 @@ fn bad_kernels_are_refused_before_the_vm_starts() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, [b'x'; 600]).unwrap();
-    // The built-in guest: an x86-64 ELF, but without the PVH note.
+    // The built-in guest with its PVH note renamed (type 18 made 19): an x86-64 ELF, but
+    // without the PVH entry.
     let nopvh = dir.path().join("guest.elf");
-    std::fs::write(&nopvh, colo_machine::guest_image::GUEST_ELF).unwrap();
+    let mut elf = colo_machine::guest_image::GUEST_ELF.to_vec();
+    let note = [4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = elf
+        .windows(note.len())
+        .position(|w| w == note)
+        .expect("the built-in guest carries the PVH note");
+    elf[at + 8] = 19;
+    std::fs::write(&nopvh, elf).unwrap();
     let disk = dir.path().join("d.img");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (

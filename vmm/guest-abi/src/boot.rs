@@ -1,23 +1,53 @@
-//! The boot contract between the colo VMM and its built-in guest (version 3).
+//! The contract between the colo VMM and its built-in guest (version 4).
 //!
-//! It holds only plain constants and `#[repr(C)]` types; the byte layout of
-//! [`BootParams`] is checked by a test below.
+//! It holds only plain constants and functions over them; the command line the VMM builds
+//! and the guest parses is described here and tested on both sides.
 //!
-//! # Machine
-//! - [`BootParams::vcpus`] vCPUs (1 to [`MAX_VCPUS`]), each in 64-bit long mode at CPL3.
-//!   The VMM builds the GDT, the page tables (identity map of RAM and of the MMIO window,
-//!   2 MiB pages, U and W bits on every entry) and loads the guest ELF's PT_LOAD segments.
-//!   Every vCPU enters at the ELF entry point at once, with `rsp` = 0 (the guest sets a
-//!   stack of its own for each vCPU in `_start`), `rdi` = [`BOOT_PARAMS_GPA`] and `rsi` =
-//!   the vCPU's index (0 to `vcpus - 1`).
+//! # Boot: PVH, like a Linux vmlinux
+//! The guest is an ELF with the Xen `XEN_ELFNOTE_PHYS32_ENTRY` note. The VMM loads it with
+//! the same loader as a Linux kernel (rust-vmm's linux-loader) and enters vCPU 0 at the
+//! note's address in 32-bit protected mode with paging off, `ebx` = the `hvm_start_info`
+//! (Xen's `docs/misc/pvh.pandoc`). From there the guest is on its own:
+//! - its short CPL0 entry builds nothing the VMM knows of: identity page tables (4 GiB in
+//!   2 MiB pages, U and W on every entry), a GDT with user segments, a TSS per vCPU whose
+//!   I/O bitmap allows only the ports below, and an IDT whose handlers stop the VM with
+//!   [`EXIT_EXCEPTION`] + the vector;
+//! - it starts the other vCPUs the way a PC does: INIT and two SIPIs through its local
+//!   APIC (xAPIC at 0xfee00000, "all excluding self") to a real-mode trampoline at
+//!   [`TRAMPOLINE_GPA`]. The VMM leaves vCPUs 1 and up uninitialized (`KVM_MP_STATE_
+//!   UNINITIALIZED`), so KVM's in-kernel LAPIC runs them only once that SIPI comes;
+//! - every vCPU then drops to CPL3 (`sysexit`) and runs there with interrupts off: vCPU 0
+//!   the service, the others a worker each. CPL3 code runs natively on this project's
+//!   hosts, where CPL0 code is emulated instruction by instruction. The devices'
+//!   interrupt lines (GSI 5 net, GSI 6 block, edge-triggered) are raised but never taken.
 //! - The devices run on a VMM thread of their own, while the guest runs. When a device
 //!   has put buffers into a used ring (a frame received or sent, a disk request done), the
 //!   VMM ends vCPU 0's idle wait early. The other vCPUs' idle waits end on time alone.
-//! - RAM starts at guest-physical 0. The first 2 MiB below [`IMAGE_GPA`] hold VMM data:
-//!   the GDT, the page tables, the boot parameters and the console buffer.
-//! - The guest runs with interrupts off (RFLAGS.IF = 0), so the devices' interrupt lines
-//!   (GSI 5 net, GSI 6 block, edge-triggered) are raised but never taken. The guest polls
-//!   its virtqueues and, when it has nothing to do, waits with [`PORT_IDLE`].
+//!
+//! # The command line (`hvm_start_info.cmdline_paddr`)
+//! Space-separated `key=value` words; the guest ignores words it does not know (the VMM
+//! may add `clearcpuid=` and the like for Linux's sake):
+//! - `colo.ip=A.B.C.D/N`: the address and prefix length;
+//! - `colo.port=P`: the service's TCP port;
+//! - `colo.nondeterministic`: put the TSC into replies ([`FLAG_NONDETERMINISTIC`]);
+//! - `colo.selftest=ud` or `colo.selftest=io`: right at CPL3, execute `ud2`
+//!   ([`FLAG_SELFTEST_UD`]) or `out` to a port the TSS does not allow, COM1's 0x3f8
+//!   ([`FLAG_SELFTEST_IO`]), so that a test sees the exception reach the guest's handler
+//!   (status [`EXIT_EXCEPTION`] + 6 or + 13);
+//! - `colo.dirty=R`: pages per second to dirty, in all vCPUs together (0 if absent);
+//! - `colo.tsc_khz=K`: the TSC frequency;
+//! - `colo.vcpus=N`: how many vCPUs the machine has (1 if absent);
+//! - `virtio_mmio.device=4K@0xADDR:IRQ`: a virtio-mmio device, as Linux's
+//!   `VIRTIO_MMIO_CMDLINE_DEVICES` reads it; the guest finds net and block among them by
+//!   their device id.
+//!
+//! RAM is what the PVH memory map (`memmap_paddr`) says is usable; the guest dirties the
+//! usable RAM from [`SCRATCH_GPA`] to the end of the region that holds it.
+//!
+//! # Memory the guest keeps to a fixed place
+//! - [`TRAMPOLINE_GPA`]: the APs' real-mode start (a PT_LOAD segment of the image);
+//! - [`CONSOLE_GPA`]: the console buffer;
+//! - [`IMAGE_GPA`]: the rest of the image.
 //!
 //! # Ports (`out` at CPL3 exits to the VMM; each exit costs about 20 us, so batch)
 //! - [`PORT_CONSOLE`]: `out dx, eax` with eax = number of bytes the guest put at
@@ -28,29 +58,31 @@
 //! - [`PORT_EXIT`]: `out dx, eax` with eax = exit status. The VM stops.
 //!
 //! # Devices: virtio-mmio version 2 (modern), polled
-//! - net at [`NET_MMIO_GPA`] (device id 1): queue 0 receive, queue 1 transmit, at most
-//!   [`NET_QUEUE_SIZE`] entries each. Offers VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC (MAC in
-//!   config space). Every buffer starts with the 12-byte `virtio_net_hdr_v1` (all zero on
-//!   transmit).
-//! - block at [`BLK_MMIO_GPA`] (device id 2): queue 0, at most [`BLK_QUEUE_SIZE`] entries.
-//!   Offers VIRTIO_F_VERSION_1 and VIRTIO_BLK_F_FLUSH; capacity (in 512-byte sectors) in
-//!   config space at 0x100. Requests: header {type u32, reserved u32, sector u64}, data,
-//!   status byte.
+//! - net (device id 1, at [`NET_MMIO_GPA`] today): queue 0 receive, queue 1 transmit, at
+//!   most [`NET_QUEUE_SIZE`] entries each. Offers VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC
+//!   (MAC in config space). Every buffer starts with the 12-byte `virtio_net_hdr_v1` (all
+//!   zero on transmit).
+//! - block (device id 2, at [`BLK_MMIO_GPA`] today): queue 0, at most [`BLK_QUEUE_SIZE`]
+//!   entries. Offers VIRTIO_F_VERSION_1 and VIRTIO_BLK_F_FLUSH; capacity (in 512-byte
+//!   sectors) in config space at 0x100. Requests: header {type u32, reserved u32, sector
+//!   u64}, data, status byte.
 //! - Notification: write the queue index to QueueNotify (0x50) as one 32-bit write. KVM
 //!   completes the write itself (an ioeventfd: no exit) and the VMM's device thread
 //!   processes the queue shortly after, while the guest runs on: used entries appear
-//!   later, so a driver waits for them (polling the used ring, then [`PORT_IDLE`]).
-//!   (Version 2 processed the queue during the write's exit.)
-//! - Time: `rdtsc` (not trapped) and [`BootParams::tsc_khz`].
+//!   later, so a driver waits for them (polling the used ring, then [`PORT_IDLE`]). The
+//!   guest polls; it never enables interrupts.
+//! - Time: `rdtsc` (not trapped) and `colo.tsc_khz`.
 
-/// Where the VMM puts [`BootParams`].
-pub const BOOT_PARAMS_GPA: u64 = 0x7000;
+/// Where the APs' real-mode trampoline is linked (SIPI vector 1).
+pub const TRAMPOLINE_GPA: u64 = 0x1000;
 /// The console buffer.
 pub const CONSOLE_GPA: u64 = 0x8000;
 /// Size of the console buffer.
 pub const CONSOLE_LEN: u64 = 0x1000;
 /// Where the guest image is linked and loaded.
 pub const IMAGE_GPA: u64 = 0x20_0000;
+/// Where the guest's scratch area (its dirty-rate load) starts.
+pub const SCRATCH_GPA: u64 = 16 << 20;
 
 /// Console output port.
 pub const PORT_CONSOLE: u16 = 0x510;
@@ -69,59 +101,40 @@ pub const MMIO_LEN: u64 = 0x1000;
 pub const NET_QUEUE_SIZE: u16 = 256;
 /// Largest virtio-blk queue.
 pub const BLK_QUEUE_SIZE: u16 = 64;
+/// The virtio device id of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// The virtio device id of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
 
-/// "COLOBOOT".
-pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"COLOBOOT");
-/// This contract's version (2: several vCPUs, `rsi` = the vCPU's index; 3: devices
-/// complete queues after the notification, not during it).
-pub const BOOT_VERSION: u32 = 3;
-/// Most vCPUs a VM of this contract has (the guest keeps a stack for each).
+/// This contract's version (4: a PVH ELF, its parameters on the command line, the other
+/// vCPUs started by the guest with INIT/SIPI; 3 was the VMM's boot parameters with the
+/// devices served on a VMM thread, 2 the same with several vCPUs).
+pub const BOOT_VERSION: u32 = 4;
+/// Most vCPUs a VM of this contract has (the guest keeps a stack and a TSS for each).
 pub const MAX_VCPUS: u32 = 8;
 
-/// [`BootParams::flags`]: put the guest's TSC into every reply, so that two copies of the
-/// guest answer differently (work for the COLO compare).
+/// Put the guest's TSC into every reply (`colo.nondeterministic`), so that two copies of
+/// the guest answer differently (work for the COLO compare).
 pub const FLAG_NONDETERMINISTIC: u32 = 1;
+/// `colo.selftest=ud`: the guest executes `ud2` at CPL3 first thing.
+pub const FLAG_SELFTEST_UD: u32 = 2;
+/// `colo.selftest=io`: the guest writes a port its TSS denies at CPL3 first thing.
+pub const FLAG_SELFTEST_IO: u32 = 4;
 
-/// What the VMM tells the guest at boot.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BootParams {
-    /// [`BOOT_MAGIC`].
-    pub magic: u64,
-    /// [`BOOT_VERSION`].
-    pub version: u32,
-    /// `FLAG_*` bits.
-    pub flags: u32,
-    /// Bytes of RAM from guest-physical 0.
-    pub ram_size: u64,
-    /// TSC frequency in kHz.
-    pub tsc_khz: u64,
-    /// The guest's IPv4 address.
-    pub ip: [u8; 4],
-    /// The gateway (unused by the service, kept for completeness).
-    pub gateway: [u8; 4],
-    /// Prefix length of the guest's subnet.
-    pub prefix_len: u8,
-    /// Padding.
-    pub _pad: u8,
-    /// TCP port of the service.
-    pub port: u16,
-    /// Padding.
-    pub _pad2: u32,
-    /// Pages per second the guest dirties in its scratch area (0: none), in all: each of
-    /// the `vcpus` vCPUs writes an equal share into its own equal slice of the area.
-    pub dirty_pages_per_sec: u64,
-    /// Guest-physical start of the scratch area (page-aligned).
-    pub scratch_gpa: u64,
-    /// Bytes of the scratch area.
-    pub scratch_len: u64,
-    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
-    pub vcpus: u32,
-    /// Padding.
-    pub _pad3: u32,
+/// Exit status of a CPU exception: this plus the vector. The handler leaves the vector in
+/// `rbx`, the faulting `rip` in `rdi`, the error code (or 0) in `rsi` and the faulting
+/// `rsp` in `rcx`; CR2 holds the address of a page fault.
+pub const EXIT_EXCEPTION: u32 = 0x100;
+
+/// The CPU exception an exit status reports ([`EXIT_EXCEPTION`] + vector), if it is one.
+pub fn exception_of(status: u32) -> Option<u8> {
+    status
+        .checked_sub(EXIT_EXCEPTION)
+        .filter(|v| *v < 32)
+        .map(|v| v as u8)
 }
 
-/// One vCPU's part of the dirty load ([`BootParams::dirty_pages_per_sec`]).
+/// One vCPU's part of the dirty load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirtyShare {
     /// Pages per second this vCPU writes.
@@ -132,96 +145,56 @@ pub struct DirtyShare {
     pub len: u64,
 }
 
-impl BootParams {
-    /// vCPU `index`'s share of the dirty load: the rate split evenly over the vCPUs (the
-    /// first ones take the remainder), and the scratch area cut into as many equal slices
-    /// of whole pages, one per vCPU in order. `vcpus` of 0 counts as 1.
-    pub fn dirty_share(&self, index: u32) -> DirtyShare {
-        const PAGE: u64 = 4096;
-        let n = u64::from(self.vcpus.max(1));
-        let i = u64::from(index);
-        let rate = self.dirty_pages_per_sec;
-        let slice = self.scratch_len / PAGE / n * PAGE;
-        DirtyShare {
-            pages_per_sec: rate / n + u64::from(i < rate % n),
-            gpa: self.scratch_gpa + i * slice,
-            len: slice,
-        }
+/// vCPU `index`'s share of a dirty load of `rate` pages per second over the scratch area
+/// `[scratch_gpa, scratch_gpa + scratch_len)`: the rate split evenly over the `vcpus`
+/// vCPUs (the first ones take the remainder), and the area cut into as many equal slices
+/// of whole pages, one per vCPU in order. `vcpus` of 0 counts as 1.
+pub fn dirty_share(
+    rate: u64,
+    scratch_gpa: u64,
+    scratch_len: u64,
+    vcpus: u32,
+    index: u32,
+) -> DirtyShare {
+    const PAGE: u64 = 4096;
+    let n = u64::from(vcpus.max(1));
+    let i = u64::from(index);
+    let slice = scratch_len / PAGE / n * PAGE;
+    DirtyShare {
+        pages_per_sec: rate / n + u64::from(i < rate % n),
+        gpa: scratch_gpa + i * slice,
+        len: slice,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use core::mem::{offset_of, size_of};
-
     use super::*;
 
     #[test]
-    fn boot_params_keep_their_byte_layout() {
-        assert_eq!(size_of::<BootParams>(), 80);
-        let offsets = [
-            offset_of!(BootParams, magic),
-            offset_of!(BootParams, version),
-            offset_of!(BootParams, flags),
-            offset_of!(BootParams, ram_size),
-            offset_of!(BootParams, tsc_khz),
-            offset_of!(BootParams, ip),
-            offset_of!(BootParams, gateway),
-            offset_of!(BootParams, prefix_len),
-            offset_of!(BootParams, _pad),
-            offset_of!(BootParams, port),
-            offset_of!(BootParams, _pad2),
-            offset_of!(BootParams, dirty_pages_per_sec),
-            offset_of!(BootParams, scratch_gpa),
-            offset_of!(BootParams, scratch_len),
-            offset_of!(BootParams, vcpus),
-            offset_of!(BootParams, _pad3),
-        ];
-        assert_eq!(
-            offsets,
-            [0, 8, 12, 16, 24, 32, 36, 40, 41, 42, 44, 48, 56, 64, 72, 76]
-        );
-        assert_eq!(BOOT_MAGIC.to_le_bytes(), *b"COLOBOOT");
-    }
-
-    fn params(vcpus: u32, rate: u64, scratch_len: u64) -> BootParams {
-        BootParams {
-            magic: BOOT_MAGIC,
-            version: BOOT_VERSION,
-            flags: 0,
-            ram_size: 64 << 20,
-            tsc_khz: 1,
-            ip: [0; 4],
-            gateway: [0; 4],
-            prefix_len: 24,
-            _pad: 0,
-            port: 7000,
-            _pad2: 0,
-            dirty_pages_per_sec: rate,
-            scratch_gpa: 16 << 20,
-            scratch_len,
-            vcpus,
-            _pad3: 0,
-        }
-    }
-
-    #[test]
     fn the_dirty_load_is_shared_evenly_over_disjoint_slices() {
-        let one = params(1, 25_600, 48 << 20).dirty_share(0);
+        let one = dirty_share(25_600, 16 << 20, 48 << 20, 1, 0);
         assert_eq!(
             (one.pages_per_sec, one.gpa, one.len),
             (25_600, 16 << 20, 48 << 20)
         );
         // 3 vCPUs: 10 pages/s and 10 pages of scratch (plus a partial page) split 4/3/3
         // and 3 pages each, back to back.
-        let p = params(3, 10, 10 * 4096 + 100);
-        let shares: [DirtyShare; 3] = [p.dirty_share(0), p.dirty_share(1), p.dirty_share(2)];
+        let s = |i| dirty_share(10, 16 << 20, 10 * 4096 + 100, 3, i);
+        let shares: [DirtyShare; 3] = [s(0), s(1), s(2)];
         assert_eq!(shares.map(|s| s.pages_per_sec), [4, 3, 3]);
         assert_eq!(shares.map(|s| s.len), [3 * 4096; 3]);
         assert_eq!(
             shares.map(|s| s.gpa),
             [16 << 20, (16 << 20) + 3 * 4096, (16 << 20) + 6 * 4096]
         );
-        assert_eq!(params(0, 7, 4096).dirty_share(0).pages_per_sec, 7);
+        assert_eq!(dirty_share(7, 0, 4096, 0, 0).pages_per_sec, 7);
+    }
+
+    #[test]
+    fn exception_statuses_name_their_vector() {
+        assert_eq!(exception_of(EXIT_EXCEPTION + 14), Some(14));
+        assert_eq!(exception_of(EXIT_EXCEPTION + 32), None);
+        assert_eq!(exception_of(3), None);
     }
 }

@@ -1,8 +1,9 @@
 //! The contract between the colo VMM and its built-in guest, as one crate both depend on,
 //! so that both sides always agree.
 //!
-//! - [`boot`]: the machine the VMM builds and the guest expects (memory layout, ports,
-//!   devices) and the [`boot::BootParams`] the VMM hands over at boot.
+//! - [`boot`]: the machine the guest expects (memory layout, ports, devices, the command
+//!   line).
+//! - [`cmdline`]: the parameters on the guest's kernel command line.
 //! - [`record`]: the records of the guest's disk log, which the VMM reads back to check
 //!   that every acknowledged write reached the disk.
 //!
@@ -14,4 +15,5 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod cmdline;
 pub mod record;

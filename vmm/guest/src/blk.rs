@@ -8,7 +8,7 @@
 use alloc::boxed::Box;
 use core::fmt;
 
-use colo_guest_abi::boot::{BLK_MMIO_GPA, BLK_QUEUE_SIZE};
+use colo_guest_abi::boot::BLK_QUEUE_SIZE;
 
 use crate::virtio::mmio::{self, InitError, Mmio};
 use crate::virtio::queue::{Buf, VirtQueue};
@@ -79,13 +79,13 @@ impl fmt::Debug for VirtioBlk {
 }
 
 impl VirtioBlk {
-    /// Initializes the device at [`BLK_MMIO_GPA`].
+    /// Initializes the device at `base` (from the command line).
     ///
     /// # Errors
     /// [`InitError`] if the device is missing or refuses the driver.
-    pub fn new() -> Result<Self, InitError> {
+    pub fn new(base: u64) -> Result<Self, InitError> {
         let mut dev = mmio::init(&mmio::Spec {
-            base: BLK_MMIO_GPA,
+            base,
             device_id: 2,
             required: 0,
             optional: F_FLUSH,

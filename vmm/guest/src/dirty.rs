@@ -60,7 +60,7 @@ impl DirtyLoad {
             let at = self.base + self.next * PAGE;
             let p = core::ptr::with_exposed_provenance_mut::<u64>(at as usize);
             // SAFETY: `at` is a page inside the scratch area, identity-mapped RAM that the
-            // boot parameters give to this load alone (checked against the image and the
+            // command line gives to this load alone (checked against the image and the
             // RAM size at boot); the address is 8-byte aligned.
             unsafe { p.write_volatile(self.done) };
             self.done += 1;

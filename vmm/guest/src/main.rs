@@ -3,13 +3,16 @@
 //! It serves a small key-value line protocol over TCP (smoltcp on a virtio-net driver),
 //! keeps its data in an append-only log on a virtio-blk disk (replayed at boot), and can
 //! dirty its memory at a set rate. Everything it knows about its machine comes from
-//! [`colo_guest_abi::boot`], the contract it shares with the VMM: one or more vCPUs at CPL3
-//! in long mode, identity-mapped memory, polled virtio-mmio devices, and ports for the
-//! console, idling and exiting. vCPU 0 runs the service; every other vCPU runs a worker
-//! ([`worker`]) that dirties its own pages and counts.
+//! its PVH start and its command line, as [`colo_guest_abi::boot`] (the contract it shares
+//! with the VMM) describes: it boots like a Linux kernel ([`entry`]: its own page tables,
+//! GDT, TSS and IDT, the other vCPUs started with INIT/SIPI), then runs at CPL3 on every
+//! vCPU with polled virtio-mmio devices and ports for the console, idling and exiting.
+//! vCPU 0 runs the service; every other vCPU runs a worker ([`worker`]) that dirties its
+//! own pages and counts.
 //!
-//! Exit statuses: 2 bad boot parameters, 3 device initialization failed, 4 out of
-//! memory, 5 the disk log could not be read, 6 stack overflow, 101 panic.
+//! Exit statuses: 2 bad start info or command line, 3 device initialization failed, 4 out
+//! of memory, 5 the disk log could not be read, 6 stack overflow, 101 panic, 0x100 + vector
+//! a CPU exception.
 
 #![no_std]
 #![no_main]
@@ -20,7 +23,9 @@ mod arch;
 mod blk;
 mod console;
 mod dirty;
+mod entry;
 mod net;
+mod pvh;
 mod rt;
 mod service;
 mod store;
@@ -28,8 +33,10 @@ mod virtio;
 mod worker;
 
 use colo_guest_abi::boot::{
-    BOOT_MAGIC, BOOT_PARAMS_GPA, BOOT_VERSION, BootParams, FLAG_NONDETERMINISTIC, MAX_VCPUS,
+    BOOT_VERSION, FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, VIRTIO_ID_BLOCK,
+    VIRTIO_ID_NET, dirty_share,
 };
+use colo_guest_abi::cmdline::Params;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
@@ -37,105 +44,115 @@ use arch::Clock;
 use blk::VirtioBlk;
 use dirty::DirtyLoad;
 use net::VirtioNet;
+use pvh::Boot;
 use rt::{EXIT_BAD_BOOT, EXIT_DEVICE, EXIT_DISK, EXIT_NO_MEMORY};
 use service::{Backend, Service};
 use store::{RecoverError, Store};
 
 /// Longest wait handed to the VMM when idle.
-const MAX_IDLE_US: u64 = 10_000;
+const MAX_IDLE_US: u64 = 50_000;
 
-/// Checks and copies the boot parameters at `p`; stops the VM with status 2 if they are
-/// not there.
-fn boot_params(p: *const BootParams) -> BootParams {
-    if p as u64 != BOOT_PARAMS_GPA {
-        fatal!(
-            EXIT_BAD_BOOT,
-            "boot parameters at {p:p}, expected {BOOT_PARAMS_GPA:#x}"
-        );
+/// vCPU `index`'s share of the dirty-page load the command line asks for, after checking
+/// that the scratch area is RAM above the image. `Err` if it is not.
+fn dirty_load(b: &Boot, index: u32, clock: Clock) -> Result<Option<DirtyLoad>, ()> {
+    let p = &b.params;
+    if p.dirty_pages_per_sec == 0 {
+        return Ok(None);
     }
-    // SAFETY: BOOT_PARAMS_GPA is identity-mapped RAM where the VMM wrote the parameters
-    // (colo_guest_abi::boot); BootParams is plain integers, valid for any bytes, and the
-    // address is aligned.
-    let b = unsafe { p.read_volatile() };
-    if b.magic != BOOT_MAGIC || b.version != BOOT_VERSION {
-        fatal!(
-            EXIT_BAD_BOOT,
-            "boot parameters: magic {:#x} version {}, expected {BOOT_MAGIC:#x} version {BOOT_VERSION}",
-            b.magic,
-            b.version
-        );
+    let (gpa, len) = b.scratch;
+    if gpa % 4096 != 0 || gpa < rt::image_end() || len == 0 {
+        return Err(());
     }
-    if b.tsc_khz == 0 || b.prefix_len > 32 || b.port == 0 || !(1..=MAX_VCPUS).contains(&b.vcpus) {
-        fatal!(
-            EXIT_BAD_BOOT,
-            "boot parameters: tsc {} kHz, prefix /{}, port {}, {} vCPUs",
-            b.tsc_khz,
-            b.prefix_len,
-            b.port,
-            b.vcpus
-        );
-    }
-    b
+    let share = dirty_share(p.dirty_pages_per_sec, gpa, len, p.vcpus, index);
+    Ok(DirtyLoad::new(
+        share.gpa,
+        share.len,
+        share.pages_per_sec,
+        clock,
+    ))
 }
 
-/// vCPU 0's share of the dirty-page load the boot parameters ask for, after checking that
-/// the scratch area is page-aligned RAM above the image.
-fn dirty_load(b: &BootParams, clock: Clock) -> Option<DirtyLoad> {
-    if b.dirty_pages_per_sec == 0 {
-        return None;
-    }
-    let end = b.scratch_gpa.checked_add(b.scratch_len);
-    if b.scratch_gpa % 4096 != 0
-        || b.scratch_gpa < rt::image_end()
-        || end.is_none_or(|e| e > b.ram_size)
-    {
-        fatal!(
-            EXIT_BAD_BOOT,
-            "scratch area {:#x}+{:#x} is not page-aligned RAM above the image (ends {:#x}, RAM {:#x})",
-            b.scratch_gpa,
-            b.scratch_len,
-            rt::image_end(),
-            b.ram_size
-        );
-    }
-    let share = b.dirty_share(0);
-    DirtyLoad::new(share.gpa, share.len, share.pages_per_sec, clock)
+/// The base of the first `virtio_mmio.device=` of the command line whose device id is
+/// `id`.
+fn find_device(p: &Params, id: u32) -> Option<u64> {
+    p.devices()
+        .iter()
+        .map(|d| d.base)
+        .find(|&base| virtio::mmio::device_id(base) == id)
 }
 
-/// Called by `_start` on vCPU 0 with the boot parameters' address (rdi).
-extern "C" fn guest_main(params: *const BootParams) -> ! {
+/// The faults `colo.selftest=` asks for: each must end in the CPU exception handler of
+/// entry.rs, which stops the VM with its status.
+fn selftest(flags: u32) {
+    if flags & FLAG_SELFTEST_UD != 0 {
+        // SAFETY: ud2 raises #UD and never returns here: the handler stops the VM.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+    if flags & FLAG_SELFTEST_IO != 0 {
+        // COM1: a port the TSS's I/O bitmap denies at CPL3, so this is a #GP.
+        arch::out32(0x3f8, 0);
+    }
+}
+
+/// Entered at CPL3 on vCPU 0 (entry.rs) with the PVH start info's address.
+extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
     rt::init_stack_canary();
     rt::init_heap();
-    let b = boot_params(params);
-    let clock = Clock::new(b.tsc_khz);
-    let ip = Ipv4Address::from(b.ip);
+    let b = pvh::read_boot(start_info).unwrap_or_else(|e| fatal!(EXIT_BAD_BOOT, "boot: {e}"));
+    let p = b.params;
+    selftest(p.flags);
+    let clock = Clock::new(p.tsc_khz);
+    let ip = Ipv4Address::from(p.ip);
     println!(
         "colo-guest {} (contract v{BOOT_VERSION}): {ip}/{} port {}, RAM {} MiB, TSC {} kHz, flags {:#x}{}, dirty {} pages/s over {} vCPUs, image end {:#x}",
         env!("CARGO_PKG_VERSION"),
-        b.prefix_len,
-        b.port,
-        b.ram_size >> 20,
-        b.tsc_khz,
-        b.flags,
-        if b.flags & FLAG_NONDETERMINISTIC != 0 {
+        p.prefix_len,
+        p.port,
+        b.ram >> 20,
+        p.tsc_khz,
+        p.flags,
+        if p.flags & FLAG_NONDETERMINISTIC != 0 {
             " (nondeterministic)"
         } else {
             ""
         },
-        b.dirty_pages_per_sec,
-        b.vcpus,
+        p.dirty_pages_per_sec,
+        p.vcpus,
         rt::image_end(),
     );
-    let mut dirty = dirty_load(&b, clock);
+    println!("command line: {}", b.cmdline);
+    let mut dirty = dirty_load(&b, 0, clock).unwrap_or_else(|()| {
+        fatal!(
+            EXIT_BAD_BOOT,
+            "scratch area {:#x}+{:#x} is not page-aligned RAM above the image (ends {:#x})",
+            b.scratch.0,
+            b.scratch.1,
+            rt::image_end()
+        )
+    });
+    let net_base = find_device(&p, VIRTIO_ID_NET).unwrap_or_else(|| {
+        fatal!(
+            EXIT_DEVICE,
+            "no virtio-net among the command line's devices"
+        )
+    });
+    let blk_base = find_device(&p, VIRTIO_ID_BLOCK).unwrap_or_else(|| {
+        fatal!(
+            EXIT_DEVICE,
+            "no virtio-blk among the command line's devices"
+        )
+    });
 
-    let mut net = VirtioNet::new().unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-net: {e}"));
+    let mut net =
+        VirtioNet::new(net_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-net: {e}"));
     let mac = net.mac();
     let (rxq, txq) = net.queue_sizes();
     println!(
         "virtio-net: MAC {}, queues rx {rxq} tx {txq}",
         EthernetAddress(mac)
     );
-    let mut blk = VirtioBlk::new().unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-blk: {e}"));
+    let mut blk =
+        VirtioBlk::new(blk_base).unwrap_or_else(|e| fatal!(EXIT_DEVICE, "virtio-blk: {e}"));
     println!(
         "virtio-blk: {} sectors ({} MiB){}",
         blk.sectors(),
@@ -165,21 +182,14 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
     let mut iface = Interface::new(config, &mut net, clock.now());
     iface.update_ip_addrs(|addrs| {
         addrs
-            .push(IpCidr::new(IpAddress::Ipv4(ip), b.prefix_len))
+            .push(IpCidr::new(IpAddress::Ipv4(ip), p.prefix_len))
             .expect("room for one address");
     });
-    let gw = Ipv4Address::from(b.gateway);
-    if !gw.is_unspecified() {
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(gw)
-            .expect("room for one route");
-    }
     let mut sockets = SocketSet::new(alloc::vec::Vec::new());
-    let mut service = Service::new(&mut sockets, b.port, b.flags);
+    let mut service = Service::new(&mut sockets, p.port, p.flags);
     println!(
         "serving on {ip}:{} ({} connections at a time), {} KiB heap free",
-        b.port,
+        p.port,
         service::SOCKETS,
         rt::heap_free() >> 10
     );
@@ -198,7 +208,7 @@ extern "C" fn guest_main(params: *const BootParams) -> ! {
             store: &mut store,
             blk: &mut blk,
             dirty: dirty.as_mut(),
-            vcpus: b.vcpus,
+            vcpus: p.vcpus,
         };
         // Answer before egress, so that replies carry the ACKs of their requests.
         busy |= service.serve(&mut sockets, &mut be);

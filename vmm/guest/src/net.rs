@@ -10,7 +10,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use colo_guest_abi::boot::{NET_MMIO_GPA, NET_QUEUE_SIZE};
+use colo_guest_abi::boot::NET_QUEUE_SIZE;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
@@ -132,13 +132,13 @@ impl TxRing {
 }
 
 impl VirtioNet {
-    /// Initializes the device at [`NET_MMIO_GPA`] and fills its receive queue.
+    /// Initializes the device at `base` (from the command line) and fills its receive queue.
     ///
     /// # Errors
     /// [`InitError`] if the device is missing or refuses the driver.
-    pub fn new() -> Result<Self, InitError> {
+    pub fn new(base: u64) -> Result<Self, InitError> {
         let dev = mmio::init(&mmio::Spec {
-            base: NET_MMIO_GPA,
+            base,
             device_id: 1,
             required: F_MAC,
             optional: 0,

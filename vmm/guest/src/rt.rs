@@ -1,13 +1,13 @@
-//! The freestanding runtime: the entry point and its stack, the C memory functions the
-//! compiler calls, the heap, and the panic handler.
+//! The freestanding runtime: the stack sizes (the stacks and the entry are in
+//! [`crate::entry`]), the C memory functions the compiler calls, the heap, and the panic
+//! handler.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::arch::{asm, global_asm};
+use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 
-use colo_guest_abi::boot::MAX_VCPUS;
 use linked_list_allocator::Heap;
 
 /// Bytes of stack (in .bss, no guard page: see [`check_stack`]).
@@ -16,7 +16,7 @@ pub const STACK_SIZE: usize = 512 << 10;
 /// the key-value map.
 pub const HEAP_SIZE: usize = 8 << 20;
 
-/// Exit status: the boot parameters are missing or wrong.
+/// Exit status: the start info or the command line is missing or wrong.
 pub const EXIT_BAD_BOOT: u32 = 2;
 /// Exit status: a virtio device is missing or refused to initialize.
 pub const EXIT_DEVICE: u32 = 3;
@@ -33,55 +33,8 @@ pub const EXIT_PANIC: u32 = 101;
 /// they need little.
 pub const WORKER_STACK_SIZE: usize = 64 << 10;
 
-// The VMM enters every vCPU at `_start` (linked first, at IMAGE_GPA) with rsp = 0, rdi =
-// the boot parameters' address and rsi = the vCPU's index. Set the vCPU's own stack
-// (16-byte aligned, so that `call` leaves rsp + 8 aligned as the ABI wants), clear the
-// direction flag for the string instructions below, and pass rdi and rsi on: vCPU 0 to
-// `guest_main`, the others to `worker_main`, neither of which returns. Worker i's stack is
-// slot i - 1 of `colo_worker_stacks`; an index past the slots stops the vCPU (ud2).
-global_asm!(
-    ".section .text._start, \"ax\", @progbits",
-    ".global _start",
-    ".type _start, @function",
-    "_start:",
-    "    cld",
-    "    xor ebp, ebp",
-    "    test rsi, rsi",
-    "    jnz 2f",
-    "    lea rsp, [rip + colo_stack_top]",
-    "    call {main}",
-    "    ud2",
-    "2:",
-    "    cmp rsi, {max_vcpus}",
-    "    jae 3f",
-    "    mov rax, rsi",
-    "    imul rax, rax, {worker_stack}",
-    "    lea rsp, [rip + colo_worker_stacks]",
-    "    add rsp, rax",
-    "    call {worker}",
-    "3:",
-    "    ud2",
-    ".size _start, . - _start",
-    "",
-    ".section .bss.colo_stack, \"aw\", @nobits",
-    ".p2align 12",
-    ".global colo_stack_bottom",
-    "colo_stack_bottom:",
-    "    .skip {size}",
-    "colo_stack_top:",
-    ".global colo_worker_stacks",
-    "colo_worker_stacks:",
-    "    .skip {worker_stacks}",
-    main = sym crate::guest_main,
-    worker = sym crate::worker::worker_main,
-    size = const STACK_SIZE,
-    max_vcpus = const MAX_VCPUS,
-    worker_stack = const WORKER_STACK_SIZE,
-    worker_stacks = const (MAX_VCPUS as usize - 1) * WORKER_STACK_SIZE,
-);
-
 unsafe extern "C" {
-    /// The lowest byte of the stack (defined in the asm above).
+    /// The lowest byte of vCPU 0's stack (defined in entry.rs).
     static colo_stack_bottom: u8;
     /// One past the last byte of the image, .bss included (defined by link.ld).
     static __image_end: u8;

@@ -12,6 +12,10 @@ pub enum Error {
     /// The guest image is not a loadable x86-64 executable.
     #[error("bad guest image: {0}")]
     Image(String),
+    /// The guest image (the built-in guest, or another PVH image given instead) cannot be
+    /// loaded.
+    #[error("cannot load the guest image")]
+    GuestImage(#[source] crate::linux::Error),
     /// The Linux kernel, its initrd or its command line cannot be booted.
     #[error("cannot boot the Linux kernel")]
     Kernel(#[from] crate::linux::Error),

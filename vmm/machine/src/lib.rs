@@ -1,9 +1,10 @@
 //! The KVM virtual machine that COLO protects: guest RAM with dirty logging, 1 to 8 vCPUs
-//! (each on its own thread) running either the built-in guest (in long mode at CPL3) or a
-//! Linux kernel on one vCPU ([`linux`]: PVH vmlinux or bzImage through rust-vmm's
-//! linux-loader, an e820 map, a CPUID the host's emulator copes with), the in-kernel
-//! irqchip and PIT, a 16550 serial port, the console, virtio-net and virtio-blk, and the
-//! VM state snapshot.
+//! (each on its own thread) running a kernel booted through [`linux`] (PVH vmlinux or
+//! bzImage through rust-vmm's linux-loader, an e820 map, a CPUID the host's emulator copes
+//! with): a Linux kernel, or the built-in guest, an ordinary PVH kernel with its
+//! parameters on its command line that starts its other vCPUs itself (INIT/SIPI), the
+//! in-kernel irqchip and PIT, a 16550 serial port, the console, virtio-net and virtio-blk,
+//! and the VM state snapshot.
 //!
 //! A [`Machine`] is built from a [`VmConfig`] and started with [`runner::VmHandle::start`],
 //! which runs each vCPU on its own thread and can pause and resume them all in tens of
@@ -15,7 +16,6 @@
 
 use colo_guest_abi::boot as abi;
 mod assist;
-mod boot;
 mod codec;
 pub mod cpuid;
 pub mod devices;
@@ -48,8 +48,9 @@ pub use error::{Error, Result};
 pub use linux::LinuxGuest;
 pub use vcpus::check_count as check_vcpus;
 
-use abi::{BootParams, NET_MMIO_GPA};
+use abi::{BLK_MMIO_GPA, MMIO_LEN, NET_MMIO_GPA};
 use codec::{Reader, Writer};
+use colo_guest_abi::cmdline::{MAX_DEVICES, MmioDevice, Params};
 use devices::backend::NetBackend;
 use devices::blk::{Blk, BlkStats, open_raw};
 use devices::console::{Console, ConsoleSink};
@@ -61,8 +62,8 @@ use memory::GuestRam;
 use snapshot::VmState;
 use vcpus::Vcpus;
 
-/// Where the guest's scratch area (its dirty-rate load) starts.
-pub const SCRATCH_GPA: u64 = 16 << 20;
+/// Where the built-in guest's scratch area (its dirty-rate load) starts.
+pub const SCRATCH_GPA: u64 = abi::SCRATCH_GPA;
 
 /// How to build a VM.
 pub struct VmConfig {
@@ -91,16 +92,17 @@ pub struct VmConfig {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Guest {
-    /// The built-in guest, or another image on its boot contract (`colo_guest_abi`).
+    /// The built-in guest, or another PVH image on its contract (`colo_guest_abi`).
     BuiltIn(BuiltInGuest),
     /// A Linux kernel ([`linux`]).
     Linux(LinuxGuest),
 }
 
-/// The built-in guest's image and boot parameters.
+/// The built-in guest: a PVH kernel image and the parameters colo puts on its command line
+/// (`colo_guest_abi::cmdline`). It boots like any PVH kernel of this machine.
 #[derive(Debug, Clone)]
 pub struct BuiltInGuest {
-    /// The guest image (an x86-64 ELF executable linked at 0x200000).
+    /// The guest image (an x86-64 ELF with the PVH entry note).
     pub image: Vec<u8>,
     /// The guest's IPv4 address and prefix length.
     pub ip: ([u8; 4], u8),
@@ -112,15 +114,64 @@ pub struct BuiltInGuest {
     pub dirty_pages_per_sec: u64,
 }
 
+impl BuiltInGuest {
+    /// The command line for a VM of `vcpus` vCPUs, without the TSC frequency (only a vCPU
+    /// knows it; it is appended once vCPU 0 exists).
+    fn cmdline(&self, vcpus: u32) -> String {
+        let none = MmioDevice {
+            base: 0,
+            size: 0,
+            irq: 0,
+        };
+        let mut devices = [none; MAX_DEVICES];
+        devices[0] = MmioDevice {
+            base: NET_MMIO_GPA,
+            size: MMIO_LEN,
+            irq: NET_GSI,
+        };
+        devices[1] = MmioDevice {
+            base: BLK_MMIO_GPA,
+            size: MMIO_LEN,
+            irq: BLK_GSI,
+        };
+        Params {
+            ip: self.ip.0,
+            prefix_len: self.ip.1,
+            port: self.port,
+            flags: if self.nondeterministic {
+                abi::FLAG_NONDETERMINISTIC
+            } else {
+                0
+            },
+            dirty_pages_per_sec: self.dirty_pages_per_sec,
+            tsc_khz: 0,
+            vcpus,
+            devices,
+            device_count: 2,
+        }
+        .to_string()
+    }
+}
+
+/// The name of the built-in guest's image in errors.
+const BUILT_IN_NAME: &str = "(built-in guest image)";
+
 /// Checks a guest image the way [`Machine::new`] will load it, without a VM: for errors
 /// before anything else (a tap device, a peer) is set up.
 ///
 /// # Errors
-/// [`Error::Image`] with what is wrong.
+/// [`Error::GuestImage`] with what is wrong.
 pub fn check_image(image: &[u8]) -> Result<()> {
-    let scratch = colo_memory::GuestMemory::from_ranges(&[(GuestAddress(0), SCRATCH_GPA as usize)])
-        .map_err(|e| Error::Memory(e.to_string()))?;
-    boot::load_elf(&scratch, image, SCRATCH_GPA).map(|_| ())
+    let scratch = GuestRam::around_hole(32 << 20)?;
+    linux::load_image(
+        scratch.mem(),
+        scratch.layout(),
+        std::path::Path::new(BUILT_IN_NAME),
+        image,
+        "",
+    )
+    .map(|_| ())
+    .map_err(Error::GuestImage)
 }
 
 /// How the guest ended.
@@ -175,8 +226,10 @@ pub struct Machine {
     pub ram: GuestRam,
     /// The VM's name.
     pub(crate) name: String,
-    /// What a Linux guest got at boot.
-    boot: Option<linux::Loaded>,
+    /// What the kernel got at boot.
+    boot: linux::Loaded,
+    /// Whether it is a Linux kernel (not the built-in guest).
+    linux: bool,
     /// Instructions colo completed for the host's emulator.
     pub(crate) assists: Assists,
 }
@@ -215,22 +268,22 @@ impl std::fmt::Debug for Machine {
     }
 }
 
-/// What the loader left in guest memory, for the vCPU.
-enum Boot<'a> {
-    BuiltIn(boot::Image, &'a BuiltInGuest),
-    Linux(linux::Loaded),
-}
-
-/// The vCPU of a Linux guest: its CPUID (and, where the host shows features anyway, the
-/// `clearcpuid=` entry that keeps the kernel off them), then the entry registers.
-fn setup_linux_vcpu(
+/// vCPU `index` of a kernel: its CPUID; on vCPU 0 (the one the kernel enters; the others
+/// wait for its INIT/SIPI), where the host shows features anyway, the `clearcpuid=` entry
+/// that keeps the kernel off them, and the entry registers.
+fn setup_kernel_vcpu(
     kvm: &Kvm,
+    index: u32,
     vcpu: &VcpuFd,
     ram: &GuestRam,
     loaded: &mut linux::Loaded,
 ) -> Result<()> {
-    vcpu.set_cpuid2(&cpuid::for_linux(kvm, 0)?)
+    let apic_id = u8::try_from(index).map_err(|_| Error::Config(format!("vCPU {index}")))?;
+    vcpu.set_cpuid2(&cpuid::for_linux(kvm, apic_id)?)
         .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    if index > 0 {
+        return Ok(());
+    }
     let seen = vcpu
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("KVM_GET_CPUID2"))?;
@@ -245,38 +298,12 @@ fn setup_linux_vcpu(
     linux::entry::setup_vcpu(vcpu, &loaded.entry)
 }
 
-/// The built-in guest's boot parameters.
-fn built_in_params(g: &BuiltInGuest, ram: u64, tsc_khz: u32, vcpus: u32) -> BootParams {
-    BootParams {
-        magic: abi::BOOT_MAGIC,
-        version: abi::BOOT_VERSION,
-        flags: if g.nondeterministic {
-            abi::FLAG_NONDETERMINISTIC
-        } else {
-            0
-        },
-        ram_size: ram,
-        tsc_khz: u64::from(tsc_khz),
-        ip: g.ip.0,
-        gateway: [0; 4],
-        prefix_len: g.ip.1,
-        _pad: 0,
-        port: g.port,
-        _pad2: 0,
-        dirty_pages_per_sec: g.dirty_pages_per_sec,
-        scratch_gpa: SCRATCH_GPA,
-        scratch_len: ram - SCRATCH_GPA,
-        vcpus,
-        _pad3: 0,
-    }
-}
-
 impl Machine {
     /// Builds the VM: checks the image and disk, maps RAM, loads the guest and sets up the
     /// vCPUs. Nothing runs yet.
     ///
     /// # Errors
-    /// [`Error::Image`], [`Error::Kernel`], [`Error::Disk`] or [`Error::Config`] for bad
+    /// [`Error::GuestImage`], [`Error::Kernel`], [`Error::Disk`] or [`Error::Config`] for bad
     /// input (before any KVM object exists), [`Error::Kvm`] if KVM refuses.
     pub fn new(cfg: VmConfig) -> Result<Self> {
         if cfg.ram < 32 << 20 {
@@ -290,7 +317,8 @@ impl Machine {
             Some(b) => b,
             None => Arc::new(colo_blk::PlainDisk::new(open_raw(&cfg.disk)?)),
         };
-        let (ram, mut boot) = match &cfg.guest {
+        let ram = GuestRam::around_hole(cfg.ram)?;
+        let mut loaded = match &cfg.guest {
             Guest::BuiltIn(g) => {
                 if g.ip.1 == 0 || g.ip.1 > 30 {
                     return Err(Error::Config(format!(
@@ -298,16 +326,25 @@ impl Machine {
                         g.ip.1
                     )));
                 }
-                let ram = GuestRam::new(cfg.ram, NET_MMIO_GPA)?;
-                let image = boot::load_elf(ram.mem(), &g.image, SCRATCH_GPA)?;
-                boot::write_tables(ram.mem())?;
-                (ram, Boot::BuiltIn(image, g))
+                linux::load_image(
+                    ram.mem(),
+                    ram.layout(),
+                    std::path::Path::new(BUILT_IN_NAME),
+                    &g.image,
+                    &g.cmdline(cfg.vcpus),
+                )
+                .map_err(Error::GuestImage)?
             }
             Guest::Linux(g) => {
-                let ram = GuestRam::around_hole(cfg.ram)?;
+                if cfg.vcpus != 1 {
+                    return Err(Error::Config(format!(
+                        "{} vCPUs: a Linux guest runs on one vCPU for now (no MP table or \
+                         ACPI yet)",
+                        cfg.vcpus
+                    )));
+                }
                 let devices = devices::linux_cmdline_entries(cfg.net.connected());
-                let loaded = linux::load(ram.mem(), ram.layout(), g, &devices)?;
-                (ram, Boot::Linux(loaded))
+                linux::load(ram.mem(), ram.layout(), g, &devices)?
             }
         };
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
@@ -324,59 +361,32 @@ impl Machine {
         .map_err(Error::kvm("create the PIT"))?;
         ram.register(&vm)?;
         let serial = SerialPort::new(IrqLine::new(&vm, COM1_IRQ)?, Console::new(cfg.console))?;
-        let vcpus = match &mut boot {
-            Boot::BuiltIn(image, g) => {
-                let entry = image.entry;
-                let vcpus = Vcpus::create(&vm, cfg.vcpus, |i, v| {
-                    vcpu::setup_long_mode(&kvm, v, entry)?;
-                    let mut regs = v.get_regs().map_err(Error::kvm("get regs"))?;
-                    regs.rsi = u64::from(i);
-                    v.set_regs(&regs).map_err(Error::kvm("set regs"))
-                })?;
-                let tsc_khz = vcpus
-                    .lock(0)
-                    .get_tsc_khz()
-                    .map_err(Error::kvm("read the TSC frequency"))?;
-                boot::write_boot_params(
-                    ram.mem(),
-                    &built_in_params(g, cfg.ram, tsc_khz, cfg.vcpus),
-                )?;
-                tracing::info!(
-                    vm = %cfg.name,
-                    ram_mib = cfg.ram >> 20,
-                    vcpus = cfg.vcpus,
-                    entry = format_args!("{:#x}", image.entry),
-                    image_end = format_args!("{:#x}", image.end),
-                    tsc_khz,
-                    manual_protect = manual,
-                    net = %cfg.net.name,
-                    disk = %cfg.disk.display(),
-                    "VM built"
-                );
-                vcpus
-            }
-            Boot::Linux(loaded) => {
-                if cfg.vcpus != 1 {
-                    return Err(Error::Config(format!(
-                        "{} vCPUs: a Linux guest runs on one vCPU for now (no MP table or \
-                         ACPI yet)",
-                        cfg.vcpus
-                    )));
-                }
-                let vcpus = Vcpus::create(&vm, 1, |_, v| setup_linux_vcpu(&kvm, v, &ram, loaded))?;
-                tracing::info!(
-                    vm = %cfg.name,
-                    ram_mib = cfg.ram >> 20,
-                    slots = ram.layout().regions().len(),
-                    entry = ?loaded.entry,
-                    initrd = ?loaded.initrd,
-                    cmdline = %loaded.cmdline,
-                    manual_protect = manual,
-                    "Linux VM built"
-                );
-                vcpus
-            }
-        };
+        let vcpus = Vcpus::create(&vm, cfg.vcpus, |i, v| {
+            setup_kernel_vcpu(&kvm, i, v, &ram, &mut loaded)
+        })?;
+        if let Guest::BuiltIn(_) = cfg.guest {
+            // The guest times itself with the TSC; KVM knows its rate per vCPU.
+            let tsc_khz = vcpus
+                .lock(0)
+                .get_tsc_khz()
+                .map_err(Error::kvm("read the TSC frequency"))?;
+            loaded
+                .append_cmdline(ram.mem(), &format!("colo.tsc_khz={tsc_khz}"))
+                .map_err(Error::GuestImage)?;
+        }
+        tracing::info!(
+            vm = %cfg.name,
+            ram_mib = cfg.ram >> 20,
+            vcpus = cfg.vcpus,
+            slots = ram.layout().regions().len(),
+            entry = ?loaded.entry,
+            initrd = ?loaded.initrd,
+            cmdline = %loaded.cmdline,
+            manual_protect = manual,
+            net = %cfg.net.name,
+            disk = %cfg.disk.display(),
+            "VM built"
+        );
         // After CPUID: which MSRs exist depends on the features the vCPU has (the same on
         // every vCPU).
         let saved_msrs = vcpu::saved_msrs(&kvm, &vcpus.lock(0))?;
@@ -400,10 +410,8 @@ impl Machine {
             ram,
             name: cfg.name,
             assists: Assists::default(),
-            boot: match boot {
-                Boot::BuiltIn(..) => None,
-                Boot::Linux(l) => Some(l),
-            },
+            boot: loaded,
+            linux: matches!(cfg.guest, Guest::Linux(_)),
         })
     }
 
@@ -412,10 +420,15 @@ impl Machine {
         self.assists
     }
 
-    /// What the Linux kernel got at boot (its command line, memory map and entry), for a
-    /// Linux guest.
+    /// What the kernel got at boot (its command line, memory map and entry), for a Linux
+    /// guest.
     pub fn linux_boot(&self) -> Option<&linux::Loaded> {
-        self.boot.as_ref()
+        self.linux.then_some(&self.boot)
+    }
+
+    /// What the kernel got at boot, for any guest (the built-in one is a PVH kernel too).
+    pub fn boot(&self) -> &linux::Loaded {
+        &self.boot
     }
 
     /// Marks a committed checkpoint in the network output: on a socket backend, an empty
@@ -550,6 +563,43 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+mod cmdline_tests {
+    use super::*;
+
+    /// What colo writes for the built-in guest is what the guest reads back, once the TSC
+    /// frequency is appended (as `Machine::new` does).
+    #[test]
+    fn the_built_in_guests_command_line_carries_every_parameter() {
+        let g = BuiltInGuest {
+            image: Vec::new(),
+            ip: ([10, 0, 2, 15], 24),
+            port: 7000,
+            nondeterministic: true,
+            dirty_pages_per_sec: 25_600,
+        };
+        let line = format!("{} clearcpuid=xsave colo.tsc_khz=2600000", g.cmdline(3));
+        let p = Params::parse(&line).unwrap();
+        assert_eq!((p.ip, p.prefix_len, p.port), ([10, 0, 2, 15], 24, 7000));
+        assert_eq!(p.flags, abi::FLAG_NONDETERMINISTIC);
+        assert_eq!(
+            (p.dirty_pages_per_sec, p.vcpus, p.tsc_khz),
+            (25_600, 3, 2_600_000)
+        );
+        let devs: Vec<(u64, u64, u32)> = p
+            .devices()
+            .iter()
+            .map(|d| (d.base, d.size, d.irq))
+            .collect();
+        assert_eq!(
+            devs,
+            [
+                (NET_MMIO_GPA, MMIO_LEN, NET_GSI),
+                (BLK_MMIO_GPA, MMIO_LEN, BLK_GSI)
+            ]
+        );
+    }
+}
 #[cfg(test)]
 mod smp_tests;
 #[cfg(test)]

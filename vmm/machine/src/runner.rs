@@ -566,6 +566,9 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
             v.set_kvm_immediate_exit(0);
             Exit::None
         }
+        // A vCPU waiting for its INIT/SIPI (KVM_MP_STATE_UNINITIALIZED or INIT_RECEIVED)
+        // blocks in KVM_RUN and returns EAGAIN when an event woke it: run it again.
+        Err(e) if e.errno() == libc::EAGAIN => Exit::None,
         Err(e) => {
             return Err(Error::Kvm {
                 what: "KVM_RUN",
@@ -597,7 +600,7 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
             PORT_EXIT => {
                 return match value {
                     0 => Ok(Step::Exit(GuestExit::Status(0))),
-                    v2 => Err(crash(v, i, format!("the guest exited with status {v2}"))),
+                    v2 => Err(crash(v, i, exit_reason(v2))),
                 };
             }
             p if SerialPort::owns(p) => s.machine().devices.serial.write(p, data[0]),
@@ -608,6 +611,17 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
         },
     }
     Ok(Step::Continue)
+}
+
+/// Why a guest that exited with non-zero `status` stopped.
+fn exit_reason(status: u32) -> String {
+    match super::abi::exception_of(status) {
+        Some(vector) => format!(
+            "the guest took CPU exception {vector} (status {status:#x}; rdi = where, rsi = \
+             the error code)"
+        ),
+        None => format!("the guest exited with status {status}"),
+    }
 }
 
 enum Exit {

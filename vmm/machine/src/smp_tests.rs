@@ -1,7 +1,7 @@
-//! Machine tests with several vCPUs: a pause stops every vCPU, a snapshot holds every
-//! vCPU's state and restores each into a VM of the same vCPU count (and is refused by
-//! another), a guest exit on any vCPU stops the VM, and the built-in guest's workers count
-//! on across a snapshot.
+//! Machine tests with several vCPUs: the other vCPUs start only at the guest's INIT/SIPI,
+//! a pause stops every vCPU, a snapshot holds every vCPU's state and restores each into a
+//! VM of the same vCPU count (and is refused by another), a guest exit on any vCPU stops
+//! the VM, and the built-in guest's workers count on across a snapshot.
 
 use std::time::{Duration, Instant};
 
@@ -9,15 +9,27 @@ use super::devices::backend::NetBackend;
 use super::devices::console::ConsoleSink;
 use super::runner::VmHandle;
 use super::tests::{
-    checkpoint_into_new_vm, counter, frames_to, guest_machine_with, machine_on, out, scratch_disks,
-    tcp_client,
+    checkpoint_into_new_vm, counter, frames_to, guest_machine_with, machine_on, scratch_disks,
+    start_aps, tcp_client, tiny_pvh,
 };
 use super::{Error, Machine};
 
-/// A tiny guest with `vcpus` vCPUs, each counting in its rbx (and leaving rsi, its index,
-/// alone).
+/// Real-mode code for the other vCPUs: rsi = 1 (the index of the only other vCPU these
+/// tests have), then count in rbx.
+fn ap_counter() -> Vec<u8> {
+    // mov esi, 1; xor ebx, ebx; loop: inc ebx; jmp loop
+    vec![
+        0x66, 0xbe, 0x01, 0x00, 0x00, 0x00, 0x66, 0x31, 0xdb, 0x66, 0x43, 0xeb, 0xfc,
+    ]
+}
+
+/// A tiny guest with `vcpus` vCPUs (1 or 2), each counting in its rbx with its index in
+/// rsi: vCPU 0 starts the other.
 fn counting(vcpus: u32) -> Option<Machine> {
-    machine_on(&counter(), ConsoleSink::Discard, NetBackend::none(), vcpus)
+    let mut code = start_aps();
+    code.extend(counter());
+    let image = tiny_pvh(&code, Some(&ap_counter()));
+    machine_on(&image, ConsoleSink::Discard, NetBackend::none(), vcpus)
 }
 
 /// Every vCPU's (rbx, rsi), read while paused; the VM is resumed after.
@@ -134,12 +146,15 @@ fn a_vcpu_count_out_of_range_is_refused() {
 
 #[test]
 fn an_exit_on_any_vcpu_stops_the_vm() {
-    // test rsi, rsi; jz spin; <out PORT_EXIT, 3>; spin: jmp spin
-    let exit = out(super::abi::PORT_EXIT, 3);
-    let mut code = vec![0x48, 0x85, 0xf6, 0x74, exit.len() as u8];
-    code.extend(&exit);
+    // vCPU 0 starts vCPU 1 and spins; vCPU 1 exits with status 3: in real mode,
+    // mov eax, 3; mov dx, PORT_EXIT; out dx, eax.
+    let mut code = start_aps();
     code.extend([0xeb, 0xfe]);
-    let Some(m) = machine_on(&code, ConsoleSink::Discard, NetBackend::none(), 2) else {
+    let mut ap = vec![0x66, 0xb8, 0x03, 0x00, 0x00, 0x00, 0xba];
+    ap.extend(super::abi::PORT_EXIT.to_le_bytes());
+    ap.extend([0x66, 0xef]);
+    let image = tiny_pvh(&code, Some(&ap));
+    let Some(m) = machine_on(&image, ConsoleSink::Discard, NetBackend::none(), 2) else {
         return;
     };
     let vm = VmHandle::start(m, false).unwrap();
@@ -201,4 +216,27 @@ fn the_built_in_guest_worker_counts_on_from_a_snapshot() {
     }
     vm2.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// vCPU 1 stays uninitialized (KVM holds it in KVM_RUN) until the guest sends INIT/SIPI:
+/// a guest that never does runs on vCPU 0 alone, and its trampoline code never runs.
+#[test]
+fn the_other_vcpus_wait_for_the_guests_init_and_sipi() {
+    // vCPU 0 counts and never starts vCPU 1, whose code would stop the VM at once.
+    let mut ap = vec![0x66, 0xb8, 0x03, 0x00, 0x00, 0x00, 0xba];
+    ap.extend(super::abi::PORT_EXIT.to_le_bytes());
+    ap.extend([0x66, 0xef]);
+    let image = tiny_pvh(&counter(), Some(&ap));
+    let Some(m) = machine_on(&image, ConsoleSink::Discard, NetBackend::none(), 2) else {
+        return;
+    };
+    let vm = VmHandle::start(m, false).unwrap();
+    assert!(all_count_past(&vm, &[(0, 0)]), "vCPU 0 runs");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.finished(), "vCPU 1 ran without a SIPI");
+    vm.pause().unwrap();
+    let state = vm.machine().unwrap().vcpus.lock(1).get_mp_state().unwrap();
+    assert_eq!(state.mp_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
+    vm.resume();
+    vm.stop().unwrap();
 }

@@ -1,19 +1,88 @@
-//! Machine tests with tiny hand-assembled guests: long mode at CPL3, the console and exit
-//! ports, a crash report, pause/resume, and a snapshot round trip.
+//! Machine tests with tiny hand-assembled PVH guests (32-bit code at CPL0, loaded and
+//! entered like any kernel): the console and exit ports, a crash report, pause/resume, and
+//! a snapshot round trip; and the built-in guest's service across a snapshot.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::abi::IMAGE_GPA;
+use super::abi::{IMAGE_GPA, TRAMPOLINE_GPA};
 use super::devices::backend::{ChannelPeer, NetBackend};
 use super::devices::console::ConsoleSink;
 use super::peer::FrameOut;
 use super::runner::VmHandle;
 use super::{BuiltInGuest, Error, Guest, GuestExit, Machine, VmConfig};
 
-/// A minimal ELF executable with `code` at IMAGE_GPA (one RWX segment of 64 KiB).
-pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    super::boot::elf_image(IMAGE_GPA, IMAGE_GPA, 0x10000, 7, code)
+/// A minimal PVH kernel: `code` (32-bit, entered at CPL0 with paging off) at IMAGE_GPA in
+/// an RWX segment of 64 KiB, and, for the other vCPUs, `ap` (16-bit real mode) at the
+/// trampoline page that [`start_aps`] sends them to. The entry is in the PVH note.
+pub fn tiny_pvh(code: &[u8], ap: Option<&[u8]>) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let segs: Vec<(u64, &[u8], u64)> = std::iter::once((IMAGE_GPA, code, 0x10000))
+        .chain(ap.map(|a| (TRAMPOLINE_GPA, a, a.len() as u64)))
+        .collect();
+    let phnum = segs.len() + 1;
+    let note_at = EHDR + PHDR * phnum;
+    let mut note = Vec::new();
+    for w in [4u32, 4, 18] {
+        note.extend_from_slice(&w.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(IMAGE_GPA as u32).to_le_bytes());
+    let mut f = vec![0u8; note_at];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&IMAGE_GPA.to_le_bytes());
+    f[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes());
+    f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&(phnum as u16).to_le_bytes());
+    let phdr = |f: &mut Vec<u8>,
+                i: usize,
+                kind: u32,
+                flags: u32,
+                off: usize,
+                addr: u64,
+                filesz: usize,
+                memsz: u64| {
+        let p = &mut f[EHDR + PHDR * i..EHDR + PHDR * (i + 1)];
+        p[..4].copy_from_slice(&kind.to_le_bytes());
+        p[4..8].copy_from_slice(&flags.to_le_bytes());
+        p[8..16].copy_from_slice(&(off as u64).to_le_bytes());
+        p[16..24].copy_from_slice(&addr.to_le_bytes());
+        p[24..32].copy_from_slice(&addr.to_le_bytes());
+        p[32..40].copy_from_slice(&(filesz as u64).to_le_bytes());
+        p[40..48].copy_from_slice(&memsz.to_le_bytes());
+        p[48..56].copy_from_slice(&4u64.to_le_bytes());
+    };
+    phdr(&mut f, 0, 4, 4, note_at, 0, note.len(), note.len() as u64);
+    f.extend_from_slice(&note);
+    for (i, (addr, bytes, memsz)) in segs.into_iter().enumerate() {
+        let off = f.len();
+        phdr(&mut f, i + 1, 1, 7, off, addr, bytes.len(), memsz);
+        f.extend_from_slice(bytes);
+    }
+    f
+}
+
+/// 32-bit code that starts the other vCPUs at the trampoline the way the built-in guest
+/// does: the local APIC enabled, INIT and two SIPIs to all but itself.
+pub(crate) fn start_aps() -> Vec<u8> {
+    let mut c = vec![0xa1, 0xf0, 0x00, 0xe0, 0xfe]; // mov eax, [0xfee000f0]
+    c.extend([0x0d, 0x00, 0x01, 0x00, 0x00]); // or eax, 0x100
+    c.extend([0xa3, 0xf0, 0x00, 0xe0, 0xfe]); // mov [0xfee000f0], eax
+    let sipi = 0x000c_4600 | (TRAMPOLINE_GPA >> 12) as u32;
+    for icr in [0x000c_4500u32, sipi, sipi] {
+        // mov dword [0xfee00300], icr
+        c.extend([0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe]);
+        c.extend(icr.to_le_bytes());
+    }
+    c
 }
 
 /// `out dx, eax` with dx = port, eax = value.
@@ -44,12 +113,13 @@ pub fn machine(code: &[u8], console: ConsoleSink) -> Option<Machine> {
 }
 
 fn machine_with_net(code: &[u8], console: ConsoleSink, net: NetBackend) -> Option<Machine> {
-    machine_on(code, console, net, 1)
+    machine_on(&tiny_pvh(code, None), console, net, 1)
 }
 
-/// A machine of `vcpus` vCPUs running `code`, or None (with a line saying why) without KVM.
+/// A machine of `vcpus` vCPUs running the PVH `image`, or None (with a line saying why)
+/// without KVM.
 pub fn machine_on(
-    code: &[u8],
+    image: &[u8],
     console: ConsoleSink,
     net: NetBackend,
     vcpus: u32,
@@ -69,7 +139,7 @@ pub fn machine_on(
         ram: 32 << 20,
         vcpus,
         guest: Guest::BuiltIn(BuiltInGuest {
-            image: tiny_elf(code),
+            image: image.to_vec(),
             ip: ([10, 0, 0, 2], 24),
             port: 7000,
             nondeterministic: false,
@@ -92,16 +162,16 @@ fn rand_tag() -> u64 {
 }
 
 #[test]
-fn a_cpl3_guest_prints_and_exits() {
+fn a_tiny_pvh_guest_prints_and_exits() {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut code = print(b"hello from CPL3\n");
+    let mut code = print(b"hello from a PVH entry\n");
     code.extend(out(super::abi::PORT_EXIT, 0));
     let Some(m) = machine(&code, ConsoleSink::Channel(tx)) else {
         return;
     };
     let vm = VmHandle::start(m, false).unwrap();
     assert_eq!(vm.wait().unwrap(), GuestExit::Status(0));
-    assert_eq!(rx.try_recv().unwrap(), "hello from CPL3");
+    assert_eq!(rx.try_recv().unwrap(), "hello from a PVH entry");
 }
 
 #[test]
@@ -130,10 +200,61 @@ fn a_non_zero_exit_status_is_an_error() {
     assert!(e.contains("status 3"), "{e}");
 }
 
-/// A counting loop: rbx counts up forever; `jmp` back.
+/// The built-in guest's own CPU exception handling (its IDT, the CPL0 stack its TSS gives
+/// exceptions from CPL3, the I/O bitmap of that TSS): booted as a plain PVH kernel with
+/// `colo.selftest=`, it takes #UD, or #GP at a port its TSS denies, at CPL3, and its
+/// handler stops the VM with status 0x100 + the vector.
+#[test]
+fn the_built_in_guests_exception_handlers_report_the_vector() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return;
+    }
+    let (dir, disk, _) = scratch_disks("colo-selftest");
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, crate::guest_image::GUEST_ELF).unwrap();
+    for (test, vector) in [("ud", 6), ("io", 13)] {
+        let m = Machine::new(VmConfig {
+            name: "selftest".into(),
+            ram: 64 << 20,
+            vcpus: 1,
+            guest: Guest::Linux(crate::LinuxGuest {
+                kernel: kernel.clone(),
+                initrd: None,
+                cmdline: Some(format!(
+                    "colo.ip=10.0.0.2/24 colo.port=7000 colo.tsc_khz=1000000 \
+                     colo.selftest={test}"
+                )),
+            }),
+            disk: disk.clone(),
+            disk_backend: None,
+            net: NetBackend::none(),
+            mac: [2, 0, 0, 0, 0, 1],
+            console: ConsoleSink::Discard,
+        })
+        .unwrap();
+        let vm = VmHandle::start(m, false).unwrap();
+        match vm.wait() {
+            Err(Error::GuestCrash { reason, regs }) => {
+                let want = format!("CPU exception {vector} (status {:#x}", 0x100 + vector);
+                assert!(reason.contains(&want), "{test}: {reason}");
+                // The handler runs at CPL0 (cs 0x8) and names the vector in rbx.
+                assert!(regs.contains("cs=0x8 "), "{test}: {regs}");
+                assert!(
+                    regs.contains(&format!("rbx={vector:#018x}")),
+                    "{test}: {regs}"
+                );
+            }
+            other => panic!("{test}: expected the exception to stop the VM, got {other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A counting loop (32-bit): rbx counts up forever; `jmp` back.
 pub(crate) fn counter() -> Vec<u8> {
-    // xor ebx, ebx; loop: inc rbx; jmp loop
-    vec![0x31, 0xdb, 0x48, 0xff, 0xc3, 0xeb, 0xfb]
+    // xor ebx, ebx; loop: inc ebx; jmp loop
+    vec![0x31, 0xdb, 0x43, 0xeb, 0xfd]
 }
 
 #[test]
@@ -367,7 +488,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
         ram: 32 << 20,
         vcpus: 1,
         guest: Guest::BuiltIn(BuiltInGuest {
-            image: tiny_elf(&counter()),
+            image: tiny_pvh(&counter(), None),
             ip: ([10, 0, 0, 2], 24),
             port: 7000,
             nondeterministic: false,
@@ -393,7 +514,7 @@ fn bad_disk_images_are_refused_before_the_vm_starts() {
     }
     assert!(matches!(
         Machine::new(c),
-        Err(Error::Disk { .. } | Error::Image(_))
+        Err(Error::Disk { .. } | Error::GuestImage(_))
     ));
 }
 

@@ -1,15 +1,11 @@
-//! vCPU setup for the built-in guest (64-bit long mode at CPL3) and the vCPU's part of a
-//! VM state snapshot.
+//! The vCPU's part of a VM state snapshot, and what a crash report says about a vCPU.
 
 use kvm_bindings::{
-    KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_debugregs, kvm_fpu,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_INTERNAL_ERROR_EMULATION, Msrs, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use super::abi::BOOT_PARAMS_GPA;
-use super::boot::{GDT_ENTRIES, GDT_GPA, PML4_GPA, TSS_GPA, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
 use super::error::{Error, Result};
 
 /// MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`) that a snapshot leaves out: the TSC deadline
@@ -97,79 +93,6 @@ pub fn fpu_from(b: &[u8]) -> Option<kvm_fpu> {
         std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut f as *mut kvm_fpu).cast::<u8>(), b.len())
     };
     Some(f)
-}
-
-/// Sets CPUID, long mode at CPL3 on the VMM's tables, and the entry registers.
-///
-/// # Errors
-/// [`Error::Kvm`] if an ioctl fails.
-pub fn setup_long_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<()> {
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
-    let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
-    let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 3,
-        db,
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = seg(USER_CS, 0xb, 1, 0);
-    for s in [
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.fs,
-        &mut sregs.gs,
-        &mut sregs.ss,
-    ] {
-        *s = seg(USER_DS, 0x3, 0, 1);
-    }
-    sregs.tr = kvm_segment {
-        base: TSS_GPA,
-        limit: TSS_LIMIT as u32,
-        selector: TSS_SEL,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.gdt.base = GDT_GPA;
-    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    // PE | MP | ET | NE | WP | PG, EM clear (compiled Rust uses SSE).
-    sregs.cr0 = 0x8005_0033;
-    // PAE | OSFXSR | OSXMMEXCPT.
-    sregs.cr4 = 0x620;
-    sregs.cr3 = PML4_GPA;
-    // LME | LMA.
-    sregs.efer = 0x500;
-    vcpu.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
-    let regs = kvm_regs {
-        rip: entry,
-        rdi: BOOT_PARAMS_GPA,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(Error::kvm("set regs"))?;
-    Ok(())
 }
 
 /// Reads the whole vCPU state, with the MSRs `saved_msrs` names ([`saved_msrs`]). The vCPU

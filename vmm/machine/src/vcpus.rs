@@ -6,7 +6,6 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvm_bindings::{KVM_MP_STATE_RUNNABLE, kvm_mp_state};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::MAX_VCPUS;
@@ -33,10 +32,10 @@ pub fn check_count(n: u32) -> Result<()> {
 }
 
 impl Vcpus {
-    /// Creates `n` vCPUs on `vm`, each set up by `setup(index, vcpu)` (the built-in
-    /// guest's long mode at CPL3 with the index in `rsi`, or a Linux kernel's entry). Every
-    /// vCPU is runnable at once: with the in-kernel irqchip KVM would otherwise hold vCPUs 1
-    /// and up until an INIT/SIPI.
+    /// Creates `n` vCPUs on `vm`, each set up by `setup(index, vcpu)`. vCPU 0 (the BSP)
+    /// is runnable; the others stay as KVM makes them with the in-kernel irqchip
+    /// (`KVM_MP_STATE_UNINITIALIZED`) until the guest starts them with INIT/SIPI through
+    /// its local APIC, as on a PC.
     ///
     /// # Errors
     /// [`Error::Config`] for a count out of range, [`Error::Kvm`] if KVM refuses, or what
@@ -53,12 +52,6 @@ impl Vcpus {
                 .create_vcpu(u64::from(i))
                 .map_err(Error::kvm("create a vCPU"))?;
             setup(i, &v)?;
-            if i > 0 {
-                v.set_mp_state(kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(Error::kvm("make a vCPU runnable"))?;
-            }
             all.push(Arc::new(Mutex::new(v)));
         }
         Ok(Self(all))

@@ -6,6 +6,8 @@
 //!
 //! `colo bench dirty` and `colo bench ramcache` measure dirty tracking and the RAM cache's
 //! commit flush in process, each beside its same-run baseline.
+//!
+//! `colo bench idle` measures the CPU of an idle pair beside an idle unprotected guest.
 
 mod args;
 mod child;
@@ -13,6 +15,7 @@ mod colo;
 mod dirty;
 mod error;
 mod guest32;
+mod idle;
 mod pages;
 mod protocol;
 mod ramcache;
@@ -62,6 +65,10 @@ pub enum BenchCommand {
     /// (same-run baseline per dirty rate) and CPU time of both sides, per mode and dirty
     /// rate; the pause histograms go to an SVG file.
     Colo(colo::ColoBenchArgs),
+    /// The CPU an idle pair costs: `colo pair --pipeline 0` (no client) for --duration,
+    /// each side's CPU in % of one core, beside the same guest idle and unprotected; the
+    /// target is at most 5% per side.
+    Idle(idle::IdleArgs),
     /// The receiving process of `colo bench transport` (started by it, not by hand).
     #[command(hide = true)]
     TransportReceiver(ReceiverArgs),
@@ -90,5 +97,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ramcache(args) => ramcache::run(&args),
         BenchCommand::Vm(args) => vm::run(&args),
         BenchCommand::Colo(args) => colo::run(&args),
+        BenchCommand::Idle(args) => idle::run_bench(&args),
     }
 }

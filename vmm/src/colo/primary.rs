@@ -31,6 +31,10 @@ use super::metrics::{EpochRecord, Summary, Trigger};
 use super::qmp::ColoExitReason;
 use super::{Chain, ColoError, Params, Result, STEP_TIMEOUT};
 
+/// A background collection with fewer dirty pages than this counts as idle: the next
+/// one waits twice as long (see `Primary::epoch_wait`).
+const IDLE_PUSH_PAGES: u64 = 64;
+
 /// Where the secondary is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -483,6 +487,12 @@ impl Primary {
         let deadline = Instant::now() + self.params.checkpoint_delay;
         let waited_for_load = Instant::now() + STEP_TIMEOUT;
         let mut due: Option<Trigger> = None;
+        // The background push wakes every push interval while the guest dirties pages,
+        // and backs off (doubling, up to the checkpoint delay) while it dirties next to
+        // nothing: an idle guest then costs a few wake-ups per epoch, not one per interval
+        // (each wake-up of a blocking channel wait spins and yields first, which is dear
+        // on a virtualized host).
+        let mut interval = self.params.push_interval;
         loop {
             let now = Instant::now();
             if now >= deadline && due.is_none() {
@@ -499,7 +509,7 @@ impl Primary {
             let wait = deadline
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(1))
-                .min(self.params.push_interval);
+                .min(interval);
             if let Ok(Request::Checkpoint) = self.events.requests.recv_timeout(wait) {
                 due = Some(Trigger::Mismatch);
             }
@@ -511,6 +521,11 @@ impl Primary {
                 self.on_stray(m)?;
             }
             let n = self.dirty.collect(&mut self.bitmap)?;
+            interval = if n < IDLE_PUSH_PAGES {
+                (interval * 2).min(self.params.checkpoint_delay)
+            } else {
+                self.params.push_interval
+            };
             if n > 0 {
                 let count = self.bitmap.count();
                 let Some(push) = self.push.as_mut() else {

@@ -23,6 +23,8 @@ pub(super) struct Ending {
     pub(super) secs: f64,
     /// CPU seconds of the primary and of the secondary process.
     pub(super) cpu: (f64, f64),
+    /// Their CPU seconds when the load started (after the initial sync).
+    pub(super) cpu_at_start: (f64, f64),
     /// The side serving at the end: "primary", "secondary" or "none".
     pub(super) active: &'static str,
     /// The client's acknowledged value of every key it wrote.
@@ -246,6 +248,8 @@ fn json(
         "client_rps": replies as f64 / secs,
         "cpu_primary_s": end.cpu.0,
         "cpu_secondary_s": end.cpu.1,
+        "cpu_primary_load_s": end.cpu.0 - end.cpu_at_start.0,
+        "cpu_secondary_load_s": end.cpu.1 - end.cpu_at_start.1,
         "replies": replies,
         "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
         "lost_acked": f.lost,

@@ -57,10 +57,13 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     sup.wait_initial_sync()?;
     let stats = Arc::new(ClientStats::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // CPU from here on is the load's (the start-up and the initial sync are not).
+    let cpu_at_start = (sup.primary.cpu_secs(), sup.secondary.cpu_secs());
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
     let timeline = sup.watch(start, &stats)?;
-    let ending = sup.stop(start, &timeline, &stop, client);
+    let mut ending = sup.stop(start, &timeline, &stop, client);
+    ending.cpu_at_start = cpu_at_start;
     let Supervisor { shared, proxy, .. } = sup;
     summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
 }
@@ -312,6 +315,7 @@ impl<'a> Supervisor<'a> {
         Ending {
             secs,
             cpu,
+            cpu_at_start: (0.0, 0.0),
             active,
             acked,
         }

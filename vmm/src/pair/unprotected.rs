@@ -33,6 +33,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let stop = Arc::new(AtomicBool::new(false));
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
+    let cpu_at_start = vm.cpu_secs();
     let limit = a.colo.duration.unwrap_or(Duration::from_secs(3600));
     while start.elapsed() < limit && !interrupted() && vm.alive() {
         std::thread::sleep(Duration::from_millis(20));
@@ -54,6 +55,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "replies": replies,
             "client_rps": replies as f64 / secs,
             "cpu_primary_s": cpu,
+            "cpu_primary_load_s": cpu - cpu_at_start,
             "lost_acked": stats.lost_acked.load(Ordering::Relaxed),
             "contradictions": stats.contradictions.load(Ordering::Relaxed),
         });

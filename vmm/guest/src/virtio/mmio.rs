@@ -251,3 +251,16 @@ fn negotiate(mmio: Mmio, spec: &Spec<'_>) -> Result<Device, InitError> {
         features,
     })
 }
+
+/// The device id of the virtio-mmio device at `base` (0, virtio's "no device", if no
+/// virtio-mmio magic is there): how the guest tells the command line's devices apart.
+pub fn device_id(base: u64) -> u32 {
+    let mmio = Mmio {
+        base: base as usize,
+    };
+    if mmio.read(reg::MAGIC) == MAGIC {
+        mmio.read(reg::DEVICE_ID)
+    } else {
+        0
+    }
+}

@@ -23,7 +23,7 @@ use super::{BLK_GSI, NET_GSI};
 use crate::Machine;
 use crate::abi::{BLK_MMIO_GPA, NET_MMIO_GPA, PORT_EXIT};
 use crate::runner::VmHandle;
-use crate::tests::{counter, machine_on, out};
+use crate::tests::{counter, machine_on, out, tiny_pvh};
 
 const WRITE: u16 = 2;
 const NEXT: u16 = 1;
@@ -43,11 +43,12 @@ fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(Descriptor::new(addr, len, flags, next))
 }
 
-/// `mov rax, gpa; mov dword [rax], value`: a 32-bit MMIO write.
+/// `mov dword [gpa], value`: a 32-bit MMIO write.
 fn mmio_write32(gpa: u64, value: u32) -> Vec<u8> {
-    let mut c = vec![0x48, 0xb8];
-    c.extend_from_slice(&gpa.to_le_bytes());
-    c.extend_from_slice(&[0xc7, 0x00]);
+    // 32-bit code (a tiny PVH guest, paging off): mov dword [gpa], value.
+    let addr = u32::try_from(gpa).expect("the MMIO window is below 4 GiB");
+    let mut c = vec![0xc7, 0x05];
+    c.extend_from_slice(&addr.to_le_bytes());
     c.extend_from_slice(&value.to_le_bytes());
     c
 }
@@ -104,7 +105,12 @@ fn a_queue_notify_completes_in_kvm_without_a_vcpu_exit_and_other_values_still_ex
     // Notify net queue 1 (TX) with the matching value, then exit.
     let mut code = mmio_write32(NET_MMIO_GPA + 0x50, 1);
     code.extend(out(PORT_EXIT, 0));
-    let Some(mut m) = machine_on(&code, ConsoleSink::Discard, NetBackend::none(), 1) else {
+    let Some(mut m) = machine_on(
+        &tiny_pvh(&code, None),
+        ConsoleSink::Discard,
+        NetBackend::none(),
+        1,
+    ) else {
         return;
     };
     let ev = m.devices.take_events().unwrap();
@@ -125,7 +131,12 @@ fn a_queue_notify_completes_in_kvm_without_a_vcpu_exit_and_other_values_still_ex
     // A value no ioeventfd matches is an ordinary MMIO exit.
     let mut code = mmio_write32(NET_MMIO_GPA + 0x50, 7);
     code.extend(out(PORT_EXIT, 0));
-    let Some(m) = machine_on(&code, ConsoleSink::Discard, NetBackend::none(), 1) else {
+    let Some(m) = machine_on(
+        &tiny_pvh(&code, None),
+        ConsoleSink::Discard,
+        NetBackend::none(),
+        1,
+    ) else {
         return;
     };
     let mut v = m.vcpus.lock(0);
@@ -144,7 +155,7 @@ fn the_device_thread_serves_a_notify_and_the_used_buffer_interrupt_reaches_the_i
     code.extend(mmio_write32(BLK_MMIO_GPA + 0x50, 0));
     code.extend(counter());
     let (net, peer) = NetBackend::channel();
-    let Some(mut m) = machine_on(&code, ConsoleSink::Discard, net, 1) else {
+    let Some(mut m) = machine_on(&tiny_pvh(&code, None), ConsoleSink::Discard, net, 1) else {
         return;
     };
     let mem = m.ram.mem().clone();
@@ -211,7 +222,7 @@ fn the_device_thread_serves_a_notify_and_the_used_buffer_interrupt_reaches_the_i
 #[test]
 fn a_paused_vms_device_thread_writes_no_guest_memory_until_it_resumes() {
     let (net, peer) = NetBackend::channel();
-    let Some(mut m) = machine_on(&counter(), ConsoleSink::Discard, net, 1) else {
+    let Some(mut m) = machine_on(&tiny_pvh(&counter(), None), ConsoleSink::Discard, net, 1) else {
         return;
     };
     let mem = m.ram.mem().clone();
@@ -262,7 +273,7 @@ fn a_paused_vms_device_thread_writes_no_guest_memory_until_it_resumes() {
 #[test]
 fn the_serial_port_and_a_frame_waiting_for_the_guest_survive_a_snapshot_into_a_fresh_vm() {
     let (net, peer) = NetBackend::channel();
-    let Some(mut m) = machine_on(&counter(), ConsoleSink::Discard, net, 1) else {
+    let Some(mut m) = machine_on(&tiny_pvh(&counter(), None), ConsoleSink::Discard, net, 1) else {
         return;
     };
     let mem = m.ram.mem().clone();
@@ -302,7 +313,7 @@ fn the_serial_port_and_a_frame_waiting_for_the_guest_survive_a_snapshot_into_a_f
     vm.stop().unwrap();
 
     let (net2, _peer2) = NetBackend::channel();
-    let mut m2 = machine_on(&counter(), ConsoleSink::Discard, net2, 1).unwrap();
+    let mut m2 = machine_on(&tiny_pvh(&counter(), None), ConsoleSink::Discard, net2, 1).unwrap();
     m2.write_ram(0, &ram).unwrap();
     m2.restore_state(&state).unwrap();
     assert_eq!(

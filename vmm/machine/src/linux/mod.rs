@@ -24,7 +24,7 @@ pub mod e820;
 pub mod entry;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use colo_memory::{GuestLayout, GuestMemory};
@@ -37,7 +37,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, load_cmdline};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, ReadVolatile};
 
 pub use entry::Entry;
 
@@ -223,7 +223,7 @@ enum Format {
     BzImage,
 }
 
-fn format_of(path: &Path, file: &mut File) -> Result<Format, Error> {
+fn format_of(path: &Path, file: &mut impl Read) -> Result<Format, Error> {
     let mut head = Vec::with_capacity(0x210);
     file.by_ref()
         .take(0x210)
@@ -262,15 +262,46 @@ pub fn load(
     owned: &[String],
 ) -> Result<Loaded, Error> {
     let path = &guest.kernel;
-    let open = |what, p: &Path| {
-        File::open(p).map_err(|source| Error::Read {
-            what,
-            path: p.into(),
-            source,
-        })
-    };
-    let mut file = open("kernel", path)?;
+    let mut file = File::open(path).map_err(|source| Error::Read {
+        what: "kernel",
+        path: path.into(),
+        source,
+    })?;
     let format = format_of(path, &mut file)?;
+    load_kernel(mem, layout, &mut file, format, guest, owned)
+}
+
+/// Loads a kernel image held in memory (the built-in guest, named `name` in errors) with
+/// the command line `cmdline`, like [`load`] loads a file.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_image(
+    mem: &GuestMemory,
+    layout: &GuestLayout,
+    name: &Path,
+    image: &[u8],
+    cmdline: &str,
+) -> Result<Loaded, Error> {
+    let mut reader = Cursor::new(image);
+    let format = format_of(name, &mut reader)?;
+    let guest = LinuxGuest {
+        kernel: name.into(),
+        initrd: None,
+        cmdline: Some(cmdline.into()),
+    };
+    load_kernel(mem, layout, &mut reader, format, &guest, &[])
+}
+
+fn load_kernel<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemory,
+    layout: &GuestLayout,
+    file: &mut F,
+    format: Format,
+    guest: &LinuxGuest,
+    owned: &[String],
+) -> Result<Loaded, Error> {
+    let path = &guest.kernel;
     let ram_mib = layout.bytes() >> 20;
     let load_err = |source| Error::Load {
         path: path.clone(),
@@ -286,7 +317,7 @@ pub fn load(
     let e820 = e820::build(layout);
     match format {
         Format::Elf => {
-            let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let r = Elf::load(mem, None, file, highmem).map_err(load_err)?;
             let PvhBootCapability::PvhEntryPresent(rip) = r.pvh_boot_cap else {
                 return Err(Error::NoPvhNote { path: path.clone() });
             };
@@ -308,7 +339,7 @@ pub fn load(
             })
         }
         Format::BzImage => {
-            let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let r = BzImage::load(mem, None, file, highmem).map_err(load_err)?;
             let hdr = r.setup_header.unwrap_or_default();
             let (version, xloadflags) = (hdr.version, hdr.xloadflags);
             if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
