@@ -126,7 +126,9 @@ fn main() -> ExitCode {
             Err(e) => report(" (secondary)", &e, 1),
         },
         Command::Run(args) => match run::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
+            // The guest asked for a reboot (or panicked with panic=-1).
+            Ok(colo_machine::GuestExit::Reset) => ExitCode::from(3),
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 let code = match e {
                     colo_machine::Error::Config(_)

@@ -29,11 +29,12 @@ pub struct RunArgs {
     pub duration: Option<f64>,
 }
 
-/// Runs `colo run`.
+/// Runs `colo run` and says how the guest ended: stopped (Ctrl-C, `--duration`), exited,
+/// powered off, or reset (colo does not reboot a VM; `main` exits with 3 then).
 ///
 /// # Errors
 /// A VM that cannot be built, or a guest that crashes.
-pub fn run(args: &RunArgs) -> Result<()> {
+pub fn run(args: &RunArgs) -> Result<GuestExit> {
     let machine = if args.vm.kernel.kernel.is_some() {
         args.vm
             .build("linux", ConsoleSink::Stdout("linux".into()))?
@@ -85,8 +86,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         assisted_mxcsr = stats.2.mxcsr,
         "VM stopped"
     );
-    if exit == GuestExit::Stopped || exit == GuestExit::Status(0) {
-        Ok(())
+    match exit {
+        GuestExit::PowerOff => tracing::info!("the guest powered off"),
+        GuestExit::Reset => tracing::warn!(
+            "the guest reset the machine (a reboot, or a panic with panic=-1): colo does not \
+             reboot a VM, it stops it"
+        ),
+        _ => {}
+    }
+    if exit.is_clean() || exit == GuestExit::Reset {
+        Ok(exit)
     } else {
         Err(Error::GuestCrash {
             reason: format!("{exit:?}"),

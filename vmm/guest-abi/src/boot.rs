@@ -56,6 +56,9 @@
 //!   returns earlier when a device used buffers (and a wait may end early for no reason
 //!   the guest can see, e.g. a checkpoint).
 //! - [`PORT_EXIT`]: `out dx, eax` with eax = exit status. The VM stops.
+//! - [`PORT_SLEEP_CONTROL`]: `out dx, al` with al = [`SLEEP_S5`]: the machine powers off
+//!   (the sleep control register that the machine's ACPI FADT names, as Linux's
+//!   `poweroff` uses it). The VM stops.
 //!
 //! # Devices: virtio-mmio version 2 (modern), polled
 //! - net (device id 1, at [`NET_MMIO_GPA`] today): queue 0 receive, queue 1 transmit, at
@@ -91,6 +94,13 @@ pub const PORT_IDLE: u16 = 0x511;
 /// Exit port.
 pub const PORT_EXIT: u16 = 0x512;
 
+/// The machine's ACPI sleep control register (an I/O port; the FADT names it).
+pub const PORT_SLEEP_CONTROL: u16 = 0x600;
+/// The sleep type of S5 (soft off), as the DSDT's `_S5_` names it.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// Written to [`PORT_SLEEP_CONTROL`]: enter S5 (`SLP_TYP = 5`, `SLP_EN`).
+pub const SLEEP_S5: u8 = S5_SLEEP_TYPE << 2 | 1 << 5;
+
 /// The virtio-net device's MMIO window.
 pub const NET_MMIO_GPA: u64 = 0xd000_0000;
 /// The virtio-blk device's MMIO window.
@@ -106,10 +116,10 @@ pub const VIRTIO_ID_NET: u32 = 1;
 /// The virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
-/// This contract's version (4: a PVH ELF, its parameters on the command line, the other
-/// vCPUs started by the guest with INIT/SIPI; 3 was the VMM's boot parameters with the
+/// This contract's version (5: the ACPI power-off port; 4: a PVH ELF, its parameters on
+/// the command line, the other vCPUs started by the guest with INIT/SIPI; 3 was the VMM's boot parameters with the
 /// devices served on a VMM thread, 2 the same with several vCPUs).
-pub const BOOT_VERSION: u32 = 4;
+pub const BOOT_VERSION: u32 = 5;
 /// Most vCPUs a VM of this contract has (the guest keeps a stack and a TSS for each).
 pub const MAX_VCPUS: u32 = 8;
 

@@ -3,7 +3,7 @@
 
 use core::arch::asm;
 
-use colo_guest_abi::boot::{PORT_EXIT, PORT_IDLE};
+use colo_guest_abi::boot::{PORT_EXIT, PORT_IDLE, PORT_SLEEP_CONTROL, SLEEP_S5};
 
 /// Writes `value` to I/O port `port` with `out dx, eax`.
 ///
@@ -35,6 +35,20 @@ pub fn exit(status: u32) -> ! {
     crate::console::flush();
     loop {
         out32(PORT_EXIT, status);
+        core::hint::spin_loop();
+    }
+}
+
+/// Powers the machine off through its ACPI sleep control register (S5), as Linux's
+/// `poweroff` does.
+pub fn power_off() -> ! {
+    crate::console::flush();
+    loop {
+        // SAFETY: as in `out32`; the TSS allows this one port (a byte write).
+        unsafe {
+            asm!("out dx, al", in("dx") PORT_SLEEP_CONTROL, in("al") SLEEP_S5,
+                 options(nostack, preserves_flags));
+        }
         core::hint::spin_loop();
     }
 }

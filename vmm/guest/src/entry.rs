@@ -22,7 +22,8 @@
 use core::arch::global_asm;
 
 use colo_guest_abi::boot::{
-    EXIT_EXCEPTION, MAX_VCPUS, PORT_CONSOLE, PORT_EXIT, PORT_IDLE, TRAMPOLINE_GPA,
+    EXIT_EXCEPTION, MAX_VCPUS, PORT_CONSOLE, PORT_EXIT, PORT_IDLE, PORT_SLEEP_CONTROL,
+    TRAMPOLINE_GPA,
 };
 
 use crate::rt::{EXIT_BAD_BOOT, STACK_SIZE, WORKER_STACK_SIZE};
@@ -36,16 +37,20 @@ const USER_DS: u32 = 0x30 | 3;
 /// The first TSS descriptor (16 bytes each, one per vCPU).
 const TSS0: u32 = 0x38;
 
-/// The I/O permission bitmap: the guest writes each of the three ports with `out dx, eax`,
-/// which touches the port and the three after it, so all of those must be allowed. They
-/// share one byte; every earlier byte denies all its ports, and the byte after is the
-/// terminator the CPU wants.
+/// The I/O permission bitmap: the guest writes each of colo's three ports with
+/// `out dx, eax`, which touches the port and the three after it, so all of those must be
+/// allowed; they share one byte. The sleep control port is written with `out dx, al`: one
+/// bit of a later byte. Every other byte denies all its ports, and the byte after the last
+/// is the terminator the CPU wants.
 const IOMAP_BYTE: u16 = PORT_CONSOLE / 8;
 const _: () = assert!((PORT_EXIT + 3) / 8 == IOMAP_BYTE && PORT_CONSOLE <= PORT_IDLE);
 const IOMAP_MASK: u8 =
     !(((1u16 << (PORT_EXIT + 4 - PORT_CONSOLE)) - 1) << (PORT_CONSOLE % 8)) as u8;
+const POWER_BYTE: u16 = PORT_SLEEP_CONTROL / 8;
+const _: () = assert!(POWER_BYTE > IOMAP_BYTE);
+const POWER_MASK: u8 = !(1u8 << (PORT_SLEEP_CONTROL % 8));
 /// Bytes of one TSS: 0x68, the bitmap and its terminator, rounded up to 16.
-const TSS_BYTES: u32 = 0x68 + IOMAP_BYTE as u32 + 2;
+const TSS_BYTES: u32 = 0x68 + POWER_BYTE as u32 + 2;
 const TSS_SIZE: u32 = TSS_BYTES.next_multiple_of(16);
 /// The descriptor's limit and type (an available 64-bit TSS, present).
 const TSS_DESC_LOW: u64 = (TSS_BYTES as u64 - 1) | (0x89 << 40);
@@ -336,6 +341,8 @@ global_asm!(
     "    .word 0x68",
     "    .fill {iomap_byte}, 1, 0xff",
     "    .byte {iomap_mask}",
+    "    .fill {power_byte} - {iomap_byte} - 1, 1, 0xff",
+    "    .byte {power_mask}",
     "    .byte 0xff",
     "    .fill {tss_size} - {tss_bytes}, 1, 0",
     "    .set colo_cpu, colo_cpu + 1",
@@ -369,6 +376,8 @@ global_asm!(
     tss_low = const TSS_DESC_LOW,
     iomap_byte = const IOMAP_BYTE,
     iomap_mask = const IOMAP_MASK,
+    power_byte = const POWER_BYTE,
+    power_mask = const POWER_MASK,
     kstack = const KSTACK_SIZE,
     cr0 = const CR0,
     cr4 = const CR4,

@@ -9,6 +9,7 @@
 //! | `GET <key>`         | `VALUE <value>` or `NONE`               |
 //! | `COUNT`             | `COUNT <n>`: SETs since boot            |
 //! | `VCPUS`             | `VCPUS <n> <t1> ... <t(n-1)>`: the vCPU count, then each worker's turns (vCPUs 1 to n-1) |
+//! | `POWEROFF`          | none: the guest powers the machine off (ACPI S5), as Linux's `poweroff` does |
 //! | anything else       | `ERR unknown command`                   |
 //!
 //! A key is one word (no spaces); a value is the rest of the line after the single space
@@ -264,6 +265,12 @@ fn answer(line: &[u8], out: &mut Vec<u8>, be: &mut Backend<'_>, stamp: bool) {
                 let _ = write!(w, " {t}");
             }
         }
+        Some(Request::PowerOff) => {
+            // Every SET before this one is on the disk already (a SET is answered once
+            // its write completed).
+            crate::println!("POWEROFF: powering the machine off");
+            crate::arch::power_off()
+        }
         None => out.extend_from_slice(b"ERR unknown command"),
     }
     end_reply(out, stamp);
@@ -273,6 +280,7 @@ fn answer(line: &[u8], out: &mut Vec<u8>, be: &mut Backend<'_>, stamp: bool) {
 #[derive(Debug, PartialEq, Eq)]
 enum Request<'a> {
     Ping,
+    PowerOff,
     Set { key: &'a [u8], value: &'a [u8] },
     Get { key: &'a [u8] },
     Count,
@@ -291,6 +299,7 @@ impl<'a> Request<'a> {
             (b"PING", None) => Some(Self::Ping),
             (b"COUNT", None) => Some(Self::Count),
             (b"VCPUS", None) => Some(Self::Vcpus),
+            (b"POWEROFF", None) => Some(Self::PowerOff),
             (b"GET", Some(key)) if is_key(key) => Some(Self::Get { key }),
             (b"SET", Some(args)) => {
                 let i = args.iter().position(|&b| b == b' ')?;

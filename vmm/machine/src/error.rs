@@ -19,6 +19,9 @@ pub enum Error {
     /// The Linux kernel, its initrd or its command line cannot be booted.
     #[error("cannot boot the Linux kernel")]
     Kernel(#[from] crate::linux::Error),
+    /// The ACPI tables cannot be written.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] crate::acpi::Error),
     /// The disk image cannot be used.
     #[error("disk image {path}: {reason}")]
     Disk {

@@ -15,6 +15,7 @@
 //! where `/dev/kvm` exists, and say so in one line where it does not.
 
 use colo_guest_abi::boot as abi;
+pub mod acpi;
 mod assist;
 mod codec;
 pub mod cpuid;
@@ -72,7 +73,7 @@ pub struct VmConfig {
     /// Bytes of RAM (a multiple of 2 MiB, at least 32 MiB).
     pub ram: u64,
     /// Number of vCPUs (1 to 8): the built-in guest's vCPU 0 runs its service, the others
-    /// its workers; a Linux guest runs on one for now.
+    /// its workers; a Linux guest finds them in the ACPI MADT ([`acpi`]) and starts them.
     pub vcpus: u32,
     /// What runs in it.
     pub guest: Guest,
@@ -169,6 +170,7 @@ pub fn check_image(image: &[u8]) -> Result<()> {
         std::path::Path::new(BUILT_IN_NAME),
         image,
         "",
+        None,
     )
     .map(|_| ())
     .map_err(Error::GuestImage)
@@ -181,6 +183,20 @@ pub enum GuestExit {
     Status(u32),
     /// The VMM stopped it.
     Stopped,
+    /// The guest powered the machine off (ACPI S5, e.g. Linux's `poweroff`).
+    PowerOff,
+    /// The guest reset the machine (the ACPI reset register or the i8042's reset line,
+    /// e.g. Linux's `reboot`, or a panic with `panic=-1`). colo does not reboot a VM: it
+    /// ends.
+    Reset,
+}
+
+impl GuestExit {
+    /// Whether the guest ended as it meant to (not a failure to report): stopped by the
+    /// VMM, exit status 0, or powered off.
+    pub fn is_clean(self) -> bool {
+        matches!(self, Self::Stopped | Self::Status(0) | Self::PowerOff)
+    }
 }
 
 /// Collects a VM's dirty pages from any thread, running or paused.
@@ -268,6 +284,9 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// The command line entry that keeps a Linux guest off paravirtual spinlocks.
+const NO_PV_SPINLOCKS: &str = "nopvspin";
+
 /// vCPU `index` of a kernel: its CPUID; on vCPU 0 (the one the kernel enters; the others
 /// wait for its INIT/SIPI), where the host shows features anyway, the `clearcpuid=` entry
 /// that keeps the kernel off them, and the entry registers.
@@ -294,6 +313,10 @@ fn setup_kernel_vcpu(
              to leave them alone with {entry}"
         );
         loaded.append_cmdline(ram.mem(), &entry)?;
+        // Such a host emulates guest kernel code: there, a kernel with paravirtual
+        // spinlocks on several vCPUs was seen to spin forever in its kick hypercall
+        // (KVM_HC_KICK_CPU) after its initcalls; plain queued spinlocks work.
+        loaded.append_cmdline(ram.mem(), NO_PV_SPINLOCKS)?;
     }
     linux::entry::setup_vcpu(vcpu, &loaded.entry)
 }
@@ -318,6 +341,10 @@ impl Machine {
             None => Arc::new(colo_blk::PlainDisk::new(open_raw(&cfg.disk)?)),
         };
         let ram = GuestRam::around_hole(cfg.ram)?;
+        // Every guest gets the ACPI tables (the built-in one finds its vCPU count on its
+        // command line and ignores them).
+        let vcpu_count = u8::try_from(cfg.vcpus).expect("checked above");
+        let rsdp = Some(acpi::write(ram.mem(), vcpu_count)?);
         let mut loaded = match &cfg.guest {
             Guest::BuiltIn(g) => {
                 if g.ip.1 == 0 || g.ip.1 > 30 {
@@ -332,19 +359,13 @@ impl Machine {
                     std::path::Path::new(BUILT_IN_NAME),
                     &g.image,
                     &g.cmdline(cfg.vcpus),
+                    rsdp,
                 )
                 .map_err(Error::GuestImage)?
             }
             Guest::Linux(g) => {
-                if cfg.vcpus != 1 {
-                    return Err(Error::Config(format!(
-                        "{} vCPUs: a Linux guest runs on one vCPU for now (no MP table or \
-                         ACPI yet)",
-                        cfg.vcpus
-                    )));
-                }
                 let devices = devices::linux_cmdline_entries(cfg.net.connected());
-                linux::load(ram.mem(), ram.layout(), g, &devices)?
+                linux::load(ram.mem(), ram.layout(), g, &devices, rsdp)?
             }
         };
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;

@@ -43,7 +43,7 @@ use super::devices::blk::BlkIo;
 use super::devices::serial::SerialPort;
 use super::error::{Error, Result};
 use super::vcpus::SharedVcpu;
-use super::{GuestExit, Machine, assist, vcpu};
+use super::{GuestExit, Machine, acpi, assist, vcpu};
 use park::Ctl;
 pub use park::PauseReport;
 use vmm_sys_util::eventfd::EventFd;
@@ -54,8 +54,10 @@ const MAX_IDLE: Duration = Duration::from_millis(50);
 /// proxy's word never come, the VM runs one exit per wait until the secondary's next
 /// checkpoint lets it go.
 const MAX_HOLD: Duration = Duration::from_millis(100);
-/// The i8042 command port, and its command that pulses the CPU reset line (Linux's
-/// `reboot=k`).
+/// The i8042 command (write) and status (read) port, and its command that pulses the CPU
+/// reset line (Linux's `reboot=k`). The status reads 0 (buffers empty), so the guest
+/// does not wait before it writes the command; nothing else of an i8042 is there (the
+/// FADT says so).
 const PORT_I8042: u16 = 0x64;
 const I8042_RESET: u32 = 0xfe;
 /// How long pause() waits for the vCPUs to park.
@@ -74,6 +76,9 @@ struct Shared {
     machine: Mutex<Machine>,
     pause: AtomicBool,
     stop: AtomicBool,
+    /// A guest's own end (exit, poweroff, reset) waits for the controller instead of
+    /// ending the VM ([`VmHandle::set_hold_exits`]).
+    hold_exits: AtomicBool,
     ctl: Mutex<Ctl>,
     cv: Condvar,
     /// By vCPU index.
@@ -172,6 +177,7 @@ impl VmHandle {
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
             pause: AtomicBool::new(paused),
+            hold_exits: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             ctl: Mutex::new(Ctl::new(n)),
             cv: Condvar::new(),
@@ -301,6 +307,16 @@ impl VmHandle {
     /// failover. The hold stops vCPU 0, which serves the network.
     pub fn set_net_pacing(&self, on: bool) {
         self.shared.pace.set_enabled(on);
+    }
+
+    /// With `true`, a vCPU whose guest ends the machine (an exit status, a poweroff, a
+    /// reset) does not end the VM: it waits there until the controller pauses or stops
+    /// the VM. A secondary in COLO mode holds exits until it takes over: its guest runs
+    /// the same requests as the primary's and may end first; the primary's own end then
+    /// ends the pair, and a checkpoint in between puts the SVM back where the PVM was.
+    /// A crash still ends the VM.
+    pub fn set_hold_exits(&self, on: bool) {
+        self.shared.hold_exits.store(on, Ordering::SeqCst);
     }
 
     /// Pauses every vCPU and returns once all are parked (or ended, or run disk requests
@@ -481,8 +497,26 @@ fn run_loop(s: &Shared, i: usize, vcpu: &SharedVcpu) -> Result<GuestExit> {
         match step(&mut v, s, i)? {
             Step::Continue => {}
             Step::Idle(max) => idle(s, i, max),
+            Step::Exit(e) if s.hold_exits.load(Ordering::SeqCst) => hold_exit(s, i, e),
             Step::Exit(e) => return Ok(e),
         }
+    }
+}
+
+/// The longest one wait of a held exit (it re-checks for a pause or stop after each).
+const HELD_EXIT_WAIT: Duration = Duration::from_millis(50);
+
+/// vCPU `i`'s guest ended the machine with `e` while exits are held: waits (without
+/// running the vCPU again) until the controller pauses or stops the VM. After a pause
+/// the vCPU runs whatever state the controller loaded.
+fn hold_exit(s: &Shared, i: usize, e: GuestExit) {
+    tracing::info!(
+        vcpu = i,
+        exit = ?e,
+        "the guest ended the machine; held until the next checkpoint or the primary's end"
+    );
+    while !s.pause.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+        let _ = s.wakes[i].rx.recv_timeout(HELD_EXIT_WAIT);
     }
 }
 
@@ -529,6 +563,8 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
         Ok(VcpuExit::IoIn(port, d)) => {
             if SerialPort::owns(port) {
                 s.machine().devices.serial.read(port, d);
+            } else if port == PORT_I8042 || port == acpi::PORT_SLEEP_STATUS {
+                d.fill(0);
             } else {
                 // No device answers: the bus reads as all ones (Linux probes like this).
                 d.fill(0xff);
@@ -605,8 +641,28 @@ fn step(v: &mut VcpuFd, s: &Shared, i: usize) -> Result<Step> {
             }
             p if SerialPort::owns(p) => s.machine().devices.serial.write(p, data[0]),
             PORT_I8042 if value & 0xff == I8042_RESET => {
-                tracing::info!("the guest asked for a reset through the i8042 (not emulated yet)");
+                tracing::info!(vcpu = i, "the guest reset the machine through the i8042");
+                return Ok(Step::Exit(GuestExit::Reset));
             }
+            acpi::PORT_RESET if value & 0xff == u32::from(acpi::RESET_VALUE) => {
+                tracing::info!(
+                    vcpu = i,
+                    "the guest reset the machine (ACPI reset register)"
+                );
+                return Ok(Step::Exit(GuestExit::Reset));
+            }
+            acpi::PORT_SLEEP_CONTROL => match acpi::sleep_request(data[0]) {
+                Some(acpi::SleepRequest::PowerOff) => {
+                    tracing::info!(vcpu = i, "the guest powered the machine off (ACPI S5)");
+                    return Ok(Step::Exit(GuestExit::PowerOff));
+                }
+                Some(acpi::SleepRequest::Unsupported(kind)) => tracing::warn!(
+                    vcpu = i,
+                    kind,
+                    "the guest asked for a sleep state this machine does not have; it runs on"
+                ),
+                None => {}
+            },
             _ => tracing::trace!(port, value, "write to an unused port"),
         },
     }

@@ -95,6 +95,14 @@ pub(crate) fn out(port: u16, value: u32) -> Vec<u8> {
     c
 }
 
+/// `out dx, al` with dx = port, al = value.
+fn out8(port: u16, value: u8) -> Vec<u8> {
+    let mut c = vec![0xb0, value, 0x66, 0xba];
+    c.extend_from_slice(&port.to_le_bytes());
+    c.push(0xee);
+    c
+}
+
 /// Writes `text` to the console buffer (one byte at a time) and flushes it.
 fn print(text: &[u8]) -> Vec<u8> {
     let mut c = vec![];
@@ -172,6 +180,54 @@ fn a_tiny_pvh_guest_prints_and_exits() {
     let vm = VmHandle::start(m, false).unwrap();
     assert_eq!(vm.wait().unwrap(), GuestExit::Status(0));
     assert_eq!(rx.try_recv().unwrap(), "hello from a PVH entry");
+}
+
+/// A poweroff (ACPI S5 through the FADT's sleep control register) and a reset (the FADT's
+/// reset register, the i8042's reset command) end the VM and say which; a sleep control
+/// write without SLP_EN does nothing.
+#[test]
+fn the_guest_powers_off_and_resets_through_the_acpi_and_i8042_ports() {
+    use super::acpi;
+    let s5 = acpi::S5_SLEEP_TYPE << 2 | 1 << 5;
+    let mut not_enabled = out8(acpi::PORT_SLEEP_CONTROL, acpi::S5_SLEEP_TYPE << 2);
+    not_enabled.extend(out(super::abi::PORT_EXIT, 0));
+    let cases = [
+        (out8(acpi::PORT_SLEEP_CONTROL, s5), GuestExit::PowerOff),
+        (out8(acpi::PORT_RESET, acpi::RESET_VALUE), GuestExit::Reset),
+        (out8(0x64, 0xfe), GuestExit::Reset),
+        (not_enabled, GuestExit::Status(0)),
+    ];
+    for (code, want) in cases {
+        let Some(m) = machine(&code, ConsoleSink::Discard) else {
+            return;
+        };
+        let vm = VmHandle::start(m, false).unwrap();
+        assert_eq!(vm.wait().unwrap(), want);
+        assert_eq!(want.is_clean(), want != GuestExit::Reset);
+    }
+}
+
+/// With exits held (a secondary in COLO mode), a guest that powers off does not end the
+/// VM: its vCPU waits, parks at a pause, and the VM ends only when stopped.
+#[test]
+fn a_held_poweroff_waits_for_the_controller() {
+    let s5 = super::acpi::S5_SLEEP_TYPE << 2 | 1 << 5;
+    let Some(m) = machine(
+        &out8(super::acpi::PORT_SLEEP_CONTROL, s5),
+        ConsoleSink::Discard,
+    ) else {
+        return;
+    };
+    let vm = VmHandle::start(m, true).unwrap();
+    vm.set_hold_exits(true);
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.finished(), "a held poweroff ends nothing");
+    vm.pause().unwrap();
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!vm.finished());
+    assert_eq!(vm.stop().unwrap(), GuestExit::Stopped);
 }
 
 #[test]

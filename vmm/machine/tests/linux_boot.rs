@@ -1,9 +1,12 @@
 //! A real Linux kernel (Debian's 6.1 cloud kernel, fetched by `scripts/test-kernel.sh`)
-//! through colo's loader, serial port and e820 map, up to its first console lines.
+//! through colo's loader, serial port, e820 map and ACPI tables, on two vCPUs, up to the
+//! point where it has found both.
 //!
 //! On this project's hosts guest kernel code is emulated (about 1.3M instructions/s), so
-//! the test stops the kernel once its banner, command line and memory map are out (about
-//! 7 s here); README.md ("Booting your own kernel") says how far it gets beyond that.
+//! the test stops the kernel once its banner, command line, memory map, ACPI tables and
+//! CPU count are out (about 10 to 20 s here); README.md ("Booting your own kernel") says
+//! how far it gets beyond that. The ignored test goes on until the second vCPU runs
+//! (a minute or more here).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,12 +16,51 @@ use colo_machine::devices::console::ConsoleSink;
 use colo_machine::runner::VmHandle;
 use colo_machine::{Guest, GuestExit, LinuxGuest, Machine, VmConfig};
 
-/// How long the kernel may take to print its memory map: about 7 s here, with a wide
-/// margin for a loaded CI machine.
-const BOUND: Duration = Duration::from_secs(120);
+/// How long the kernel may take to say how many CPUs it found: about 10-20 s here, with
+/// a wide margin for a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(150);
+/// How long it may take to bring up its second vCPU (a minute or two here).
+const SMP_BOUND: Duration = Duration::from_secs(400);
 
+/// Where the kernel found colo's ACPI tables.
+const ACPI_LINES: [&str; 2] = [
+    "ACPI: RSDP 0x00000000000E0000",
+    "ACPI: APIC 0x00000000000E0200",
+];
+/// What the MADT makes it print: both vCPUs.
+const CPU_LINES: [&str; 2] = [
+    "ACPI: Using ACPI (MADT) for SMP configuration information",
+    "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+];
+
+/// One kernel at a time: two at once on a 2-core host take each other's CPU.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// 3.5 GiB: RAM split around the 32-bit hole, two KVM slots, two usable e820 ranges (only
+/// what the guest touches is ever backed).
 #[test]
-fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the_serial_port() {
+fn debians_kernel_prints_its_banner_colos_command_line_e820_map_and_acpi_tables() {
+    boot_until(3584 << 20, &ACPI_LINES, BOUND);
+}
+
+/// 256 MiB (the kernel gets to its CPUs sooner with less memory to set up).
+#[test]
+fn debians_kernel_finds_both_vcpus_in_colos_madt() {
+    boot_until(256 << 20, &CPU_LINES, BOUND);
+}
+
+/// Needs a few minutes on hosts that emulate guest kernel code:
+/// `cargo test -p colo-machine --test linux_boot -- --ignored`.
+#[test]
+#[ignore = "slow where guest kernel code is emulated (minutes)"]
+fn debians_kernel_brings_up_its_second_vcpu() {
+    boot_until(256 << 20, &["smp: Brought up 1 node, 2 CPUs"], SMP_BOUND);
+}
+
+/// Boots the kernel with `ram` on 2 vCPUs until the serial port showed the banner, the
+/// command line, the e820 map and `more`, or `bound` passed (a failure).
+fn boot_until(ram: u64, more: &[&str], bound: Duration) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dir) = colo_machine::testing::test_kernel_dir(&["vmlinux", "initrd.img"]) else {
         return;
     };
@@ -31,12 +73,10 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     let t0 = Instant::now();
-    // 3.5 GiB: RAM split around the 32-bit hole, two KVM slots, two usable e820 ranges.
-    // Only what the guest touches is ever backed.
     let m = Machine::new(VmConfig {
         name: "linux".into(),
-        ram: 3584 << 20,
-        vcpus: 1,
+        ram,
+        vcpus: 2,
         guest: Guest::Linux(LinuxGuest {
             kernel: dir.join("vmlinux"),
             initrd: Some(dir.join("initrd.img")),
@@ -49,7 +89,8 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
         console: ConsoleSink::Channel(tx),
     })
     .unwrap();
-    assert_eq!(m.ram.layout().regions().len(), 2, "two RAM regions");
+    let regions = if ram > 3 << 30 { 2 } else { 1 };
+    assert_eq!(m.ram.layout().regions().len(), regions, "RAM regions");
     let boot = m.linux_boot().unwrap().clone();
     // colo announces the disk (no network backend: no network device); the kernel echoes
     // the line below.
@@ -64,7 +105,7 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
         .iter()
         .map(|e| format!("BIOS-e820: {}", e.linux_line()))
         .collect();
-    assert_eq!(e820.len(), 5, "{e820:?}");
+    assert_eq!(e820.len(), 3 + regions, "{e820:?}");
     // What must appear (the banner anywhere in a line; the command line and the map as
     // the end of a line, exactly), each with when it did.
     let mut want: Vec<(String, Option<Duration>)> = [
@@ -73,13 +114,14 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
     ]
     .into_iter()
     .chain(e820.into_iter().map(|l| format!("] {l}")))
+    .chain(more.iter().map(|l| (*l).to_string()))
     .map(|w| (w, None))
     .collect();
     let vm = VmHandle::start(m, false).unwrap();
     let started = Instant::now();
     let mut lines = Vec::new();
     while want.iter().any(|w| w.1.is_none()) && !vm.finished() {
-        let left = BOUND.saturating_sub(started.elapsed());
+        let left = bound.saturating_sub(started.elapsed());
         if left.is_zero() {
             break;
         }
@@ -120,7 +162,7 @@ fn debians_kernel_prints_its_banner_colos_command_line_and_colos_e820_map_on_the
         .collect();
     assert!(
         missing.is_empty(),
-        "not on the serial port within {BOUND:?}: {missing:?}\nwhat came:\n{}",
+        "not on the serial port within {bound:?}: {missing:?}\nwhat came:\n{}",
         lines.join("\n")
     );
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use colo_machine::GuestExit;
 use colo_machine::devices::console::ConsoleSink;
 use colo_machine::runner::VmHandle;
 
@@ -352,7 +353,21 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         "primary: {}",
         p.summary.text(started.elapsed().as_secs_f64())
     );
+    say_guest_end("primary", p.finish()?);
     Ok(())
+}
+
+/// Says how the guest of a side that served ended, if it ended itself.
+fn say_guest_end(side: &str, exit: GuestExit) {
+    match exit {
+        GuestExit::Stopped => {}
+        GuestExit::PowerOff => println!("{side}: the guest powered off; the pair ends"),
+        GuestExit::Reset => println!(
+            "{side}: the guest reset the machine (a reboot, or a panic with panic=-1); colo \
+             does not reboot a VM: the pair ends"
+        ),
+        GuestExit::Status(status) => println!("{side}: the guest exited with status {status}"),
+    }
 }
 
 /// Runs `colo secondary`.
@@ -469,6 +484,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             while !stop() && !s.vm().finished() {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            say_guest_end("secondary", s.finish()?);
         }
     }
     Ok(())

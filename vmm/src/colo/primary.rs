@@ -17,9 +17,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_machine::DirtyHandle;
 use colo_machine::memory::PAGE_SIZE;
 use colo_machine::runner::VmHandle;
+use colo_machine::{DirtyHandle, GuestExit};
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
@@ -335,6 +335,15 @@ impl Primary {
         self.bg_pages += pages;
         self.bg_bytes += pages * PAGE_SIZE;
         Ok(())
+    }
+
+    /// Stops the PVM (if its guest has not ended it already) and says how the guest
+    /// ended.
+    ///
+    /// # Errors
+    /// The guest's crash or a KVM failure that ended a vCPU.
+    pub fn finish(self) -> Result<GuestExit> {
+        Ok(self.vm.stop()?)
     }
 
     /// Runs checkpoints until `stop` says so or the secondary is lost; then keeps the PVM

@@ -10,9 +10,9 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_machine::DirtyHandle;
 use colo_machine::memory::PAGE_SIZE;
 use colo_machine::runner::VmHandle;
+use colo_machine::{DirtyHandle, GuestExit};
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_ramcache::{Landing, LandingEnd, RamCache};
@@ -133,6 +133,9 @@ pub fn accept(
     link.on_lost(move || interrupt.interrupt());
     let pages = desc.pages();
     tracing::info!(pages, "primary connected; waiting for the initial sync");
+    // Until it takes over, the SVM's guest does not end the secondary by powering off,
+    // resetting or exiting (it may get there before the PVM does): the PVM's end does.
+    vm.set_hold_exits(true);
     Ok(Secondary {
         vm,
         dirty,
@@ -154,6 +157,15 @@ impl Secondary {
     /// The VM.
     pub fn vm(&self) -> &VmHandle {
         &self.vm
+    }
+
+    /// Stops the SVM (if its guest has not ended it already) and says how the guest
+    /// ended.
+    ///
+    /// # Errors
+    /// The guest's crash or a KVM failure that ended a vCPU.
+    pub fn finish(self) -> Result<GuestExit> {
+        Ok(self.vm.stop()?)
     }
 
     /// Follows the primary until it leaves or is lost; then takes over.
@@ -348,8 +360,9 @@ impl Secondary {
             reason: reason.clone(),
         });
         self.failover.activate();
-        // The SVM is the only VM now: nothing may hold it.
+        // The SVM is the only VM now: nothing may hold it, and its guest's end is the end.
         self.vm.set_net_pacing(false);
+        self.vm.set_hold_exits(false);
         if let Some(d) = &self.disk {
             match d.failover() {
                 Ok(st) => tracing::info!(?st, "disk buffer flushed into the secondary disk"),

@@ -9,12 +9,13 @@ use super::Error;
 /// - `console=ttyS0`: the kernel's console on colo's 16550 at 0x3f8;
 /// - `earlyprintk=serial,ttyS0`: the boot console, so lines come out before the serial
 ///   driver is up (on a host that emulates guest kernel code that is many seconds);
-/// - `reboot=k panic=-1`: a panic reboots at once, through the keyboard controller;
+/// - `panic=-1`: a panic resets the machine at once (through the FADT's reset register),
+///   which ends the VM;
 /// - `pci=off`: colo's machine has no PCI bus (its devices are virtio-mmio);
 /// - `8250.nr_uarts=1`: one serial port, no probes of absent ones;
 /// - `i8042.noaux i8042.nomux i8042.dumbkbd`: no mouse or multiplexer probing of the
 ///   keyboard controller.
-pub const DEFAULT: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=-1 pci=off \
+pub const DEFAULT: &str = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 pci=off \
                            8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// The longest command line of the PVH boot path, with its terminating NUL: x86 Linux's

@@ -251,7 +251,8 @@ fn format_of(path: &Path, file: &mut impl Read) -> Result<Format, Error> {
 }
 
 /// Loads `guest` into `mem` (whose regions are `layout`), with `owned` appended to its
-/// command line, and writes the boot parameters and the vCPU's tables.
+/// command line, and writes the boot parameters (with `rsdp`, the address of the ACPI
+/// tables, if there are any) and the vCPU's tables.
 ///
 /// # Errors
 /// Every [`Error`] but nothing else: no KVM object is involved.
@@ -260,6 +261,7 @@ pub fn load(
     layout: &GuestLayout,
     guest: &LinuxGuest,
     owned: &[String],
+    rsdp: Option<u64>,
 ) -> Result<Loaded, Error> {
     let path = &guest.kernel;
     let mut file = File::open(path).map_err(|source| Error::Read {
@@ -268,7 +270,7 @@ pub fn load(
         source,
     })?;
     let format = format_of(path, &mut file)?;
-    load_kernel(mem, layout, &mut file, format, guest, owned)
+    load_kernel(mem, layout, &mut file, format, guest, owned, rsdp)
 }
 
 /// Loads a kernel image held in memory (the built-in guest, named `name` in errors) with
@@ -282,6 +284,7 @@ pub fn load_image(
     name: &Path,
     image: &[u8],
     cmdline: &str,
+    rsdp: Option<u64>,
 ) -> Result<Loaded, Error> {
     let mut reader = Cursor::new(image);
     let format = format_of(name, &mut reader)?;
@@ -290,7 +293,7 @@ pub fn load_image(
         initrd: None,
         cmdline: Some(cmdline.into()),
     };
-    load_kernel(mem, layout, &mut reader, format, &guest, &[])
+    load_kernel(mem, layout, &mut reader, format, &guest, &[], rsdp)
 }
 
 fn load_kernel<F: Read + ReadVolatile + Seek>(
@@ -300,6 +303,7 @@ fn load_kernel<F: Read + ReadVolatile + Seek>(
     format: Format,
     guest: &LinuxGuest,
     owned: &[String],
+    rsdp: Option<u64>,
 ) -> Result<Loaded, Error> {
     let path = &guest.kernel;
     let ram_mib = layout.bytes() >> 20;
@@ -324,7 +328,7 @@ fn load_kernel<F: Read + ReadVolatile + Seek>(
             let c = cmdline::build(guest.cmdline.as_deref(), owned, cmdline::PVH_MAX)?;
             load_cmdline(mem, GuestAddress(CMDLINE_GPA), &c).map_err(load_err)?;
             let initrd = place_initrd(mem, guest, r.kernel_end, low_end)?;
-            write_start_info(mem, &e820, initrd)?;
+            write_start_info(mem, &e820, initrd, rsdp)?;
             let entry = Entry::Pvh {
                 rip: rip.0,
                 start_info: START_INFO_GPA,
@@ -357,7 +361,7 @@ fn load_kernel<F: Read + ReadVolatile + Seek>(
             let kernel_end = r.kernel_end.max(r.kernel_load.0 + u64::from(hdr.init_size));
             let limit = low_end.min(u64::from(hdr.initrd_addr_max) + 1);
             let initrd = place_initrd(mem, guest, kernel_end, limit)?;
-            write_zero_page(mem, hdr, &e820, initrd)?;
+            write_zero_page(mem, hdr, &e820, initrd, rsdp)?;
             let entry = Entry::Linux64 {
                 rip: r.kernel_load.0 + 0x200,
                 zero_page: ZERO_PAGE_GPA,
@@ -414,6 +418,7 @@ fn write_start_info(
     mem: &GuestMemory,
     e820: &[e820::Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), Error> {
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
@@ -432,6 +437,7 @@ fn write_start_info(
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { MODLIST_GPA } else { 0 },
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(START_INFO_GPA));
@@ -452,9 +458,11 @@ fn write_zero_page(
     hdr: setup_header,
     e820: &[e820::Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), Error> {
     let mut p = boot_params {
         hdr,
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     p.hdr.type_of_loader = LOADER_OTHER;

@@ -147,7 +147,7 @@ fn a_pvh_kernel_gets_its_start_info_memory_map_command_line_and_initrd() {
     g.initrd = Some(d.file("initrd", &[7u8; 10_000]));
     g.cmdline = Some("console=ttyS0 hello".into());
     let (mem, layout) = ram(64);
-    let l = load(&mem, &layout, &g, &["colo=1".into()]).unwrap();
+    let l = load(&mem, &layout, &g, &["colo=1".into()], None).unwrap();
     assert_eq!(
         l.entry,
         Entry::Pvh {
@@ -237,7 +237,7 @@ fn bad_kernels_initrds_and_command_lines_are_refused_with_what_is_wrong() {
         ),
     ];
     for (g, want) in cases {
-        let e = load(&mem, &layout, &g, &[]).unwrap_err().to_string();
+        let e = load(&mem, &layout, &g, &[], None).unwrap_err().to_string();
         assert!(e.contains(want), "{g:?}: {e:?} should say {want:?}");
     }
 }
@@ -249,7 +249,7 @@ fn a_kernel_whose_segments_miss_ram_is_refused_and_names_the_ram() {
     // 1 MiB of RAM: the segment at 1 MiB lies past its end.
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let layout = GuestLayout::of_guest(&mem, 4096).unwrap();
-    let e = load(&mem, &layout, &g, &[]).unwrap_err().to_string();
+    let e = load(&mem, &layout, &g, &[], None).unwrap_err().to_string();
     assert!(e.contains("into 1 MiB of RAM"), "{e}");
 }
 
@@ -264,7 +264,7 @@ fn the_real_bzimage_gets_a_zero_page_with_colos_e820_map_and_a_64_bit_entry() {
         cmdline: None,
     };
     let (mem, layout) = ram(256);
-    let l = load(&mem, &layout, &g, &[]).unwrap();
+    let l = load(&mem, &layout, &g, &[], None).unwrap();
     let Entry::Linux64 { rip, zero_page } = l.entry else {
         panic!("{:?}", l.entry);
     };
