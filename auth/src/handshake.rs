@@ -568,13 +568,17 @@ pub fn accept<S: Timed>(
     let mut hello_c = [0u8; HELLO_LEN];
     x.read("read the peer's Hello", &mut hello_c)?;
     let theirs = Hello::decode(&hello_c)?;
-    theirs.check(creds, me.peer(), channel)?;
+    let fits = theirs.check(creds, me.peer(), channel);
     let hello_s = Hello::new(creds, me, theirs.channel)?.encode();
     let mac_s = tag(&creds.key, SERVER, &[&hello_c, &hello_s]);
     let mut reply = [0u8; HELLO_LEN + MAC_LEN];
     reply[..HELLO_LEN].copy_from_slice(&hello_s);
     reply[HELLO_LEN..].copy_from_slice(&mac_s);
-    x.write("send the Hello", &reply)?;
+    // Answered even when it does not fit (another pair, role or channel), so that the
+    // connector can say why; then dropped.
+    let sent = x.write("send the Hello", &reply);
+    fits?;
+    sent?;
     let mut mac_c = [0u8; MAC_LEN];
     x.read("read the peer's proof", &mut mac_c)?;
     verify(&creds.key, CLIENT, &[&hello_c, &hello_s, &mac_s], &mac_c)?;
@@ -602,6 +606,12 @@ pub enum AcceptError {
         after: Duration,
         /// Connections that came but failed their handshake.
         refused: u32,
+    },
+    /// The caller's stop condition came true first (a signal, a deadline of its own).
+    #[error("stopped while waiting for the peer on the {channel} listener")]
+    Stopped {
+        /// The channel.
+        channel: Channel,
     },
     /// The listener failed.
     #[error("accept on the {channel} listener failed")]
@@ -640,7 +650,10 @@ pub fn accept_peer(
         refused,
     };
     loop {
-        if stop() || wait.is_some_and(|w| started.elapsed() >= w) {
+        if stop() {
+            return Err(AcceptError::Stopped { channel });
+        }
+        if wait.is_some_and(|w| started.elapsed() >= w) {
             return Err(timeout(refused));
         }
         let (mut s, addr) = match listener.accept() {

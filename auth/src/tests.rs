@@ -308,7 +308,7 @@ fn accept_peer_gives_up_at_its_wait_or_when_told_to_stop() {
         T,
         &|| true,
     );
-    assert!(matches!(r, Err(AcceptError::Timeout { .. })));
+    assert!(matches!(r, Err(AcceptError::Stopped { .. })));
 }
 
 #[test]

@@ -19,8 +19,13 @@ const T: Duration = Duration::from_secs(10);
 /// A landing over a fresh cache, and a connected sender of a guest region.
 fn pair() -> (Landing, TcpPushSender, Arc<Region>, Vec<Arc<Region>>) {
     let (c, svm) = cache();
-    let listener =
-        TcpPushListener::bind("127.0.0.1:0", Arc::clone(c.region()), PAGE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(c.region()),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let guest = Arc::new(Region::anonymous((PAGES * PAGE) as usize).unwrap());
     let g = Arc::clone(&guest);
@@ -29,6 +34,7 @@ fn pair() -> (Landing, TcpPushSender, Arc<Region>, Vec<Arc<Region>>) {
             ([127, 0, 0, 1], desc.port).into(),
             desc,
             g,
+            &colo_transport::testing::credentials(),
             TcpPushOptions::default(),
         )
         .unwrap()

@@ -275,14 +275,24 @@ fn mismatched_svm_memory_is_refused() {
 fn tcp_push_lands_in_the_cache_and_commits_into_the_svm() {
     let (mut c, svm) = cache();
     let guest = Arc::new(Region::anonymous((PAGES * PAGE) as usize).unwrap());
-    let listener =
-        TcpPushListener::bind("127.0.0.1:0", Arc::clone(c.region()), PAGE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(c.region()),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let addr = ([127, 0, 0, 1], desc.port).into();
     let sender = std::thread::spawn(move || {
-        let mut tx =
-            TcpPushSender::connect(addr, desc, Arc::clone(&guest), TcpPushOptions::default())
-                .unwrap();
+        let mut tx = TcpPushSender::connect(
+            addr,
+            desc,
+            Arc::clone(&guest),
+            &colo_transport::testing::credentials(),
+            TcpPushOptions::default(),
+        )
+        .unwrap();
         for epoch in 1..=2u8 {
             let pages: Vec<u64> = if epoch == 1 {
                 (0..PAGES).collect()

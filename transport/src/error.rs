@@ -31,6 +31,12 @@ pub enum Error {
     /// Accepting a connection failed.
     #[error("cannot accept a connection")]
     Accept(#[source] io::Error),
+    /// The peer did not authenticate (or refused this side's proof).
+    #[error("authentication failed")]
+    Auth(#[from] colo_auth::AuthError),
+    /// No peer authenticated on a listener.
+    #[error("waiting for the peer")]
+    AuthAccept(#[from] colo_auth::AcceptError),
     /// Writing to the peer failed.
     #[error("cannot send to the peer")]
     Send(#[source] io::Error),

@@ -56,3 +56,8 @@ pub fn wait_child(mut child: Child, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The pair key of tests: both sides of a test pair use it.
+pub fn credentials() -> colo_auth::Credentials {
+    colo_auth::Credentials::key(colo_auth::PairKey::from_bytes([0x42; colo_auth::KEY_LEN]))
+}

@@ -89,6 +89,18 @@ fn batch(epoch: u64, runs: &[(u64, u64)], declared: Option<u64>) -> Vec<u8> {
 /// Connects a raw client, sends `after_hello` once the stream is accepted, and returns the
 /// receiver's error. Checks that the receiver closed the connection and that the guarded
 /// mapping is untouched.
+/// Proves the test pair's key on a raw push stream `index`, as a sender does first.
+fn authenticate(s: &mut TcpStream, index: u32) {
+    colo_auth::connect(
+        s,
+        &colo_transport::testing::credentials(),
+        colo_auth::Role::Primary,
+        colo_auth::Channel::Push(index),
+        T,
+    )
+    .unwrap();
+}
+
 fn run_case(after_hello: &[u8]) -> Error {
     run_case_with(after_hello, true)
 }
@@ -97,13 +109,20 @@ fn run_case(after_hello: &[u8]) -> Error {
 /// its data may have placed part of it inside the region: that epoch never commits).
 fn run_case_with(after_hello: &[u8], untouched: bool) -> Error {
     let g = Guarded::new();
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&g.inner), PAGE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&g.inner),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let rx = std::thread::spawn(move || {
         let mut rx = listener.accept(T).unwrap();
         rx.next_commit(T).unwrap_err()
     });
     let mut s = TcpStream::connect(("127.0.0.1", desc.port)).unwrap();
+    authenticate(&mut s, 0);
     s.write_all(&hello(&desc)).unwrap();
     let mut ack = [0u8; 32];
     s.read_exact(&mut ack).unwrap();
@@ -272,7 +291,13 @@ fn data_for_the_wrong_epoch_is_refused() {
 #[test]
 fn wrong_region_key_is_refused_at_connect() {
     let g = Guarded::new();
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&g.inner), PAGE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&g.inner),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let mut desc = *listener.desc();
     let rx = std::thread::spawn(move || listener.accept(T).map(|_| ()));
     desc.key ^= 1;
@@ -281,13 +306,17 @@ fn wrong_region_key_is_refused_at_connect() {
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         src,
+        &colo_transport::testing::credentials(),
         TcpPushOptions::default(),
     )
     .unwrap_err();
     assert!(
         matches!(
             e,
-            Error::Handshake(_) | Error::Frame(framing::Error::Recv(_))
+            Error::Handshake(_)
+                | Error::Frame(framing::Error::Recv(_))
+                // A later stream that connected before the receiver closed its listener.
+                | Error::Auth(colo_auth::AuthError::Io { .. })
         ),
         "{e}"
     );
@@ -298,7 +327,13 @@ fn wrong_region_key_is_refused_at_connect() {
 #[test]
 fn sender_refuses_runs_outside_either_region_before_sending() {
     let g = Guarded::new();
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&g.inner), PAGE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&g.inner),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let rx = std::thread::spawn(move || listener.accept(T).unwrap());
     let src = Arc::new(Region::anonymous((PAGES * PAGE) as usize).unwrap());
@@ -306,6 +341,7 @@ fn sender_refuses_runs_outside_either_region_before_sending() {
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         src,
+        &colo_transport::testing::credentials(),
         TcpPushOptions::default(),
     )
     .unwrap();
@@ -337,5 +373,57 @@ fn sender_refuses_runs_outside_either_region_before_sending() {
         matches!(e, Error::Memory(MemError::BitmapPages { .. })),
         "{e}"
     );
+    g.assert_untouched();
+}
+
+/// A stream that does not prove the pair key, even one that sends a valid Hello with the
+/// right region key and frames after it, is dropped unread: nothing lands in the region,
+/// and the real sender's streams still get in afterwards.
+#[test]
+fn an_unauthenticated_stream_is_dropped_and_the_real_sender_still_connects() {
+    let g = Guarded::new();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&g.inner),
+        PAGE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
+    let desc = *listener.desc();
+    let rx = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
+    // A stranger who knows the region key (as a sniffer of an unencrypted control
+    // channel would) but not the pair key.
+    let mut stranger = TcpStream::connect(("127.0.0.1", desc.port)).unwrap();
+    let mut bytes = hello(&desc).to_vec();
+    bytes.extend_from_slice(&PushFrame::Fence(1).to_bytes());
+    let _ = stranger.write_all(&bytes);
+    stranger.set_read_timeout(Some(T)).unwrap();
+    let mut b = [0u8; 64];
+    match stranger.read(&mut b) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("the receiver answered a stranger with {n} bytes"),
+    }
+    // Another pair's key is refused the same way.
+    let mut other = TcpStream::connect(("127.0.0.1", desc.port)).unwrap();
+    let e = colo_auth::connect(
+        &mut other,
+        &colo_auth::Credentials::key(colo_auth::PairKey::from_bytes([9; 32])),
+        colo_auth::Role::Primary,
+        colo_auth::Channel::Push(0),
+        T,
+    )
+    .unwrap_err();
+    assert!(matches!(e, colo_auth::AuthError::OtherPair { .. }), "{e}");
+    let guest = Arc::new(Region::anonymous((PAGES * PAGE) as usize).unwrap());
+    let tx = TcpPushSender::connect(
+        ([127, 0, 0, 1], desc.port).into(),
+        desc,
+        guest,
+        &colo_transport::testing::credentials(),
+        TcpPushOptions::default(),
+    )
+    .unwrap();
+    assert!(rx.join().unwrap().is_ok(), "the real sender got in");
+    drop(tx);
     g.assert_untouched();
 }

@@ -20,7 +20,13 @@ fn words(w: &[u64]) -> PageBitmap {
 fn connected(streams: usize) -> (TcpPushSender, impl PushReceiver, Arc<Region>, Arc<Region>) {
     let cache = Arc::new(Region::anonymous((PAGES * u64::from(PAGE)) as usize).unwrap());
     let guest = Arc::new(Region::anonymous((PAGES * u64::from(PAGE)) as usize).unwrap());
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), PAGE).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&cache),
+        PAGE,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let acceptor = std::thread::spawn(move || listener.accept(Duration::from_secs(10)).unwrap());
     let opts = TcpPushOptions {
@@ -31,6 +37,7 @@ fn connected(streams: usize) -> (TcpPushSender, impl PushReceiver, Arc<Region>, 
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         Arc::clone(&guest),
+        &colo_transport::testing::credentials(),
         opts,
     )
     .unwrap();
@@ -90,15 +97,27 @@ fn a_started_commit_opens_the_next_epoch_and_keeps_the_order() {
 fn an_empty_epoch_waits_for_the_release_of_the_previous_one() {
     let cache = Arc::new(Region::anonymous((PAGES * u64::from(PAGE)) as usize).unwrap());
     let guest = Arc::new(Region::anonymous((PAGES * u64::from(PAGE)) as usize).unwrap());
-    let listener = TcpPushListener::bind("127.0.0.1:0", cache, PAGE).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        cache,
+        PAGE,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let acceptor = std::thread::spawn(move || listener.accept(Duration::from_secs(10)).unwrap());
     let opts = TcpPushOptions {
         streams: 2,
         ..TcpPushOptions::default()
     };
-    let mut tx =
-        TcpPushSender::connect(([127, 0, 0, 1], desc.port).into(), desc, guest, opts).unwrap();
+    let mut tx = TcpPushSender::connect(
+        ([127, 0, 0, 1], desc.port).into(),
+        desc,
+        guest,
+        &colo_transport::testing::credentials(),
+        opts,
+    )
+    .unwrap();
     let mut rx = acceptor.join().unwrap();
 
     push_epoch(&mut tx, [WriteRun::pages(3, 1, PAGE)], &words(&[1 << 3])).unwrap();

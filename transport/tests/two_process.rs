@@ -40,7 +40,13 @@ fn secondary(addr: &str) {
     let peer = ctl.handshake(&hello(Role::Secondary)).unwrap();
     assert_eq!(peer.role(), Role::Primary);
     let cache = Arc::new(Region::anonymous((PAGES * u64::from(PAGE)) as usize).unwrap());
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), PAGE).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&cache),
+        PAGE,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     ctl.send(&Message::Region(*listener.desc())).unwrap();
     let mut rx = listener.accept(T).unwrap();
     ctl.send(&Message::CheckpointReady).unwrap();
@@ -123,6 +129,7 @@ fn epochs_flow_between_two_processes_over_control_and_push() {
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         Arc::clone(&guest),
+        &colo_transport::testing::credentials(),
         opts,
     )
     .unwrap();

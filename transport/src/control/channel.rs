@@ -1,8 +1,10 @@
 //! A framed control channel over any byte stream (TCP in production).
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
+
+use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
 
 use super::frame::{FrameHeader, HEADER_LEN};
 use super::handshake::Hello;
@@ -47,6 +49,57 @@ impl ControlChannel<TcpStream> {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// Connects like [`connect`](Self::connect) and proves to the listener that this side
+    /// (`me`) holds the pair key, checking the listener holds it too, before anything
+    /// else crosses the channel.
+    ///
+    /// # Errors
+    /// [`Error::Connect`], or [`Error::Auth`] when the listener is not the pair's peer or
+    /// refused this side.
+    pub fn connect_authenticated(
+        addr: &str,
+        timeout: Duration,
+        creds: &Credentials,
+        me: AuthRole,
+    ) -> Result<Self> {
+        let mut c = Self::connect(addr, timeout)?;
+        colo_auth::connect(
+            &mut c.stream,
+            creds,
+            me,
+            Channel::Control,
+            HANDSHAKE_TIMEOUT,
+        )?;
+        Ok(c)
+    }
+
+    /// Waits on `listener` for the peer of `me` to connect and authenticate (at most
+    /// `wait`, None: no limit; `stop` ends the wait too). A connection that does not
+    /// authenticate within its handshake time is logged with its address and dropped,
+    /// and the wait goes on: nothing it sent is acted on.
+    ///
+    /// # Errors
+    /// [`Error::AuthAccept`] when the wait ends without the peer, [`Error::SocketOption`].
+    pub fn accept_authenticated(
+        listener: &TcpListener,
+        creds: &Credentials,
+        me: AuthRole,
+        wait: Option<Duration>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(Self, SocketAddr)> {
+        let (s, addr, _) = colo_auth::accept_peer(
+            listener,
+            creds,
+            me,
+            Channel::Control,
+            wait,
+            HANDSHAKE_TIMEOUT,
+            stop,
+        )?;
+        tracing::debug!(peer = %addr, "control connection authenticated");
+        Ok((Self::from_tcp(s)?, addr))
     }
 
     /// Accepts one peer on `listener`.

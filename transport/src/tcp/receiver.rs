@@ -16,6 +16,7 @@ use super::wire::{MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc
 use crate::error::{Error, Result};
 use crate::framing::{self, read_full};
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
+use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
 use colo_memory::{PageBitmap, Region};
 
 /// How long a connecting stream has to send its Hello.
@@ -28,15 +29,23 @@ pub struct TcpPushListener {
     listener: TcpListener,
     region: Arc<Region>,
     desc: RegionDesc,
+    creds: Credentials,
 }
 
 impl TcpPushListener {
     /// Binds `addr` (port 0 picks a free port) for pushes into `region`, whose epoch
     /// bitmaps count pages of `page_size`. A fresh random key is drawn for the region.
+    /// Every stream must authenticate with `creds` (as the primary) before its Hello is
+    /// read; one that does not is logged and dropped, and the listener waits on.
     ///
     /// # Errors
     /// [`Error::Bind`] if the address cannot be bound.
-    pub fn bind(addr: &str, region: Arc<Region>, page_size: u32) -> Result<Self> {
+    pub fn bind(
+        addr: &str,
+        region: Arc<Region>,
+        page_size: u32,
+        creds: Credentials,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(addr).map_err(|source| Error::Bind {
             addr: addr.into(),
             source,
@@ -59,6 +68,7 @@ impl TcpPushListener {
             listener,
             region,
             desc,
+            creds,
         })
     }
 
@@ -85,8 +95,8 @@ impl TcpPushListener {
         let mut slots: Vec<Option<TcpStream>> = Vec::new();
         let mut expected: Option<u32> = None;
         while expected.is_none_or(|n| slots.iter().flatten().count() < n as usize) {
-            let s = match self.listener.accept() {
-                Ok((s, _)) => s,
+            let (mut s, peer) = match self.listener.accept() {
+                Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         return Err(Error::Timeout(timeout, "the push streams to connect"));
@@ -96,7 +106,33 @@ impl TcpPushListener {
                 }
                 Err(e) => return Err(Error::Accept(e)),
             };
+            // A connection that does not prove the pair key is dropped unread; the
+            // listener waits on for the primary's streams.
+            s.set_nonblocking(false)
+                .map_err(|source| Error::SocketOption {
+                    option: "O_NONBLOCK",
+                    source,
+                })?;
+            let limit = HANDSHAKE_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+            let stream = match colo_auth::accept(
+                &mut s,
+                &self.creds,
+                AuthRole::Secondary,
+                Channel::Push(0),
+                limit.max(Duration::from_millis(1)),
+            ) {
+                Ok(p) => p.channel,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "refused a push connection that did not authenticate");
+                    continue;
+                }
+            };
             let (idx, n, s) = self.greet(s)?;
+            if stream != Channel::Push(idx) {
+                return Err(Error::Handshake(format!(
+                    "a stream authenticated as {stream} says it is stream {idx}"
+                )));
+            }
             let n_expected = *expected.get_or_insert(n);
             if n != n_expected {
                 return Err(Error::Handshake(format!(

@@ -1,6 +1,7 @@
 //! The sending side of the TCP push path: runs are batched into large gather writes, one
 //! worker thread per stream, so several streams move data in parallel.
 
+use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -121,15 +122,18 @@ impl TcpPushAbort {
 
 impl TcpPushSender {
     /// Connects `opts.streams` streams to the receiver at `addr` (its port is
-    /// `remote.port`) and presents the region key.
+    /// `remote.port`), authenticates each with `creds` (as the primary), and presents the
+    /// region key.
     ///
     /// # Errors
-    /// [`Error::Connect`], a socket error, or the receiver closing the stream (a wrong
+    /// [`Error::Connect`], [`Error::Auth`] (the receiver is not the pair's secondary, or
+    /// refused this side), a socket error, or the receiver closing the stream (a wrong
     /// key or layout: the receiver logs which).
     pub fn connect(
         addr: SocketAddr,
         remote: RegionDesc,
         source: Arc<Region>,
+        creds: &Credentials,
         opts: TcpPushOptions,
     ) -> Result<Self> {
         let n = opts.streams;
@@ -180,6 +184,13 @@ impl TcpPushSender {
                 option: "TCP_NODELAY",
                 source,
             })?;
+            colo_auth::connect(
+                &mut s,
+                creds,
+                AuthRole::Primary,
+                Channel::Push(i as u32),
+                HANDSHAKE_TIMEOUT,
+            )?;
             let hello = PushFrame::Hello {
                 key: remote.key,
                 region_len: remote.len,

@@ -120,8 +120,13 @@ fn push_session(
     out: &mut impl Write,
 ) -> Result<()> {
     pages::fill_byte(region, SCRIBBLE);
-    let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(region), PAGE_SIZE)
-        .map_err(Error::transport("binding the push listener"))?;
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(region),
+        PAGE_SIZE,
+        colo_transport::testing::credentials(),
+    )
+    .map_err(Error::transport("binding the push listener"))?;
     ctrl.send(&Message::Region(*listener.desc()))
         .map_err(Error::transport("announcing the push region"))?;
     let mut rx = listener

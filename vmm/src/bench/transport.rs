@@ -264,8 +264,14 @@ fn push_session(
         streams,
         ..plan.opts.clone()
     };
-    let mut tx = TcpPushSender::connect(addr, desc, Arc::clone(source), opts)
-        .map_err(Error::transport("connecting the push sender"))?;
+    let mut tx = TcpPushSender::connect(
+        addr,
+        desc,
+        Arc::clone(source),
+        &colo_transport::testing::credentials(),
+        opts,
+    )
+    .map_err(Error::transport("connecting the push sender"))?;
     let mut epochs = 0;
     for (case, res) in cases.iter().zip(results.iter_mut()) {
         let mut sample = Sample::new(case.bytes);

@@ -30,14 +30,20 @@ fn a_primary_dropped_with_a_push_batch_pending_still_sends_its_bytes() {
         source.write_at(p * PAGE_SIZE, &pattern(p)).unwrap();
     }
     let cache = Arc::new(Region::anonymous(RAM as usize).unwrap());
-    let listener =
-        TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), PAGE_SIZE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(&cache),
+        PAGE_SIZE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let rx = std::thread::spawn(move || listener.accept(T));
     let mut tx = TcpPushSender::connect(
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         source,
+        &colo_transport::testing::credentials(),
         TcpPushOptions::default(),
     )
     .unwrap();

@@ -37,14 +37,20 @@ fn pages_above_the_hole_are_pushed_flat_and_land_at_their_address() {
         dirty.set(flat / PAGE_SIZE);
     }
     let mut cache = RamCache::new(layout.clone(), svm.regions_by_slot()).unwrap();
-    let listener =
-        TcpPushListener::bind("127.0.0.1:0", Arc::clone(cache.region()), PAGE_SIZE as u32).unwrap();
+    let listener = TcpPushListener::bind(
+        "127.0.0.1:0",
+        Arc::clone(cache.region()),
+        PAGE_SIZE as u32,
+        colo_transport::testing::credentials(),
+    )
+    .unwrap();
     let desc = *listener.desc();
     let rx = std::thread::spawn(move || listener.accept(T));
     let mut tx = TcpPushSender::connect(
         ([127, 0, 0, 1], desc.port).into(),
         desc,
         pvm.region(),
+        &colo_transport::testing::credentials(),
         TcpPushOptions::default(),
     )
     .unwrap();
