@@ -45,6 +45,13 @@ enum Command {
     /// Run a whole COLO pair on this machine: the proxy, a client load, and both sides as
     /// child processes, with a live status line.
     Pair(pair::PairArgs),
+    /// Write a new random pair key (256 bits, mode 0600) for `colo primary` and `colo
+    /// secondary --pair-key FILE`; copy the same file to both hosts.
+    Keygen {
+        /// Where to write it (must not exist yet).
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
     /// Ask a running side for its COLO status through its QMP socket (query-colo-status).
     Status {
         /// The side's QMP socket (its --qmp).
@@ -106,6 +113,15 @@ fn main() -> ExitCode {
                 report("", &e, if bad_args { 2 } else { 1 })
             }
         },
+        Command::Keygen { out } => {
+            match colo_auth::PairKey::generate().and_then(|k| k.write_new(&out).map(|()| k)) {
+                Ok(k) => {
+                    println!("wrote pair key {} ({k:?}, mode 0600)", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report("", &e, 1),
+            }
+        }
         Command::Status { qmp } => match colo::qmp::status(&qmp) {
             Ok(v) => {
                 println!("{v}");

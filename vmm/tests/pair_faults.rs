@@ -324,8 +324,16 @@ impl TwoSides {
                 }
             });
         }
+        // Both sides prove the key `colo keygen` wrote (as on two hosts).
+        let key = dir.join("pair.key");
+        let made = common::colo()
+            .args(["keygen", &format!("--out={}", key.display())])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
         let side_args = |side: &str| {
             let mut v = vec![
+                format!("--pair-key={}", key.display()),
                 format!("--disk={}", dir.join(format!("{side}.img")).display()),
                 format!(
                     "--net-socket={}",

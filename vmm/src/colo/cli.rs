@@ -77,6 +77,15 @@ pub struct ColoArgs {
     /// becomes the connection's source (see `show_gids`). Default: the routing table picks.
     #[arg(long)]
     pub rdma_gid_index: Option<u8>,
+    /// The pair key file (`colo keygen --out FILE`, mode 0600; the same file on both
+    /// sides): every connection between the two sides (control, push streams, disk)
+    /// proves it before anything else crosses. `colo pair` makes one for its two sides.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub pair_key: Option<PathBuf>,
+    /// Run without a pair key: anyone who reaches this side's ports can then write into
+    /// the protected guest's memory and disk. For tests on a closed network only.
+    #[arg(long)]
+    pub insecure: bool,
     /// Serve a QMP-compatible control socket here (mode 0600).
     #[arg(long)]
     pub qmp: Option<PathBuf>,
@@ -86,6 +95,29 @@ pub struct ColoArgs {
 }
 
 impl ColoArgs {
+    /// What this side authenticates with: the key file, or (said loudly) nothing.
+    ///
+    /// # Errors
+    /// [`ColoError::NoPairKey`] without --pair-key or --insecure; [`ColoError::Key`] for a
+    /// key file that cannot be read, is not a key, or that others can read.
+    pub fn credentials(&self) -> Result<colo_auth::Credentials> {
+        match (&self.pair_key, self.insecure) {
+            (Some(path), _) => {
+                let key = colo_auth::PairKey::load(path)?;
+                tracing::info!(key = %path.display(), pair = ?key, "pair key loaded");
+                Ok(colo_auth::Credentials::key(key))
+            }
+            (None, true) => {
+                tracing::warn!(
+                    "INSECURE: running without a pair key (--insecure); anyone who can reach \
+                     this side's ports can write into the protected guest's memory and disk"
+                );
+                Ok(colo_auth::Credentials::insecure())
+            }
+            (None, false) => Err(ColoError::NoPairKey),
+        }
+    }
+
     fn params(&self) -> Result<Params> {
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(ColoError::Usage(
@@ -171,28 +203,6 @@ fn rdma_devices() -> std::result::Result<Vec<String>, String> {
     Err("this build has no RDMA support (build with --features rdma)".into())
 }
 
-fn accept_timeout(
-    l: &TcpListener,
-    t: Duration,
-) -> Result<(std::net::TcpStream, std::net::SocketAddr)> {
-    l.set_nonblocking(true)
-        .map_err(ColoError::io("make the disk listener non-blocking"))?;
-    let deadline = Instant::now() + t;
-    loop {
-        match l.accept() {
-            Ok((s, a)) => {
-                s.set_nonblocking(false)
-                    .map_err(ColoError::io("make the disk stream blocking"))?;
-                return Ok((s, a));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(ColoError::io("accept the disk replication")(e)),
-        }
-    }
-}
-
 /// `colo primary`.
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
@@ -262,6 +272,7 @@ fn connect_events(path: Option<&std::path::Path>) -> Result<Events> {
 /// A VM or setup failure.
 pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let params = a.colo.params()?;
+    let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
     let mut pdisk = None;
@@ -331,6 +342,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             pair_id: a.colo.pair_id,
             transport: transport.clone(),
             vcpus: a.vm.vcpus,
+            creds,
         },
         params,
         events,
@@ -376,6 +388,7 @@ fn say_guest_end(side: &str, exit: GuestExit) {
 /// A VM or setup failure, or losing the primary before the first checkpoint.
 pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let params = a.colo.params()?;
+    let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
     colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
@@ -425,19 +438,22 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut s = secondary::accept(
-        &listener,
-        vm,
-        ram,
-        dirty,
-        layout,
-        &secondary::Pairing {
-            pair_id: a.colo.pair_id,
-            transport,
-            vcpus: a.vm.vcpus,
-        },
-        params,
-    )?;
+    let stop = a.colo.stop_fn();
+    let pairing = secondary::Pairing {
+        pair_id: a.colo.pair_id,
+        transport,
+        vcpus: a.vm.vcpus,
+        creds,
+    };
+    let mut s = match secondary::accept(&listener, vm, ram, dirty, layout, &pairing, params, &stop)
+    {
+        Ok(s) => s,
+        Err(_) if stop() => {
+            tracing::info!("stopped before the primary connected");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     s.qmp = qmp;
     s.takeover_check = a.takeover_check.clone();
     s.events = events;
@@ -445,7 +461,15 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         blk_listener
             .set_nonblocking(false)
             .map_err(ColoError::io("make the disk listener blocking"))?;
-        let (stream, _) = accept_timeout(&blk_listener, Duration::from_secs(30))?;
+        let (stream, _, _) = colo_auth::accept_peer(
+            &blk_listener,
+            &pairing.creds,
+            colo_auth::Role::Secondary,
+            colo_auth::Channel::Disk,
+            Some(Duration::from_secs(30)),
+            colo_auth::HANDSHAKE_TIMEOUT,
+            &stop,
+        )?;
         let _ = stream.set_nodelay(true);
         d.serve(stream, Duration::from_secs(30))
             .map_err(ColoError::disk("serve the primary"))?;
@@ -454,7 +478,6 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         tracing::info!("disk in sync with the primary");
         s.disk = Some(d);
     }
-    let stop = a.colo.stop_fn();
     match s.run(&stop)? {
         Outcome::PrimaryLeft => tracing::info!("secondary done"),
         Outcome::Fenced { reason } => {

@@ -15,6 +15,28 @@ pub enum ColoError {
     /// A command-line option is out of range, or one that is needed is missing.
     #[error("{0}")]
     Usage(&'static str),
+    /// Neither `--pair-key` nor `--insecure`.
+    #[error(
+        "no pair key: make one with `colo keygen --out pair.key`, copy it to both hosts \
+         (mode 0600) and give both sides --pair-key pair.key; or run both with --insecure \
+         (then anyone who reaches their ports can write into the guest)"
+    )]
+    NoPairKey,
+    /// The pair key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] colo_auth::KeyError),
+    /// A connection of the pair did not authenticate.
+    #[error("{what}: authentication failed")]
+    Auth {
+        /// Which connection.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: colo_auth::AuthError,
+    },
+    /// No peer authenticated on a listener.
+    #[error(transparent)]
+    AuthAccept(#[from] colo_auth::AcceptError),
     /// `--transport rdma` where this build or this host cannot do RDMA.
     #[error("--transport rdma: {0}")]
     NoRdma(String),

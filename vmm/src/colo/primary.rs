@@ -46,6 +46,8 @@ pub struct Peer {
     pub transport: super::push::PushTransport,
     /// The VM's vCPU count, which the secondary's must match.
     pub vcpus: u32,
+    /// What every connection to the secondary authenticates with.
+    pub creds: colo_auth::Credentials,
 }
 
 /// How the pause began: until every vCPU parked (and each one's stop time), then reading
@@ -136,8 +138,13 @@ fn open_link(
     connect_timeout: Duration,
 ) -> Result<(Link, Box<dyn PushSender>, u64)> {
     let pair_id = peer.pair_id;
-    let mut ctl = ControlChannel::connect(&peer.addr, connect_timeout)
-        .map_err(ColoError::transport("connect to the secondary"))?;
+    let mut ctl = ControlChannel::connect_authenticated(
+        &peer.addr,
+        connect_timeout,
+        &peer.creds,
+        colo_auth::Role::Primary,
+    )
+    .map_err(ColoError::transport("connect to the secondary"))?;
     let hello = Hello::new(
         Role::Primary,
         pair_id,
@@ -173,7 +180,7 @@ fn open_link(
         .ok_or_else(|| ColoError::Resolve {
             addr: host.to_string(),
         })?;
-    let (push, abort) = super::push::connect(&peer.transport, addr.ip(), desc, ram)?;
+    let (push, abort) = super::push::connect(&peer.transport, addr.ip(), desc, ram, &peer.creds)?;
     let link = Link::start(ctl, params.heartbeat)?;
     // A silent secondary (stopped, or the network cut) never fails the push path by
     // itself: the heartbeat's verdict ends it, so a background push or a commit waiting for
@@ -209,9 +216,9 @@ fn crash_point(phase: &str, checkpoint: u64) {
 /// PVM may run meanwhile). `link`'s heartbeat verdict ends the disk link at once, so a
 /// copy (or later a barrier) gives up then rather than when the disk link's own stall
 /// timeout (10 s) runs out.
-fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &str, link: &Link) -> Result<()> {
-    let addr = super::blk_addr(peer)?;
-    let s =
+fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &Peer, link: &Link) -> Result<()> {
+    let addr = super::blk_addr(&peer.addr)?;
+    let mut s =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
             ColoError::Connect {
                 what: "disk replication",
@@ -220,6 +227,17 @@ fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &str, link: &Link) -> Result<
             }
         })?;
     let _ = s.set_nodelay(true);
+    colo_auth::connect(
+        &mut s,
+        &peer.creds,
+        colo_auth::Role::Primary,
+        colo_auth::Channel::Disk,
+        colo_auth::HANDSHAKE_TIMEOUT,
+    )
+    .map_err(|source| ColoError::Auth {
+        what: "disk replication",
+        source,
+    })?;
     d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
         .map_err(ColoError::disk("attach the secondary"))?;
     let disk = Arc::clone(d);
@@ -252,7 +270,7 @@ impl Primary {
             Some(d) => {
                 let t = Instant::now();
                 let link = self.peer()?;
-                sync_disk(d, &self.peer.addr, link).inspect(|()| {
+                sync_disk(d, &self.peer, link).inspect(|()| {
                     tracing::info!(
                         ms = t.elapsed().as_millis() as u64,
                         bytes = d.len(),
@@ -422,7 +440,7 @@ impl Primary {
         tracing::info!(peer = %self.peer.addr, "a new secondary joined: resynchronizing while serving");
         let t = Instant::now();
         if let Some(d) = &self.disk {
-            sync_disk(d, &self.peer.addr, &link)?;
+            sync_disk(d, &self.peer, &link)?;
         }
         // Every page, while the PVM runs; what it dirties meanwhile goes in the first
         // checkpoint.

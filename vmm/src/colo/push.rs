@@ -60,11 +60,19 @@ impl PushListener {
     /// # Errors
     /// [`ColoError::Transport`] when the listener cannot be set up (for RDMA: no device
     /// behind `ip`, or registration refused by the locked-memory limit).
-    pub fn bind(t: &PushTransport, ip: IpAddr, region: Arc<Region>, page: u32) -> Result<Self> {
+    pub fn bind(
+        t: &PushTransport,
+        ip: IpAddr,
+        region: Arc<Region>,
+        page: u32,
+        creds: &colo_auth::Credentials,
+    ) -> Result<Self> {
         match t {
-            PushTransport::Tcp { .. } => TcpPushListener::bind(&format!("{ip}:0"), region, page)
-                .map(Self::Tcp)
-                .map_err(ColoError::transport("bind the push listener")),
+            PushTransport::Tcp { .. } => {
+                TcpPushListener::bind(&format!("{ip}:0"), region, page, creds.clone())
+                    .map(Self::Tcp)
+                    .map_err(ColoError::transport("bind the push listener"))
+            }
             #[cfg(feature = "rdma")]
             PushTransport::Rdma(o) => {
                 colo_transport::rdma::RdmaListener::bind(SocketAddr::new(ip, 0), region, page, o)
@@ -113,6 +121,7 @@ pub fn connect(
     host: IpAddr,
     desc: RegionDesc,
     ram: Arc<Region>,
+    creds: &colo_auth::Credentials,
 ) -> Result<(Box<dyn PushSender>, Abort)> {
     match t {
         PushTransport::Tcp { streams } => {
@@ -120,6 +129,7 @@ pub fn connect(
                 SocketAddr::new(host, desc.port),
                 desc,
                 ram,
+                creds,
                 TcpPushOptions {
                     streams: *streams,
                     ..TcpPushOptions::default()

@@ -79,13 +79,17 @@ pub struct Pairing {
     pub transport: super::push::PushTransport,
     /// The VM's vCPU count.
     pub vcpus: u32,
+    /// What every connection from the primary must authenticate with.
+    pub creds: colo_auth::Credentials,
 }
 
 /// Accepts a primary on `listener` and sets up the cache and push path for a VM that has
-/// not run yet.
+/// not run yet. Connections that do not authenticate as the pair's primary are logged
+/// and dropped; the wait goes on until the primary comes or `stop` says so.
 ///
 /// # Errors
-/// Handshake, layout or socket failures.
+/// Handshake, layout or socket failures; [`ColoError::AuthAccept`] when stopped first.
+#[allow(clippy::too_many_arguments)]
 pub fn accept(
     listener: &TcpListener,
     vm: VmHandle,
@@ -94,14 +98,22 @@ pub fn accept(
     layout: colo_memory::GuestLayout,
     pairing: &Pairing,
     params: Params,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Secondary> {
     let (pair_id, transport) = (pairing.pair_id, &pairing.transport);
     // Map and pre-fault the cache before the primary is accepted: that takes about a
     // second per few GiB, and the primary waits for the region only a step's timeout.
     let bytes = layout.bytes();
     let cache = RamCache::new(layout, svm_ram)?;
-    let mut ctl =
-        ControlChannel::accept(listener).map_err(ColoError::transport("accept the primary"))?;
+    let (mut ctl, primary) = ControlChannel::accept_authenticated(
+        listener,
+        &pairing.creds,
+        colo_auth::Role::Secondary,
+        None,
+        stop,
+    )
+    .map_err(ColoError::transport("accept the primary"))?;
+    tracing::info!(%primary, "the primary authenticated");
     let hello = Hello::new(
         Role::Secondary,
         pair_id,
@@ -121,6 +133,7 @@ pub fn accept(
         ip,
         Arc::clone(cache.region()),
         PAGE_SIZE as u32,
+        &pairing.creds,
     )?;
     let desc: RegionDesc = pl.desc();
     ctl.send(&Message::Region(desc))

@@ -29,6 +29,27 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
     ]
 }
 
+/// The pair-key option both sides get: the user's `--pair-key` or `--insecure`, else a
+/// new key in `dir` (mode 0600, removed with `dir`).
+///
+/// # Errors
+/// A key that cannot be made or written.
+pub(super) fn pair_key(a: &PairArgs, dir: &Path) -> Result<String, ColoError> {
+    if a.colo.insecure {
+        return Ok("--insecure".into());
+    }
+    let path = match &a.colo.pair_key {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.join("pair.key");
+            let _ = std::fs::remove_file(&p);
+            colo_auth::PairKey::generate()?.write_new(&p)?;
+            p
+        }
+    };
+    Ok(format!("--pair-key={}", path.display()))
+}
+
 /// The VM options of `side` ("primary" or "secondary"): its disk and network socket in
 /// `dir`, the guest's address, its load.
 pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {

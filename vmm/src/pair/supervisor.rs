@@ -128,8 +128,11 @@ impl<'a> Supervisor<'a> {
         let alive = dir.join("primary.alive");
         std::fs::write(&alive, b"").map_err(ColoError::file("write", &alive))?;
         flags::copy_disk(a, dir)?;
-        let sec_args = flags::secondary_args(a, dir, port, &alive, &sec_events_path);
-        let pri_args = flags::primary_args(a, dir, port, &events_path);
+        let key = flags::pair_key(a, dir)?;
+        let mut sec_args = flags::secondary_args(a, dir, port, &alive, &sec_events_path);
+        let mut pri_args = flags::primary_args(a, dir, port, &events_path);
+        sec_args.push(key.clone());
+        pri_args.push(key);
         eprintln!(
             "colo pair: starting the secondary and the primary (scratch in {})",
             dir.display()

@@ -1,0 +1,244 @@
+//! Only the paired peer gets in, with the real `colo primary` and `colo secondary`
+//! processes on loopback: a side refuses to start without a key (or --insecure), a key file
+//! others can read is refused, a primary of another pair is refused by a waiting secondary
+//! (which logs it and goes on waiting for its own primary, which then gets in), and a
+//! stranger sending heartbeat frames to the secondary's port after its primary died does
+//! not delay the failover.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use colo_transport::control::{ControlChannel, Message};
+use common::{Reaper, wait_timeout};
+
+/// A scratch directory with two free consecutive loopback ports (control, disk).
+struct Scratch {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("colo-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = (0..100)
+            .find_map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = l.local_addr().ok()?.port();
+                (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
+                    .then_some(p)
+            })
+            .expect("two consecutive free ports");
+        Self { dir, port }
+    }
+
+    fn keygen(&self, name: &str) -> PathBuf {
+        let key = self.dir.join(name);
+        let out = common::colo()
+            .args(["keygen", &format!("--out={}", key.display())])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        key
+    }
+
+    /// A side's command with its disk and a drained network socket in the scratch dir.
+    fn side(&self, side: &str, tag: &str, key: Option<&Path>) -> Command {
+        let sock = self.dir.join(format!("{tag}.sock"));
+        if !sock.exists() {
+            let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+            std::thread::spawn(move || {
+                while let Ok((mut c, _)) = l.accept() {
+                    let _ = std::io::copy(&mut c, &mut std::io::sink());
+                }
+            });
+        }
+        let mut c = common::colo();
+        c.arg(side)
+            .arg(format!(
+                "--disk={}",
+                self.dir.join(format!("{tag}.img")).display()
+            ))
+            .arg(format!("--net-socket={}", sock.display()))
+            .arg("--heartbeat-timeout=800ms");
+        match side {
+            "secondary" => c.arg(format!("--listen=127.0.0.1:{}", self.port)),
+            _ => c.arg(format!("--peer=127.0.0.1:{}", self.port)),
+        };
+        if let Some(k) = key {
+            c.arg(format!("--pair-key={}", k.display()));
+        }
+        c
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `c` to its end (at most 60 s) and returns its exit success and stderr.
+fn run(mut c: Command) -> (bool, String) {
+    let mut child = Reaper(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_timeout(&mut child.0, Duration::from_secs(60)).expect("it ends");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.success(), err)
+}
+
+/// Starts `c` with its stderr lines on a channel.
+fn start(mut c: Command) -> (Reaper, crossbeam_channel::Receiver<String>) {
+    let mut child = Reaper(
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for pipe in [
+        Box::new(child.0.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.0.stdout.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    (child, rx)
+}
+
+/// Waits (at most `limit`) for a line containing `what`; returns every line seen.
+fn says(rx: &crossbeam_channel::Receiver<String>, what: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => {
+                seen.push(l);
+                return seen;
+            }
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("never said {what:?} ({e}); said:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn a_side_needs_a_private_key_or_says_it_runs_insecure() {
+    if !common::kvm() {
+        return;
+    }
+    let s = Scratch::new("auth-keys");
+    let (ok, err) = run(s.side("secondary", "s", None));
+    assert!(
+        !ok && err.contains("no pair key") && err.contains("colo keygen"),
+        "{err}"
+    );
+
+    let key = s.keygen("pair.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = common::colo()
+        .args(["keygen", &format!("--out={}", key.display())])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "keygen never replaces a key");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, err) = run(s.side("secondary", "s", Some(&key)));
+    assert!(
+        !ok && err.contains("0644") && err.contains("pair.key"),
+        "{err}"
+    );
+
+    // --insecure starts, and says so loudly (stopped by --duration while it waits).
+    let mut c = s.side("secondary", "s", None);
+    c.args(["--insecure", "--duration=2s"]);
+    let (ok, err) = run(c);
+    assert!(ok && err.contains("INSECURE"), "{err}");
+}
+
+/// Pair B's secondary waits; pair A's primary (another key) comes to its port and is
+/// refused, naming the other pair, and the secondary logs it and keeps waiting. B's own
+/// primary then gets in and checkpoints run. Then B's primary dies while a stranger sends
+/// heartbeat frames to the secondary's port: the failover comes anyway.
+#[test]
+fn two_pairs_do_not_cross_and_a_forged_heartbeat_does_not_delay_the_failover() {
+    if !common::kvm() {
+        return;
+    }
+    let s = Scratch::new("auth-cross");
+    let key_a = s.keygen("a.key");
+    let key_b = s.keygen("b.key");
+    let (mut secondary, sec) = start(s.side("secondary", "b-sec", Some(&key_b)));
+    says(&sec, "waiting for the primary", Duration::from_secs(30));
+
+    let mut stray = s.side("primary", "a-pri", Some(&key_a));
+    stray.arg("--duration=20s");
+    let (ok, err) = run(stray);
+    assert!(!ok && err.contains("another pair"), "{err}");
+    says(
+        &sec,
+        "refused a connection that did not authenticate",
+        Duration::from_secs(10),
+    );
+
+    let mut real = s.side("primary", "b-pri", Some(&key_b));
+    real.arg("--duration=60s");
+    let (mut primary, _pri) = start(real);
+    says(&sec, "the primary authenticated", Duration::from_secs(30));
+    // The SVM runs once the first checkpoint is loaded.
+    says(&sec, "[svm] serving on", Duration::from_secs(30));
+
+    // Kill the primary; a stranger keeps sending heartbeats to the secondary's port.
+    let port = s.port;
+    let forging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = std::sync::Arc::clone(&forging);
+    let forger = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while f.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let mut c = ControlChannel::from_tcp(s).unwrap();
+                for _ in 0..10 {
+                    if c.send(&Message::Heartbeat {
+                        seq: u64::from(sent),
+                    })
+                    .is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        sent
+    });
+    let killed = Instant::now();
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    says(&sec, "FAILOVER", Duration::from_secs(10));
+    let took = killed.elapsed();
+    forging.store(false, std::sync::atomic::Ordering::SeqCst);
+    let sent = forger.join().unwrap();
+    assert!(sent > 0, "the forger sent heartbeats");
+    eprintln!("failover {took:?} after the kill, {sent} forged heartbeats sent meanwhile");
+    let _ = secondary.0.kill();
+    let _ = std::io::stdout().flush();
+}
