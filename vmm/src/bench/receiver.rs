@@ -124,7 +124,7 @@ fn push_session(
         "127.0.0.1:0",
         Arc::clone(region),
         PAGE_SIZE,
-        colo_transport::testing::credentials(),
+        super::protocol::bench_credentials(),
     )
     .map_err(Error::transport("binding the push listener"))?;
     ctrl.send(&Message::Region(*listener.desc()))

@@ -268,7 +268,7 @@ fn push_session(
         addr,
         desc,
         Arc::clone(source),
-        &colo_transport::testing::credentials(),
+        &super::protocol::bench_credentials(),
         opts,
     )
     .map_err(Error::transport("connecting the push sender"))?;
