@@ -17,12 +17,27 @@ pub type DoubleSender = VerbsSender<SimEndpoint>;
 
 /// The receiving side: a registered target region and the connection that writes into it.
 /// A new [`connect`](Self::connect) replaces the connection and continues from the last
-/// committed epoch.
+/// committed epoch. Like the device path, every connection gets a registration of its
+/// own: a second connection registers the region again with a new rkey (see
+/// [`renew`](Self::renew)), so a sender still holding an earlier descriptor writes
+/// nothing.
 #[derive(Debug)]
 pub struct DoubleReceiver {
     desc: RegionDesc,
     target: Arc<Region>,
     inner: Mutex<Option<VerbsReceiver<SimEndpoint>>>,
+    /// Whether a connection used the current registration.
+    used: bool,
+}
+
+/// A fresh 32-bit rkey, never `old`.
+fn fresh_rkey(old: u64) -> u64 {
+    loop {
+        let k = crate::push::random_key() & u64::from(u32::MAX);
+        if k != old && k != 0 {
+            return k;
+        }
+    }
 }
 
 impl DoubleReceiver {
@@ -31,7 +46,7 @@ impl DoubleReceiver {
         let desc = RegionDesc {
             addr: target.as_ptr() as u64,
             // A verbs rkey is 32 bits.
-            key: u64::from(0x5eed_0001 ^ (target.len() as u32)),
+            key: fresh_rkey(0),
             len: target.len() as u64,
             page_size,
             port: 0,
@@ -40,7 +55,20 @@ impl DoubleReceiver {
             desc,
             target,
             inner: Mutex::new(None),
+            used: false,
         }
+    }
+
+    /// Registers the region again for the next connection (a new rkey; the old one
+    /// writes nothing from now on) and returns the descriptor to hand its sender.
+    pub fn renew(&mut self) -> RegionDesc {
+        self.desc.key = fresh_rkey(self.desc.key);
+        self.used = false;
+        tracing::debug!(
+            rkey = self.desc.key,
+            "region registered again for a new connection"
+        );
+        self.desc
     }
 
     /// Connects a sender that writes from `source` using `remote` (normally this
@@ -50,7 +78,7 @@ impl DoubleReceiver {
     /// # Errors
     /// As [`connect_with`](Self::connect_with).
     pub fn connect(
-        &self,
+        &mut self,
         remote: RegionDesc,
         source: Arc<Region>,
         faults: Faults,
@@ -70,13 +98,19 @@ impl DoubleReceiver {
     /// [`Error::Protocol`] for a key wider than an rkey, [`Error::Memory`] or
     /// [`Error::Thread`] if the simulated queue pair cannot be set up.
     pub fn connect_with(
-        &self,
+        &mut self,
         remote: RegionDesc,
         source: Arc<Region>,
         faults: Faults,
         cfg: SimConfig,
         opts: VerbsOptions,
     ) -> Result<DoubleSender> {
+        if self.used {
+            // A registration serves one connection: one that did not ask for a new one
+            // (renew) still gets it, and its sender's descriptor is stale.
+            self.renew();
+        }
+        self.used = true;
         let rkey = crate::verbs::rkey_of(self.desc.key)?;
         // Receive buffers sized as the verbs endpoints size them: releases to the writer,
         // commits of this region's bitmap to the region's side.

@@ -50,7 +50,7 @@ fn runs(pages: &[u64]) -> impl Iterator<Item = WriteRun> + '_ {
 #[test]
 fn fence_returns_only_after_every_write_landed() {
     let (src, dst) = regions();
-    let rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
+    let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
     let mut tx = rx
         .connect(*rx.desc(), Arc::clone(&src), Faults::default())
         .unwrap();
@@ -450,11 +450,66 @@ fn a_wrong_key_in_the_descriptor_fails_the_first_write() {
 #[test]
 fn a_key_wider_than_an_rkey_is_refused_at_connect() {
     let (src, dst) = regions();
-    let rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
+    let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
     let mut desc = *rx.desc();
     desc.key |= 1 << 40;
     assert!(matches!(
         rx.connect(desc, src, Faults::default()),
         Err(Error::Protocol(_))
     ));
+}
+
+/// Every connection gets its own registration: a second connection registers the region
+/// again with a new rkey, so a sender that kept the first descriptor fails its first write
+/// with a remote access error, the receiver reports it, and not a byte of the region
+/// changes; the sender given the new descriptor writes.
+#[test]
+fn a_new_connection_gets_a_new_rkey_and_the_old_one_writes_nothing() {
+    let (src, dst) = regions();
+    let mut rx = DoubleReceiver::new(Arc::clone(&dst), PAGE);
+    let old = *rx.desc();
+    let mut tx = rx
+        .connect(old, Arc::clone(&src), Faults::default())
+        .unwrap();
+    fill(&src, 1, &[2]);
+    let first = push_epoch(&mut tx, runs(&[2]), &bitmap_of(&[2], PAGES)).unwrap();
+    assert_eq!(first.epoch, 1);
+    assert_eq!(rx.next_commit(T).unwrap().epoch, 1);
+    rx.release(1).unwrap();
+    assert_landed(&dst, 1, &[2]);
+    drop(tx);
+
+    // Reconnecting with the first descriptor: the region was registered again.
+    let mut stale = rx
+        .connect(old, Arc::clone(&src), Faults::default())
+        .unwrap();
+    assert_ne!(rx.desc().key, old.key, "a new rkey for the new connection");
+    fill(&src, 2, &[2, 3]);
+    let e = push_epoch(&mut stale, runs(&[2, 3]), &bitmap_of(&[2, 3], PAGES)).unwrap_err();
+    assert!(is_status(&e, WcStatus::RemoteAccess), "{e}");
+    assert!(matches!(rx.next_commit(T), Err(Error::Completion { .. })));
+    assert_landed(&dst, 1, &[2]);
+    let mut page = vec![1u8; PAGE as usize];
+    dst.read_at(3 * u64::from(PAGE), &mut page).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "a write with an old rkey landed"
+    );
+    drop(stale);
+
+    // The owner renews the registration and hands out the new descriptor.
+    let fresh = rx.renew();
+    assert_ne!(fresh.key, old.key);
+    let mut tx = rx
+        .connect(fresh, Arc::clone(&src), Faults::default())
+        .unwrap();
+    assert_eq!(
+        push_epoch(&mut tx, runs(&[2, 3]), &bitmap_of(&[2, 3], PAGES))
+            .unwrap()
+            .epoch,
+        2,
+        "the new connection continues from the last committed epoch"
+    );
+    assert_eq!(rx.next_commit(T).unwrap().epoch, 2);
+    assert_landed(&dst, 2, &[2, 3]);
 }

@@ -244,6 +244,18 @@ impl<T: PushReceiver + ?Sized> PushReceiver for Box<T> {
     }
 }
 
+/// A random key from the OS (a region key, an rkey of the double).
+pub(crate) fn random_key() -> u64 {
+    let mut k = [0u8; 8];
+    match getrandom::fill(&mut k) {
+        Ok(()) => u64::from_ne_bytes(k),
+        // The OS has no randomness to give (not on Linux since 3.17): keep a usable key.
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

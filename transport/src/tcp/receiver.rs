@@ -59,7 +59,7 @@ impl TcpPushListener {
             .port();
         let desc = RegionDesc {
             addr: region.as_ptr() as u64,
-            key: random_key(),
+            key: crate::push::random_key(),
             len: region.len() as u64,
             page_size,
             port,
@@ -198,20 +198,6 @@ impl TcpPushListener {
         s.set_read_timeout(None)
             .map_err(|e| opt("SO_RCVTIMEO", e))?;
         Ok((stream, streams, s))
-    }
-}
-
-fn random_key() -> u64 {
-    let mut k = [0u8; 8];
-    // SAFETY: k is a valid 8-byte buffer.
-    let n = unsafe { libc::getrandom(k.as_mut_ptr().cast(), k.len(), 0) };
-    if n == 8 {
-        u64::from_ne_bytes(k)
-    } else {
-        // getrandom cannot fail for 8 bytes on Linux >= 3.17; keep a usable key anyway.
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
     }
 }
 
