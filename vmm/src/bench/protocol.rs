@@ -144,6 +144,15 @@ impl Reply {
     }
 }
 
+/// What the push streams of `colo bench transport` authenticate with: a fixed key, as the
+/// receiver is this machine's own child on loopback (checked at its start) and the
+/// benchmark measures the authenticated path, not key handling.
+pub fn bench_credentials() -> colo_auth::Credentials {
+    colo_auth::Credentials::key(colo_auth::PairKey::from_bytes(
+        *b"colo bench transport, loopback!!",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,13 +185,4 @@ mod tests {
         assert_eq!(Request::parse("raw x"), None);
         assert_eq!(Reply::parse("checksum 1 zz 1 1"), None);
     }
-}
-
-/// What the push streams of `colo bench transport` authenticate with: a fixed key, as the
-/// receiver is this machine's own child on loopback (checked at its start) and the
-/// benchmark measures the authenticated path, not key handling.
-pub fn bench_credentials() -> colo_auth::Credentials {
-    colo_auth::Credentials::key(colo_auth::PairKey::from_bytes(
-        *b"colo bench transport, loopback!!",
-    ))
 }
