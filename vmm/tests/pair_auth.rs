@@ -3,7 +3,8 @@
 //! others can read is refused, a primary of another pair is refused by a waiting secondary
 //! (which logs it and goes on waiting for its own primary, which then gets in), and a
 //! stranger sending heartbeat frames to the secondary's port after its primary died does
-//! not delay the failover.
+//! not delay the failover, nor does a stranger's disk copy on the disk replication port
+//! reach the secondary's disk.
 
 mod common;
 
@@ -13,8 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use colo_blk::SyncMode;
+use colo_blk::wire::Frame;
 use colo_transport::control::{ControlChannel, Message};
 use common::{Reaper, wait_timeout};
+
+/// What the stranger writes onto the secondary's disk, if it could.
+const STRANGER: &[u8] = b"STRANGER";
 
 /// A scratch directory with two free consecutive loopback ports (control, disk).
 struct Scratch {
@@ -198,10 +204,41 @@ fn two_pairs_do_not_cross_and_a_forged_heartbeat_does_not_delay_the_failover() {
         Duration::from_secs(10),
     );
 
+    // A stranger on the disk replication port, speaking colo-blk as a primary would: a
+    // Hello, then a whole disk copy whose first sector says STRANGER. It waits in the
+    // listener's queue ahead of the real primary's disk link.
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", s.port + 1)).unwrap();
+    let mut forged = Vec::new();
+    forged.extend_from_slice(
+        &Frame::Hello {
+            disk_len: 16 << 20,
+            mode: SyncMode::Resync,
+        }
+        .to_bytes(),
+    );
+    forged.extend_from_slice(
+        &Frame::SyncData {
+            seq: 1,
+            offset: 0,
+            len: 512,
+        }
+        .to_bytes(),
+    );
+    forged.extend_from_slice(&STRANGER.repeat(512 / STRANGER.len()));
+    forged.extend_from_slice(&Frame::SyncDone { seq: 2, epoch: 1 }.to_bytes());
+    stranger.write_all(&forged).unwrap();
+
     let mut real = s.side("primary", "b-pri", Some(&key_b));
     real.arg("--duration=60s");
     let (mut primary, _pri) = start(real);
     says(&sec, "the primary authenticated", Duration::from_secs(30));
+    let refused = says(
+        &sec,
+        "refused a connection that did not authenticate",
+        Duration::from_secs(30),
+    );
+    let line = refused.last().unwrap();
+    assert!(line.contains("disk") && line.contains("not colo"), "{line}");
     // The SVM runs once the first checkpoint is loaded.
     says(&sec, "[svm] serving on", Duration::from_secs(30));
 
@@ -239,6 +276,16 @@ fn two_pairs_do_not_cross_and_a_forged_heartbeat_does_not_delay_the_failover() {
     let sent = forger.join().unwrap();
     assert!(sent > 0, "the forger sent heartbeats");
     eprintln!("failover {took:?} after the kill, {sent} forged heartbeats sent meanwhile");
+    // The secondary serves on; its disk (the buffer flushed into it at the takeover) holds
+    // nothing of the stranger's.
+    std::thread::sleep(Duration::from_millis(500));
     let _ = secondary.0.kill();
+    let _ = secondary.0.wait();
+    drop(stranger);
+    let disk = std::fs::read(s.dir.join("b-sec.img")).unwrap();
+    assert!(
+        !disk.windows(STRANGER.len()).any(|w| w == STRANGER),
+        "the stranger's sector reached the secondary's disk"
+    );
     let _ = std::io::stdout().flush();
 }
