@@ -47,24 +47,26 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const FLAG_INSECURE: u8 = 1;
 const VERDICT_OK: u8 = 0;
 
-/// Which side of a pair a peer is.
+/// Which side of a pair a peer is (the control protocol's Hello names it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Runs the PVM.
+    /// Runs the PVM, serves clients, drives checkpoints.
     Primary,
-    /// Runs the SVM.
+    /// Runs the SVM and holds the RAM cache.
     Secondary,
 }
 
 impl Role {
-    fn code(self) -> u8 {
+    /// Its code on the wire.
+    pub fn code(self) -> u8 {
         match self {
             Self::Primary => 1,
             Self::Secondary => 2,
         }
     }
 
-    fn from_code(c: u8) -> Option<Self> {
+    /// The role of a wire code, if it is one.
+    pub fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(Self::Primary),
             2 => Some(Self::Secondary),

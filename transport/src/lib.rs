@@ -28,7 +28,9 @@
 //! let guest = Arc::new(Region::anonymous(64 * 4096)?);
 //! guest.write_at(5 * 4096, b"dirty page")?;
 //!
-//! let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), 4096, crate::testing::credentials())?;
+//! // Both sides hold the pair's key; every stream proves it before anything else.
+//! let creds = colo_auth::Credentials::generate()?;
+//! let listener = TcpPushListener::bind("127.0.0.1:0", Arc::clone(&cache), 4096, creds.clone())?;
 //! let desc = *listener.desc();
 //! let rx = std::thread::spawn(move || -> colo_transport::Result<_> {
 //!     let mut rx = listener.accept(std::time::Duration::from_secs(5))?;
@@ -37,7 +39,7 @@
 //!     Ok((c, rx))
 //! });
 //! let addr = ([127, 0, 0, 1], desc.port).into();
-//! let mut tx = TcpPushSender::connect(addr, desc, guest, &crate::testing::credentials(), TcpPushOptions::default())?;
+//! let mut tx = TcpPushSender::connect(addr, desc, guest, &creds, TcpPushOptions::default())?;
 //! let mut dirty = PageBitmap::new(64);
 //! dirty.set(5);
 //! push_epoch(&mut tx, [WriteRun::pages(5, 1, 4096)], &dirty)?;

@@ -33,14 +33,7 @@ impl Scratch {
         let dir = std::env::temp_dir().join(format!("colo-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = (0..100)
-            .find_map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-                let p = l.local_addr().ok()?.port();
-                (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
-                    .then_some(p)
-            })
-            .expect("two consecutive free ports");
+        let port = common::two_free_ports();
         Self { dir, port }
     }
 

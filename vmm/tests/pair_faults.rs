@@ -307,14 +307,7 @@ impl TwoSides {
         std::fs::create_dir_all(&dir).unwrap();
         // The secondary listens on this port and the next (disk replication): both must
         // be free, or it exits at once ("listen for disk replication: address in use").
-        let port = (0..100)
-            .find_map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-                let p = l.local_addr().ok()?.port();
-                (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
-                    .then_some(p)
-            })
-            .expect("two consecutive free ports");
+        let port = common::two_free_ports();
         for side in ["primary", "secondary"] {
             let l =
                 std::os::unix::net::UnixListener::bind(dir.join(format!("{side}.sock"))).unwrap();

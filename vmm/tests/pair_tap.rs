@@ -47,15 +47,9 @@ fn the_users_client_on_a_tap_is_served_across_a_failover_and_its_data_is_on_disk
     if !common::root_and_kvm() {
         return;
     }
-    let Some(ns) = Netns::add(format!("colo-ptap-{}", std::process::id())) else {
+    let Some(ns) = Netns::with_loopback(format!("colo-ptap-{}", std::process::id())) else {
         return;
     };
-    // The two sides talk over loopback, which a new namespace has down.
-    let lo = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-        .status()
-        .unwrap();
-    assert!(lo.success());
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("vm.img");
     let child = Command::new("ip")
@@ -128,14 +122,9 @@ fn a_guest_that_powers_off_ends_the_pair() {
     if !common::root_and_kvm() {
         return;
     }
-    let Some(ns) = Netns::add(format!("colo-poff-{}", std::process::id())) else {
+    let Some(ns) = Netns::with_loopback(format!("colo-poff-{}", std::process::id())) else {
         return;
     };
-    let lo = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-        .status()
-        .unwrap();
-    assert!(lo.success());
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("vm.img");
     let child = Command::new("ip")

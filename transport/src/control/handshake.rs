@@ -12,40 +12,7 @@ pub const MAX_REGIONS: usize = 64;
 /// Most vCPUs a handshake may announce.
 pub const MAX_VCPUS: u32 = 1024;
 
-/// Which side of the pair a peer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Role {
-    /// Runs the PVM, serves clients, drives checkpoints.
-    Primary,
-    /// Runs the SVM and holds the RAM cache.
-    Secondary,
-}
-
-impl Role {
-    fn code(self) -> u8 {
-        match self {
-            Self::Primary => 1,
-            Self::Secondary => 2,
-        }
-    }
-
-    fn from_code(c: u8) -> Result<Self> {
-        match c {
-            1 => Ok(Self::Primary),
-            2 => Ok(Self::Secondary),
-            other => Err(Error::Protocol(format!("unknown role code {other}"))),
-        }
-    }
-
-    /// The other role.
-    pub fn peer(self) -> Self {
-        match self {
-            Self::Primary => Self::Secondary,
-            Self::Secondary => Self::Primary,
-        }
-    }
-}
+pub use colo_auth::Role;
 
 /// One guest memory region: guest-physical base and length in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +245,8 @@ impl Hello {
             })
             .collect();
         let h = Self {
-            role: Role::from_code(fixed.role)?,
+            role: Role::from_code(fixed.role)
+                .ok_or_else(|| Error::Protocol(format!("unknown role code {}", fixed.role)))?,
             pair_id: fixed.pair_id.get(),
             page_size: fixed.page_size.get(),
             features: fixed.features.get(),

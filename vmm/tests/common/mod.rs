@@ -82,6 +82,34 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Creates the namespace `name` with its loopback up (a new namespace has it down,
+    /// and the two sides of a pair talk over it); says that the test is skipped if that
+    /// fails.
+    pub fn with_loopback(name: String) -> Option<Self> {
+        let ns = Self::add(name)?;
+        let lo = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(lo.success(), "loopback up in {}", ns.0);
+        Some(ns)
+    }
+}
+
+/// A loopback port P with P + 1 free too (a secondary's control and disk replication
+/// ports).
+#[allow(dead_code)]
+pub fn two_free_ports() -> u16 {
+    (0..100)
+        .find_map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let p = l.local_addr().ok()?.port();
+            (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()).then_some(p)
+        })
+        .expect("two consecutive free ports")
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
