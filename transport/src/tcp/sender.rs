@@ -242,9 +242,13 @@ impl TcpPushSender {
             let (tx, rx) = crossbeam_channel::bounded(opts.queue_depth.max(1));
             let src = Arc::clone(&source);
             let done_tx = done_tx.clone();
+            let raw = s.try_clone().map_err(|source| Error::SocketOption {
+                option: "dup",
+                source,
+            })?;
             let thread = std::thread::Builder::new()
                 .name(format!("push-tx-{i}"))
-                .spawn(move || worker(s, &src, &rx, &done_tx))
+                .spawn(move || worker(s, &raw, &src, &rx, &done_tx))
                 .map_err(Error::Thread)?;
             workers.push(Worker {
                 tx,
@@ -481,7 +485,15 @@ impl Drop for TcpPushSender {
     }
 }
 
-fn worker(mut s: TcpStream, src: &Region, rx: &Receiver<Cmd>, done: &Sender<Done>) {
+/// One stream's sender thread. `s` is the stream as the protocol reads and writes it (a
+/// socket, or a record layer over one); `raw` is the socket itself, shut down on failure.
+fn worker<S: ScatterIo>(
+    mut s: S,
+    raw: &TcpStream,
+    src: &Region,
+    rx: &Receiver<Cmd>,
+    done: &Sender<Done>,
+) {
     let mut table: Vec<u8> = Vec::new();
     let mut iovs: Vec<libc::iovec> = Vec::new();
     for cmd in rx {
@@ -510,7 +522,7 @@ fn worker(mut s: TcpStream, src: &Region, rx: &Receiver<Cmd>, done: &Sender<Done
             }
         };
         if let Err(e) = r {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = raw.shutdown(std::net::Shutdown::Both);
             let _ = done.send(Done::Failed(e));
             return;
         }
@@ -518,7 +530,7 @@ fn worker(mut s: TcpStream, src: &Region, rx: &Receiver<Cmd>, done: &Sender<Done
 }
 
 fn send_batch(
-    s: &mut TcpStream,
+    s: &mut impl ScatterIo,
     src: &Region,
     b: &Batch,
     table: &mut Vec<u8>,
@@ -554,7 +566,12 @@ fn send_batch(
     unsafe { s.write_all_iov(iovs) }.map_err(Error::Send)
 }
 
-fn round_trip(s: &mut TcpStream, req: PushFrame, body: &[u8], want: PushFrame) -> Result<()> {
+fn round_trip(
+    s: &mut impl ScatterIo,
+    req: PushFrame,
+    body: &[u8],
+    want: PushFrame,
+) -> Result<()> {
     let mut hdr = req.to_bytes();
     let mut iovs = [
         libc::iovec {
