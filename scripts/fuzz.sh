@@ -43,7 +43,7 @@ proptests() {
     echo "fuzz: the proptest equivalents failed (or none ran)" >&2
     exit 1
   fi
-  echo "fuzz: $passed proptests of the fuzz targets' bodies passed, 10,000 cases each"
+  echo "fuzz: $passed tests of the fuzz targets' bodies passed (the proptests with 10,000 cases each)"
 }
 
 if [ "${COLO_FUZZ:-}" = proptest ]; then
