@@ -138,7 +138,8 @@ for pt in "${chosen[@]}"; do
     echo "fuzz: $p/$t: ${seeds:-0} corpus and seed inputs replayed, ${runs:-?} executions in ${secs}s, 0 crashes"
   else
     echo "fuzz: $p/$t FAILED (exit $status; $crashes crash inputs saved in $p/fuzz/artifacts/$t); its last lines:" >&2
-    grep -v -E '^#[0-9]+\s+(NEW|REDUCE|pulse)' "$log" | tail -n 25 >&2
+    # libFuzzer's report and the reproduce line, without cargo-fuzz's own backtrace.
+    awk '/^Stack backtrace:/ {exit} !/^#[0-9]+[ \t]+(NEW|REDUCE|pulse)/' "$log" | tail -n 40 >&2
     failed+=("$pt")
   fi
 done
