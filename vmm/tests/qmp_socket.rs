@@ -136,6 +136,49 @@ fn qmp_mode_sets_the_socket_mode() {
     primary_serves_then_ends(&["--qmp-mode=660"], 0o660);
 }
 
+/// Two free consecutive loopback ports: the secondary's control port and its disk port.
+fn two_free_ports() -> u16 {
+    (0..100)
+        .find_map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let p = l.local_addr().ok()?.port();
+            (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()).then_some(p)
+        })
+        .expect("two consecutive free ports")
+}
+
+/// A pair that runs its course: the primary stops after --duration, the secondary ends
+/// when its primary leaves; both exit 0 and both sockets are gone.
+#[test]
+fn both_sides_of_a_pair_remove_their_sockets_when_the_pair_ends() {
+    if !kvm() {
+        return;
+    }
+    let port = two_free_ports();
+    let (sec, pri) = (Side::new(), Side::new());
+    let mut s = sec.command("secondary");
+    s.arg(format!("--listen=127.0.0.1:{port}"));
+    let mut s = Reaper(
+        s.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut p = pri.command("primary");
+    p.args([&format!("--peer=127.0.0.1:{port}"), "--duration=2s"]);
+    let out = run(p);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the primary runs its course:\n{log}");
+    assert!(
+        log.contains("COLO running"),
+        "the pair was protected:\n{log}"
+    );
+    let end = wait_timeout(&mut s.0, Duration::from_secs(30)).expect("the secondary ends");
+    assert!(end.success(), "the secondary ends normally: {end:?}");
+    assert!(gone(&pri.qmp()), "the primary's QMP socket is removed");
+    assert!(gone(&sec.qmp()), "the secondary's QMP socket is removed");
+}
+
 /// A side that fails after its socket was served (here: its guest image is missing)
 /// removes the socket on its way out. Needs no KVM: the socket comes before the VM.
 #[test]
