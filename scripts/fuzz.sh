@@ -37,7 +37,8 @@ proptests() {
   PROPTEST_CASES=10000 cargo test --workspace --all-features --lib fuzzing >"$log" 2>&1
   status=$?
   set -e
-  passed=$(grep -Eo '^test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+  passed=$( (grep -Eo '^test result: ok\. [0-9]+ passed' "$log" || true) |
+    awk '{s+=$4} END {print s+0}')
   if [ "$status" -ne 0 ] || [ "$passed" -eq 0 ]; then
     grep -E '^test .* FAILED$|panicked|^error' "$log" | tail -n 40 >&2 || tail -n 40 "$log" >&2
     echo "fuzz: the proptest equivalents failed (or none ran)" >&2
@@ -92,7 +93,14 @@ case $mode in
     shift 2
     chosen=()
     for want in "$@"; do
-      for pt in "${all[@]}"; do [ "${pt#*/}" = "$want" ] && chosen+=("$pt"); done
+      n=${#chosen[@]}
+      for pt in "${all[@]}"; do
+        if [ "${pt#*/}" = "$want" ]; then chosen+=("$pt"); fi
+      done
+      if ((${#chosen[@]} == n)); then
+        echo "fuzz: no target named $want; the targets: ${all[*]#*/}" >&2
+        exit 2
+      fi
     done
     ((${#chosen[@]})) || chosen=("${all[@]}")
     ;;
