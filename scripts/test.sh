@@ -2,7 +2,8 @@
 # The project's test command (README.md). Works on a fresh Debian machine with the Rust
 # toolchain: installs the system packages the build needs if they are missing, then runs
 # rustfmt, clippy and the whole test suite with every feature (so the verbs RDMA backend is
-# compiled and linted even where no RDMA device exists).
+# compiled and linted even where no RDMA device exists), and a short run of every fuzz
+# target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +43,13 @@ if [ "$passed" -eq 0 ]; then
   exit 1
 fi
 echo "==> $passed tests passed"
+
+# Bad input: every cargo-fuzz target replays its corpus and seeds, then fuzzes a few
+# seconds, the whole step within 5 minutes (cargo-fuzz is installed if missing); where it
+# cannot be, one line says why and the targets' bodies run as 10,000-case proptests.
+# Long runs are by hand: scripts/fuzz.sh long SECONDS (README.md, "Fuzzing").
+echo "==> fuzz"
+bash scripts/fuzz.sh short
 
 # The verbs device tests: on rxe where the kernel has it; a clear skip line elsewhere.
 echo "==> soft-RoCE device tests"

@@ -11,6 +11,7 @@
 //! connection is refused within its handshake timeout and the listener keeps waiting for
 //! the real peer. Without encryption, someone who can read the traffic sees guest memory.
 
+pub mod fuzzing;
 pub mod handshake;
 mod key;
 

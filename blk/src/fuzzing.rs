@@ -194,8 +194,18 @@ mod tests {
         primary_acks(&two);
     }
 
+    /// 64 cases unless `PROPTEST_CASES` says otherwise (the test command's fallback for
+    /// machines without cargo-fuzz sets it to 10,000).
+    fn config() -> ProptestConfig {
+        if std::env::var_os("PROPTEST_CASES").is_some() {
+            ProptestConfig::default()
+        } else {
+            ProptestConfig::with_cases(64)
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(config())]
         #[test]
         fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             secondary_stream(&data);

@@ -566,12 +566,7 @@ fn send_batch(
     unsafe { s.write_all_iov(iovs) }.map_err(Error::Send)
 }
 
-fn round_trip(
-    s: &mut impl ScatterIo,
-    req: PushFrame,
-    body: &[u8],
-    want: PushFrame,
-) -> Result<()> {
+fn round_trip(s: &mut impl ScatterIo, req: PushFrame, body: &[u8], want: PushFrame) -> Result<()> {
     let mut hdr = req.to_bytes();
     let mut iovs = [
         libc::iovec {

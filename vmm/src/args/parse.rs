@@ -81,6 +81,24 @@ pub fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
     parse_ms(&format!("{t}s"))
 }
 
+/// Parses a file mode in octal (`600`, `0660`, `0o640`): only the permission bits, at most
+/// 777.
+pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!(
+            "'{s}' is not an octal mode like 600 or 660 (digits 0 to 7)"
+        ));
+    }
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' has bits beyond 777: only the permission bits may be given"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +128,22 @@ mod tests {
         }
         // Where zero means nothing sensible, it stays refused.
         assert!(parse_ms("0").is_err());
+    }
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("0o640"), Ok(0o640));
+        assert_eq!(parse_mode("777"), Ok(0o777));
+        for bad in ["", "rw", "680", "-600", "+600", "6 0", "0x1ff"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?} is not octal");
+        }
+        for too_wide in ["1777", "4755", "7777", "77777777777777"] {
+            assert!(
+                parse_mode(too_wide).is_err(),
+                "{too_wide:?} has bits beyond 777"
+            );
+        }
     }
 }

@@ -14,9 +14,10 @@ use super::event::{Events, Side};
 use super::link::Heartbeat;
 use super::primary;
 use super::push::PushTransport;
+use super::qmp::{self, QmpSocket};
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
-use crate::args::{VmArgs, parse_ms, parse_ms_or_zero, parse_secs};
+use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs};
 use crate::interrupt::{catch_interrupts, interrupted};
 
 /// Which page-push transport to use.
@@ -86,9 +87,15 @@ pub struct ColoArgs {
     /// the protected guest's memory and disk. For tests on a closed network only.
     #[arg(long)]
     pub insecure: bool,
-    /// Serve a QMP-compatible control socket here (mode 0600).
+    /// Serve a QMP-compatible control socket here (mode 0600 unless --qmp-mode says
+    /// otherwise). A stale socket at the path is replaced; anything else there is refused.
+    /// The socket is removed when the side ends.
     #[arg(long)]
     pub qmp: Option<PathBuf>,
+    /// The QMP socket's mode, in octal (e.g. 660 to let the owner's group connect too);
+    /// at most 777.
+    #[arg(long, requires = "qmp", default_value = "600", value_parser = parse_mode)]
+    pub qmp_mode: u32,
     /// Stop after this long (e.g. 30s, 2m; plain numbers are seconds).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
@@ -180,6 +187,25 @@ impl ColoArgs {
     #[cfg(not(feature = "rdma"))]
     fn rdma(&self, _devices: &[String]) -> Result<PushTransport> {
         unreachable!("rdma_devices() never finds devices without the rdma feature")
+    }
+
+    /// Serves the QMP socket of `--qmp`, if given, before anything else is set up, so a
+    /// bad path is refused at once. The socket lives as long as the returned value.
+    fn serve_qmp(&self, side: Side, params: &Params) -> Result<Option<QmpSocket>> {
+        let Some(path) = &self.qmp else {
+            return Ok(None);
+        };
+        let st = qmp::QmpState::new(
+            side,
+            params.checkpoint_delay.as_millis() as u64,
+            (
+                params.heartbeat.interval.as_millis() as u64,
+                params.heartbeat.timeout.as_millis() as u64,
+            ),
+        );
+        let socket = qmp::serve(path, self.qmp_mode, st)?;
+        tracing::info!(path = %path.display(), mode = format_args!("{:o}", self.qmp_mode), "QMP socket ready");
+        Ok(Some(socket))
     }
 
     fn stop_fn(&self) -> impl Fn() -> bool + use<> {
@@ -275,6 +301,8 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
+    // Removes the socket file when this function returns, however it returns.
+    let qmp_socket = a.colo.serve_qmp(Side::Primary, &params)?;
     let mut pdisk = None;
     let machine =
         a.vm.build_with("primary", ConsoleSink::Stdout("pvm".into()), |d| {
@@ -292,22 +320,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
     let events = connect_events(a.events.as_deref())?;
-    let qmp = match &a.colo.qmp {
-        Some(path) => {
-            let st = super::qmp::QmpState::new(
-                Side::Primary,
-                params.checkpoint_delay.as_millis() as u64,
-                (
-                    params.heartbeat.interval.as_millis() as u64,
-                    params.heartbeat.timeout.as_millis() as u64,
-                ),
-            );
-            super::qmp::serve(path, std::sync::Arc::clone(&st))?;
-            tracing::info!(path = %path.display(), "QMP socket ready");
-            Some(st)
-        }
-        None => None,
-    };
+    let qmp = qmp_socket.as_ref().map(QmpSocket::state);
     let peer = match (&a.peer, &qmp) {
         (Some(p), _) => p.clone(),
         (None, Some(q)) => {
@@ -391,6 +404,8 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
+    // Removes the socket file when this function returns, however it returns.
+    let qmp_socket = a.colo.serve_qmp(Side::Secondary, &params)?;
     colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
     let machine =
@@ -423,21 +438,6 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         source,
     })?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
-    let qmp = match &a.colo.qmp {
-        Some(path) => {
-            let st = super::qmp::QmpState::new(
-                Side::Secondary,
-                params.checkpoint_delay.as_millis() as u64,
-                (
-                    params.heartbeat.interval.as_millis() as u64,
-                    params.heartbeat.timeout.as_millis() as u64,
-                ),
-            );
-            super::qmp::serve(path, std::sync::Arc::clone(&st))?;
-            Some(st)
-        }
-        None => None,
-    };
     let stop = a.colo.stop_fn();
     let pairing = secondary::Pairing {
         pair_id: a.colo.pair_id,
@@ -454,7 +454,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    s.qmp = qmp;
+    s.qmp = qmp_socket.as_ref().map(QmpSocket::state);
     s.takeover_check = a.takeover_check.clone();
     s.events = events;
     if let Some(d) = sdisk {

@@ -208,6 +208,28 @@ pub enum ColoError {
         /// What came.
         got: serde_json::Value,
     },
+    /// `--qmp`: something other than a socket is at the path; it is left as it is.
+    #[error(
+        "--qmp {}: {kind} is there; only a stale socket is replaced (remove it or choose \
+         another path)",
+        path.display()
+    )]
+    QmpPathTaken {
+        /// The path.
+        path: PathBuf,
+        /// What is there.
+        kind: super::qmp::PathKind,
+    },
+    /// `--qmp`: a socket at the path accepts connections: another process serves it.
+    #[error(
+        "--qmp {}: a live socket is there (another process serves it); refusing to take it \
+         over",
+        path.display()
+    )]
+    QmpSocketInUse {
+        /// The path.
+        path: PathBuf,
+    },
     /// `colo pair`: the proxy failed.
     #[error("proxy")]
     Proxy(#[source] colo_netcmp::Error),

@@ -1,5 +1,6 @@
-//! A QMP-compatible control socket (a Unix socket with mode 0600), so that tooling written
-//! for QEMU's COLO needs only the socket path changed.
+//! A QMP-compatible control socket (a Unix socket, mode 0600 unless `--qmp-mode` says
+//! otherwise), so that tooling written for QEMU's COLO needs only the socket path changed.
+//! The socket replaces only a stale socket at its path, and is removed when the side ends.
 //!
 //! Supported: `qmp_capabilities`, `query-colo-status`, `migrate-set-capabilities` (the
 //! `x-colo` capability), `migrate-set-parameters` (`x-checkpoint-delay`,
@@ -8,7 +9,8 @@
 //! `x-colo-lost-heartbeat`, and the `COLO_EXIT` event (`mode`, `reason`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -129,19 +131,177 @@ fn timestamp() -> Value {
     json!({"seconds": d.as_secs(), "microseconds": d.subsec_micros()})
 }
 
-/// Listens on `path` (replacing a stale socket) with mode 0600 and serves clients on a
-/// thread.
+/// What is at a path where the QMP socket was to be created (other than a socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathKind {
+    /// A regular file.
+    RegularFile,
+    /// A directory.
+    Directory,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A block device.
+    BlockDevice,
+    /// A character device.
+    CharDevice,
+}
+
+impl PathKind {
+    /// What `t` is, or `None` for a socket.
+    fn of(t: std::fs::FileType) -> Option<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_socket() {
+            None
+        } else if t.is_dir() {
+            Some(Self::Directory)
+        } else if t.is_symlink() {
+            Some(Self::Symlink)
+        } else if t.is_fifo() {
+            Some(Self::Fifo)
+        } else if t.is_block_device() {
+            Some(Self::BlockDevice)
+        } else if t.is_char_device() {
+            Some(Self::CharDevice)
+        } else {
+            Some(Self::RegularFile)
+        }
+    }
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RegularFile => "a regular file",
+            Self::Directory => "a directory",
+            Self::Symlink => "a symbolic link",
+            Self::Fifo => "a named pipe",
+            Self::BlockDevice => "a block device",
+            Self::CharDevice => "a character device",
+        })
+    }
+}
+
+/// A served QMP socket. Dropping it stops accepting clients and removes the socket file
+/// (if the file at the path is still this socket), so the file goes with the side however
+/// it ends: a normal end, an error returned, or a panic that unwinds.
+#[derive(Debug)]
+pub struct QmpSocket {
+    path: PathBuf,
+    /// Device and inode of the socket file this side created.
+    id: (u64, u64),
+    /// A handle on the listening socket, to wake the accept thread.
+    listener: socket2::Socket,
+    state: Shared,
+}
+
+impl QmpSocket {
+    /// The state the socket serves.
+    pub fn state(&self) -> Shared {
+        Arc::clone(&self.state)
+    }
+}
+
+impl Drop for QmpSocket {
+    fn drop(&mut self) {
+        // Linux wakes a thread blocked in accept(2) on a shut-down listener with EINVAL,
+        // which ends the accept loop.
+        let _ = self.listener.shutdown(std::net::Shutdown::Both);
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the QMP socket");
+                }
+            }
+            Ok(_) => tracing::warn!(
+                path = %self.path.display(),
+                "the QMP socket was replaced by another file; leaving that"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Clears the way for a new socket at `path`: nothing there, or a stale socket (which is
+/// removed). Anything else is refused and left as it is.
+fn clear_stale(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ColoError::file("look at the QMP socket path", path)(e)),
+    };
+    if let Some(kind) = PathKind::of(meta.file_type()) {
+        return Err(ColoError::QmpPathTaken {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    // A socket that still accepts belongs to a live process; a stale one refuses.
+    if UnixStream::connect(path).is_ok() {
+        return Err(ColoError::QmpSocketInUse {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::remove_file(path).map_err(ColoError::file("remove the stale socket", path))
+}
+
+/// Creates a listening Unix socket at `path` with exactly `mode`, never wider meanwhile.
+fn listen(path: &Path, mode: u32) -> Result<(UnixListener, socket2::Socket)> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)
+        .map_err(ColoError::file("create the QMP socket", path))?;
+    // Linux gives the socket file the socket inode's mode less the umask, so setting the
+    // inode's mode first means the file never allows more than `mode`; the chmod after
+    // bind then adds back what the umask took.
+    // SAFETY: fchmod(2) on a descriptor this function owns; it touches no memory.
+    if unsafe { libc::fchmod(sock.as_raw_fd(), mode as libc::mode_t) } != 0 {
+        return Err(ColoError::file("set the mode of", path)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let addr = SockAddr::unix(path).map_err(ColoError::file("bind the QMP socket", path))?;
+    sock.bind(&addr)
+        .map_err(ColoError::file("bind the QMP socket", path))?;
+    let listen = sock
+        .listen(16)
+        .map_err(ColoError::file("listen on the QMP socket", path))
+        .and_then(|()| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(ColoError::file("set the mode of", path))
+        })
+        .and_then(|()| {
+            sock.try_clone()
+                .map_err(ColoError::file("duplicate the QMP socket", path))
+        });
+    match listen {
+        Ok(handle) => Ok((UnixListener::from(OwnedFd::from(sock)), handle)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// Listens on `path` with `mode` (replacing a stale socket, refusing anything else) and
+/// serves clients on a thread until the returned [`QmpSocket`] is dropped, which removes
+/// the socket file.
 ///
 /// # Errors
-/// [`ColoError::File`] if the socket cannot be created, [`ColoError::Spawn`] if its
-/// thread cannot start.
-pub fn serve(path: &Path, state: Shared) -> Result<PathBuf> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path).map_err(ColoError::file("remove the stale socket", path))?;
-    }
-    let l = UnixListener::bind(path).map_err(ColoError::file("bind the QMP socket", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(ColoError::file("set the mode of", path))?;
+/// [`ColoError::QmpPathTaken`] if something other than a socket is at `path`,
+/// [`ColoError::QmpSocketInUse`] if a live socket is, [`ColoError::File`] if the socket
+/// cannot be created, [`ColoError::Spawn`] if its thread cannot start.
+pub fn serve(path: &Path, mode: u32, state: Shared) -> Result<QmpSocket> {
+    clear_stale(path)?;
+    let (l, listener) = listen(path, mode)?;
+    let meta = std::fs::symlink_metadata(path).map_err(ColoError::file("stat", path))?;
+    let socket = QmpSocket {
+        path: path.to_path_buf(),
+        id: (meta.dev(), meta.ino()),
+        listener,
+        state: Arc::clone(&state),
+    };
     std::thread::Builder::new()
         .name("qmp".into())
         .spawn(move || {
@@ -151,7 +311,7 @@ pub fn serve(path: &Path, state: Shared) -> Result<PathBuf> {
             }
         })
         .map_err(ColoError::spawn("QMP"))?;
-    Ok(path.to_path_buf())
+    Ok(socket)
 }
 
 fn client(c: UnixStream, s: &Shared) {
@@ -344,6 +504,8 @@ pub fn status(path: &Path) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
     use super::*;
 
     fn send(w: &mut UnixStream, r: &mut BufReader<UnixStream>, cmd: Value) -> Value {
@@ -373,11 +535,10 @@ mod tests {
 
     #[test]
     fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
-        let dir = std::env::temp_dir().join(format!("colo-qmp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmp.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
         let st = QmpState::new(Side::Primary, 100, (100, 1000));
-        serve(&path, Arc::clone(&st)).unwrap();
+        let _socket = serve(&path, 0o600, Arc::clone(&st)).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(
@@ -472,6 +633,111 @@ mod tests {
             status(&path).unwrap(),
             json!({"mode": "none", "last-mode": "primary", "reason": "request"})
         );
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn the_socket_has_the_mode_asked_for_and_goes_when_its_side_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        for mode in [0o600, 0o660, 0o640, 0o666] {
+            let socket = serve(
+                &path,
+                mode,
+                QmpState::new(Side::Secondary, 100, (100, 1000)),
+            )
+            .unwrap();
+            assert!(
+                std::fs::symlink_metadata(&path)
+                    .unwrap()
+                    .file_type()
+                    .is_socket()
+            );
+            assert_eq!(mode_of(&path), mode, "mode {mode:o}");
+            assert_eq!(status(&path).unwrap()["mode"], "secondary");
+            drop(socket);
+            assert!(
+                std::fs::symlink_metadata(&path).is_err(),
+                "the socket file is removed with its side (mode {mode:o})"
+            );
+        }
+    }
+
+    #[test]
+    fn anything_but_a_socket_at_the_path_is_refused_and_left_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"keep me").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let subdir = dir.path().join("a-dir");
+        std::fs::create_dir(&subdir).unwrap();
+        let link = dir.path().join("a-link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        for (path, expected) in [
+            (&file, PathKind::RegularFile),
+            (&subdir, PathKind::Directory),
+            (&link, PathKind::Symlink),
+        ] {
+            let st = QmpState::new(Side::Primary, 100, (100, 1000));
+            match serve(path, 0o600, st) {
+                Err(ColoError::QmpPathTaken { path: p, kind }) => {
+                    assert_eq!(&p, path);
+                    assert_eq!(kind, expected);
+                }
+                other => panic!("{} was not refused: {other:?}", path.display()),
+            }
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        assert_eq!(mode_of(&file), 0o644);
+        assert!(subdir.is_dir());
+        assert_eq!(std::fs::read_link(&link).unwrap(), file);
+        let e = serve(&file, 0o600, QmpState::new(Side::Primary, 1, (1, 2))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--qmp {}: a regular file is there; only a stale socket is replaced (remove \
+                 it or choose another path)",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        // A side that died without cleaning up leaves a socket nobody listens on.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        let live = serve(&path, 0o600, QmpState::new(Side::Primary, 100, (100, 1000))).unwrap();
+        assert_eq!(status(&path).unwrap()["mode"], "primary");
+        let second = serve(
+            &path,
+            0o600,
+            QmpState::new(Side::Secondary, 100, (100, 1000)),
+        );
+        assert!(
+            matches!(&second, Err(ColoError::QmpSocketInUse { path: p }) if p == &path),
+            "{second:?}"
+        );
+        assert_eq!(
+            status(&path).unwrap()["mode"],
+            "primary",
+            "the live side keeps its socket"
+        );
+        drop(live);
+        assert!(std::fs::symlink_metadata(&path).is_err());
     }
 }
