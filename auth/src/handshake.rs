@@ -57,7 +57,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Self::Primary => 1,
             Self::Secondary => 2,
@@ -93,7 +93,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    fn code(self) -> (u8, u32) {
+    pub(crate) fn code(self) -> (u8, u32) {
         match self {
             Self::Control => (1, 0),
             Self::Push(i) => (2, i),
