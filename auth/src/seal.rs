@@ -80,7 +80,8 @@
 use std::io;
 use std::ops::Range;
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::aead::consts::U12;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -233,7 +234,7 @@ impl Direction {
 
     /// The next record's number and nonce, moving to the next key at an epoch's end. The
     /// number is used up only by [`Direction::advance`].
-    fn next(&mut self) -> Result<(u64, Nonce<aes_gcm::aead::consts::U12>)> {
+    fn next(&mut self) -> Result<(u64, Nonce<U12>)> {
         if self.seq == u64::MAX {
             return Err(SealError::Exhausted);
         }
@@ -386,7 +387,7 @@ impl Sealer {
         let tag = self
             .dir
             .cipher
-            .encrypt_in_place_detached(&nonce, &header, &mut out[start + HEADER_LEN..])
+            .encrypt_inout_detached(&nonce, &header, (&mut out[start + HEADER_LEN..]).into())
             .map_err(|_| SealError::Oversized {
                 record,
                 length: length as u64,
@@ -465,11 +466,13 @@ impl Opener {
             return Ok(Opened::Incomplete { need: end });
         }
         let (body, tag) = bytes[HEADER_LEN..end].split_at_mut(length);
-        let tag = Tag::from_slice(tag);
+        let tag = Tag::try_from(&*tag).map_err(|_| SealError::BadTag {
+            record: self.dir.seq,
+        })?;
         let (record, nonce) = self.dir.next()?;
         self.dir
             .cipher
-            .decrypt_in_place_detached(&nonce, &header, body, tag)
+            .decrypt_inout_detached(&nonce, &header, body.into(), &tag)
             .map_err(|_| SealError::BadTag { record })?;
         self.dir.advance();
         Ok(if length == 0 {

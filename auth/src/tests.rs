@@ -207,7 +207,7 @@ fn a_recorded_handshake_replayed_is_refused() {
 fn a_truncated_handshake_or_a_stranger_is_refused() {
     let (s, ()) = pair(
         |a| accept(a, &creds(), Role::Secondary, Channel::Control, T),
-        |b| b.write_all(&[b'C', b'O', b'L']).unwrap(),
+        |b| b.write_all(b"COL").unwrap(),
     );
     assert!(matches!(s, Err(AuthError::Io { .. })), "{s:?}");
     let (s, ()) = pair(
