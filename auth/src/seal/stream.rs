@@ -5,13 +5,13 @@
 //! one stopped: a half-sent record is finished, a half-received one is completed. A
 //! record error ([`SealError`]) is final.
 
+use std::fmt;
 use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::ops::Range;
 
 use super::{HEADER_LEN, MAX_RECORD, MAX_WIRE_RECORD, Opened, Opener, SealError, Sealer};
 
 /// The writing half's state, apart from the stream it writes to.
-#[derive(Debug)]
 struct WriteState {
     sealer: Sealer,
     /// One record: a header's room and the plaintext gathered so far, or (once `sealed`)
@@ -21,6 +21,19 @@ struct WriteState {
     /// Bytes of the sealed record already sent.
     sent: usize,
     closed: bool,
+}
+
+/// Counts only: the buffer holds plaintext.
+impl fmt::Debug for WriteState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteState")
+            .field("sealer", &self.sealer)
+            .field("buffered", &self.buffered())
+            .field("sealed", &self.sealed)
+            .field("sent", &self.sent)
+            .field("closed", &self.closed)
+            .finish()
+    }
 }
 
 impl WriteState {
@@ -142,7 +155,6 @@ impl WriteState {
 }
 
 /// The reading half's state, apart from the stream it reads from.
-#[derive(Debug)]
 struct ReadState {
     opener: Opener,
     /// Bytes read and not yet opened lie at `start..filled`; the current record's plaintext
@@ -153,6 +165,19 @@ struct ReadState {
     plain: Range<usize>,
     ended: bool,
     failed: Option<SealError>,
+}
+
+/// Counts only: the buffer holds plaintext.
+impl fmt::Debug for ReadState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadState")
+            .field("opener", &self.opener)
+            .field("unread", &self.plain.len())
+            .field("read_ahead", &(self.filled - self.start))
+            .field("ended", &self.ended)
+            .field("failed", &self.failed)
+            .finish()
+    }
 }
 
 impl ReadState {

@@ -154,7 +154,7 @@ fn a_handshake_then_a_split_reader_and_writer_on_cloned_tcp_sockets_carry_both_w
         end.expect("a clean end after the peer's close");
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let peer = connect(&mut s, &creds, Role::Primary, Channel::Push(0), t).unwrap();
+    let peer = connect(&mut s, &creds, Role::Primary, Channel::Push(3), t).unwrap();
     let sealed = Sealed::new(s.try_clone().unwrap(), SessionKeys::from_peer(&peer));
     let (mut r, mut w) = sealed.into_split(s).unwrap();
     let writer = thread::spawn(move || {
@@ -456,6 +456,13 @@ fn a_used_up_counter_refuses_to_seal_and_says_so() {
 fn a_write_after_close_is_refused() {
     let (sealer, _) = p2s();
     let mut w = SealWriter::new(Vec::new(), sealer);
+    w.write_all(b"secret").unwrap();
+    assert!(
+        !format!("{w:?}").contains("115"),
+        "no buffered byte in Debug: {w:?}"
+    );
+    w.flush().unwrap();
+    w.get_mut().clear();
     w.write_all(b"x").unwrap();
     w.close().unwrap();
     let e = w.write(b"y").unwrap_err();
