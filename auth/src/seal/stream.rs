@@ -14,9 +14,10 @@ use super::{HEADER_LEN, MAX_RECORD, MAX_WIRE_RECORD, Opened, Opener, SealError, 
 /// The writing half's state, apart from the stream it writes to.
 struct WriteState {
     sealer: Sealer,
-    /// One record: a header's room and the plaintext gathered so far, or (once `sealed`)
-    /// the sealed record being sent.
-    buf: Vec<u8>,
+    /// Room for one record: `buf[..len]` is a header's room and the plaintext gathered so
+    /// far, or (once `sealed`) the sealed record being sent.
+    buf: Box<[u8]>,
+    len: usize,
     sealed: bool,
     /// Bytes of the sealed record already sent.
     sent: usize,
@@ -38,11 +39,10 @@ impl fmt::Debug for WriteState {
 
 impl WriteState {
     fn new(sealer: Sealer) -> Self {
-        let mut buf = Vec::with_capacity(MAX_WIRE_RECORD);
-        buf.extend_from_slice(&[0; HEADER_LEN]);
         Self {
             sealer,
-            buf,
+            buf: vec![0; MAX_WIRE_RECORD].into_boxed_slice(),
+            len: HEADER_LEN,
             sealed: false,
             sent: 0,
             closed: false,
@@ -53,7 +53,7 @@ impl WriteState {
         if self.sealed {
             0
         } else {
-            self.buf.len() - HEADER_LEN
+            self.len - HEADER_LEN
         }
     }
 
@@ -62,15 +62,15 @@ impl WriteState {
         if !self.sealed {
             return Ok(());
         }
-        while self.sent < self.buf.len() {
-            match w.write(&self.buf[self.sent..]) {
+        while self.sent < self.len {
+            match w.write(&self.buf[self.sent..self.len]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.buf.truncate(HEADER_LEN);
+        self.len = HEADER_LEN;
         self.sealed = false;
         self.sent = 0;
         Ok(())
@@ -79,8 +79,9 @@ impl WriteState {
     /// Seals what is gathered (if anything) and sends it.
     fn send(&mut self, w: &mut impl Write) -> io::Result<()> {
         self.drain(w)?;
-        if self.buffered() > 0 {
-            self.sealer.seal_tail(&mut self.buf, 0)?;
+        let length = self.buffered();
+        if length > 0 {
+            self.len = self.sealer.seal_into(None, length, &mut self.buf)?;
             self.sealed = true;
             self.drain(w)?;
         }
@@ -98,12 +99,28 @@ impl WriteState {
         Ok(MAX_RECORD - self.buffered())
     }
 
+    /// Appends `data` (which fits) to the plaintext gathered.
+    fn gather(&mut self, data: &[u8]) {
+        self.buf[self.len..self.len + data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
     fn write(&mut self, w: &mut impl Write, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             return Ok(0);
         }
-        let n = self.room(w)?.min(data.len());
-        self.buf.extend_from_slice(&data[..n]);
+        let room = self.room(w)?;
+        if room == MAX_RECORD && data.len() >= MAX_RECORD {
+            // A whole record from the caller's bytes: encrypted straight into the buffer,
+            // sent on the next write or flush like any full record.
+            self.len =
+                self.sealer
+                    .seal_into(Some(&data[..MAX_RECORD]), MAX_RECORD, &mut self.buf)?;
+            self.sealed = true;
+            return Ok(MAX_RECORD);
+        }
+        let n = room.min(data.len());
+        self.gather(&data[..n]);
         Ok(n)
     }
 
@@ -115,7 +132,7 @@ impl WriteState {
         let mut n = 0;
         for b in bufs {
             let take = room.min(b.len());
-            self.buf.extend_from_slice(&b[..take]);
+            self.gather(&b[..take]);
             room -= take;
             n += take;
             if room == 0 {
@@ -144,8 +161,7 @@ impl WriteState {
     fn close(&mut self, w: &mut impl Write) -> io::Result<()> {
         if !self.closed {
             self.send(w)?;
-            self.buf.clear();
-            self.sealer.seal_end(&mut self.buf)?;
+            self.len = self.sealer.seal_into(None, 0, &mut self.buf)?;
             self.sealed = true;
             self.closed = true;
         }
