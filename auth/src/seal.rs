@@ -70,8 +70,8 @@
 //!
 //! The record counter is the order of records on the wire, so every writer must write
 //! through the one [`SealWriter`]: writer threads share it behind a `Mutex` (as they must
-//! already share a plain socket to keep their frames whole), and a record goes out whole
-//! under the lock. A single-threaded user takes [`Sealed`], which does both directions on
+//! already share a plain socket to keep their frames whole); each writes its message and
+//! flushes under the lock, so its records go out whole and in counter order. A single-threaded user takes [`Sealed`], which does both directions on
 //! one stream and can later be [split](Sealed::into_split).
 //!
 //! [`Sealer::seal`] and [`Opener::open`] are the same codec without I/O, for a caller
