@@ -610,3 +610,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn writer_threads_sharing_one_seal_writer_on_a_cloned_socket_arrive_whole_and_in_order() {
+    use std::sync::{Arc, Mutex};
+    let (p, s) = keys(SESSION, Channel::Control);
+    let (a, b) = UnixStream::pair().unwrap();
+    let (sealer, _) = p.split();
+    let writer = Arc::new(Mutex::new(SealWriter::new(a.try_clone().unwrap(), sealer)));
+    let threads: Vec<_> = (0..2u8)
+        .map(|t| {
+            let writer = Arc::clone(&writer);
+            thread::spawn(move || {
+                for i in 0..200u32 {
+                    let body = pattern(1 + (i as usize * 997) % 9000, t);
+                    let mut frame = (body.len() as u32 + 5).to_le_bytes().to_vec();
+                    frame.push(t);
+                    frame.extend_from_slice(&i.to_le_bytes());
+                    frame.extend_from_slice(&body);
+                    let mut w = writer.lock().unwrap();
+                    w.write_all(&frame).unwrap();
+                    w.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    let (_, opener) = s.split();
+    let mut r = OpenReader::new(b, opener);
+    let mut next = [0u32; 2];
+    for _ in 0..400 {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len).unwrap();
+        let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+        r.read_exact(&mut frame).unwrap();
+        let t = frame[0];
+        let i = u32::from_le_bytes(frame[1..5].try_into().unwrap());
+        assert_eq!(i, next[t as usize], "thread {t}'s messages in order");
+        assert_eq!(frame[5..], pattern(1 + (i as usize * 997) % 9000, t));
+        next[t as usize] += 1;
+    }
+    threads.into_iter().for_each(|h| h.join().unwrap());
+    drop(a);
+    writer.lock().unwrap().close().unwrap();
+    let (rest, end) = drain(&mut r, 64);
+    assert!(rest.is_empty());
+    end.expect("a clean end");
+}
