@@ -95,7 +95,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    fn code(self) -> (u8, u32) {
+    pub(crate) fn code(self) -> (u8, u32) {
         match self {
             Self::Control => (1, 0),
             Self::Push(i) => (2, i),

@@ -9,11 +9,14 @@
 //! a side's ports but does not hold the pair key cannot open any channel, so cannot push
 //! pages, write the disk buffer, send heartbeats or checkpoint messages; a stray or hostile
 //! connection is refused within its handshake timeout and the listener keeps waiting for
-//! the real peer. Without encryption, someone who can read the traffic sees guest memory.
+//! the real peer. Without encryption, someone who can read the traffic sees guest memory;
+//! [`seal`] is the opt-in record layer (AES-256-GCM, keys from the handshake's session
+//! secret) that gives a stream confidentiality and integrity.
 
 pub mod fuzzing;
 pub mod handshake;
 mod key;
+pub mod seal;
 
 pub use handshake::{
     AcceptError, AuthError, Channel, Credentials, HANDSHAKE_TIMEOUT, Peer, Role, accept,
