@@ -45,6 +45,7 @@ pub const NONCE_LEN: usize = 32;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const FLAG_INSECURE: u8 = 1;
+const FLAG_ENCRYPT: u8 = 2;
 const VERDICT_OK: u8 = 0;
 
 /// Which side of a pair a peer is (the control protocol's Hello names it too).
@@ -133,6 +134,7 @@ impl std::fmt::Display for Channel {
 pub struct Credentials {
     key: PairKey,
     insecure: bool,
+    encrypt: bool,
 }
 
 impl Credentials {
@@ -141,6 +143,7 @@ impl Credentials {
         Self {
             key,
             insecure: false,
+            encrypt: false,
         }
     }
 
@@ -149,6 +152,7 @@ impl Credentials {
         Self {
             key: PairKey::from_bytes([0; KEY_LEN]),
             insecure: true,
+            encrypt: false,
         }
     }
 
@@ -158,6 +162,19 @@ impl Credentials {
     /// [`KeyError::Random`] if the OS has no randomness.
     pub fn generate() -> Result<Self, KeyError> {
         PairKey::generate().map(Self::key)
+    }
+
+    /// With `on`, the channels are encrypted after the handshake (`--encrypt`, the
+    /// [`seal`](crate::seal) record layer); both sides must agree, and the handshake
+    /// refuses a peer that does not, saying which.
+    pub fn encrypted(mut self, on: bool) -> Self {
+        self.encrypt = on;
+        self
+    }
+
+    /// Whether the channels are encrypted after the handshake.
+    pub fn encrypts(&self) -> bool {
+        self.encrypt
     }
 
     /// Whether this is `--insecure`.
@@ -239,6 +256,19 @@ pub enum AuthError {
         /// Whether the peer is the insecure one.
         peer_insecure: bool,
     },
+    /// One side encrypts (`--encrypt`), the other does not.
+    #[error(
+        "{}",
+        if *.peer_encrypts {
+            "the peer encrypts (--encrypt); this side does not"
+        } else {
+            "this side encrypts (--encrypt); the peer does not"
+        }
+    )]
+    EncryptMismatch {
+        /// Whether the peer is the one that encrypts.
+        peer_encrypts: bool,
+    },
     /// The peer's MAC is wrong: it does not hold this pair's key (or replayed a handshake).
     #[error("the peer does not prove it holds this pair's key (bad MAC)")]
     BadMac,
@@ -284,6 +314,8 @@ pub struct Hello {
     pub channel: Channel,
     /// Whether it runs `--insecure`.
     pub insecure: bool,
+    /// Whether it encrypts the channel after the handshake.
+    pub encrypt: bool,
     /// Its pair id.
     pub pair_id: u64,
     /// Its nonce.
@@ -301,6 +333,7 @@ impl Hello {
             role,
             channel,
             insecure: creds.insecure,
+            encrypt: creds.encrypt,
             pair_id: creds.key.pair_id(),
             nonce,
         })
@@ -314,7 +347,8 @@ impl Hello {
             version: VERSION,
             role: self.role.code(),
             channel,
-            flags: if self.insecure { FLAG_INSECURE } else { 0 },
+            flags: if self.insecure { FLAG_INSECURE } else { 0 }
+                | if self.encrypt { FLAG_ENCRYPT } else { 0 },
             index: index.into(),
             pair_id: self.pair_id.into(),
             nonce: self.nonce,
@@ -337,7 +371,7 @@ impl Hello {
         if w.version != VERSION {
             return Err(AuthError::Version { theirs: w.version });
         }
-        if w.flags & !FLAG_INSECURE != 0 {
+        if w.flags & !(FLAG_INSECURE | FLAG_ENCRYPT) != 0 {
             return Err(AuthError::Malformed("unknown flags"));
         }
         Ok(Self {
@@ -345,6 +379,7 @@ impl Hello {
             channel: Channel::from_code(w.channel, w.index.get())
                 .ok_or(AuthError::Malformed("unknown channel"))?,
             insecure: w.flags & FLAG_INSECURE != 0,
+            encrypt: w.flags & FLAG_ENCRYPT != 0,
             pair_id: w.pair_id.get(),
             nonce: w.nonce,
         })
@@ -360,6 +395,11 @@ impl Hello {
         if self.insecure != creds.insecure {
             return Err(AuthError::InsecureMismatch {
                 peer_insecure: self.insecure,
+            });
+        }
+        if self.encrypt != creds.encrypt {
+            return Err(AuthError::EncryptMismatch {
+                peer_encrypts: self.encrypt,
             });
         }
         let ours = creds.key.pair_id();

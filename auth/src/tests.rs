@@ -126,6 +126,7 @@ fn a_forger_without_the_key_fails_its_mac_on_either_side() {
         role: Role::Primary,
         channel: Channel::Control,
         insecure: false,
+        encrypt: false,
         pair_id: good.pair_key().pair_id(),
         nonce: [1; 32],
     }
@@ -147,6 +148,7 @@ fn a_forger_without_the_key_fails_its_mac_on_either_side() {
         role: Role::Secondary,
         channel: Channel::Control,
         insecure: false,
+        encrypt: false,
         pair_id: good.pair_key().pair_id(),
         nonce: [2; 32],
     }
@@ -359,9 +361,44 @@ proptest! {
             role: if role == 1 { Role::Primary } else { Role::Secondary },
             channel,
             insecure,
+            encrypt: false,
             pair_id,
             nonce,
         };
         prop_assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
     }
+}
+
+#[test]
+fn a_side_that_encrypts_and_one_that_does_not_refuse_each_other_saying_which() {
+    let (s, c) = pair(
+        |a| {
+            accept(
+                a,
+                &creds().encrypted(true),
+                Role::Secondary,
+                Channel::Control,
+                T,
+            )
+        },
+        |b| connect(b, &creds(), Role::Primary, Channel::Control, T),
+    );
+    assert!(
+        matches!(
+            s,
+            Err(AuthError::EncryptMismatch {
+                peer_encrypts: false
+            })
+        ),
+        "{s:?}"
+    );
+    assert!(
+        matches!(
+            c,
+            Err(AuthError::EncryptMismatch {
+                peer_encrypts: true
+            })
+        ),
+        "{c:?}"
+    );
 }

@@ -104,6 +104,43 @@ macro_rules! fd_scatter_io {
 fd_scatter_io!(TcpStream);
 fd_scatter_io!(UnixStream);
 
+/// A push stream encrypted with the pair's session keys (`--encrypt`). Bytes go through a
+/// buffer of this side's own: the record layer works on slices, and no Rust reference is
+/// ever made into the guest memory or cache the iovecs describe (others write them
+/// meanwhile). A record is opened (its tag checked) before any of its bytes is copied out.
+impl<S: Read + Write> ScatterIo for colo_auth::seal::Sealed<S> {
+    unsafe fn read_all_iov(&mut self, iovs: &mut [libc::iovec]) -> io::Result<()> {
+        let mut buf = Vec::new();
+        for v in iovs.iter() {
+            buf.resize(v.iov_len, 0);
+            self.read_exact(&mut buf)?;
+            // SAFETY: the caller promised `v` is valid for writes of its length; `buf`
+            // is ours and as long.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), v.iov_base.cast(), v.iov_len) };
+        }
+        Ok(())
+    }
+
+    unsafe fn write_all_iov(&mut self, iovs: &mut [libc::iovec]) -> io::Result<()> {
+        let total: usize = iovs.iter().map(|v| v.iov_len).sum();
+        let mut buf = Vec::with_capacity(total);
+        for v in iovs.iter() {
+            let at = buf.len();
+            buf.resize(at + v.iov_len, 0);
+            // SAFETY: the caller promised `v` is valid for reads of its length; the
+            // destination is the part of `buf` just made for it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>(),
+                    buf.as_mut_ptr().add(at),
+                    v.iov_len,
+                );
+            }
+        }
+        self.write_gather(&[&buf])
+    }
+}
+
 /// An in-memory stream for fuzzing and tests: reads come from a byte slice, writes are
 /// kept.
 #[derive(Debug, Default)]

@@ -16,7 +16,8 @@ use super::wire::{MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc
 use crate::error::{Error, Result};
 use crate::framing::{self, read_full};
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
-use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
+use colo_auth::seal::{Sealed, SessionKeys};
+use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Peer, Role as AuthRole};
 use colo_memory::{PageBitmap, Region};
 
 /// How long a connecting stream has to send its Hello.
@@ -92,7 +93,7 @@ impl TcpPushListener {
                 option: "O_NONBLOCK",
                 source,
             })?;
-        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        let mut slots: Vec<Option<(TcpStream, Peer)>> = Vec::new();
         let mut expected: Option<u32> = None;
         while expected.is_none_or(|n| slots.iter().flatten().count() < n as usize) {
             let (mut s, peer) = match self.listener.accept() {
@@ -114,19 +115,20 @@ impl TcpPushListener {
                     source,
                 })?;
             let limit = HANDSHAKE_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
-            let stream = match colo_auth::accept(
+            let authenticated = match colo_auth::accept(
                 &mut s,
                 &self.creds,
                 AuthRole::Secondary,
                 Channel::Push(0),
                 limit.max(Duration::from_millis(1)),
             ) {
-                Ok(p) => p.channel,
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "refused a push connection that did not authenticate");
                     continue;
                 }
             };
+            let stream = authenticated.channel;
             let (idx, n, s) = self.greet(s)?;
             if stream != Channel::Push(idx) {
                 return Err(Error::Handshake(format!(
@@ -146,10 +148,11 @@ impl TcpPushListener {
                     "stream index {idx} connected twice"
                 )));
             }
-            *slot = Some(s);
+            *slot = Some((s, authenticated));
         }
-        let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
-        for mut s in streams.iter() {
+        let streams: Vec<(TcpStream, Peer)> = slots.into_iter().flatten().collect();
+        for (s, _) in &streams {
+            let mut s: &TcpStream = s;
             s.write_all(&PushFrame::HelloAck.to_bytes())
                 .map_err(Error::Send)?;
         }
@@ -158,7 +161,7 @@ impl TcpPushListener {
             region_bytes = self.desc.len,
             "push streams connected"
         );
-        TcpPushReceiver::start(self.desc, self.region, streams)
+        TcpPushReceiver::start(self.desc, self.region, streams, self.creds.encrypts())
     }
 
     /// Reads and checks one stream's Hello.
@@ -405,6 +408,7 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
             }
             PushFrame::Fence(id) => s
                 .write_all(&PushFrame::FenceAck(id).to_bytes())
+                .and_then(|()| s.flush())
                 .map_err(Error::Send)?,
             PushFrame::EpochEnd { epoch, words } => {
                 // An epoch with no data (an idle guest) must wait for the release of the
@@ -435,6 +439,7 @@ pub(crate) fn serve_stream<S: ScatterIo>(s: &mut S, idx: u32, sh: &Shared) -> Re
                 };
                 sh.arrive(idx, epoch, bitmap)?;
                 s.write_all(&PushFrame::EpochAck(epoch).to_bytes())
+                    .and_then(|()| s.flush())
                     .map_err(Error::Send)?;
             }
             PushFrame::Goodbye => {
@@ -459,10 +464,17 @@ pub struct TcpPushReceiver {
 }
 
 impl TcpPushReceiver {
-    fn start(desc: RegionDesc, region: Arc<Region>, streams: Vec<TcpStream>) -> Result<Self> {
+    /// Starts a receive thread per stream; with `encrypt`, each stream is sealed from
+    /// here on (after the plain Hello and HelloAck) with its own session's keys.
+    fn start(
+        desc: RegionDesc,
+        region: Arc<Region>,
+        streams: Vec<(TcpStream, Peer)>,
+        encrypt: bool,
+    ) -> Result<Self> {
         let (shared, commits) = Shared::new(region, desc, streams.len() as u32);
         let mut threads = Vec::new();
-        for (i, mut s) in streams.into_iter().enumerate() {
+        for (i, (s, peer)) in streams.into_iter().enumerate() {
             let clone = s.try_clone().map_err(|source| Error::SocketOption {
                 option: "dup",
                 source,
@@ -473,14 +485,23 @@ impl TcpPushReceiver {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(clone);
             let sh = Arc::clone(&shared);
-            let t = std::thread::Builder::new()
-                .name(format!("push-rx-{i}"))
-                .spawn(move || {
+            let builder = std::thread::Builder::new().name(format!("push-rx-{i}"));
+            let t = if encrypt {
+                let mut sealed = Sealed::new(s, SessionKeys::from_peer(&peer));
+                builder.spawn(move || {
+                    if let Err(e) = serve_stream(&mut sealed, i as u32, &sh) {
+                        sh.fail(e);
+                    }
+                })
+            } else {
+                let mut s = s;
+                builder.spawn(move || {
                     if let Err(e) = serve_stream(&mut s, i as u32, &sh) {
                         sh.fail(e);
                     }
                 })
-                .map_err(Error::Thread)?;
+            }
+            .map_err(Error::Thread)?;
             threads.push(t);
         }
         Ok(Self {

@@ -1,6 +1,7 @@
 //! The sending side of the TCP push path: runs are batched into large gather writes, one
 //! worker thread per stream, so several streams move data in parallel.
 
+use colo_auth::seal::{Sealed, SessionKeys};
 use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -159,6 +160,7 @@ impl TcpPushSender {
         };
         let deadline = Instant::now() + opts.connect_timeout;
         let mut socks = Vec::with_capacity(n);
+        let mut peers = Vec::with_capacity(n);
         for i in 0..n {
             let mut s = loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
@@ -184,13 +186,13 @@ impl TcpPushSender {
                 option: "TCP_NODELAY",
                 source,
             })?;
-            colo_auth::connect(
+            peers.push(colo_auth::connect(
                 &mut s,
                 creds,
                 AuthRole::Primary,
                 Channel::Push(i as u32),
                 HANDSHAKE_TIMEOUT,
-            )?;
+            )?);
             let hello = PushFrame::Hello {
                 key: remote.key,
                 region_len: remote.len,
@@ -238,7 +240,7 @@ impl TcpPushSender {
         };
         let (done_tx, done) = crossbeam_channel::unbounded();
         let mut workers = Vec::with_capacity(n);
-        for (i, s) in socks.into_iter().enumerate() {
+        for (i, (s, peer)) in socks.into_iter().zip(peers).enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(opts.queue_depth.max(1));
             let src = Arc::clone(&source);
             let done_tx = done_tx.clone();
@@ -246,10 +248,16 @@ impl TcpPushSender {
                 option: "dup",
                 source,
             })?;
-            let thread = std::thread::Builder::new()
-                .name(format!("push-tx-{i}"))
-                .spawn(move || worker(s, &raw, &src, &rx, &done_tx))
-                .map_err(Error::Thread)?;
+            let builder = std::thread::Builder::new().name(format!("push-tx-{i}"));
+            // From here on (after the plain Hello and HelloAck) an encrypted pair seals
+            // every byte of the stream.
+            let thread = if creds.encrypts() {
+                let sealed = Sealed::new(s, SessionKeys::from_peer(&peer));
+                builder.spawn(move || worker(sealed, &raw, &src, &rx, &done_tx))
+            } else {
+                builder.spawn(move || worker(s, &raw, &src, &rx, &done_tx))
+            }
+            .map_err(Error::Thread)?;
             workers.push(Worker {
                 tx,
                 thread: Some(thread),
@@ -517,7 +525,9 @@ fn worker<S: ScatterIo>(
                 r.map(|()| done.send(Done::Epoch(epoch)).unwrap_or(()))
             }
             Cmd::Goodbye => {
-                let _ = s.write_all(&PushFrame::Goodbye.to_bytes());
+                let _ = s
+                    .write_all(&PushFrame::Goodbye.to_bytes())
+                    .and_then(|()| s.flush());
                 return;
             }
         };
