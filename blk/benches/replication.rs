@@ -31,7 +31,7 @@ use colo_blk::{
     BlockBackend, BufferOptions, Disk, PlainDisk, PrimaryDisk, PrimaryOptions, SecondaryDisk,
     SyncMode,
 };
-use colo_transport::control::{ControlChannel, Message};
+use colo_transport::control::{Conn, ControlChannel, Message};
 
 const ROLE: &str = "COLO_BLK_BENCH_ROLE";
 const T: Duration = Duration::from_secs(60);
@@ -144,7 +144,7 @@ fn replicated_pass(pair: &mut Pair, w: &[(u64, usize)], src: &[u8], flush_every:
 
 struct Pair {
     primary: PrimaryDisk,
-    ctl: ControlChannel<TcpStream>,
+    ctl: ControlChannel<Conn>,
     child: Child,
     epoch: u64,
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use colo_auth::{Channel, Credentials, HANDSHAKE_TIMEOUT, Role as AuthRole};
 
+use super::conn::Conn;
 use super::frame::{FrameHeader, HEADER_LEN};
 use super::handshake::Hello;
 use super::message::{DEFAULT_MAX_STATE, Message};
@@ -24,31 +25,14 @@ pub struct ControlChannel<S> {
     poisoned: bool,
 }
 
-impl ControlChannel<TcpStream> {
+impl ControlChannel<Conn> {
     /// Connects to a listening peer, retrying until `timeout` passes (the peer may still be
     /// starting), and turns Nagle off.
     ///
     /// # Errors
     /// [`Error::Connect`] when the deadline passes without a connection.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            match addr.to_socket_addrs().and_then(|mut a| {
-                let sa = a
-                    .next()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
-                TcpStream::connect_timeout(&sa, Duration::from_secs(1))
-            }) {
-                Ok(s) => return Self::from_tcp(s),
-                Err(source) if std::time::Instant::now() >= deadline => {
-                    return Err(Error::Connect {
-                        addr: addr.to_string(),
-                        source,
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        connect_tcp(addr, timeout).and_then(Self::from_tcp)
     }
 
     /// Connects like [`connect`](Self::connect) and proves to the listener that this side
@@ -64,15 +48,9 @@ impl ControlChannel<TcpStream> {
         creds: &Credentials,
         me: AuthRole,
     ) -> Result<Self> {
-        let mut c = Self::connect(addr, timeout)?;
-        colo_auth::connect(
-            &mut c.stream,
-            creds,
-            me,
-            Channel::Control,
-            HANDSHAKE_TIMEOUT,
-        )?;
-        Ok(c)
+        let mut s = connect_tcp(addr, timeout)?;
+        let peer = colo_auth::connect(&mut s, creds, me, Channel::Control, HANDSHAKE_TIMEOUT)?;
+        Self::after_handshake(s, creds, &peer)
     }
 
     /// Waits on `listener` for the peer of `me` to connect and authenticate (at most
@@ -89,7 +67,7 @@ impl ControlChannel<TcpStream> {
         wait: Option<Duration>,
         stop: &dyn Fn() -> bool,
     ) -> Result<(Self, SocketAddr)> {
-        let (s, addr, _) = colo_auth::accept_peer(
+        let (s, addr, peer) = colo_auth::accept_peer(
             listener,
             creds,
             me,
@@ -99,7 +77,23 @@ impl ControlChannel<TcpStream> {
             stop,
         )?;
         tracing::debug!(peer = %addr, "control connection authenticated");
-        Ok((Self::from_tcp(s)?, addr))
+        Ok((Self::after_handshake(s, creds, &peer)?, addr))
+    }
+
+    /// The channel over `s` once `peer` authenticated: sealed if `creds` encrypt.
+    fn after_handshake(s: TcpStream, creds: &Credentials, peer: &colo_auth::Peer) -> Result<Self> {
+        if !creds.encrypts() {
+            return Self::from_tcp(s);
+        }
+        s.set_nodelay(true).map_err(|source| Error::SocketOption {
+            option: "TCP_NODELAY",
+            source,
+        })?;
+        let sealed = Conn::sealed(s, peer).map_err(|source| Error::SocketOption {
+            option: "dup",
+            source,
+        })?;
+        Ok(Self::new(sealed))
     }
 
     /// Accepts one peer on `listener`.
@@ -122,7 +116,7 @@ impl ControlChannel<TcpStream> {
             option: "TCP_NODELAY",
             source,
         })?;
-        Ok(Self::new(s))
+        Ok(Self::new(Conn::Plain(s)))
     }
 
     /// Bounds how long [`recv`](Self::recv) waits for a frame to start (None: forever).
@@ -161,6 +155,28 @@ impl ControlChannel<TcpStream> {
     /// Closes both directions, waking any thread blocked in `recv`.
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Connects to `addr`, retrying until `timeout` passes (the peer may still be starting).
+fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match addr.to_socket_addrs().and_then(|mut a| {
+            let sa = a
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+            TcpStream::connect_timeout(&sa, Duration::from_secs(1))
+        }) {
+            Ok(s) => return Ok(s),
+            Err(source) if std::time::Instant::now() >= deadline => {
+                return Err(Error::Connect {
+                    addr: addr.to_string(),
+                    source,
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 

@@ -33,11 +33,13 @@
 //! `CheckpointRequest`, and a failover is decided by each side from the heartbeat.
 
 mod channel;
+mod conn;
 mod frame;
 mod handshake;
 mod message;
 
 pub use channel::ControlChannel;
+pub use conn::Conn;
 pub use frame::{CONTROL_MAGIC, ControlFields, FrameHeader, HEADER_LEN, Kind, PROTOCOL_VERSION};
 pub use handshake::{Hello, MAX_REGIONS, MemRegion, Role};
 pub use message::{DEFAULT_MAX_STATE, MAX_REJECT_LEN, Message};

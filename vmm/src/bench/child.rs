@@ -2,12 +2,12 @@
 //! its request and reply lines, and making sure it is gone when the benchmark ends.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use colo_transport::control::{ControlChannel, Hello, Message};
+use colo_transport::control::{Conn, ControlChannel, Hello, Message};
 use colo_transport::push::RegionDesc;
 
 use super::error::{Error, Result};
@@ -30,7 +30,7 @@ pub struct ReceiverProcess {
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<std::io::Result<String>>,
     listener: Option<TcpListener>,
-    ctrl: Option<ControlChannel<TcpStream>>,
+    ctrl: Option<ControlChannel<Conn>>,
     reaped: bool,
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use colo_memory::Region;
-use colo_transport::control::{ControlChannel, Message, Role};
+use colo_transport::control::{Conn, ControlChannel, Message, Role};
 use colo_transport::push::PushReceiver;
 use colo_transport::tcp::TcpPushListener;
 
@@ -81,7 +81,7 @@ pub fn run(args: &ReceiverArgs) -> Result<()> {
 
 /// Exits the process when the control channel closes or says goodbye, wherever the main
 /// thread is blocked.
-fn watch_control(mut ch: ControlChannel<TcpStream>) -> Result<()> {
+fn watch_control(mut ch: ControlChannel<Conn>) -> Result<()> {
     let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("control-watch".into())
@@ -114,7 +114,7 @@ fn reply(out: &mut impl Write, r: Reply) -> Result<()> {
 /// One push session: announce a fresh push listener, then check and release every epoch
 /// until the sender says goodbye.
 fn push_session(
-    ctrl: &mut ControlChannel<TcpStream>,
+    ctrl: &mut ControlChannel<Conn>,
     region: &Arc<Region>,
     corrupt: bool,
     out: &mut impl Write,

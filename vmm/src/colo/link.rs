@@ -8,12 +8,11 @@
 //! socket, a frame is bad, or nothing (not even a heartbeat) arrives within the timeout;
 //! [`LostReason`] says which.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colo_transport::control::{ControlChannel, Kind, Message};
+use colo_transport::control::{Conn, ControlChannel, Kind, Message};
 use colo_transport::framing;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
@@ -141,7 +140,7 @@ pub struct Heartbeat {
 }
 
 struct Inner {
-    tx: Mutex<ControlChannel<TcpStream>>,
+    tx: Mutex<ControlChannel<Conn>>,
     lost: AtomicBool,
     /// Set once, before `lost`.
     why: Mutex<Option<LostReason>>,
@@ -173,7 +172,7 @@ impl Link {
     ///
     /// # Errors
     /// [`ColoError::Transport`] if the socket cannot be cloned.
-    pub fn start(ch: ControlChannel<TcpStream>, hb: Heartbeat) -> Result<Self> {
+    pub fn start(ch: ControlChannel<Conn>, hb: Heartbeat) -> Result<Self> {
         let mut reader = ch
             .try_clone()
             .map_err(ColoError::transport("clone the control socket"))?;
@@ -400,9 +399,9 @@ mod tests {
     use super::*;
 
     /// Two ends of a control connection on loopback, the second as a bare channel.
-    fn pair() -> (ControlChannel<TcpStream>, ControlChannel<TcpStream>) {
+    fn pair() -> (ControlChannel<Conn>, ControlChannel<Conn>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         (
             ControlChannel::from_tcp(a).unwrap(),
