@@ -98,10 +98,12 @@ use sha2::Sha256;
 
 use crate::handshake::{Channel, MAC_LEN, Peer, Role};
 
+mod bridge;
 mod stream;
 #[cfg(test)]
 mod tests;
 
+pub use bridge::bridge;
 pub use stream::{OpenReader, SealWriter, Sealed};
 
 /// Bytes of a record's header (its length, u32 little-endian).

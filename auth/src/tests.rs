@@ -402,3 +402,48 @@ fn a_side_that_encrypts_and_one_that_does_not_refuse_each_other_saying_which() {
         "{c:?}"
     );
 }
+
+/// The disk link's bridge: two authenticated ends, each presented as a plain loopback
+/// socket; bytes cross both ways, and closing one plain end ends the other.
+#[test]
+fn a_bridged_sealed_connection_carries_bytes_both_ways_and_ends_together() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = creds().encrypted(true);
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let peer = accept(
+            &mut s,
+            &creds().encrypted(true),
+            Role::Secondary,
+            Channel::Disk,
+            T,
+        )
+        .unwrap();
+        seal::bridge(s, &peer).unwrap()
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let peer = connect(&mut s, &c, Role::Primary, Channel::Disk, T).unwrap();
+    let mut primary = seal::bridge(s, &peer).unwrap();
+    let mut secondary = server.join().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let send = data.clone();
+    let mut p2 = primary.try_clone().unwrap();
+    let writer = thread::spawn(move || p2.write_all(&send).unwrap());
+    let mut got = vec![0u8; data.len()];
+    secondary.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == data);
+    secondary.write_all(b"ack").unwrap();
+    let mut ack = [0u8; 3];
+    primary.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack, b"ack");
+    drop(secondary);
+    primary.set_read_timeout(Some(T)).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        primary.read(&mut b).unwrap_or(0),
+        0,
+        "the other end closed too"
+    );
+}

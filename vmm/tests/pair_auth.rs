@@ -282,3 +282,43 @@ fn two_pairs_do_not_cross_and_a_forged_heartbeat_does_not_delay_the_failover() {
     );
     let _ = std::io::stdout().flush();
 }
+
+/// `colo pair --encrypt`: control, push streams and the disk link sealed; the primary is
+/// killed and the secondary takes over with every acknowledged write on its disk.
+#[test]
+fn an_encrypted_pair_fails_over_and_loses_nothing() {
+    if !common::kvm() {
+        return;
+    }
+    let out = common::colo()
+        .args([
+            "pair",
+            "--json",
+            "--verbose",
+            "--encrypt",
+            "--duration=12s",
+            "--kill-primary-after=6s",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["failover"], true, "{v}");
+    assert_eq!(v["lost_acked"], 0, "{v}");
+    assert_eq!(
+        v["disk_missing"], 0,
+        "every acknowledged write is on the disk: {v}"
+    );
+    assert_eq!(v["contradictions"], 0, "{v}");
+    assert!(
+        v["epochs"].as_u64().unwrap_or(0) > 10,
+        "checkpoints ran: {v}"
+    );
+    assert!(
+        stderr.contains("traffic encrypted (--encrypt)"),
+        "both sides said so:\n{stderr}"
+    );
+}

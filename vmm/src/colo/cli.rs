@@ -87,6 +87,12 @@ pub struct ColoArgs {
     /// the protected guest's memory and disk. For tests on a closed network only.
     #[arg(long)]
     pub insecure: bool,
+    /// Encrypt the control channel, every push stream and the disk link (AES-256-GCM
+    /// with keys from the authenticated handshake); both sides must agree. Without it a
+    /// sniffer on the network between the sides sees guest memory and disk writes. Costs
+    /// push bandwidth (see README, Security). TCP transport only.
+    #[arg(long, conflicts_with = "insecure")]
+    pub encrypt: bool,
     /// Serve a QMP-compatible control socket here (mode 0600 unless --qmp-mode says
     /// otherwise). A stale socket at the path is replaced; anything else there is refused.
     /// The socket is removed when the side ends.
@@ -108,6 +114,14 @@ impl ColoArgs {
     /// [`ColoError::NoPairKey`] without --pair-key or --insecure; [`ColoError::Key`] for a
     /// key file that cannot be read, is not a key, or that others can read.
     pub fn credentials(&self) -> Result<colo_auth::Credentials> {
+        let creds = self.key_credentials()?.encrypted(self.encrypt);
+        if self.encrypt {
+            tracing::info!("control, push and disk traffic encrypted (--encrypt)");
+        }
+        Ok(creds)
+    }
+
+    fn key_credentials(&self) -> Result<colo_auth::Credentials> {
         match (&self.pair_key, self.insecure) {
             (Some(path), _) => {
                 let key = colo_auth::PairKey::load(path)?;
@@ -151,6 +165,20 @@ impl ColoArgs {
         let tcp = PushTransport::Tcp {
             streams: self.streams,
         };
+        if self.encrypt {
+            // One-sided RDMA writes land without the secondary's CPU: nothing could
+            // open a sealed record on the way.
+            return match self.transport {
+                TransportKind::Rdma => Err(ColoError::Usage(
+                    "--encrypt needs the TCP push (--transport tcp or auto): RDMA writes \
+                     land without the secondary's CPU and cannot be opened on the way",
+                )),
+                _ => {
+                    tracing::info!("--encrypt: pushing pages over sealed TCP streams");
+                    Ok(tcp)
+                }
+            };
+        }
         match (self.transport, rdma_devices()) {
             (TransportKind::Tcp, _) => Ok(tcp),
             (TransportKind::Auto, Err(why)) => {
@@ -461,7 +489,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         blk_listener
             .set_nonblocking(false)
             .map_err(ColoError::io("make the disk listener blocking"))?;
-        let (stream, _, _) = colo_auth::accept_peer(
+        let (stream, _, peer) = colo_auth::accept_peer(
             &blk_listener,
             &pairing.creds,
             colo_auth::Role::Secondary,
@@ -470,6 +498,11 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             colo_auth::HANDSHAKE_TIMEOUT,
             &stop,
         )?;
+        let stream = if pairing.creds.encrypts() {
+            colo_auth::seal::bridge(stream, &peer).map_err(ColoError::io("seal the disk link"))?
+        } else {
+            stream
+        };
         let _ = stream.set_nodelay(true);
         d.serve(stream, Duration::from_secs(30))
             .map_err(ColoError::disk("serve the primary"))?;

@@ -227,7 +227,7 @@ fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &Peer, link: &Link) -> Result
             }
         })?;
     let _ = s.set_nodelay(true);
-    colo_auth::connect(
+    let secondary = colo_auth::connect(
         &mut s,
         &peer.creds,
         colo_auth::Role::Primary,
@@ -238,6 +238,11 @@ fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &Peer, link: &Link) -> Result
         what: "disk replication",
         source,
     })?;
+    let s = if peer.creds.encrypts() {
+        colo_auth::seal::bridge(s, &secondary).map_err(ColoError::io("seal the disk link"))?
+    } else {
+        s
+    };
     d.attach(s, colo_blk::SyncMode::Resync, Duration::from_secs(30))
         .map_err(ColoError::disk("attach the secondary"))?;
     let disk = Arc::clone(d);

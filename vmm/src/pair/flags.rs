@@ -34,9 +34,10 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
 ///
 /// # Errors
 /// A key that cannot be made or written.
-pub(super) fn pair_key(a: &PairArgs, dir: &Path) -> Result<String, ColoError> {
+pub(super) fn pair_key(a: &PairArgs, dir: &Path) -> Result<Vec<String>, ColoError> {
+    let encrypt = a.colo.encrypt.then(|| "--encrypt".to_string());
     if a.colo.insecure {
-        return Ok("--insecure".into());
+        return Ok(vec!["--insecure".into()]);
     }
     let path = match &a.colo.pair_key {
         Some(p) => p.clone(),
@@ -47,7 +48,9 @@ pub(super) fn pair_key(a: &PairArgs, dir: &Path) -> Result<String, ColoError> {
             p
         }
     };
-    Ok(format!("--pair-key={}", path.display()))
+    Ok(std::iter::once(format!("--pair-key={}", path.display()))
+        .chain(encrypt)
+        .collect())
 }
 
 /// The VM options of `side` ("primary" or "secondary"): its disk and network socket in

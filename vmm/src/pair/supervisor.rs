@@ -131,8 +131,8 @@ impl<'a> Supervisor<'a> {
         let key = flags::pair_key(a, dir)?;
         let mut sec_args = flags::secondary_args(a, dir, port, &alive, &sec_events_path);
         let mut pri_args = flags::primary_args(a, dir, port, &events_path);
-        sec_args.push(key.clone());
-        pri_args.push(key);
+        sec_args.extend(key.iter().cloned());
+        pri_args.extend(key);
         eprintln!(
             "colo pair: starting the secondary and the primary (scratch in {})",
             dir.display()
