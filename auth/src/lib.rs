@@ -2,8 +2,8 @@
 //! authentication that every connection between the two sides (control, each push
 //! stream, the disk link) runs before anything else ([`handshake`]).
 //!
-//! The cryptography is RustCrypto's (`hmac`, `sha2`) with nonces from the OS
-//! (`getrandom`); nothing here implements a primitive.
+//! The cryptography is RustCrypto's (`hmac`, `sha2`, `hkdf`) and ring's (AES-256-GCM, in
+//! [`seal`]) with nonces from the OS (`getrandom`); nothing here implements a primitive.
 //!
 //! Threat model, in short (README.md, "Security", says it in full): someone who can reach
 //! a side's ports but does not hold the pair key cannot open any channel, so cannot push

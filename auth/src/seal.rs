@@ -48,8 +48,9 @@
 //! holds 1 to [`MAX_RECORD`] bytes; the length 0 is the writer's end-of-stream record. A
 //! length above [`MAX_RECORD`] is refused as soon as the header arrives, before waiting for
 //! (or buffering) its body. A reader decrypts a whole record in its own buffer and hands
-//! out its bytes only once the tag checked (AES-GCM as RustCrypto implements it checks the
-//! tag before it decrypts), so no unauthenticated byte ever reaches the caller.
+//! out its bytes only once the tag checked (a record that fails leaves that buffer in an
+//! unspecified state, and nothing of it is handed out), so no unauthenticated byte ever
+//! reaches the caller.
 //!
 //! # Threads and cloned sockets
 //!
@@ -71,29 +72,28 @@
 //! The record counter is the order of records on the wire, so every writer must write
 //! through the one [`SealWriter`]: writer threads share it behind a `Mutex` (as they must
 //! already share a plain socket to keep their frames whole); each writes its message and
-//! flushes under the lock, so its records go out whole and in counter order. A single-threaded user takes [`Sealed`], which does both directions on
-//! one stream and can later be [split](Sealed::into_split).
+//! flushes under the lock, so its records go out whole and in counter order. A
+//! single-threaded user takes [`Sealed`], which does both directions on one stream and can
+//! later be [split](Sealed::into_split).
 //!
 //! [`Sealer::seal`] and [`Opener::open`] are the same codec without I/O, for a caller
 //! that moves the bytes itself.
 //!
 //! # Cost
 //!
-//! `cargo bench -p colo-auth --bench seal` measures it. Here (AMD EPYC, AES-NI and
-//! PCLMULQDQ, December 2026) one core seals about 2 GiB/s and opens 2.2-2.4 GiB/s, for
-//! 4 KiB and 64 KiB records alike, against a memcpy of 7-10 GiB/s: GHASH and AES-CTR run
-//! as two passes in RustCrypto's AES-GCM. A reader that copies into its destination
+//! The AEAD is ring's AES-256-GCM (maintained, the provider rustls uses; assembly that
+//! runs AES and GHASH in one pass). `cargo bench -p colo-auth --bench seal` measures it:
+//! here (AMD EPYC, AES-NI, PCLMULQDQ and VAES, December 2026) one core seals about
+//! 4.5 GiB/s and opens 7-8.6 GiB/s against a memcpy of 11 GiB/s; RustCrypto's aes-gcm did
+//! 1.9-2.4 (two passes), too slow for the push. A reader that copies into its destination
 //! anyway (guest memory) saves a copy by taking the plaintext from
 //! [`BufRead::fill_buf`](std::io::BufRead::fill_buf) instead of `read`.
 
 use std::io;
 use std::ops::Range;
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::aead::consts::U12;
-use aes_gcm::aead::inout::InOutBuf;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use sha2::Sha256;
 
 use crate::handshake::{Channel, MAC_LEN, Peer, Role};
@@ -213,7 +213,7 @@ fn hkdf_from(secret: &[u8; SECRET_LEN]) -> Hkdf<Sha256> {
 /// One direction's key schedule and record counter.
 struct Direction {
     secret: [u8; SECRET_LEN],
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     iv: [u8; NONCE_LEN],
     /// The next record's number.
     seq: u64,
@@ -233,20 +233,22 @@ impl Direction {
         }
     }
 
-    fn keys(secret: &[u8; SECRET_LEN]) -> (Aes256Gcm, [u8; NONCE_LEN]) {
+    fn keys(secret: &[u8; SECRET_LEN]) -> (LessSafeKey, [u8; NONCE_LEN]) {
         let h = hkdf_from(secret);
         let mut key = [0u8; 32];
         let mut iv = [0u8; NONCE_LEN];
         hkdf_expand(&h, &[KEY], &mut key);
         hkdf_expand(&h, &[IV], &mut iv);
-        let cipher = Aes256Gcm::new(&key.into());
+        let cipher = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &key).expect("AES-256-GCM takes a 32-byte key"),
+        );
         key.fill(0);
         (cipher, iv)
     }
 
     /// The next record's number and nonce, moving to the next key at an epoch's end. The
     /// number is used up only by [`Direction::advance`].
-    fn next(&mut self) -> Result<(u64, Nonce<U12>)> {
+    fn next(&mut self) -> Result<(u64, Nonce)> {
         if self.seq == u64::MAX {
             return Err(SealError::Exhausted);
         }
@@ -262,7 +264,7 @@ impl Direction {
         for (n, s) in nonce[NONCE_LEN - 8..].iter_mut().zip(seq.to_be_bytes()) {
             *n ^= s;
         }
-        Ok((seq, nonce.into()))
+        Ok((seq, Nonce::assume_unique_for_key(nonce)))
     }
 
     fn advance(&mut self) {
@@ -407,22 +409,22 @@ impl Sealer {
         let header = (length as u32).to_le_bytes();
         record[..HEADER_LEN].copy_from_slice(&header);
         let (body, tag_room) = record[HEADER_LEN..end].split_at_mut(length);
-        let body = match src {
-            Some(src) => InOutBuf::new(src, body).ok(),
-            None => Some(body.into()),
+        let oversized = SealError::Oversized {
+            record: record_no,
+            length: length as u64,
         };
-        let tag = body
-            .and_then(|body| {
-                self.dir
-                    .cipher
-                    .encrypt_inout_detached(&nonce, &header, body)
-                    .ok()
-            })
-            .ok_or(SealError::Oversized {
-                record: record_no,
-                length: length as u64,
-            })?;
-        tag_room.copy_from_slice(&tag);
+        if let Some(src) = src {
+            if src.len() != body.len() {
+                return Err(oversized);
+            }
+            body.copy_from_slice(src);
+        }
+        let tag = self
+            .dir
+            .cipher
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+            .map_err(|_| oversized)?;
+        tag_room.copy_from_slice(tag.as_ref());
         self.dir.advance();
         Ok(end)
     }
@@ -502,7 +504,7 @@ impl Opener {
         let (record, nonce) = self.dir.next()?;
         self.dir
             .cipher
-            .decrypt_inout_detached(&nonce, &header, body.into(), &tag)
+            .open_in_place_separate_tag(nonce, Aad::from(header), tag, body, 0..)
             .map_err(|_| SealError::BadTag { record })?;
         self.dir.advance();
         Ok(if length == 0 {

@@ -110,13 +110,27 @@ fd_scatter_io!(UnixStream);
 /// meanwhile). A record is opened (its tag checked) before any of its bytes is copied out.
 impl<S: Read + Write> ScatterIo for colo_auth::seal::Sealed<S> {
     unsafe fn read_all_iov(&mut self, iovs: &mut [libc::iovec]) -> io::Result<()> {
-        let mut buf = Vec::new();
         for v in iovs.iter() {
-            buf.resize(v.iov_len, 0);
-            self.read_exact(&mut buf)?;
-            // SAFETY: the caller promised `v` is valid for writes of its length; `buf`
-            // is ours and as long.
-            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), v.iov_base.cast(), v.iov_len) };
+            let mut done = 0;
+            while done < v.iov_len {
+                // Opened (authenticated) plaintext of the current record.
+                let plain = io::BufRead::fill_buf(self)?;
+                if plain.is_empty() {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let n = plain.len().min(v.iov_len - done);
+                // SAFETY: the caller promised `v` is valid for writes of its length, and
+                // `done + n` stays within it; `plain` is the record layer's own buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        plain.as_ptr(),
+                        v.iov_base.cast::<u8>().add(done),
+                        n,
+                    );
+                }
+                io::BufRead::consume(self, n);
+                done += n;
+            }
         }
         Ok(())
     }

@@ -67,6 +67,11 @@ pub struct TransportArgs {
     #[arg(long)]
     json: bool,
 
+    /// Also push every case sealed (`--encrypt`: AES-256-GCM with keys from the
+    /// handshake) at every stream count, beside the plain push of the same run.
+    #[arg(long)]
+    encrypt: bool,
+
     /// Testing only: the receiver corrupts one byte of every epoch before checking it, so
     /// that the benchmark must fail with a checksum mismatch.
     #[arg(long, hide = true)]
@@ -90,6 +95,8 @@ pub struct Plan {
     pub seed: u64,
     /// Print JSON instead of the table.
     pub json: bool,
+    /// Also push sealed.
+    pub encrypt: bool,
     /// The receiver corrupts every epoch (tests the mismatch path).
     pub corrupt_for_test: bool,
 }
@@ -122,6 +129,7 @@ impl TransportArgs {
             opts,
             seed: self.seed,
             json: self.json,
+            encrypt: self.encrypt,
             corrupt_for_test: self.corrupt_for_test,
         })
     }

@@ -49,6 +49,8 @@ pub fn hello(role: Role, pair_id: u64, size: u64) -> Result<Hello> {
 pub enum Request {
     /// Open a push session: bind a push listener and announce it over the control channel.
     Push,
+    /// The same, with every push stream sealed (`--encrypt`).
+    PushSealed,
     /// Open the plain TCP stream of the raw baseline (one for every raw transfer, as a
     /// push session keeps its streams).
     RawOpen,
@@ -63,6 +65,7 @@ impl Request {
     pub fn to_line(self) -> String {
         match self {
             Self::Push => "push".into(),
+            Self::PushSealed => "push-sealed".into(),
             Self::RawOpen => "raw-open".into(),
             Self::Raw(n) => format!("raw {n}"),
             Self::Quit => "quit".into(),
@@ -74,6 +77,7 @@ impl Request {
         let mut w = line.split_whitespace();
         let r = match (w.next()?, w.next()) {
             ("push", None) => Self::Push,
+            ("push-sealed", None) => Self::PushSealed,
             ("raw-open", None) => Self::RawOpen,
             ("raw", Some(n)) => Self::Raw(n.parse().ok()?),
             ("quit", None) => Self::Quit,
@@ -161,6 +165,7 @@ mod tests {
     fn lines_round_trip() {
         for r in [
             Request::Push,
+            Request::PushSealed,
             Request::RawOpen,
             Request::Raw(1 << 31),
             Request::Quit,

@@ -62,7 +62,10 @@ pub fn run(args: &ReceiverArgs) -> Result<()> {
         let line = line.map_err(Error::io("reading a request"))?;
         match Request::parse(&line) {
             Some(Request::Push) => {
-                push_session(&mut ctrl, &region, args.corrupt_for_test, &mut out)?;
+                push_session(&mut ctrl, &region, args.corrupt_for_test, false, &mut out)?;
+            }
+            Some(Request::PushSealed) => {
+                push_session(&mut ctrl, &region, args.corrupt_for_test, true, &mut out)?;
             }
             Some(Request::RawOpen) => raw = Some(raw_open(&mut out)?),
             Some(Request::Raw(bytes)) => {
@@ -117,6 +120,7 @@ fn push_session(
     ctrl: &mut ControlChannel<Conn>,
     region: &Arc<Region>,
     corrupt: bool,
+    sealed: bool,
     out: &mut impl Write,
 ) -> Result<()> {
     pages::fill_byte(region, SCRIBBLE);
@@ -124,7 +128,7 @@ fn push_session(
         "127.0.0.1:0",
         Arc::clone(region),
         PAGE_SIZE,
-        super::protocol::bench_credentials(),
+        super::protocol::bench_credentials().encrypted(sealed),
     )
     .map_err(Error::transport("binding the push listener"))?;
     ctrl.send(&Message::Region(*listener.desc()))

@@ -72,6 +72,8 @@ pub enum CaseKind {
 pub struct PushResult {
     /// Streams of the push path.
     pub streams: usize,
+    /// Whether every stream was sealed (`--encrypt`).
+    pub sealed: bool,
     /// Push timings.
     pub sample: Sample,
     /// Epochs whose checksum matched (every one, or the bench failed).
@@ -107,6 +109,7 @@ impl CaseResult {
     pub fn best_push(&self) -> Option<&PushResult> {
         self.push
             .iter()
+            .filter(|p| !p.sealed)
             .max_by(|a, b| a.sample.median().total_cmp(&b.sample.median()))
     }
 
@@ -119,6 +122,22 @@ impl CaseResult {
             CaseKind::Contiguous => (&self.raw, CONTIGUOUS_TARGET),
         };
         Some((best.streams, ratio(&best.sample, limit), goal))
+    }
+}
+
+/// What `--encrypt` keeps of the plain push.
+pub const SEALED_TARGET: f64 = 0.5;
+
+impl CaseResult {
+    /// The sealed push's median rate over the plain one's at `streams` streams, if both
+    /// ran.
+    pub fn sealed_over_plain(&self, streams: usize) -> Option<f64> {
+        let of = |sealed: bool| {
+            self.push
+                .iter()
+                .find(|p| p.streams == streams && p.sealed == sealed)
+        };
+        Some(ratio(&of(true)?.sample, &of(false)?.sample))
     }
 }
 
@@ -177,11 +196,12 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "{:<14} {:>10}  {:>6}  {:>7}  {:>8}  {:>6}  {:>6}  {:>7}  {:>11}  {:>8}",
+            "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8}  {:>6}  {:>6}  {:>7}  {:>11}  {:>8}",
             "case",
             "bytes",
             "runs",
             "streams",
+            "mode",
             "push med",
             "best",
             "memcpy",
@@ -193,11 +213,12 @@ impl Report {
             for p in &c.push {
                 let _ = writeln!(
                     o,
-                    "{:<14} {:>10}  {:>6}  {:>7}  {:>8.2}  {:>6.2}  {:>6.2}  {:>7.2}  {:>11.2}  {:>8.2}",
+                    "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8.2}  {:>6.2}  {:>6.2}  {:>7.2}  {:>11.2}  {:>8.2}",
                     c.name,
                     fmt_bytes(c.bytes()),
                     c.runs,
                     p.streams,
+                    if p.sealed { "sealed" } else { "plain" },
                     p.sample.median(),
                     p.sample.best(),
                     c.memcpy.median(),
@@ -212,6 +233,20 @@ impl Report {
             "\nchecksums: all {} pushed epochs verified",
             self.verified_epochs()
         );
+        for c in &self.cases {
+            for p in c.push.iter().filter(|p| p.sealed) {
+                if let Some(r) = c.sealed_over_plain(p.streams) {
+                    let _ = writeln!(
+                        o,
+                        "{}: sealed/plain = {r:.2} at {} stream(s) (target >= {SEALED_TARGET:.2} \
+                         per stream: {})",
+                        c.name,
+                        p.streams,
+                        if r >= SEALED_TARGET { "met" } else { "NOT met" }
+                    );
+                }
+            }
+        }
         for c in &self.cases {
             let Some((streams, r, goal)) = c.target() else {
                 continue;
@@ -295,6 +330,8 @@ impl<'a> JsonCase<'a> {
             .iter()
             .map(|p| JsonPush {
                 streams: p.streams,
+                sealed: p.sealed,
+                sealed_over_plain: p.sealed.then(|| c.sealed_over_plain(p.streams)).flatten(),
                 sample: JsonSample::new(&p.sample),
                 push_over_memcpy: ratio(&p.sample, &c.memcpy),
                 push_over_raw_tcp: ratio(&p.sample, &c.raw),
@@ -346,6 +383,9 @@ impl<'a> JsonSample<'a> {
 #[derive(Serialize)]
 struct JsonPush<'a> {
     streams: usize,
+    sealed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sealed_over_plain: Option<f64>,
     #[serde(flatten)]
     sample: JsonSample<'a>,
     push_over_memcpy: f64,
@@ -433,16 +473,28 @@ mod tests {
             push: vec![
                 PushResult {
                     streams: 1,
+                    sealed: false,
                     sample: sample(1 << 30, &[1.0]),
                     verified: 1,
                 },
                 PushResult {
                     streams: 2,
+                    sealed: false,
                     sample: sample(1 << 30, &[0.5]),
+                    verified: 1,
+                },
+                // Faster, but sealed: not what the target is about.
+                PushResult {
+                    streams: 2,
+                    sealed: true,
+                    sample: sample(1 << 30, &[0.25]),
                     verified: 1,
                 },
             ],
         };
         assert_eq!(c.target(), Some((2, 0.5, RANDOM_TARGET)));
+        // 0.5 s plain against 0.25 s sealed at 2 streams: sealed is twice as fast here.
+        assert_eq!(c.sealed_over_plain(2), Some(2.0));
+        assert_eq!(c.sealed_over_plain(1), None);
     }
 }

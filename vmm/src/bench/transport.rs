@@ -114,7 +114,26 @@ pub fn run(plan: &Plan) -> Result<()> {
 
     drop(raw);
     for &streams in &plan.streams {
-        push_session(&mut child, &source, plan, streams, &cases, &mut results)?;
+        push_session(
+            &mut child,
+            &source,
+            plan,
+            streams,
+            false,
+            &cases,
+            &mut results,
+        )?;
+        if plan.encrypt {
+            push_session(
+                &mut child,
+                &source,
+                plan,
+                streams,
+                true,
+                &cases,
+                &mut results,
+            )?;
+        }
     }
     child.finish()?;
 
@@ -248,10 +267,15 @@ fn push_session(
     source: &Arc<Region>,
     plan: &Plan,
     streams: usize,
+    sealed: bool,
     cases: &[Case],
     results: &mut [CaseResult],
 ) -> Result<()> {
-    child.request(Request::Push)?;
+    child.request(if sealed {
+        Request::PushSealed
+    } else {
+        Request::Push
+    })?;
     let desc = child.region()?;
     if desc.len != plan.size || desc.page_size != PAGE_SIZE {
         return Err(Error::Control(format!(
@@ -268,7 +292,7 @@ fn push_session(
         addr,
         desc,
         Arc::clone(source),
-        &super::protocol::bench_credentials(),
+        &super::protocol::bench_credentials().encrypted(sealed),
         opts,
     )
     .map_err(Error::transport("connecting the push sender"))?;
@@ -288,13 +312,15 @@ fn push_session(
             epochs += 1;
         }
         tracing::info!(
-            "push {} with {streams} stream(s): {:.2} GiB/s median, {:.2} best; checksums match",
+            "push {} with {streams} stream(s){}: {:.2} GiB/s median, {:.2} best; checksums match",
             case.name,
+            if sealed { ", sealed" } else { "" },
             sample.median(),
             sample.best()
         );
         res.push.push(PushResult {
             streams,
+            sealed,
             sample,
             verified,
         });
