@@ -153,6 +153,23 @@ impl WriteState {
         self.flush(w)
     }
 
+    /// `len` bytes that `fill` writes straight into the record buffer, chunk after chunk
+    /// in order, then flushed.
+    fn write_filled(
+        &mut self,
+        w: &mut impl Write,
+        mut len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> io::Result<()> {
+        while len > 0 {
+            let n = self.room(w)?.min(len);
+            fill(&mut self.buf[self.len..self.len + n]);
+            self.len += n;
+            len -= n;
+        }
+        self.flush(w)
+    }
+
     fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
         self.send(w)?;
         w.flush()
@@ -414,6 +431,17 @@ impl<S: Read + Write> Sealed<S> {
     /// As there.
     pub fn write_gather(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         self.writing.write_gather(&mut self.inner, parts)
+    }
+
+    /// Writes `len` bytes that `fill` puts straight into the record buffer (called with
+    /// consecutive chunks of it, in order, at most [`MAX_RECORD`] bytes each), then flushes:
+    /// for a caller whose bytes are not in a slice of its own (guest memory that others
+    /// write meanwhile), with no copy in between.
+    ///
+    /// # Errors
+    /// As [`write_gather`](Self::write_gather).
+    pub fn write_filled(&mut self, len: usize, mut fill: impl FnMut(&mut [u8])) -> io::Result<()> {
+        self.writing.write_filled(&mut self.inner, len, &mut fill)
     }
 
     /// See [`SealWriter::close`]; reading goes on.

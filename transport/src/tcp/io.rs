@@ -137,21 +137,28 @@ impl<S: Read + Write> ScatterIo for colo_auth::seal::Sealed<S> {
 
     unsafe fn write_all_iov(&mut self, iovs: &mut [libc::iovec]) -> io::Result<()> {
         let total: usize = iovs.iter().map(|v| v.iov_len).sum();
-        let mut buf = Vec::with_capacity(total);
-        for v in iovs.iter() {
-            let at = buf.len();
-            buf.resize(at + v.iov_len, 0);
-            // SAFETY: the caller promised `v` is valid for reads of its length; the
-            // destination is the part of `buf` just made for it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base.cast::<u8>(),
-                    buf.as_mut_ptr().add(at),
-                    v.iov_len,
-                );
+        let (mut at, mut off) = (0, 0);
+        self.write_filled(total, |dst| {
+            let mut done = 0;
+            while done < dst.len() {
+                let v = &iovs[at];
+                let n = (v.iov_len - off).min(dst.len() - done);
+                // SAFETY: the caller promised `v` is valid for reads of its length and
+                // `off + n` stays within it; `dst` is the record layer's own buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        v.iov_base.cast::<u8>().add(off),
+                        dst[done..].as_mut_ptr(),
+                        n,
+                    );
+                }
+                done += n;
+                off += n;
+                if off == v.iov_len {
+                    (at, off) = (at + 1, 0);
+                }
             }
-        }
-        self.write_gather(&[&buf])
+        })
     }
 }
 
