@@ -479,7 +479,15 @@ struct Exchange<'a, S: Timed> {
     limit: Duration,
 }
 
-impl<S: Timed> Exchange<'_, S> {
+impl<'a, S: Timed> Exchange<'a, S> {
+    fn new(s: &'a mut S, limit: Duration) -> Self {
+        Self {
+            s,
+            deadline: Instant::now() + limit,
+            limit,
+        }
+    }
+
     fn left(&self) -> Result<Duration, AuthError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -551,11 +559,7 @@ pub fn connect<S: Timed>(
     channel: Channel,
     limit: Duration,
 ) -> Result<Peer, AuthError> {
-    let mut x = Exchange {
-        s,
-        deadline: Instant::now() + limit,
-        limit,
-    };
+    let mut x = Exchange::new(s, limit);
     let hello_c = Hello::new(creds, me, channel)?.encode();
     x.write("send the Hello", &hello_c)?;
     let mut reply = [0u8; HELLO_LEN + MAC_LEN];
@@ -602,11 +606,7 @@ pub fn accept<S: Timed>(
     channel: Channel,
     limit: Duration,
 ) -> Result<Peer, AuthError> {
-    let mut x = Exchange {
-        s,
-        deadline: Instant::now() + limit,
-        limit,
-    };
+    let mut x = Exchange::new(s, limit);
     let mut hello_c = [0u8; HELLO_LEN];
     x.read("read the peer's Hello", &mut hello_c)?;
     let theirs = Hello::decode(&hello_c)?;

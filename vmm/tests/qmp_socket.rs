@@ -138,17 +138,6 @@ fn qmp_mode_sets_the_socket_mode() {
     primary_serves_then_ends(&["--qmp-mode=660"], 0o660);
 }
 
-/// Two free consecutive loopback ports: the secondary's control port and its disk port.
-fn two_free_ports() -> u16 {
-    (0..100)
-        .find_map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-            let p = l.local_addr().ok()?.port();
-            (p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()).then_some(p)
-        })
-        .expect("two consecutive free ports")
-}
-
 /// A pair that runs its course: the primary stops after --duration, the secondary ends
 /// when its primary leaves; both exit 0 and both sockets are gone.
 #[test]
@@ -156,7 +145,7 @@ fn both_sides_of_a_pair_remove_their_sockets_when_the_pair_ends() {
     if !kvm() {
         return;
     }
-    let port = two_free_ports();
+    let port = common::two_free_ports();
     let (sec, pri) = (Side::new(), Side::new());
     let mut s = sec.command("secondary");
     s.arg(format!("--listen=127.0.0.1:{port}"));

@@ -99,7 +99,6 @@ impl Netns {
 
 /// A loopback port P with P + 1 free too (a secondary's control and disk replication
 /// ports).
-#[allow(dead_code)]
 pub fn two_free_ports() -> u16 {
     (0..100)
         .find_map(|_| {
