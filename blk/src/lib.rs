@@ -18,7 +18,8 @@
 //! - [`wire`]: the protocol of forwarded writes (headers on `colo_transport::framing`:
 //!   magic, version and type checked there; length and offset checks here).
 //! - [`BlockBackend`]: the interface the VMM's virtio-blk calls; [`PlainDisk`] is the
-//!   unreplicated one.
+//!   unreplicated one; [`SwitchableDisk`] lets a secondary that took over become a
+//!   primary (its disk then replicated to a new secondary) under the same device.
 //!
 //! ## What the secondary's disk holds
 //!
@@ -61,6 +62,7 @@ pub mod fuzzing;
 mod primary;
 mod secondary;
 mod sector;
+mod switch;
 pub mod wire;
 
 pub use backend::BlockBackend;
@@ -72,4 +74,5 @@ pub use primary::{
 };
 pub use secondary::{CommitStats, FailoverStats, SecondaryDisk, SecondaryPhase, SecondaryStats};
 pub use sector::{SECTOR_SIZE, check_span};
+pub use switch::SwitchableDisk;
 pub use wire::SyncMode;

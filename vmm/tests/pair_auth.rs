@@ -8,134 +8,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use colo_blk::SyncMode;
 use colo_blk::wire::Frame;
 use colo_transport::control::{ControlChannel, Message};
-use common::{Reaper, wait_timeout};
+use common::sides::{Scratch, run, says, start};
 
 /// What the stranger writes onto the secondary's disk, if it could.
 const STRANGER: &[u8] = b"STRANGER";
-
-/// A scratch directory with two free consecutive loopback ports (control, disk).
-struct Scratch {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("colo-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = common::two_free_ports();
-        Self { dir, port }
-    }
-
-    fn keygen(&self, name: &str) -> PathBuf {
-        let key = self.dir.join(name);
-        let out = common::colo()
-            .args(["keygen", &format!("--out={}", key.display())])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        key
-    }
-
-    /// A side's command with its disk and a drained network socket in the scratch dir.
-    fn side(&self, side: &str, tag: &str, key: Option<&Path>) -> Command {
-        let sock = self.dir.join(format!("{tag}.sock"));
-        if !sock.exists() {
-            let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-            std::thread::spawn(move || {
-                while let Ok((mut c, _)) = l.accept() {
-                    let _ = std::io::copy(&mut c, &mut std::io::sink());
-                }
-            });
-        }
-        let mut c = common::colo();
-        c.arg(side)
-            .arg(format!(
-                "--disk={}",
-                self.dir.join(format!("{tag}.img")).display()
-            ))
-            .arg(format!("--net-socket={}", sock.display()))
-            .arg("--heartbeat-timeout=800ms");
-        match side {
-            "secondary" => c.arg(format!("--listen=127.0.0.1:{}", self.port)),
-            _ => c.arg(format!("--peer=127.0.0.1:{}", self.port)),
-        };
-        if let Some(k) = key {
-            c.arg(format!("--pair-key={}", k.display()));
-        }
-        c
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Runs `c` to its end (at most 60 s) and returns its exit success and stderr.
-fn run(mut c: Command) -> (bool, String) {
-    let mut child = Reaper(
-        c.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = wait_timeout(&mut child.0, Duration::from_secs(60)).expect("it ends");
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
-    (status.success(), err)
-}
-
-/// Starts `c` with its stderr lines on a channel.
-fn start(mut c: Command) -> (Reaper, crossbeam_channel::Receiver<String>) {
-    let mut child = Reaper(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = crossbeam_channel::unbounded();
-    for pipe in [
-        Box::new(child.0.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.0.stdout.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    (child, rx)
-}
-
-/// Waits (at most `limit`) for a line containing `what`; returns every line seen.
-fn says(rx: &crossbeam_channel::Receiver<String>, what: &str, limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(what) => {
-                seen.push(l);
-                return seen;
-            }
-            Ok(l) => seen.push(l),
-            Err(e) => panic!("never said {what:?} ({e}); said:\n{}", seen.join("\n")),
-        }
-    }
-}
 
 #[test]
 fn a_side_needs_a_private_key_or_says_it_runs_insecure() {

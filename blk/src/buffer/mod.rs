@@ -200,6 +200,23 @@ impl DiskBuffer {
         self.drop_all()
     }
 
+    /// A stop at the last commit: restores the hidden originals onto the disk (undoing
+    /// the primary's writes of the uncommitted epoch), drops the SVM's writes, makes it
+    /// durable, and drops both buffers. The disk then equals the primary's as of the last
+    /// committed checkpoint.
+    pub fn roll_back_into_disk(&mut self) -> Result<()> {
+        for (s, e) in self.hidden.iter() {
+            self.store.copy_to_disk(
+                e.loc,
+                &self.disk,
+                s * SECTOR_SIZE,
+                (e.sectors * SECTOR_SIZE) as usize,
+            )?;
+        }
+        self.disk.sync()?;
+        self.drop_all()
+    }
+
     pub fn stats(&self) -> BufferStats {
         BufferStats {
             hidden_extents: self.hidden.len(),

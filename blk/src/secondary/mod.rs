@@ -41,6 +41,9 @@ pub enum SecondaryPhase {
     Replicating,
     /// Failed over: the disk is a plain disk holding the SVM's view.
     FailedOver,
+    /// Stopped at the last commit: the disk equals the primary's as of that checkpoint
+    /// and takes no more requests.
+    Stopped,
 }
 
 impl SecondaryPhase {
@@ -50,6 +53,7 @@ impl SecondaryPhase {
             Self::Syncing => "the resync is incomplete",
             Self::Replicating => "replicating",
             Self::FailedOver => "failed over",
+            Self::Stopped => "stopped",
         }
     }
 }
@@ -415,6 +419,32 @@ impl SecondaryDisk {
         self.inner.cond.notify_all();
         tracing::info!(?stats, "secondary failed over");
         Ok(stats)
+    }
+
+    /// Stops following the primary and leaves the disk as of the last committed
+    /// checkpoint (the primary's writes of the running epoch undone, the SVM's own writes
+    /// dropped, synced): a secondary told to stop leaves an image that a later resync or
+    /// a promotion can start from. Before the first full copy ended there is nothing to
+    /// restore (the image is then a partial copy; a new secondary resyncs it).
+    ///
+    /// # Errors
+    /// An I/O error while writing the originals back or syncing.
+    pub fn stop_at_commit(&self) -> Result<()> {
+        self.stop_receiver();
+        let mut st = self.inner.lock();
+        if st.phase == SecondaryPhase::Replicating {
+            st.buf.roll_back_into_disk()?;
+            tracing::info!(
+                committed = st.committed,
+                "secondary disk left as of the last commit"
+            );
+        }
+        if st.phase != SecondaryPhase::FailedOver {
+            st.phase = SecondaryPhase::Stopped;
+        }
+        drop(st);
+        self.inner.cond.notify_all();
+        Ok(())
     }
 
     fn stop_receiver(&self) {

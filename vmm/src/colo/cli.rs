@@ -293,6 +293,14 @@ pub struct SecondaryArgs {
     /// Where to listen for the primary (host:port).
     #[arg(long, default_value = "127.0.0.1:7100")]
     pub listen: String,
+    /// Protect the VM again after a takeover: this side then acts as a primary that
+    /// pushes to a new secondary listening at this address (host:port; the other host's
+    /// --listen), brings it in sync while serving (RAM and disk) and goes on in COLO. A
+    /// QMP `migrate` with `tcp:host:port` sets or changes it. Without it, a secondary
+    /// that took over serves unprotected. (The cluster agent, ocf/colo, gives each side
+    /// the other's address.)
+    #[arg(long)]
+    pub peer: Option<String>,
     /// Split-brain prevention: a shell command that must exit 0 before this side takes
     /// over after losing the link (e.g. a fence that powers the primary off, or a quorum
     /// query). It is retried until the heartbeat timeout; if it never succeeds, the
@@ -349,20 +357,17 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let vm = VmHandle::start(machine, true)?;
     let events = connect_events(a.events.as_deref())?;
     let qmp = qmp_socket.as_ref().map(QmpSocket::state);
+    let stop = a.colo.stop_fn();
     let peer = match (&a.peer, &qmp) {
         (Some(p), _) => p.clone(),
         (None, Some(q)) => {
             tracing::info!("waiting for a QMP 'migrate' command with the secondary's address");
             loop {
-                if interrupted() {
+                if stop() {
+                    tracing::info!("stopped before a QMP 'migrate' named the secondary");
                     return Ok(());
                 }
-                if let Some(u) = q
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .migrate_uri
-                    .clone()
-                {
+                if let Some(u) = lock_qmp(q).migrate_uri.clone() {
                     break u;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -374,20 +379,14 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             ));
         }
     };
-    let mut p = primary::connect(
-        vm,
-        ram,
-        dirty,
-        &primary::Peer {
-            addr: peer.clone(),
-            pair_id: a.colo.pair_id,
-            transport: transport.clone(),
-            vcpus: a.vm.vcpus,
-            creds,
-        },
-        params,
-        events,
-    )?;
+    let peer = primary::Peer {
+        addr: peer,
+        pair_id: a.colo.pair_id,
+        transport: transport.clone(),
+        vcpus: a.vm.vcpus,
+        creds,
+    };
+    let mut p = primary::Primary::serving(vm, ram, dirty, &peer, params, events);
     p.qmp = qmp;
     p.reprotect = a.reprotect;
     p.commit_marker = a.commit_marker;
@@ -395,18 +394,115 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         p.metrics = Some(super::metrics::open_stream(path)?);
     }
     p.disk = pdisk;
-    p.start()?;
+    // With --reprotect the primary need not wait long: it serves alone and takes the
+    // secondary once it listens.
+    let wait = if a.reprotect {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(30)
+    };
+    let started = match p.connect(wait, &stop) {
+        Ok(()) => p.start(&stop),
+        Err(e @ ColoError::Stopped) => Err(e),
+        Err(e) if a.reprotect => {
+            tracing::warn!(
+                error = %super::Chain(&e),
+                peer = %peer.addr,
+                "no secondary yet: the PVM starts unprotected and takes one once it listens"
+            );
+            p.vm().resume();
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(()) => {}
+        Err(ColoError::Stopped) => {
+            println!("primary: stopped before the secondary was in sync; the guest did not run");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
     if p.protected() {
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
     let started = Instant::now();
-    let stop = a.colo.stop_fn();
     p.run(&stop)?;
     println!(
         "primary: {}",
         p.summary.text(started.elapsed().as_secs_f64())
     );
     say_guest_end("primary", p.finish()?);
+    Ok(())
+}
+
+/// The QMP state, whatever a panicked holder left.
+fn lock_qmp(q: &qmp::Shared) -> std::sync::MutexGuard<'_, qmp::QmpState> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a secondary that took over keeps to serve as a primary.
+struct Served {
+    /// Guest RAM as one flat view (what the push reads).
+    ram: Arc<colo_memory::Region>,
+    /// The disk image.
+    disk: PathBuf,
+    /// The VM's disk device's backend.
+    switch: Option<Arc<colo_blk::SwitchableDisk>>,
+}
+
+/// A secondary that took over becomes a primary for `peer`: the VM's disk is served by a
+/// replicating primary disk from now on, and a new secondary listening at `peer` is
+/// brought in sync while the VM serves, then COLO goes on (and again whenever that
+/// secondary is lost).
+fn serve_as_primary(
+    s: secondary::Secondary,
+    served: Served,
+    peer: primary::Peer,
+    params: Params,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    let qmp = s.qmp.clone();
+    let (vm, dirty, events) = s.into_parts();
+    let mut pdisk = None;
+    if let Some(sw) = &served.switch {
+        // No guest request may run on the old backend once the new one serves.
+        vm.pause()?;
+        let swapped = vm
+            .wait_disk_idle(Duration::from_secs(10))
+            .map_err(ColoError::from)
+            .and_then(|()| {
+                let d = colo_blk::Disk::open(&served.disk)
+                    .map_err(ColoError::disk("open the disk as the primary's"))?;
+                Ok(Arc::new(colo_blk::PrimaryDisk::new(
+                    d,
+                    colo_blk::PrimaryOptions::default(),
+                )))
+            });
+        let swapped = match swapped {
+            Ok(p) => {
+                sw.replace(Arc::clone(&p) as Arc<dyn colo_blk::BlockBackend>);
+                Ok(p)
+            }
+            Err(e) => Err(e),
+        };
+        vm.resume();
+        pdisk = Some(swapped?);
+    }
+    tracing::info!(peer = %peer.addr, "serving as the primary: a new secondary at the peer address is taken once it listens");
+    let mut p = primary::Primary::serving(vm, served.ram, dirty, &peer, params, events);
+    p.qmp = qmp;
+    p.reprotect = true;
+    p.disk = pdisk;
+    let started = Instant::now();
+    p.run(stop)?;
+    if p.summary.epochs > 0 {
+        println!(
+            "secondary (serving as the primary): {}",
+            p.summary.text(started.elapsed().as_secs_f64())
+        );
+    }
+    say_guest_end("secondary", p.finish()?);
     Ok(())
 }
 
@@ -436,6 +532,9 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let qmp_socket = a.colo.serve_qmp(Side::Secondary, &params)?;
     colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
+    // The VM's disk goes through a switch: after a takeover with --peer, the same device
+    // is served by a replicating primary disk.
+    let mut switch = None;
     let machine =
         a.vm.build_with("secondary", ConsoleSink::Stdout("svm".into()), |d| {
             let s = Arc::new(colo_blk::SecondaryDisk::new(
@@ -443,8 +542,11 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 colo_blk::BufferOptions::default(),
             ));
             sdisk = Some(Arc::clone(&s));
-            Ok(Some(s))
+            let sw = Arc::new(colo_blk::SwitchableDisk::new(s));
+            switch = Some(Arc::clone(&sw));
+            Ok(Some(sw))
         })?;
+    let flat_ram = machine.ram.region();
     // The first commit copies all of RAM into the SVM: fault it in now, not then.
     machine.ram.prefault();
     // The cache commits into these regions, which keep the mapping alive however the VM
@@ -477,7 +579,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     {
         Ok(s) => s,
         Err(_) if stop() => {
-            tracing::info!("stopped before the primary connected");
+            println!("secondary: stopped before the primary connected");
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -506,13 +608,45 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         let _ = stream.set_nodelay(true);
         d.serve(stream, Duration::from_secs(30))
             .map_err(ColoError::disk("serve the primary"))?;
-        d.wait_synced(Duration::from_secs(600))
-            .map_err(ColoError::disk("resync"))?;
+        // The resync of the disk: up to 10 minutes, and SIGTERM or Ctrl-C end it sooner
+        // (the image is then a partial copy, which only a new resync makes usable).
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            match d.wait_synced(Duration::from_millis(200)) {
+                Ok(()) => break,
+                Err(colo_blk::Error::Timeout(..)) if Instant::now() < deadline => {
+                    if stop() {
+                        println!(
+                            "secondary: stopped during the disk resync; this disk copy is partial"
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(ColoError::disk("resync")(e)),
+            }
+        }
         tracing::info!("disk in sync with the primary");
         s.disk = Some(d);
     }
-    match s.run(&stop)? {
-        Outcome::PrimaryLeft => tracing::info!("secondary done"),
+    let outcome = s.run(&stop)?;
+    if matches!(outcome, Outcome::PrimaryLeft | Outcome::Stopped) {
+        // The disk as of the last checkpoint, not half of the next one.
+        if let Some(d) = &s.disk {
+            d.stop_at_commit()
+                .map_err(ColoError::disk("leave the disk at the last commit"))?;
+        }
+    }
+    match outcome {
+        Outcome::PrimaryLeft => {
+            println!(
+                "secondary: the primary left in order; this side stops (its disk as of the last checkpoint)"
+            );
+        }
+        Outcome::Stopped => {
+            println!(
+                "secondary: stopped while following the primary; its disk is as of the last checkpoint"
+            );
+        }
         Outcome::Fenced { reason } => {
             println!(
                 "secondary: FENCED ({reason}); the primary is still active, this side stays passive"
@@ -537,10 +671,33 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 "secondary: FAILOVER after {checkpoints} checkpoints ({reason}); dropped an \
                  incomplete epoch: {dropped_epoch}; the SVM now serves"
             );
-            while !stop() && !s.vm().finished() {
-                std::thread::sleep(Duration::from_millis(20));
+            let next = a
+                .peer
+                .clone()
+                .or_else(|| s.qmp.as_ref().and_then(|q| lock_qmp(q).migrate_uri.clone()));
+            match next {
+                Some(addr) => {
+                    let peer = primary::Peer {
+                        addr,
+                        pair_id: pairing.pair_id,
+                        transport: pairing.transport.clone(),
+                        vcpus: a.vm.vcpus,
+                        creds: pairing.creds.clone(),
+                    };
+                    let served = Served {
+                        ram: flat_ram,
+                        disk: a.vm.disk.clone(),
+                        switch,
+                    };
+                    serve_as_primary(s, served, peer, params, &stop)?;
+                }
+                None => {
+                    while !stop() && !s.vm().finished() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    say_guest_end("secondary", s.finish()?);
+                }
             }
-            say_guest_end("secondary", s.finish()?);
         }
     }
     Ok(())

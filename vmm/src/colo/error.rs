@@ -142,6 +142,9 @@ pub enum ColoError {
     /// The primary has no secondary now (it left COLO).
     #[error("no secondary")]
     NoPeer,
+    /// Ctrl-C, SIGTERM, QMP `quit` or `--duration` ended a wait before it was done.
+    #[error("stopped before the peer came")]
+    Stopped,
     /// A protocol step waited too long for the peer's message.
     #[error("protocol: no {} within {} ms", waited_for(expected), after.as_millis())]
     Timeout {

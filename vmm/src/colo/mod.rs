@@ -21,6 +21,7 @@ pub mod failover;
 pub mod link;
 pub mod metrics;
 pub mod primary;
+pub mod progress;
 pub mod push;
 pub mod qmp;
 pub mod secondary;

@@ -28,6 +28,7 @@ use colo_transport::push::{PushSender, WriteRun, push_epoch, start_epoch};
 use super::event::{Event, Events, ExitReason, Request, Side};
 use super::link::{Link, LostReason, MessageId};
 use super::metrics::{EpochRecord, Summary, Trigger};
+use super::progress::Progress;
 use super::qmp::ColoExitReason;
 use super::{Chain, ColoError, Params, Result, STEP_TIMEOUT};
 
@@ -92,42 +93,79 @@ pub struct Primary {
     pub disk_threshold: u64,
 }
 
-/// Connects to the secondary and builds the primary around a VM that has not run yet.
-///
-/// # Errors
-/// Address resolution, handshake or push connection failures.
-pub fn connect(
-    vm: VmHandle,
-    ram: Arc<Region>,
-    dirty: DirtyHandle,
-    peer: &Peer,
-    params: Params,
-    events: Events,
-) -> Result<Primary> {
-    let (link, push, pages) = open_link(peer, Arc::clone(&ram), params, Duration::from_secs(30))?;
-    tracing::info!(peer = %peer.addr, pages, transport = %peer.transport, "connected to the secondary");
-    Ok(Primary {
-        peer: peer.clone(),
-        ram,
-        vm,
-        dirty,
-        push: Some(push),
-        link: Some(link),
-        params,
-        bitmap: PageBitmap::new(pages),
-        bg_pages: 0,
-        bg_bytes: 0,
-        epoch: 0,
-        summary: Summary::default(),
-        events,
-        awaiting_loaded: None,
-        qmp: None,
-        disk: None,
-        reprotect: false,
-        commit_marker: false,
-        metrics: None,
-        disk_threshold: 64 << 20,
-    })
+impl Primary {
+    /// A primary with no secondary yet, around a VM that runs (a secondary that took over)
+    /// or is about to (`colo primary --reprotect` started before its secondary): it serves
+    /// unprotected, and with [`reprotect`](Self::reprotect) takes a secondary at `peer`
+    /// once one listens there.
+    pub fn serving(
+        vm: VmHandle,
+        ram: Arc<Region>,
+        dirty: DirtyHandle,
+        peer: &Peer,
+        params: Params,
+        events: Events,
+    ) -> Primary {
+        let pages = ram.len() as u64 / PAGE_SIZE;
+        Primary {
+            peer: peer.clone(),
+            ram,
+            vm,
+            dirty,
+            push: None,
+            link: None,
+            params,
+            bitmap: PageBitmap::new(pages),
+            bg_pages: 0,
+            bg_bytes: 0,
+            epoch: 0,
+            summary: Summary::default(),
+            events,
+            awaiting_loaded: None,
+            qmp: None,
+            disk: None,
+            reprotect: false,
+            commit_marker: false,
+            metrics: None,
+            disk_threshold: 64 << 20,
+        }
+    }
+
+    /// Connects to the secondary at the peer address, for a VM that has not run yet
+    /// ([`start`](Self::start) then brings it in sync). Attempts go on for up to `wait`;
+    /// `stop` ends them sooner.
+    ///
+    /// # Errors
+    /// Address resolution, handshake or push connection failures (a secondary that does
+    /// not listen yet is tried again until `wait` ends), or [`ColoError::Stopped`] when
+    /// `stop` said so first.
+    pub fn connect(&mut self, wait: Duration, stop: &dyn Fn() -> bool) -> Result<()> {
+        let deadline = Instant::now() + wait;
+        let (link, push, _) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = left.clamp(Duration::from_millis(100), Duration::from_millis(250));
+            match open_link(&self.peer, Arc::clone(&self.ram), self.params, attempt) {
+                Ok(l) => break l,
+                Err(_) if stop() => return Err(ColoError::Stopped),
+                // Nobody listens yet: try again. Anything else (a refused key, another
+                // pair, a different VM) is the answer.
+                Err(ColoError::Transport {
+                    source: colo_transport::Error::Connect { .. },
+                    ..
+                }) if left > attempt => {}
+                Err(e) => return Err(e),
+            }
+        };
+        tracing::info!(peer = %self.peer.addr, transport = %self.peer.transport, "connected to the secondary");
+        self.link = Some(link);
+        self.push = Some(push);
+        Ok(())
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &VmHandle {
+        &self.vm
+    }
 }
 
 /// Connects the control channel and the push streams to a secondary at `peer`.
@@ -216,7 +254,12 @@ fn crash_point(phase: &str, checkpoint: u64) {
 /// PVM may run meanwhile). `link`'s heartbeat verdict ends the disk link at once, so a
 /// copy (or later a barrier) gives up then rather than when the disk link's own stall
 /// timeout (10 s) runs out.
-fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &Peer, link: &Link) -> Result<()> {
+fn sync_disk(
+    d: &Arc<colo_blk::PrimaryDisk>,
+    peer: &Peer,
+    link: &Link,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
     let addr = super::blk_addr(&peer.addr)?;
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
@@ -247,8 +290,34 @@ fn sync_disk(d: &Arc<colo_blk::PrimaryDisk>, peer: &Peer, link: &Link) -> Result
         .map_err(ColoError::disk("attach the secondary"))?;
     let disk = Arc::clone(d);
     link.on_lost(move || disk.drop_secondary("the heartbeat says the secondary is gone"));
+    // The background copy runs while the guest writes on; the last chunks are copied
+    // with its writes held. Ctrl-C or SIGTERM end it (the secondary's copy is then
+    // partial; it says so).
+    let mut progress = Progress::new("disk resync", d.len());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while let Some(p) = d.resync_progress() {
+        if stop() {
+            d.stop_replication();
+            return Err(ColoError::Stopped);
+        }
+        if p.dirty_chunks <= 16 || Instant::now() >= deadline {
+            break;
+        }
+        progress.set(p.copied_bytes.min(d.len()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     d.complete_resync(Duration::from_secs(600))
-        .map_err(ColoError::disk("resync"))
+        .map_err(ColoError::disk("resync"))?;
+    progress.finish();
+    Ok(())
+}
+
+/// Sleeps `d`, or less once `stop` says so.
+fn nap(d: Duration, stop: &dyn Fn() -> bool) {
+    let end = Instant::now() + d;
+    while !stop() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn runs(b: &PageBitmap) -> impl Iterator<Item = WriteRun> + '_ {
@@ -269,13 +338,14 @@ impl Primary {
     /// secondary may join later.
     ///
     /// # Errors
-    /// A VM failure only.
-    pub fn start(&mut self) -> Result<()> {
+    /// A VM failure, or [`ColoError::Stopped`] when `stop` ended the sync (the VM has not
+    /// run).
+    pub fn start(&mut self, stop: &dyn Fn() -> bool) -> Result<()> {
         let r = match &self.disk {
             Some(d) => {
                 let t = Instant::now();
                 let link = self.peer()?;
-                sync_disk(d, &self.peer, link).inspect(|()| {
+                sync_disk(d, &self.peer, link, stop).inspect(|()| {
                     tracing::info!(
                         ms = t.elapsed().as_millis() as u64,
                         bytes = d.len(),
@@ -285,9 +355,9 @@ impl Primary {
             }
             None => Ok(()),
         };
-        match r.and_then(|()| self.initial_sync()) {
+        match r.and_then(|()| self.initial_sync(stop)) {
             Ok(()) => Ok(()),
-            Err(e @ ColoError::Vm(_)) => Err(e),
+            Err(e @ (ColoError::Vm(_) | ColoError::Stopped)) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %Chain(&e), "the initial sync failed: the primary starts unprotected");
                 self.leave(&e);
@@ -301,12 +371,12 @@ impl Primary {
     ///
     /// # Errors
     /// A lost secondary or a VM failure.
-    fn initial_sync(&mut self) -> Result<()> {
+    fn initial_sync(&mut self, stop: &dyn Fn() -> bool) -> Result<()> {
         // Reset the dirty log: everything is pushed anyway.
         self.dirty.collect(&mut self.bitmap)?;
         self.bitmap.clear_all();
         let t = Instant::now();
-        self.push_everything_with_progress()?;
+        self.push_everything_with_progress("initial sync", stop)?;
         let r = self.checkpoint_paused(Trigger::InitialSync, t, PauseStart::default());
         match r {
             Ok(()) => {
@@ -320,37 +390,28 @@ impl Primary {
 
     /// Pushes every page of guest RAM as one push epoch, in 32 MiB steps, with a progress
     /// line on stderr.
-    fn push_everything_with_progress(&mut self) -> Result<()> {
+    fn push_everything_with_progress(
+        &mut self,
+        what: &'static str,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<()> {
         const STEP: u64 = 8192; // pages (32 MiB)
         let push = self.push.as_mut().ok_or(ColoError::NoPeer)?;
         let pages = push.remote().pages();
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let t = Instant::now();
+        let mut progress = Progress::new(what, pages * PAGE_SIZE);
         let mut done = 0;
         while done < pages {
+            if stop() {
+                return Err(ColoError::Stopped);
+            }
             let n = STEP.min(pages - done);
             push.post(&[WriteRun::pages(done, n, PAGE_SIZE as u32)])
                 .and_then(|()| push.fence())
-                .map_err(ColoError::transport("initial sync"))?;
+                .map_err(ColoError::transport(what))?;
             done += n;
-            let line = format!(
-                "initial sync: {:>3}% ({} of {} MiB, {:.0} MiB/s)",
-                done * 100 / pages,
-                (done * PAGE_SIZE) >> 20,
-                (pages * PAGE_SIZE) >> 20,
-                (done * PAGE_SIZE) as f64
-                    / f64::from(1 << 20)
-                    / t.elapsed().as_secs_f64().max(1e-6)
-            );
-            if tty {
-                eprint!("\r{line}\x1b[K");
-            } else if done == pages || done % (STEP * 8) == 0 {
-                eprintln!("{line}");
-            }
+            progress.set(done * PAGE_SIZE);
         }
-        if tty {
-            eprintln!();
-        }
+        progress.finish();
         let mut all = PageBitmap::new(pages);
         all.set_range(0, pages);
         push.commit(&all)
@@ -405,10 +466,16 @@ impl Primary {
             let mut protected_again = false;
             while !stop() && !self.vm.finished() && !protected_again {
                 if self.reprotect {
-                    match self.reprotect() {
+                    match self.reprotect(stop) {
                         Ok(true) => protected_again = true,
-                        Ok(false) => std::thread::sleep(Duration::from_millis(500)),
+                        Ok(false) => nap(Duration::from_millis(500), stop),
                         Err(e @ ColoError::Vm(_)) => return Err(e),
+                        Err(ColoError::Stopped) => {
+                            tracing::info!(
+                                "stopped during a re-protection; the secondary's copy is partial"
+                            );
+                            return Ok(());
+                        }
                         Err(e) => {
                             tracing::warn!(error = %Chain(&e), "re-protection failed; retrying");
                             self.link = None;
@@ -416,7 +483,7 @@ impl Primary {
                             if let Some(d) = &self.disk {
                                 d.stop_replication();
                             }
-                            std::thread::sleep(Duration::from_millis(500));
+                            nap(Duration::from_millis(500), stop);
                         }
                     }
                 } else {
@@ -433,32 +500,34 @@ impl Primary {
     /// Re-protection: if a new secondary listens at the peer address, connects it, brings
     /// its disk and RAM in sync while the PVM serves (a live full copy, then an ordinary
     /// checkpoint for what changed meanwhile), and returns true: COLO goes on.
-    fn reprotect(&mut self) -> Result<bool> {
-        let Ok((link, mut push, pages)) = open_link(
+    fn reprotect(&mut self, stop: &dyn Fn() -> bool) -> Result<bool> {
+        let (link, push, pages) = match open_link(
             &self.peer,
             Arc::clone(&self.ram),
             self.params,
-            Duration::from_millis(300),
-        ) else {
-            return Ok(false);
+            Duration::from_millis(100),
+        ) {
+            Ok(l) => l,
+            // Nobody listens there yet.
+            Err(ColoError::Transport {
+                source: colo_transport::Error::Connect { .. },
+                ..
+            }) => return Ok(false),
+            Err(e) => return Err(e),
         };
         tracing::info!(peer = %self.peer.addr, "a new secondary joined: resynchronizing while serving");
         let t = Instant::now();
         if let Some(d) = &self.disk {
-            sync_disk(d, &self.peer, &link)?;
+            sync_disk(d, &self.peer, &link, stop)?;
         }
         // Every page, while the PVM runs; what it dirties meanwhile goes in the first
         // checkpoint.
         self.bitmap = PageBitmap::new(pages);
         self.dirty.collect(&mut self.bitmap)?;
-        self.bitmap.set_range(0, pages);
-        let s = push_epoch(&mut push, runs(&self.bitmap), &self.bitmap)
-            .map_err(ColoError::transport("resync push"))?;
         self.bitmap.clear_all();
-        self.bg_pages += pages;
-        self.bg_bytes += s.bytes;
-        self.link = Some(link);
         self.push = Some(push);
+        self.push_everything_with_progress("re-protection", stop)?;
+        self.link = Some(link);
         self.awaiting_loaded = None;
         self.events.emit(&Event::Protected);
         self.checkpoint(Trigger::Resync)?;

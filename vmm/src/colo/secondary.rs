@@ -29,6 +29,8 @@ use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
 pub enum Outcome {
     /// The primary left in order (Goodbye).
     PrimaryLeft,
+    /// Ctrl-C, SIGTERM, QMP `quit` or `--duration` stopped this side while it followed.
+    Stopped,
     /// The link was lost but the takeover check says the primary is still active: the
     /// secondary stays passive (split-brain prevention).
     Fenced {
@@ -172,6 +174,15 @@ impl Secondary {
         &self.vm
     }
 
+    /// The VM, its dirty log and the event socket, for a secondary that took over and
+    /// goes on as a primary (the cache, the landing thread and the old link end here).
+    pub fn into_parts(self) -> (VmHandle, DirtyHandle, Events) {
+        let Secondary {
+            vm, dirty, events, ..
+        } = self;
+        (vm, dirty, events)
+    }
+
     /// Stops the SVM (if its guest has not ended it already) and says how the guest
     /// ended.
     ///
@@ -188,7 +199,7 @@ impl Secondary {
     pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<Outcome> {
         loop {
             if stop() {
-                return Ok(Outcome::PrimaryLeft);
+                return Ok(Outcome::Stopped);
             }
             if let Some(q) = &self.qmp {
                 if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
