@@ -74,11 +74,7 @@ impl Progress {
         format!(
             "{}: {:>3}% ({} of {} MiB, {:.0} MiB/s, ETA {:.0} s)",
             self.what,
-            if self.total == 0 {
-                100
-            } else {
-                done.saturating_mul(100) / self.total
-            },
+            done.saturating_mul(100).checked_div(self.total).unwrap_or(100),
             done >> 20,
             self.total >> 20,
             rate / f64::from(1 << 20),
