@@ -3,6 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -14,7 +15,7 @@ use super::event::{Events, Side};
 use super::link::Heartbeat;
 use super::primary;
 use super::push::PushTransport;
-use super::qmp::{self, QmpSocket};
+use super::qmp::{self, QmpSocket, RunState, ShutdownCause};
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
 use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs};
@@ -236,11 +237,41 @@ impl ColoArgs {
         Ok(Some(socket))
     }
 
-    fn stop_fn(&self) -> impl Fn() -> bool + use<> {
+    /// The side's stop condition: Ctrl-C or SIGTERM, a QMP `quit` on `qmp`, or the end of
+    /// `--duration` (counted from now).
+    fn stop_fn(&self, qmp: Option<&QmpSocket>) -> impl Fn() -> bool + use<> {
         let start = Instant::now();
         let limit = self.duration;
-        move || interrupted() || limit.is_some_and(|l| start.elapsed() >= l)
+        let quit = quit_flag(qmp);
+        move || {
+            interrupted()
+                || quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst))
+                || limit.is_some_and(|l| start.elapsed() >= l)
+        }
     }
+}
+
+/// The flag a QMP `quit` sets on `qmp`'s socket, if one is served.
+fn quit_flag(qmp: Option<&QmpSocket>) -> Option<Arc<AtomicBool>> {
+    qmp.map(|q| qmp::QmpState::quit_flag(&q.state()))
+}
+
+/// Tells the QMP clients that the side ends its VM (`SHUTDOWN`, with why), and says so
+/// in the log when a QMP `quit` ended it.
+fn qmp_shutdown(qmp: Option<&QmpSocket>, guest: Option<&GuestExit>) {
+    let Some(q) = qmp else { return };
+    let quit = quit_flag(Some(q)).is_some_and(|f| f.load(Ordering::SeqCst));
+    let cause = match guest {
+        _ if quit => ShutdownCause::HostQmpQuit,
+        _ if interrupted() => ShutdownCause::HostSignal,
+        Some(GuestExit::PowerOff | GuestExit::Status(_)) => ShutdownCause::GuestShutdown,
+        Some(GuestExit::Reset) => ShutdownCause::GuestReset,
+        Some(GuestExit::Stopped) | None => ShutdownCause::None,
+    };
+    if quit {
+        tracing::info!("stopped by QMP quit");
+    }
+    qmp::shutdown(&q.state(), cause);
 }
 
 #[cfg(feature = "rdma")]
@@ -353,8 +384,10 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         (Some(p), _) => p.clone(),
         (None, Some(q)) => {
             tracing::info!("waiting for a QMP 'migrate' command with the secondary's address");
+            let quit = quit_flag(qmp_socket.as_ref());
             loop {
-                if interrupted() {
+                if interrupted() || quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst)) {
+                    qmp_shutdown(qmp_socket.as_ref(), None);
                     return Ok(());
                 }
                 if let Some(u) = q
@@ -396,17 +429,22 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     }
     p.disk = pdisk;
     p.start()?;
+    if let Some(q) = &qmp_socket {
+        qmp::set_run_state(&q.state(), RunState::Running);
+    }
     if p.protected() {
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
     let started = Instant::now();
-    let stop = a.colo.stop_fn();
+    let stop = a.colo.stop_fn(qmp_socket.as_ref());
     p.run(&stop)?;
     println!(
         "primary: {}",
         p.summary.text(started.elapsed().as_secs_f64())
     );
-    say_guest_end("primary", p.finish()?);
+    let exit = p.finish()?;
+    qmp_shutdown(qmp_socket.as_ref(), Some(&exit));
+    say_guest_end("primary", exit);
     Ok(())
 }
 
@@ -466,7 +504,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         source,
     })?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
-    let stop = a.colo.stop_fn();
+    let stop = a.colo.stop_fn(qmp_socket.as_ref());
     let pairing = secondary::Pairing {
         pair_id: a.colo.pair_id,
         transport,
@@ -478,6 +516,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         Ok(s) => s,
         Err(_) if stop() => {
             tracing::info!("stopped before the primary connected");
+            qmp_shutdown(qmp_socket.as_ref(), None);
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -511,12 +550,18 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         tracing::info!("disk in sync with the primary");
         s.disk = Some(d);
     }
-    match s.run(&stop)? {
-        Outcome::PrimaryLeft => tracing::info!("secondary done"),
+    let qmp_state = qmp_socket.as_ref().map(QmpSocket::state);
+    let exit = match s.run(&stop)? {
+        Outcome::PrimaryLeft => {
+            tracing::info!("secondary done");
+            None
+        }
         Outcome::Fenced { reason } => {
+            qmp::set_running(qmp_state.as_ref(), false);
             println!(
                 "secondary: FENCED ({reason}); the primary is still active, this side stays passive"
             );
+            None
         }
         Outcome::TookOver {
             reason,
@@ -537,11 +582,17 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 "secondary: FAILOVER after {checkpoints} checkpoints ({reason}); dropped an \
                  incomplete epoch: {dropped_epoch}; the SVM now serves"
             );
+            qmp::set_running(qmp_state.as_ref(), true);
             while !stop() && !s.vm().finished() {
+                qmp::apply_run_request(qmp_state.as_ref(), s.vm());
                 std::thread::sleep(Duration::from_millis(20));
             }
-            say_guest_end("secondary", s.finish()?);
+            Some(s.finish()?)
         }
+    };
+    qmp_shutdown(qmp_socket.as_ref(), exit.as_ref());
+    if let Some(exit) = exit {
+        say_guest_end("secondary", exit);
     }
     Ok(())
 }
