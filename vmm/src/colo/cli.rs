@@ -96,7 +96,8 @@ pub struct ColoArgs {
     pub encrypt: bool,
     /// Serve a QMP-compatible control socket here (mode 0600 unless --qmp-mode says
     /// otherwise). A stale socket at the path is replaced; anything else there is refused.
-    /// The socket is removed when the side ends.
+    /// The socket is removed when the side ends. With `colo pair`: PATH is the primary's
+    /// socket and PATH.secondary the secondary's.
     #[arg(long)]
     pub qmp: Option<PathBuf>,
     /// The QMP socket's mode, in octal (e.g. 660 to let the owner's group connect too);
