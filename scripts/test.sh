@@ -21,6 +21,19 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# QEMU's Python QMP library: the QMP test drives colo's socket with it (it skips, saying
+# why, where it cannot be imported). pip first; apt for pip itself if that is missing.
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+  echo "==> installing qemu.qmp (QEMU's Python QMP client)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
+  fi
+  python3 -m pip install --quiet qemu.qmp ||
+    python3 -m pip install --quiet --break-system-packages qemu.qmp
+fi
+
 # The Linux boot test's kernel and initramfs (cached under target/test-kernel; the script
 # installs busybox-static, cpio and the decompressors it needs itself).
 echo "==> test kernel"

@@ -251,3 +251,150 @@ fn a_qmp_mode_that_is_not_octal_permission_bits_is_refused() {
     assert_eq!(out.status.code(), Some(2), "--qmp-mode needs --qmp");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--qmp <QMP>"));
 }
+
+/// Whether QEMU's Python QMP library can be imported; says why the test is skipped if not.
+fn qemu_qmp() -> bool {
+    let out = Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr);
+            let why = why.lines().last().unwrap_or("import failed");
+            eprintln!(
+                "skipped: python3 cannot import qemu.qmp ({why}); scripts/test.sh installs it"
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("skipped: no python3 to run qemu.qmp ({e})");
+            false
+        }
+    }
+}
+
+/// Starts `c` with its stdout and stderr in files in `dir` named after `name`.
+fn start_logged(mut c: Command, dir: &Path, name: &str) -> (Reaper, PathBuf) {
+    let err = dir.join(format!("{name}.stderr"));
+    let child = c
+        .stdout(std::fs::File::create(dir.join(format!("{name}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    (Reaper(child), err)
+}
+
+/// Waits (at most 30 s) for a socket at `path`.
+fn wait_socket(path: &Path, p: &mut Reaper) {
+    let start = Instant::now();
+    while !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no QMP socket at {} within 30 s ({:?})",
+            path.display(),
+            p.0.try_wait()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// QEMU's own QMP client (`qemu.qmp`, as QEMU's Python tooling uses it) drives a real
+/// pair: negotiation, the queries, a failover by `x-colo-lost-heartbeat` with its
+/// `COLO_EXIT`, `stop`/`cont` on the secondary serving alone, and `quit`, after which both
+/// sides end normally, say so, and remove their sockets.
+#[test]
+fn qemu_python_qmp_client_drives_a_pair_through_a_failover_and_quits_it() {
+    if !kvm() || !qemu_qmp() {
+        return;
+    }
+    let port = common::two_free_ports();
+    let (sec, pri) = (Side::new(), Side::new());
+    let logs = tempfile::tempdir().unwrap();
+    let mut s = sec.command("secondary");
+    s.arg(format!("--listen=127.0.0.1:{port}"));
+    let (mut s, s_err) = start_logged(s, logs.path(), "secondary");
+    wait_socket(&sec.qmp(), &mut s);
+    let mut p = pri.command("primary");
+    p.arg(format!("--peer=127.0.0.1:{port}"));
+    let (mut p, p_err) = start_logged(p, logs.path(), "primary");
+    wait_socket(&pri.qmp(), &mut p);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/colo_pair.py");
+    let out = run({
+        let mut c = Command::new("python3");
+        c.arg(&script).arg(pri.qmp()).arg(sec.qmp());
+        c
+    });
+    let log = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim_end() == "ok",
+        "the qemu.qmp script: {:?}\n{}{}\nprimary:\n{}\nsecondary:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log(&p_err),
+        log(&s_err)
+    );
+    for (name, child, err, qmp) in [
+        ("secondary", &mut s, &s_err, sec.qmp()),
+        ("primary", &mut p, &p_err, pri.qmp()),
+    ] {
+        let end = wait_timeout(&mut child.0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the {name} ends after quit:\n{}", log(err)));
+        let text = log(err);
+        assert!(end.success(), "the {name} ends normally: {end:?}\n{text}");
+        assert!(
+            text.contains("stopped by QMP quit"),
+            "the {name} says why:\n{text}"
+        );
+        assert!(gone(&qmp), "the {name}'s QMP socket is removed");
+    }
+    assert!(
+        log(&s_err).contains("FAILOVER")
+            || log(&logs.path().join("secondary.stdout")).contains("FAILOVER"),
+        "the secondary took over"
+    );
+}
+
+/// `colo pair --qmp PATH`: the primary serves PATH and the secondary PATH.secondary, each
+/// answering as its side; both go when the pair ends.
+#[test]
+fn colo_pair_qmp_serves_a_socket_for_each_side() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("pair.qmp");
+    let secondary = dir.path().join("pair.qmp.secondary");
+    let mut c = common::colo();
+    c.args(["pair", "--duration=6s"])
+        .arg(format!("--qmp={}", qmp.display()))
+        .stdin(Stdio::null());
+    let (mut pair, err) = start_logged(c, dir.path(), "pair");
+    for (path, mode) in [(&qmp, "primary"), (&secondary, "secondary")] {
+        wait_socket(path, &mut pair);
+        assert_eq!(mode_of(path), 0o600);
+        let status = common::colo()
+            .args(["status", "--qmp"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "colo status {mode}: {status:?}");
+        assert!(
+            String::from_utf8_lossy(&status.stdout).contains(&format!("\"mode\":\"{mode}\"")),
+            "{}: {status:?}",
+            path.display()
+        );
+    }
+    let end = wait_timeout(&mut pair.0, Duration::from_secs(60)).expect("the pair ends");
+    assert!(
+        end.success(),
+        "colo pair: {end:?}\n{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    assert!(
+        gone(&qmp) && gone(&secondary),
+        "both sockets go with the pair"
+    );
+}

@@ -3,6 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -14,7 +15,7 @@ use super::event::{Events, Side};
 use super::link::Heartbeat;
 use super::primary;
 use super::push::PushTransport;
-use super::qmp::{self, QmpSocket};
+use super::qmp::{self, QmpSocket, RunState, ShutdownCause};
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
 use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs};
@@ -95,7 +96,8 @@ pub struct ColoArgs {
     pub encrypt: bool,
     /// Serve a QMP-compatible control socket here (mode 0600 unless --qmp-mode says
     /// otherwise). A stale socket at the path is replaced; anything else there is refused.
-    /// The socket is removed when the side ends.
+    /// The socket is removed when the side ends. With `colo pair`: PATH is the primary's
+    /// socket and PATH.secondary the secondary's.
     #[arg(long)]
     pub qmp: Option<PathBuf>,
     /// The QMP socket's mode, in octal (e.g. 660 to let the owner's group connect too);
@@ -236,11 +238,41 @@ impl ColoArgs {
         Ok(Some(socket))
     }
 
-    fn stop_fn(&self) -> impl Fn() -> bool + use<> {
+    /// The side's stop condition: Ctrl-C or SIGTERM, a QMP `quit` on `qmp`, or the end of
+    /// `--duration` (counted from now).
+    fn stop_fn(&self, qmp: Option<&QmpSocket>) -> impl Fn() -> bool + use<> {
         let start = Instant::now();
         let limit = self.duration;
-        move || interrupted() || limit.is_some_and(|l| start.elapsed() >= l)
+        let quit = quit_flag(qmp);
+        move || {
+            interrupted()
+                || quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst))
+                || limit.is_some_and(|l| start.elapsed() >= l)
+        }
     }
+}
+
+/// The flag a QMP `quit` sets on `qmp`'s socket, if one is served.
+fn quit_flag(qmp: Option<&QmpSocket>) -> Option<Arc<AtomicBool>> {
+    qmp.map(|q| qmp::QmpState::quit_flag(&q.state()))
+}
+
+/// Tells the QMP clients that the side ends its VM (`SHUTDOWN`, with why), and says so
+/// in the log when a QMP `quit` ended it.
+fn qmp_shutdown(qmp: Option<&QmpSocket>, guest: Option<&GuestExit>) {
+    let Some(q) = qmp else { return };
+    let quit = quit_flag(Some(q)).is_some_and(|f| f.load(Ordering::SeqCst));
+    let cause = match guest {
+        _ if quit => ShutdownCause::HostQmpQuit,
+        _ if interrupted() => ShutdownCause::HostSignal,
+        Some(GuestExit::PowerOff | GuestExit::Status(_)) => ShutdownCause::GuestShutdown,
+        Some(GuestExit::Reset) => ShutdownCause::GuestReset,
+        Some(GuestExit::Stopped) | None => ShutdownCause::None,
+    };
+    if quit {
+        tracing::info!("stopped by QMP quit");
+    }
+    qmp::shutdown(&q.state(), cause);
 }
 
 #[cfg(feature = "rdma")]
@@ -357,14 +389,15 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let vm = VmHandle::start(machine, true)?;
     let events = connect_events(a.events.as_deref())?;
     let qmp = qmp_socket.as_ref().map(QmpSocket::state);
-    let stop = a.colo.stop_fn();
+    let stop = a.colo.stop_fn(qmp_socket.as_ref());
     let peer = match (&a.peer, &qmp) {
         (Some(p), _) => p.clone(),
         (None, Some(q)) => {
             tracing::info!("waiting for a QMP 'migrate' command with the secondary's address");
             loop {
                 if stop() {
-                    tracing::info!("stopped before a QMP 'migrate' named the secondary");
+                    println!("primary: stopped before a QMP 'migrate' named the secondary");
+                    qmp_shutdown(qmp_socket.as_ref(), None);
                     return Ok(());
                 }
                 if let Some(u) = lock_qmp(q).migrate_uri.clone() {
@@ -419,9 +452,13 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         Ok(()) => {}
         Err(ColoError::Stopped) => {
             println!("primary: stopped before the secondary was in sync; the guest did not run");
+            qmp_shutdown(qmp_socket.as_ref(), None);
             return Ok(());
         }
         Err(e) => return Err(e),
+    }
+    if let Some(q) = &qmp_socket {
+        qmp::set_run_state(&q.state(), RunState::Running);
     }
     if p.protected() {
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
@@ -432,7 +469,9 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         "primary: {}",
         p.summary.text(started.elapsed().as_secs_f64())
     );
-    say_guest_end("primary", p.finish()?);
+    let exit = p.finish()?;
+    qmp_shutdown(qmp_socket.as_ref(), Some(&exit));
+    say_guest_end("primary", exit);
     Ok(())
 }
 
@@ -461,7 +500,7 @@ fn serve_as_primary(
     peer: primary::Peer,
     params: Params,
     stop: &dyn Fn() -> bool,
-) -> Result<()> {
+) -> Result<GuestExit> {
     let qmp = s.qmp.clone();
     let (vm, dirty, events) = s.into_parts();
     let mut pdisk = None;
@@ -502,8 +541,7 @@ fn serve_as_primary(
             p.summary.text(started.elapsed().as_secs_f64())
         );
     }
-    say_guest_end("secondary", p.finish()?);
-    Ok(())
+    p.finish()
 }
 
 /// Says how the guest of a side that served ended, if it ended itself.
@@ -568,7 +606,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         source,
     })?;
     tracing::info!(listen = %a.listen, "waiting for the primary");
-    let stop = a.colo.stop_fn();
+    let stop = a.colo.stop_fn(qmp_socket.as_ref());
     let pairing = secondary::Pairing {
         pair_id: a.colo.pair_id,
         transport,
@@ -580,6 +618,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         Ok(s) => s,
         Err(_) if stop() => {
             println!("secondary: stopped before the primary connected");
+            qmp_shutdown(qmp_socket.as_ref(), None);
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -628,6 +667,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         tracing::info!("disk in sync with the primary");
         s.disk = Some(d);
     }
+    let qmp_state = qmp_socket.as_ref().map(QmpSocket::state);
     let outcome = s.run(&stop)?;
     if matches!(outcome, Outcome::PrimaryLeft | Outcome::Stopped) {
         // The disk as of the last checkpoint, not half of the next one.
@@ -636,21 +676,25 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 .map_err(ColoError::disk("leave the disk at the last commit"))?;
         }
     }
-    match outcome {
+    let exit = match outcome {
         Outcome::PrimaryLeft => {
             println!(
                 "secondary: the primary left in order; this side stops (its disk as of the last checkpoint)"
             );
+            None
         }
         Outcome::Stopped => {
             println!(
                 "secondary: stopped while following the primary; its disk is as of the last checkpoint"
             );
+            None
         }
         Outcome::Fenced { reason } => {
+            qmp::set_running(qmp_state.as_ref(), false);
             println!(
                 "secondary: FENCED ({reason}); the primary is still active, this side stays passive"
             );
+            None
         }
         Outcome::TookOver {
             reason,
@@ -671,6 +715,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 "secondary: FAILOVER after {checkpoints} checkpoints ({reason}); dropped an \
                  incomplete epoch: {dropped_epoch}; the SVM now serves"
             );
+            qmp::set_running(qmp_state.as_ref(), true);
             let next = a
                 .peer
                 .clone()
@@ -689,16 +734,21 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                         disk: a.vm.disk.clone(),
                         switch,
                     };
-                    serve_as_primary(s, served, peer, params, &stop)?;
+                    Some(serve_as_primary(s, served, peer, params, &stop)?)
                 }
                 None => {
                     while !stop() && !s.vm().finished() {
+                        qmp::apply_run_request(qmp_state.as_ref(), s.vm());
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    say_guest_end("secondary", s.finish()?);
+                    Some(s.finish()?)
                 }
             }
         }
+    };
+    qmp_shutdown(qmp_socket.as_ref(), exit.as_ref());
+    if let Some(exit) = exit {
+        say_guest_end("secondary", exit);
     }
     Ok(())
 }

@@ -465,6 +465,7 @@ impl Primary {
             // Unprotected: serve, and take a new secondary when one appears.
             let mut protected_again = false;
             while !stop() && !self.vm.finished() && !protected_again {
+                super::qmp::apply_run_request(self.qmp.as_ref(), &self.vm);
                 if self.reprotect {
                     match self.reprotect(stop) {
                         Ok(true) => protected_again = true,
@@ -530,6 +531,7 @@ impl Primary {
         self.link = Some(link);
         self.awaiting_loaded = None;
         self.events.emit(&Event::Protected);
+        super::qmp::colo_entered(self.qmp.as_ref(), Side::Primary);
         self.checkpoint(Trigger::Resync)?;
         tracing::info!(
             ms = t.elapsed().as_millis() as u64,

@@ -74,7 +74,9 @@ impl Progress {
         format!(
             "{}: {:>3}% ({} of {} MiB, {:.0} MiB/s, ETA {:.0} s)",
             self.what,
-            done.saturating_mul(100).checked_div(self.total).unwrap_or(100),
+            done.saturating_mul(100)
+                .checked_div(self.total)
+                .unwrap_or(100),
             done >> 20,
             self.total >> 20,
             rate / f64::from(1 << 20),

@@ -1,20 +1,47 @@
 //! A QMP-compatible control socket (a Unix socket, mode 0600 unless `--qmp-mode` says
-//! otherwise), so that tooling written for QEMU's COLO needs only the socket path changed.
-//! The socket replaces only a stale socket at its path, and is removed when the side ends.
+//! otherwise), so that tooling written for QEMU's COLO (and QEMU's own Python `qemu.qmp`
+//! client) needs only the socket path changed. The socket replaces only a stale socket at
+//! its path, and is removed when the side ends.
 //!
-//! Supported: `qmp_capabilities`, `query-colo-status`, `migrate-set-capabilities` (the
-//! `x-colo` capability), `migrate-set-parameters` (`x-checkpoint-delay`,
-//! `x-heartbeat-interval`, `x-heartbeat-timeout`, in ms), `migrate` (records the
-//! secondary's `tcp:host:port` URI for a primary started without `--peer`),
-//! `x-colo-lost-heartbeat`, and the `COLO_EXIT` event (`mode`, `reason`).
+//! Like QEMU's, the socket reads a JSON stream, not lines: each complete object is
+//! answered as soon as its last byte arrives, whatever whitespace (or none) separates it
+//! from the next. One object may be at most [`MAX_OBJECT`] bytes (counted from the end of
+//! the previous one). Input that is not JSON, or an object over the limit, gets a
+//! `GenericError` reply and then the connection is closed: a JSON stream cannot be
+//! resynchronized reliably after a syntax error, so the client reconnects.
+//!
+//! Commands (also listed by `query-commands`):
+//! - `qmp_capabilities`; `query-commands`; `query-version` (QEMU 9.0.0's dialect, with
+//!   `package` naming colo's version);
+//! - `query-status` (QEMU's `StatusInfo`: `prelaunch` before the primary's VM first runs,
+//!   `inmigrate` on a secondary before its first checkpoint, then `running`, `paused` or
+//!   `shutdown`);
+//! - `query-colo-status`, `migrate-set-capabilities` (the `x-colo` capability),
+//!   `migrate-set-parameters` (`x-checkpoint-delay`, `x-heartbeat-interval`,
+//!   `x-heartbeat-timeout`, in ms), `migrate` (records the secondary's `tcp:host:port`
+//!   URI for a primary started without `--peer`), `x-colo-lost-heartbeat`;
+//! - `stop` and `cont`, only once this side serves alone (COLO ended): while COLO runs,
+//!   the checkpoints pause and resume the guest themselves, and a guest held paused by
+//!   hand would stall them, so both are refused with a `GenericError` then. The side
+//!   applies them in its loop; the reply comes once it has (within 3 s);
+//! - `quit`: answers, then the side ends as on SIGTERM (a primary in COLO says goodbye to
+//!   its secondary first) and logs "stopped by QMP quit".
+//!
+//! Events: `COLO_EXIT` (`mode`, `reason`), `STOP` and `RESUME` (for `stop`/`cont`), and
+//! `SHUTDOWN` (`guest`, `reason`) when the side ends its VM.
 
-use std::io::{BufRead, BufReader, Write};
+use std::cell::Cell;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use colo_machine::runner::VmHandle;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -85,7 +112,63 @@ pub struct QmpState {
     pub migrate_uri: Option<String>,
     /// `x-colo-lost-heartbeat` was issued and not yet acted on.
     pub lost_heartbeat: bool,
+    /// What the VM is doing, as `query-status` reports it. The side sets it where it
+    /// starts or stops the VM.
+    pub run_state: RunState,
+    /// A `stop` or `cont` not yet applied by the side ([`apply_run_request`]).
+    run_request: Option<RunRequest>,
+    /// How many `stop`/`cont` requests the side has taken up.
+    run_requests_taken: u64,
+    /// Set once a `quit` was answered; the side's stop condition reads it.
+    quit: Arc<AtomicBool>,
     events: Vec<UnixStream>,
+}
+
+/// QEMU's `RunState`, the values colo's sides can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum RunState {
+    /// The VM has not run yet (a primary waiting for its secondary).
+    Prelaunch,
+    /// A secondary waiting for its first checkpoint.
+    InMigrate,
+    /// The guest runs.
+    Running,
+    /// The guest is paused (by `stop`, or a fenced secondary).
+    Paused,
+    /// The VM has ended.
+    Shutdown,
+}
+
+/// A `stop` or `cont` carried from the socket to the side's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunRequest {
+    Stop,
+    Cont,
+}
+
+/// QEMU's `ShutdownCause`, as the `SHUTDOWN` event says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ShutdownCause {
+    /// The side ended for another reason (its `--duration`, its primary leaving).
+    None,
+    /// A QMP `quit`.
+    HostQmpQuit,
+    /// SIGINT or SIGTERM.
+    HostSignal,
+    /// The guest powered off or exited.
+    GuestShutdown,
+    /// The guest reset the machine.
+    GuestReset,
+}
+
+impl ShutdownCause {
+    fn by_guest(self) -> bool {
+        matches!(self, Self::GuestShutdown | Self::GuestReset)
+    }
 }
 
 /// A shared handle on the socket's state.
@@ -103,25 +186,133 @@ impl QmpState {
             x_colo: true,
             migrate_uri: None,
             lost_heartbeat: false,
+            run_state: match side {
+                Side::Primary => RunState::Prelaunch,
+                Side::Secondary => RunState::InMigrate,
+            },
+            run_request: None,
+            run_requests_taken: 0,
+            quit: Arc::new(AtomicBool::new(false)),
             events: Vec::new(),
         }))
+    }
+
+    /// The flag a `quit` sets (after its reply is written), for the side's stop condition.
+    pub fn quit_flag(s: &Shared) -> Arc<AtomicBool> {
+        Arc::clone(&lock(s).quit)
+    }
+
+    /// Sends `event` with `data` to every client that negotiated, dropping those that are
+    /// gone.
+    fn emit(&mut self, event: &str, data: Value) {
+        let ev = json!({"event": event, "data": data, "timestamp": timestamp()});
+        let line = format!("{ev}\r\n");
+        self.events
+            .retain_mut(|c| c.write_all(line.as_bytes()).is_ok());
+    }
+}
+
+fn lock(s: &Shared) -> MutexGuard<'_, QmpState> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records what the VM does now (for `query-status`), without an event.
+pub fn set_run_state(s: &Shared, state: RunState) {
+    lock(s).run_state = state;
+}
+
+/// Records whether the guest runs (for `query-status`), if a socket is served. A
+/// secondary calls it after each checkpoint: its SVM runs in COLO mode and waits paused in
+/// periodic mode.
+pub fn set_running(s: Option<&Shared>, running: bool) {
+    if let Some(s) = s {
+        set_run_state(
+            s,
+            if running {
+                RunState::Running
+            } else {
+                RunState::Paused
+            },
+        );
+    }
+}
+
+/// Records that this side is in COLO again (a primary that re-protected), if a socket is
+/// served. Its checkpoints resume the guest, so it runs.
+pub fn colo_entered(s: Option<&Shared>, side: Side) {
+    if let Some(s) = s {
+        let mut st = lock(s);
+        st.mode = side.into();
+        st.run_state = RunState::Running;
+    }
+}
+
+/// Records that the side ended its VM and sends `SHUTDOWN` to every client.
+pub fn shutdown(s: &Shared, cause: ShutdownCause) {
+    let mut st = lock(s);
+    st.run_state = RunState::Shutdown;
+    st.emit(
+        "SHUTDOWN",
+        json!({"guest": cause.by_guest(), "reason": cause}),
+    );
+}
+
+/// Applies a pending `stop` or `cont` to `vm`, with its `STOP` or `RESUME` event, if a
+/// socket is served. A side calls it from its loop only while it serves alone (out of
+/// COLO); `stop` and `cont` are refused at the socket otherwise.
+pub fn apply_run_request(s: Option<&Shared>, vm: &VmHandle) {
+    let Some(s) = s else { return };
+    let Some(req) = take_run_request(s) else {
+        return;
+    };
+    // Pausing waits for the vCPUs to park: not under the lock.
+    let done = match req {
+        RunRequest::Stop => match vm.pause() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "QMP stop: the guest did not pause");
+                false
+            }
+        },
+        RunRequest::Cont => {
+            vm.resume();
+            true
+        }
+    };
+    run_request_done(s, req, done);
+}
+
+/// Takes the pending `stop` or `cont`, if any.
+fn take_run_request(s: &Shared) -> Option<RunRequest> {
+    lock(s).run_request.take()
+}
+
+/// Records that `req` was taken up, and whether it was applied (then with its event).
+fn run_request_done(s: &Shared, req: RunRequest, applied: bool) {
+    let mut st = lock(s);
+    st.run_requests_taken += 1;
+    if !applied {
+        return;
+    }
+    tracing::info!(request = ?req, "QMP run request applied");
+    let (state, event) = match req {
+        RunRequest::Stop => (RunState::Paused, "STOP"),
+        RunRequest::Cont => (RunState::Running, "RESUME"),
+    };
+    if st.run_state != state {
+        st.run_state = state;
+        st.emit(event, json!({}));
     }
 }
 
 /// Records that this side left COLO and sends `COLO_EXIT` to every client.
 pub fn colo_exit(s: &Shared, reason: ColoExitReason) {
-    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = lock(s);
     st.last_mode = st.mode;
     st.reason = reason;
-    let ev = json!({
-        "event": "COLO_EXIT",
-        "data": {"mode": st.mode, "reason": reason},
-        "timestamp": timestamp(),
-    });
+    let data = json!({"mode": st.mode, "reason": reason});
     st.mode = ColoMode::None;
-    let line = format!("{ev}\r\n");
-    st.events
-        .retain_mut(|c| c.write_all(line.as_bytes()).is_ok());
+    st.emit("COLO_EXIT", data);
 }
 
 fn timestamp() -> Value {
@@ -314,26 +505,129 @@ pub fn serve(path: &Path, mode: u32, state: Shared) -> Result<QmpSocket> {
     Ok(socket)
 }
 
+/// The most bytes one QMP object may take, counted from the end of the previous object
+/// (so whitespace before it counts too).
+pub const MAX_OBJECT: u64 = 1 << 20;
+
+/// How long `stop` and `cont` wait for the side to apply them.
+const RUN_REQUEST_WAIT: Duration = Duration::from_secs(3);
+
+/// The commands this socket serves, as `query-commands` lists them.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-commands",
+    "query-version",
+    "query-status",
+    "query-colo-status",
+    "migrate-set-capabilities",
+    "migrate-set-parameters",
+    "migrate",
+    "x-colo-lost-heartbeat",
+    "stop",
+    "cont",
+    "quit",
+];
+
+/// A reader that fails once more than [`MAX_OBJECT`] bytes were read since the count was
+/// last reset (after each complete object), and says so in `over`.
+struct Bounded<R> {
+    inner: R,
+    /// Bytes read since the last reset; shared with the loop that resets it.
+    count: Rc<Cell<u64>>,
+    over: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let room = MAX_OBJECT.saturating_sub(self.count.get());
+        if room == 0 {
+            self.over.set(true);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "QMP object over the size limit",
+            ));
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// One client's session state.
+struct Session {
+    negotiated: bool,
+    /// A clone of the client's stream, registered for events at negotiation.
+    events: UnixStream,
+    /// A `quit` was answered: the side is to stop once the reply is written.
+    quit: bool,
+}
+
 fn client(c: UnixStream, s: &Shared) {
     let Ok(mut w) = c.try_clone() else { return };
+    let Ok(events) = c.try_clone() else { return };
     let _ = c.set_read_timeout(Some(Duration::from_secs(3600)));
-    let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0, "micro": 0}, "package": "colo"}, "capabilities": []}});
+    let greeting = json!({"QMP": {"version": version(), "capabilities": []}});
     if w.write_all(format!("{greeting}\r\n").as_bytes()).is_err() {
         return;
     }
-    let mut negotiated = false;
-    for line in BufReader::new(c).lines().map_while(std::result::Result::ok) {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(cmd) => handle(&cmd, s, &mut negotiated, &w),
-            Err(e) => error("GenericError", &format!("JSON parse error: {e}"), None),
+    let mut session = Session {
+        negotiated: false,
+        events,
+        quit: false,
+    };
+    let count = Rc::new(Cell::new(0));
+    let over = Rc::new(Cell::new(false));
+    let reader = Bounded {
+        inner: BufReader::new(c),
+        count: Rc::clone(&count),
+        over: Rc::clone(&over),
+    };
+    // serde_json reads the stream a byte at a time (buffered below the bound), and
+    // returns each value as soon as its closing byte is read.
+    let stream = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+    for item in stream {
+        let (reply, last) = match item {
+            Ok(cmd) => {
+                count.set(0);
+                (handle(&cmd, s, &mut session), false)
+            }
+            Err(_) if over.get() => (
+                error(
+                    "GenericError",
+                    &format!("JSON parse error, object larger than {MAX_OBJECT} bytes"),
+                    None,
+                ),
+                true,
+            ),
+            // The client went away (mid-object or not): nobody to answer.
+            Err(e) if e.is_eof() || e.is_io() => return,
+            Err(e) => (
+                error("GenericError", &format!("JSON parse error, {e}"), None),
+                true,
+            ),
         };
         if w.write_all(format!("{reply}\r\n").as_bytes()).is_err() {
             return;
         }
+        if std::mem::take(&mut session.quit) {
+            lock(s).quit.store(true, Ordering::SeqCst);
+        }
+        if last {
+            // After a syntax error the stream cannot be resynchronized: the client
+            // reconnects.
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            return;
+        }
     }
+}
+
+/// The version this socket reports: QEMU 9.0.0's dialect, served by this colo.
+fn version() -> Value {
+    json!({
+        "qemu": {"major": 9, "minor": 0, "micro": 0},
+        "package": format!("colo {}", env!("CARGO_PKG_VERSION")),
+    })
 }
 
 fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
@@ -352,29 +646,138 @@ fn ok(ret: Value, id: Option<&Value>) -> Value {
     v
 }
 
-/// One command. Public for tests.
-pub fn handle(cmd: &Value, s: &Shared, negotiated: &mut bool, events: &UnixStream) -> Value {
+/// `stop` or `cont`: refused in COLO or before the VM runs; otherwise handed to the
+/// side's loop, answered once it has been applied.
+fn run_request(s: &Shared, req: RunRequest, id: Option<&Value>) -> Value {
+    let name = match req {
+        RunRequest::Stop => "stop",
+        RunRequest::Cont => "cont",
+    };
+    let (want, taken) = {
+        let mut st = lock(s);
+        if st.mode != ColoMode::None {
+            return error(
+                "GenericError",
+                &format!(
+                    "{name} is refused while COLO protects the guest: the checkpoints pause \
+                     and resume it themselves (leave COLO first, e.g. x-colo-lost-heartbeat)"
+                ),
+                id,
+            );
+        }
+        let want = match req {
+            RunRequest::Stop => RunState::Paused,
+            RunRequest::Cont => RunState::Running,
+        };
+        match st.run_state {
+            RunState::Running | RunState::Paused => {}
+            other => {
+                return error(
+                    "GenericError",
+                    &format!(
+                        "{name} needs a guest that runs or is paused; it is {}",
+                        json!(other).as_str().unwrap_or("neither")
+                    ),
+                    id,
+                );
+            }
+        }
+        if st.run_state == want {
+            // As QEMU: stopping a stopped guest (or continuing a running one) is no error.
+            return ok(json!({}), id);
+        }
+        st.run_request = Some(req);
+        (want, st.run_requests_taken)
+    };
+    let deadline = Instant::now() + RUN_REQUEST_WAIT;
+    loop {
+        {
+            let st = lock(s);
+            if st.run_requests_taken != taken {
+                return if st.run_state == want {
+                    ok(json!({}), id)
+                } else {
+                    error(
+                        "GenericError",
+                        &format!("{name} failed (see the side's log)"),
+                        id,
+                    )
+                };
+            }
+        }
+        if Instant::now() >= deadline {
+            let mut st = lock(s);
+            if st.run_request == Some(req) {
+                st.run_request = None;
+            }
+            return error(
+                "GenericError",
+                &format!(
+                    "{name}: the side did not apply it within {} s",
+                    RUN_REQUEST_WAIT.as_secs()
+                ),
+                id,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One command.
+fn handle(cmd: &Value, s: &Shared, session: &mut Session) -> Value {
     let id = cmd.get("id");
+    if !cmd.is_object() {
+        return error("GenericError", "QMP input must be a JSON object", None);
+    }
     let Some(name) = cmd.get("execute").and_then(Value::as_str) else {
         return error("GenericError", "expected an object with 'execute'", id);
     };
     let args = cmd.get("arguments").cloned().unwrap_or(json!({}));
-    if !*negotiated && name != "qmp_capabilities" {
+    if !session.negotiated && name != "qmp_capabilities" {
         return error(
             "CommandNotFound",
             "Expecting capabilities negotiation with 'qmp_capabilities'",
             id,
         );
     }
-    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match name {
+        "stop" => return run_request(s, RunRequest::Stop, id),
+        "cont" => return run_request(s, RunRequest::Cont, id),
+        "quit" => {
+            session.quit = true;
+            return ok(json!({}), id);
+        }
+        "query-commands" => {
+            let list: Vec<Value> = COMMANDS.iter().map(|c| json!({"name": c})).collect();
+            return ok(Value::Array(list), id);
+        }
+        "query-version" => return ok(version(), id),
+        _ => {}
+    }
+    let mut st = lock(s);
     match name {
         "qmp_capabilities" => {
-            *negotiated = true;
-            if let Ok(c) = events.try_clone() {
+            if session.negotiated {
+                return error(
+                    "CommandNotFound",
+                    "Capabilities negotiation is already complete, command ignored",
+                    id,
+                );
+            }
+            session.negotiated = true;
+            if let Ok(c) = session.events.try_clone() {
                 st.events.push(c);
             }
             ok(json!({}), id)
         }
+        "query-status" => ok(
+            json!({
+                "running": st.run_state == RunState::Running,
+                "singlestep": false,
+                "status": st.run_state,
+            }),
+            id,
+        ),
         "query-colo-status" => ok(
             json!({"mode": st.mode, "last-mode": st.last_mode, "reason": st.reason}),
             id,
@@ -503,241 +906,5 @@ pub fn status(path: &Path) -> Result<Value> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::FileTypeExt;
-
-    use super::*;
-
-    fn send(w: &mut UnixStream, r: &mut BufReader<UnixStream>, cmd: Value) -> Value {
-        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-        let mut l = String::new();
-        r.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap()
-    }
-
-    #[test]
-    fn colo_exit_says_request_only_for_x_colo_lost_heartbeat() {
-        use crate::colo::link::LostReason;
-        let reason = |lost| ColoExitReason::from(&ExitReason::PeerLost { lost });
-        assert_eq!(reason(LostReason::Forced), ColoExitReason::Request);
-        assert_eq!(reason(LostReason::Closed), ColoExitReason::Error);
-        assert_eq!(
-            reason(LostReason::HeartbeatTimeout { silent_ms: 1000 }),
-            ColoExitReason::Error
-        );
-        let failed = ExitReason::Failed {
-            error: "x-colo-lost-heartbeat in a message decides nothing".into(),
-        };
-        assert_eq!(ColoExitReason::from(&failed), ColoExitReason::Error);
-        assert_eq!(json!(ColoExitReason::Request), json!("request"));
-        assert_eq!(json!(ColoMode::Secondary), json!("secondary"));
-    }
-
-    #[test]
-    fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let st = QmpState::new(Side::Primary, 100, (100, 1000));
-        let _socket = serve(&path, 0o600, Arc::clone(&st)).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(
-            status(&path).unwrap(),
-            json!({"mode": "primary", "last-mode": "none", "reason": "none"})
-        );
-
-        let s = UnixStream::connect(&path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        let mut l = String::new();
-        r.read_line(&mut l).unwrap();
-        assert!(l.contains("\"QMP\""));
-        let e = send(&mut w, &mut r, json!({"execute": "query-colo-status"}));
-        assert_eq!(e["error"]["class"], "CommandNotFound", "capabilities first");
-        assert_eq!(
-            send(
-                &mut w,
-                &mut r,
-                json!({"execute": "qmp_capabilities", "id": 1})
-            ),
-            json!({"return": {}, "id": 1})
-        );
-        let r1 = send(
-            &mut w,
-            &mut r,
-            json!({"execute": "migrate-set-capabilities",
-            "arguments": {"capabilities": [{"capability": "x-colo", "state": true}]}}),
-        );
-        assert_eq!(r1, json!({"return": {}}));
-        let r2 = send(
-            &mut w,
-            &mut r,
-            json!({"execute": "migrate-set-parameters",
-            "arguments": {"x-checkpoint-delay": 250}}),
-        );
-        assert_eq!(r2, json!({"return": {}}));
-        assert_eq!(st.lock().unwrap().checkpoint_delay_ms, 250);
-        let bad = send(
-            &mut w,
-            &mut r,
-            json!({"execute": "migrate-set-parameters",
-            "arguments": {"x-checkpoint-delay": 0}}),
-        );
-        assert!(bad.get("error").is_some());
-        assert!(
-            send(
-                &mut w,
-                &mut r,
-                json!({"execute": "migrate", "arguments": {"uri": "rdma:x"}})
-            )
-            .get("error")
-            .is_some()
-        );
-        assert_eq!(
-            send(
-                &mut w,
-                &mut r,
-                json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:7100"}})
-            ),
-            json!({"return": {}})
-        );
-        assert_eq!(
-            st.lock().unwrap().migrate_uri.as_deref(),
-            Some("127.0.0.1:7100")
-        );
-        assert_eq!(
-            send(&mut w, &mut r, json!({"execute": "x-colo-lost-heartbeat"})),
-            json!({"return": {}})
-        );
-        assert!(st.lock().unwrap().lost_heartbeat);
-        assert!(
-            send(&mut w, &mut r, json!({"execute": "no-such"}))["error"]["class"]
-                == "CommandNotFound"
-        );
-        let junk = {
-            w.write_all(b"{not json\r\n").unwrap();
-            let mut l = String::new();
-            r.read_line(&mut l).unwrap();
-            serde_json::from_str::<Value>(&l).unwrap()
-        };
-        assert_eq!(junk["error"]["class"], "GenericError");
-        // The controller leaves COLO: the event reaches the client, the status says so.
-        colo_exit(&st, ColoExitReason::Request);
-        let mut l = String::new();
-        r.read_line(&mut l).unwrap();
-        let ev: Value = serde_json::from_str(&l).unwrap();
-        assert_eq!(ev["event"], "COLO_EXIT");
-        assert_eq!(ev["data"], json!({"mode": "primary", "reason": "request"}));
-        assert_eq!(
-            status(&path).unwrap(),
-            json!({"mode": "none", "last-mode": "primary", "reason": "request"})
-        );
-    }
-
-    fn mode_of(path: &Path) -> u32 {
-        std::fs::symlink_metadata(path)
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o7777
-    }
-
-    #[test]
-    fn the_socket_has_the_mode_asked_for_and_goes_when_its_side_drops_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        for mode in [0o600, 0o660, 0o640, 0o666] {
-            let socket = serve(
-                &path,
-                mode,
-                QmpState::new(Side::Secondary, 100, (100, 1000)),
-            )
-            .unwrap();
-            assert!(
-                std::fs::symlink_metadata(&path)
-                    .unwrap()
-                    .file_type()
-                    .is_socket()
-            );
-            assert_eq!(mode_of(&path), mode, "mode {mode:o}");
-            assert_eq!(status(&path).unwrap()["mode"], "secondary");
-            drop(socket);
-            assert!(
-                std::fs::symlink_metadata(&path).is_err(),
-                "the socket file is removed with its side (mode {mode:o})"
-            );
-        }
-    }
-
-    #[test]
-    fn anything_but_a_socket_at_the_path_is_refused_and_left_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a-file");
-        std::fs::write(&file, b"keep me").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let subdir = dir.path().join("a-dir");
-        std::fs::create_dir(&subdir).unwrap();
-        let link = dir.path().join("a-link");
-        std::os::unix::fs::symlink(&file, &link).unwrap();
-        for (path, expected) in [
-            (&file, PathKind::RegularFile),
-            (&subdir, PathKind::Directory),
-            (&link, PathKind::Symlink),
-        ] {
-            let st = QmpState::new(Side::Primary, 100, (100, 1000));
-            match serve(path, 0o600, st) {
-                Err(ColoError::QmpPathTaken { path: p, kind }) => {
-                    assert_eq!(&p, path);
-                    assert_eq!(kind, expected);
-                }
-                other => panic!("{} was not refused: {other:?}", path.display()),
-            }
-        }
-        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-        assert_eq!(mode_of(&file), 0o644);
-        assert!(subdir.is_dir());
-        assert_eq!(std::fs::read_link(&link).unwrap(), file);
-        let e = serve(&file, 0o600, QmpState::new(Side::Primary, 1, (1, 2))).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "--qmp {}: a regular file is there; only a stale socket is replaced (remove \
-                 it or choose another path)",
-                file.display()
-            )
-        );
-    }
-
-    #[test]
-    fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        // A side that died without cleaning up leaves a socket nobody listens on.
-        drop(UnixListener::bind(&path).unwrap());
-        assert!(
-            std::fs::symlink_metadata(&path)
-                .unwrap()
-                .file_type()
-                .is_socket()
-        );
-        let live = serve(&path, 0o600, QmpState::new(Side::Primary, 100, (100, 1000))).unwrap();
-        assert_eq!(status(&path).unwrap()["mode"], "primary");
-        let second = serve(
-            &path,
-            0o600,
-            QmpState::new(Side::Secondary, 100, (100, 1000)),
-        );
-        assert!(
-            matches!(&second, Err(ColoError::QmpSocketInUse { path: p }) if p == &path),
-            "{second:?}"
-        );
-        assert_eq!(
-            status(&path).unwrap()["mode"],
-            "primary",
-            "the live side keeps its socket"
-        );
-        drop(live);
-        assert!(std::fs::symlink_metadata(&path).is_err());
-    }
-}
+#[path = "qmp_tests.rs"]
+mod tests;

@@ -297,6 +297,7 @@ impl Secondary {
             self.vm.resume();
             self.running = true;
         }
+        super::qmp::set_running(self.qmp.as_ref(), self.running);
         if let Some(q) = &self.qmp {
             if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
                 self.failover.request(true);

@@ -154,7 +154,30 @@ pub(super) fn secondary_args(
     v.push(format!("--vcpu-nice={}", a.svm_nice));
     v.extend(vm_flags(a, dir, "secondary"));
     v.extend(colo_flags(&a.colo));
+    v.extend(qmp_flags(&a.colo, "secondary"));
     v
+}
+
+/// The QMP socket of `side`, if `colo pair --qmp PATH` was given: PATH for the primary,
+/// `PATH.secondary` beside it for the secondary.
+pub(super) fn qmp_of(c: &ColoArgs, side: &str) -> Option<PathBuf> {
+    let path = c.qmp.as_ref()?;
+    if side == "primary" {
+        return Some(path.clone());
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(".secondary");
+    Some(PathBuf::from(name))
+}
+
+/// `--qmp` and `--qmp-mode` for `side` (nothing without `colo pair --qmp`).
+fn qmp_flags(c: &ColoArgs, side: &str) -> Vec<String> {
+    qmp_of(c, side).map_or_else(Vec::new, |p| {
+        vec![
+            format!("--qmp={}", p.display()),
+            format!("--qmp-mode={:o}", c.qmp_mode),
+        ]
+    })
 }
 
 /// `colo primary` for the secondary on loopback `port`, with its events on `events`.
@@ -170,6 +193,7 @@ pub(super) fn primary_args(a: &PairArgs, dir: &Path, port: u16, events: &Path) -
         v.push("--reprotect".into());
     }
     v.extend(colo_flags(&a.colo));
+    v.extend(qmp_flags(&a.colo, "primary"));
     v
 }
 
@@ -187,4 +211,62 @@ pub(super) fn free_port() -> Result<u16, ColoError> {
         }
     }
     Err(ColoError::NoFreePorts)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::colo::cli::{PrimaryArgs, SecondaryArgs};
+
+    #[derive(Parser)]
+    struct Pair {
+        #[command(flatten)]
+        a: PairArgs,
+    }
+
+    #[derive(Parser)]
+    enum Side {
+        Primary(PrimaryArgs),
+        Secondary(SecondaryArgs),
+    }
+
+    /// The children's command lines, parsed as `colo primary` and `colo secondary` parse
+    /// them.
+    fn children(pair: &[&str]) -> (PrimaryArgs, SecondaryArgs) {
+        let a = Pair::try_parse_from(std::iter::once("pair").chain(pair.iter().copied()))
+            .unwrap()
+            .a;
+        let dir = Path::new("/nonexistent-dir");
+        let parse = |args: Vec<String>| {
+            Side::try_parse_from(std::iter::once("colo".to_string()).chain(args)).unwrap()
+        };
+        let Side::Primary(p) = parse(primary_args(&a, dir, 7100, &dir.join("ev"))) else {
+            panic!("not a primary");
+        };
+        let s = secondary_args(&a, dir, 7100, &dir.join("alive"), &dir.join("ev"));
+        let Side::Secondary(s) = parse(s) else {
+            panic!("not a secondary");
+        };
+        (p, s)
+    }
+
+    #[test]
+    fn pair_qmp_gives_the_primary_path_and_the_secondary_path_dot_secondary() {
+        let (p, s) = children(&["--qmp=/run/colo/q.sock", "--qmp-mode=660"]);
+        assert_eq!(p.colo.qmp.as_deref(), Some(Path::new("/run/colo/q.sock")));
+        assert_eq!(
+            s.colo.qmp.as_deref(),
+            Some(Path::new("/run/colo/q.sock.secondary"))
+        );
+        assert_eq!((p.colo.qmp_mode, s.colo.qmp_mode), (0o660, 0o660));
+        let (p, s) = children(&[]);
+        assert_eq!(
+            (p.colo.qmp, s.colo.qmp),
+            (None, None),
+            "no --qmp, no socket"
+        );
+        assert_eq!(p.colo.qmp_mode, 0o600);
+    }
 }
