@@ -96,6 +96,12 @@ impl ProxyControl {
         self.call(|ack| Event::Committed(Some(ack)), "commit a checkpoint")
     }
 
+    /// Frames and commands waiting for the engine thread (at most 8192): how far the
+    /// engine is behind its ports.
+    pub fn queued_events(&self) -> usize {
+        self.tx.len()
+    }
+
     /// Changes the mode (failover, or the secondary lost); see [`Mode`].
     ///
     /// # Errors

@@ -12,7 +12,9 @@ use colo_machine::runner::VmHandle;
 
 use super::event::{Events, Side};
 use super::link::Heartbeat;
+use super::metrics_http::SideEndpoint;
 use super::primary;
+use super::prometheus::State;
 use super::push::PushTransport;
 use super::qmp::{self, QmpSocket};
 use super::secondary::{self, Outcome};
@@ -105,6 +107,11 @@ pub struct ColoArgs {
     /// Stop after this long (e.g. 30s, 2m; plain numbers are seconds).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (HOST:PORT). `colo
+    /// pair` gives its primary this port, its secondary the next one and its proxy the
+    /// one after (PORT, PORT+1, PORT+2).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 impl ColoArgs {
@@ -331,6 +338,8 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     catch_interrupts();
     // Removes the socket file when this function returns, however it returns.
     let qmp_socket = a.colo.serve_qmp(Side::Primary, &params)?;
+    let endpoint = SideEndpoint::serve(a.colo.metrics_listen.as_deref(), Side::Primary)?;
+    let metrics = endpoint.metrics();
     let mut pdisk = None;
     let machine =
         a.vm.build_with("primary", ConsoleSink::Stdout("pvm".into()), |d| {
@@ -339,6 +348,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
                 ..colo_blk::PrimaryOptions::default()
             };
             let p = Arc::new(colo_blk::PrimaryDisk::new(d, opts));
+            metrics.watch_primary_disk(&p);
             pdisk = Some(Arc::clone(&p));
             Ok(Some(p))
         })?;
@@ -347,7 +357,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
-    let events = connect_events(a.events.as_deref())?;
+    let events = connect_events(a.events.as_deref())?.with_metrics(metrics.clone());
     let qmp = qmp_socket.as_ref().map(QmpSocket::state);
     let peer = match (&a.peer, &qmp) {
         (Some(p), _) => p.clone(),
@@ -395,8 +405,10 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         p.metrics = Some(super::metrics::open_stream(path)?);
     }
     p.disk = pdisk;
+    metrics.set_state(State::Syncing);
     p.start()?;
     if p.protected() {
+        metrics.set_state(State::Protected);
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
     let started = Instant::now();
@@ -407,6 +419,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         p.summary.text(started.elapsed().as_secs_f64())
     );
     say_guest_end("primary", p.finish()?);
+    endpoint.stop();
     Ok(())
 }
 
@@ -434,6 +447,8 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     catch_interrupts();
     // Removes the socket file when this function returns, however it returns.
     let qmp_socket = a.colo.serve_qmp(Side::Secondary, &params)?;
+    let endpoint = SideEndpoint::serve(a.colo.metrics_listen.as_deref(), Side::Secondary)?;
+    let metrics = endpoint.metrics();
     colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
     let machine =
@@ -442,6 +457,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 d,
                 colo_blk::BufferOptions::default(),
             ));
+            metrics.watch_secondary_disk(&s);
             sdisk = Some(Arc::clone(&s));
             Ok(Some(s))
         })?;
@@ -453,7 +469,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;
-    let events = connect_events(a.events.as_deref())?;
+    let events = connect_events(a.events.as_deref())?.with_metrics(metrics.clone());
     let listener = TcpListener::bind(&a.listen).map_err(|source| ColoError::Listen {
         what: "the primary",
         addr: a.listen.clone(),
@@ -482,6 +498,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    metrics.set_state(State::Syncing);
     s.qmp = qmp_socket.as_ref().map(QmpSocket::state);
     s.takeover_check = a.takeover_check.clone();
     s.events = events;
@@ -543,5 +560,6 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             say_guest_end("secondary", s.finish()?);
         }
     }
+    endpoint.stop();
     Ok(())
 }

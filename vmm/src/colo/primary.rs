@@ -105,6 +105,7 @@ pub fn connect(
     events: Events,
 ) -> Result<Primary> {
     let (link, push, pages) = open_link(peer, Arc::clone(&ram), params, Duration::from_secs(30))?;
+    events.watch_link(&link);
     tracing::info!(peer = %peer.addr, pages, transport = %peer.transport, "connected to the secondary");
     Ok(Primary {
         peer: peer.clone(),
@@ -457,6 +458,7 @@ impl Primary {
         self.bitmap.clear_all();
         self.bg_pages += pages;
         self.bg_bytes += s.bytes;
+        self.events.watch_link(&link);
         self.link = Some(link);
         self.push = Some(push);
         self.awaiting_loaded = None;
