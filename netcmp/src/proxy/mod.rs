@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, error, warn};
 
 pub use self::args::ProxyArgs;
-pub use self::run::{ProxyConfig, run};
+pub use self::run::{ProxyConfig, run, run_observed};
 use crate::compare::{CheckpointRequest, Engine, Mode, Output};
 use crate::config::Config;
 use crate::error::{Error, Result};

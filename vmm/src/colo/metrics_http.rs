@@ -10,13 +10,16 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use colo_netcmp::proxy::ProxyControl;
+use prometheus_client::registry::Registry;
+
 use super::event::Side;
-use super::prometheus::{CONTENT_TYPE, MetricsHandle, SideMetrics};
+use super::prometheus::{self, CONTENT_TYPE, MetricsHandle, SideMetrics};
 use super::{ColoError, Result};
 
 /// The most bytes of a request read (its line and headers).
@@ -205,11 +208,6 @@ impl MetricsServer {
         })
     }
 
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Stops answering and waits for the thread (at most one request's
     /// [`REQUEST_TIME`] twice, for reading it and writing the answer).
     pub fn stop(mut self) {
@@ -274,6 +272,52 @@ impl SideEndpoint {
     }
 }
 
+/// The proxy's metrics (`colo proxy`, and `colo pair`'s proxy), served at an address
+/// bound before the proxy starts (a bad address fails at once): until
+/// [`attach`](Self::attach) a scrape finds no families.
+#[derive(Debug)]
+pub struct ProxyEndpoint {
+    registry: Arc<OnceLock<Registry>>,
+    server: Option<MetricsServer>,
+}
+
+impl ProxyEndpoint {
+    /// Serves at `addr`, if one is given.
+    ///
+    /// # Errors
+    /// As for [`MetricsServer::start`].
+    pub fn serve(addr: Option<&str>) -> Result<Self> {
+        let registry = Arc::new(OnceLock::<Registry>::new());
+        let server = match addr {
+            Some(addr) => {
+                let r = Arc::clone(&registry);
+                let render: Render = Arc::new(move || {
+                    r.get()
+                        .map_or_else(|| "# EOF\n".to_string(), prometheus::render)
+                });
+                Some(MetricsServer::start(addr, render)?)
+            }
+            None => None,
+        };
+        Ok(Self { registry, server })
+    }
+
+    /// Reads the counters of the running proxy behind `control` from now on (the first
+    /// call only counts).
+    pub fn attach(&self, control: ProxyControl) {
+        if self.server.is_some() {
+            let _ = self.registry.set(prometheus::proxy_registry(control));
+        }
+    }
+
+    /// Stops the server, if there is one.
+    pub fn stop(self) {
+        if let Some(s) = self.server {
+            s.stop();
+        }
+    }
+}
+
 /// `addr` (host:port) with its port raised by `by`: `colo pair`'s secondary and proxy
 /// endpoints beside the primary's. `None` when it is not host:port or the port overflows.
 pub fn port_after(addr: &str, by: u16) -> Option<String> {
@@ -305,7 +349,7 @@ mod tests {
     #[test]
     fn a_get_of_metrics_answers_the_rendered_text_and_anything_else_an_error() {
         let srv = server();
-        let a = srv.local_addr();
+        let a = srv.addr;
         let ok = exchange(a, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(
@@ -369,7 +413,7 @@ mod tests {
     #[test]
     fn a_silent_client_costs_the_server_at_most_its_time_limit() {
         let srv = server();
-        let a = srv.local_addr();
+        let a = srv.addr;
         let mut silent = TcpStream::connect(a).unwrap();
         silent.set_read_timeout(Some(REQUEST_TIME * 5)).unwrap();
         let t = Instant::now();
