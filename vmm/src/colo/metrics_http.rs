@@ -6,10 +6,11 @@
 //! [`MAX_REQUEST`] bytes; anything that is not a `GET` of `/metrics` gets an error
 //! status, and the connection is closed after every answer. The thread is owned by a
 //! [`MetricsServer`] and ends at its [`stop`](MetricsServer::stop) (or its drop), within
-//! one request's bound.
+//! one request's bound (plus [`ACCEPT_POLL`] at most).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -26,8 +27,8 @@ use super::{ColoError, Result};
 pub const MAX_REQUEST: usize = 8192;
 /// The longest a client may take to send its request, and the answer to go out.
 pub const REQUEST_TIME: Duration = Duration::from_secs(2);
-/// How often the idle accept loop looks at the stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// How often the idle accept loop looks at the stop flag (a connection wakes it at once).
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
 /// What produces the metrics text at each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -120,6 +121,19 @@ fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
     None
 }
 
+/// Waits at most `timeout` for a connection to accept on `l`.
+fn readable(l: &TcpListener, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, on the stack for the whole call; its descriptor is the
+    // listener's, which `l` keeps open meanwhile.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+    n > 0
+}
+
 /// Answers one connection; I/O errors only end it.
 fn answer(mut s: TcpStream, render: &Render) {
     if s.set_nonblocking(false).is_err() || s.set_write_timeout(Some(REQUEST_TIME)).is_err() {
@@ -186,11 +200,12 @@ impl MetricsServer {
             .name("colo-metrics".into())
             .spawn(move || {
                 while !flag.load(Ordering::SeqCst) {
+                    if !readable(&listener, ACCEPT_POLL) {
+                        continue;
+                    }
                     match listener.accept() {
                         Ok((s, _)) => answer(s, &render),
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            std::thread::sleep(ACCEPT_POLL);
-                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                         Err(e) => {
                             // E.g. out of descriptors: wait instead of spinning.
                             tracing::debug!(error = %e, "metrics accept failed");
