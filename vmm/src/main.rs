@@ -65,10 +65,21 @@ enum Command {
     Secondary(colo::cli::SecondaryArgs),
     /// Run the COLO proxy on its own: mirror client traffic to a primary and a secondary,
     /// compare their output, release what matches, ask for a checkpoint when it does not.
-    Proxy(colo_netcmp::proxy::ProxyArgs),
+    Proxy(ProxyCommand),
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// `colo proxy`: the proxy's own options, and where to serve its metrics.
+#[derive(Debug, clap::Args)]
+struct ProxyCommand {
+    #[command(flatten)]
+    proxy: colo_netcmp::proxy::ProxyArgs,
+    /// Serve the proxy's Prometheus metrics (mismatches, queue overflows, the engine's
+    /// queue, connections) at `GET /metrics` on this address (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// Logs to stderr, at the level RUST_LOG asks for (info by default).
@@ -106,13 +117,25 @@ fn main() -> ExitCode {
                 Err(e) => report(who, &e, e.exit_code()),
             }
         }
-        Command::Proxy(args) => match args.config().and_then(colo_netcmp::proxy::run) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                let bad_args = matches!(e, colo_netcmp::Error::Config(_));
-                report("", &e, if bad_args { 2 } else { 1 })
+        Command::Proxy(cmd) => {
+            // Bound before the proxy starts, so that a bad address fails at once.
+            let endpoint =
+                match colo::metrics_http::ProxyEndpoint::serve(cmd.metrics_listen.as_deref()) {
+                    Ok(e) => e,
+                    Err(e) => return report("", &e, 1),
+                };
+            let r = cmd.proxy.config().and_then(|c| {
+                colo_netcmp::proxy::run_observed(c, |control| endpoint.attach(control))
+            });
+            endpoint.stop();
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let bad_args = matches!(e, colo_netcmp::Error::Config(_));
+                    report("", &e, if bad_args { 2 } else { 1 })
+                }
             }
-        },
+        }
         Command::Keygen { out } => {
             match colo_auth::PairKey::generate().and_then(|k| k.write_new(&out).map(|()| k)) {
                 Ok(k) => {

@@ -39,12 +39,31 @@ fn framed_arp() -> Vec<u8> {
     v
 }
 
+/// The body of a `GET /metrics` on loopback `port` (which is bound before the proxy runs).
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
 #[test]
 fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = common::colo()
         .arg("proxy")
+        .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--client=unix-listen:{}", p("c").display()))
         .arg(format!("--primary=unix-listen:{}", p("p").display()))
         .arg(format!("--secondary=unix-listen:{}", p("s").display()))
@@ -75,6 +94,15 @@ fn colo_proxy_releases_matching_output_and_exits_after_its_duration() {
         }
     }
     assert_eq!(&got[..want.len()], &want[..]);
+    // Its metrics endpoint counts what it released.
+    let text = scrape(metrics_port);
+    assert!(text.contains("colo_role{role=\"proxy\"} 1\n"), "{text}");
+    let released = text
+        .lines()
+        .find_map(|l| l.strip_prefix("colo_proxy_released_frames_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(released.is_some_and(|n| n >= 1), "{text}");
+    assert!(text.contains("colo_proxy_mismatches_total "), "{text}");
     let Some(status) = common::wait_timeout(&mut child, WAIT) else {
         let _ = child.kill();
         panic!("colo proxy did not stop after --duration-secs");

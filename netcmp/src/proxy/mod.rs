@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, error, warn};
 
 pub use self::args::ProxyArgs;
-pub use self::run::{ProxyConfig, run};
+pub use self::run::{ProxyConfig, run, run_observed};
 use crate::compare::{CheckpointRequest, Engine, Mode, Output};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -94,6 +94,12 @@ impl ProxyControl {
     /// act within 10 s.
     pub fn checkpoint_committed(&self) -> Result<()> {
         self.call(|ack| Event::Committed(Some(ack)), "commit a checkpoint")
+    }
+
+    /// Frames and commands waiting for the engine thread (at most 8192): how far the
+    /// engine is behind its ports.
+    pub fn queued_events(&self) -> usize {
+        self.tx.len()
     }
 
     /// Changes the mode (failover, or the secondary lost); see [`Mode`].

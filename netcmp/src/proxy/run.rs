@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::RecvTimeoutError;
 use tracing::{info, info_span, warn};
 
-use super::{Ports, Proxy};
+use super::{Ports, Proxy, ProxyControl};
 use crate::config::Config;
 use crate::error::Result;
 use crate::io::{Port, PortSpec};
@@ -40,6 +40,15 @@ pub struct ProxyConfig {
 /// # Errors
 /// A port cannot be opened, or fails or closes while running.
 pub fn run(config: ProxyConfig) -> Result<()> {
+    run_observed(config, |_| {})
+}
+
+/// As [`run`], handing `started` a control of the proxy once it runs (to read its
+/// counters from another thread, e.g. for a metrics endpoint).
+///
+/// # Errors
+/// As for [`run`].
+pub fn run_observed(config: ProxyConfig, started: impl FnOnce(ProxyControl)) -> Result<()> {
     let span = info_span!("proxy");
     let _g = span.enter();
     config.engine.validate()?;
@@ -56,6 +65,7 @@ pub fn run(config: ProxyConfig) -> Result<()> {
         "proxy running"
     );
     let proxy = Proxy::start(config.engine.clone(), ports)?;
+    started(proxy.control());
     let start = Instant::now();
     let mut next_stats = start + config.stats_interval;
     loop {

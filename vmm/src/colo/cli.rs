@@ -13,7 +13,9 @@ use colo_machine::runner::VmHandle;
 
 use super::event::{Events, Side};
 use super::link::Heartbeat;
+use super::metrics_http::SideEndpoint;
 use super::primary;
+use super::prometheus::State;
 use super::push::PushTransport;
 use super::qmp::{self, QmpSocket, RunState, ShutdownCause};
 use super::secondary::{self, Outcome};
@@ -107,6 +109,11 @@ pub struct ColoArgs {
     /// Stop after this long (e.g. 30s, 2m; plain numbers are seconds).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (HOST:PORT). `colo
+    /// pair` gives its primary this port, its secondary the next one and its proxy the
+    /// one after (PORT, PORT+1, PORT+2).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 impl ColoArgs {
@@ -371,6 +378,8 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     catch_interrupts();
     // Removes the socket file when this function returns, however it returns.
     let qmp_socket = a.colo.serve_qmp(Side::Primary, &params)?;
+    let endpoint = SideEndpoint::serve(a.colo.metrics_listen.as_deref(), Side::Primary)?;
+    let metrics = endpoint.metrics();
     let mut pdisk = None;
     let machine =
         a.vm.build_with("primary", ConsoleSink::Stdout("pvm".into()), |d| {
@@ -379,6 +388,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
                 ..colo_blk::PrimaryOptions::default()
             };
             let p = Arc::new(colo_blk::PrimaryDisk::new(d, opts));
+            metrics.watch_primary_disk(&p);
             pdisk = Some(Arc::clone(&p));
             Ok(Some(p))
         })?;
@@ -387,7 +397,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let ram = machine.ram.region();
     let dirty = machine.dirty_handle();
     let vm = VmHandle::start(machine, true)?;
-    let events = connect_events(a.events.as_deref())?;
+    let events = connect_events(a.events.as_deref())?.with_metrics(metrics.clone());
     let qmp = qmp_socket.as_ref().map(QmpSocket::state);
     let stop = a.colo.stop_fn(qmp_socket.as_ref());
     let peer = match (&a.peer, &qmp) {
@@ -427,6 +437,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         p.metrics = Some(super::metrics::open_stream(path)?);
     }
     p.disk = pdisk;
+    metrics.set_state(State::Syncing);
     // With --reprotect the primary need not wait long: it serves alone and takes the
     // secondary once it listens.
     let wait = if a.reprotect {
@@ -444,6 +455,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
                 "no secondary yet: the PVM starts unprotected and takes one once it listens"
             );
             p.vm().resume();
+            metrics.set_state(State::Unprotected);
             Ok(())
         }
         Err(e) => Err(e),
@@ -453,6 +465,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         Err(ColoError::Stopped) => {
             println!("primary: stopped before the secondary was in sync; the guest did not run");
             qmp_shutdown(qmp_socket.as_ref(), None);
+            endpoint.stop();
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -461,6 +474,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         qmp::set_run_state(&q.state(), RunState::Running);
     }
     if p.protected() {
+        metrics.set_state(State::Protected);
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
     let started = Instant::now();
@@ -472,6 +486,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let exit = p.finish()?;
     qmp_shutdown(qmp_socket.as_ref(), Some(&exit));
     say_guest_end("primary", exit);
+    endpoint.stop();
     Ok(())
 }
 
@@ -568,6 +583,8 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     catch_interrupts();
     // Removes the socket file when this function returns, however it returns.
     let qmp_socket = a.colo.serve_qmp(Side::Secondary, &params)?;
+    let endpoint = SideEndpoint::serve(a.colo.metrics_listen.as_deref(), Side::Secondary)?;
+    let metrics = endpoint.metrics();
     colo_machine::sched::set_vcpu_nice(a.vcpu_nice);
     let mut sdisk = None;
     // The VM's disk goes through a switch: after a takeover with --peer, the same device
@@ -579,6 +596,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
                 d,
                 colo_blk::BufferOptions::default(),
             ));
+            metrics.watch_secondary_disk(&s);
             sdisk = Some(Arc::clone(&s));
             let sw = Arc::new(colo_blk::SwitchableDisk::new(s));
             switch = Some(Arc::clone(&sw));
@@ -593,7 +611,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;
-    let events = connect_events(a.events.as_deref())?;
+    let events = connect_events(a.events.as_deref())?.with_metrics(metrics.clone());
     let listener = TcpListener::bind(&a.listen).map_err(|source| ColoError::Listen {
         what: "the primary",
         addr: a.listen.clone(),
@@ -623,6 +641,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    metrics.set_state(State::Syncing);
     s.qmp = qmp_socket.as_ref().map(QmpSocket::state);
     s.takeover_check = a.takeover_check.clone();
     s.events = events;
@@ -750,5 +769,6 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     if let Some(exit) = exit {
         say_guest_end("secondary", exit);
     }
+    endpoint.stop();
     Ok(())
 }

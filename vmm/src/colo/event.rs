@@ -19,8 +19,9 @@ use crossbeam_channel::Receiver;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::link::LostReason;
+use super::link::{Link, LostReason};
 use super::metrics::EpochRecord;
+use super::prometheus::MetricsHandle;
 use super::{Chain, ColoError, Result};
 
 /// A side of the pair.
@@ -151,9 +152,11 @@ pub fn decode<T: DeserializeOwned>(line: &str) -> serde_json::Result<T> {
     serde_json::from_str(line)
 }
 
-/// A side's end of the event socket.
+/// A side's end of the event socket, and its metrics: every event emitted is counted
+/// there too (`--metrics-listen`, see [`super::prometheus`]).
 pub struct Events {
     out: Option<UnixStream>,
+    metrics: MetricsHandle,
     /// The supervisor's requests.
     pub requests: Receiver<Request>,
 }
@@ -163,6 +166,7 @@ impl Events {
     pub fn none() -> Self {
         Self {
             out: None,
+            metrics: MetricsHandle::none(),
             requests: crossbeam_channel::never(),
         }
     }
@@ -197,12 +201,32 @@ impl Events {
             .map_err(ColoError::spawn("event socket reader"))?;
         Ok(Self {
             out: Some(s),
+            metrics: MetricsHandle::none(),
             requests: rx,
         })
     }
 
-    /// Reports `ev` to the supervisor (dropped if there is none, or it is gone).
+    /// Counts every event emitted from now on in `metrics` too.
+    pub fn with_metrics(mut self, metrics: MetricsHandle) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// A checkpoint applied on the secondary, with the pages it copied: for the metrics
+    /// only (the supervisor hears of checkpoints from the primary).
+    pub fn applied(&self, pages: u64) {
+        self.metrics.applied(pages);
+    }
+
+    /// The control link whose heartbeat the metrics show (the newest one).
+    pub fn watch_link(&self, link: &Link) {
+        self.metrics.watch_link(link);
+    }
+
+    /// Reports `ev` to the supervisor (dropped if there is none, or it is gone) and
+    /// counts it in the metrics.
     pub fn emit(&mut self, ev: &Event) {
+        self.metrics.observe(ev);
         if let Some(s) = &mut self.out {
             if s.write_all(&encode(ev)).is_err() {
                 self.out = None;

@@ -9,7 +9,7 @@
 //! [`LostReason`] says which.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use colo_transport::control::{Conn, ControlChannel, Kind, Message};
@@ -342,9 +342,34 @@ impl Link {
         }
     }
 
+    /// A probe of how long the peer has been silent, which does not keep the link alive
+    /// (for the metrics endpoint).
+    pub fn silence_probe(&self) -> SilenceProbe {
+        SilenceProbe(Arc::downgrade(&self.inner))
+    }
+
     pub(crate) fn lost_error(&self) -> ColoError {
         // Lost without a reason cannot be: `lose` sets the reason first.
         ColoError::PeerLost(self.why().unwrap_or(LostReason::Closed))
+    }
+}
+
+/// Reads how long a link's peer has been silent, without keeping the link alive.
+#[derive(Clone)]
+pub struct SilenceProbe(Weak<Inner>);
+
+impl std::fmt::Debug for SilenceProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SilenceProbe").finish_non_exhaustive()
+    }
+}
+
+impl SilenceProbe {
+    /// The time since the peer was last heard (a heartbeat or any message, to the
+    /// millisecond); `None` once the link is lost or gone.
+    pub fn silence(&self) -> Option<Duration> {
+        let i = self.0.upgrade()?;
+        (!i.lost.load(Ordering::SeqCst)).then(|| i.since_heard())
     }
 }
 

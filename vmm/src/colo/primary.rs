@@ -156,6 +156,7 @@ impl Primary {
                 Err(e) => return Err(e),
             }
         };
+        self.events.watch_link(&link);
         tracing::info!(peer = %self.peer.addr, transport = %self.peer.transport, "connected to the secondary");
         self.link = Some(link);
         self.push = Some(push);
@@ -528,6 +529,7 @@ impl Primary {
         self.bitmap.clear_all();
         self.push = Some(push);
         self.push_everything_with_progress("re-protection", stop)?;
+        self.events.watch_link(&link);
         self.link = Some(link);
         self.awaiting_loaded = None;
         self.events.emit(&Event::Protected);

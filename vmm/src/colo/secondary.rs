@@ -197,6 +197,7 @@ impl Secondary {
     /// # Errors
     /// A VM failure while taking over.
     pub fn run(&mut self, stop: &dyn Fn() -> bool) -> Result<Outcome> {
+        self.events.watch_link(&self.link);
         loop {
             if stop() {
                 return Ok(Outcome::Stopped);
@@ -291,6 +292,7 @@ impl Secondary {
         let done = self.landing.commit_and_release(k, &self.svm_dirty)?;
         self.vm.machine()?.restore_state(&done.state)?;
         self.checkpoints += 1;
+        self.events.applied(done.pages);
         if self.params.mode == Mode::Colo {
             // The proxy may hold the SVM while it runs too far ahead of the PVM.
             self.vm.set_net_pacing(true);

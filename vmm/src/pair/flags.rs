@@ -152,6 +152,7 @@ pub(super) fn secondary_args(
     ];
     v.push(format!("--takeover-check=test ! -e {}", alive.display()));
     v.push(format!("--vcpu-nice={}", a.svm_nice));
+    v.extend(metrics_flag(a, 1));
     v.extend(vm_flags(a, dir, "secondary"));
     v.extend(colo_flags(&a.colo));
     v.extend(qmp_flags(&a.colo, "secondary"));
@@ -192,9 +193,34 @@ pub(super) fn primary_args(a: &PairArgs, dir: &Path, port: u16, events: &Path) -
     if a.reprotect {
         v.push("--reprotect".into());
     }
+    v.extend(metrics_flag(a, 0));
     v.extend(colo_flags(&a.colo));
     v.extend(qmp_flags(&a.colo, "primary"));
     v
+}
+
+/// `--metrics-listen` for a side: the pair's address with its port raised by `by` (0 for
+/// the primary, 1 for the secondary; the proxy, in `colo pair` itself, takes 2). Checked
+/// by [`metrics_addrs_fit`] before the sides start.
+fn metrics_flag(a: &PairArgs, by: u16) -> Option<String> {
+    let addr = a.colo.metrics_listen.as_deref()?;
+    crate::colo::metrics_http::port_after(addr, by).map(|m| format!("--metrics-listen={m}"))
+}
+
+/// Refuses a `--metrics-listen` that leaves no room for the three endpoints.
+///
+/// # Errors
+/// [`ColoError::Usage`] when it is not HOST:PORT with PORT at most 65533.
+pub(super) fn metrics_addrs_fit(a: &PairArgs) -> Result<(), ColoError> {
+    match a.colo.metrics_listen.as_deref() {
+        Some(addr) if crate::colo::metrics_http::port_after(addr, 2).is_none() => {
+            Err(ColoError::Usage(
+                "--metrics-listen must be HOST:PORT with PORT at most 65533: colo pair serves \
+                 the primary's metrics at PORT, the secondary's at PORT+1, the proxy's at PORT+2",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A loopback port P with P+1 free too (the secondary's control and disk replication).

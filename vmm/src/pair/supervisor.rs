@@ -25,6 +25,7 @@ use super::status::StatusLine;
 use super::summary::{self, Ending};
 use super::{Client, PairArgs, events, flags, start_client, start_proxy};
 use crate::colo::ColoError;
+use crate::colo::metrics_http::{ProxyEndpoint, port_after};
 use crate::interrupt::interrupted;
 
 /// Runs a protected pair in the scratch directory `dir`.
@@ -33,6 +34,14 @@ use crate::interrupt::interrupted;
 /// A side that cannot start, no initial sync, a proxy that cannot switch modes, or a
 /// client that saw lost or contradicted data.
 pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
+    flags::metrics_addrs_fit(a)?;
+    let proxy_metrics = ProxyEndpoint::serve(
+        a.colo
+            .metrics_listen
+            .as_deref()
+            .and_then(|m| port_after(m, 2))
+            .as_deref(),
+    )?;
     let shared = Arc::new(Shared::default());
     if let Some(path) = &a.metrics {
         let f = crate::colo::metrics::open_stream(path)?;
@@ -46,6 +55,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
         ..colo_netcmp::Config::default()
     };
     let (proxy, clients) = start_proxy(a, dir, config)?;
+    proxy_metrics.attach(proxy.control());
     if a.colo.mode == crate::colo::Mode::Periodic {
         // The SVM does not run: output is held until the checkpoint that covers it.
         proxy
@@ -65,6 +75,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let mut ending = sup.stop(start, &timeline, &stop, client);
     ending.cpu_at_start = cpu_at_start;
     let Supervisor { shared, proxy, .. } = sup;
+    proxy_metrics.stop();
     summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
 }
 
