@@ -52,11 +52,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: std::path::PathBuf,
     },
-    /// Ask a running side for its COLO status through its QMP socket (query-colo-status).
+    /// Ask a running side for its COLO status through its QMP socket (query-colo-status,
+    /// with colo's x-colo-phase: waiting, syncing, colo or serving; and query-status).
     Status {
         /// The side's QMP socket (its --qmp).
         #[arg(long)]
         qmp: std::path::PathBuf,
+        /// Print `KEY=value` lines (mode, last_mode, reason, phase, status) instead of
+        /// JSON, for shell scripts such as the cluster agent.
+        #[arg(long)]
+        shell: bool,
     },
     /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
     Primary(colo::cli::PrimaryArgs),
@@ -145,7 +150,11 @@ fn main() -> ExitCode {
                 Err(e) => report("", &e, 1),
             }
         }
-        Command::Status { qmp } => match colo::qmp::status(&qmp) {
+        Command::Status { qmp, shell } => match colo::qmp::status(&qmp) {
+            Ok(v) if shell => {
+                print!("{}", colo::qmp::status_lines(&v));
+                ExitCode::SUCCESS
+            }
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS

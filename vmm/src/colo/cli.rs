@@ -17,7 +17,7 @@ use super::metrics_http::SideEndpoint;
 use super::primary;
 use super::prometheus::State;
 use super::push::PushTransport;
-use super::qmp::{self, QmpSocket, RunState, ShutdownCause};
+use super::qmp::{self, Phase, QmpSocket, RunState, ShutdownCause};
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
 use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs};
@@ -446,7 +446,10 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
         Duration::from_secs(30)
     };
     let started = match p.connect(wait, &stop) {
-        Ok(()) => p.start(&stop),
+        Ok(()) => {
+            qmp::set_phase(p.qmp.as_ref(), Phase::Syncing);
+            p.start(&stop)
+        }
         Err(e @ ColoError::Stopped) => Err(e),
         Err(e) if a.reprotect => {
             tracing::warn!(
@@ -456,6 +459,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
             );
             p.vm().resume();
             metrics.set_state(State::Unprotected);
+            qmp::set_phase(p.qmp.as_ref(), Phase::Serving);
             Ok(())
         }
         Err(e) => Err(e),
@@ -475,6 +479,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     }
     if p.protected() {
         metrics.set_state(State::Protected);
+        qmp::set_phase(p.qmp.as_ref(), Phase::Colo);
         tracing::info!(mode = ?params.mode, delay_ms = params.checkpoint_delay.as_millis() as u64, "COLO running");
     }
     let started = Instant::now();
@@ -642,6 +647,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     metrics.set_state(State::Syncing);
+    qmp::set_phase(qmp_socket.as_ref().map(QmpSocket::state).as_ref(), Phase::Syncing);
     s.qmp = qmp_socket.as_ref().map(QmpSocket::state);
     s.takeover_check = a.takeover_check.clone();
     s.events = events;

@@ -93,6 +93,24 @@ impl From<&ExitReason> for ColoExitReason {
     }
 }
 
+/// Where a side is in its life, beyond QEMU's COLO mode: what a cluster agent needs to
+/// decide promotions (`query-colo-status` reports it as `x-colo-phase`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No peer yet: a secondary waiting for its primary (its disk image untouched by
+    /// this run), or a primary waiting for its secondary.
+    Waiting,
+    /// The peer is connected and the initial sync (or a resync) runs: a secondary's disk
+    /// is a partial copy until it ends.
+    Syncing,
+    /// In COLO: checkpoints run.
+    Colo,
+    /// Serving without a peer: a primary that lost (or never had) its secondary, or a
+    /// secondary that took over.
+    Serving,
+}
+
 /// The state the socket reports and the requests it carries to the controller.
 #[derive(Debug)]
 pub struct QmpState {
@@ -102,6 +120,8 @@ pub struct QmpState {
     pub last_mode: ColoMode,
     /// Why COLO last ended.
     pub reason: ColoExitReason,
+    /// Where the side is (`x-colo-phase`).
+    pub phase: Phase,
     /// `x-checkpoint-delay` in ms.
     pub checkpoint_delay_ms: u64,
     /// Heartbeat interval and timeout in ms.
@@ -181,6 +201,7 @@ impl QmpState {
             mode: side.into(),
             last_mode: ColoMode::None,
             reason: ColoExitReason::None,
+            phase: Phase::Waiting,
             checkpoint_delay_ms: delay_ms,
             heartbeat_ms,
             x_colo: true,
@@ -243,7 +264,15 @@ pub fn colo_entered(s: Option<&Shared>, side: Side) {
     if let Some(s) = s {
         let mut st = lock(s);
         st.mode = side.into();
+        st.phase = Phase::Colo;
         st.run_state = RunState::Running;
+    }
+}
+
+/// Records where the side is (`x-colo-phase`), if a socket is served.
+pub fn set_phase(s: Option<&Shared>, phase: Phase) {
+    if let Some(s) = s {
+        lock(s).phase = phase;
     }
 }
 
@@ -312,6 +341,7 @@ pub fn colo_exit(s: &Shared, reason: ColoExitReason) {
     st.reason = reason;
     let data = json!({"mode": st.mode, "reason": reason});
     st.mode = ColoMode::None;
+    st.phase = Phase::Serving;
     st.emit("COLO_EXIT", data);
 }
 
@@ -779,7 +809,8 @@ fn handle(cmd: &Value, s: &Shared, session: &mut Session) -> Value {
             id,
         ),
         "query-colo-status" => ok(
-            json!({"mode": st.mode, "last-mode": st.last_mode, "reason": st.reason}),
+            json!({"mode": st.mode, "last-mode": st.last_mode, "reason": st.reason,
+                   "x-colo-phase": st.phase}),
             id,
         ),
         "migrate-set-capabilities" => {
@@ -886,7 +917,8 @@ pub fn status(path: &Path) -> Result<Value> {
     if greeting.get("QMP").is_none() {
         return Err(answer("a QMP greeting", greeting));
     }
-    for cmd in ["qmp_capabilities", "query-colo-status"] {
+    let mut status = Value::Null;
+    for cmd in ["qmp_capabilities", "query-status", "query-colo-status"] {
         w.write_all(format!("{}\r\n", json!({"execute": cmd})).as_bytes())
             .map_err(io)?;
         let reply = loop {
@@ -898,11 +930,34 @@ pub fn status(path: &Path) -> Result<Value> {
         if let Some(e) = reply.get("error") {
             return Err(answer(cmd, e.clone()));
         }
-        if cmd == "query-colo-status" {
-            return Ok(reply["return"].clone());
+        match cmd {
+            "query-status" => status = reply["return"]["status"].clone(),
+            "query-colo-status" => {
+                let mut v = reply["return"].clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("status".into(), status);
+                }
+                return Ok(v);
+            }
+            _ => {}
         }
     }
     unreachable!("the loop returns on its last command")
+}
+
+/// `status` as `KEY=value` lines for shell scripts (the cluster agent): `mode`,
+/// `last_mode`, `reason`, `phase` and `status` (QEMU's run state), each a single word.
+pub fn status_lines(v: &Value) -> String {
+    [
+        ("mode", "mode"),
+        ("last_mode", "last-mode"),
+        ("reason", "reason"),
+        ("phase", "x-colo-phase"),
+        ("status", "status"),
+    ]
+    .iter()
+    .map(|(k, field)| format!("{k}={}\n", v[*field].as_str().unwrap_or("unknown")))
+    .collect()
 }
 
 #[cfg(test)]

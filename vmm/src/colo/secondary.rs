@@ -300,6 +300,7 @@ impl Secondary {
             self.running = true;
         }
         super::qmp::set_running(self.qmp.as_ref(), self.running);
+        super::qmp::set_phase(self.qmp.as_ref(), super::qmp::Phase::Colo);
         if let Some(q) = &self.qmp {
             if std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat) {
                 self.failover.request(true);
