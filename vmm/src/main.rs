@@ -63,6 +63,18 @@ enum Command {
         #[arg(long)]
         shell: bool,
     },
+    /// Run one QMP command on a running side and print its answer (JSON), e.g. `colo qmp
+    /// --qmp s.qmp x-colo-lost-heartbeat` (the secondary takes over) or `migrate
+    /// '{"uri": "tcp:host:port"}'`.
+    Qmp {
+        /// The side's QMP socket (its --qmp).
+        #[arg(long)]
+        qmp: std::path::PathBuf,
+        /// The command (`query-commands` lists them).
+        command: String,
+        /// Its arguments, as a JSON object.
+        arguments: Option<String>,
+    },
     /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
     Primary(colo::cli::PrimaryArgs),
     /// Run the secondary side of a COLO pair: waits for a primary, follows its
@@ -145,6 +157,29 @@ fn main() -> ExitCode {
             match colo_auth::PairKey::generate().and_then(|k| k.write_new(&out).map(|()| k)) {
                 Ok(k) => {
                     println!("wrote pair key {} ({k:?}, mode 0600)", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report("", &e, 1),
+            }
+        }
+        Command::Qmp {
+            qmp,
+            command,
+            arguments,
+        } => {
+            let mut cmd = serde_json::json!({ "execute": command });
+            if let Some(a) = arguments {
+                match serde_json::from_str::<serde_json::Value>(&a) {
+                    Ok(v @ serde_json::Value::Object(_)) => cmd["arguments"] = v,
+                    _ => {
+                        eprintln!("error: the arguments must be a JSON object, e.g. '{{\"uri\": \"tcp:10.0.0.2:7100\"}}'");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            match colo::qmp::execute(&qmp, &[cmd]) {
+                Ok(v) => {
+                    println!("{}", v.first().unwrap_or(&serde_json::Value::Null));
                     ExitCode::SUCCESS
                 }
                 Err(e) => report("", &e, 1),

@@ -883,17 +883,20 @@ fn handle(cmd: &Value, s: &Shared, session: &mut Session) -> Value {
     }
 }
 
-/// `colo status`: asks a running side for `query-colo-status` over its QMP socket.
+/// Runs QMP commands on the side whose socket is at `path` (after `qmp_capabilities`)
+/// and returns each one's `return` value, in order; events that arrive meanwhile are
+/// skipped.
 ///
 /// # Errors
-/// [`ColoError::QmpIo`] if the socket cannot be reached, [`ColoError::QmpJson`] or
-/// [`ColoError::QmpAnswer`] if it answers something else.
-pub fn status(path: &Path) -> Result<Value> {
+/// [`ColoError::QmpIo`] if the socket cannot be reached or read (5 s per answer),
+/// [`ColoError::QmpJson`] for an answer that is not JSON, [`ColoError::QmpAnswer`] for
+/// a missing greeting or an error answer.
+pub fn execute(path: &Path, commands: &[Value]) -> Result<Vec<Value>> {
     let io = |source| ColoError::QmpIo {
         path: path.to_path_buf(),
         source,
     };
-    let answer = |expected, got| ColoError::QmpAnswer {
+    let answer = |expected: &'static str, got| ColoError::QmpAnswer {
         path: path.to_path_buf(),
         expected,
         got,
@@ -917,10 +920,10 @@ pub fn status(path: &Path) -> Result<Value> {
     if greeting.get("QMP").is_none() {
         return Err(answer("a QMP greeting", greeting));
     }
-    let mut status = Value::Null;
-    for cmd in ["qmp_capabilities", "query-status", "query-colo-status"] {
-        w.write_all(format!("{}\r\n", json!({"execute": cmd})).as_bytes())
-            .map_err(io)?;
+    let negotiate = json!({"execute": "qmp_capabilities"});
+    let mut out = Vec::with_capacity(commands.len());
+    for (i, cmd) in std::iter::once(&negotiate).chain(commands).enumerate() {
+        w.write_all(format!("{cmd}\r\n").as_bytes()).map_err(io)?;
         let reply = loop {
             let v = next(&mut r)?;
             if v.get("event").is_none() {
@@ -928,21 +931,35 @@ pub fn status(path: &Path) -> Result<Value> {
             }
         };
         if let Some(e) = reply.get("error") {
-            return Err(answer(cmd, e.clone()));
+            return Err(answer("a successful answer", e.clone()));
         }
-        match cmd {
-            "query-status" => status = reply["return"]["status"].clone(),
-            "query-colo-status" => {
-                let mut v = reply["return"].clone();
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("status".into(), status);
-                }
-                return Ok(v);
-            }
-            _ => {}
+        if i > 0 {
+            out.push(reply["return"].clone());
         }
     }
-    unreachable!("the loop returns on its last command")
+    Ok(out)
+}
+
+/// Asks the side whose socket is at `path` for its COLO status: `query-colo-status`'s
+/// answer with `query-status`'s run state added as `status`.
+///
+/// # Errors
+/// As for [`execute`].
+pub fn status(path: &Path) -> Result<Value> {
+    let mut v = execute(
+        path,
+        &[
+            json!({"execute": "query-status"}),
+            json!({"execute": "query-colo-status"}),
+        ],
+    )?;
+    let colo = v.pop().unwrap_or(Value::Null);
+    let run = v.pop().unwrap_or(Value::Null);
+    let mut colo = colo;
+    if let Some(o) = colo.as_object_mut() {
+        o.insert("status".into(), run["status"].clone());
+    }
+    Ok(colo)
 }
 
 /// `status` as `KEY=value` lines for shell scripts (the cluster agent): `mode`,
