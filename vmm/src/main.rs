@@ -75,6 +75,10 @@ enum Command {
         /// Its arguments, as a JSON object.
         arguments: Option<String>,
     },
+    /// Run `colo pair`'s client load against a guest behind a Unix socket of frames (e.g.
+    /// `colo proxy --client unix-listen:PATH`): acknowledged SETs and GETs that check them;
+    /// fails if an acknowledged write was lost.
+    Client(pair::socket_client::ClientArgs),
     /// Run the primary side of a COLO pair: the PVM, checkpointed into a secondary.
     Primary(colo::cli::PrimaryArgs),
     /// Run the secondary side of a COLO pair: waits for a primary, follows its
@@ -172,7 +176,9 @@ fn main() -> ExitCode {
                 match serde_json::from_str::<serde_json::Value>(&a) {
                     Ok(v @ serde_json::Value::Object(_)) => cmd["arguments"] = v,
                     _ => {
-                        eprintln!("error: the arguments must be a JSON object, e.g. '{{\"uri\": \"tcp:10.0.0.2:7100\"}}'");
+                        eprintln!(
+                            "error: the arguments must be a JSON object, e.g. '{{\"uri\": \"tcp:10.0.0.2:7100\"}}'"
+                        );
                         return ExitCode::from(2);
                     }
                 }
@@ -195,6 +201,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => report("", &e, 1),
+        },
+        Command::Client(args) => match pair::socket_client::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(" (client)", &e, 1),
         },
         Command::Pair(args) => match pair::run(&args) {
             Ok(()) => ExitCode::SUCCESS,

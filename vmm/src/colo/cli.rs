@@ -647,7 +647,10 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     metrics.set_state(State::Syncing);
-    qmp::set_phase(qmp_socket.as_ref().map(QmpSocket::state).as_ref(), Phase::Syncing);
+    qmp::set_phase(
+        qmp_socket.as_ref().map(QmpSocket::state).as_ref(),
+        Phase::Syncing,
+    );
     s.qmp = qmp_socket.as_ref().map(QmpSocket::state);
     s.takeover_check = a.takeover_check.clone();
     s.events = events;

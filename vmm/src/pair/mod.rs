@@ -23,6 +23,7 @@ mod disklog;
 mod events;
 mod flags;
 mod shared;
+pub mod socket_client;
 mod status;
 mod summary;
 mod supervisor;
