@@ -696,7 +696,17 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
         s.disk = Some(d);
     }
     let qmp_state = qmp_socket.as_ref().map(QmpSocket::state);
-    let outcome = s.run(&stop)?;
+    let mut outcome = s.run(&stop)?;
+    if let Outcome::Fenced { reason } = &outcome {
+        qmp::set_running(qmp_state.as_ref(), false);
+        println!(
+            "secondary: FENCED ({reason}); the primary may still be active: this side stays \
+             passive until it is told to take over (QMP x-colo-lost-heartbeat) or stopped"
+        );
+        if let Some(o) = s.wait_fenced(&stop)? {
+            outcome = o;
+        }
+    }
     if matches!(outcome, Outcome::PrimaryLeft | Outcome::Stopped) {
         // The disk as of the last checkpoint, not half of the next one.
         if let Some(d) = &s.disk {
@@ -717,11 +727,8 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             );
             None
         }
-        Outcome::Fenced { reason } => {
-            qmp::set_running(qmp_state.as_ref(), false);
-            println!(
-                "secondary: FENCED ({reason}); the primary is still active, this side stays passive"
-            );
+        Outcome::Fenced { .. } => {
+            println!("secondary: stopped while fenced");
             None
         }
         Outcome::TookOver {

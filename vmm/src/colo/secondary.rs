@@ -319,6 +319,30 @@ impl Secondary {
         Ok(())
     }
 
+    /// A fenced secondary (its takeover check did not pass) stays passive until it is
+    /// told to take over by hand (QMP `x-colo-lost-heartbeat`: an operator, or a cluster
+    /// promoting it once the old primary is stopped or fenced), or until `stop`.
+    ///
+    /// # Errors
+    /// A VM failure while taking over.
+    pub fn wait_fenced(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Outcome>> {
+        loop {
+            if stop() {
+                return Ok(None);
+            }
+            let asked = self.qmp.as_ref().is_some_and(|q| {
+                std::mem::take(&mut q.lock().unwrap_or_else(|p| p.into_inner()).lost_heartbeat)
+            });
+            if asked {
+                let lost = LostReason::Forced;
+                return self
+                    .take_over(ExitReason::PeerLost { lost }, false)
+                    .map(Some);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs the takeover check until it passes or the heartbeat timeout passes.
     fn may_take_over(&self) -> bool {
         let Some(cmd) = &self.takeover_check else {
@@ -360,7 +384,9 @@ impl Secondary {
         if self.checkpoints == 0 {
             return Err(ColoError::NothingToTakeOver { reason });
         }
-        if !reason.peer_asked() && !self.may_take_over() {
+        // The peer's own request or an order by hand (QMP `x-colo-lost-heartbeat`: an
+        // operator, or a cluster that decided) needs no check.
+        if !reason.peer_asked() && !reason.by_hand() && !self.may_take_over() {
             tracing::warn!(
                 %reason,
                 "FENCED: the takeover check says the primary is still active; the secondary stays passive"
