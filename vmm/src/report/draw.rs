@@ -277,6 +277,9 @@ where
     Ok(())
 }
 
+/// A line of the pages panel: its label, its color, and its figure of a record.
+type PageSeries = (&'static str, RGBColor, fn(&EpochRecord) -> u64);
+
 /// Panel 3: pages pushed per regular checkpoint, during the pause and in the background.
 fn pages_series<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -310,7 +313,7 @@ where
     if regular.is_empty() {
         return note(area, "no checkpoints after the initial sync");
     }
-    let series: [(&str, RGBColor, fn(&EpochRecord) -> u64); 2] = [
+    let series: [PageSeries; 2] = [
         ("during the pause", PAUSE_COLOR, |r| r.pause_pages),
         ("in the background", BACKGROUND_COLOR, |r| {
             r.background_pages

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::{BitMapBackend, IntoDrawingArea, SVGBackend};
 
 pub use bins::LogBins;
-pub use draw::{DrawError, HistogramPanel, PANEL_TITLES, boxed, draw_histogram, draw_report};
+pub use draw::{DrawError, FONT, HistogramPanel, boxed, draw_histogram, draw_report};
+pub use font::register as register_font;
 pub use load::Records;
 
 /// `colo report`.

@@ -1,5 +1,6 @@
 //! Reports drawn from synthetic records into a temporary directory.
 
+use super::draw::PANEL_TITLES;
 use super::*;
 use crate::colo::metrics::{EpochRecord, Trigger};
 
