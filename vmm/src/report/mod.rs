@@ -56,9 +56,14 @@ pub enum Error {
     },
     /// The metrics file holds no checkpoint record.
     #[error(
-        "{} holds no checkpoint records ({skipped} non-blank lines were not records); expected \
-         the JSON lines of `colo primary --metrics` or `colo pair --metrics`",
-        path.display()
+        "{} holds no checkpoint records ({}); expected the JSON lines of `colo primary \
+         --metrics` or `colo pair --metrics`",
+        path.display(),
+        if *skipped == 0 {
+            "it is empty".to_string()
+        } else {
+            format!("none of its {skipped} lines is one")
+        }
     )]
     Empty {
         /// The file.

@@ -159,3 +159,14 @@ fn sizes_parse() {
     assert!(parse_size("12x9").is_err());
     assert!(parse_size("big").is_err());
 }
+
+#[test]
+fn records_written_before_at_ms_still_read() {
+    let old = br#"{"epoch":2,"trigger":"timer","pause_us":525,"pause_pages":10,"background_pages":828,"bytes":3432448,"state_bytes":9579}"#;
+    let r = Records::parse(old);
+    assert_eq!((r.records.len(), r.skipped), (1, 0));
+    assert_eq!(r.records[0].at_ms, None);
+    // And a new record leaves the field out when it has no time.
+    let line = serde_json::to_string(&r.records[0]).expect("json");
+    assert!(!line.contains("at_ms"), "{line}");
+}
