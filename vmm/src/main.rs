@@ -9,6 +9,7 @@ mod bench;
 mod colo;
 mod interrupt;
 mod pair;
+mod report;
 mod run;
 mod sched;
 
@@ -87,6 +88,9 @@ enum Command {
     /// Run the COLO proxy on its own: mirror client traffic to a primary and a secondary,
     /// compare their output, release what matches, ask for a checkpoint when it does not.
     Proxy(ProxyCommand),
+    /// Plot a checkpoint metrics file (`--metrics` of primary or pair) as one SVG or PNG:
+    /// pauses over time, the pause distribution, pages per checkpoint, causes.
+    Report(report::ReportArgs),
     /// Measure the speed of colo's parts on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -166,6 +170,10 @@ fn main() -> ExitCode {
                 Err(e) => report("", &e, 1),
             }
         }
+        Command::Report(args) => match report::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report("", &e, e.exit_code()),
+        },
         Command::Qmp {
             qmp,
             command,

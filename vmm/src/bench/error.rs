@@ -52,6 +52,18 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A plot could not be drawn.
+    #[error("cannot draw {what}")]
+    Plot {
+        /// What was being drawn.
+        what: &'static str,
+        /// Plotters' error.
+        #[source]
+        source: crate::report::DrawError,
+    },
+    /// A run's `colo report` failed.
+    #[error("cannot report a run's checkpoints")]
+    Report(#[source] crate::report::Error),
     /// A guest or a component under test misbehaved.
     #[error("{0}")]
     Guest(String),

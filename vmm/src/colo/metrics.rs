@@ -26,6 +26,10 @@ pub enum Trigger {
 pub struct EpochRecord {
     /// Checkpoint number (1 is the initial sync).
     pub epoch: u64,
+    /// When the pause began, in milliseconds since the primary started (absent in records
+    /// written before colo recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
     /// Why it was taken.
     pub trigger: Trigger,
     /// How long the PVM was paused, in microseconds.

@@ -74,6 +74,8 @@ pub struct Primary {
     bg_pages: u64,
     bg_bytes: u64,
     epoch: u64,
+    /// When this primary was made: checkpoint records carry their time from here.
+    started: Instant,
     /// The summary of every checkpoint.
     pub summary: Summary,
     events: Events,
@@ -119,6 +121,7 @@ impl Primary {
             bg_pages: 0,
             bg_bytes: 0,
             epoch: 0,
+            started: Instant::now(),
             summary: Summary::default(),
             events,
             awaiting_loaded: None,
@@ -802,6 +805,11 @@ impl Primary {
         }
         let rec = EpochRecord {
             epoch: self.epoch,
+            at_ms: Some(
+                paused_at
+                    .saturating_duration_since(self.started)
+                    .as_millis() as u64,
+            ),
             trigger,
             pause_us: paused_at.elapsed().as_micros() as u64,
             release_us: (paused_at.elapsed() - received_at).as_micros() as u64,

@@ -626,6 +626,7 @@ mod tests {
     fn rec(trigger: Trigger, pause_us: u64) -> EpochRecord {
         EpochRecord {
             epoch: 1,
+            at_ms: None,
             trigger,
             pause_us,
             park_us: 0,

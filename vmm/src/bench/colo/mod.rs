@@ -7,7 +7,8 @@
 //! lasts `--duration` and prints one JSON summary as its last line of stdout. The table
 //! shows the checkpoint pauses, what was pushed, the client's request rate against the
 //! baseline of the same dirty rate, and the CPU time of both sides; the pause distribution
-//! of every protected run goes to an SVG file.
+//! of every protected run goes to an SVG file, and with `--plot DIR` every protected run's
+//! checkpoint records and their `colo report` go to DIR.
 
 mod run;
 mod stats;
@@ -71,6 +72,11 @@ pub struct ColoBenchArgs {
     /// Where to write the pause histograms of every run (SVG).
     #[arg(long, default_value = "colo-pauses.svg")]
     svg: PathBuf,
+    /// Also keep every protected run's checkpoint records in this directory (created if
+    /// needed), as `<mode>-<rate>MiBs[-r<round>].jsonl`, and draw each as `colo report`
+    /// does, beside it as `.svg`.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
     /// Requests the client keeps in flight (the same for every run). Periodic mode releases
     /// output only at checkpoints, so a client with one request in flight gets about one
     /// reply per checkpoint; a deep pipeline measures the service's throughput instead.
@@ -184,6 +190,9 @@ pub fn run(args: &ColoBenchArgs) -> Result<()> {
             );
         }
     }
+    if let Some(dir) = &args.plot {
+        std::fs::create_dir_all(dir).map_err(Error::io("create the --plot directory"))?;
+    }
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     eprintln!(
         "colo bench colo: {} runs of {:.1} s of client load each (plus VM start and initial \
@@ -200,7 +209,7 @@ pub fn run(args: &ColoBenchArgs) -> Result<()> {
             plan.len(),
             kind.name()
         );
-        let report = run::run_one(&exe, args, kind, rate_mib, &label)?;
+        let report = run::run_one(&exe, args, (kind, rate_mib, round), &label)?;
         runs.push(Run {
             round,
             kind,
@@ -209,12 +218,21 @@ pub fn run(args: &ColoBenchArgs) -> Result<()> {
         });
     }
     table::print_table(args, &runs, cpus);
-    let svg = svg::pause_svg(args, &runs);
+    let svg = svg::pause_svg(args, &runs).map_err(|source| Error::Plot {
+        what: "the pause histograms",
+        source,
+    })?;
     std::fs::write(&args.svg, svg).map_err(Error::io("write the pause histogram SVG"))?;
     println!(
         "\nPause histograms of every protected run: {}",
         args.svg.display()
     );
+    if let Some(dir) = &args.plot {
+        println!(
+            "Checkpoint records and a report of every protected run: {}",
+            dir.display()
+        );
+    }
     Ok(())
 }
 

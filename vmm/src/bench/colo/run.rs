@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,12 @@ fn parse_report(stdout: &[String], kind: Kind) -> std::result::Result<PairReport
 }
 
 /// The `colo pair` arguments of one run.
-fn pair_args(args: &ColoBenchArgs, kind: Kind, rate_mib: u64) -> Vec<String> {
+fn pair_args(
+    args: &ColoBenchArgs,
+    kind: Kind,
+    rate_mib: u64,
+    metrics: Option<&Path>,
+) -> Vec<String> {
     let mut v = vec![
         "pair".to_string(),
         "--json".into(),
@@ -76,8 +81,24 @@ fn pair_args(args: &ColoBenchArgs, kind: Kind, rate_mib: u64) -> Vec<String> {
             v.push(format!("--mode={}", mode_name(m)));
         }
     }
+    if let Some(m) = metrics {
+        v.push(format!("--metrics={}", m.display()));
+    }
     v.extend(args.pair_args.iter().cloned());
     v
+}
+
+/// Where `--plot` keeps a protected run's records (`.jsonl`) and its report (`.svg`).
+fn plot_paths(args: &ColoBenchArgs, kind: Kind, rate_mib: u64, round: u32) -> Option<PathBuf> {
+    let (dir, Kind::Protected(m)) = (args.plot.as_ref()?, kind) else {
+        return None;
+    };
+    let round = if args.rounds > 1 {
+        format!("-r{round}")
+    } else {
+        String::new()
+    };
+    Some(dir.join(format!("{}-{rate_mib}MiBs{round}", mode_name(m))))
 }
 
 /// Starts a reader of `pipe` that collects its lines.
@@ -110,11 +131,21 @@ fn tail(lines: &[String]) -> String {
 pub(super) fn run_one(
     exe: &Path,
     args: &ColoBenchArgs,
-    kind: Kind,
-    rate_mib: u64,
+    (kind, rate_mib, round): (Kind, u64, u32),
     label: &str,
 ) -> Result<PairReport> {
-    let argv = pair_args(args, kind, rate_mib);
+    let plot = plot_paths(args, kind, rate_mib, round);
+    let metrics = plot.as_ref().map(|p| p.with_extension("jsonl"));
+    if let Some(m) = &metrics {
+        // `--metrics` appends: an earlier benchmark's records must not join this run's.
+        match std::fs::remove_file(m) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io("remove an old --plot records file")(e));
+            }
+            _ => {}
+        }
+    }
+    let argv = pair_args(args, kind, rate_mib, metrics.as_deref());
     let cmdline = format!("colo {}", argv.join(" "));
     eprintln!("{label} ({} pages/s) ...", rate_mib * PAGES_PER_MIB);
     tracing::debug!(%cmdline, "starting a run");
@@ -198,6 +229,15 @@ pub(super) fn run_one(
             r.pause_p99_ms,
             r.rps()
         ),
+    }
+    if let (Some(p), Some(m)) = (&plot, &metrics) {
+        let svg = p.with_extension("svg");
+        let (_, skipped) =
+            crate::report::report_file(m, &svg, (1200, 900)).map_err(Error::Report)?;
+        eprintln!("{label}: report {}", svg.display());
+        if let Some(note) = skipped {
+            eprintln!("{label}: {}: {note}", m.display());
+        }
     }
     Ok(r)
 }
