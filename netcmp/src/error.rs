@@ -68,6 +68,17 @@ pub enum Error {
         /// The limit.
         max: u32,
     },
+    /// A one-byte frame from a VM names no [`RoleWord`](crate::framing::RoleWord) (a newer
+    /// VMM, or a stream out of step).
+    #[error("unknown role word {0:#04x}")]
+    UnknownRoleWord(u8),
+    /// A role word must be a one-byte frame.
+    #[error("a role word is one byte, not {0}")]
+    RoleWordLength(usize),
+    /// The proxy runs in cluster mode: the VMs' role words and commit markers decide, so a
+    /// controller cannot commit checkpoints or change the mode.
+    #[error("the proxy runs in cluster mode: the VMs' role words decide, not a controller")]
+    ClusterMode,
     /// A port closed (end of file on a socket that is not re-accepted, a tap that went away).
     #[error("the {0} port closed")]
     PortClosed(&'static str),

@@ -11,6 +11,16 @@
 //! has no I/O of its own and the fuzz target drives it directly. A length above the limit
 //! means the stream is out of step: [`Decoder::next_frame`] fails and the connection is
 //! closed. A zero length gives an empty frame, which the engine counts as malformed.
+//!
+//! Frames shorter than any Ethernet header carry words between a VMM and the proxy on a
+//! VM's socket, in order with the VM's frames:
+//!
+//! ```text
+//!  proxy -> VM   len 1: PACE_HOLD (0x01), PACE_GO (0x00)        pacing of a secondary
+//!  VM -> proxy   len 0: commit marker                           the epoch before it commits
+//!  VM -> proxy   len 1: RoleWord: Follower 'F' (0x46),          who this VM is now
+//!                       Protected 'P' (0x50), Alone 'A' (0x41)  (`colo proxy --cluster`)
+//! ```
 
 use crate::error::{Error, Result};
 
@@ -19,6 +29,105 @@ use crate::error::{Error, Result};
 pub const PACE_HOLD: [u8; 1] = [1];
 /// Sent by the proxy on the secondary's port: the VM may run again.
 pub const PACE_GO: [u8; 1] = [0];
+
+/// What a VMM says of its VM on its socket (`colo primary|secondary --role-words`): one
+/// byte, so never an Ethernet frame, in order with the VM's frames. A proxy in cluster mode
+/// (`colo proxy --cluster`) decides from these which VM port serves the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RoleWord {
+    /// "I am a secondary": nothing this VM sends is for the clients.
+    Follower,
+    /// "I serve, protected": my output is held until my next commit marker.
+    Protected,
+    /// "I serve alone" (unprotected, or a secondary that took over): release my output at
+    /// once.
+    Alone,
+}
+
+impl RoleWord {
+    /// `Follower` on the wire.
+    pub const FOLLOWER: u8 = b'F';
+    /// `Protected` on the wire.
+    pub const PROTECTED: u8 = b'P';
+    /// `Alone` on the wire.
+    pub const ALONE: u8 = b'A';
+
+    /// The word's byte.
+    pub const fn byte(self) -> u8 {
+        match self {
+            Self::Follower => Self::FOLLOWER,
+            Self::Protected => Self::PROTECTED,
+            Self::Alone => Self::ALONE,
+        }
+    }
+
+    /// The word as a one-byte frame (what goes after the 4-byte length prefix).
+    pub const fn encode(self) -> [u8; 1] {
+        [self.byte()]
+    }
+
+    /// The word in a one-byte frame.
+    ///
+    /// # Errors
+    /// [`Error::RoleWordLength`] when `frame` is not one byte long;
+    /// [`Error::UnknownRoleWord`] for a byte that names no word.
+    pub fn parse(frame: &[u8]) -> Result<Self> {
+        match *frame {
+            [b] => Self::from_byte(b),
+            _ => Err(Error::RoleWordLength(frame.len())),
+        }
+    }
+
+    /// The word of byte `b`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRoleWord`] for a byte that names no word.
+    pub fn from_byte(b: u8) -> Result<Self> {
+        match b {
+            Self::FOLLOWER => Ok(Self::Follower),
+            Self::PROTECTED => Ok(Self::Protected),
+            Self::ALONE => Ok(Self::Alone),
+            other => Err(Error::UnknownRoleWord(other)),
+        }
+    }
+}
+
+impl std::fmt::Display for RoleWord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Follower => "follower",
+            Self::Protected => "protected",
+            Self::Alone => "alone",
+        })
+    }
+}
+
+/// What a frame a VM sent on its socket is, as a proxy in cluster mode reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FromVm {
+    /// An empty frame: the commit marker.
+    Marker,
+    /// A one-byte frame: a role word.
+    Role(RoleWord),
+    /// Anything longer: a frame of the guest.
+    Frame(Vec<u8>),
+}
+
+impl FromVm {
+    /// Classifies a frame read from a VM's socket.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRoleWord`] for a one-byte frame that names no word.
+    pub fn classify(frame: Vec<u8>) -> Result<Self> {
+        match frame.len() {
+            0 => Ok(Self::Marker),
+            1 => RoleWord::parse(&frame).map(Self::Role),
+            _ => Ok(Self::Frame(frame)),
+        }
+    }
+}
 
 /// The largest frame accepted by default: QEMU's NET_BUFSIZE (4096 + 65536 bytes).
 pub const MAX_FRAME: u32 = 4096 + 65536;
@@ -131,6 +240,50 @@ mod tests {
             );
             assert_eq!(d.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn role_words_golden_bytes() {
+        let golden = [
+            (RoleWord::Follower, 0x46),
+            (RoleWord::Protected, 0x50),
+            (RoleWord::Alone, 0x41),
+        ];
+        for (w, b) in golden {
+            assert_eq!(w.encode(), [b], "{w}");
+            assert_eq!(RoleWord::parse(&[b]).unwrap(), w);
+            // Framed as a VMM writes it: length 1, then the byte.
+            let mut wire = Vec::new();
+            encode(&w.encode(), &mut wire).unwrap();
+            assert_eq!(wire, [0, 0, 0, 1, b]);
+            let mut d = Decoder::new(MAX_FRAME);
+            d.feed(&wire);
+            let f = d.next_frame().unwrap().unwrap();
+            assert_eq!(RoleWord::parse(&f).unwrap(), w);
+        }
+        // Never confused with the proxy's pacing words, which travel the other way.
+        for (w, _) in golden {
+            assert_ne!(w.encode(), PACE_HOLD);
+            assert_ne!(w.encode(), PACE_GO);
+        }
+    }
+
+    #[test]
+    fn role_words_refuse_unknown_bytes_and_lengths() {
+        for b in (0..=u8::MAX).filter(|b| ![0x41, 0x46, 0x50].contains(b)) {
+            assert!(
+                matches!(RoleWord::parse(&[b]), Err(Error::UnknownRoleWord(x)) if x == b),
+                "{b:#x}"
+            );
+        }
+        assert!(matches!(
+            RoleWord::parse(&[]),
+            Err(Error::RoleWordLength(0))
+        ));
+        assert!(matches!(
+            RoleWord::parse(b"PA"),
+            Err(Error::RoleWordLength(2))
+        ));
     }
 
     #[test]

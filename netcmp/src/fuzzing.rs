@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::compare::{Engine, Output};
 use crate::config::Config;
-use crate::framing::{Decoder, MAX_FRAME, PACE_GO, PACE_HOLD};
+use crate::framing::{Decoder, FromVm, MAX_FRAME, PACE_GO, PACE_HOLD, RoleWord};
 use crate::wire;
 
 /// Parses `data` as a frame, and rewrites it if it is TCP; neither may panic, and a
@@ -95,7 +95,10 @@ pub fn engine_ingest(data: &[u8]) {
 }
 
 /// Feeds `data` to the length-prefixed stream decoder in chunks whose sizes come from the
-/// data itself; frames must never exceed the limit and the decoder must never panic.
+/// data itself; frames must never exceed the limit and the decoder must never panic. Each
+/// frame is also read as a cluster-mode proxy reads a VM's frames ([`FromVm::classify`]:
+/// commit marker, role word, or guest frame), which must agree with its length and
+/// re-encode to the same bytes.
 pub fn stream_frames(data: &[u8]) {
     let mut d = Decoder::new(MAX_FRAME);
     let mut i = 0;
@@ -106,11 +109,32 @@ pub fn stream_frames(data: &[u8]) {
         i = end;
         loop {
             match d.next_frame() {
-                Ok(Some(f)) => assert!(f.len() <= MAX_FRAME as usize),
+                Ok(Some(f)) => {
+                    assert!(f.len() <= MAX_FRAME as usize);
+                    from_vm(f);
+                }
                 Ok(None) => break,
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// One frame as a cluster-mode proxy reads it from a VM.
+fn from_vm(f: Vec<u8>) {
+    let len = f.len();
+    match FromVm::classify(f.clone()) {
+        Ok(FromVm::Marker) => assert_eq!(len, 0),
+        Ok(FromVm::Role(w)) => {
+            assert_eq!(w.encode().as_slice(), f.as_slice());
+            assert_eq!(RoleWord::from_byte(w.byte()).ok(), Some(w));
+        }
+        Ok(FromVm::Frame(g)) => {
+            assert!(len > 1);
+            assert_eq!(g, f);
+        }
+        Err(crate::Error::UnknownRoleWord(b)) => assert_eq!(f, [b]),
+        Err(e) => panic!("unexpected error {e}"),
     }
 }
 
@@ -130,6 +154,18 @@ mod tests {
         #[test]
         fn engine_ingest_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             engine_ingest(&data);
+        }
+
+        /// Every one-byte frame is a known word or refused with its byte.
+        #[test]
+        fn role_words_classify(b in any::<u8>(), rest in proptest::collection::vec(any::<u8>(), 0..4)) {
+            from_vm(vec![b]);
+            let mut f = vec![b];
+            f.extend_from_slice(&rest);
+            from_vm(f);
+            let mut wire = Vec::new();
+            crate::framing::encode(&[b], &mut wire).unwrap();
+            stream_frames(&wire);
         }
 
         #[test]

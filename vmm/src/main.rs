@@ -87,6 +87,7 @@ enum Command {
     Secondary(colo::cli::SecondaryArgs),
     /// Run the COLO proxy on its own: mirror client traffic to a primary and a secondary,
     /// compare their output, release what matches, ask for a checkpoint when it does not.
+    /// With --cluster: two VM ports by place, whose sides say their roles (--role-words).
     Proxy(ProxyCommand),
     /// Plot a checkpoint metrics file (`--metrics` of primary or pair) as one SVG or PNG:
     /// pauses over time, the pause distribution, pages per checkpoint, causes.

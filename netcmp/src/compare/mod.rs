@@ -737,6 +737,27 @@ impl Engine {
         tracing::debug!(released = held, "checkpoint committed");
     }
 
+    /// Starts afresh in `mode`, for a proxy whose primary changed (cluster mode: another VM
+    /// serves now, from the last checkpoint, so nothing the old one sent that no commit
+    /// covered may go out): every held frame is dropped and counted in
+    /// `discarded_frames`, every connection is forgotten, no checkpoint request is
+    /// outstanding. A held secondary is let go at the next [`poll`](Self::poll) (outside
+    /// compare mode nothing is paced). Returns the frames dropped.
+    pub fn reset(&mut self, mode: Mode, now: Instant) -> usize {
+        let dropped = self.held_frames();
+        self.periodic_held.clear();
+        self.conns.clear();
+        Metrics::set(&self.metrics.connections, 0);
+        Metrics::add(&self.metrics.discarded_frames, dropped as u64);
+        self.pending = false;
+        if mode != self.mode {
+            info!(from = ?self.mode, to = ?mode, "proxy mode (reset)");
+        }
+        self.mode = mode;
+        self.pace_now(now);
+        dropped
+    }
+
     /// Changes the mode (see [`Mode`]).
     ///
     /// - To `PrimaryOnly`: held primary frames are released.

@@ -29,6 +29,9 @@ pub enum Recv {
     Idle,
     /// The port is gone for good.
     Closed,
+    /// A listening port's peer left (end of stream, a read error, a stream out of step);
+    /// the port accepts the next one. Frames after this come from a new peer.
+    Disconnected,
 }
 
 /// What one write to a port did.

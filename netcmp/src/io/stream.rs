@@ -2,8 +2,8 @@
 //!
 //! A connecting port connects once (retrying for a few seconds while the peer starts) and
 //! closes for good when the peer leaves. A listening port serves one peer at a time and
-//! accepts the next one when it leaves; frames for it while nobody is connected are dropped
-//! and counted.
+//! accepts the next one when it leaves (its reader says [`Recv::Disconnected`] in
+//! between); frames for it while nobody is connected are dropped and counted.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -173,6 +173,7 @@ impl FrameReader for StreamReader {
                     if self.listener.is_none() {
                         return Err(e);
                     }
+                    return Ok(Recv::Disconnected);
                 }
             }
             let now = Instant::now();
@@ -205,6 +206,7 @@ impl FrameReader for StreamReader {
                     if self.listener.is_none() {
                         return Ok(Recv::Closed);
                     }
+                    return Ok(Recv::Disconnected);
                 }
                 Ok(n) => self.dec.feed(&self.buf[..n]),
                 Err(e)
@@ -220,6 +222,7 @@ impl FrameReader for StreamReader {
                     if self.listener.is_none() {
                         return Ok(Recv::Closed);
                     }
+                    return Ok(Recv::Disconnected);
                 }
             }
         }

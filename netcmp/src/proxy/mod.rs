@@ -12,6 +12,7 @@
 //! frame read before it.
 
 mod args;
+mod cluster;
 mod run;
 
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, error, warn};
 
 pub use self::args::ProxyArgs;
-pub use self::run::{ProxyConfig, run, run_observed};
+pub use self::cluster::{ClusterPorts, ClusterProxy, Roles};
+pub use self::run::{ProxyConfig, VmPorts, run, run_observed};
 use crate::compare::{CheckpointRequest, Engine, Mode, Output};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -56,6 +58,8 @@ enum Event {
     /// A commit; the sender waits on the acknowledgement if there is one.
     Committed(Option<Sender<()>>),
     SetMode(Mode, Sender<()>),
+    /// Cluster mode: what VM port 0 or 1 said or sent.
+    Vm(usize, cluster::VmEvent),
     Shutdown,
 }
 
@@ -64,6 +68,8 @@ enum Event {
 pub struct ProxyControl {
     tx: Sender<Event>,
     metrics: Arc<Metrics>,
+    /// Cluster mode: the VMs' words decide, commits and modes are refused.
+    cluster: bool,
 }
 
 impl std::fmt::Debug for ProxyControl {
@@ -91,8 +97,12 @@ impl ProxyControl {
     ///
     /// # Errors
     /// [`Error::Stopped`] when the proxy is not running, [`Error::Timeout`] when it did not
-    /// act within 10 s.
+    /// act within 10 s, [`Error::ClusterMode`] for a proxy in cluster mode (its VMs' commit
+    /// markers commit).
     pub fn checkpoint_committed(&self) -> Result<()> {
+        if self.cluster {
+            return Err(Error::ClusterMode);
+        }
         self.call(|ack| Event::Committed(Some(ack)), "commit a checkpoint")
     }
 
@@ -107,6 +117,9 @@ impl ProxyControl {
     /// # Errors
     /// As for [`checkpoint_committed`](Self::checkpoint_committed).
     pub fn set_mode(&self, mode: Mode) -> Result<()> {
+        if self.cluster {
+            return Err(Error::ClusterMode);
+        }
         self.call(|ack| Event::SetMode(mode, ack), "change mode")
     }
 
@@ -194,7 +207,11 @@ impl Proxy {
             .spawn(move || engine_loop(engine, &rx, writers, &req_tx, &m))
             .map_err(Error::Thread)?;
         Ok(Self {
-            control: ProxyControl { tx, metrics },
+            control: ProxyControl {
+                tx,
+                metrics,
+                cluster: false,
+            },
             requests,
             stop,
             engine: Some(engine_thread),
@@ -265,7 +282,7 @@ fn read_loop(
         let ev = match reader.recv(READ_SLICE) {
             Ok(Recv::Frame(f)) if markers && f.is_empty() => Event::Committed(None),
             Ok(Recv::Frame(f)) => Event::Frame(side, f),
-            Ok(Recv::Idle) => continue,
+            Ok(Recv::Idle | Recv::Disconnected) => continue,
             Ok(Recv::Closed) => Event::PortClosed(side, None),
             Err(e) => {
                 error!(port = %label, error = %e, "port failed");
@@ -273,24 +290,29 @@ fn read_loop(
             }
         };
         let last = matches!(ev, Event::PortClosed(..));
-        // Blocks while the engine is behind: back-pressure onto the port.
-        let mut ev = Some(ev);
-        while let Some(e) = ev.take() {
-            match tx.send_timeout(e, READ_SLICE) {
-                Ok(()) => {}
-                Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    ev = Some(e);
-                }
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
-            }
-        }
-        if last {
+        if !forward(ev, tx, stop) || last {
             return;
         }
     }
+}
+
+/// Queues `ev` for the engine thread, blocking while the engine is behind (back-pressure
+/// onto the port); false when the proxy stops meanwhile.
+fn forward(ev: Event, tx: &Sender<Event>, stop: &AtomicBool) -> bool {
+    let mut ev = Some(ev);
+    while let Some(e) = ev.take() {
+        match tx.send_timeout(e, READ_SLICE) {
+            Ok(()) => {}
+            Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                ev = Some(e);
+            }
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+    true
 }
 
 /// Sends out what the engine produced.
@@ -307,15 +329,27 @@ impl Sink {
         let Some((_, w)) = self.writers.iter_mut().find(|(s, _)| *s == side) else {
             return;
         };
-        for f in frames.drain(..) {
-            match w.send(&f) {
-                Ok(Sent::Written) => {}
-                Ok(Sent::Dropped) => Metrics::inc(&m.port_drops),
-                Err(e) => {
-                    Metrics::inc(&m.port_write_errors);
-                    if let Some(suppressed) = self.log.allow(now) {
-                        warn!(%side, error = %e, suppressed, "cannot send a frame");
-                    }
+        send_frames(w.as_mut(), side.name(), frames, m, &mut self.log, now);
+    }
+}
+
+/// Writes `frames` to `w` (the port named `port` in logs), counting drops and failures.
+fn send_frames(
+    w: &mut dyn FrameWriter,
+    port: &str,
+    frames: &mut Vec<Vec<u8>>,
+    m: &Metrics,
+    log: &mut LogLimit,
+    now: Instant,
+) {
+    for f in frames.drain(..) {
+        match w.send(&f) {
+            Ok(Sent::Written) => {}
+            Ok(Sent::Dropped) => Metrics::inc(&m.port_drops),
+            Err(e) => {
+                Metrics::inc(&m.port_write_errors);
+                if let Some(suppressed) = log.allow(now) {
+                    warn!(port, error = %e, suppressed, "cannot send a frame");
                 }
             }
         }
@@ -359,6 +393,8 @@ fn engine_loop(
                 engine.set_mode(mode, Instant::now(), &mut out);
                 ack = Some(a);
             }
+            // Only a proxy in cluster mode has VM ports by place.
+            Ok(Event::Vm(..)) => {}
             Ok(Event::PortClosed(side, e)) => {
                 warn!(%side, "port closed: stopping the proxy");
                 return Err(e.unwrap_or(Error::PortClosed(side.name())));

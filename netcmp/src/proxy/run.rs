@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::RecvTimeoutError;
 use tracing::{info, info_span, warn};
 
-use super::{Ports, Proxy, ProxyControl};
+use super::{ClusterPorts, ClusterProxy, Ports, Proxy, ProxyControl};
 use crate::config::Config;
 use crate::error::Result;
 use crate::io::{Port, PortSpec};
@@ -17,10 +17,8 @@ pub struct ProxyConfig {
     pub engine: Config,
     /// The client port.
     pub client: PortSpec,
-    /// The primary VM's port.
-    pub primary: PortSpec,
-    /// The secondary VM's port.
-    pub secondary: PortSpec,
+    /// The VM ports.
+    pub vms: VmPorts,
     /// With no controller to take checkpoints, each request is logged and treated as
     /// committed after this delay.
     pub commit_delay: Duration,
@@ -28,6 +26,22 @@ pub struct ProxyConfig {
     pub duration: Option<Duration>,
     /// How often the counters are logged.
     pub stats_interval: Duration,
+}
+
+/// The VM ports of `colo proxy`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum VmPorts {
+    /// A fixed primary and secondary, compared.
+    Pair {
+        /// The primary VM's port.
+        primary: PortSpec,
+        /// The secondary VM's port.
+        secondary: PortSpec,
+    },
+    /// Cluster mode ([`ClusterProxy`]): two ports by place; the VMs' role words say which
+    /// one serves.
+    Cluster([PortSpec; 2]),
 }
 
 /// Runs the proxy standalone until `duration` passes or a port closes.
@@ -52,13 +66,17 @@ pub fn run_observed(config: ProxyConfig, started: impl FnOnce(ProxyControl)) -> 
     let span = info_span!("proxy");
     let _g = span.enter();
     config.engine.validate()?;
+    let (primary, secondary) = match &config.vms {
+        VmPorts::Pair { primary, secondary } => (primary, secondary),
+        VmPorts::Cluster(vms) => return run_cluster(&config, vms, started),
+    };
     let ports = Ports {
         client: Port::open(&config.client)?,
-        primary: Port::open(&config.primary)?,
-        secondary: Port::open(&config.secondary)?,
+        primary: Port::open(primary)?,
+        secondary: Port::open(secondary)?,
     };
     info!(
-        client = %config.client, primary = %config.primary, secondary = %config.secondary,
+        client = %config.client, %primary, %secondary,
         compare_timeout_ms = config.engine.compare_timeout.as_millis(),
         max_queue_size = config.engine.max_queue_size,
         passthrough = config.engine.passthrough.len(),
@@ -92,6 +110,39 @@ pub fn run_observed(config: ProxyConfig, started: impl FnOnce(ProxyControl)) -> 
         }
         if Instant::now() >= next_stats {
             info!(metrics = %proxy.metrics(), "proxy counters");
+            next_stats = Instant::now() + config.stats_interval;
+        }
+    }
+    let m = proxy.metrics();
+    let r = proxy.shutdown();
+    info!(metrics = %m, "proxy stopped");
+    r
+}
+
+/// Cluster mode: runs until `duration` passes or the client port closes; the VM ports
+/// outlive their peers. Checkpoint requests never arise from a controller here: the
+/// serving VM's commit markers release its output.
+fn run_cluster(
+    config: &ProxyConfig,
+    vms: &[PortSpec; 2],
+    started: impl FnOnce(ProxyControl),
+) -> Result<()> {
+    let ports = ClusterPorts {
+        client: Port::open(&config.client)?,
+        vms: [Port::open(&vms[0])?, Port::open(&vms[1])?],
+    };
+    info!(
+        client = %config.client, vm0 = %vms[0], vm1 = %vms[1],
+        "proxy running in cluster mode: the VMs' role words say which one serves"
+    );
+    let proxy = ClusterProxy::start(config.engine.clone(), ports)?;
+    started(proxy.control());
+    let start = Instant::now();
+    let mut next_stats = start + config.stats_interval;
+    while !proxy.is_finished() && config.duration.is_none_or(|d| start.elapsed() < d) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if Instant::now() >= next_stats {
+            info!(metrics = %proxy.metrics(), roles = ?proxy.roles(), "proxy counters");
             next_stats = Instant::now() + config.stats_interval;
         }
     }

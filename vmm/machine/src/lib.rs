@@ -465,6 +465,18 @@ impl Machine {
         self.devices.net.device.commit_marker()
     }
 
+    /// Tells a proxy in cluster mode (`colo proxy --cluster`) what this VM is now: on a
+    /// socket backend, a one-byte frame ([`RoleWord`](colo_netcmp::framing::RoleWord))
+    /// after every frame the guest sent so far, through the same writer as the frames and
+    /// [`net_commit_marker`](Self::net_commit_marker), so the proxy applies it exactly
+    /// between them. Call it with the VM paused, as for the marker.
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without words (a tap), or the socket's error.
+    pub fn net_role_word(&mut self, word: colo_netcmp::framing::RoleWord) -> std::io::Result<()> {
+        self.devices.net.device.role_word(word)
+    }
+
     /// The network device's counters.
     pub fn net_stats(&self) -> NetStats {
         self.devices.net.device.stats

@@ -166,6 +166,7 @@ impl ColoArgs {
             },
             mode: self.mode,
             dirty_threshold: self.dirty_threshold,
+            role_words: false,
         })
     }
 
@@ -321,6 +322,14 @@ pub struct PrimaryArgs {
     /// then resumes without that round trip.
     #[arg(long, requires = "net_socket")]
     pub commit_marker: bool,
+    /// Say this side's role to a proxy in cluster mode (`colo proxy --cluster`) on the
+    /// --net-socket stream, in order with the VM's frames: `Protected` when the PVM first
+    /// runs with its secondary in sync (commit markers are then on, as with
+    /// --commit-marker), `Alone` when it serves without one (started unprotected with
+    /// --reprotect, or after it left COLO), `Protected` again when it re-protects. Off by
+    /// default (`colo pair` does not use it); the cluster agent passes it.
+    #[arg(long, requires = "net_socket")]
+    pub role_words: bool,
     /// A supervisor's event socket (used by `colo pair`).
     #[arg(long, hide = true)]
     pub events: Option<PathBuf>,
@@ -353,6 +362,13 @@ pub struct SecondaryArgs {
     /// the PVM and the checkpoint threads go first.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub vcpu_nice: i32,
+    /// Say this side's role to a proxy in cluster mode (`colo proxy --cluster`) on the
+    /// --net-socket stream, in order with the VM's frames: `Follower` from the start (its
+    /// output is not for clients), `Alone` when it takes over (before its VM resumes), and,
+    /// with --peer, `Protected` when it protects its VM again (commit markers are then on).
+    /// Off by default; the cluster agent passes it.
+    #[arg(long, requires = "net_socket")]
+    pub role_words: bool,
     /// A supervisor's event socket (used by `colo pair`): takeover and fencing.
     #[arg(long, hide = true)]
     pub events: Option<PathBuf>,
@@ -372,7 +388,10 @@ fn connect_events(path: Option<&std::path::Path>) -> Result<Events> {
 /// # Errors
 /// A VM or setup failure.
 pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
-    let params = a.colo.params()?;
+    let params = Params {
+        role_words: a.role_words,
+        ..a.colo.params()?
+    };
     let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
@@ -432,7 +451,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
     let mut p = primary::Primary::serving(vm, ram, dirty, &peer, params, events);
     p.qmp = qmp;
     p.reprotect = a.reprotect;
-    p.commit_marker = a.commit_marker;
+    p.commit_marker = a.commit_marker || a.role_words;
     if let Some(path) = &a.metrics {
         p.metrics = Some(super::metrics::open_stream(path)?);
     }
@@ -457,6 +476,7 @@ pub fn run_primary(a: &PrimaryArgs) -> Result<()> {
                 peer = %peer.addr,
                 "no secondary yet: the PVM starts unprotected and takes one once it listens"
             );
+            super::role::announce(p.vm(), &params, super::role::RoleWord::Alone);
             p.vm().resume();
             metrics.set_state(State::Unprotected);
             qmp::set_phase(p.qmp.as_ref(), Phase::Serving);
@@ -552,6 +572,7 @@ fn serve_as_primary(
     let mut p = primary::Primary::serving(vm, served.ram, dirty, &peer, params, events);
     p.qmp = qmp;
     p.reprotect = true;
+    p.commit_marker = params.role_words;
     p.disk = pdisk;
     let started = Instant::now();
     p.run(stop)?;
@@ -582,7 +603,10 @@ fn say_guest_end(side: &str, exit: GuestExit) {
 /// # Errors
 /// A VM or setup failure, or losing the primary before the first checkpoint.
 pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
-    let params = a.colo.params()?;
+    let params = Params {
+        role_words: a.role_words,
+        ..a.colo.params()?
+    };
     let creds = a.colo.credentials()?;
     let transport = a.colo.check_transport()?;
     catch_interrupts();
@@ -616,6 +640,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
     let dirty = machine.dirty_handle();
     let layout = machine.ram.layout().clone();
     let vm = VmHandle::start(machine, true)?;
+    super::role::announce(&vm, &params, super::role::RoleWord::Follower);
     let events = connect_events(a.events.as_deref())?.with_metrics(metrics.clone());
     let listener = TcpListener::bind(&a.listen).map_err(|source| ColoError::Listen {
         what: "the primary",

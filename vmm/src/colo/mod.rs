@@ -26,6 +26,7 @@ pub mod progress;
 pub mod prometheus;
 pub mod push;
 pub mod qmp;
+pub mod role;
 pub mod secondary;
 
 #[cfg(test)]
@@ -59,6 +60,9 @@ pub struct Params {
     pub mode: Mode,
     /// A checkpoint is forced when this many pages are dirty (0: never).
     pub dirty_threshold: u64,
+    /// Say the VM's role to a proxy in cluster mode at each transition (`--role-words`,
+    /// see [`role`]).
+    pub role_words: bool,
 }
 
 /// How long one protocol step may take before the peer counts as lost.

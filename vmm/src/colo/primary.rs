@@ -385,6 +385,7 @@ impl Primary {
         match r {
             Ok(()) => {
                 tracing::info!(ms = t.elapsed().as_millis() as u64, "initial sync done");
+                super::role::announce(&self.vm, &self.params, super::role::RoleWord::Protected);
                 self.vm.resume();
                 Ok(())
             }
@@ -537,7 +538,14 @@ impl Primary {
         self.awaiting_loaded = None;
         self.events.emit(&Event::Protected);
         super::qmp::colo_entered(self.qmp.as_ref(), Side::Primary);
-        self.checkpoint(Trigger::Resync)?;
+        // Every frame after this word (the VM stays paused into the checkpoint's pause) is
+        // held by a cluster proxy until the checkpoint's marker.
+        super::role::announce(&self.vm, &self.params, super::role::RoleWord::Protected);
+        if let Err(e) = self.checkpoint(Trigger::Resync) {
+            super::role::announce(&self.vm, &self.params, super::role::RoleWord::Alone);
+            self.vm.resume();
+            return Err(e);
+        }
         tracing::info!(
             ms = t.elapsed().as_millis() as u64,
             "re-protected: COLO again"
@@ -587,6 +595,7 @@ impl Primary {
         });
         self.link = None;
         self.push = None;
+        super::role::announce(&self.vm, &self.params, super::role::RoleWord::Alone);
         self.vm.resume();
     }
 

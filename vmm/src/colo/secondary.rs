@@ -423,6 +423,7 @@ impl Secondary {
                 Err(e) => tracing::error!(error = %e, "disk failover failed"),
             }
         }
+        super::role::announce(&self.vm, &self.params, super::role::RoleWord::Alone);
         self.vm.resume();
         self.running = true;
         self.failover.complete();

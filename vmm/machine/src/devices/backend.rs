@@ -41,6 +41,14 @@ pub(crate) trait FrameSink: Send {
     fn marker(&mut self) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+
+    /// Sends a role word in order with the frames (see `Machine::net_role_word`).
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without words, or its I/O error.
+    fn role_word(&mut self, _word: colo_netcmp::framing::RoleWord) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Pacing of a secondary VM by the COLO proxy (netcmp's `secondary_lead`). On a socket
@@ -351,6 +359,13 @@ impl NetBackend {
             fn marker(&mut self) -> std::io::Result<()> {
                 self.0.write_all(&0u32.to_be_bytes())
             }
+            fn role_word(&mut self, word: colo_netcmp::framing::RoleWord) -> std::io::Result<()> {
+                // A one-byte frame: shorter than any Ethernet header, so never the guest's.
+                self.1.clear();
+                self.1.extend_from_slice(&1u32.to_be_bytes());
+                self.1.extend_from_slice(&word.encode());
+                self.0.write_all(&self.1)
+            }
         }
         Ok(Self {
             sink: Box::new(SocketSink(stream, Vec::with_capacity(4 + MAX_FRAME))),
@@ -444,6 +459,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         false
+    }
+
+    #[test]
+    fn role_words_and_markers_go_out_in_order_with_the_frames() {
+        use colo_netcmp::framing::{Decoder, FromVm, MAX_FRAME, RoleWord};
+        let (ours, mut proxy) = UnixStream::pair().unwrap();
+        let mut b = NetBackend::socket(ours).unwrap();
+        let frame = [0xCD; 20];
+        b.sink.role_word(RoleWord::Follower).unwrap();
+        b.sink.send(&frame).unwrap();
+        b.sink.role_word(RoleWord::Alone).unwrap();
+        b.sink.marker().unwrap();
+        b.sink.role_word(RoleWord::Protected).unwrap();
+        let mut wire = vec![0u8; 4 + 1 + 4 + 20 + 4 + 1 + 4 + 4 + 1];
+        proxy.read_exact(&mut wire).unwrap();
+        assert_eq!(&wire[..5], &[0, 0, 0, 1, b'F']);
+        let mut d = Decoder::new(MAX_FRAME);
+        d.feed(&wire);
+        let got: Vec<FromVm> = std::iter::from_fn(|| d.next_frame().unwrap())
+            .map(|f| FromVm::classify(f).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                FromVm::Role(RoleWord::Follower),
+                FromVm::Frame(frame.to_vec()),
+                FromVm::Role(RoleWord::Alone),
+                FromVm::Marker,
+                FromVm::Role(RoleWord::Protected),
+            ]
+        );
     }
 
     #[test]

@@ -63,6 +63,18 @@ impl Net {
         self.backend.sink.marker()
     }
 
+    /// Sends a role word (`colo_netcmp::framing::RoleWord`) after every frame transmitted
+    /// so far.
+    ///
+    /// # Errors
+    /// `Unsupported` for a backend without words (a tap), or its I/O error.
+    pub(crate) fn role_word(
+        &mut self,
+        word: colo_netcmp::framing::RoleWord,
+    ) -> std::io::Result<()> {
+        self.backend.sink.role_word(word)
+    }
+
     /// Written by the backend after each received frame (the device thread waits on it).
     pub(crate) fn rx_event(&self) -> &vmm_sys_util::eventfd::EventFd {
         &self.backend.rx_ready
