@@ -4,9 +4,12 @@
 //! promotable clone on that node (globally unique, clone-node-max=2). Pacemaker starts
 //! the pair and promotes one side, which boots the VM and brings the other in sync; the
 //! primary is killed with SIGKILL; Pacemaker promotes the secondary (which took over) and
-//! starts a new secondary, which the new primary brings in sync (re-protection). The test
-//! prints the time from the kill to the promotion and to protected again, then stops the
-//! cluster it started.
+//! starts a new secondary, which the new primary brings in sync (re-protection). A client
+//! load (`colo client`: acknowledged SETs, GETs that check them) runs throughout through
+//! `colo proxy --cluster` (the network in front of the cluster: it follows the sides' role
+//! words, so its output is only what a checkpoint covered), and must lose no acknowledged
+//! write. The test prints the time from the kill to the promotion and to protected again,
+//! and the client's longest wait, then stops the cluster it started.
 
 mod common;
 
@@ -40,6 +43,10 @@ impl SideState {
 struct Cluster {
     ns: String,
     dir: PathBuf,
+    /// The node's shell (`ip netns exec ... unshare ... node.sh`): ends with pacemakerd.
+    node: Option<std::process::Child>,
+    /// `colo proxy --cluster`, run from the test's own namespace.
+    proxy: Option<std::process::Child>,
     down: bool,
 }
 
@@ -79,15 +86,17 @@ impl Cluster {
         let dir = std::env::temp_dir().join(&ns);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let c = Cluster {
+        let mut c = Cluster {
             ns,
             dir,
+            node: None,
+            proxy: None,
             down: false,
         };
         c.ip(&["link", "set", "lo", "up"]);
         let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ocf/colo");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/node.sh");
-        Command::new("ip")
+        let node = Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -107,6 +116,7 @@ impl Cluster {
             .stderr(std::fs::File::create(c.dir.join("node.out")).unwrap())
             .spawn()
             .expect("start the cluster node");
+        c.node = Some(node);
         Some(c)
     }
 
@@ -255,6 +265,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        for child in [self.node.take(), self.proxy.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -266,16 +281,17 @@ impl Drop for Cluster {
     }
 }
 
-/// Drains what the VMs send on their network sockets (no client in this test).
-fn drain(path: &Path) {
-    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        while let Ok((mut c, _)) = l.accept() {
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c, &mut std::io::sink());
-            });
-        }
-    });
+/// Waits (at most 10 s) until a Unix socket exists at `path`.
+fn wait_socket(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no socket at {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -292,8 +308,23 @@ fn pacemaker_promotes_the_secondary_after_a_kill_and_a_new_secondary_reprotects(
         return;
     };
     let dir = c.dir.clone();
+    // The network in front of the cluster: the proxy's VM ports are where each side's
+    // --net-socket connects (by place: side 0, side 1), and the client reaches the guest
+    // through its client port.
+    let client_sock = dir.join("client.sock");
+    let proxy = Command::new(COLO)
+        .args(["proxy", "--cluster"])
+        .arg(format!("--client=unix-listen:{}", client_sock.display()))
+        .arg(format!("--vm=unix-listen:{}", dir.join("0.net").display()))
+        .arg(format!("--vm=unix-listen:{}", dir.join("1.net").display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
+        .spawn()
+        .expect("start colo proxy --cluster");
+    c.proxy = Some(proxy);
     for n in 0..2 {
-        drain(&dir.join(format!("{n}.net")));
+        wait_socket(&dir.join(format!("{n}.net")));
     }
     let key = dir.join("pair.key");
     let ok = Command::new(COLO)
@@ -311,7 +342,7 @@ fn pacemaker_promotes_the_secondary_after_a_kill_and_a_new_secondary_reprotects(
         r#"primitive vm ocf:colo:colo \
   params binary={COLO} sides="0=127.0.0.1:7600 1=127.0.0.1:7700" \
     disk="{d}/%n.img" net="socket:{d}/%n.net" pair_key={key} state_dir={d}/state \
-    heartbeat_timeout=800 \
+    heartbeat_timeout=800 mode=periodic extra_args="--role-words" \
   op start timeout=60s op stop timeout=30s op promote timeout=60s op demote timeout=60s \
   op monitor interval=1s role=Promoted timeout=20s \
   op monitor interval=2s role=Unpromoted timeout=20s
@@ -345,7 +376,22 @@ clone colo-vm vm \
         "Pacemaker started the pair in {:.1} s: {first} promoted (side {p} serves), side {s} in COLO",
         t.as_secs_f64()
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // The client load, through the proxy, for the rest of the test.
+    let client = Command::new(COLO)
+        .args([
+            "client",
+            "--json",
+            "--pipeline=8",
+            "--duration=14s",
+            "--socket",
+        ])
+        .arg(&client_sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start colo client");
+    let mut client = common::Reaper(client);
+    std::thread::sleep(Duration::from_secs(3));
     assert!(c.side(s).following(), "side {s} left COLO: {:?}", c.side(s));
 
     // The primary dies.
@@ -366,12 +412,28 @@ clone colo-vm vm \
         promoted.as_secs_f64(),
         protected.as_secs_f64()
     );
-    // The failure Pacemaker saw is the killed primary's, and it recovered from it.
-    let mon = c.crm_mon();
+    // The client carries on to its end with nothing lost.
+    let status =
+        common::wait_timeout(&mut client.0, Duration::from_secs(60)).expect("the client ends");
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(client.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("client output {out:?} ({e}); stderr: {err}"));
+    eprintln!("client: {v}");
+    assert!(status.success(), "client: {status}; {err}");
+    assert_eq!(v["lost_acked"], 0, "{v}");
+    assert_eq!(v["contradictions"], 0, "{v}");
+    assert_eq!(
+        v["connects"], 1,
+        "the client's connection did not survive: {v}"
+    );
+    assert!(v["acked_sets"].as_u64().unwrap_or(0) > 0, "{v}");
+    let proxy_log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
     assert!(
-        mon.contains(&format!("{new}\t(ocf:colo:colo):\t Promoted"))
-            || mon.contains(" Promoted n1"),
-        "{mon}"
+        proxy_log.contains("role change"),
+        "the proxy never followed a role change:\n{proxy_log}"
     );
     c.teardown();
 }
