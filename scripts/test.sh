@@ -8,8 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: rdma-sys needs the verbs and rdma_cm headers, libclang (bindgen) and
-# pkg-config; the namespace tests (netcmp, colo run, the cut-link test) need ip(8) and nft.
-need=(libibverbs-dev librdmacm-dev libclang-dev pkg-config iproute2 nftables)
+# pkg-config; the namespace tests (netcmp, colo run, the cut-link test) need ip(8) and nft;
+# the cluster tests run the resource agent (ocf/colo) under Debian's Corosync and Pacemaker
+# (vmm/tests/cluster.rs, in a namespace of their own) and resource-agents' ocf-tester
+# (vmm/tests/ocf_agent.rs), with crmsh to configure the cluster.
+need=(libibverbs-dev librdmacm-dev libclang-dev pkg-config iproute2 nftables
+  pacemaker corosync crmsh resource-agents)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -38,10 +38,20 @@ fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
     let _socket = serve(&path, 0o600, Arc::clone(&st)).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    let v = status(&path).unwrap();
     assert_eq!(
-        status(&path).unwrap(),
-        json!({"mode": "primary", "last-mode": "none", "reason": "none"})
+        v,
+        json!({"mode": "primary", "last-mode": "none", "reason": "none",
+               "x-colo-phase": "waiting", "status": "prelaunch"})
     );
+    assert_eq!(
+        status_lines(&v),
+        "mode=primary\nlast_mode=none\nreason=none\nphase=waiting\nstatus=prelaunch\n"
+    );
+    set_phase(Some(&st), Phase::Colo);
+    assert_eq!(status(&path).unwrap()["x-colo-phase"], "colo");
+    set_phase(Some(&st), Phase::Serving);
+    assert_eq!(status(&path).unwrap()["x-colo-phase"], "serving");
 
     let s = UnixStream::connect(&path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -151,7 +161,8 @@ fn a_qmp_session_as_qemu_colo_tooling_drives_it() {
     assert_eq!(ev["data"], json!({"mode": "primary", "reason": "request"}));
     assert_eq!(
         status(&path).unwrap(),
-        json!({"mode": "none", "last-mode": "primary", "reason": "request"})
+        json!({"mode": "none", "last-mode": "primary", "reason": "request",
+               "x-colo-phase": "serving", "status": "running"})
     );
 }
 
