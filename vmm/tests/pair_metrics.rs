@@ -169,6 +169,13 @@ fn a_running_pair_serves_metrics_that_move_on_both_sides_and_the_proxy() {
         "{x2}"
     );
     assert_eq!(value(p2, "colo_failovers_total"), Some(0.0), "{p2}");
+    // Heartbeats are answered: by the second scrape both sides measured a round trip.
+    for text in [p2, s2] {
+        assert!(
+            value(text, "colo_heartbeat_round_trip_seconds").is_some_and(|s| s < 5.0),
+            "{text}"
+        );
+    }
     assert_eq!(value(s2, "colo_failovers_total"), Some(0.0), "{s2}");
 
     let status = wait_timeout(&mut child.0, Duration::from_secs(90))

@@ -13,7 +13,7 @@ pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 
 /// The control protocol version this build speaks. Peers must speak the same one.
 /// Version 2: the Hello carries the VM's vCPU count.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_LEN: usize = 24;
@@ -47,6 +47,8 @@ pub enum Kind {
     Failover = 33,
     /// Orderly close.
     Goodbye = 34,
+    /// The answer to a heartbeat, echoing its sequence number (for the round trip).
+    HeartbeatAck = 35,
     /// Secondary to primary: the registered receive region of the page-push path.
     Region = 48,
 }
@@ -118,7 +120,7 @@ mod tests {
     /// A golden checkpoint-request header for epoch 7, byte for byte.
     const GOLDEN: [u8; HEADER_LEN] = [
         b'C', b'O', b'L', b'O', // magic
-        2, 0, // version
+        3, 0, // version
         17, 0, // kind: checkpoint-request
         7, 0, 0, 0, 0, 0, 0, 0, // arg: epoch 7
         0, 0, 0, 0, // payload length
@@ -153,12 +155,12 @@ mod tests {
             }))
         ));
         let mut b = GOLDEN;
-        b[4] = 3;
+        b[4] = 4;
         assert!(matches!(
             FrameHeader::read_from(&b),
             Err(Error::Frame(FrameError::VersionMismatch {
-                ours: 2,
-                theirs: 3,
+                ours: 3,
+                theirs: 4,
                 ..
             }))
         ));
@@ -178,7 +180,7 @@ mod tests {
 
     #[test]
     fn exactly_the_listed_kinds_parse_and_keep_their_codes() {
-        let listed = [1u16, 2, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 48];
+        let listed = [1u16, 2, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 35, 48];
         for code in 0..=u16::MAX {
             let mut b = GOLDEN;
             b[6..8].copy_from_slice(&code.to_le_bytes());

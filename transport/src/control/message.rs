@@ -60,6 +60,11 @@ pub enum Message {
         /// Sender's sequence number.
         seq: u64,
     },
+    /// The answer to a heartbeat: its sequence number, echoed.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
     /// The sender is failing over (or leaving COLO).
     Failover,
     /// Orderly close.
@@ -95,6 +100,7 @@ impl Message {
             Self::VmstateReceived { .. } => Kind::VmstateReceived,
             Self::VmstateLoaded { .. } => Kind::VmstateLoaded,
             Self::Heartbeat { .. } => Kind::Heartbeat,
+            Self::HeartbeatAck { .. } => Kind::HeartbeatAck,
             Self::Failover => Kind::Failover,
             Self::Goodbye => Kind::Goodbye,
             Self::Region(_) => Kind::Region,
@@ -132,7 +138,7 @@ impl Message {
             | Self::VmstateSend { epoch }
             | Self::VmstateReceived { epoch }
             | Self::VmstateLoaded { epoch } => (*epoch, (&[][..]).into()),
-            Self::Heartbeat { seq } => (*seq, (&[][..]).into()),
+            Self::Heartbeat { seq } | Self::HeartbeatAck { seq } => (*seq, (&[][..]).into()),
             Self::VmstateSize { state } => (state.len() as u64, state.as_slice().into()),
             Self::CheckpointReady | Self::Failover | Self::Goodbye => (0, (&[][..]).into()),
             Self::Region(d) => {
@@ -197,6 +203,7 @@ impl Message {
             Kind::VmstateReceived => no_payload(Self::VmstateReceived { epoch: arg }),
             Kind::VmstateLoaded => no_payload(Self::VmstateLoaded { epoch: arg }),
             Kind::Heartbeat => no_payload(Self::Heartbeat { seq: arg }),
+            Kind::HeartbeatAck => no_payload(Self::HeartbeatAck { seq: arg }),
             Kind::Failover => no_payload(Self::Failover),
             Kind::Goodbye => no_payload(Self::Goodbye),
             Kind::VmstateSize => {

@@ -25,6 +25,7 @@
 //!     │◀── VmstateLoaded(k) ─────────────────────────────────│  resume SVM (the primary
 //!     │   └─────────────────────────── reads it before the next request) ──┘
 //!     │◀─── Heartbeat(seq) ──── both ways, any time ────────▶│
+//!     │◀─── HeartbeatAck(seq) ─ the answer to each ─────────▶│
 //!     │── Goodbye ──────────────────────────────────────────▶│  orderly end
 //! ```
 //!
@@ -75,6 +76,7 @@ mod tests {
             Message::VmstateReceived { epoch: 4 },
             Message::VmstateLoaded { epoch: 5 },
             Message::Heartbeat { seq: 6 },
+            Message::HeartbeatAck { seq: 6 },
             Message::Failover,
             Message::Goodbye,
             Message::Region(RegionDesc {
@@ -205,7 +207,7 @@ mod tests {
         )
         .unwrap();
         let t = std::thread::spawn(move || ControlChannel::new(b).handshake(&s));
-        // A peer from the future: version 3 header.
+        // A peer from the future: version 4 header.
         let mut f = Message::Hello(
             Hello::new(
                 Role::Primary,
@@ -217,15 +219,15 @@ mod tests {
         )
         .encode()
         .unwrap();
-        f[4] = 3;
+        f[4] = 4;
         std::io::Write::write_all(&mut a, &f).unwrap();
         let e = t.join().unwrap().unwrap_err();
         assert!(
             matches!(
                 e,
                 Error::Frame(FrameError::VersionMismatch {
-                    ours: 2,
-                    theirs: 3,
+                    ours: 3,
+                    theirs: 4,
                     ..
                 })
             ),

@@ -146,6 +146,10 @@ struct Inner {
     why: Mutex<Option<LostReason>>,
     /// Milliseconds since `epoch` when the peer was last heard.
     last_heard_ms: AtomicU64,
+    /// The last heartbeat sent: its sequence number and microseconds since `epoch`.
+    hb_sent: Mutex<(u64, u64)>,
+    /// The last heartbeat round trip in microseconds (`u64::MAX`: none measured yet).
+    rtt_us: AtomicU64,
     epoch: Instant,
     /// Run once when the link is lost (e.g. ending the push streams).
     on_lost: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
@@ -184,6 +188,8 @@ impl Link {
             lost: AtomicBool::new(false),
             why: Mutex::default(),
             last_heard_ms: AtomicU64::new(0),
+            hb_sent: Mutex::new((0, 0)),
+            rtt_us: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             on_lost: Mutex::default(),
         });
@@ -197,7 +203,16 @@ impl Link {
                         return;
                     }
                     match reader.recv() {
-                        Ok(Message::Heartbeat { .. }) => i.heard(),
+                        Ok(Message::Heartbeat { seq }) => {
+                            i.heard();
+                            // Answered only if the sending side is free: this thread must
+                            // never wait behind a long send (it would stop reading).
+                            i.try_send(&Message::HeartbeatAck { seq });
+                        }
+                        Ok(Message::HeartbeatAck { seq }) => {
+                            i.heard();
+                            i.acked(seq);
+                        }
                         Ok(m) => {
                             i.heard();
                             if tx.send(m).is_err() {
@@ -220,6 +235,8 @@ impl Link {
                 let mut seq = 0;
                 while !i.lost.load(Ordering::SeqCst) {
                     seq += 1;
+                    *i.hb_sent.lock().unwrap_or_else(|p| p.into_inner()) =
+                        (seq, i.epoch.elapsed().as_micros() as u64);
                     if let Err(e) = i.send(&Message::Heartbeat { seq }) {
                         i.lose(LostReason::HeartbeatSend {
                             source: Some(Arc::new(e)),
@@ -371,6 +388,17 @@ impl SilenceProbe {
         let i = self.0.upgrade()?;
         (!i.lost.load(Ordering::SeqCst)).then(|| i.since_heard())
     }
+
+    /// The last heartbeat's round trip (sent until its answer came back); `None` before
+    /// the first answer, once the link is lost or gone.
+    pub fn round_trip(&self) -> Option<Duration> {
+        let i = self.0.upgrade()?;
+        if i.lost.load(Ordering::SeqCst) {
+            return None;
+        }
+        let us = i.rtt_us.load(Ordering::SeqCst);
+        (us != u64::MAX).then(|| Duration::from_micros(us))
+    }
 }
 
 impl Inner {
@@ -382,6 +410,24 @@ impl Inner {
     fn since_heard(&self) -> Duration {
         let now = self.epoch.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_heard_ms.load(Ordering::SeqCst)))
+    }
+
+    /// An answer to heartbeat `seq` came: the round trip of the last one sent, if it is
+    /// that one (an answer to an older one is not a fresh figure).
+    fn acked(&self, seq: u64) {
+        let (sent_seq, sent_us) = *self.hb_sent.lock().unwrap_or_else(|p| p.into_inner());
+        if sent_seq == seq {
+            let now = self.epoch.elapsed().as_micros() as u64;
+            self.rtt_us
+                .store(now.saturating_sub(sent_us), Ordering::SeqCst);
+        }
+    }
+
+    /// Sends `m` if no other send is under way (errors are left to the other sends).
+    fn try_send(&self, m: &Message) {
+        if let Ok(mut tx) = self.tx.try_lock() {
+            let _ = tx.send(m);
+        }
     }
 
     fn send(&self, m: &Message) -> colo_transport::Result<()> {

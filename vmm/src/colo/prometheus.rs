@@ -27,6 +27,7 @@
 //! | `colo_applied_pages_total` | counter | secondary: pages copied into the SVM |
 //! | `colo_failovers_total` | counter | secondary: takeovers; primary: secondaries lost |
 //! | `colo_heartbeat_silence_seconds` | gauge | since the peer was last heard (no link: absent) |
+//! | `colo_heartbeat_round_trip_seconds` | gauge | the last heartbeat's round trip (no link or no answer yet: absent) |
 //! | `colo_disk_*` | gauges, counters | the disk replication (see [`DiskProbe`]) |
 //! | `colo_proxy_*` | counters, gauges | the compare proxy (see [`proxy_registry`]) |
 
@@ -445,13 +446,22 @@ impl Collector for ProbeCollector {
             let p = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             (p.link.clone(), p.disk.clone())
         };
-        if let Some(silence) = link.and_then(|l| l.silence()) {
+        if let Some(silence) = link.as_ref().and_then(SilenceProbe::silence) {
             gauge(
                 &mut enc,
                 "heartbeat_silence",
                 "Time since the peer was last heard on the control link (heartbeat or message)",
                 Some(&Unit::Seconds),
                 silence.as_secs_f64(),
+            )?;
+        }
+        if let Some(rtt) = link.as_ref().and_then(SilenceProbe::round_trip) {
+            gauge(
+                &mut enc,
+                "heartbeat_round_trip",
+                "The last heartbeat's round trip on the control link",
+                Some(&Unit::Seconds),
+                rtt.as_secs_f64(),
             )?;
         }
         match disk {
