@@ -2,42 +2,35 @@
 //! scripted VMMs that connect to them and write role words, commit markers and frames as
 //! `colo primary|secondary --role-words` do, and an in-process client port.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use colo_netcmp::framing::{Decoder, MAX_FRAME, RoleWord, encode};
+use colo_netcmp::framing::RoleWord;
 use colo_netcmp::io::{Port, PortSpec, channel};
 use colo_netcmp::proxy::{ClusterPorts, ClusterProxy, Roles};
 use colo_netcmp::testing::{Seg, udp_from_vm};
 use colo_netcmp::{Config, Error};
+use common::{FrameSock, WAIT};
 
-const WAIT: Duration = Duration::from_secs(5);
 /// How long "nothing arrives" is watched for.
 const QUIET: Duration = Duration::from_millis(300);
 
 /// A scripted VMM on a VM port's socket.
-struct Vmm {
-    s: UnixStream,
-    dec: Decoder,
-}
+struct Vmm(FrameSock<UnixStream>);
 
 impl Vmm {
     /// Connects to the proxy's VM port at `path` (the proxy listens).
     fn connect(path: &Path) -> Self {
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        Self {
-            s,
-            dec: Decoder::new(MAX_FRAME),
-        }
+        Self(FrameSock::new(s))
     }
 
     fn send(&mut self, frame: &[u8]) {
-        let mut b = Vec::new();
-        encode(frame, &mut b).unwrap();
-        self.s.write_all(&b).unwrap();
+        self.0.send(frame);
     }
 
     fn say(&mut self, w: RoleWord) {
@@ -50,21 +43,7 @@ impl Vmm {
 
     /// The next frame from the proxy within `limit`.
     fn recv_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
-        let start = Instant::now();
-        let mut buf = [0u8; 65536];
-        loop {
-            if let Some(f) = self.dec.next_frame().unwrap() {
-                return Some(f);
-            }
-            if start.elapsed() > limit {
-                return None;
-            }
-            match self.s.read(&mut buf) {
-                Ok(0) => return None,
-                Ok(n) => self.dec.feed(&buf[..n]),
-                Err(_) => {}
-            }
-        }
+        self.0.recv_within(limit)
     }
 }
 

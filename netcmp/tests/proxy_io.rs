@@ -1,65 +1,20 @@
 //! The threaded proxy over its I/O backends, with scripted VMs: length-prefixed frames on
 //! Unix and TCP sockets (as a QEMU chardev would send them) and in-process channels.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use colo_netcmp::framing::{Decoder, MAX_FRAME, encode};
 use colo_netcmp::io::{Port, PortSpec, channel, stream};
 use colo_netcmp::proxy::{Ports, Proxy};
 use colo_netcmp::testing::Seg;
 use colo_netcmp::{CheckpointReason, Config, wire};
+use common::{FrameSock, WAIT};
 
-const WAIT: Duration = Duration::from_secs(5);
 const P_ISN: u32 = 7_000_000;
 const S_ISN: u32 = 9_000_000;
-
-/// One end of a length-prefixed frame stream.
-struct FrameSock<S: Read + Write> {
-    s: S,
-    dec: Decoder,
-}
-
-impl<S: Read + Write> FrameSock<S> {
-    fn new(s: S) -> Self {
-        Self {
-            s,
-            dec: Decoder::new(MAX_FRAME),
-        }
-    }
-
-    fn send(&mut self, frame: &[u8]) {
-        let mut b = Vec::new();
-        encode(frame, &mut b).unwrap();
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// The next frame within `WAIT` (the socket has a short read timeout).
-    fn recv(&mut self) -> Option<Vec<u8>> {
-        self.recv_within(WAIT)
-    }
-
-    /// The next frame within `limit`.
-    fn recv_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
-        let start = Instant::now();
-        let mut buf = [0u8; 65536];
-        loop {
-            if let Some(f) = self.dec.next_frame().unwrap() {
-                return Some(f);
-            }
-            if start.elapsed() > limit {
-                return None;
-            }
-            match self.s.read(&mut buf) {
-                Ok(0) => return None,
-                Ok(n) => self.dec.feed(&buf[..n]),
-                Err(_) => {}
-            }
-        }
-    }
-}
 
 fn vm(isn: u32, at: u32, ack: u32, data: &[u8]) -> Seg {
     Seg::vm(isn.wrapping_add(1).wrapping_add(at), Some(ack), data)

@@ -186,7 +186,26 @@ impl DiskBuffer {
     /// writes of the uncommitted epoch), writes the active buffer over them (the SVM
     /// keeps its own view), makes it durable, and drops both buffers.
     pub fn flush_into_disk(&mut self) -> Result<()> {
-        for map in [&self.hidden, &self.active] {
+        self.write_back(true)
+    }
+
+    /// A stop at the last commit: restores the hidden originals onto the disk (undoing
+    /// the primary's writes of the uncommitted epoch), drops the SVM's writes, makes it
+    /// durable, and drops both buffers. The disk then equals the primary's as of the last
+    /// committed checkpoint.
+    pub fn roll_back_into_disk(&mut self) -> Result<()> {
+        self.write_back(false)
+    }
+
+    /// Writes the hidden buffer (and with `active`, the active one over it) onto the
+    /// disk, syncs it and drops both buffers.
+    fn write_back(&mut self, active: bool) -> Result<()> {
+        let maps = if active {
+            [Some(&self.hidden), Some(&self.active)]
+        } else {
+            [Some(&self.hidden), None]
+        };
+        for map in maps.into_iter().flatten() {
             for (s, e) in map.iter() {
                 self.store.copy_to_disk(
                     e.loc,
@@ -195,23 +214,6 @@ impl DiskBuffer {
                     (e.sectors * SECTOR_SIZE) as usize,
                 )?;
             }
-        }
-        self.disk.sync()?;
-        self.drop_all()
-    }
-
-    /// A stop at the last commit: restores the hidden originals onto the disk (undoing
-    /// the primary's writes of the uncommitted epoch), drops the SVM's writes, makes it
-    /// durable, and drops both buffers. The disk then equals the primary's as of the last
-    /// committed checkpoint.
-    pub fn roll_back_into_disk(&mut self) -> Result<()> {
-        for (s, e) in self.hidden.iter() {
-            self.store.copy_to_disk(
-                e.loc,
-                &self.disk,
-                s * SECTOR_SIZE,
-                (e.sectors * SECTOR_SIZE) as usize,
-            )?;
         }
         self.disk.sync()?;
         self.drop_all()

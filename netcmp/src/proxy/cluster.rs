@@ -27,13 +27,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, error, info, warn};
 
-use super::{EVENT_QUEUE, Event, ProxyControl, READ_SLICE, forward, send_frames};
+use super::{EVENT_QUEUE, Event, ProxyControl, READ_SLICE, Running, forward, send_frames};
 use crate::compare::{Engine, Mode, Output};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -94,11 +93,8 @@ pub struct Roles {
 /// # Ok::<(), colo_netcmp::Error>(())
 /// ```
 pub struct ClusterProxy {
-    control: ProxyControl,
+    running: Running,
     roles: Arc<Mutex<Roles>>,
-    stop: Arc<AtomicBool>,
-    engine: Option<JoinHandle<Result<()>>>,
-    readers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ClusterProxy {
@@ -174,15 +170,17 @@ impl ClusterProxy {
             .spawn(move || cluster_loop(state, &rx, client_writer, writers, &m))
             .map_err(Error::Thread)?;
         Ok(Self {
-            control: ProxyControl {
-                tx,
-                metrics,
-                cluster: true,
+            running: Running {
+                control: ProxyControl {
+                    tx,
+                    metrics,
+                    cluster: true,
+                },
+                stop,
+                engine: Some(engine_thread),
+                readers,
             },
             roles,
-            stop,
-            engine: Some(engine_thread),
-            readers,
         })
     }
 
@@ -194,17 +192,17 @@ impl ClusterProxy {
     /// A handle for the counters from other threads (its `checkpoint_committed` and
     /// `set_mode` answer [`Error::ClusterMode`]).
     pub fn control(&self) -> ProxyControl {
-        self.control.clone()
+        self.running.control.clone()
     }
 
     /// The counters now.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.control.metrics()
+        self.running.control.metrics()
     }
 
     /// Whether the proxy has stopped by itself (the client port closed or failed).
     pub fn is_finished(&self) -> bool {
-        self.engine.as_ref().is_none_or(JoinHandle::is_finished)
+        self.running.is_finished()
     }
 
     /// Stops the proxy and waits for its threads.
@@ -213,26 +211,7 @@ impl ClusterProxy {
     /// The error that stopped the proxy earlier, if one did (the client port failed or
     /// closed).
     pub fn shutdown(mut self) -> Result<()> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.control.tx.try_send(Event::Shutdown);
-        let r = match self.engine.take() {
-            Some(h) => h.join().unwrap_or(Err(Error::Stopped)),
-            None => Ok(()),
-        };
-        for h in self.readers.drain(..) {
-            let _ = h.join();
-        }
-        r
-    }
-}
-
-impl Drop for ClusterProxy {
-    fn drop(&mut self) {
-        let _ = self.stop_and_join();
+        self.running.stop_and_join()
     }
 }
 

@@ -149,11 +149,44 @@ impl ProxyControl {
 /// # Ok::<(), colo_netcmp::Error>(())
 /// ```
 pub struct Proxy {
-    control: ProxyControl,
+    running: Running,
     requests: Receiver<CheckpointRequest>,
-    stop: Arc<AtomicBool>,
-    engine: Option<JoinHandle<Result<()>>>,
-    readers: Vec<JoinHandle<()>>,
+}
+
+/// A running proxy's threads (the engine and the port readers) and its control: what
+/// [`Proxy`] and the cluster-mode proxy share. Dropping it stops and joins the threads.
+pub(crate) struct Running {
+    pub(crate) control: ProxyControl,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) engine: Option<JoinHandle<Result<()>>>,
+    pub(crate) readers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Whether the engine thread has ended by itself.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.engine.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the threads and waits for them; the engine's result.
+    pub(crate) fn stop_and_join(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.control.tx.try_send(Event::Shutdown);
+        let r = match self.engine.take() {
+            Some(h) => h.join().unwrap_or(Err(Error::Stopped)),
+            None => Ok(()),
+        };
+        for h in self.readers.drain(..) {
+            let _ = h.join();
+        }
+        r
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
 }
 
 impl std::fmt::Debug for Proxy {
@@ -207,15 +240,17 @@ impl Proxy {
             .spawn(move || engine_loop(engine, &rx, writers, &req_tx, &m))
             .map_err(Error::Thread)?;
         Ok(Self {
-            control: ProxyControl {
-                tx,
-                metrics,
-                cluster: false,
+            running: Running {
+                control: ProxyControl {
+                    tx,
+                    metrics,
+                    cluster: false,
+                },
+                stop,
+                engine: Some(engine_thread),
+                readers,
             },
             requests,
-            stop,
-            engine: Some(engine_thread),
-            readers,
         })
     }
 
@@ -227,17 +262,17 @@ impl Proxy {
 
     /// A handle for commands from other threads.
     pub fn control(&self) -> ProxyControl {
-        self.control.clone()
+        self.running.control.clone()
     }
 
     /// The counters now.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.control.metrics()
+        self.running.control.metrics()
     }
 
     /// Whether the proxy has stopped by itself (a port closed or failed).
     pub fn is_finished(&self) -> bool {
-        self.engine.as_ref().is_none_or(JoinHandle::is_finished)
+        self.running.is_finished()
     }
 
     /// Stops the proxy and waits for its threads.
@@ -245,26 +280,7 @@ impl Proxy {
     /// # Errors
     /// The error that stopped the proxy earlier, if one did (a port that failed or closed).
     pub fn shutdown(mut self) -> Result<()> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.control.tx.try_send(Event::Shutdown);
-        let r = match self.engine.take() {
-            Some(h) => h.join().unwrap_or(Err(Error::Stopped)),
-            None => Ok(()),
-        };
-        for h in self.readers.drain(..) {
-            let _ = h.join();
-        }
-        r
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.stop_and_join();
+        self.running.stop_and_join()
     }
 }
 

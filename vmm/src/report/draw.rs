@@ -266,6 +266,17 @@ where
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
     }
+    legend_box(&mut chart)
+}
+
+/// A line of the pages panel: its label, its color, and its figure of a record.
+/// The box of series labels, in the upper right corner.
+fn legend_box<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> Result<(), DrawError>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate,
+{
     chart
         .configure_series_labels()
         .label_font((FONT, 12))
@@ -273,11 +284,9 @@ where
         .border_style(BLACK.mix(0.3))
         .position(SeriesLabelPosition::UpperRight)
         .draw()
-        .map_err(boxed)?;
-    Ok(())
+        .map_err(boxed)
 }
 
-/// A line of the pages panel: its label, its color, and its figure of a record.
 type PageSeries = (&'static str, RGBColor, fn(&EpochRecord) -> u64);
 
 /// Panel 3: pages pushed per regular checkpoint, during the pause and in the background.
@@ -327,15 +336,7 @@ where
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 12))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(boxed)?;
-    Ok(())
+    legend_box(&mut chart)
 }
 
 /// Panel 4: how many checkpoints each cause took (every record, the syncs included).
