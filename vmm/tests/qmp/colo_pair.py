@@ -69,7 +69,8 @@ async def main(primary_path, secondary_path):
     st = await bounded(pri.execute("query-colo-status"), "query-colo-status")
     check(st["mode"] == "primary", f"primary status {st}")
     st = await bounded(sec.execute("query-colo-status"), "query-colo-status")
-    check(st == {"mode": "secondary", "last-mode": "none", "reason": "none"}, f"{st}")
+    check(st == {"mode": "secondary", "last-mode": "none", "reason": "none",
+               "x-colo-phase": "colo"}, f"{st}")
 
     names = {c["name"] for c in await bounded(sec.execute("query-commands"), "query-commands")}
     check(EXPECTED_COMMANDS <= names, f"query-commands lacks {EXPECTED_COMMANDS - names}")
@@ -100,7 +101,8 @@ async def main(primary_path, secondary_path):
         ev = await bounded(pri_exits.get(), "the primary's COLO_EXIT")
         check(ev["data"]["mode"] == "primary", f"primary COLO_EXIT {ev}")
     st = await bounded(sec.execute("query-colo-status"), "query-colo-status")
-    check(st == {"mode": "none", "last-mode": "secondary", "reason": "request"}, f"{st}")
+    check(st == {"mode": "none", "last-mode": "secondary", "reason": "request",
+               "x-colo-phase": "serving"}, f"{st}")
 
     # Serving alone, the secondary's guest can be paused and resumed.
     for _ in range(int(STEP / 0.1)):
