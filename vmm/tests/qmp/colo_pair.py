@@ -68,7 +68,13 @@ async def main(primary_path, secondary_path):
 
     st = await bounded(pri.execute("query-colo-status"), "query-colo-status")
     check(st["mode"] == "primary", f"primary status {st}")
-    st = await bounded(sec.execute("query-colo-status"), "query-colo-status")
+    # The secondary may still be in its initial sync on a busy machine: wait (bounded)
+    # for its first checkpoint.
+    for _ in range(300):
+        st = await bounded(sec.execute("query-colo-status"), "query-colo-status")
+        if st.get("x-colo-phase") != "syncing":
+            break
+        await asyncio.sleep(0.1)
     check(st == {"mode": "secondary", "last-mode": "none", "reason": "none",
                "x-colo-phase": "colo"}, f"{st}")
 
