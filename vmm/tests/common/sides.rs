@@ -113,12 +113,22 @@ pub fn start(mut c: Command) -> (Reaper, crossbeam_channel::Receiver<String>) {
 
 /// Waits (at most `limit`) for a line containing `what`; returns every line seen.
 pub fn says(rx: &crossbeam_channel::Receiver<String>, what: &str, limit: Duration) -> Vec<String> {
+    says_any(rx, &[what], limit)
+}
+
+/// Waits (at most `limit`) for a line containing any of `what`; returns every line seen
+/// (the last is the one that matched).
+pub fn says_any(
+    rx: &crossbeam_channel::Receiver<String>,
+    what: &[&str],
+    limit: Duration,
+) -> Vec<String> {
     let deadline = Instant::now() + limit;
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(l) if l.contains(what) => {
+            Ok(l) if what.iter().any(|w| l.contains(w)) => {
                 seen.push(l);
                 return seen;
             }
