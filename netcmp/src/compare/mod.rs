@@ -426,7 +426,7 @@ impl Engine {
         let r = match (&mut conn.state, &parsed.payload) {
             (ConnState::Tcp(t), Payload::Tcp(seg)) => {
                 let data = frame.get(seg.payload.clone()).unwrap_or_default();
-                t.secondary(seg, data, how, &mut ctx)
+                t.secondary(seg, data, &frame, how, &mut ctx)
             }
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
                 d.secondary(frame, compare.clone(), *tag, how, &mut ctx)
@@ -762,7 +762,9 @@ impl Engine {
     ///
     /// - To `PrimaryOnly`: held primary frames are released.
     /// - To `SecondaryOnly` (failover): held primary frames are dropped; TCP state stays,
-    ///   so that open connections keep being translated.
+    ///   so that open connections keep being translated; the secondary's frames whose
+    ///   bytes were not compared yet go to the client now (translated), as the secondary
+    ///   that serves already sent them.
     /// - Back to `Compare` (a new secondary): the connection table starts afresh; the
     ///   controller then takes a checkpoint and calls
     ///   [`checkpoint_committed`](Self::checkpoint_committed).
@@ -771,6 +773,8 @@ impl Engine {
             return;
         }
         info!(from = ?self.mode, to = ?mode, "proxy mode");
+        // Failover: what the secondary sent that the client has not had yet.
+        let mut resend = Vec::new();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         match mode {
             Mode::PrimaryOnly => {
@@ -786,7 +790,11 @@ impl Engine {
                 let mut dropped = 0;
                 for conn in self.conns.values_mut() {
                     dropped += match &mut conn.state {
-                        ConnState::Tcp(t) => t.drop_held(),
+                        ConnState::Tcp(t) => {
+                            let (n, frames) = t.drop_held();
+                            resend.extend(frames);
+                            n
+                        }
                         ConnState::Datagram(d) => d.drop_held(),
                     };
                 }
@@ -812,6 +820,15 @@ impl Engine {
             }
         }
         self.mode = mode;
+        if !resend.is_empty() {
+            info!(
+                frames = resend.len(),
+                "failover: the secondary's output the client had not had goes out now"
+            );
+        }
+        for f in resend {
+            self.failover_release(f, now, out);
+        }
         self.pace_now(now);
     }
 }

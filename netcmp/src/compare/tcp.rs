@@ -65,6 +65,7 @@ struct Early {
     flags: TcpFlags,
     ack: u32,
     data: Vec<u8>,
+    frame: Vec<u8>,
     arrived: Instant,
 }
 
@@ -92,6 +93,11 @@ pub(crate) struct TcpState {
     held: VecDeque<HeldSeg>,
     /// Ends and arrival times of secondary segments whose bytes are not compared yet.
     s_pending: VecDeque<(u32, Instant)>,
+    /// The secondary's frames whose bytes are not compared yet, with their ends (primary
+    /// space): if the secondary takes over they go to the client at once, so that neither
+    /// the guest nor the client waits a retransmission timeout for bytes the secondary
+    /// already sent.
+    s_frames: VecDeque<(u32, Vec<u8>)>,
     early: Vec<Early>,
     client_fin: bool,
     client_rst: bool,
@@ -226,6 +232,7 @@ impl TcpState {
         &mut self,
         seg: &TcpSegment,
         data: &[u8],
+        frame: &[u8],
         how: Handling,
         ctx: &mut Ctx<'_>,
     ) -> Option<CheckpointReason> {
@@ -250,6 +257,7 @@ impl TcpState {
                 flags: f,
                 ack: seg.ack,
                 data: data.to_vec(),
+                frame: frame.to_vec(),
                 arrived: ctx.now,
             });
             return (self.early.len() == ctx.max_queue + 1).then(|| {
@@ -260,7 +268,7 @@ impl TcpState {
         let overflow = self.learn_offset(ctx);
         // `compare` runs right after the segment is placed unless something overflowed.
         let direct = overflow.is_none();
-        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, ctx.now, direct, ctx);
+        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, frame, ctx.now, direct, ctx);
         r.or(overflow).or_else(|| self.compare(ctx))
     }
 
@@ -277,7 +285,7 @@ impl TcpState {
         let mut r = None;
         for e in std::mem::take(&mut self.early) {
             let (seq, flags, ack, at) = (e.seq, e.flags, e.ack, e.arrived);
-            r = r.or(self.ingest_secondary(seq, flags, ack, &e.data, at, false, ctx));
+            r = r.or(self.ingest_secondary(seq, flags, ack, &e.data, &e.frame, at, false, ctx));
         }
         r
     }
@@ -293,6 +301,7 @@ impl TcpState {
         f: TcpFlags,
         ack: u32,
         data: &[u8],
+        frame: &[u8],
         arrived: Instant,
         direct: bool,
         ctx: &mut Ctx<'_>,
@@ -342,6 +351,9 @@ impl TcpState {
         if fresh {
             let end = data_seq.wrapping_add(len).wrapping_add(u32::from(f.fin));
             self.s_pending.push_back((end, arrived));
+            if !data.is_empty() || f.fin {
+                self.s_frames.push_back((end, frame.to_vec()));
+            }
             if self.s_pending.len() + self.s.buf.ooo_len() == ctx.max_queue + 1 {
                 Metrics::inc(&ctx.m.queue_overflows);
                 return Some(CheckpointReason::QueueOverflow);
@@ -460,6 +472,9 @@ impl TcpState {
         {
             self.s_pending.pop_front();
         }
+        while self.s_frames.front().is_some_and(|(e, _)| seq::le(*e, cmp)) {
+            self.s_frames.pop_front();
+        }
         self.release(ctx);
         None
     }
@@ -524,6 +539,9 @@ impl TcpState {
             self.s_pending.pop_front();
         }
         self.early.retain(|e| e.arrived > deadline);
+        while self.s_frames.len() > self.s_pending.len() {
+            self.s_frames.pop_front();
+        }
         let gone = before - self.s_pending.len() - self.early.len();
         if gone > 0 {
             Metrics::add(&ctx.m.secondary_timeouts, gone as u64);
@@ -590,19 +608,22 @@ impl TcpState {
         self.p.buf.clear();
         self.s.buf.clear();
         self.s_pending.clear();
+        self.s_frames.clear();
         self.early.clear();
     }
 
     /// Drops every held segment and the compare buffers (failover: the primary's output
-    /// is void). Returns how many segments.
-    pub(crate) fn drop_held(&mut self) -> usize {
+    /// is void). Returns how many segments, and the secondary's frames whose bytes the
+    /// client has not had (for the caller to send on, translated, as the secondary now
+    /// serves).
+    pub(crate) fn drop_held(&mut self) -> (usize, Vec<Vec<u8>>) {
         let n = self.held.len();
         self.held.clear();
         self.p.buf.clear();
         self.s.buf.clear();
         self.s_pending.clear();
         self.early.clear();
-        n
+        (n, self.s_frames.drain(..).map(|(_, f)| f).collect())
     }
 }
 

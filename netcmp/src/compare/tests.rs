@@ -543,6 +543,38 @@ fn failover_rewrites_the_secondarys_sequence_numbers() {
 }
 
 #[test]
+fn at_failover_the_secondarys_output_the_client_lacks_goes_out_at_once() {
+    let mut h = H::new();
+    h.handshake();
+    // Both sent "abc" (compared, released); the secondary then ran ahead with "def" and
+    // "gh", the primary only got as far as "de" (matched and released).
+    h.p(&pseg(0, b"abc"));
+    h.s(&sseg(0, b"abc"));
+    assert_eq!(h.released().len(), 1);
+    h.out.clear();
+    h.s(&sseg(3, b"def"));
+    h.s(&sseg(6, b"gh"));
+    h.p(&pseg(3, b"de"));
+    assert_eq!(h.released(), vec![pseg(3, b"de").frame()], "only what matched");
+    h.out.clear();
+    // The primary dies; the secondary serves: its "def" (the client has "de" of it and
+    // drops those two bytes again) and "gh" reach the client now, in the primary's space,
+    // without waiting for a retransmission.
+    h.e.set_mode(Mode::SecondaryOnly, h.t, &mut h.out);
+    let r = h.released();
+    assert_eq!(r, vec![pseg(3, b"def").frame(), pseg(6, b"gh").frame()], "{r:?}");
+    // What was compared is not sent again.
+    h.out.clear();
+    let mut h2 = H::new();
+    h2.handshake();
+    h2.p(&pseg(0, b"abc"));
+    h2.s(&sseg(0, b"abc"));
+    h2.out.clear();
+    h2.e.set_mode(Mode::SecondaryOnly, h2.t, &mut h2.out);
+    assert!(h2.released().is_empty(), "{:?}", h2.released());
+}
+
+#[test]
 fn primary_only_releases_everything() {
     let mut h = H::new();
     h.handshake();
