@@ -555,14 +555,22 @@ fn at_failover_the_secondarys_output_the_client_lacks_goes_out_at_once() {
     h.s(&sseg(3, b"def"));
     h.s(&sseg(6, b"gh"));
     h.p(&pseg(3, b"de"));
-    assert_eq!(h.released(), vec![pseg(3, b"de").frame()], "only what matched");
+    assert_eq!(
+        h.released(),
+        vec![pseg(3, b"de").frame()],
+        "only what matched"
+    );
     h.out.clear();
     // The primary dies; the secondary serves: its "def" (the client has "de" of it and
     // drops those two bytes again) and "gh" reach the client now, in the primary's space,
     // without waiting for a retransmission.
     h.e.set_mode(Mode::SecondaryOnly, h.t, &mut h.out);
     let r = h.released();
-    assert_eq!(r, vec![pseg(3, b"def").frame(), pseg(6, b"gh").frame()], "{r:?}");
+    assert_eq!(
+        r,
+        vec![pseg(3, b"def").frame(), pseg(6, b"gh").frame()],
+        "{r:?}"
+    );
     // What was compared is not sent again.
     h.out.clear();
     let mut h2 = H::new();
