@@ -424,10 +424,7 @@ impl Engine {
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let r = match (&mut conn.state, &parsed.payload) {
-            (ConnState::Tcp(t), Payload::Tcp(seg)) => {
-                let data = frame.get(seg.payload.clone()).unwrap_or_default();
-                t.secondary(seg, data, &frame, how, &mut ctx)
-            }
+            (ConnState::Tcp(t), Payload::Tcp(seg)) => t.secondary(seg, frame, how, &mut ctx),
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
                 d.secondary(frame, compare.clone(), *tag, how, &mut ctx)
             }

@@ -64,7 +64,8 @@ struct Early {
     seq: u32,
     flags: TcpFlags,
     ack: u32,
-    data: Vec<u8>,
+    /// Where the payload lies in `frame`.
+    payload: std::ops::Range<usize>,
     frame: Vec<u8>,
     arrived: Instant,
 }
@@ -231,8 +232,7 @@ impl TcpState {
     pub(crate) fn secondary(
         &mut self,
         seg: &TcpSegment,
-        data: &[u8],
-        frame: &[u8],
+        frame: Vec<u8>,
         how: Handling,
         ctx: &mut Ctx<'_>,
     ) -> Option<CheckpointReason> {
@@ -256,8 +256,8 @@ impl TcpState {
                 seq: seg.seq,
                 flags: f,
                 ack: seg.ack,
-                data: data.to_vec(),
-                frame: frame.to_vec(),
+                payload: seg.payload.clone(),
+                frame,
                 arrived: ctx.now,
             });
             return (self.early.len() == ctx.max_queue + 1).then(|| {
@@ -268,8 +268,18 @@ impl TcpState {
         let overflow = self.learn_offset(ctx);
         // `compare` runs right after the segment is placed unless something overflowed.
         let direct = overflow.is_none();
-        let r = self.ingest_secondary(seg.seq, f, seg.ack, data, frame, ctx.now, direct, ctx);
+        let data = frame.get(seg.payload.clone()).unwrap_or_default();
+        let (r, keep) = self.ingest_secondary(seg.seq, f, seg.ack, data, ctx.now, direct, ctx);
+        self.keep_frame(keep, frame);
         r.or(overflow).or_else(|| self.compare(ctx))
+    }
+
+    /// Keeps a secondary frame whose bytes (up to `end`, primary space) are not compared
+    /// yet, for a failover (see `s_frames`); the frame itself, not a copy.
+    fn keep_frame(&mut self, end: Option<u32>, frame: Vec<u8>) {
+        if let Some(end) = end {
+            self.s_frames.push_back((end, frame));
+        }
     }
 
     /// Learns the offset once both starts are known, and replays the secondary segments
@@ -285,12 +295,17 @@ impl TcpState {
         let mut r = None;
         for e in std::mem::take(&mut self.early) {
             let (seq, flags, ack, at) = (e.seq, e.flags, e.ack, e.arrived);
-            r = r.or(self.ingest_secondary(seq, flags, ack, &e.data, &e.frame, at, false, ctx));
+            let data = e.frame.get(e.payload.clone()).unwrap_or_default();
+            let (reason, keep) = self.ingest_secondary(seq, flags, ack, data, at, false, ctx);
+            r = r.or(reason);
+            self.keep_frame(keep, e.frame);
         }
         r
     }
 
-    /// Places a secondary segment's bytes and notes its flags, in the primary's space.
+    /// Places a secondary segment's bytes and notes its flags, in the primary's space;
+    /// returns a reason to checkpoint, if any, and the segment's end when its frame is to
+    /// be kept (see [`keep_frame`](Self::keep_frame)).
     /// `direct`: the caller runs [`compare`](Self::compare) right after this returns
     /// `None`, so matching bytes may be compared at once (see
     /// [`match_direct`](Self::match_direct)).
@@ -301,13 +316,12 @@ impl TcpState {
         f: TcpFlags,
         ack: u32,
         data: &[u8],
-        frame: &[u8],
         arrived: Instant,
         direct: bool,
         ctx: &mut Ctx<'_>,
-    ) -> Option<CheckpointReason> {
+    ) -> (Option<CheckpointReason>, Option<u32>) {
         let (Some(off), Some(cmp)) = (self.offset, self.cmp) else {
-            return None;
+            return (None, None);
         };
         let data_seq = own_seq.wrapping_add(off).wrapping_add(u32::from(f.syn));
         let len = data.len() as u32;
@@ -325,7 +339,7 @@ impl TcpState {
         }
         if self.s_pending.len() + self.s.buf.ooo_len() >= ctx.hard_cap() {
             Metrics::inc(&ctx.m.overflow_drops);
-            return None;
+            return (None, None);
         }
         // Only when this segment cannot overflow the pending queue below: then this
         // returns `None` and `compare` runs at once, as `match_direct` requires.
@@ -348,18 +362,19 @@ impl TcpState {
             Placed::Old if !data.is_empty() => Metrics::inc(&ctx.m.secondary_retransmits),
             Placed::Old | Placed::TooFar => {}
         }
+        let mut keep = None;
         if fresh {
             let end = data_seq.wrapping_add(len).wrapping_add(u32::from(f.fin));
             self.s_pending.push_back((end, arrived));
             if !data.is_empty() || f.fin {
-                self.s_frames.push_back((end, frame.to_vec()));
+                keep = Some(end);
             }
             if self.s_pending.len() + self.s.buf.ooo_len() == ctx.max_queue + 1 {
                 Metrics::inc(&ctx.m.queue_overflows);
-                return Some(CheckpointReason::QueueOverflow);
+                return (Some(CheckpointReason::QueueOverflow), keep);
             }
         }
-        None
+        (None, keep)
     }
 
     /// The in-order fast path, to copy each stream byte at most once: `data`, one side's
