@@ -9,6 +9,10 @@
 set -euo pipefail
 secs=${1:-1}
 T=/sys/kernel/tracing
+# tracefs is not always mounted (a fresh container): mount it where the kernel expects it.
+if [ ! -d "$T/events" ]; then
+    mount -t tracefs nodev "$T" 2>/dev/null || true
+fi
 ev=$T/events/kvmmmu/kvm_mmu_set_spte/enable
 if [ ! -w "$ev" ]; then
     echo "kvm-faults: cannot enable $ev (needs root and tracefs with kvmmmu events)" >&2

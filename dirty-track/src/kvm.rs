@@ -9,6 +9,7 @@
 //! loses pages for CPL0 guest code (shared/ENVIRONMENT.md).
 
 use std::os::fd::AsRawFd;
+use std::sync::{Mutex, PoisonError};
 
 use colo_memory::{GuestLayout, GuestMemory, PAGE_SIZE, PageBitmap};
 use kvm_bindings::{
@@ -18,6 +19,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryBackend;
 
+use crate::hot::{Collection, HotPages, HotPolicy};
 use crate::{Error, Result};
 
 /// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`; kvm-ioctls 0.25 has no wrapper.
@@ -94,6 +96,22 @@ pub struct CollectStats {
     /// Pages the VMM wrote through guest memory (device DMA, virtio rings), as marked by
     /// the memory's own bitmap; some may overlap the KVM ones.
     pub vmm_pages: u64,
+    /// Of `kvm_pages`, the hot pages left writable ([`HotPolicy`]): in the output of a
+    /// checkpoint's collection, not in that of a background one.
+    pub kept_pages: u64,
+    /// Hot pages whose lease ended in this collection: cleared and reported like any other.
+    pub released_pages: u64,
+}
+
+impl CollectStats {
+    /// Pages put into the output (some VMM pages may have been KVM pages too).
+    pub fn reported(&self, kind: Collection) -> u64 {
+        let kept = match kind {
+            Collection::Background => self.kept_pages,
+            Collection::Checkpoint => 0,
+        };
+        self.kvm_pages - kept + self.vmm_pages
+    }
 }
 
 /// Collects dirty pages of a guest: KVM's log of every slot plus the dirty bitmap of the
@@ -104,6 +122,8 @@ pub struct DirtyTracker {
     layout: GuestLayout,
     mem: GuestMemory,
     manual_protect: bool,
+    /// Hot pages kept writable, if a policy is set.
+    hot: Mutex<Option<HotPages>>,
 }
 
 impl DirtyTracker {
@@ -123,7 +143,30 @@ impl DirtyTracker {
             layout,
             mem,
             manual_protect,
+            hot: Mutex::new(None),
         })
+    }
+
+    /// Keeps hot pages writable under `policy` from the next collection on, or stops
+    /// (`None`: the pages kept so far are cleared and reported by the next collection,
+    /// since their bits are still set). Returns whether the policy is on: it needs manual
+    /// protection, and slots that start on a 64-page boundary of the flat layout.
+    pub fn set_hot_policy(&self, policy: Option<HotPolicy>) -> bool {
+        let aligned = (0..self.layout.regions().len()).all(|i| self.layout.flat_start(i) % 64 == 0);
+        let on = policy.filter(|_| self.manual_protect && aligned);
+        let words = self.layout.pages().div_ceil(64) as usize;
+        *self.hot.lock().unwrap_or_else(PoisonError::into_inner) =
+            on.map(|p| HotPages::new(words, p));
+        on.is_some()
+    }
+
+    /// Hot pages kept writable now.
+    pub fn kept_pages(&self) -> u64 {
+        self.hot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, HotPages::kept)
     }
 
     /// The layout tracked.
@@ -138,12 +181,27 @@ impl DirtyTracker {
 
     /// Adds every page written since the last collection to `out` (a bitmap of
     /// [`GuestLayout::pages`] flat pages), and resets the logs so the next collection sees
-    /// only later writes. Copy the pages after this returns.
+    /// only later writes; hot pages kept writable are in `out` every time. Copy the pages
+    /// after this returns.
     ///
     /// # Errors
     /// [`Error::GetDirtyLog`] or [`Error::ClearDirtyLog`] for a slot KVM refuses,
     /// [`Error::Memory`] for a bitmap that does not cover the guest.
     pub fn collect(&self, vm: &VmFd, out: &mut PageBitmap) -> Result<CollectStats> {
+        self.collect_for(vm, out, Collection::Checkpoint)
+    }
+
+    /// [`Self::collect`] for `kind`: a [`Collection::Background`] one leaves the hot pages
+    /// kept writable out of `out` (they stay dirty, for the checkpoint).
+    ///
+    /// # Errors
+    /// As [`Self::collect`].
+    pub fn collect_for(
+        &self,
+        vm: &VmFd,
+        out: &mut PageBitmap,
+        kind: Collection,
+    ) -> Result<CollectStats> {
         if out.pages() != self.layout.pages() {
             return Err(Error::Memory(colo_memory::Error::BitmapPages {
                 found: out.pages(),
@@ -151,6 +209,10 @@ impl DirtyTracker {
             }));
         }
         let mut stats = CollectStats::default();
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = hot.as_mut() {
+            stats.released_pages = h.begin();
+        }
         for (i, (r, m)) in self
             .layout
             .regions()
@@ -164,14 +226,23 @@ impl DirtyTracker {
                         slot: r.slot,
                         source,
                     })?;
-            let n: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
-            if n != 0 {
-                stats.kvm_pages += n;
+            stats.kvm_pages += count(&log);
+            // Every slot goes through the policy, dirty or not: its history covers all.
+            let kept = match hot.as_mut() {
+                Some(h) => h.take_slot((self.layout.flat_start(i) / 64) as usize, &mut log),
+                None => Vec::new(),
+            };
+            // `log` now holds the pages to clear and report; the kept ones stay set.
+            if log.iter().any(|&w| w != 0) {
                 if self.manual_protect {
                     let pages = (r.len / self.layout.page_size()) as u32;
                     clear_dirty_log(vm, r.slot, 0, pages, &mut log)?;
                 }
                 out.or_words_at(self.layout.flat_start(i), &log);
+            }
+            stats.kept_pages += count(&kept);
+            if kind == Collection::Checkpoint && !kept.is_empty() {
+                out.or_words_at(self.layout.flat_start(i), &kept);
             }
             // Only words with a mark are swapped (DirtyBitmap::drain_into says why a mark
             // made meanwhile is never lost), straight into `out`.
@@ -180,11 +251,22 @@ impl DirtyTracker {
                 .bitmap()
                 .drain_into(out, self.layout.flat_start(i));
         }
+        if let Some(h) = hot.as_mut() {
+            h.end();
+        }
         tracing::trace!(
             kvm = stats.kvm_pages,
             vmm = stats.vmm_pages,
+            kept = stats.kept_pages,
+            released = stats.released_pages,
+            ?kind,
             "dirty pages collected"
         );
         Ok(stats)
     }
+}
+
+/// Pages marked in `words`.
+fn count(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
 }

@@ -5,11 +5,16 @@
 //! - [`DirtyTracker`]: reads KVM's dirty log per slot (with `KVM_CLEAR_DIRTY_LOG` under
 //!   manual protection) and merges it with the dirty bitmap of the guest memory itself
 //!   (`colo_memory::GuestMemory`), which every write the VMM makes through it marks.
+//! - [`HotPolicy`]: pages the guest rewrites all the time are left writable (their bits
+//!   left set) instead of taking a write-protect fault after every collection; they go
+//!   into every checkpoint.
 //!
 //! The bitmaps, layouts and regions it works on live in `colo-memory`.
 
+mod hot;
 mod kvm;
 
+pub use hot::{Collection, HotPolicy};
 pub use kvm::{CollectStats, DirtyTracker, clear_dirty_log, enable_manual_protect};
 
 /// Errors of dirty tracking.

@@ -1,4 +1,4 @@
-//! The contract between the colo VMM and its built-in guest (version 4).
+//! The contract between the colo VMM and its built-in guest (version 6).
 //!
 //! It holds only plain constants and functions over them; the command line the VMM builds
 //! and the guest parses is described here and tested on both sides.
@@ -35,6 +35,8 @@
 //!   ([`FLAG_SELFTEST_IO`]), so that a test sees the exception reach the guest's handler
 //!   (status [`EXIT_EXCEPTION`] + 6 or + 13);
 //! - `colo.dirty=R`: pages per second to dirty, in all vCPUs together (0 if absent);
+//! - `colo.dirty_pattern=sweep|hot|zipf`: which pages the dirty load writes
+//!   ([`DirtyPattern`]; sweep if absent);
 //! - `colo.tsc_khz=K`: the TSC frequency;
 //! - `colo.vcpus=N`: how many vCPUs the machine has (1 if absent);
 //! - `virtio_mmio.device=4K@0xADDR:IRQ`: a virtio-mmio device, as Linux's
@@ -116,10 +118,10 @@ pub const VIRTIO_ID_NET: u32 = 1;
 /// The virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
-/// This contract's version (5: the ACPI power-off port; 4: a PVH ELF, its parameters on
+/// This contract's version (6: `colo.dirty_pattern` and [`EXIT_MEMORY_LOST`]; 5: the ACPI power-off port; 4: a PVH ELF, its parameters on
 /// the command line, the other vCPUs started by the guest with INIT/SIPI; 3 was the VMM's boot parameters with the
 /// devices served on a VMM thread, 2 the same with several vCPUs).
-pub const BOOT_VERSION: u32 = 5;
+pub const BOOT_VERSION: u32 = 6;
 /// Most vCPUs a VM of this contract has (the guest keeps a stack and a TSS for each).
 pub const MAX_VCPUS: u32 = 8;
 
@@ -135,6 +137,47 @@ pub const FLAG_SELFTEST_IO: u32 = 4;
 /// `rbx`, the faulting `rip` in `rdi`, the error code (or 0) in `rsi` and the faulting
 /// `rsp` in `rcx`; CR2 holds the address of a page fault.
 pub const EXIT_EXCEPTION: u32 = 0x100;
+
+/// Exit status: the dirty load found one of its pages not holding what it last wrote there
+/// (the hot and sweep patterns check each page before they write it again). Guest memory
+/// was lost: a checkpoint missed a page, or a restore brought back an old one.
+pub const EXIT_MEMORY_LOST: u32 = 7;
+
+/// Which pages the dirty load writes, in each vCPU's slice of the scratch area.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyPattern {
+    /// Every page in turn, wrapping around: each write is to a page not written for the
+    /// longest time (no working set at all; every write is new to a checkpoint epoch).
+    #[default]
+    Sweep,
+    /// A fixed set of [`HOT_SET_PAGES`] pages (or the whole slice if smaller), written in
+    /// turn: the same pages again in every epoch, like a service's stacks and counters.
+    Hot,
+    /// Page ranks drawn from a Zipf distribution (exponent 1) over the whole slice, each
+    /// rank a fixed page scattered over it: a few pages very often, most seldom.
+    Zipf,
+}
+
+impl DirtyPattern {
+    /// The word's value on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sweep => "sweep",
+            Self::Hot => "hot",
+            Self::Zipf => "zipf",
+        }
+    }
+
+    /// The pattern a command-line value names.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Self::Sweep, Self::Hot, Self::Zipf]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+/// Pages of each vCPU's hot set ([`DirtyPattern::Hot`]): 4 MiB.
+pub const HOT_SET_PAGES: u64 = 1024;
 
 /// The CPU exception an exit status reports ([`EXIT_EXCEPTION`] + vector), if it is one.
 pub fn exception_of(status: u32) -> Option<u8> {

@@ -5,7 +5,7 @@
 
 use core::fmt;
 
-use crate::boot::{FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, MAX_VCPUS};
+use crate::boot::{DirtyPattern, FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, MAX_VCPUS};
 
 /// Most `virtio_mmio.device=` entries the guest keeps.
 pub const MAX_DEVICES: usize = 8;
@@ -45,6 +45,8 @@ pub struct Params {
     pub flags: u32,
     /// Pages per second to dirty, over all vCPUs.
     pub dirty_pages_per_sec: u64,
+    /// Which pages the dirty load writes.
+    pub dirty_pattern: DirtyPattern,
     /// The TSC frequency in kHz.
     pub tsc_khz: u64,
     /// Number of vCPUs (1 to [`MAX_VCPUS`]).
@@ -84,6 +86,7 @@ const PORT: &str = "colo.port";
 const NONDET: &str = "colo.nondeterministic";
 const SELFTEST: &str = "colo.selftest";
 const DIRTY: &str = "colo.dirty";
+const PATTERN: &str = "colo.dirty_pattern";
 const TSC: &str = "colo.tsc_khz";
 const VCPUS: &str = "colo.vcpus";
 const DEVICE: &str = "virtio_mmio.device";
@@ -141,6 +144,7 @@ impl Params {
             port: 0,
             flags: 0,
             dirty_pages_per_sec: 0,
+            dirty_pattern: DirtyPattern::Sweep,
             tsc_khz: 0,
             vcpus: 1,
             devices: [MmioDevice {
@@ -175,6 +179,10 @@ impl Params {
                     }
                 }
                 DIRTY => p.dirty_pages_per_sec = number(value).ok_or(ParamError::Bad(DIRTY))?,
+                PATTERN => {
+                    p.dirty_pattern =
+                        DirtyPattern::from_name(value).ok_or(ParamError::Bad(PATTERN))?;
+                }
                 TSC => {
                     p.tsc_khz = number(value)
                         .filter(|&v| v != 0)
@@ -224,8 +232,12 @@ impl fmt::Display for Params {
         let [a, b, c, d] = self.ip;
         write!(
             f,
-            "{IP}={a}.{b}.{c}.{d}/{} {PORT}={} {DIRTY}={} {VCPUS}={}",
-            self.prefix_len, self.port, self.dirty_pages_per_sec, self.vcpus
+            "{IP}={a}.{b}.{c}.{d}/{} {PORT}={} {DIRTY}={} {PATTERN}={} {VCPUS}={}",
+            self.prefix_len,
+            self.port,
+            self.dirty_pages_per_sec,
+            self.dirty_pattern.name(),
+            self.vcpus
         )?;
         // 0: not known yet (the VMM appends it once a vCPU exists).
         if self.tsc_khz != 0 {
@@ -252,6 +264,7 @@ mod tests {
         let mut p = Params::parse("colo.ip=10.0.0.2/24 colo.port=7000 colo.tsc_khz=1").unwrap();
         p.flags = FLAG_NONDETERMINISTIC;
         p.dirty_pages_per_sec = 25_600;
+        p.dirty_pattern = DirtyPattern::Zipf;
         p.tsc_khz = 2_400_000;
         p.vcpus = 2;
         p.devices[0] = MmioDevice {
@@ -274,7 +287,7 @@ mod tests {
         let text = p.to_string();
         assert_eq!(
             text,
-            "colo.ip=10.0.0.2/24 colo.port=7000 colo.dirty=25600 colo.vcpus=2 \
+            "colo.ip=10.0.0.2/24 colo.port=7000 colo.dirty=25600 colo.dirty_pattern=zipf colo.vcpus=2 \
              colo.tsc_khz=2400000 colo.nondeterministic virtio_mmio.device=4K@0xd0000000:5 \
              virtio_mmio.device=4K@0xd0001000:6"
         );
@@ -306,6 +319,7 @@ mod tests {
             ("colo.port=0", ParamError::Bad("colo.port")),
             ("colo.vcpus=9", ParamError::Bad("colo.vcpus")),
             ("colo.dirty=many", ParamError::Bad("colo.dirty")),
+            ("colo.dirty_pattern=random", ParamError::Bad("colo.dirty_pattern")),
             ("colo.selftest=boom", ParamError::Bad("colo.selftest")),
             (
                 "virtio_mmio.device=4K@0xd0000000",

@@ -4,6 +4,7 @@
 //! - [`boot`]: the machine the guest expects (memory layout, ports, devices, the command
 //!   line).
 //! - [`cmdline`]: the parameters on the guest's kernel command line.
+//! - [`dirty`]: which pages the dirty load writes.
 //! - [`record`]: the records of the guest's disk log, which the VMM reads back to check
 //!   that every acknowledged write reached the disk.
 //!
@@ -16,4 +17,5 @@ extern crate alloc;
 
 pub mod boot;
 pub mod cmdline;
+pub mod dirty;
 pub mod record;

@@ -68,6 +68,8 @@ fn dirty_load(b: &Boot, index: u32, clock: Clock) -> Result<Option<DirtyLoad>, (
         share.gpa,
         share.len,
         share.pages_per_sec,
+        p.dirty_pattern,
+        u64::from(index) + 1,
         clock,
     ))
 }
@@ -104,7 +106,7 @@ extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
     let clock = Clock::new(p.tsc_khz);
     let ip = Ipv4Address::from(p.ip);
     println!(
-        "colo-guest {} (contract v{BOOT_VERSION}): {ip}/{} port {}, RAM {} MiB, TSC {} kHz, flags {:#x}{}, dirty {} pages/s over {} vCPUs, image end {:#x}",
+        "colo-guest {} (contract v{BOOT_VERSION}): {ip}/{} port {}, RAM {} MiB, TSC {} kHz, flags {:#x}{}, dirty {} pages/s ({}) over {} vCPUs, image end {:#x}",
         env!("CARGO_PKG_VERSION"),
         p.prefix_len,
         p.port,
@@ -117,6 +119,7 @@ extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
             ""
         },
         p.dirty_pages_per_sec,
+        p.dirty_pattern.name(),
         p.vcpus,
         rt::image_end(),
     );
@@ -216,7 +219,11 @@ extern "C" fn guest_main(start_info: u64, _index: u64) -> ! {
             busy = true;
         }
         net.flush();
-        let dirty_wait = dirty.as_mut().map_or(MAX_IDLE_US, DirtyLoad::run);
+        let dirty_wait = match dirty.as_mut().map(DirtyLoad::run) {
+            None => MAX_IDLE_US,
+            Some(Ok(wait)) => wait,
+            Some(Err(lost)) => dirty::memory_lost(lost),
+        };
         if !busy {
             let wait = iface
                 .poll_delay(clock.now(), &sockets)

@@ -234,7 +234,9 @@ fn end_reply(out: &mut Vec<u8>, stamp: bool) {
 /// Appends the reply to one request line (without its newline) to `out`.
 fn answer(line: &[u8], out: &mut Vec<u8>, be: &mut Backend<'_>, stamp: bool) {
     if let Some(d) = be.dirty.as_deref_mut() {
-        d.run_at_most(PAGES_PER_REQUEST);
+        if let Err(lost) = d.run_at_most(PAGES_PER_REQUEST) {
+            crate::dirty::memory_lost(lost);
+        }
     }
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     match Request::parse(line) {

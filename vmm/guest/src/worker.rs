@@ -66,8 +66,10 @@ pub extern "C" fn worker_main(start_info: u64, index: u64) -> ! {
         turns.fetch_add(1, Ordering::Relaxed);
         match load.as_mut().map(DirtyLoad::run) {
             None => arch::idle(IDLE_WAIT_US),
-            Some(0) => {}
-            Some(wait) => arch::idle(wait.clamp(MIN_WAIT_US, MAX_WAIT_US) as u32),
+            Some(Ok(0)) => {}
+            Some(Ok(wait)) => arch::idle(wait.clamp(MIN_WAIT_US, MAX_WAIT_US) as u32),
+            // Without the console (vCPU 0's): the status alone says it.
+            Some(Err(_)) => stop(colo_guest_abi::boot::EXIT_MEMORY_LOST),
         }
     }
 }

@@ -45,6 +45,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+pub use colo_guest_abi::boot::DirtyPattern;
 pub use error::{Error, Result};
 pub use linux::LinuxGuest;
 pub use vcpus::check_count as check_vcpus;
@@ -113,6 +114,8 @@ pub struct BuiltInGuest {
     pub nondeterministic: bool,
     /// Pages per second the guest dirties.
     pub dirty_pages_per_sec: u64,
+    /// Which pages it dirties.
+    pub dirty_pattern: DirtyPattern,
 }
 
 impl BuiltInGuest {
@@ -145,6 +148,7 @@ impl BuiltInGuest {
                 0
             },
             dirty_pages_per_sec: self.dirty_pages_per_sec,
+            dirty_pattern: self.dirty_pattern,
             tsc_khz: 0,
             vcpus,
             devices,
@@ -610,6 +614,7 @@ mod cmdline_tests {
             port: 7000,
             nondeterministic: true,
             dirty_pages_per_sec: 25_600,
+            dirty_pattern: DirtyPattern::Hot,
         };
         let line = format!("{} clearcpuid=xsave colo.tsc_khz=2600000", g.cmdline(3));
         let p = Params::parse(&line).unwrap();
@@ -619,6 +624,7 @@ mod cmdline_tests {
             (p.dirty_pages_per_sec, p.vcpus, p.tsc_khz),
             (25_600, 3, 2_600_000)
         );
+        assert_eq!(p.dirty_pattern, DirtyPattern::Hot);
         let devs: Vec<(u64, u64, u32)> = p
             .devices()
             .iter()

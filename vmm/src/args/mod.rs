@@ -6,4 +6,4 @@ mod parse;
 mod vm;
 
 pub use parse::{parse_mode, parse_ms, parse_ms_or_zero, parse_secs, parse_size};
-pub use vm::{KernelArgs, VmArgs, configure_tap, parse_cidr, prepare_disk};
+pub use vm::{KernelArgs, VmArgs, configure_tap, parse_cidr, parse_pattern, prepare_disk};

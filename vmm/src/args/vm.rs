@@ -8,7 +8,7 @@ use std::process::Command;
 use clap::Args;
 use colo_machine::devices::backend::NetBackend;
 use colo_machine::devices::console::ConsoleSink;
-use colo_machine::{BuiltInGuest, Error, Guest, LinuxGuest, Machine, Result, VmConfig};
+use colo_machine::{BuiltInGuest, DirtyPattern, Error, Guest, LinuxGuest, Machine, Result, VmConfig};
 
 use super::parse_size;
 
@@ -55,6 +55,14 @@ pub struct VmArgs {
     /// all: every vCPU writes an equal share into its own slice.
     #[arg(long, default_value_t = 0)]
     pub dirty_rate: u64,
+    /// Which pages the built-in guest's dirty load writes: zipf (a few pages very often,
+    /// most seldom, like a service's working set: ranks from a Zipf distribution of
+    /// exponent 1), hot (a fixed set of 4 MiB per vCPU rewritten in turn) or sweep (every
+    /// page of its slice in turn: each write is to a page not written for the longest time).
+    /// Hot and sweep check each page before writing it again and stop the guest (exit
+    /// status 7) if it lost what they wrote.
+    #[arg(long, default_value = "zipf", value_parser = parse_pattern)]
+    pub dirty_pattern: DirtyPattern,
     /// A guest image to run instead of the built-in one (an x86-64 ELF linked at 0x200000).
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -97,6 +105,17 @@ impl KernelArgs {
             cmdline: self.cmdline.clone(),
         })
     }
+}
+
+/// The names `--dirty-pattern` takes.
+const PATTERNS: [DirtyPattern; 3] = [DirtyPattern::Zipf, DirtyPattern::Hot, DirtyPattern::Sweep];
+
+/// Parses `--dirty-pattern`.
+pub fn parse_pattern(s: &str) -> std::result::Result<DirtyPattern, String> {
+    DirtyPattern::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = PATTERNS.iter().map(|p| p.name()).collect();
+        format!("'{s}' is not a dirty pattern: one of {}", names.join(", "))
+    })
 }
 
 /// Parses an IPv4 address with a prefix length (`10.0.2.15/24`).
@@ -238,6 +257,7 @@ impl VmArgs {
                     port: self.port,
                     nondeterministic: self.nondeterministic,
                     dirty_pages_per_sec: self.dirty_rate,
+                    dirty_pattern: self.dirty_pattern,
                 })
             }
         };

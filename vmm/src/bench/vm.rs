@@ -78,6 +78,7 @@ fn vm_args(dir: &std::path::Path, tap: &str, with_net: bool) -> VmArgs {
         net_socket: None,
         nondeterministic: false,
         dirty_rate: 0,
+        dirty_pattern: colo_machine::DirtyPattern::Sweep,
         image: None,
         kernel: crate::args::KernelArgs::default(),
     }
@@ -98,6 +99,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
             port: 7000,
             nondeterministic: false,
             dirty_pages_per_sec: 1000,
+        dirty_pattern: colo_machine::DirtyPattern::Sweep,
         }),
         disk: {
             crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;

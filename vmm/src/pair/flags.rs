@@ -69,6 +69,7 @@ pub(super) fn vm_flags(a: &PairArgs, dir: &Path, side: &str) -> Vec<String> {
         ),
         format!("--port={}", GUEST.1),
         format!("--dirty-rate={}", a.dirty_rate),
+        format!("--dirty-pattern={}", a.dirty_pattern.name()),
     ];
     if a.nondeterministic {
         v.push("--nondeterministic".into());

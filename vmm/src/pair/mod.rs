@@ -88,6 +88,12 @@ pub struct PairArgs {
     /// Pages per second each guest dirties (in all, shared evenly by its vCPUs).
     #[arg(long, default_value_t = 0)]
     pub dirty_rate: u64,
+    /// Which pages the guests dirty: zipf (a working set, a few pages very often), hot (a
+    /// fixed 4 MiB per vCPU rewritten in turn) or sweep (every page in turn). Hot and sweep
+    /// check each page before writing it again, so a page a checkpoint missed stops the
+    /// guest (exit status 7, "memory lost").
+    #[arg(long, default_value = "zipf", value_parser = crate::args::parse_pattern)]
+    pub dirty_pattern: colo_machine::DirtyPattern,
     /// Put the TSC into every reply, so PVM and SVM answer differently (mismatches).
     #[arg(long)]
     pub nondeterministic: bool,

@@ -51,6 +51,11 @@ pub struct ColoBenchArgs {
     /// 256 pages/s).
     #[arg(long, default_value = "10,100,400", value_delimiter = ',')]
     rates: Vec<u64>,
+    /// Which pages the guest's dirty load writes (see `colo pair --help`): zipf, hot or
+    /// sweep. Sweep writes every page in turn, so every write takes a write-protect fault
+    /// after each collection and the service is bounded by the host's fault cost.
+    #[arg(long, default_value = "zipf", value_parser = crate::args::parse_pattern)]
+    dirty_pattern: colo_machine::DirtyPattern,
     /// Checkpointing modes, comma-separated; every dirty rate runs once per mode.
     #[arg(
         long,
@@ -196,10 +201,11 @@ pub fn run(args: &ColoBenchArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     eprintln!(
         "colo bench colo: {} runs of {:.1} s of client load each (plus VM start and initial \
-         sync), {} guest RAM, {cpus} CPUs",
+         sync), {} guest RAM, dirty pattern {}, {cpus} CPUs",
         plan.len(),
         args.duration.as_secs_f64(),
-        fmt_bytes(args.ram)
+        fmt_bytes(args.ram),
+        args.dirty_pattern.name()
     );
     let mut runs = Vec::with_capacity(plan.len());
     for (i, &(round, kind, rate_mib)) in plan.iter().enumerate() {

@@ -68,6 +68,7 @@ fn pair_args(
         "--json".into(),
         format!("--duration={}ms", args.duration.as_millis().max(1)),
         format!("--dirty-rate={}", rate_mib * PAGES_PER_MIB),
+        format!("--dirty-pattern={}", args.dirty_pattern.name()),
         format!("--ram={}", args.ram),
         format!("--pipeline={}", args.pipeline.max(1)),
     ];
