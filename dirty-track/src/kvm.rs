@@ -160,6 +160,14 @@ impl DirtyTracker {
         on.is_some()
     }
 
+    /// Removes the pages kept writable from `out` (a bitmap of [`GuestLayout::pages`]
+    /// flat pages).
+    pub fn remove_kept(&self, out: &mut PageBitmap) {
+        if let Some(h) = self.hot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            out.subtract_words(h.kept_words());
+        }
+    }
+
     /// Hot pages kept writable now.
     pub fn kept_pages(&self) -> u64 {
         self.hot
@@ -211,7 +219,7 @@ impl DirtyTracker {
         let mut stats = CollectStats::default();
         let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = hot.as_mut() {
-            stats.released_pages = h.begin();
+            stats.released_pages = h.begin(kind);
         }
         for (i, (r, m)) in self
             .layout

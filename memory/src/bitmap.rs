@@ -130,6 +130,14 @@ impl PageBitmap {
         self.mask_tail();
     }
 
+    /// Clears every page set in `words` (a bitmap over the same pages; words past either
+    /// end are ignored).
+    pub fn subtract_words(&mut self, words: &[u64]) {
+        for (a, b) in self.words.iter_mut().zip(words) {
+            *a &= !*b;
+        }
+    }
+
     /// ORs `words` (a bitmap of its own, bit 0 = page 0) into this bitmap starting at page
     /// `first`: how one memory slot's KVM log joins the bitmap of the whole guest. Bits that
     /// would fall past the end are dropped.

@@ -36,7 +36,7 @@ mod vcpus;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use colo_dirty_track::DirtyTracker;
+use colo_dirty_track::{Collection, DirtyTracker};
 use colo_memory::PageBitmap;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
@@ -45,6 +45,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+pub use colo_dirty_track::HotPolicy;
 pub use colo_guest_abi::boot::DirtyPattern;
 pub use error::{Error, Result};
 pub use linux::LinuxGuest;
@@ -222,8 +223,39 @@ impl DirtyHandle {
     /// # Errors
     /// [`Error::Dirty`] if KVM refuses.
     pub fn collect(&self, out: &mut PageBitmap) -> Result<u64> {
-        let s = self.tracker.collect(&self.vm, out)?;
-        Ok(s.kvm_pages + s.vmm_pages)
+        self.collect_for(out, Collection::Checkpoint)
+    }
+
+    /// [`Self::collect`] for a push round while the VM runs: hot pages kept writable
+    /// ([`Self::keep_hot`]) are left out of `out` (they stay dirty for the checkpoint).
+    /// Returns the pages put into `out`.
+    ///
+    /// # Errors
+    /// [`Error::Dirty`] if KVM refuses.
+    pub fn collect_background(&self, out: &mut PageBitmap) -> Result<u64> {
+        self.collect_for(out, Collection::Background)
+    }
+
+    fn collect_for(&self, out: &mut PageBitmap, kind: Collection) -> Result<u64> {
+        let s = self.tracker.collect_for(&self.vm, out, kind)?;
+        Ok(s.reported(kind))
+    }
+
+    /// Keeps pages the guest rewrites all the time writable under `policy` (`None`:
+    /// stop). Returns whether the policy is on (it needs KVM's manual dirty-log
+    /// protection).
+    pub fn keep_hot(&self, policy: Option<HotPolicy>) -> bool {
+        self.tracker.set_hot_policy(policy)
+    }
+
+    /// Pages kept writable now.
+    pub fn kept_pages(&self) -> u64 {
+        self.tracker.kept_pages()
+    }
+
+    /// Removes the pages kept writable from `out`.
+    pub fn remove_kept(&self, out: &mut PageBitmap) {
+        self.tracker.remove_kept(out);
     }
 }
 

@@ -20,7 +20,7 @@ use super::push::PushTransport;
 use super::qmp::{self, Phase, QmpSocket, RunState, ShutdownCause};
 use super::secondary::{self, Outcome};
 use super::{ColoError, Mode, Params, Result};
-use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs};
+use crate::args::{VmArgs, parse_mode, parse_ms, parse_ms_or_zero, parse_secs, parse_size};
 use crate::interrupt::{catch_interrupts, interrupted};
 
 /// Which page-push transport to use.
@@ -61,6 +61,14 @@ pub struct ColoArgs {
     /// Force a checkpoint when this many pages were pushed in the background (0: never).
     #[arg(long, default_value_t = 65_536)]
     pub dirty_threshold: u64,
+    /// Primary: most guest memory kept writable because the guest rewrites it all the
+    /// time (0: none). A page dirty in two collections in a row is no longer
+    /// write-protected after each collection (each first write after one costs the guest
+    /// a fault of 6-15 us); instead it goes into every checkpoint, so this is also the most
+    /// it adds to each checkpoint's pause. Kept pages must qualify again every 64
+    /// collections. Needs KVM's manual dirty-log protection.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    pub hot_budget: u64,
     /// Pair id: both sides must agree.
     #[arg(long, default_value_t = 1)]
     pub pair_id: u64,
@@ -166,6 +174,7 @@ impl ColoArgs {
             },
             mode: self.mode,
             dirty_threshold: self.dirty_threshold,
+            hot_budget_pages: self.hot_budget / colo_memory::PAGE_SIZE,
             role_words: false,
         })
     }

@@ -67,6 +67,9 @@ pub struct EpochRecord {
     pub release_us: u64,
     /// Pages pushed during the pause.
     pub pause_pages: u64,
+    /// Of those, hot pages kept writable (pushed at every checkpoint, see `--hot-budget`).
+    #[serde(default)]
+    pub hot_pages: u64,
     /// Pages pushed in the background during the epoch.
     pub background_pages: u64,
     /// Payload bytes of the whole epoch.

@@ -60,6 +60,10 @@ pub struct Params {
     pub mode: Mode,
     /// A checkpoint is forced when this many pages are dirty (0: never).
     pub dirty_threshold: u64,
+    /// Most pages the primary keeps writable because the guest rewrites them all the time
+    /// (`--hot-budget`; 0: none): they go into every checkpoint instead of taking a
+    /// write-protect fault after every collection.
+    pub hot_budget_pages: u64,
     /// Say the VM's role to a proxy in cluster mode at each transition (`--role-words`,
     /// see [`role`]).
     pub role_words: bool,

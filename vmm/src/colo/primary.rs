@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use colo_machine::memory::PAGE_SIZE;
 use colo_machine::runner::VmHandle;
-use colo_machine::{DirtyHandle, GuestExit};
+use colo_machine::{DirtyHandle, GuestExit, HotPolicy};
 use colo_memory::PageBitmap;
 use colo_memory::Region;
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
@@ -109,6 +109,7 @@ impl Primary {
         events: Events,
     ) -> Primary {
         let pages = ram.len() as u64 / PAGE_SIZE;
+        keep_hot(&dirty, &params);
         Primary {
             peer: peer.clone(),
             ram,
@@ -245,6 +246,36 @@ fn crash_armed(phase: &str, checkpoint: u64) -> bool {
     })
     .as_ref()
     .is_some_and(|(p, n)| p == phase && *n == checkpoint)
+}
+
+/// Keeps the pages the guest rewrites all the time writable, within `params`'s budget.
+fn keep_hot(dirty: &DirtyHandle, params: &Params) {
+    let budget = params.hot_budget_pages;
+    let policy = (budget > 0).then_some(HotPolicy {
+        after: HotPolicy::DEFAULT_AFTER,
+        budget_pages: budget,
+        lease: HotPolicy::DEFAULT_LEASE,
+    });
+    let on = dirty.keep_hot(policy);
+    if budget > 0 && !on {
+        tracing::info!("hot pages are write-protected like any other: KVM lacks manual dirty-log protection");
+    } else if on {
+        tracing::debug!(budget_pages = budget, "hot pages kept writable");
+    }
+}
+
+/// Test hook (`COLO_TEST_DROP_HOT=1`): the checkpoint's collection leaves the hot pages
+/// kept writable out, as a background round does, so their latest contents never reach
+/// the secondary. Only tests that prove such a loss is caught set it.
+fn drop_hot_for_test() -> bool {
+    static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ARMED.get_or_init(|| {
+        let on = std::env::var_os("COLO_TEST_DROP_HOT").is_some_and(|v| v == "1");
+        if on {
+            eprintln!("COLO_TEST_DROP_HOT: checkpoints leave hot pages out (memory will be lost)");
+        }
+        on
+    })
 }
 
 fn crash_point(phase: &str, checkpoint: u64) {
@@ -637,7 +668,7 @@ impl Primary {
             if let Some(m) = self.link.as_ref().and_then(Link::try_recv) {
                 self.on_stray(m)?;
             }
-            let n = self.dirty.collect(&mut self.bitmap)?;
+            let n = self.dirty.collect_background(&mut self.bitmap)?;
             interval = if n < IDLE_PUSH_PAGES {
                 (interval * 2).min(self.params.checkpoint_delay)
             } else {
@@ -722,6 +753,9 @@ impl Primary {
         let report = self.vm.pause()?;
         let parked = t.elapsed();
         self.dirty.collect(&mut self.bitmap)?;
+        if drop_hot_for_test() {
+            self.dirty.remove_kept(&mut self.bitmap);
+        }
         let start = PauseStart {
             park: parked,
             vcpu_stops: report.stops().to_vec(),
@@ -833,6 +867,7 @@ impl Primary {
             barrier_us: (barrier_done - pushed_at).as_micros() as u64,
             answer_us: (received_at - barrier_done).as_micros() as u64,
             pause_pages,
+            hot_pages: self.dirty.kept_pages(),
             background_pages: self.bg_pages,
             bytes: stats.bytes + self.bg_bytes,
             state_bytes,

@@ -23,6 +23,7 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
                 .map_or("colo".into(), |v| v.get_name().to_string())
         ),
         format!("--dirty-threshold={}", c.dirty_threshold),
+        format!("--hot-budget={}", c.hot_budget),
         format!("--pair-id={}", c.pair_id),
         "--transport=tcp".into(),
         format!("--streams={}", c.streams),
