@@ -12,6 +12,7 @@
 mod args;
 mod child;
 mod colo;
+mod cpu;
 mod dirty;
 mod error;
 mod guest32;
