@@ -232,6 +232,8 @@ pub struct Report {
     pub batch_bytes: u64,
     /// Most runs per push batch.
     pub batch_runs: usize,
+    /// Whether plain streams spliced the pages (or copied them with `writev`).
+    pub splice: bool,
     /// Seed of data and pages.
     pub seed: u64,
     /// The cases.
@@ -261,9 +263,15 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "push batches of up to {} / {} runs; rates in GiB/s; ratios compare medians\n",
+            "push batches of up to {} / {} runs, pages {}; rates in GiB/s; ratios compare \
+             medians",
             fmt_bytes(self.batch_bytes),
-            self.batch_runs
+            self.batch_runs,
+            if self.splice {
+                "spliced (vmsplice + splice)"
+            } else {
+                "copied (writev)"
+            }
         );
         let _ = writeln!(
             o,
@@ -384,6 +392,7 @@ impl Report {
             streams: &self.streams,
             batch_bytes: self.batch_bytes,
             batch_runs: self.batch_runs,
+            splice: self.splice,
             seed: self.seed,
             checksums_verified: true,
             verified_epochs: self.verified_epochs(),
@@ -411,6 +420,7 @@ struct JsonReport<'a> {
     streams: &'a [usize],
     batch_bytes: u64,
     batch_runs: usize,
+    splice: bool,
     seed: u64,
     checksums_verified: bool,
     verified_epochs: u64,
