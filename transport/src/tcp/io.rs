@@ -32,7 +32,7 @@ pub trait ScatterIo: Read + Write {
 }
 
 /// Drops `n` transferred bytes from the front of `iovs[*first..]`.
-pub(crate) fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
     while n > 0 && *first < iovs.len() {
         let v = &mut iovs[*first];
         if n >= v.iov_len {

@@ -13,7 +13,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use zerocopy::IntoBytes;
 
 use super::io::ScatterIo;
-use super::splice::PagePipe;
 use super::wire::{
     MAX_BATCH_BYTES, MAX_BATCH_RUNS, MAX_STREAMS, PUSH_HEADER_LEN, PushFrame, RUN_DESC_LEN, RunDesc,
 };
@@ -37,11 +36,6 @@ pub struct TcpPushOptions {
     pub ack_timeout: Duration,
     /// How long connecting may take (the receiver may still be starting). Default 10 s.
     pub connect_timeout: Duration,
-    /// Send the runs' bytes of a plain (not sealed) stream by reference, with `vmsplice`
-    /// and `splice`, instead of copying them with `writev`: the sending side then copies
-    /// no page at all. The bytes on the wire are the same either way. Default on; where
-    /// a stream cannot get a pipe it writes as with this off.
-    pub splice: bool,
 }
 
 impl Default for TcpPushOptions {
@@ -53,7 +47,6 @@ impl Default for TcpPushOptions {
             queue_depth: 4,
             ack_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
-            splice: true,
         }
     }
 }
@@ -260,10 +253,9 @@ impl TcpPushSender {
             // every byte of the stream.
             let thread = if creds.encrypts() {
                 let sealed = Sealed::new(s, SessionKeys::from_peer(&peer));
-                builder.spawn(move || worker(sealed, &raw, None, &src, &rx, &done_tx))
+                builder.spawn(move || worker(sealed, &raw, &src, &rx, &done_tx))
             } else {
-                let pipe = opts.splice.then(page_pipe).flatten();
-                builder.spawn(move || worker(s, &raw, pipe, &src, &rx, &done_tx))
+                builder.spawn(move || worker(s, &raw, &src, &rx, &done_tx))
             }
             .map_err(Error::Thread)?;
             workers.push(Worker {
@@ -501,28 +493,11 @@ impl Drop for TcpPushSender {
     }
 }
 
-/// A pipe for splicing a stream's pages, or `None` (logged once) where the system gives
-/// none: the stream then copies them with `writev`.
-fn page_pipe() -> Option<PagePipe> {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    match PagePipe::new() {
-        Ok(p) => Some(p),
-        Err(e) => {
-            WARNED.call_once(|| {
-                tracing::warn!(error = %e, "no pipe to splice pages through; copying them instead");
-            });
-            None
-        }
-    }
-}
-
 /// One stream's sender thread. `s` is the stream as the protocol reads and writes it (a
-/// socket, or a record layer over one); `raw` is the socket itself, shut down on failure;
-/// with `pipe` (a plain stream only), the runs' bytes are spliced into `raw`.
+/// socket, or a record layer over one); `raw` is the socket itself, shut down on failure.
 fn worker<S: ScatterIo>(
     mut s: S,
     raw: &TcpStream,
-    pipe: Option<PagePipe>,
     src: &Region,
     rx: &Receiver<Cmd>,
     done: &Sender<Done>,
@@ -531,13 +506,7 @@ fn worker<S: ScatterIo>(
     let mut iovs: Vec<libc::iovec> = Vec::new();
     for cmd in rx {
         let r = match cmd {
-            Cmd::Batch(b) => {
-                let out = match &pipe {
-                    Some(p) => Out::Spliced(raw, p),
-                    None => Out::Stream(&mut s),
-                };
-                send_batch(out, src, &b, &mut table, &mut iovs)
-            }
+            Cmd::Batch(b) => send_batch(&mut s, src, &b, &mut table, &mut iovs),
             Cmd::Fence(id) => {
                 round_trip(&mut s, PushFrame::Fence(id), &[], PushFrame::FenceAck(id))
                     .map(|()| done.send(Done::Fence(id)).unwrap_or(()))
@@ -570,15 +539,8 @@ fn worker<S: ScatterIo>(
     }
 }
 
-/// Where a batch goes: through the stream's own writes, or (a plain stream) its header and
-/// run table written to the socket and its bytes spliced after them.
-enum Out<'a, S> {
-    Stream(&'a mut S),
-    Spliced(&'a TcpStream, &'a PagePipe),
-}
-
-fn send_batch<S: ScatterIo>(
-    out: Out<'_, S>,
+fn send_batch(
+    s: &mut impl ScatterIo,
     src: &Region,
     b: &Batch,
     table: &mut Vec<u8>,
@@ -609,49 +571,9 @@ fn send_batch<S: ScatterIo>(
         });
     }
     debug_assert_eq!(table.len(), PUSH_HEADER_LEN + b.runs.len() * RUN_DESC_LEN);
-    match out {
-        // SAFETY: iovs[0] points at `table`, alive for the call; the others were
-        // bounds-checked by `Region::ptr_at` against the source region, which outlives the
-        // worker.
-        Out::Stream(s) => unsafe { s.write_all_iov(iovs) }.map_err(Error::Send),
-        Out::Spliced(sock, pipe) => {
-            // The table is this thread's buffer, reused for the next batch: it is copied
-            // (and held back until the pages follow), never spliced.
-            send_more(sock, table).map_err(Error::Send)?;
-            // SAFETY: iovs[1..] were bounds-checked by `Region::ptr_at` against the source
-            // region, which outlives the worker; the pages may be read until the receiver
-            // has them, which the push model allows (see `splice`).
-            unsafe { pipe.send(sock, &mut iovs[1..]) }.map_err(Error::Send)
-        }
-    }
-}
-
-/// Writes all of `buf` with `MSG_MORE`: the stack holds it back for the bytes that follow.
-fn send_more(sock: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    while !buf.is_empty() {
-        // SAFETY: buf is a live slice for the call; the kernel only reads it.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_MORE | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        buf = &buf[n as usize..];
-    }
-    Ok(())
+    // SAFETY: iovs[0] points at `table`, alive for the call; the others were bounds-checked
+    // by `Region::ptr_at` against the source region, which outlives the worker.
+    unsafe { s.write_all_iov(iovs) }.map_err(Error::Send)
 }
 
 fn round_trip(s: &mut impl ScatterIo, req: PushFrame, body: &[u8], want: PushFrame) -> Result<()> {

@@ -67,11 +67,6 @@ pub struct TransportArgs {
     #[arg(long)]
     json: bool,
 
-    /// Copy the pushed pages into the sockets with `writev` instead of splicing them
-    /// (`vmsplice` + `splice`, the default), to compare the two.
-    #[arg(long)]
-    no_splice: bool,
-
     /// Also push every case sealed (`--encrypt`: AES-256-GCM with keys from the
     /// handshake) at every stream count, beside the plain push of the same run.
     #[arg(long)]
@@ -124,7 +119,6 @@ impl TransportArgs {
         let opts = TcpPushOptions {
             batch_bytes: self.batch_bytes.unwrap_or(defaults.batch_bytes),
             batch_runs: self.batch_runs.unwrap_or(defaults.batch_runs),
-            splice: !self.no_splice,
             ..defaults
         };
         Ok(Plan {

@@ -232,8 +232,6 @@ pub struct Report {
     pub batch_bytes: u64,
     /// Most runs per push batch.
     pub batch_runs: usize,
-    /// Whether plain streams spliced the pages (or copied them with `writev`).
-    pub splice: bool,
     /// Seed of data and pages.
     pub seed: u64,
     /// The cases.
@@ -263,15 +261,9 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "push batches of up to {} / {} runs, pages {}; rates in GiB/s; ratios compare \
-             medians",
+            "push batches of up to {} / {} runs; rates in GiB/s; ratios compare medians\n",
             fmt_bytes(self.batch_bytes),
-            self.batch_runs,
-            if self.splice {
-                "spliced (vmsplice + splice)"
-            } else {
-                "copied (writev)"
-            }
+            self.batch_runs
         );
         let _ = writeln!(
             o,
@@ -392,7 +384,6 @@ impl Report {
             streams: &self.streams,
             batch_bytes: self.batch_bytes,
             batch_runs: self.batch_runs,
-            splice: self.splice,
             seed: self.seed,
             checksums_verified: true,
             verified_epochs: self.verified_epochs(),
@@ -420,7 +411,6 @@ struct JsonReport<'a> {
     streams: &'a [usize],
     batch_bytes: u64,
     batch_runs: usize,
-    splice: bool,
     seed: u64,
     checksums_verified: bool,
     verified_epochs: u64,

@@ -150,7 +150,6 @@ pub fn run(plan: &Plan) -> Result<()> {
         streams: plan.streams.clone(),
         batch_bytes: plan.opts.batch_bytes,
         batch_runs: plan.opts.batch_runs,
-        splice: plan.opts.splice,
         seed: plan.seed,
         cases: results,
     };
