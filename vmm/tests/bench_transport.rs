@@ -65,6 +65,25 @@ fn assert_rates(v: &Value, what: &str) {
     );
 }
 
+/// A sample's CPU readings: a median per GiB of both sides, and one reading per repetition.
+fn assert_cpu(v: &Value, what: &str) {
+    let cpu = v.at("cpu");
+    for key in [
+        "s_per_gib",
+        "sender_s_per_gib",
+        "receiver_s_per_gib",
+        "user_s_per_gib",
+        "sys_s_per_gib",
+    ] {
+        assert!(cpu.at(key).num() >= 0.0, "{what}: {key}");
+    }
+    assert_eq!(
+        cpu.at("reps").arr().len(),
+        v.at("secs").arr().len(),
+        "{what}"
+    );
+}
+
 #[test]
 fn small_run_reports_every_case_with_verified_checksums() {
     let out = colo(&[
@@ -109,7 +128,21 @@ fn small_run_reports_every_case_with_verified_checksums() {
             assert_eq!(p.at("verified_epochs").num(), 1.0, "{name}");
             assert!(p.at("push_over_memcpy").num() > 0.0, "{name}");
             assert!(p.at("push_over_raw_tcp").num() > 0.0, "{name}");
+            // CPU of both processes for the push; the ratio is null only if the raw
+            // stream's reading were zero.
+            assert_cpu(p, &format!("{name} push"));
+            assert!(p.get("cpu_over_raw_tcp").is_some(), "{name}");
         }
+        assert_cpu(c.at("raw_tcp"), &format!("{name} raw tcp"));
+        assert!(c.at("memcpy").get("cpu").is_none(), "{name}");
+        let ct = c.at("cpu_target");
+        assert_eq!(
+            ct.at("ratio").str(),
+            "push_cpu_per_gib/raw_tcp_cpu_per_gib",
+            "{name}"
+        );
+        assert!(ct.at("value").num() >= 0.0, "{name}");
+        assert_eq!(ct.at("goal").is_null(), name == "contiguous", "{name}");
         let t = c.at("target");
         assert!(t.at("value").num() > 0.0, "{name}");
         let want = if name == "contiguous" {
@@ -151,6 +184,10 @@ fn table_names_every_case_and_both_targets() {
         "(target >= 0.60)",
         "contiguous: push/raw-tcp = ",
         "(target >= 1.50)",
+        "cpu/GiB",
+        "random-64: push cpu/GiB / raw-tcp cpu/GiB = ",
+        "(target <= 1.20: ",
+        "contiguous: push cpu/GiB / raw-tcp cpu/GiB = ",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in\n{stdout}");
     }

@@ -2,7 +2,7 @@
 //!
 //! `colo bench transport` measures the page-push path between two processes on loopback
 //! against the two limits that bound it: an in-process memcpy of the same pages and a raw
-//! single TCP stream of the same bytes. See [`transport`] for how one run goes.
+//! single TCP stream of the same bytes, in throughput and in CPU seconds per GiB. See [`transport`] for how one run goes.
 //!
 //! `colo bench dirty` and `colo bench ramcache` measure dirty tracking and the RAM cache's
 //! commit flush in process, each beside its same-run baseline.
@@ -12,6 +12,7 @@
 mod args;
 mod child;
 mod colo;
+mod cpu;
 mod dirty;
 mod error;
 mod guest32;
@@ -46,8 +47,13 @@ pub enum BenchCommand {
     /// pages, and a raw single TCP stream of the same number of bytes (1 MiB writes and
     /// reads).
     ///
+    /// Both processes also measure their CPU time over every transfer (the receiver
+    /// reports its own), so each push and the raw stream get the CPU seconds of sender and
+    /// receiver together per GiB moved.
+    ///
     /// The table shows every case and stream count, then the target lines: push/memcpy for
-    /// random pages and push/raw-tcp for the contiguous case, at the best stream count.
+    /// random pages and push/raw-tcp for the contiguous case, at the best stream count;
+    /// then push CPU per GiB over the raw stream's, at the cheapest stream count.
     Transport(TransportArgs),
     /// Dirty tracking: turning a 16 GiB guest's bitmap into page runs (sparse and dense,
     /// against a same-run popcount), and KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG on 1 GiB

@@ -7,8 +7,9 @@
 //!     │── stdin: "push" ──────────────────────────────────▶│ scribbles its region, binds
 //!     │◀── control: Region(desc) ──────────────────────────│ a TcpPushListener
 //!     │── push streams connect; per epoch: push_epoch ────▶│ next_commit, checksum of the
-//!     │◀── stdout: "checksum <epoch> <sum> <pages> <bytes>"│ committed pages, scribble,
-//!     │        ... more epochs ...                         │ release
+//!     │◀── stdout: "checksum <epoch> <sum> <pages> <bytes> │ committed pages, scribble,
+//!     │        <user us> <sys us>"                         │ release
+//!     │        ... more epochs ...                         │
 //!     │── push Goodbye ───────────────────────────────────▶│
 //!     │◀── stdout: "push-done <epochs>" ───────────────────│
 //!     │── stdin: "raw-open" ──────────────────────────────▶│ binds a plain listener
@@ -18,15 +19,22 @@
 //!     │◀── stdout: "raw-ready <bytes>" ────────────────────│ about to read
 //!     │── <bytes> in 1 MiB writes ────────────────────────▶│ 1 MiB reads into its region
 //!     │◀── 1 byte ─────────────────────────────────────────│
-//!     │◀── stdout: "raw-done <bytes>" ─────────────────────│
+//!     │◀── stdout: "raw-done <bytes> <user us> <sys us>" ──│
 //!     │── control: Goodbye; stdin closed ─────────────────▶│ exits
 //! ```
+//!
+//! The CPU the receiver reports (`<user us> <sys us>`, the microseconds of user and system
+//! time of the whole process) is what it used to take in the epoch or the raw transfer:
+//! for an epoch, from its previous release (or the session's start) until the commit, so
+//! that neither the checksum nor the scribbling counts; for a raw transfer, its reads and
+//! the acknowledgement.
 //!
 //! The child exits as soon as the control channel or its stdin closes, so it never
 //! outlives the parent.
 
 use colo_transport::control::{Hello, MemRegion, Role};
 
+use super::cpu::Cpu;
 use super::error::{Error, Result};
 use super::pages::PAGE_SIZE;
 
@@ -88,7 +96,7 @@ impl Request {
 }
 
 /// What the receiver tells the parent, one line on its stdout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reply {
     /// An epoch was committed, checked, scribbled over and released.
     Checksum {
@@ -100,6 +108,8 @@ pub enum Reply {
         pages: u64,
         /// Payload bytes the commit says landed.
         bytes: u64,
+        /// The receiver's CPU from the previous release until the commit.
+        cpu: Cpu,
     },
     /// The push session ended after this many epochs.
     PushDone(u64),
@@ -108,8 +118,8 @@ pub enum Reply {
     /// The receiver is about to read this many bytes from the raw stream (the timer
     /// starts after this, so it does not count the receiver's reaction to the request).
     RawReady(u64),
-    /// The raw stream delivered this many bytes.
-    RawDone(u64),
+    /// The raw stream delivered this many bytes, using this much of the receiver's CPU.
+    RawDone(u64, Cpu),
 }
 
 impl Reply {
@@ -121,11 +131,18 @@ impl Reply {
                 sum,
                 pages,
                 bytes,
-            } => format!("checksum {epoch} {sum:016x} {pages} {bytes}"),
+                cpu,
+            } => {
+                let (u, s) = cpu.to_micros();
+                format!("checksum {epoch} {sum:016x} {pages} {bytes} {u} {s}")
+            }
             Self::PushDone(n) => format!("push-done {n}"),
             Self::RawPort(p) => format!("raw-port {p}"),
             Self::RawReady(n) => format!("raw-ready {n}"),
-            Self::RawDone(n) => format!("raw-done {n}"),
+            Self::RawDone(n, cpu) => {
+                let (u, s) = cpu.to_micros();
+                format!("raw-done {n} {u} {s}")
+            }
         }
     }
 
@@ -133,16 +150,20 @@ impl Reply {
     pub fn parse(line: &str) -> Option<Self> {
         let w: Vec<&str> = line.split_whitespace().collect();
         Some(match w.as_slice() {
-            ["checksum", e, s, p, b] => Self::Checksum {
+            ["checksum", e, s, p, b, u, k] => Self::Checksum {
                 epoch: e.parse().ok()?,
                 sum: u64::from_str_radix(s, 16).ok()?,
                 pages: p.parse().ok()?,
                 bytes: b.parse().ok()?,
+                cpu: Cpu::from_micros(u.parse().ok()?, k.parse().ok()?),
             },
             ["push-done", n] => Self::PushDone(n.parse().ok()?),
             ["raw-port", p] => Self::RawPort(p.parse().ok()?),
             ["raw-ready", n] => Self::RawReady(n.parse().ok()?),
-            ["raw-done", n] => Self::RawDone(n.parse().ok()?),
+            ["raw-done", n, u, k] => Self::RawDone(
+                n.parse().ok()?,
+                Cpu::from_micros(u.parse().ok()?, k.parse().ok()?),
+            ),
             _ => return None,
         })
     }
@@ -178,16 +199,18 @@ mod tests {
                 sum: u64::MAX - 5,
                 pages: 65536,
                 bytes: 1 << 28,
+                cpu: Cpu::from_micros(81_234, 1_234_567),
             },
             Reply::PushDone(9),
             Reply::RawPort(40000),
             Reply::RawReady(4096),
-            Reply::RawDone(4096),
+            Reply::RawDone(4096, Cpu::from_micros(0, 17)),
         ] {
             assert_eq!(Reply::parse(&r.to_line()), Some(r));
         }
         assert_eq!(Request::parse("push now"), None);
         assert_eq!(Request::parse("raw x"), None);
-        assert_eq!(Reply::parse("checksum 1 zz 1 1"), None);
+        assert_eq!(Reply::parse("checksum 1 zz 1 1 0 0"), None);
+        assert_eq!(Reply::parse("checksum 1 ff 1 1"), None);
     }
 }

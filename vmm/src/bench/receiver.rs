@@ -13,6 +13,7 @@ use colo_transport::push::PushReceiver;
 use colo_transport::tcp::TcpPushListener;
 
 use super::args::ReceiverArgs;
+use super::cpu::Cpu;
 use super::error::{Error, Result};
 use super::pages::{self, PAGE_SIZE};
 use super::protocol::{Reply, Request, hello};
@@ -137,12 +138,16 @@ fn push_session(
         .accept(ACCEPT_TIMEOUT)
         .map_err(Error::transport("accepting the push streams"))?;
     let mut epochs = 0;
+    // The sender pushes an epoch only after the reply of the previous one, so the CPU from
+    // one release to the next commit is what taking in that epoch cost.
+    let mut mark = Cpu::now();
     loop {
         let c = match rx.next_commit(COMMIT_TIMEOUT) {
             Ok(c) => c,
             Err(colo_transport::Error::Frame(colo_transport::framing::Error::PeerClosed)) => break,
             Err(e) => return Err(Error::transport("waiting for an epoch commit")(e)),
         };
+        let cpu = Cpu::now() - mark;
         if corrupt {
             if let Some(p) = pages::set_pages(c.bitmap.words()).next() {
                 tracing::warn!(
@@ -165,6 +170,7 @@ fn push_session(
         rx.release(c.epoch)
             .map_err(Error::transport("releasing an epoch"))?;
         tracing::debug!(epoch = c.epoch, pages, bytes = c.bytes, "epoch checked");
+        mark = Cpu::now();
         reply(
             out,
             Reply::Checksum {
@@ -172,6 +178,7 @@ fn push_session(
                 sum,
                 pages,
                 bytes: c.bytes,
+                cpu,
             },
         )?;
         epochs += 1;
@@ -208,8 +215,10 @@ fn raw_transfer(
         )));
     }
     reply(out, Reply::RawReady(bytes))?;
+    let mark = Cpu::now();
     sock::recv_region(s, region, bytes).map_err(Error::io("receiving the raw stream"))?;
     s.write_all(&[1])
         .map_err(Error::io("acknowledging the raw stream"))?;
-    reply(out, Reply::RawDone(bytes))
+    let cpu = Cpu::now() - mark;
+    reply(out, Reply::RawDone(bytes, cpu))
 }

@@ -5,12 +5,32 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::cpu::Cpu;
+
 /// The lowest push/memcpy ratio the random-page cases aim for.
 pub const RANDOM_TARGET: f64 = 0.60;
+/// The highest push/raw-TCP ratio of CPU seconds per GiB the random-page cases aim for.
+pub const RANDOM_CPU_TARGET: f64 = 1.20;
 /// The lowest push/raw-TCP ratio the contiguous case aims for.
 pub const CONTIGUOUS_TARGET: f64 = 1.50;
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The CPU one repetition of a transfer used, on each side.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuRep {
+    /// The sending process (this one).
+    pub sender: Cpu,
+    /// The receiving process.
+    pub receiver: Cpu,
+}
+
+impl CpuRep {
+    /// Both sides together.
+    pub fn both(&self) -> Cpu {
+        self.sender + self.receiver
+    }
+}
 
 /// Timings of one measurement repeated.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +39,18 @@ pub struct Sample {
     pub bytes: u64,
     /// Seconds of every repetition.
     pub secs: Vec<f64>,
+    /// CPU of every repetition (transfers between the processes only; empty for memcpy).
+    pub cpu: Vec<CpuRep>,
+}
+
+/// The median of some numbers (the mean of the middle two for an even count), 0 for none.
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 impl Sample {
@@ -27,7 +59,29 @@ impl Sample {
         Self {
             bytes,
             secs: Vec::new(),
+            cpu: Vec::new(),
         }
+    }
+
+    /// GiB moved per repetition.
+    fn gib(&self) -> f64 {
+        self.bytes as f64 / GIB
+    }
+
+    /// Median over the repetitions of `f(rep)` CPU seconds per GiB; `None` without CPU
+    /// readings.
+    pub fn cpu_per_gib_by(&self, f: impl Fn(&CpuRep) -> f64) -> Option<f64> {
+        if self.cpu.is_empty() || self.bytes == 0 {
+            return None;
+        }
+        Some(median_of(
+            self.cpu.iter().map(|c| f(c) / self.gib()).collect(),
+        ))
+    }
+
+    /// Median CPU seconds per GiB of sender and receiver together.
+    pub fn cpu_per_gib(&self) -> Option<f64> {
+        self.cpu_per_gib_by(|c| c.both().total())
     }
 
     /// GiB/s of one repetition.
@@ -43,12 +97,7 @@ impl Sample {
 
     /// Median GiB/s (the mean of the middle two for an even count).
     pub fn median(&self) -> f64 {
-        let r = self.rates();
-        match r.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => r[n / 2],
-            n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
-        }
+        median_of(self.rates())
     }
 
     /// Best GiB/s.
@@ -125,6 +174,28 @@ impl CaseResult {
     }
 }
 
+impl CaseResult {
+    /// Push CPU per GiB over the raw stream's at `p`'s stream count, if both were measured.
+    pub fn cpu_over_raw(&self, p: &PushResult) -> Option<f64> {
+        cpu_ratio(&p.sample, &self.raw)
+    }
+
+    /// The plain stream count whose push costs the least CPU per GiB, with its ratio to the
+    /// raw stream's.
+    pub fn cpu_target(&self) -> Option<(usize, f64)> {
+        self.push
+            .iter()
+            .filter(|p| !p.sealed)
+            .filter_map(|p| Some((p.streams, self.cpu_over_raw(p)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+fn cpu_ratio(a: &Sample, b: &Sample) -> Option<f64> {
+    let (a, b) = (a.cpu_per_gib()?, b.cpu_per_gib()?);
+    (b > 0.0).then(|| a / b)
+}
+
 /// What `--encrypt` keeps of the plain push.
 pub const SEALED_TARGET: f64 = 0.5;
 
@@ -196,7 +267,13 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8}  {:>6}  {:>6}  {:>7}  {:>11}  {:>8}",
+            "CPU: seconds of sender and receiver together per GiB moved (median); cpu/raw \
+             compares it with the raw stream's\n"
+        );
+        let _ = writeln!(
+            o,
+            "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8}  {:>6}  {:>6}  {:>7}  {:>11}  {:>8}  \
+             {:>8}  {:>7}  {:>7}",
             "case",
             "bytes",
             "runs",
@@ -207,13 +284,18 @@ impl Report {
             "memcpy",
             "raw-tcp",
             "push/memcpy",
-            "push/raw"
+            "push/raw",
+            "cpu/GiB",
+            "raw cpu",
+            "cpu/raw"
         );
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
         for c in &self.cases {
             for p in &c.push {
                 let _ = writeln!(
                     o,
-                    "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8.2}  {:>6.2}  {:>6.2}  {:>7.2}  {:>11.2}  {:>8.2}",
+                    "{:<14} {:>10}  {:>6}  {:>7}  {:>6}  {:>8.2}  {:>6.2}  {:>6.2}  {:>7.2}  \
+                     {:>11.2}  {:>8.2}  {:>8}  {:>7}  {:>7}",
                     c.name,
                     fmt_bytes(c.bytes()),
                     c.runs,
@@ -225,6 +307,9 @@ impl Report {
                     c.raw.median(),
                     ratio(&p.sample, &c.memcpy),
                     ratio(&p.sample, &c.raw),
+                    opt(p.sample.cpu_per_gib()),
+                    opt(c.raw.cpu_per_gib()),
+                    opt(c.cpu_over_raw(p)),
                 );
             }
         }
@@ -261,6 +346,29 @@ impl Report {
                  stream(s): {}]",
                 c.name,
                 if r >= goal { "met" } else { "NOT met" }
+            );
+        }
+        for c in &self.cases {
+            let Some((streams, r)) = c.cpu_target() else {
+                continue;
+            };
+            let raw = c.raw.cpu_per_gib().unwrap_or(0.0);
+            let goal = match c.kind {
+                CaseKind::Random => format!(
+                    "target <= {RANDOM_CPU_TARGET:.2}: {}",
+                    if r <= RANDOM_CPU_TARGET {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
+                ),
+                CaseKind::Contiguous => "no target".into(),
+            };
+            let _ = writeln!(
+                o,
+                "{}: push cpu/GiB / raw-tcp cpu/GiB = {r:.2} ({goal})  [lowest at {streams} \
+                 stream(s); raw tcp {raw:.3} s/GiB]",
+                c.name
             );
         }
         o
@@ -321,6 +429,8 @@ struct JsonCase<'a> {
     push: Vec<JsonPush<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<JsonTarget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_target: Option<JsonCpuTarget>,
 }
 
 impl<'a> JsonCase<'a> {
@@ -335,6 +445,7 @@ impl<'a> JsonCase<'a> {
                 sample: JsonSample::new(&p.sample),
                 push_over_memcpy: ratio(&p.sample, &c.memcpy),
                 push_over_raw_tcp: ratio(&p.sample, &c.raw),
+                cpu_over_raw_tcp: c.cpu_over_raw(p),
                 checksums_verified: p.verified == c.push_reps(),
                 verified_epochs: p.verified,
             })
@@ -349,6 +460,13 @@ impl<'a> JsonCase<'a> {
             goal,
             met: value >= goal,
         });
+        let cpu_target = c.cpu_target().map(|(lowest_streams, value)| JsonCpuTarget {
+            ratio: "push_cpu_per_gib/raw_tcp_cpu_per_gib",
+            lowest_streams,
+            value,
+            goal: (c.kind == CaseKind::Random).then_some(RANDOM_CPU_TARGET),
+            met: (c.kind == CaseKind::Random).then_some(value <= RANDOM_CPU_TARGET),
+        });
         Self {
             name: &c.name,
             kind: c.kind,
@@ -359,6 +477,7 @@ impl<'a> JsonCase<'a> {
             raw_tcp: JsonSample::new(&c.raw),
             push,
             target,
+            cpu_target,
         }
     }
 }
@@ -368,6 +487,8 @@ struct JsonSample<'a> {
     median_gibs: f64,
     best_gibs: f64,
     secs: &'a [f64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<JsonCpu>,
 }
 
 impl<'a> JsonSample<'a> {
@@ -376,7 +497,50 @@ impl<'a> JsonSample<'a> {
             median_gibs: s.median(),
             best_gibs: s.best(),
             secs: &s.secs,
+            cpu: JsonCpu::new(s),
         }
+    }
+}
+
+/// CPU seconds per GiB, each a median over the repetitions, and every repetition's
+/// readings in seconds.
+#[derive(Serialize)]
+struct JsonCpu {
+    s_per_gib: f64,
+    sender_s_per_gib: f64,
+    receiver_s_per_gib: f64,
+    user_s_per_gib: f64,
+    sys_s_per_gib: f64,
+    reps: Vec<JsonCpuRep>,
+}
+
+#[derive(Serialize)]
+struct JsonCpuRep {
+    sender_user_s: f64,
+    sender_sys_s: f64,
+    receiver_user_s: f64,
+    receiver_sys_s: f64,
+}
+
+impl JsonCpu {
+    fn new(s: &Sample) -> Option<Self> {
+        Some(Self {
+            s_per_gib: s.cpu_per_gib()?,
+            sender_s_per_gib: s.cpu_per_gib_by(|c| c.sender.total())?,
+            receiver_s_per_gib: s.cpu_per_gib_by(|c| c.receiver.total())?,
+            user_s_per_gib: s.cpu_per_gib_by(|c| c.both().user)?,
+            sys_s_per_gib: s.cpu_per_gib_by(|c| c.both().sys)?,
+            reps: s
+                .cpu
+                .iter()
+                .map(|c| JsonCpuRep {
+                    sender_user_s: c.sender.user,
+                    sender_sys_s: c.sender.sys,
+                    receiver_user_s: c.receiver.user,
+                    receiver_sys_s: c.receiver.sys,
+                })
+                .collect(),
+        })
     }
 }
 
@@ -390,8 +554,18 @@ struct JsonPush<'a> {
     sample: JsonSample<'a>,
     push_over_memcpy: f64,
     push_over_raw_tcp: f64,
+    cpu_over_raw_tcp: Option<f64>,
     checksums_verified: bool,
     verified_epochs: u32,
+}
+
+#[derive(Serialize)]
+struct JsonCpuTarget {
+    ratio: &'static str,
+    lowest_streams: usize,
+    value: f64,
+    goal: Option<f64>,
+    met: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -428,6 +602,7 @@ mod tests {
         Sample {
             bytes,
             secs: secs.to_vec(),
+            cpu: Vec::new(),
         }
     }
 
@@ -454,6 +629,7 @@ mod tests {
             median_gibs: f64::NAN,
             best_gibs: f64::INFINITY,
             secs: &[f64::NEG_INFINITY, 0.5],
+            cpu: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
@@ -496,5 +672,63 @@ mod tests {
         // 0.5 s plain against 0.25 s sealed at 2 streams: sealed is twice as fast here.
         assert_eq!(c.sealed_over_plain(2), Some(2.0));
         assert_eq!(c.sealed_over_plain(1), None);
+        assert_eq!(c.cpu_target(), None);
+    }
+
+    fn cpu(sender: f64, receiver: f64) -> CpuRep {
+        CpuRep {
+            sender: Cpu {
+                user: 0.0,
+                sys: sender,
+            },
+            receiver: Cpu {
+                user: receiver,
+                sys: 0.0,
+            },
+        }
+    }
+
+    #[test]
+    fn cpu_per_gib_is_the_median_of_both_sides_together() {
+        let mut s = sample(2 << 30, &[1.0, 1.0, 1.0]);
+        assert_eq!(s.cpu_per_gib(), None);
+        s.cpu = vec![cpu(1.0, 1.0), cpu(0.5, 0.5), cpu(4.0, 4.0)];
+        // 2, 1 and 8 CPU seconds for 2 GiB each.
+        assert_eq!(s.cpu_per_gib(), Some(1.0));
+        assert_eq!(s.cpu_per_gib_by(|c| c.sender.total()), Some(0.5));
+        let mut raw = sample(2 << 30, &[1.0]);
+        raw.cpu = vec![cpu(0.4, 0.4)];
+        let c = CaseResult {
+            name: "random-4".into(),
+            kind: CaseKind::Random,
+            pages: 4,
+            runs: 4,
+            memcpy: sample(2 << 30, &[1.0]),
+            raw,
+            push: vec![
+                PushResult {
+                    streams: 1,
+                    sealed: false,
+                    sample: s.clone(),
+                    verified: 3,
+                },
+                PushResult {
+                    streams: 2,
+                    sealed: false,
+                    sample: Sample {
+                        cpu: vec![cpu(0.3, 0.3)],
+                        ..s
+                    },
+                    verified: 3,
+                },
+            ],
+        };
+        // Raw: 0.4 s/GiB. Push: 1.0 at one stream, 0.3 at two: the lowest wins.
+        let (streams, r) = c.cpu_target().unwrap();
+        assert_eq!(streams, 2);
+        assert!((r - 0.75).abs() < 1e-9, "{r}");
+        let json = serde_json::to_string(&JsonCase::new(&c)).unwrap();
+        assert!(json.contains(r#""cpu_over_raw_tcp":"#), "{json}");
+        assert!(json.contains(r#""lowest_streams":2"#), "{json}");
     }
 }

@@ -11,7 +11,10 @@
 //!    the source's, or the benchmark fails.
 //!
 //! Only the transfers are timed: checksums, scribbling and the conversation with the
-//! receiver happen outside.
+//! receiver happen outside. The same spans are measured in CPU seconds on both sides (the
+//! receiver reports its own, see [`super::protocol`]): sender plus receiver per GiB, for
+//! the push and for the raw stream, since on a 2-core host the push competes with both
+//! guests for CPU.
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -25,10 +28,11 @@ use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
 
 use super::args::Plan;
 use super::child::ReceiverProcess;
+use super::cpu::Cpu;
 use super::error::{Error, Result};
 use super::pages::{self, PAGE_SIZE, SplitMix64};
 use super::protocol::{Reply, Request, hello};
-use super::report::{CaseKind, CaseResult, PushResult, Report, Sample, fmt_bytes};
+use super::report::{CaseKind, CaseResult, CpuRep, PushResult, Report, Sample, fmt_bytes};
 use super::sock;
 
 /// One case: the pages it pushes, as a bitmap and as runs.
@@ -100,15 +104,17 @@ pub fn run(plan: &Plan) -> Result<()> {
             res.memcpy.secs.push(s);
         }
         for rep in 1..=plan.reps {
-            let s = raw_rep(&mut child, &mut raw, &source, case.bytes)?;
-            tracing::debug!(case = %case.name, rep, secs = s, gibs = res.raw.rate(s), "raw tcp");
+            let (s, cpu) = raw_rep(&mut child, &mut raw, &source, case.bytes)?;
+            tracing::debug!(case = %case.name, rep, secs = s, gibs = res.raw.rate(s), ?cpu, "raw tcp");
             res.raw.secs.push(s);
+            res.raw.cpu.push(cpu);
         }
         tracing::info!(
-            "baselines {}: memcpy {:.2} GiB/s, raw tcp {:.2} GiB/s (medians)",
+            "baselines {}: memcpy {:.2} GiB/s, raw tcp {:.2} GiB/s, {:.3} CPU s/GiB (medians)",
             case.name,
             res.memcpy.median(),
-            res.raw.median()
+            res.raw.median(),
+            res.raw.cpu_per_gib().unwrap_or(0.0)
         );
     }
 
@@ -231,13 +237,14 @@ fn raw_open(child: &mut ReceiverProcess) -> Result<TcpStream> {
 }
 
 /// One raw transfer of `bytes` on the stream, timed from the first write until the
-/// receiver's acknowledgement: the socket limit.
+/// receiver's acknowledgement: the socket limit. Returns the seconds and the CPU of both
+/// sides.
 fn raw_rep(
     child: &mut ReceiverProcess,
     s: &mut TcpStream,
     source: &Region,
     bytes: u64,
-) -> Result<f64> {
+) -> Result<(f64, CpuRep)> {
     child.request(Request::Raw(bytes))?;
     match child.reply()? {
         Reply::RawReady(n) if n == bytes => {}
@@ -247,14 +254,15 @@ fn raw_rep(
             )));
         }
     }
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), Cpu::now());
     sock::send_region(s, source, bytes).map_err(Error::io("sending the raw stream"))?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)
         .map_err(Error::io("waiting for the raw acknowledgement"))?;
     let secs = t.elapsed().as_secs_f64();
+    let sender = Cpu::now() - cpu;
     match child.reply()? {
-        Reply::RawDone(n) if n == bytes => Ok(secs),
+        Reply::RawDone(n, receiver) if n == bytes => Ok((secs, CpuRep { sender, receiver })),
         other => Err(Error::Child(format!(
             "expected raw-done {bytes}, got {other:?}"
         ))),
@@ -301,22 +309,27 @@ fn push_session(
         let mut sample = Sample::new(case.bytes);
         let mut verified = 0;
         for rep in 1..=plan.reps {
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), Cpu::now());
             let stats = push_epoch(&mut tx, case.runs.iter().copied(), &case.bitmap)
                 .map_err(Error::transport("pushing an epoch"))?;
             let s = t.elapsed().as_secs_f64();
-            tracing::debug!(case = %case.name, streams, rep, secs = s, gibs = sample.rate(s), "push");
-            check_epoch(child.reply()?, case, &stats, streams, rep)?;
+            let sender = Cpu::now() - cpu;
+            let receiver = check_epoch(child.reply()?, case, &stats, streams, rep)?;
+            let cpu = CpuRep { sender, receiver };
+            tracing::debug!(case = %case.name, streams, rep, secs = s, gibs = sample.rate(s), ?cpu, "push");
             sample.secs.push(s);
+            sample.cpu.push(cpu);
             verified += 1;
             epochs += 1;
         }
         tracing::info!(
-            "push {} with {streams} stream(s){}: {:.2} GiB/s median, {:.2} best; checksums match",
+            "push {} with {streams} stream(s){}: {:.2} GiB/s median, {:.2} best, {:.3} CPU \
+             s/GiB; checksums match",
             case.name,
             if sealed { ", sealed" } else { "" },
             sample.median(),
-            sample.best()
+            sample.best(),
+            sample.cpu_per_gib().unwrap_or(0.0)
         );
         res.push.push(PushResult {
             streams,
@@ -335,19 +348,21 @@ fn push_session(
     }
 }
 
-/// Compares the receiver's report of one epoch with what was pushed.
+/// Compares the receiver's report of one epoch with what was pushed; returns the CPU the
+/// receiver says the epoch cost it.
 fn check_epoch(
     reply: Reply,
     case: &Case,
     stats: &EpochStats,
     streams: usize,
     rep: u32,
-) -> Result<()> {
+) -> Result<Cpu> {
     let Reply::Checksum {
         epoch,
         sum,
         pages,
         bytes,
+        cpu,
     } = reply
     else {
         return Err(Error::Child(format!("expected a checksum, got {reply:?}")));
@@ -371,5 +386,5 @@ fn check_epoch(
             stats.epoch, stats.bytes, case.bytes
         )));
     }
-    Ok(())
+    Ok(cpu)
 }
