@@ -226,11 +226,18 @@ mod tests {
         checkpoint(&mut h, [1 << 5, 0]);
         // Written again in a round of the next epoch: pages 3 and 5 were dirty in the last
         // epoch, so they are kept at once; page 6 was not.
-        let (clear, kept, _) = collect(&mut h, Collection::Background, [1 << 3 | 1 << 5 | 1 << 6, 0]);
+        let (clear, kept, _) = collect(
+            &mut h,
+            Collection::Background,
+            [1 << 3 | 1 << 5 | 1 << 6, 0],
+        );
         assert_eq!((clear, kept), ([1 << 6, 0], [1 << 3 | 1 << 5, 0]));
         assert_eq!(h.kept(), 2);
         // Their bits stay set: the checkpoint has them.
-        assert_eq!(checkpoint(&mut h, [1 << 3 | 1 << 5, 0]), ([0, 0], [1 << 3 | 1 << 5, 0]));
+        assert_eq!(
+            checkpoint(&mut h, [1 << 3 | 1 << 5, 0]),
+            ([0, 0], [1 << 3 | 1 << 5, 0])
+        );
     }
 
     #[test]

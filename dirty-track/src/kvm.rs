@@ -163,7 +163,12 @@ impl DirtyTracker {
     /// Removes the pages kept writable from `out` (a bitmap of [`GuestLayout::pages`]
     /// flat pages).
     pub fn remove_kept(&self, out: &mut PageBitmap) {
-        if let Some(h) = self.hot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        if let Some(h) = self
+            .hot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
             out.subtract_words(h.kept_words());
         }
     }

@@ -5,7 +5,9 @@
 
 use core::fmt;
 
-use crate::boot::{DirtyPattern, FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, MAX_VCPUS};
+use crate::boot::{
+    DirtyPattern, FLAG_NONDETERMINISTIC, FLAG_SELFTEST_IO, FLAG_SELFTEST_UD, MAX_VCPUS,
+};
 
 /// Most `virtio_mmio.device=` entries the guest keeps.
 pub const MAX_DEVICES: usize = 8;
@@ -319,7 +321,10 @@ mod tests {
             ("colo.port=0", ParamError::Bad("colo.port")),
             ("colo.vcpus=9", ParamError::Bad("colo.vcpus")),
             ("colo.dirty=many", ParamError::Bad("colo.dirty")),
-            ("colo.dirty_pattern=random", ParamError::Bad("colo.dirty_pattern")),
+            (
+                "colo.dirty_pattern=random",
+                ParamError::Bad("colo.dirty_pattern"),
+            ),
             ("colo.selftest=boom", ParamError::Bad("colo.selftest")),
             (
                 "virtio_mmio.device=4K@0xd0000000",

@@ -136,7 +136,7 @@ fn exp2(x: f64) -> f64 {
     let i = x as u32;
     let f = x - f64::from(i);
     let p = 1.0
-        + f * (0.693_147_18
+        + f * (core::f64::consts::LN_2
             + f * (0.240_226_51 + f * (0.055_504_11 + f * (0.009_618_13 + f * 0.001_333_36))));
     (1u64 << i.min(63)) as f64 * p
 }
@@ -162,7 +162,10 @@ mod tests {
     fn a_sweep_visits_every_page_in_order_and_knows_the_last_value() {
         let mut s = PageSchedule::new(DirtyPattern::Sweep, 5, 1);
         let w: std::vec::Vec<_> = (0..7).map(|_| s.next_write()).collect();
-        assert_eq!(w.iter().map(|w| w.page).collect::<std::vec::Vec<_>>(), [0, 1, 2, 3, 4, 0, 1]);
+        assert_eq!(
+            w.iter().map(|w| w.page).collect::<std::vec::Vec<_>>(),
+            [0, 1, 2, 3, 4, 0, 1]
+        );
         assert_eq!(w[4].expect, None);
         // Write 5 (value 6) finds write 0's value, 1.
         assert_eq!((w[5].value, w[5].expect), (6, Some(1)));
@@ -184,7 +187,11 @@ mod tests {
         for (i, was) in first.iter().enumerate() {
             let again = s.next_write();
             assert_eq!(again.page, was.page);
-            assert_eq!(again.expect, Some(was.value), "write {i} of the second cycle");
+            assert_eq!(
+                again.expect,
+                Some(was.value),
+                "write {i} of the second cycle"
+            );
         }
         // A slice smaller than the hot set is all hot.
         let mut small = PageSchedule::new(DirtyPattern::Hot, 3, 1);
@@ -217,7 +224,11 @@ mod tests {
         );
         // Ranks 2^k..2^(k+1) get about equal shares.
         let page_of = |r: u64| (r - 1) * SCATTER % pages;
-        let octave = |k: u32| -> u64 { ((1u64 << k)..(1u64 << (k + 1))).map(|r| count[page_of(r) as usize]).sum() };
+        let octave = |k: u32| -> u64 {
+            ((1u64 << k)..(1u64 << (k + 1)))
+                .map(|r| count[page_of(r) as usize])
+                .sum()
+        };
         let (a, b) = (octave(4) as f64, octave(12) as f64);
         assert!((a / b - 1.0).abs() < 0.1, "octaves 4 and 12: {a} vs {b}");
         // Most pages are seldom written, and a good part never in this many writes.

@@ -8,7 +8,9 @@ use std::process::Command;
 use clap::Args;
 use colo_machine::devices::backend::NetBackend;
 use colo_machine::devices::console::ConsoleSink;
-use colo_machine::{BuiltInGuest, DirtyPattern, Error, Guest, LinuxGuest, Machine, Result, VmConfig};
+use colo_machine::{
+    BuiltInGuest, DirtyPattern, Error, Guest, LinuxGuest, Machine, Result, VmConfig,
+};
 
 use super::parse_size;
 

@@ -99,7 +99,7 @@ fn run_in(args: &VmBenchArgs, dir: &std::path::Path) -> Result<()> {
             port: 7000,
             nondeterministic: false,
             dirty_pages_per_sec: 1000,
-        dirty_pattern: colo_machine::DirtyPattern::Sweep,
+            dirty_pattern: colo_machine::DirtyPattern::Sweep,
         }),
         disk: {
             crate::args::prepare_disk(&a.disk, a.disk_size).map_err(vm_err)?;

@@ -258,7 +258,9 @@ fn keep_hot(dirty: &DirtyHandle, params: &Params) {
     });
     let on = dirty.keep_hot(policy);
     if budget > 0 && !on {
-        tracing::info!("hot pages are write-protected like any other: KVM lacks manual dirty-log protection");
+        tracing::info!(
+            "hot pages are write-protected like any other: KVM lacks manual dirty-log protection"
+        );
     } else if on {
         tracing::debug!(budget_pages = budget, "hot pages kept writable");
     }

@@ -647,6 +647,7 @@ mod tests {
             answer_us: 0,
             release_us: 0,
             pause_pages: 3,
+            hot_pages: 0,
             background_pages: 7,
             bytes: 40_960,
             state_bytes: 100,
