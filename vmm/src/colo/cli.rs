@@ -62,11 +62,11 @@ pub struct ColoArgs {
     #[arg(long, default_value_t = 65_536)]
     pub dirty_threshold: u64,
     /// Primary: most guest memory kept writable because the guest rewrites it all the
-    /// time (0: none). A page dirty in two collections in a row is no longer
-    /// write-protected after each collection (each first write after one costs the guest
-    /// a fault of 6-15 us); instead it goes into every checkpoint, so this is also the most
-    /// it adds to each checkpoint's pause. Kept pages must qualify again every 64
-    /// collections. Needs KVM's manual dirty-log protection.
+    /// time (0: none). A page dirty in the last checkpoint interval and written again is
+    /// no longer write-protected after each collection (each first write after one costs
+    /// the guest a fault of 6-15 us); instead it goes into every checkpoint, so this is
+    /// also the most it adds to each checkpoint's pause. Kept pages must qualify again
+    /// every 16 checkpoints. Needs KVM's manual dirty-log protection.
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     pub hot_budget: u64,
     /// Pair id: both sides must agree.
