@@ -19,6 +19,14 @@
 //! - cleared again every [`HotPolicy::lease`] epochs (all kept pages at once, pushed in
 //!   that checkpoint), so a page that cooled off returns to normal tracking, and one that
 //!   is still hot is kept again at the next checkpoint.
+//!
+//! The last push round before a checkpoint can be a [`Collection::Flush`]: it clears and
+//! reports the kept pages like any dirty page, while they stay hot. The checkpoint then
+//! carries only the hot pages the guest wrote again since that round (their bits are set
+//! again, and they are kept again without being cleared), not the whole hot set; a hot page
+//! costs at most one fault per epoch, taken in the last moments before the pause; and one
+//! the guest did not write again stays write-protected until it is written, then is kept
+//! as soon as a round sees it.
 
 /// When pages are kept writable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +52,9 @@ impl HotPolicy {
 pub enum Collection {
     /// A push round while the VM runs: hot pages are left out (and left set).
     Background,
+    /// The last push round before a checkpoint, while the VM runs: every dirty page, hot
+    /// ones too, all cleared; the hot pages stay hot (kept again once written again).
+    Flush,
     /// The checkpoint's collection, with the VM paused: every dirty page, hot ones too.
     /// It ends an epoch.
     Checkpoint,
@@ -53,7 +64,8 @@ pub enum Collection {
 #[derive(Debug)]
 pub struct HotPages {
     policy: HotPolicy,
-    /// The pages kept writable (their bits left set in KVM's log).
+    /// The hot pages: kept writable (their bits left set in KVM's log), but for those
+    /// cleared by a flush and not written since.
     hot: Vec<u64>,
     hot_count: u64,
     /// The pages dirty in this epoch so far.
@@ -87,12 +99,12 @@ impl HotPages {
         }
     }
 
-    /// Pages kept writable now.
+    /// Hot pages now (kept writable, but for those flushed and not written since).
     pub fn kept(&self) -> u64 {
         self.hot_count
     }
 
-    /// The pages kept writable, as words of 64 flat pages.
+    /// The hot pages, as words of 64 flat pages.
     pub fn kept_words(&self) -> &[u64] {
         &self.hot
     }
@@ -104,7 +116,7 @@ impl HotPages {
     pub fn begin(&mut self, kind: Collection) -> u64 {
         self.kind = kind;
         self.releasing = false;
-        if kind == Collection::Background {
+        if kind != Collection::Checkpoint {
             return 0;
         }
         self.since_lease += 1;
@@ -151,16 +163,22 @@ impl HotPages {
                     *slot = this;
                 }
             }
-            let mut new = if self.releasing { 0 } else { qualified & !*hot };
+            let flush = self.kind == Collection::Flush;
+            let mut new = if self.releasing || flush {
+                0
+            } else {
+                qualified & !*hot
+            };
             while new != 0 && self.hot_count < self.policy.budget_pages {
                 let bit = new & new.wrapping_neg();
                 new &= !bit;
                 *hot |= bit;
                 self.hot_count += 1;
             }
-            // A kept page's bit is never cleared, so it is in the log; the `&` only keeps
-            // a log without it from being reported kept.
-            *k = *hot & *w;
+            // A kept page's bit is not cleared (but by a flush), so it is in the log; the
+            // `&` leaves out a hot page flushed and not written since (write-protected,
+            // not dirty), and keeps a log without it from being reported kept.
+            *k = if flush { 0 } else { *hot & *w };
             *w &= !*k;
         }
         kept
@@ -238,6 +256,40 @@ mod tests {
             checkpoint(&mut h, [1 << 3 | 1 << 5, 0]),
             ([0, 0], [1 << 3 | 1 << 5, 0])
         );
+    }
+
+    #[test]
+    fn a_flush_clears_the_hot_pages_which_stay_hot_and_are_kept_again_when_written() {
+        let mut h = HotPages::new(2, policy(2, 100, 1000));
+        checkpoint(&mut h, [0b11, 0]);
+        assert_eq!(checkpoint(&mut h, [0b11, 0]), ([0, 0], [0b11, 0]));
+        // A background round keeps them; the flush clears and reports them, keeps none,
+        // and takes no new page in (page 2 is dirty in the last epoch too, from now on).
+        assert_eq!(
+            collect(&mut h, Collection::Background, [0b111, 0]),
+            ([0b100, 0], [0b11, 0], 0)
+        );
+        assert_eq!(
+            collect(&mut h, Collection::Flush, [0b111, 0]),
+            ([0b111, 0], [0, 0], 0)
+        );
+        assert_eq!(h.kept(), 2);
+        // Pages 0 and 2 are written again before the checkpoint: page 0 is in the pause,
+        // kept at once; page 2 is cleared (it was not dirty in the last epoch); page 1
+        // stays hot (write-protected, not in the pause).
+        assert_eq!(checkpoint(&mut h, [0b101, 0]), ([0b100, 0], [0b1, 0]));
+        assert_eq!(h.kept(), 2);
+        // In the next epoch, page 1 is kept by a background round without a clearing, and
+        // page 2 qualifies.
+        assert_eq!(
+            collect(&mut h, Collection::Background, [0b111, 0]),
+            ([0, 0], [0b111, 0], 0)
+        );
+        // A flush does not count toward the lease.
+        for _ in 0..10 {
+            collect(&mut h, Collection::Flush, [0, 0]);
+        }
+        assert_eq!(h.kept(), 3);
     }
 
     #[test]

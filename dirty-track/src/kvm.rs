@@ -108,7 +108,7 @@ impl CollectStats {
     pub fn reported(&self, kind: Collection) -> u64 {
         let kept = match kind {
             Collection::Background => self.kept_pages,
-            Collection::Checkpoint => 0,
+            Collection::Flush | Collection::Checkpoint => 0,
         };
         self.kvm_pages - kept + self.vmm_pages
     }

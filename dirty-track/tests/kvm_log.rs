@@ -178,6 +178,33 @@ fn a_kept_hot_page_is_in_every_checkpoint_until_released() {
 }
 
 #[test]
+fn a_flush_clears_a_hot_page_and_the_checkpoint_has_it_only_if_written_again() {
+    let Some(mut g) = guest(true) else { return };
+    assert!(g.tracker.set_hot_policy(Some(HotPolicy {
+        after: 2,
+        budget_pages: 100,
+        lease: 100,
+    })));
+    run_to_halt(&mut g.vcpu);
+    collect(&g);
+    run_to_halt(&mut g.vcpu);
+    collect(&g);
+    assert_eq!(g.tracker.kept_pages(), 1);
+    // The flush reports the kept page and clears it in KVM: with no write since, the
+    // checkpoint has nothing (it is write-protected again), but it stays hot.
+    assert_eq!(collect_for(&g, Collection::Flush), vec![0x10]);
+    assert!(collect(&g).is_empty());
+    assert_eq!(g.tracker.kept_pages(), 1);
+    // Written again: the checkpoint has it, and keeps it (its bit left set) without a
+    // new qualifying epoch, so the next checkpoint has it with no write.
+    rerun_phase_2(&mut g);
+    assert_eq!(collect_for(&g, Collection::Flush), vec![0x10, 0x30]);
+    rerun_phase_2(&mut g);
+    assert_eq!(collect(&g), vec![0x10, 0x30]);
+    assert_eq!(collect(&g), vec![0x10]);
+}
+
+#[test]
 fn without_manual_protection_no_page_is_kept() {
     let Some(g) = guest(false) else { return };
     assert!(!g.tracker.set_hot_policy(Some(HotPolicy {

@@ -236,6 +236,17 @@ impl DirtyHandle {
         self.collect_for(out, Collection::Background)
     }
 
+    /// [`Self::collect`] for the last push round before a checkpoint, while the VM runs:
+    /// hot pages kept writable are cleared and put into `out` too (they stay hot), so the
+    /// checkpoint carries only those the guest writes again before it. Returns the pages
+    /// put into `out`.
+    ///
+    /// # Errors
+    /// [`Error::Dirty`] if KVM refuses.
+    pub fn collect_flush(&self, out: &mut PageBitmap) -> Result<u64> {
+        self.collect_for(out, Collection::Flush)
+    }
+
     fn collect_for(&self, out: &mut PageBitmap, kind: Collection) -> Result<u64> {
         let s = self.tracker.collect_for(&self.vm, out, kind)?;
         Ok(s.reported(kind))

@@ -670,7 +670,13 @@ impl Primary {
             if let Some(m) = self.link.as_ref().and_then(Link::try_recv) {
                 self.on_stray(m)?;
             }
-            let n = self.dirty.collect_background(&mut self.bitmap)?;
+            // The round just before the checkpoint flushes the hot pages too, so the pause
+            // carries only those written again since (see `Collection::Flush`).
+            let n = if due.is_some() || Instant::now() >= deadline {
+                self.dirty.collect_flush(&mut self.bitmap)?
+            } else {
+                self.dirty.collect_background(&mut self.bitmap)?
+            };
             interval = if n < IDLE_PUSH_PAGES {
                 (interval * 2).min(self.params.checkpoint_delay)
             } else {
