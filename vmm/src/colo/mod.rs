@@ -64,6 +64,9 @@ pub struct Params {
     /// (`--hot-budget`; 0: none): they go into every checkpoint instead of taking a
     /// write-protect fault after every collection.
     pub hot_budget_pages: u64,
+    /// The last background round before each checkpoint flushes the hot pages
+    /// (`--hot-flush`, see `colo_dirty_track::Collection::Flush`).
+    pub hot_flush: bool,
     /// Say the VM's role to a proxy in cluster mode at each transition (`--role-words`,
     /// see [`role`]).
     pub role_words: bool,

@@ -670,9 +670,11 @@ impl Primary {
             if let Some(m) = self.link.as_ref().and_then(Link::try_recv) {
                 self.on_stray(m)?;
             }
-            // The round just before the checkpoint flushes the hot pages too, so the pause
-            // carries only those written again since (see `Collection::Flush`).
-            let n = if due.is_some() || Instant::now() >= deadline {
+            // With --hot-flush, the round just before the checkpoint flushes the hot pages
+            // too, so the pause carries only those written again since (see
+            // `Collection::Flush`).
+            let last = due.is_some() || Instant::now() >= deadline;
+            let n = if last && self.params.hot_flush {
                 self.dirty.collect_flush(&mut self.bitmap)?
             } else {
                 self.dirty.collect_background(&mut self.bitmap)?

@@ -8,7 +8,7 @@ use crate::colo::cli::ColoArgs;
 
 /// The checkpoint and heartbeat options, as both sides take them.
 fn colo_flags(c: &ColoArgs) -> Vec<String> {
-    vec![
+    let mut flags = vec![
         format!("--checkpoint-delay={}us", c.checkpoint_delay.as_micros()),
         format!("--push-interval={}us", c.push_interval.as_micros()),
         format!("--disk-send-delay={}us", c.disk_send_delay.as_micros()),
@@ -27,7 +27,11 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
         format!("--pair-id={}", c.pair_id),
         "--transport=tcp".into(),
         format!("--streams={}", c.streams),
-    ]
+    ];
+    if c.hot_flush {
+        flags.push("--hot-flush".into());
+    }
+    flags
 }
 
 /// The pair-key option both sides get: the user's `--pair-key` or `--insecure`, else a
