@@ -2,17 +2,18 @@
 # The project's test command (README.md). Works on a fresh Debian machine with the Rust
 # toolchain: installs the system packages the build needs if they are missing, then runs
 # rustfmt, clippy and the whole test suite with every feature (so the verbs RDMA backend is
-# compiled and linted even where no RDMA device exists), and a short run of every fuzz
+# compiled and linted even where no RDMA device exists, and the libfabric one runs), and a short run of every fuzz
 # target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: rdma-sys needs the verbs and rdma_cm headers, libclang (bindgen) and
-# pkg-config; the namespace tests (netcmp, colo run, the cut-link test) need ip(8) and nft;
+# pkg-config; the libfabric backend (feature `ofi`) libfabric's headers, and its tests run
+# the one-sided pipeline over libfabric's real `tcp` provider on loopback; the namespace tests (netcmp, colo run, the cut-link test) need ip(8) and nft;
 # the cluster tests run the resource agent (ocf/colo) under Debian's Corosync and Pacemaker
 # (vmm/tests/cluster.rs, in a namespace of their own) and resource-agents' ocf-tester
 # (vmm/tests/ocf_agent.rs), with crmsh to configure the cluster.
-need=(libibverbs-dev librdmacm-dev libclang-dev pkg-config iproute2 nftables
+need=(libibverbs-dev librdmacm-dev libfabric-dev libclang-dev pkg-config iproute2 nftables
   pacemaker corosync crmsh resource-agents)
 missing=()
 for p in "${need[@]}"; do

@@ -3,7 +3,7 @@
 //! `soft-roce-tests/run.sh`, or by hand with `--ignored`).
 
 use colo_soft_roce_tests::{
-    Device, Sim, bad_rkey_is_refused, qp_error_mid_epoch_keeps_the_previous_epoch,
+    Device, Ofi, Sim, bad_rkey_is_refused, qp_error_mid_epoch_keeps_the_previous_epoch,
     random_pages_land_and_commit,
 };
 
@@ -45,4 +45,19 @@ fn device_bad_rkey_is_refused() {
 #[ignore = "requires an RDMA device"]
 fn device_qp_error_mid_epoch_keeps_the_previous_epoch() {
     qp_error_mid_epoch_keeps_the_previous_epoch(&device()).unwrap();
+}
+
+#[test]
+fn ofi_tcp_random_pages_land_and_commit() {
+    random_pages_land_and_commit(&Ofi::provider("tcp"), 1024, 6).unwrap();
+}
+
+#[test]
+fn ofi_tcp_bad_rkey_is_refused() {
+    bad_rkey_is_refused(&Ofi::provider("tcp")).unwrap();
+}
+
+#[test]
+fn ofi_tcp_qp_error_mid_epoch_keeps_the_previous_epoch() {
+    qp_error_mid_epoch_keeps_the_previous_epoch(&Ofi::provider("tcp")).unwrap();
 }

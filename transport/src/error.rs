@@ -93,6 +93,10 @@ pub enum Error {
         /// The completion status.
         status: crate::verbs::WcStatus,
     },
+    /// The libfabric backend failed.
+    #[cfg(feature = "ofi")]
+    #[error(transparent)]
+    Ofi(#[from] crate::ofi::OfiError),
     /// The verbs RDMA backend failed.
     #[cfg(feature = "rdma")]
     #[error(transparent)]

@@ -59,6 +59,8 @@ mod error;
 pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "ofi")]
+pub mod ofi;
 pub mod push;
 #[cfg(feature = "rdma")]
 pub mod rdma;

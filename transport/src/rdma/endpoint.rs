@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::push::RegionDesc;
 use crate::verbs::{
     Caps, Endpoint, LocalMr, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr,
-    message,
+    memlock_limit, message,
 };
 use colo_memory::Region;
 
@@ -63,23 +63,6 @@ fn verbs(call: &'static str, rc: c_int) -> Result<()> {
             call,
             source: io::Error::from_raw_os_error(rc.abs()),
         }))
-    }
-}
-
-/// The soft locked-memory limit, readable.
-fn memlock_limit() -> String {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid out-pointer for getrlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
-        return "unknown".into();
-    }
-    if r.rlim_cur == libc::RLIM_INFINITY {
-        "unlimited".into()
-    } else {
-        format!("{} KiB", r.rlim_cur / 1024)
     }
 }
 

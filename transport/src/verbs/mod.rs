@@ -209,5 +209,23 @@ pub fn rkey_of(key: u64) -> Result<u32> {
         .map_err(|_| Error::Protocol(format!("remote key {key:#x} is wider than a verbs rkey")))
 }
 
+/// The soft locked-memory limit, readable (for the error of a refused registration).
+#[cfg(any(feature = "rdma", feature = "ofi"))]
+pub(crate) fn memlock_limit() -> String {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return "unknown".into();
+    }
+    if r.rlim_cur == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        format!("{} KiB", r.rlim_cur / 1024)
+    }
+}
+
 /// Waits at most this long per poll while blocked on a completion.
 pub(crate) const POLL_SLICE: Duration = Duration::from_millis(50);

@@ -1,0 +1,1199 @@
+//! libfabric objects, connection setup, and the [`Endpoint`] of one connected `FI_EP_MSG`
+//! endpoint.
+//!
+//! Every libfabric object is an [`Object`] that closes itself when dropped and holds the
+//! objects it was opened from (an endpoint its completion queues, event queue and domain;
+//! a domain its fabric), so they close in the order libfabric requires whatever order the
+//! owners drop them in.
+
+use std::ffi::{CStr, CString, c_void};
+use std::net::{IpAddr, SocketAddr};
+use std::os::raw::c_int;
+use std::ptr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use colo_memory::Region;
+
+use super::sys;
+use super::{OfiError, OfiOptions};
+use crate::error::{Error, Result};
+use crate::push::RegionDesc;
+use crate::verbs::{
+    Caps, Endpoint, LocalMr, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr,
+    memlock_limit, message,
+};
+
+/// Receive buffers posted on each side (the protocol keeps at most one message in flight
+/// each way; the rest are spares).
+const RECV_DEPTH: usize = 4;
+/// Completions taken per read.
+const POLL_BATCH: usize = 16;
+/// Longest a post waits for room in the provider's queue.
+const POST_WAIT: Duration = Duration::from_secs(5);
+/// Room for connection data after an `fi_eq_cm_entry` (colo sends none).
+const CM_ENTRY_LEN: usize = 256;
+
+/// libfabric calls return 0 or a negative `FI_E*` code.
+fn check(call: &'static str, rc: impl Into<i64>) -> Result<()> {
+    let rc = rc.into();
+    if rc >= 0 {
+        Ok(())
+    } else {
+        Err(call_error(call, rc))
+    }
+}
+
+fn call_error(call: &'static str, rc: i64) -> Error {
+    let code = i32::try_from(rc.unsigned_abs()).unwrap_or(i32::MAX);
+    Error::Ofi(OfiError::Call {
+        call,
+        code,
+        message: strerror(code),
+    })
+}
+
+fn strerror(code: i32) -> String {
+    // SAFETY: fi_strerror returns a static NUL-terminated string for any code.
+    let s = unsafe { sys::fi_strerror(code) };
+    if s.is_null() {
+        return format!("libfabric error {code}");
+    }
+    // SAFETY: non-null, NUL-terminated, static.
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+}
+
+/// Keeps whatever an object was opened from alive until the object is closed.
+type Parent = Arc<dyn std::any::Any + Send + Sync>;
+
+/// One libfabric object (`fid_*` begins with its `struct fid`), closed on drop, after
+/// which its parents are released.
+struct Object<T> {
+    ptr: *mut T,
+    _parents: Vec<Parent>,
+}
+
+// SAFETY: the domain is opened with FI_THREAD_SAFE (or the provider's stricter model is
+// refused by fi_getinfo), so objects may be used and closed from any thread.
+unsafe impl<T> Send for Object<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Object<T> {}
+
+impl<T> Object<T> {
+    fn new(ptr: *mut T, parents: Vec<Parent>) -> Self {
+        Self {
+            ptr,
+            _parents: parents,
+        }
+    }
+
+    fn fid(&self) -> *mut sys::fid {
+        self.ptr.cast()
+    }
+}
+
+impl<T> Drop for Object<T> {
+    fn drop(&mut self) {
+        // SAFETY: the object is live and closed exactly once; everything opened from it
+        // holds it (through `_parents`) and is closed already.
+        let rc = unsafe { sys::colo_fi_close(self.fid()) };
+        if rc != 0 {
+            tracing::debug!(code = rc, "fi_close failed");
+        }
+    }
+}
+
+/// An `fi_info` list from `fi_getinfo` (or a connection request), freed on drop.
+struct Info(*mut sys::fi_info);
+
+// SAFETY: plain heap data owned by this value.
+unsafe impl Send for Info {}
+
+impl Drop for Info {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: owned, freed once.
+            unsafe { sys::fi_freeinfo(self.0) };
+        }
+    }
+}
+
+impl Info {
+    fn get(&self) -> &sys::fi_info {
+        // SAFETY: non-null by construction (checked where made), live while `self` is.
+        unsafe { &*self.0 }
+    }
+
+    fn mr_mode(&self) -> u32 {
+        // SAFETY: every fi_info from libfabric has its domain attributes.
+        unsafe { (*self.get().domain_attr).mr_mode as u32 }
+    }
+
+    fn provider(&self) -> String {
+        // SAFETY: fabric attributes and their prov_name are set by libfabric.
+        unsafe {
+            let f = self.get().fabric_attr;
+            if f.is_null() || (*f).prov_name.is_null() {
+                return "?".into();
+            }
+            CStr::from_ptr((*f).prov_name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}
+
+/// The MR modes colo handles: registering local buffers, virtual addresses or offsets,
+/// allocated memory, and keys chosen by the provider.
+const MR_MODES: u32 =
+    sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY;
+
+/// Finds a connected RMA endpoint of `opts.provider` for `node:service`.
+fn getinfo(node: Option<&str>, service: &str, flags: u64, opts: &OfiOptions) -> Result<Info> {
+    // SAFETY: fi_allocinfo returns a zeroed fi_info with its attribute structs allocated,
+    // or null.
+    let hints = Info(unsafe { sys::colo_fi_allocinfo() });
+    if hints.0.is_null() {
+        return Err(call_error("fi_allocinfo", -i64::from(sys::FI_ENOMEM)));
+    }
+    // SAFETY: `hints` and its attribute structs are live and ours to fill; strings are
+    // strdup'ed because fi_freeinfo frees them.
+    unsafe {
+        let h = &mut *hints.0;
+        h.caps = u64::from(sys::FI_MSG | sys::FI_RMA | sys::FI_WRITE | sys::FI_REMOTE_WRITE);
+        h.mode = 0;
+        (*h.ep_attr).type_ = sys::fi_ep_type_FI_EP_MSG;
+        (*h.domain_attr).mr_mode = MR_MODES as c_int;
+        (*h.domain_attr).threading = sys::fi_threading_FI_THREAD_SAFE;
+        if let Some(p) = &opts.provider {
+            let c = CString::new(p.as_str())
+                .map_err(|_| Error::Protocol(format!("provider name {p:?} has a NUL byte")))?;
+            (*h.fabric_attr).prov_name = libc::strdup(c.as_ptr());
+        }
+    }
+    let node_c = node
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| Error::Protocol("address with a NUL byte".into()))?;
+    let service_c =
+        CString::new(service).map_err(|_| Error::Protocol("port with a NUL byte".into()))?;
+    let mut info = ptr::null_mut();
+    // SAFETY: valid C strings (or null), live hints, a valid out-pointer.
+    let rc = unsafe {
+        sys::fi_getinfo(
+            sys::colo_fi_version(),
+            node_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+            service_c.as_ptr(),
+            flags,
+            hints.0,
+            &mut info,
+        )
+    };
+    let info = Info(info);
+    if rc == -(sys::FI_ENODATA as c_int) || (rc == 0 && info.0.is_null()) {
+        return Err(no_rma(opts));
+    }
+    check("fi_getinfo", rc)?;
+    Ok(info)
+}
+
+/// Why `fi_getinfo` found nothing: an unknown provider, or one without what colo needs.
+fn no_rma(opts: &OfiOptions) -> Error {
+    let present = providers();
+    match &opts.provider {
+        Some(p) if !present.contains(p) => Error::Ofi(OfiError::UnknownProvider {
+            wanted: p.clone(),
+            present,
+        }),
+        p => Error::Ofi(OfiError::NoRma {
+            provider: p.clone().unwrap_or_else(|| "any".into()),
+            hint: if p.as_deref() == Some("shm") {
+                ": shm offers only reliable datagram (FI_EP_RDM) endpoints; use tcp on one \
+                 machine"
+            } else {
+                ": try --ofi-provider tcp (user space, any network) or verbs (InfiniBand, RoCE)"
+            },
+        }),
+    }
+}
+
+/// The providers libfabric lists on this machine (as `fi_info -l` does).
+pub(super) fn providers() -> Vec<String> {
+    let mut info = ptr::null_mut();
+    // SAFETY: no hints (everything), a valid out-pointer.
+    let rc = unsafe {
+        sys::fi_getinfo(
+            sys::colo_fi_version(),
+            ptr::null(),
+            ptr::null(),
+            0,
+            ptr::null_mut(),
+            &mut info,
+        )
+    };
+    let info = Info(info);
+    let mut names = Vec::new();
+    if rc != 0 {
+        return names;
+    }
+    let mut cur = info.0;
+    while !cur.is_null() {
+        // SAFETY: a live element of the list.
+        let (name, next) = unsafe {
+            let f = (*cur).fabric_attr;
+            let name = (!f.is_null() && !(*f).prov_name.is_null()).then(|| {
+                CStr::from_ptr((*f).prov_name)
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            (name, (*cur).next)
+        };
+        // Core providers only: "tcp;ofi_rxm" layers name their core provider too.
+        if let Some(n) = name.and_then(|n| n.split(';').next().map(str::to_string)) {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        cur = next;
+    }
+    names
+}
+
+type Fabric = Object<sys::fid_fabric>;
+type Domain = Object<sys::fid_domain>;
+type Eq = Object<sys::fid_eq>;
+type Cq = Object<sys::fid_cq>;
+type Mr = Object<sys::fid_mr>;
+
+fn open_fabric(info: &Info) -> Result<Arc<Fabric>> {
+    let mut f = ptr::null_mut();
+    // SAFETY: the fabric attributes of a live info; a valid out-pointer.
+    check("fi_fabric", unsafe {
+        sys::fi_fabric(info.get().fabric_attr, &mut f, ptr::null_mut())
+    })?;
+    Ok(Arc::new(Object::new(f, Vec::new())))
+}
+
+fn open_domain(fabric: &Arc<Fabric>, info: &Info) -> Result<Arc<Domain>> {
+    let mut d = ptr::null_mut();
+    // SAFETY: live fabric and info; a valid out-pointer.
+    check("fi_domain", unsafe {
+        sys::colo_fi_domain(fabric.ptr, info.0, &mut d)
+    })?;
+    Ok(Arc::new(Object::new(d, vec![fabric.clone() as Parent])))
+}
+
+fn open_eq(fabric: &Arc<Fabric>) -> Result<Arc<Eq>> {
+    let mut attr = sys::fi_eq_attr {
+        size: 16,
+        wait_obj: sys::fi_wait_obj_FI_WAIT_UNSPEC,
+        ..Default::default()
+    };
+    let mut eq = ptr::null_mut();
+    // SAFETY: live fabric; valid attributes and out-pointer.
+    check("fi_eq_open", unsafe {
+        sys::colo_fi_eq_open(fabric.ptr, &mut attr, &mut eq)
+    })?;
+    Ok(Arc::new(Object::new(eq, vec![fabric.clone() as Parent])))
+}
+
+fn open_cq(domain: &Arc<Domain>, size: usize) -> Result<Arc<Cq>> {
+    let mut attr = sys::fi_cq_attr {
+        size,
+        format: sys::fi_cq_format_FI_CQ_FORMAT_DATA,
+        wait_obj: sys::fi_wait_obj_FI_WAIT_UNSPEC,
+        ..Default::default()
+    };
+    let mut cq = ptr::null_mut();
+    // SAFETY: live domain; valid attributes and out-pointer.
+    check("fi_cq_open", unsafe {
+        sys::colo_fi_cq_open(domain.ptr, &mut attr, &mut cq)
+    })?;
+    Ok(Arc::new(Object::new(cq, vec![domain.clone() as Parent])))
+}
+
+/// Registers `len` bytes at `addr` (owned by `owner`, kept alive by the registration).
+fn register(
+    domain: &Arc<Domain>,
+    owner: Parent,
+    addr: *mut u8,
+    len: usize,
+    access: u64,
+) -> Result<Arc<Mr>> {
+    let mut key = [0u8; 4];
+    // A fresh key per registration, so a key from an earlier connection never matches.
+    getrandom::fill(&mut key).map_err(|e| Error::Protocol(format!("no randomness: {e}")))?;
+    let mut mr = ptr::null_mut();
+    // SAFETY: live domain; `addr..addr+len` is mapped memory kept alive by `owner`, which
+    // the registration holds until it is closed.
+    let rc = unsafe {
+        sys::colo_fi_mr_reg(
+            domain.ptr,
+            addr.cast::<c_void>(),
+            len,
+            access,
+            0,
+            u64::from(u32::from_ne_bytes(key)),
+            0,
+            &mut mr,
+            ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        let code = rc.unsigned_abs() as i32;
+        return Err(Error::Ofi(OfiError::Memlock {
+            len,
+            limit: memlock_limit(),
+            message: strerror(code),
+        }));
+    }
+    Ok(Arc::new(Object::new(
+        mr,
+        vec![domain.clone() as Parent, owner],
+    )))
+}
+
+fn mr_key(mr: &Mr) -> u64 {
+    // SAFETY: a live registration.
+    unsafe { sys::colo_fi_mr_key(mr.ptr) }
+}
+
+fn mr_desc(mr: &Mr) -> *mut c_void {
+    // SAFETY: a live registration.
+    unsafe { sys::colo_fi_mr_desc(mr.ptr) }
+}
+
+/// Waits for the next event on `eq`: its kind and the fid and info of its CM entry.
+fn eq_wait(eq: &Eq, timeout: Duration, what: &'static str) -> Result<(u32, sys::fid_t, Info)> {
+    #[repr(C)]
+    struct Entry {
+        cm: sys::fi_eq_cm_entry,
+        data: [u8; CM_ENTRY_LEN],
+    }
+    let mut entry = Entry {
+        cm: sys::fi_eq_cm_entry {
+            fid: ptr::null_mut(),
+            info: ptr::null_mut(),
+            data: Default::default(),
+        },
+        data: [0; CM_ENTRY_LEN],
+    };
+    let mut event = 0u32;
+    let ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
+    // SAFETY: live EQ; `entry` has room for a CM entry and its data.
+    let rc = unsafe {
+        sys::colo_fi_eq_sread(
+            eq.ptr,
+            &mut event,
+            ptr::from_mut(&mut entry).cast(),
+            size_of::<Entry>(),
+            ms,
+            0,
+        )
+    };
+    if rc == -(sys::FI_EAGAIN as isize) || rc == -(sys::FI_ETIMEDOUT as isize) {
+        return Err(Error::Timeout(timeout, what));
+    }
+    if rc == -(sys::FI_EAVAIL as isize) {
+        let mut err = sys::fi_eq_err_entry::default();
+        // SAFETY: live EQ; a valid error entry to fill.
+        unsafe { sys::colo_fi_eq_readerr(eq.ptr, &mut err, 0) };
+        return Err(Error::Ofi(OfiError::Call {
+            call: what,
+            code: err.err,
+            message: strerror(err.err),
+        }));
+    }
+    check("fi_eq_sread", rc as i64)?;
+    Ok((event, entry.cm.fid, Info(entry.cm.info)))
+}
+
+/// Where the sender's writes read from.
+enum Local {
+    /// The source region, registered.
+    Source(Arc<Mr>, Arc<Region>),
+    /// Registered bounce buffers (the source could not be registered).
+    Bounce(Arc<Mr>, Arc<Region>),
+}
+
+/// A registered buffer of this side.
+struct Buf {
+    mem: Arc<Region>,
+    mr: Arc<Mr>,
+}
+
+impl Buf {
+    fn new(domain: &Arc<Domain>, len: usize, access: u64) -> Result<Self> {
+        let mem = Arc::new(Region::anonymous(len.max(1))?);
+        let mr = register(
+            domain,
+            mem.clone() as Parent,
+            mem.as_ptr(),
+            mem.len(),
+            access,
+        )?;
+        Ok(Self { mem, mr })
+    }
+}
+
+/// The receiving side's passive endpoint, with the RAM cache registered for remote write.
+pub struct OfiListener {
+    pep: Object<sys::fid_pep>,
+    eq: Arc<Eq>,
+    domain: Arc<Domain>,
+    region_mr: Arc<Mr>,
+    desc: RegionDesc,
+    opts: OfiOptions,
+    provider: String,
+}
+
+impl std::fmt::Debug for OfiListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfiListener")
+            .field("provider", &self.provider)
+            .field("desc", &self.desc)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The port of a bound socket address libfabric wrote (IPv4 or IPv6).
+fn port_of(addr: &[u8]) -> Option<u16> {
+    let family = u16::from_ne_bytes([*addr.first()?, *addr.get(1)?]);
+    let ok = i32::from(family) == libc::AF_INET || i32::from(family) == libc::AF_INET6;
+    ok.then(|| u16::from_be_bytes([addr[2], addr[3]]))
+}
+
+impl OfiListener {
+    /// Listens on `addr` (port 0 picks one) and registers `region` for remote write only.
+    ///
+    /// # Errors
+    /// [`Error::Ofi`]: an unknown provider, one without connected RMA, a registration
+    /// refused (with the locked-memory fix), or a failed libfabric call.
+    pub fn bind(
+        addr: SocketAddr,
+        region: Arc<Region>,
+        page_size: u32,
+        opts: &OfiOptions,
+    ) -> Result<Self> {
+        let info = getinfo(
+            Some(&addr.ip().to_string()),
+            &addr.port().to_string(),
+            sys::FI_SOURCE,
+            opts,
+        )?;
+        let provider = info.provider();
+        let fabric = open_fabric(&info)?;
+        let eq = open_eq(&fabric)?;
+        let mut pep = ptr::null_mut();
+        // SAFETY: live fabric and info; a valid out-pointer.
+        check("fi_passive_ep", unsafe {
+            sys::colo_fi_passive_ep(fabric.ptr, info.0, &mut pep)
+        })?;
+        let pep = Object::new(pep, vec![eq.clone() as Parent, fabric.clone() as Parent]);
+        // SAFETY: live passive endpoint and EQ.
+        check("fi_pep_bind", unsafe {
+            sys::colo_fi_pep_bind(pep.ptr, eq.fid(), 0)
+        })?;
+        // SAFETY: a bound passive endpoint.
+        check("fi_listen", unsafe { sys::colo_fi_listen(pep.ptr) })?;
+        let mut name = [0u8; 128];
+        let mut len = name.len();
+        // SAFETY: live endpoint; `name` has `len` bytes.
+        check("fi_getname", unsafe {
+            sys::colo_fi_getname(pep.fid(), name.as_mut_ptr().cast(), &mut len)
+        })?;
+        let port = port_of(&name[..len.min(name.len())]).ok_or_else(|| {
+            Error::Protocol(format!(
+                "libfabric provider {provider} listens on an address that is not IP"
+            ))
+        })?;
+        let domain = open_domain(&fabric, &info)?;
+        // Remote write and nothing else: never remote read.
+        let region_mr = register(
+            &domain,
+            region.clone() as Parent,
+            region.as_ptr(),
+            region.len(),
+            u64::from(sys::FI_REMOTE_WRITE),
+        )?;
+        let virt = info.mr_mode() & sys::FI_MR_VIRT_ADDR != 0;
+        let desc = RegionDesc {
+            addr: if virt { region.as_ptr() as u64 } else { 0 },
+            key: mr_key(&region_mr),
+            len: region.len() as u64,
+            page_size,
+            port,
+        };
+        tracing::info!(%provider, port, virt_addr = virt, "libfabric push listener");
+        Ok(Self {
+            pep,
+            eq,
+            domain,
+            region_mr,
+            desc,
+            opts: opts.clone(),
+            provider,
+        })
+    }
+
+    /// The region as the sender needs it (send it over the control channel).
+    pub fn desc(&self) -> &RegionDesc {
+        &self.desc
+    }
+
+    /// Waits up to `timeout` for the sender to connect, and accepts it.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], or a failed libfabric call.
+    pub fn accept(&mut self, timeout: Duration) -> Result<VerbsReceiver<OfiEndpoint>> {
+        Ok(VerbsReceiver::new(
+            self.accept_endpoint(timeout)?,
+            self.desc,
+            0,
+        ))
+    }
+
+    /// [`accept`](Self::accept), returning the bare endpoint (to wrap it, in tests).
+    ///
+    /// # Errors
+    /// As [`accept`](Self::accept).
+    pub fn accept_endpoint(&mut self, timeout: Duration) -> Result<OfiEndpoint> {
+        let deadline = Instant::now() + timeout;
+        let req = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (event, _, info) = eq_wait(&self.eq, left, "the libfabric sender to connect")?;
+            if event == sys::FI_CONNREQ && !info.0.is_null() {
+                break info;
+            }
+            tracing::debug!(event, "libfabric listener: event ignored");
+        };
+        let recv_len = message::commit_len(self.desc.bitmap_words());
+        let mut ep = OfiEndpoint::open(
+            &self.domain,
+            &self.eq,
+            &req,
+            &self.opts,
+            (recv_len, message::HEADER_LEN),
+            None,
+        )?;
+        ep.region = Some(self.region_mr.clone());
+        // SAFETY: an enabled endpoint from this request, with receives posted.
+        check("fi_accept", unsafe {
+            sys::colo_fi_accept(ep.ep.ptr, ptr::null(), 0)
+        })?;
+        ep.wait_connected(deadline.saturating_duration_since(Instant::now()))?;
+        tracing::info!(provider = %self.provider, "libfabric push connection accepted");
+        let _ = &self.pep;
+        Ok(ep)
+    }
+}
+
+/// Connects to the receiver at `addr` (the control channel's peer) and the port of
+/// `remote`, and builds a sender over it.
+///
+/// # Errors
+/// [`Error::Ofi`] for a provider, registration or connection failure, or
+/// [`Error::Protocol`] for an unusable remote descriptor.
+pub fn connect(
+    addr: IpAddr,
+    remote: RegionDesc,
+    source: Arc<Region>,
+    opts: &OfiOptions,
+    vopts: VerbsOptions,
+) -> Result<VerbsSender<OfiEndpoint>> {
+    let ep = connect_endpoint(addr, &remote, Arc::clone(&source), opts)?;
+    VerbsSender::new(ep, remote, source, 1, vopts)
+}
+
+/// [`connect`], returning the bare endpoint (to wrap it, in tests).
+///
+/// # Errors
+/// As [`connect`].
+pub fn connect_endpoint(
+    addr: IpAddr,
+    remote: &RegionDesc,
+    source: Arc<Region>,
+    opts: &OfiOptions,
+) -> Result<OfiEndpoint> {
+    let info = getinfo(Some(&addr.to_string()), &remote.port.to_string(), 0, opts)?;
+    let provider = info.provider();
+    let fabric = open_fabric(&info)?;
+    let eq = open_eq(&fabric)?;
+    let domain = open_domain(&fabric, &info)?;
+    // The source is only read by the provider.
+    let local = match register(
+        &domain,
+        source.clone() as Parent,
+        source.as_ptr(),
+        source.len(),
+        u64::from(sys::FI_WRITE),
+    ) {
+        Ok(mr) => Local::Source(mr, source),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                bounce_bytes = opts.bounce_len,
+                "cannot register guest memory with libfabric; pushing through registered \
+                 bounce buffers"
+            );
+            let b = Buf::new(&domain, opts.bounce_len, u64::from(sys::FI_WRITE))?;
+            Local::Bounce(b.mr, b.mem)
+        }
+    };
+    let send_len = message::commit_len(remote.bitmap_words());
+    let mut ep = OfiEndpoint::open(
+        &domain,
+        &eq,
+        &info,
+        opts,
+        (message::HEADER_LEN, send_len),
+        Some(local),
+    )?;
+    // SAFETY: an enabled endpoint with receives posted; the destination address is the
+    // info's own.
+    check("fi_connect", unsafe {
+        sys::colo_fi_connect(ep.ep.ptr, info.get().dest_addr, ptr::null(), 0)
+    })?;
+    ep.wait_connected(Duration::from_secs(10))?;
+    tracing::info!(
+        %provider,
+        max_sge = ep.caps.max_sge,
+        send_queue = ep.caps.max_send_wr,
+        "libfabric push connection established"
+    );
+    Ok(ep)
+}
+
+/// One side of a connected `FI_EP_MSG` endpoint.
+pub struct OfiEndpoint {
+    ep: Object<sys::fid_ep>,
+    eq: Arc<Eq>,
+    tx: Arc<Cq>,
+    rx: Arc<Cq>,
+    caps: Caps,
+    local_mr: bool,
+    local: Option<Local>,
+    send: Buf,
+    recv: Buf,
+    recv_len: usize,
+    /// Completions read while waiting for room to post, handed out by the next poll.
+    pending: Vec<Wc>,
+    /// The receive completions, from the thread that drives the receive queue.
+    rx_events: Receiver<RxEvent>,
+    /// That thread (started once connected).
+    progress: Option<Progress>,
+    rx_events_tx: Option<Sender<RxEvent>>,
+    /// The receiver's registration of its region (kept while connected).
+    region: Option<Arc<Mr>>,
+}
+
+/// What the receive-completion thread saw.
+#[derive(Debug)]
+enum RxEvent {
+    /// A message landed in receive slot `slot`.
+    Message {
+        slot: usize,
+        len: usize,
+        flags: u64,
+        data: u64,
+    },
+    /// A receive failed.
+    Failed(WcStatus),
+    /// The peer closed the connection.
+    Shutdown,
+}
+
+/// The thread that keeps reading the receive completion queue, blocked in the provider:
+/// with providers that progress data only when the application reads a queue (`tcp`,
+/// `verbs` under `FI_PROGRESS_MANUAL`), the peer's RMA writes and messages land, and its
+/// delivery-complete writes complete, only while some thread does.
+struct Progress {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            // The thread wakes within one PROGRESS_SLICE to see the flag.
+            let _ = h.join();
+        }
+    }
+}
+
+/// How long the progress thread blocks in the provider per read.
+const PROGRESS_SLICE: Duration = Duration::from_millis(50);
+
+fn drive_rx(rx: &Cq, eq: &Eq, ep: usize, out: &Sender<RxEvent>, stop: &AtomicBool) {
+    let ms = PROGRESS_SLICE.as_millis() as c_int;
+    while !stop.load(Ordering::Relaxed) {
+        let mut e = sys::fi_cq_data_entry::default();
+        // SAFETY: live CQ (held by this thread); room for one data entry.
+        let rc = unsafe {
+            sys::colo_fi_cq_sread(rx.ptr, ptr::from_mut(&mut e).cast(), 1, ptr::null(), ms)
+        };
+        let event = if rc > 0 {
+            RxEvent::Message {
+                slot: e.op_context as usize,
+                len: e.len,
+                flags: e.flags,
+                data: e.data,
+            }
+        } else if rc == -(sys::FI_EAGAIN as isize) {
+            if !shut_down(eq, ep) {
+                continue;
+            }
+            RxEvent::Shutdown
+        } else if rc == -(sys::FI_EAVAIL as isize) {
+            let mut err = sys::fi_cq_err_entry::default();
+            // SAFETY: live CQ; a valid error entry to fill.
+            unsafe { sys::colo_fi_cq_readerr(rx.ptr, &mut err, 0) };
+            RxEvent::Failed(status_of(err.err))
+        } else {
+            RxEvent::Failed(WcStatus::Other(rc.unsigned_abs() as u32))
+        };
+        let last = !matches!(event, RxEvent::Message { .. });
+        if out.send(event).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Whether the next event of `eq` is the shutdown of endpoint `ep` (consumed if so; any
+/// other event is left for its reader).
+fn shut_down(eq: &Eq, ep: usize) -> bool {
+    let mut event = 0u32;
+    let mut entry = sys::fi_eq_cm_entry {
+        fid: ptr::null_mut(),
+        info: ptr::null_mut(),
+        data: Default::default(),
+    };
+    let len = size_of::<sys::fi_eq_cm_entry>();
+    // SAFETY: live EQ; `entry` has room for a CM entry without data.
+    let n = unsafe {
+        sys::colo_fi_eq_read(
+            eq.ptr,
+            &mut event,
+            ptr::from_mut(&mut entry).cast(),
+            len,
+            u64::from(sys::FI_PEEK),
+        )
+    };
+    if n <= 0 || event != sys::FI_SHUTDOWN || entry.fid as usize != ep {
+        return false;
+    }
+    // SAFETY: as above; consumes the event just peeked.
+    unsafe { sys::colo_fi_eq_read(eq.ptr, &mut event, ptr::from_mut(&mut entry).cast(), len, 0) };
+    true
+}
+
+impl std::fmt::Debug for OfiEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfiEndpoint")
+            .field("caps", &self.caps)
+            .field("bounce", &self.bounce().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OfiEndpoint {
+    /// Opens, binds and enables an endpoint for `info`, with its buffers registered and
+    /// receives posted. `lens` is (receive buffer, send buffer) in bytes.
+    fn open(
+        domain: &Arc<Domain>,
+        eq: &Arc<Eq>,
+        info: &Info,
+        opts: &OfiOptions,
+        (recv_len, send_len): (usize, usize),
+        local: Option<Local>,
+    ) -> Result<Self> {
+        let i = info.get();
+        // SAFETY: libfabric fills the attributes of every info it returns.
+        let (tx_attr, ep_attr) = unsafe { (*i.tx_attr, *i.ep_attr) };
+        let caps = Caps {
+            max_sge: (opts.max_sge as usize).min(tx_attr.iov_limit).max(1),
+            max_send_wr: (opts.send_queue as usize).min(tx_attr.size).max(2),
+            max_msg: ep_attr.max_msg_size as u64,
+            recv_len,
+        };
+        let tx = open_cq(domain, caps.max_send_wr + RECV_DEPTH)?;
+        let rx = open_cq(domain, RECV_DEPTH * 2)?;
+        let mut raw = ptr::null_mut();
+        // SAFETY: live domain and info; a valid out-pointer.
+        check("fi_endpoint", unsafe {
+            sys::colo_fi_endpoint(domain.ptr, info.0, &mut raw)
+        })?;
+        let ep = Object::new(
+            raw,
+            vec![
+                tx.clone() as Parent,
+                rx.clone() as Parent,
+                eq.clone() as Parent,
+                domain.clone() as Parent,
+            ],
+        );
+        // SAFETY: live endpoint, EQ and CQs; flags as libfabric documents them.
+        unsafe {
+            check("fi_ep_bind(eq)", sys::colo_fi_ep_bind(ep.ptr, eq.fid(), 0))?;
+            check(
+                "fi_ep_bind(tx cq)",
+                sys::colo_fi_ep_bind(
+                    ep.ptr,
+                    tx.fid(),
+                    u64::from(sys::FI_TRANSMIT) | sys::FI_SELECTIVE_COMPLETION,
+                ),
+            )?;
+            check(
+                "fi_ep_bind(rx cq)",
+                sys::colo_fi_ep_bind(ep.ptr, rx.fid(), u64::from(sys::FI_RECV)),
+            )?;
+            check("fi_enable", sys::colo_fi_enable(ep.ptr))?;
+        }
+        let send = Buf::new(domain, send_len, u64::from(sys::FI_SEND))?;
+        let recv = Buf::new(domain, recv_len * RECV_DEPTH, u64::from(sys::FI_RECV))?;
+        let (events_tx, rx_events) = crossbeam_channel::unbounded();
+        let mut e = Self {
+            ep,
+            eq: eq.clone(),
+            tx,
+            rx,
+            caps,
+            local_mr: info.mr_mode() & sys::FI_MR_LOCAL != 0,
+            local,
+            send,
+            recv,
+            recv_len,
+            pending: Vec::new(),
+            rx_events,
+            progress: None,
+            rx_events_tx: Some(events_tx),
+            region: None,
+        };
+        for slot in 0..RECV_DEPTH {
+            e.post_recv(slot)?;
+        }
+        Ok(e)
+    }
+
+    /// Waits for this endpoint's `FI_CONNECTED` event, then starts the thread that drives
+    /// its receive queue.
+    fn wait_connected(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (event, fid, _) = eq_wait(&self.eq, left, "the libfabric connection")?;
+            if event == sys::FI_CONNECTED && fid == self.ep.fid() {
+                let out = self.rx_events_tx.take().ok_or(Error::Closed)?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let (rx, eq, ep) = (self.rx.clone(), self.eq.clone(), self.ep.fid() as usize);
+                let flag = stop.clone();
+                let handle = std::thread::Builder::new()
+                    .name("ofi-progress".into())
+                    .spawn(move || drive_rx(&rx, &eq, ep, &out, &flag))
+                    .map_err(Error::Thread)?;
+                self.progress = Some(Progress {
+                    stop,
+                    handle: Some(handle),
+                });
+                return Ok(());
+            }
+            if event == sys::FI_SHUTDOWN && fid == self.ep.fid() {
+                return Err(Error::Closed);
+            }
+        }
+    }
+
+    fn desc(&self, mr: &Mr) -> *mut c_void {
+        if self.local_mr {
+            mr_desc(mr)
+        } else {
+            ptr::null_mut()
+        }
+    }
+
+    fn post_recv(&mut self, slot: usize) -> Result<()> {
+        let buf = self
+            .recv
+            .mem
+            .ptr_at((slot * self.recv_len) as u64, self.recv_len as u64)?;
+        let desc = self.desc(&self.recv.mr);
+        let deadline = Instant::now() + POST_WAIT;
+        loop {
+            // SAFETY: live endpoint; the buffer is registered and lives as long as the
+            // endpoint; the context is the slot number, never dereferenced.
+            let rc = unsafe {
+                sys::colo_fi_recv(
+                    self.ep.ptr,
+                    buf.cast(),
+                    self.recv_len,
+                    desc,
+                    0,
+                    slot as *mut c_void,
+                )
+            };
+            if rc == -(sys::FI_EAGAIN as isize) && Instant::now() < deadline {
+                std::thread::yield_now();
+                continue;
+            }
+            return check("fi_recv", rc as i64).map_err(|e| Error::Post(e.to_string()));
+        }
+    }
+
+    /// The local address and descriptor of one SGE.
+    fn local_iov(&self, s: &Sge) -> Result<(sys::iovec, *mut c_void)> {
+        let (base, mr) = match (&self.local, s.mr) {
+            (Some(Local::Source(mr, r)), LocalMr::Source) => (r, mr),
+            (Some(Local::Bounce(mr, r)), LocalMr::Bounce) => (r, mr),
+            _ => {
+                return Err(Error::Post(format!(
+                    "an SGE reads {:?} memory, which is not registered here",
+                    s.mr
+                )));
+            }
+        };
+        let p = base.ptr_at(s.offset, u64::from(s.len))?;
+        Ok((
+            sys::iovec {
+                iov_base: p.cast(),
+                iov_len: s.len as usize,
+            },
+            self.desc(mr),
+        ))
+    }
+
+    /// Reads up to [`POLL_BATCH`] send completions (waiting up to `timeout`) into `out`.
+    fn read_tx(&mut self, out: &mut Vec<Wc>, timeout: Option<Duration>) -> Result<()> {
+        let mut entries = [sys::fi_cq_data_entry::default(); POLL_BATCH];
+        // SAFETY: live CQ; `entries` has room for POLL_BATCH data entries.
+        let rc = unsafe {
+            match timeout {
+                Some(t) => sys::colo_fi_cq_sread(
+                    self.tx.ptr,
+                    entries.as_mut_ptr().cast(),
+                    POLL_BATCH,
+                    ptr::null(),
+                    c_int::try_from(t.as_millis()).unwrap_or(c_int::MAX),
+                ),
+                None => sys::colo_fi_cq_read(self.tx.ptr, entries.as_mut_ptr().cast(), POLL_BATCH),
+            }
+        };
+        if rc > 0 {
+            out.extend(entries[..rc as usize].iter().map(|e| Wc {
+                wr_id: e.op_context as u64,
+                status: WcStatus::Success,
+            }));
+            return Ok(());
+        }
+        if rc == -(sys::FI_EAGAIN as isize) {
+            return Ok(());
+        }
+        if rc == -(sys::FI_EAVAIL as isize) {
+            let mut err = sys::fi_cq_err_entry::default();
+            // SAFETY: live CQ; a valid error entry to fill.
+            let n = unsafe { sys::colo_fi_cq_readerr(self.tx.ptr, &mut err, 0) };
+            if n > 0 {
+                tracing::debug!(
+                    err = err.err,
+                    prov_errno = err.prov_errno,
+                    wr_id = err.op_context as u64,
+                    "libfabric send completion failed"
+                );
+                out.push(Wc {
+                    wr_id: err.op_context as u64,
+                    status: status_of(err.err),
+                });
+                return Ok(());
+            }
+            return Err(call_error("fi_cq_readerr", n as i64));
+        }
+        Err(call_error("fi_cq_sread", rc as i64))
+    }
+}
+
+/// The verbs status a libfabric completion error stands for.
+fn status_of(err: c_int) -> WcStatus {
+    match err.unsigned_abs() {
+        sys::FI_EACCES | sys::FI_EKEYREJECTED | sys::FI_EINVAL => WcStatus::RemoteAccess,
+        sys::FI_ECANCELED => WcStatus::Flushed,
+        sys::FI_ETIMEDOUT | sys::FI_ECONNRESET | sys::FI_ECONNABORTED | sys::FI_ENOTCONN => {
+            WcStatus::RetryExceeded
+        }
+        sys::FI_EIO => WcStatus::RemoteOperation,
+        sys::FI_ETRUNC => WcStatus::LocalLength,
+        other => WcStatus::Other(other),
+    }
+}
+
+impl Endpoint for OfiEndpoint {
+    fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    fn bounce(&self) -> Option<&Region> {
+        match &self.local {
+            Some(Local::Bounce(_, r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn post_writes(&mut self, wrs: &[WriteWr], sges: &[Sge]) -> Result<()> {
+        let mut iovs = Vec::with_capacity(self.caps.max_sge);
+        let mut descs = Vec::with_capacity(self.caps.max_sge);
+        for (n, wr) in wrs.iter().enumerate() {
+            let chain = sges
+                .get(wr.first_sge..wr.first_sge + wr.num_sge)
+                .ok_or_else(|| Error::Post("a work request names SGEs it was not given".into()))?;
+            if chain.len() > self.caps.max_sge {
+                return Err(Error::Post(format!(
+                    "{} SGEs in one write; the provider takes {}",
+                    chain.len(),
+                    self.caps.max_sge
+                )));
+            }
+            iovs.clear();
+            descs.clear();
+            for s in chain {
+                let (iov, desc) = self.local_iov(s)?;
+                iovs.push(iov);
+                descs.push(desc);
+            }
+            let rma = sys::fi_rma_iov {
+                addr: wr.remote_addr,
+                len: wr.len(sges) as usize,
+                key: u64::from(wr.rkey),
+            };
+            let msg = sys::fi_msg_rma {
+                msg_iov: iovs.as_ptr(),
+                desc: descs.as_mut_ptr(),
+                iov_count: iovs.len(),
+                addr: 0,
+                rma_iov: &rma,
+                rma_iov_count: 1,
+                context: wr.wr_id as *mut c_void,
+                data: 0,
+            };
+            let mut flags = 0u64;
+            if wr.signaled {
+                // Completed once the target placed it (and every write before it on the
+                // connection): a write the target refused fails here, as on verbs.
+                flags |= u64::from(sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE);
+            }
+            if n + 1 < wrs.len() {
+                flags |= u64::from(sys::FI_MORE);
+            }
+            let deadline = Instant::now() + POST_WAIT;
+            loop {
+                // SAFETY: live endpoint; `msg` and the arrays it points to live for the
+                // call (the provider copies them); the local memory is registered.
+                let rc = unsafe { sys::colo_fi_writemsg(self.ep.ptr, &msg, flags) };
+                if rc == 0 {
+                    break;
+                }
+                if rc == -(sys::FI_EAGAIN as isize) && Instant::now() < deadline {
+                    // The provider's queue is full: drive its progress, keeping what
+                    // completes for the next poll.
+                    let mut got = std::mem::take(&mut self.pending);
+                    self.read_tx(&mut got, None)?;
+                    self.pending = got;
+                    continue;
+                }
+                return Err(Error::Post(format!(
+                    "fi_writemsg: {}",
+                    strerror(rc.unsigned_abs() as i32)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn post_send(&mut self, wr_id: u64, imm: u32, msg: &[u8]) -> Result<()> {
+        if msg.len() > self.send.mem.len() {
+            return Err(Error::Post(format!(
+                "a {}-byte message exceeds the {}-byte send buffer",
+                msg.len(),
+                self.send.mem.len()
+            )));
+        }
+        self.send.mem.write_at(0, msg)?;
+        let iov = sys::iovec {
+            iov_base: self.send.mem.as_ptr().cast(),
+            iov_len: msg.len(),
+        };
+        let mut desc = self.desc(&self.send.mr);
+        let m = sys::fi_msg {
+            msg_iov: &iov,
+            desc: &mut desc,
+            iov_count: 1,
+            addr: 0,
+            context: wr_id as *mut c_void,
+            data: u64::from(imm),
+        };
+        let flags = u64::from(sys::FI_COMPLETION | sys::FI_REMOTE_CQ_DATA);
+        let deadline = Instant::now() + POST_WAIT;
+        loop {
+            // SAFETY: live endpoint; `m` and what it points to live for the call; the send
+            // buffer is registered and not reused until this send completes (the pipeline
+            // keeps one send outstanding).
+            let rc = unsafe { sys::colo_fi_sendmsg(self.ep.ptr, &m, flags) };
+            if rc == 0 {
+                return Ok(());
+            }
+            if rc == -(sys::FI_EAGAIN as isize) && Instant::now() < deadline {
+                let mut got = std::mem::take(&mut self.pending);
+                self.read_tx(&mut got, None)?;
+                self.pending = got;
+                continue;
+            }
+            return Err(Error::Post(format!(
+                "fi_sendmsg: {}",
+                strerror(rc.unsigned_abs() as i32)
+            )));
+        }
+    }
+
+    fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
+        if !self.pending.is_empty() {
+            out.append(&mut self.pending);
+            return Ok(());
+        }
+        self.read_tx(out, Some(timeout))
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>, timeout: Duration) -> Result<u32> {
+        let (slot, len, flags, data) = match self.rx_events.recv_timeout(timeout) {
+            Ok(RxEvent::Message {
+                slot,
+                len,
+                flags,
+                data,
+            }) => (slot, len, flags, data),
+            Ok(RxEvent::Failed(status)) => return Err(status.into_error("a posted receive")),
+            Ok(RxEvent::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                return Err(WcStatus::RetryExceeded.into_error("the libfabric connection"));
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(Error::Timeout(
+                    timeout,
+                    "a message on the libfabric endpoint",
+                ));
+            }
+        };
+        let has_imm = flags & u64::from(sys::FI_REMOTE_CQ_DATA) != 0;
+        if slot >= RECV_DEPTH || len > self.recv_len || !has_imm {
+            return Err(Error::Protocol(format!(
+                "a receive completion for slot {slot} of {len} bytes (immediate: {has_imm})"
+            )));
+        }
+        let imm = u32::try_from(data)
+            .map_err(|_| Error::Protocol(format!("immediate data {data:#x} over 32 bits")))?;
+        buf.resize(len, 0);
+        self.recv.mem.read_at((slot * self.recv_len) as u64, buf)?;
+        self.post_recv(slot)?;
+        Ok(imm)
+    }
+}

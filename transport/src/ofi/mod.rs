@@ -1,0 +1,113 @@
+//! The libfabric (OFI) backend (feature `ofi`): an [`Endpoint`] on a connected `FI_EP_MSG`
+//! endpoint of any libfabric provider that offers RMA, driven by the same pipeline as the
+//! verbs device ([`crate::verbs`]).
+//!
+//! libfabric is the portable one-sided API of HPC fabrics: its `verbs` provider drives
+//! InfiniBand and RoCE, `efa` AWS EFA, `cxi` HPE Slingshot, and its `tcp` provider does the
+//! same RMA writes in user space over TCP, so the one-sided pipeline also runs on a machine
+//! without RDMA hardware (the test command runs it over `tcp` on loopback).
+//!
+//! - Bindings: generated with bindgen from the installed headers (`ofi/shim.h`), since
+//!   libfabric's own Rust binding (`ofi-libfabric-sys` 0.1) needs libfabric 2.x headers
+//!   (`fi_profile.h`) and Debian 12 ships 1.17. Most `fi_*` calls are `static inline`;
+//!   `ofi/shim.c` gives each a real symbol.
+//! - Connection: the receiver listens on a passive endpoint ([`OfiListener`]); the sender
+//!   connects to the address of the control channel's peer and the port published in the
+//!   [`RegionDesc`]. Connection events come from an event queue read with a blocking wait.
+//! - Registration: the receiver registers its RAM cache for remote write only. The key
+//!   (chosen by colo, or by the provider under `FI_MR_PROV_KEY`) and the base address
+//!   (the virtual address under `FI_MR_VIRT_ADDR`, else 0: offsets) go in the descriptor.
+//!   The sender registers its source for local reads; where that fails it registers
+//!   bounce buffers, as the verbs device does.
+//! - Work: each RDMA WRITE work request is one `fi_writemsg` (a chain passes `FI_MORE` to
+//!   all but its last), completions only where the pipeline signals one
+//!   (`FI_SELECTIVE_COMPLETION`); the epoch message is a send with remote CQ data (the
+//!   immediate). Completion queues are read with `fi_cq_sread`, which blocks in the
+//!   provider (and drives its progress), so an idle side does not spin.
+//!
+//! [`Endpoint`]: crate::verbs::Endpoint
+
+mod endpoint;
+mod sys;
+
+pub use endpoint::{OfiEndpoint, OfiListener, connect, connect_endpoint};
+
+/// Which provider and how big the queues are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfiOptions {
+    /// The provider (`tcp`, `verbs`, `efa`, `cxi`, ...); `None` lets libfabric pick the
+    /// first that offers connected RMA.
+    pub provider: Option<String>,
+    /// Send queue depth asked for (clamped to the provider's).
+    pub send_queue: u32,
+    /// Scatter-gather entries per write asked for (clamped to the provider's).
+    pub max_sge: u32,
+    /// Bytes of bounce buffers registered where the source cannot be.
+    pub bounce_len: usize,
+}
+
+impl Default for OfiOptions {
+    fn default() -> Self {
+        Self {
+            provider: None,
+            send_queue: 256,
+            max_sge: 16,
+            bounce_len: 32 << 20,
+        }
+    }
+}
+
+/// Errors of the libfabric backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OfiError {
+    /// libfabric knows no provider of that name on this machine.
+    #[error(
+        "libfabric has no provider {wanted:?} here; present: {present:?} (`fi_info -l` lists \
+         them; a provider may need its package or hardware)"
+    )]
+    UnknownProvider {
+        /// The provider asked for.
+        wanted: String,
+        /// The providers libfabric lists.
+        present: Vec<String>,
+    },
+    /// The provider exists but offers no connected endpoint with RMA writes under the memory
+    /// registration modes colo handles.
+    #[error(
+        "libfabric provider {provider:?} offers no connected (FI_EP_MSG) endpoint with RMA \
+         writes and remote CQ data under the MR modes colo handles (local, virtual address, \
+         allocated, provider keys){hint}"
+    )]
+    NoRma {
+        /// The provider (or "any").
+        provider: String,
+        /// What to try instead.
+        hint: &'static str,
+    },
+    /// A libfabric call failed.
+    #[error("{call} failed: {message} ({code})")]
+    Call {
+        /// The call.
+        call: &'static str,
+        /// libfabric's error code (positive).
+        code: i32,
+        /// `fi_strerror` of it.
+        message: String,
+    },
+    /// Memory registration failed, likely under the locked-memory limit.
+    #[error(
+        "cannot register {len} bytes with libfabric: {message}; the locked-memory limit \
+         (ulimit -l) is {limit}. Raise it: `ulimit -l unlimited` in the shell that starts \
+         colo, `LimitMEMLOCK=infinity` in a systemd unit, or a memlock line in \
+         /etc/security/limits.conf"
+    )]
+    Memlock {
+        /// Bytes that could not be registered.
+        len: usize,
+        /// The current soft limit, readable.
+        limit: String,
+        /// libfabric's message.
+        message: String,
+    },
+}
