@@ -363,6 +363,47 @@ pub fn bad_rkey_is_refused<F: Fabric>(f: &F) -> Result<()> {
     )
 }
 
+/// A descriptor that claims twice the registered region: writes past its end fail at the
+/// target ([`Fabric::refused_write`]), no commit arrives, and no byte of the region (or
+/// past it) changes.
+///
+/// # Errors
+/// When the outcome differs.
+pub fn write_outside_the_region_is_refused<F: Fabric>(f: &F) -> Result<()> {
+    let pages = 64u64;
+    let len = (pages * u64::from(PAGE)) as usize;
+    // The target is the first half of a mapping whose second half stays unregistered.
+    let whole = Arc::new(Region::anonymous(2 * len)?);
+    let dst = Arc::new(whole.sub(0, len as u64)?);
+    let src = Arc::new(Region::anonymous(2 * len)?);
+    src.write_at(0, &vec![0xcd; 2 * len])?;
+    let (a, b, mut desc) = f.endpoints(Arc::clone(&dst), Arc::clone(&src))?;
+    let rx_desc = desc;
+    desc.len *= 2;
+    let mut tx = VerbsSender::new(a, desc, src, 1, VerbsOptions::default())?;
+    let mut rx = VerbsReceiver::new(b, rx_desc, 0);
+    let past: Vec<u64> = (pages..2 * pages).collect();
+    let refused = f.refused_write();
+    match push_epoch(&mut tx, runs_of(&past), &bitmap_of(&past, 2 * pages)) {
+        Err(Error::Completion { status, .. }) if status == refused => {}
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected the write past the region to fail with {refused}, got {other:?}"
+            )));
+        }
+    }
+    check(
+        rx.next_commit(Duration::from_millis(300)).is_err(),
+        "a commit arrived after a refused write",
+    )?;
+    let mut got = vec![1u8; 2 * len];
+    whole.read_at(0, &mut got)?;
+    check(
+        got.iter().all(|&x| x == 0),
+        "a write outside the registered region landed",
+    )
+}
+
 /// Epoch 1 commits through the RAM cache into the SVM; the queue pair fails in the middle
 /// of epoch 2 (a refused write). The receiver reports the error, the cache aborts the
 /// checkpoint, and the SVM still holds epoch 1 exactly.

@@ -4,7 +4,7 @@
 
 use colo_soft_roce_tests::{
     Device, Ofi, Sim, bad_rkey_is_refused, qp_error_mid_epoch_keeps_the_previous_epoch,
-    random_pages_land_and_commit,
+    random_pages_land_and_commit, write_outside_the_region_is_refused,
 };
 
 fn device() -> Device {
@@ -60,4 +60,20 @@ fn ofi_tcp_bad_rkey_is_refused() {
 #[test]
 fn ofi_tcp_qp_error_mid_epoch_keeps_the_previous_epoch() {
     qp_error_mid_epoch_keeps_the_previous_epoch(&Ofi::provider("tcp")).unwrap();
+}
+
+#[test]
+fn ofi_tcp_write_outside_the_region_is_refused() {
+    write_outside_the_region_is_refused(&Ofi::provider("tcp")).unwrap();
+}
+
+#[test]
+fn sim_write_outside_the_region_is_refused() {
+    write_outside_the_region_is_refused(&Sim).unwrap();
+}
+
+#[test]
+#[ignore = "requires an RDMA device"]
+fn device_write_outside_the_region_is_refused() {
+    write_outside_the_region_is_refused(&device()).unwrap();
 }

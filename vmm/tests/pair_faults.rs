@@ -689,3 +689,31 @@ fn pages_kept_writable_reach_the_secondary_before_a_failover() {
         "a secondary that never got the hot pages served on after the failover: {last}"
     );
 }
+
+/// The one-sided push through libfabric's real `tcp` provider (`--transport ofi`, feature
+/// `ofi`): the primary killed mid-run, and crashed with an epoch's writes posted but not
+/// committed and with an epoch complete; each time the secondary takes over with nothing
+/// lost or contradicted.
+#[cfg(feature = "ofi")]
+#[test]
+fn the_libfabric_push_fails_over_like_the_tcp_one() {
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    let ofi = ["--transport", "ofi", "--ofi-provider", "tcp"];
+    let runs: [(&[&str], Option<&str>); 3] = [
+        (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
+        (&["--duration", "3s"], Some("push:6")),
+        (&["--duration", "3s"], Some("commit:9")),
+    ];
+    for (args, crash) in runs {
+        let all: Vec<&str> = ofi.iter().chain(args).copied().collect();
+        let v = pair(
+            &all,
+            crash.map(|c| ("COLO_TEST_CRASH_AT", c.to_string())),
+            None,
+        );
+        check_failover(&v, &format!("ofi {args:?} {crash:?}"));
+    }
+}

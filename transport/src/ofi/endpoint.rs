@@ -222,7 +222,7 @@ fn no_rma(opts: &OfiOptions) -> Error {
 }
 
 /// The providers libfabric lists on this machine (as `fi_info -l` does).
-pub(super) fn providers() -> Vec<String> {
+pub fn providers() -> Vec<String> {
     let mut info = ptr::null_mut();
     // SAFETY: no hints (everything), a valid out-pointer.
     let rc = unsafe {
@@ -261,6 +261,15 @@ pub(super) fn providers() -> Vec<String> {
         cur = next;
     }
     names
+}
+
+/// Checks that `opts.provider` (or, without one, any provider) offers what colo needs, and
+/// returns the provider libfabric would use.
+///
+/// # Errors
+/// [`OfiError::UnknownProvider`] or [`OfiError::NoRma`], each saying what to change.
+pub fn probe(opts: &OfiOptions) -> Result<String> {
+    Ok(getinfo(None, "0", sys::FI_SOURCE, opts)?.provider())
 }
 
 type Fabric = Object<sys::fid_fabric>;

@@ -30,7 +30,7 @@
 mod endpoint;
 mod sys;
 
-pub use endpoint::{OfiEndpoint, OfiListener, connect, connect_endpoint};
+pub use endpoint::{OfiEndpoint, OfiListener, connect, connect_endpoint, probe, providers};
 
 /// Which provider and how big the queues are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,4 +110,45 @@ pub enum OfiError {
         /// libfabric's message.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    fn opts(provider: &str) -> OfiOptions {
+        OfiOptions {
+            provider: Some(provider.into()),
+            ..OfiOptions::default()
+        }
+    }
+
+    #[test]
+    fn tcp_offers_what_colo_needs() {
+        assert_eq!(probe(&opts("tcp")).unwrap(), "tcp");
+        assert!(providers().iter().any(|p| p == "tcp"));
+    }
+
+    #[test]
+    fn an_unknown_provider_is_refused_naming_those_present() {
+        match probe(&opts("no-such-provider")) {
+            Err(Error::Ofi(OfiError::UnknownProvider { wanted, present })) => {
+                assert_eq!(wanted, "no-such-provider");
+                assert!(present.iter().any(|p| p == "tcp"), "{present:?}");
+            }
+            other => panic!("expected an unknown provider, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_provider_without_connected_rma_is_refused_with_a_hint() {
+        // shm offers RMA on reliable datagram endpoints only.
+        match probe(&opts("shm")) {
+            Err(e @ Error::Ofi(OfiError::NoRma { .. })) => {
+                assert!(e.to_string().contains("use tcp"), "{e}");
+            }
+            other => panic!("expected no RMA, got {other:?}"),
+        }
+    }
 }

@@ -26,13 +26,20 @@ use crate::interrupt::{catch_interrupts, interrupted};
 /// Which page-push transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TransportKind {
-    /// RDMA when a device exists, else TCP.
+    /// RDMA when a device exists, else a libfabric provider of RDMA-class hardware
+    /// (verbs, efa, cxi, opx, psm3) when there is one, else TCP.
     Auto,
     /// TCP streams.
     Tcp,
     /// Verbs RDMA (fails when there is no device).
     Rdma,
+    /// One-sided writes through libfabric (--ofi-provider; builds with the `ofi` feature).
+    Ofi,
 }
+
+/// libfabric providers `--transport auto` takes: those of RDMA-class hardware. The `tcp`
+/// provider is no faster than colo's own TCP push; it is there for `--transport ofi`.
+const OFI_HARDWARE: [&str; 5] = ["verbs", "efa", "cxi", "opx", "psm3"];
 
 /// Checkpoint and heartbeat options shared by both sides.
 #[derive(Debug, Args, Clone)]
@@ -97,6 +104,12 @@ pub struct ColoArgs {
     /// becomes the connection's source (see `show_gids`). Default: the routing table picks.
     #[arg(long)]
     pub rdma_gid_index: Option<u8>,
+    /// libfabric (--transport ofi): the provider, e.g. tcp (user space, any network),
+    /// verbs (InfiniBand, RoCE), efa (AWS), cxi (HPE Slingshot); `fi_info -l` lists this
+    /// machine's. Default: the first that offers connected RMA writes. Both sides need
+    /// the same one.
+    #[arg(long, value_name = "NAME")]
+    pub ofi_provider: Option<String>,
     /// The pair key file (`colo keygen --out FILE`, mode 0600; the same file on both
     /// sides): every connection between the two sides (control, push streams, disk)
     /// proves it before anything else crosses. `colo pair` makes one for its two sides.
@@ -188,18 +201,20 @@ impl ColoArgs {
         })
     }
 
-    /// Resolves `--transport`: RDMA needs a device (and this build's `rdma` feature).
+    /// Resolves `--transport`: RDMA needs a device (and this build's `rdma` feature),
+    /// libfabric a provider with connected RMA (and the `ofi` feature).
     fn check_transport(&self) -> Result<PushTransport> {
         let tcp = PushTransport::Tcp {
             streams: self.streams,
         };
         if self.encrypt {
-            // One-sided RDMA writes land without the secondary's CPU: nothing could
-            // open a sealed record on the way.
+            // One-sided writes land without the secondary's CPU: nothing could open a
+            // sealed record on the way.
             return match self.transport {
-                TransportKind::Rdma => Err(ColoError::Usage(
-                    "--encrypt needs the TCP push (--transport tcp or auto): RDMA writes \
-                     land without the secondary's CPU and cannot be opened on the way",
+                TransportKind::Rdma | TransportKind::Ofi => Err(ColoError::Usage(
+                    "--encrypt needs the TCP push (--transport tcp or auto): one-sided \
+                     writes (RDMA, libfabric) land without the secondary's CPU and cannot be \
+                     opened on the way",
                 )),
                 _ => {
                     tracing::info!("--encrypt: pushing pages over sealed TCP streams");
@@ -207,15 +222,68 @@ impl ColoArgs {
                 }
             };
         }
-        match (self.transport, rdma_devices()) {
-            (TransportKind::Tcp, _) => Ok(tcp),
-            (TransportKind::Auto, Err(why)) => {
-                tracing::info!("no RDMA ({why}); using TCP");
+        match self.transport {
+            TransportKind::Tcp => Ok(tcp),
+            TransportKind::Rdma => match rdma_devices() {
+                Ok(devices) => self.rdma(&devices),
+                Err(why) => Err(ColoError::NoRdma(why)),
+            },
+            TransportKind::Ofi => self.ofi(self.ofi_provider.as_deref()),
+            TransportKind::Auto => {
+                let why = match rdma_devices() {
+                    Ok(devices) => return self.rdma(&devices),
+                    Err(why) => why,
+                };
+                if let Some(t) = self.ofi_hardware() {
+                    return Ok(t);
+                }
+                tracing::info!("no RDMA ({why}) and no libfabric RDMA-class provider; using TCP");
                 Ok(tcp)
             }
-            (TransportKind::Rdma, Err(why)) => Err(ColoError::NoRdma(why)),
-            (_, Ok(devices)) => self.rdma(&devices),
         }
+    }
+
+    /// `--transport ofi` with `provider` (or libfabric's first with connected RMA).
+    #[cfg(feature = "ofi")]
+    fn ofi(&self, provider: Option<&str>) -> Result<PushTransport> {
+        let opts = colo_transport::ofi::OfiOptions {
+            provider: provider.map(str::to_string),
+            ..colo_transport::ofi::OfiOptions::default()
+        };
+        let chosen =
+            colo_transport::ofi::probe(&opts).map_err(ColoError::transport("--transport ofi"))?;
+        tracing::info!(provider = %chosen, "pushing pages with libfabric RMA writes");
+        Ok(PushTransport::Ofi(colo_transport::ofi::OfiOptions {
+            provider: Some(chosen),
+            ..opts
+        }))
+    }
+
+    #[cfg(not(feature = "ofi"))]
+    fn ofi(&self, _provider: Option<&str>) -> Result<PushTransport> {
+        Err(ColoError::NoOfi(
+            "this build has no libfabric support (build with --features ofi; needs \
+             libfabric-dev)"
+                .into(),
+        ))
+    }
+
+    /// For `--transport auto`: a libfabric provider of RDMA-class hardware, if this build
+    /// and this machine have one (`--ofi-provider` narrows the choice).
+    #[cfg(feature = "ofi")]
+    fn ofi_hardware(&self) -> Option<PushTransport> {
+        let present = colo_transport::ofi::providers();
+        OFI_HARDWARE
+            .iter()
+            .filter(|p| self.ofi_provider.as_deref().is_none_or(|w| w == **p))
+            .filter(|p| present.iter().any(|q| q == *p))
+            .find_map(|p| self.ofi(Some(p)).ok())
+    }
+
+    #[cfg(not(feature = "ofi"))]
+    fn ofi_hardware(&self) -> Option<PushTransport> {
+        let _ = OFI_HARDWARE;
+        None
     }
 
     #[cfg(feature = "rdma")]

@@ -40,6 +40,10 @@ pub enum ColoError {
     /// `--transport rdma` where this build or this host cannot do RDMA.
     #[error("--transport rdma: {0}")]
     NoRdma(String),
+    /// `--transport ofi` where this build has no libfabric.
+    #[cfg(not(feature = "ofi"))]
+    #[error("--transport ofi: {0}")]
+    NoOfi(String),
     /// `--rdma-device` names a device that is not there.
     #[cfg(feature = "rdma")]
     #[error("--rdma-device {device}: no such device; present: {}", present.join(", "))]

@@ -1,4 +1,5 @@
-//! The page-push transport of a run: TCP streams, or verbs RDMA (feature `rdma`).
+//! The page-push transport of a run: TCP streams, verbs RDMA (feature `rdma`), or a
+//! libfabric provider (feature `ofi`).
 //!
 //! Both sides agree on it out of band (the same `--transport` on both); the secondary
 //! binds its push listener and sends the region descriptor over the control channel, and
@@ -25,6 +26,9 @@ pub enum PushTransport {
     /// One-sided RDMA WRITEs into the secondary's registered RAM cache.
     #[cfg(feature = "rdma")]
     Rdma(colo_transport::rdma::RdmaOptions),
+    /// One-sided RMA writes through a libfabric provider.
+    #[cfg(feature = "ofi")]
+    Ofi(colo_transport::ofi::OfiOptions),
 }
 
 impl std::fmt::Display for PushTransport {
@@ -37,6 +41,12 @@ impl std::fmt::Display for PushTransport {
                 "rdma (device {}, port {})",
                 o.device.as_deref().unwrap_or("by address"),
                 o.port
+            ),
+            #[cfg(feature = "ofi")]
+            Self::Ofi(o) => write!(
+                f,
+                "ofi (provider {})",
+                o.provider.as_deref().unwrap_or("any")
             ),
         }
     }
@@ -52,6 +62,9 @@ pub enum PushListener {
     /// RDMA.
     #[cfg(feature = "rdma")]
     Rdma(colo_transport::rdma::RdmaListener),
+    /// libfabric.
+    #[cfg(feature = "ofi")]
+    Ofi(colo_transport::ofi::OfiListener),
 }
 
 impl PushListener {
@@ -79,6 +92,12 @@ impl PushListener {
                     .map(Self::Rdma)
                     .map_err(ColoError::transport("set up the RDMA push listener"))
             }
+            #[cfg(feature = "ofi")]
+            PushTransport::Ofi(o) => {
+                colo_transport::ofi::OfiListener::bind(SocketAddr::new(ip, 0), region, page, o)
+                    .map(Self::Ofi)
+                    .map_err(ColoError::transport("set up the libfabric push listener"))
+            }
         }
     }
 
@@ -88,6 +107,8 @@ impl PushListener {
             Self::Tcp(l) => *l.desc(),
             #[cfg(feature = "rdma")]
             Self::Rdma(l) => *l.desc(),
+            #[cfg(feature = "ofi")]
+            Self::Ofi(l) => *l.desc(),
         }
     }
 
@@ -105,6 +126,11 @@ impl PushListener {
             Self::Rdma(mut l) => Ok(Box::new(
                 l.accept(timeout)
                     .map_err(ColoError::transport("accept the RDMA push connection"))?,
+            )),
+            #[cfg(feature = "ofi")]
+            Self::Ofi(mut l) => Ok(Box::new(
+                l.accept(timeout)
+                    .map_err(ColoError::transport("accept the libfabric push connection"))?,
             )),
         }
     }
@@ -149,6 +175,19 @@ pub fn connect(
                 colo_transport::verbs::VerbsOptions::default(),
             )
             .map_err(ColoError::transport("connect the RDMA push path"))?;
+            let abort = s.abort_handle();
+            Ok((Box::new(s), Box::new(move || abort.abort())))
+        }
+        #[cfg(feature = "ofi")]
+        PushTransport::Ofi(o) => {
+            let s = colo_transport::ofi::connect(
+                host,
+                desc,
+                ram,
+                o,
+                colo_transport::verbs::VerbsOptions::default(),
+            )
+            .map_err(ColoError::transport("connect the libfabric push path"))?;
             let abort = s.abort_handle();
             Ok((Box::new(s), Box::new(move || abort.abort())))
         }

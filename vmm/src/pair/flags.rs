@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{GUEST, PairArgs};
 use crate::colo::ColoError;
-use crate::colo::cli::ColoArgs;
+use crate::colo::cli::{ColoArgs, TransportKind};
 
 /// The checkpoint and heartbeat options, as both sides take them.
 fn colo_flags(c: &ColoArgs) -> Vec<String> {
@@ -25,11 +25,24 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
         format!("--dirty-threshold={}", c.dirty_threshold),
         format!("--hot-budget={}", c.hot_budget),
         format!("--pair-id={}", c.pair_id),
-        "--transport=tcp".into(),
+        // Both sides run on this machine, over loopback: `auto` means TCP here (RDMA
+        // devices are not reachable through 127.0.0.1); a transport asked for by name is
+        // passed on (`--transport ofi` works on loopback with the tcp provider).
+        match c.transport {
+            TransportKind::Auto => "--transport=tcp".into(),
+            t => format!(
+                "--transport={}",
+                clap::ValueEnum::to_possible_value(&t)
+                    .map_or("tcp".into(), |v| v.get_name().to_string())
+            ),
+        },
         format!("--streams={}", c.streams),
     ];
     if c.hot_flush {
         flags.push("--hot-flush".into());
+    }
+    if let Some(p) = &c.ofi_provider {
+        flags.push(format!("--ofi-provider={p}"));
     }
     flags
 }
