@@ -684,6 +684,8 @@ pub struct OfiEndpoint {
     tx: Arc<Cq>,
     rx: Arc<Cq>,
     caps: Caps,
+    /// Remote ranges per write the provider takes.
+    rma_iov_limit: usize,
     local_mr: bool,
     local: Option<Local>,
     send: Buf,
@@ -872,6 +874,7 @@ impl OfiEndpoint {
             tx,
             rx,
             caps,
+            rma_iov_limit: tx_attr.rma_iov_limit.max(1),
             local_mr: info.mr_mode() & sys::FI_MR_LOCAL != 0,
             local,
             send,
@@ -1051,8 +1054,14 @@ impl Endpoint for OfiEndpoint {
     }
 
     fn post_writes(&mut self, wrs: &[WriteWr], sges: &[Sge]) -> Result<()> {
+        // Consecutive work requests travel in one fi_writemsg while their SGEs fit the
+        // provider's local iov limit and their remote ranges its RMA iov limit (libfabric
+        // scatters the gathered bytes over the remote ranges in order). A signaled request
+        // ends its message, which completes with its id; completions retire in order, as
+        // the pipeline expects of a queue pair.
         let mut iovs = Vec::with_capacity(self.caps.max_sge);
         let mut descs = Vec::with_capacity(self.caps.max_sge);
+        let mut rmas: Vec<sys::fi_rma_iov> = Vec::with_capacity(self.rma_iov_limit);
         for (n, wr) in wrs.iter().enumerate() {
             let chain = sges
                 .get(wr.first_sge..wr.first_sge + wr.num_sge)
@@ -1064,37 +1073,47 @@ impl Endpoint for OfiEndpoint {
                     self.caps.max_sge
                 )));
             }
-            iovs.clear();
-            descs.clear();
             for s in chain {
                 let (iov, desc) = self.local_iov(s)?;
                 iovs.push(iov);
                 descs.push(desc);
             }
-            let rma = sys::fi_rma_iov {
+            rmas.push(sys::fi_rma_iov {
                 addr: wr.remote_addr,
                 len: wr.len(sges) as usize,
                 key: u64::from(wr.rkey),
-            };
+            });
+            let last = n + 1 == wrs.len();
+            let next_fits = wrs.get(n + 1).is_some_and(|next| {
+                iovs.len() + next.num_sge <= self.caps.max_sge && rmas.len() < self.rma_iov_limit
+            });
+            if !wr.signaled && !last && next_fits {
+                continue;
+            }
+            let mut flags = 0u64;
+            if wr.signaled {
+                flags |= u64::from(sys::FI_COMPLETION);
+            }
+            if !last {
+                flags |= u64::from(sys::FI_MORE);
+            } else if wr.signaled {
+                // The last write of a chain completes only once the target placed it (and,
+                // the connection being ordered, every write before it): a write the target
+                // refused, which makes it close the connection, then fails here, before
+                // the pipeline posts a commit, as on verbs. The others complete when sent,
+                // which spares a round trip each.
+                flags |= u64::from(sys::FI_DELIVERY_COMPLETE);
+            }
             let msg = sys::fi_msg_rma {
                 msg_iov: iovs.as_ptr(),
                 desc: descs.as_mut_ptr(),
                 iov_count: iovs.len(),
                 addr: 0,
-                rma_iov: &rma,
-                rma_iov_count: 1,
+                rma_iov: rmas.as_ptr(),
+                rma_iov_count: rmas.len(),
                 context: wr.wr_id as *mut c_void,
                 data: 0,
             };
-            let mut flags = 0u64;
-            if wr.signaled {
-                // Completed once the target placed it (and every write before it on the
-                // connection): a write the target refused fails here, as on verbs.
-                flags |= u64::from(sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE);
-            }
-            if n + 1 < wrs.len() {
-                flags |= u64::from(sys::FI_MORE);
-            }
             let deadline = Instant::now() + POST_WAIT;
             loop {
                 // SAFETY: live endpoint; `msg` and the arrays it points to live for the
@@ -1116,6 +1135,9 @@ impl Endpoint for OfiEndpoint {
                     strerror(rc.unsigned_abs() as i32)
                 )));
             }
+            iovs.clear();
+            descs.clear();
+            rmas.clear();
         }
         Ok(())
     }

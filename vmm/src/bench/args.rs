@@ -76,6 +76,25 @@ pub struct TransportArgs {
     /// that the benchmark must fail with a checksum mismatch.
     #[arg(long, hide = true)]
     corrupt_for_test: bool,
+
+    /// ofi: also push every case with one-sided RMA writes through libfabric (one
+    /// connected endpoint, the verbs pipeline), beside the TCP push of the same run
+    /// (needs a build with the `ofi` feature).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: BenchTransport,
+
+    /// The libfabric provider of `--transport ofi` (tcp works on any machine).
+    #[arg(long, default_value = "tcp", value_name = "NAME")]
+    ofi_provider: String,
+}
+
+/// What `colo bench transport` pushes with, besides its TCP baselines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTransport {
+    /// The TCP push only.
+    Tcp,
+    /// The TCP push and the libfabric one.
+    Ofi,
 }
 
 /// A checked benchmark plan.
@@ -99,6 +118,8 @@ pub struct Plan {
     pub encrypt: bool,
     /// The receiver corrupts every epoch (tests the mismatch path).
     pub corrupt_for_test: bool,
+    /// Also push through libfabric with this provider (`--transport ofi`).
+    pub ofi: Option<String>,
 }
 
 impl TransportArgs {
@@ -131,6 +152,7 @@ impl TransportArgs {
             json: self.json,
             encrypt: self.encrypt,
             corrupt_for_test: self.corrupt_for_test,
+            ofi: (self.transport == BenchTransport::Ofi).then(|| self.ofi_provider.clone()),
         })
     }
 }
@@ -153,6 +175,10 @@ pub struct ReceiverArgs {
     /// Testing only: flip one byte of every committed epoch before checking it.
     #[arg(long)]
     pub corrupt_for_test: bool,
+
+    /// The libfabric provider of `push-ofi` sessions.
+    #[arg(long)]
+    pub ofi_provider: Option<String>,
 }
 
 fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {

@@ -40,12 +40,12 @@ impl ReceiverProcess {
     /// pre-fault their memory at the same time.
     ///
     /// `corrupt` makes it damage every epoch before checking it (a test of the mismatch
-    /// path).
+    /// path); `ofi` is the libfabric provider of its `push-ofi` sessions.
     ///
     /// # Errors
     /// [`Error::Io`] if no control listener can be bound, [`Error::Spawn`] if the process
     /// cannot start.
-    pub fn spawn(size: u64, pair_id: u64, corrupt: bool) -> Result<Self> {
+    pub fn spawn(size: u64, pair_id: u64, corrupt: bool, ofi: Option<&str>) -> Result<Self> {
         let listener =
             TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding the control listener"))?;
         let addr = listener
@@ -63,6 +63,7 @@ impl ReceiverProcess {
             .arg("--pair-id")
             .arg(pair_id.to_string())
             .args(corrupt.then_some("--corrupt-for-test"))
+            .args(ofi.map(|p| format!("--ofi-provider={p}")))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -59,6 +59,8 @@ pub enum Request {
     Push,
     /// The same, with every push stream sealed (`--encrypt`).
     PushSealed,
+    /// A push session over libfabric (the receiver's `--ofi-provider`).
+    PushOfi,
     /// Open the plain TCP stream of the raw baseline (one for every raw transfer, as a
     /// push session keeps its streams).
     RawOpen,
@@ -74,6 +76,7 @@ impl Request {
         match self {
             Self::Push => "push".into(),
             Self::PushSealed => "push-sealed".into(),
+            Self::PushOfi => "push-ofi".into(),
             Self::RawOpen => "raw-open".into(),
             Self::Raw(n) => format!("raw {n}"),
             Self::Quit => "quit".into(),
@@ -86,6 +89,7 @@ impl Request {
         let r = match (w.next()?, w.next()) {
             ("push", None) => Self::Push,
             ("push-sealed", None) => Self::PushSealed,
+            ("push-ofi", None) => Self::PushOfi,
             ("raw-open", None) => Self::RawOpen,
             ("raw", Some(n)) => Self::Raw(n.parse().ok()?),
             ("quit", None) => Self::Quit,
@@ -187,6 +191,7 @@ mod tests {
         for r in [
             Request::Push,
             Request::PushSealed,
+            Request::PushOfi,
             Request::RawOpen,
             Request::Raw(1 << 31),
             Request::Quit,

@@ -63,10 +63,20 @@ pub fn run(args: &ReceiverArgs) -> Result<()> {
         let line = line.map_err(Error::io("reading a request"))?;
         match Request::parse(&line) {
             Some(Request::Push) => {
-                push_session(&mut ctrl, &region, args.corrupt_for_test, false, &mut out)?;
+                let kind = Session::Tcp { sealed: false };
+                push_session(&mut ctrl, &region, args.corrupt_for_test, kind, &mut out)?;
             }
             Some(Request::PushSealed) => {
-                push_session(&mut ctrl, &region, args.corrupt_for_test, true, &mut out)?;
+                let kind = Session::Tcp { sealed: true };
+                push_session(&mut ctrl, &region, args.corrupt_for_test, kind, &mut out)?;
+            }
+            Some(Request::PushOfi) => {
+                let provider = args
+                    .ofi_provider
+                    .as_deref()
+                    .ok_or_else(|| Error::Child("push-ofi without --ofi-provider".into()))?;
+                let kind = Session::Ofi(provider);
+                push_session(&mut ctrl, &region, args.corrupt_for_test, kind, &mut out)?;
             }
             Some(Request::RawOpen) => raw = Some(raw_open(&mut out)?),
             Some(Request::Raw(bytes)) => {
@@ -115,28 +125,100 @@ fn reply(out: &mut impl Write, r: Reply) -> Result<()> {
         .map_err(Error::io("writing a reply"))
 }
 
+/// The transport of a push session.
+#[derive(Debug, Clone, Copy)]
+enum Session<'a> {
+    /// TCP streams, sealed or not.
+    Tcp { sealed: bool },
+    /// One libfabric endpoint of this provider.
+    Ofi(&'a str),
+}
+
+/// Binds the session's listener, announces its region to the parent and accepts the
+/// sender.
+fn accept_session(
+    ctrl: &mut ControlChannel<Conn>,
+    region: &Arc<Region>,
+    kind: Session<'_>,
+) -> Result<Box<dyn PushReceiver>> {
+    match kind {
+        Session::Tcp { sealed } => {
+            let listener = TcpPushListener::bind(
+                "127.0.0.1:0",
+                Arc::clone(region),
+                PAGE_SIZE,
+                super::protocol::bench_credentials().encrypted(sealed),
+            )
+            .map_err(Error::transport("binding the push listener"))?;
+            ctrl.send(&Message::Region(*listener.desc()))
+                .map_err(Error::transport("announcing the push region"))?;
+            Ok(Box::new(
+                listener
+                    .accept(ACCEPT_TIMEOUT)
+                    .map_err(Error::transport("accepting the push streams"))?,
+            ))
+        }
+        Session::Ofi(provider) => accept_ofi(ctrl, region, provider),
+    }
+}
+
+#[cfg(feature = "ofi")]
+fn accept_ofi(
+    ctrl: &mut ControlChannel<Conn>,
+    region: &Arc<Region>,
+    provider: &str,
+) -> Result<Box<dyn PushReceiver>> {
+    use colo_transport::ofi::{OfiListener, OfiOptions};
+    let opts = OfiOptions {
+        provider: Some(provider.to_string()),
+        ..OfiOptions::default()
+    };
+    let lo = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    let mut listener = OfiListener::bind(lo, Arc::clone(region), PAGE_SIZE, &opts)
+        .map_err(Error::transport("binding the libfabric push listener"))?;
+    ctrl.send(&Message::Region(*listener.desc()))
+        .map_err(Error::transport("announcing the push region"))?;
+    Ok(Box::new(listener.accept(ACCEPT_TIMEOUT).map_err(
+        Error::transport("accepting the libfabric push connection"),
+    )?))
+}
+
+#[cfg(not(feature = "ofi"))]
+fn accept_ofi(
+    _ctrl: &mut ControlChannel<Conn>,
+    _region: &Arc<Region>,
+    _provider: &str,
+) -> Result<Box<dyn PushReceiver>> {
+    Err(Error::InvalidArgs(
+        "this build has no libfabric support (build with --features ofi)".into(),
+    ))
+}
+
+/// Whether `e` is the sender ending the session: its streams closed (TCP) or its endpoint
+/// gone (libfabric: the connection shut down, its receives flushed).
+fn sender_left(e: &colo_transport::Error) -> bool {
+    use colo_transport::verbs::WcStatus;
+    matches!(
+        e,
+        colo_transport::Error::Frame(colo_transport::framing::Error::PeerClosed)
+            | colo_transport::Error::Completion {
+                status: WcStatus::RetryExceeded | WcStatus::Flushed,
+                ..
+            }
+    )
+}
+
 /// One push session: announce a fresh push listener, then check and release every epoch
 /// until the sender says goodbye.
 fn push_session(
     ctrl: &mut ControlChannel<Conn>,
     region: &Arc<Region>,
     corrupt: bool,
-    sealed: bool,
+    kind: Session<'_>,
     out: &mut impl Write,
 ) -> Result<()> {
     pages::fill_byte(region, SCRIBBLE);
-    let listener = TcpPushListener::bind(
-        "127.0.0.1:0",
-        Arc::clone(region),
-        PAGE_SIZE,
-        super::protocol::bench_credentials().encrypted(sealed),
-    )
-    .map_err(Error::transport("binding the push listener"))?;
-    ctrl.send(&Message::Region(*listener.desc()))
-        .map_err(Error::transport("announcing the push region"))?;
-    let mut rx = listener
-        .accept(ACCEPT_TIMEOUT)
-        .map_err(Error::transport("accepting the push streams"))?;
+    let mut rx = accept_session(ctrl, region, kind)?;
     let mut epochs = 0;
     // The sender pushes an epoch only after the reply of the previous one, so the CPU from
     // one release to the next commit is what taking in that epoch cost.
@@ -144,7 +226,7 @@ fn push_session(
     loop {
         let c = match rx.next_commit(COMMIT_TIMEOUT) {
             Ok(c) => c,
-            Err(colo_transport::Error::Frame(colo_transport::framing::Error::PeerClosed)) => break,
+            Err(e) if sender_left(&e) => break,
             Err(e) => return Err(Error::transport("waiting for an epoch commit")(e)),
         };
         let cpu = Cpu::now() - mark;

@@ -123,6 +123,8 @@ pub struct PushResult {
     pub streams: usize,
     /// Whether every stream was sealed (`--encrypt`).
     pub sealed: bool,
+    /// Pushed with one-sided writes through libfabric (`--transport ofi`), not TCP.
+    pub ofi: bool,
     /// Push timings.
     pub sample: Sample,
     /// Epochs whose checksum matched (every one, or the bench failed).
@@ -154,12 +156,18 @@ impl CaseResult {
         self.memcpy.bytes
     }
 
-    /// The stream count with the highest median push rate.
+    /// The plain TCP stream count with the highest median push rate.
     pub fn best_push(&self) -> Option<&PushResult> {
         self.push
             .iter()
-            .filter(|p| !p.sealed)
+            .filter(|p| !p.sealed && !p.ofi)
             .max_by(|a, b| a.sample.median().total_cmp(&b.sample.median()))
+    }
+
+    /// The libfabric push's median rate over the best plain TCP push's, if both ran.
+    pub fn ofi_over_tcp(&self) -> Option<f64> {
+        let ofi = self.push.iter().find(|p| p.ofi)?;
+        Some(ratio(&ofi.sample, &self.best_push()?.sample))
     }
 
     /// The target line's ratio and goal: push/memcpy for random pages, push/raw-TCP for
@@ -185,7 +193,7 @@ impl CaseResult {
     pub fn cpu_target(&self) -> Option<(usize, f64)> {
         self.push
             .iter()
-            .filter(|p| !p.sealed)
+            .filter(|p| !p.sealed && !p.ofi)
             .filter_map(|p| Some((p.streams, self.cpu_over_raw(p)?)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
@@ -198,6 +206,9 @@ fn cpu_ratio(a: &Sample, b: &Sample) -> Option<f64> {
 
 /// What `--encrypt` keeps of the plain push.
 pub const SEALED_TARGET: f64 = 0.5;
+/// What the libfabric push over the user-space `tcp` provider keeps of colo's own TCP
+/// push (the point is the one-sided path, not beating the TCP push).
+pub const OFI_TARGET: f64 = 0.8;
 
 impl CaseResult {
     /// The sealed push's median rate over the plain one's at `streams` streams, if both
@@ -300,7 +311,11 @@ impl Report {
                     fmt_bytes(c.bytes()),
                     c.runs,
                     p.streams,
-                    if p.sealed { "sealed" } else { "plain" },
+                    match (p.ofi, p.sealed) {
+                        (true, _) => "ofi",
+                        (false, true) => "sealed",
+                        (false, false) => "plain",
+                    },
                     p.sample.median(),
                     p.sample.best(),
                     c.memcpy.median(),
@@ -318,6 +333,17 @@ impl Report {
             "\nchecksums: all {} pushed epochs verified",
             self.verified_epochs()
         );
+        for c in &self.cases {
+            if let Some(r) = c.ofi_over_tcp() {
+                let _ = writeln!(
+                    o,
+                    "{}: libfabric push / best TCP push = {r:.2} (target >= {OFI_TARGET:.2} for the \
+                     tcp provider: {})",
+                    c.name,
+                    if r >= OFI_TARGET { "met" } else { "NOT met" }
+                );
+            }
+        }
         for c in &self.cases {
             for p in c.push.iter().filter(|p| p.sealed) {
                 if let Some(r) = c.sealed_over_plain(p.streams) {
@@ -441,7 +467,9 @@ impl<'a> JsonCase<'a> {
             .map(|p| JsonPush {
                 streams: p.streams,
                 sealed: p.sealed,
+                ofi: p.ofi,
                 sealed_over_plain: p.sealed.then(|| c.sealed_over_plain(p.streams)).flatten(),
+                ofi_over_tcp: if p.ofi { c.ofi_over_tcp() } else { None },
                 sample: JsonSample::new(&p.sample),
                 push_over_memcpy: ratio(&p.sample, &c.memcpy),
                 push_over_raw_tcp: ratio(&p.sample, &c.raw),
@@ -548,8 +576,13 @@ impl JsonCpu {
 struct JsonPush<'a> {
     streams: usize,
     sealed: bool,
+    /// One-sided writes through libfabric (`--transport ofi`).
+    ofi: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     sealed_over_plain: Option<f64>,
+    /// The libfabric push over the best plain TCP push of the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ofi_over_tcp: Option<f64>,
     #[serde(flatten)]
     sample: JsonSample<'a>,
     push_over_memcpy: f64,
@@ -650,12 +683,14 @@ mod tests {
                 PushResult {
                     streams: 1,
                     sealed: false,
+                    ofi: false,
                     sample: sample(1 << 30, &[1.0]),
                     verified: 1,
                 },
                 PushResult {
                     streams: 2,
                     sealed: false,
+                    ofi: false,
                     sample: sample(1 << 30, &[0.5]),
                     verified: 1,
                 },
@@ -663,6 +698,7 @@ mod tests {
                 PushResult {
                     streams: 2,
                     sealed: true,
+                    ofi: false,
                     sample: sample(1 << 30, &[0.25]),
                     verified: 1,
                 },
@@ -709,12 +745,14 @@ mod tests {
                 PushResult {
                     streams: 1,
                     sealed: false,
+                    ofi: false,
                     sample: s.clone(),
                     verified: 3,
                 },
                 PushResult {
                     streams: 2,
                     sealed: false,
+                    ofi: false,
                     sample: Sample {
                         cpu: vec![cpu(0.3, 0.3)],
                         ..s

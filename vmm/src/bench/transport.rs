@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use colo_memory::Region;
 use colo_transport::control::Role;
-use colo_transport::push::{EpochStats, WriteRun, push_epoch};
+use colo_transport::push::{EpochStats, PushSender, RegionDesc, WriteRun, push_epoch};
 use colo_transport::tcp::{TcpPushOptions, TcpPushSender};
 
 use super::args::Plan;
@@ -59,7 +59,12 @@ pub fn run(plan: &Plan) -> Result<()> {
         "starting the receiver process; both sides map and pre-fault {}",
         fmt_bytes(plan.size)
     );
-    let mut child = ReceiverProcess::spawn(plan.size, pair_id, plan.corrupt_for_test)?;
+    let mut child = ReceiverProcess::spawn(
+        plan.size,
+        pair_id,
+        plan.corrupt_for_test,
+        plan.ofi.as_deref(),
+    )?;
 
     let t = Instant::now();
     let source = Arc::new(Region::anonymous(len).map_err(Error::transport("mapping the source"))?);
@@ -120,26 +125,32 @@ pub fn run(plan: &Plan) -> Result<()> {
 
     drop(raw);
     for &streams in &plan.streams {
+        let plain = Mode::Tcp { sealed: false };
         push_session(
             &mut child,
             &source,
             plan,
             streams,
-            false,
+            plain,
             &cases,
             &mut results,
         )?;
         if plan.encrypt {
+            let sealed = Mode::Tcp { sealed: true };
             push_session(
                 &mut child,
                 &source,
                 plan,
                 streams,
-                true,
+                sealed,
                 &cases,
                 &mut results,
             )?;
         }
+    }
+    if let Some(provider) = &plan.ofi {
+        let ofi = Mode::Ofi(provider);
+        push_session(&mut child, &source, plan, 1, ofi, &cases, &mut results)?;
     }
     child.finish()?;
 
@@ -269,20 +280,90 @@ fn raw_rep(
     }
 }
 
-/// One push session with `streams` streams: every case, `reps` times, each epoch checked.
+/// What a push session pushes with.
+#[derive(Debug, Clone, Copy)]
+enum Mode<'a> {
+    /// TCP streams, sealed or not.
+    Tcp { sealed: bool },
+    /// One libfabric endpoint of this provider.
+    Ofi(&'a str),
+}
+
+/// A push session's sender.
+enum Tx {
+    Tcp(TcpPushSender),
+    #[cfg(feature = "ofi")]
+    Ofi(colo_transport::verbs::VerbsSender<colo_transport::ofi::OfiEndpoint>),
+}
+
+impl Tx {
+    fn push(&mut self) -> &mut dyn PushSender {
+        match self {
+            Self::Tcp(t) => t,
+            #[cfg(feature = "ofi")]
+            Self::Ofi(t) => t,
+        }
+    }
+
+    /// Ends the session: TCP says goodbye on every stream; a libfabric endpoint closes,
+    /// which the receiver sees as the connection's shutdown.
+    fn close(self) -> Result<()> {
+        match self {
+            Self::Tcp(t) => t
+                .close()
+                .map_err(Error::transport("closing the push sender")),
+            #[cfg(feature = "ofi")]
+            Self::Ofi(t) => {
+                drop(t);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(feature = "ofi")]
+fn connect_ofi(desc: RegionDesc, source: &Arc<Region>, provider: &str) -> Result<Tx> {
+    let opts = colo_transport::ofi::OfiOptions {
+        provider: Some(provider.to_string()),
+        ..colo_transport::ofi::OfiOptions::default()
+    };
+    colo_transport::ofi::connect(
+        Ipv4Addr::LOCALHOST.into(),
+        desc,
+        Arc::clone(source),
+        &opts,
+        colo_transport::verbs::VerbsOptions::default(),
+    )
+    .map(Tx::Ofi)
+    .map_err(Error::transport("connecting the libfabric push sender"))
+}
+
+#[cfg(not(feature = "ofi"))]
+fn connect_ofi(_desc: RegionDesc, _source: &Arc<Region>, _provider: &str) -> Result<Tx> {
+    Err(Error::InvalidArgs(
+        "--transport ofi: this build has no libfabric support (build with --features ofi)".into(),
+    ))
+}
+
+/// One push session with `streams` streams (TCP) or one libfabric endpoint: every case,
+/// `reps` times, each epoch checked.
 fn push_session(
     child: &mut ReceiverProcess,
     source: &Arc<Region>,
     plan: &Plan,
     streams: usize,
-    sealed: bool,
+    mode: Mode<'_>,
     cases: &[Case],
     results: &mut [CaseResult],
 ) -> Result<()> {
-    child.request(if sealed {
-        Request::PushSealed
-    } else {
-        Request::Push
+    let (sealed, ofi) = match mode {
+        Mode::Tcp { sealed } => (sealed, false),
+        Mode::Ofi(_) => (false, true),
+    };
+    child.request(match mode {
+        Mode::Tcp { sealed: true } => Request::PushSealed,
+        Mode::Tcp { sealed: false } => Request::Push,
+        Mode::Ofi(_) => Request::PushOfi,
     })?;
     let desc = child.region()?;
     if desc.len != plan.size || desc.page_size != PAGE_SIZE {
@@ -291,26 +372,33 @@ fn push_session(
             desc.len, desc.page_size, plan.size
         )));
     }
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, desc.port));
-    let opts = TcpPushOptions {
-        streams,
-        ..plan.opts.clone()
+    let mut tx = match mode {
+        Mode::Tcp { sealed } => {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, desc.port));
+            let opts = TcpPushOptions {
+                streams,
+                ..plan.opts.clone()
+            };
+            Tx::Tcp(
+                TcpPushSender::connect(
+                    addr,
+                    desc,
+                    Arc::clone(source),
+                    &super::protocol::bench_credentials().encrypted(sealed),
+                    opts,
+                )
+                .map_err(Error::transport("connecting the push sender"))?,
+            )
+        }
+        Mode::Ofi(provider) => connect_ofi(desc, source, provider)?,
     };
-    let mut tx = TcpPushSender::connect(
-        addr,
-        desc,
-        Arc::clone(source),
-        &super::protocol::bench_credentials().encrypted(sealed),
-        opts,
-    )
-    .map_err(Error::transport("connecting the push sender"))?;
     let mut epochs = 0;
     for (case, res) in cases.iter().zip(results.iter_mut()) {
         let mut sample = Sample::new(case.bytes);
         let mut verified = 0;
         for rep in 1..=plan.reps {
             let (t, cpu) = (Instant::now(), Cpu::now());
-            let stats = push_epoch(&mut tx, case.runs.iter().copied(), &case.bitmap)
+            let stats = push_epoch(tx.push(), case.runs.iter().copied(), &case.bitmap)
                 .map_err(Error::transport("pushing an epoch"))?;
             let s = t.elapsed().as_secs_f64();
             let sender = Cpu::now() - cpu;
@@ -323,9 +411,14 @@ fn push_session(
             epochs += 1;
         }
         tracing::info!(
-            "push {} with {streams} stream(s){}: {:.2} GiB/s median, {:.2} best, {:.3} CPU \
-             s/GiB; checksums match",
+            "push {} with {streams} {}{}: {:.2} GiB/s median, {:.2} best, {:.3} CPU s/GiB; \
+             checksums match",
             case.name,
+            if ofi {
+                "libfabric endpoint(s)"
+            } else {
+                "stream(s)"
+            },
             if sealed { ", sealed" } else { "" },
             sample.median(),
             sample.best(),
@@ -334,12 +427,12 @@ fn push_session(
         res.push.push(PushResult {
             streams,
             sealed,
+            ofi,
             sample,
             verified,
         });
     }
-    tx.close()
-        .map_err(Error::transport("closing the push sender"))?;
+    tx.close()?;
     match child.reply()? {
         Reply::PushDone(n) if n == epochs => Ok(()),
         other => Err(Error::Child(format!(
