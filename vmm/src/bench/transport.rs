@@ -293,7 +293,7 @@ enum Mode<'a> {
 enum Tx {
     Tcp(TcpPushSender),
     #[cfg(feature = "ofi")]
-    Ofi(colo_transport::verbs::VerbsSender<colo_transport::ofi::OfiEndpoint>),
+    Ofi(Box<colo_transport::verbs::VerbsSender<colo_transport::ofi::OfiEndpoint>>),
 }
 
 impl Tx {
@@ -301,7 +301,7 @@ impl Tx {
         match self {
             Self::Tcp(t) => t,
             #[cfg(feature = "ofi")]
-            Self::Ofi(t) => t,
+            Self::Ofi(t) => t.as_mut(),
         }
     }
 
@@ -334,7 +334,7 @@ fn connect_ofi(desc: RegionDesc, source: &Arc<Region>, provider: &str) -> Result
         &opts,
         colo_transport::verbs::VerbsOptions::default(),
     )
-    .map(Tx::Ofi)
+    .map(|s| Tx::Ofi(Box::new(s)))
     .map_err(Error::transport("connecting the libfabric push sender"))
 }
 
