@@ -291,7 +291,7 @@ enum Mode<'a> {
 
 /// A push session's sender.
 enum Tx {
-    Tcp(TcpPushSender),
+    Tcp(Box<TcpPushSender>),
     #[cfg(feature = "ofi")]
     Ofi(Box<colo_transport::verbs::VerbsSender<colo_transport::ofi::OfiEndpoint>>),
 }
@@ -299,7 +299,7 @@ enum Tx {
 impl Tx {
     fn push(&mut self) -> &mut dyn PushSender {
         match self {
-            Self::Tcp(t) => t,
+            Self::Tcp(t) => t.as_mut(),
             #[cfg(feature = "ofi")]
             Self::Ofi(t) => t.as_mut(),
         }
@@ -379,7 +379,7 @@ fn push_session(
                 streams,
                 ..plan.opts.clone()
             };
-            Tx::Tcp(
+            Tx::Tcp(Box::new(
                 TcpPushSender::connect(
                     addr,
                     desc,
@@ -388,7 +388,7 @@ fn push_session(
                     opts,
                 )
                 .map_err(Error::transport("connecting the push sender"))?,
-            )
+            ))
         }
         Mode::Ofi(provider) => connect_ofi(desc, source, provider)?,
     };
