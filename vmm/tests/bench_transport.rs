@@ -284,3 +284,42 @@ fn a_corrupted_epoch_fails_the_bench_loudly() {
     assert!(stderr.contains("CHECKSUM MISMATCH"), "{stderr}");
     assert!(out.stdout.is_empty(), "no results after a mismatch");
 }
+
+/// `--transport ofi`: every case is also pushed through libfabric's real `tcp` provider,
+/// checked byte for byte by the receiver process, with its ratio to the best TCP push.
+#[cfg(feature = "ofi")]
+#[test]
+fn the_libfabric_push_runs_beside_the_tcp_one_and_is_verified() {
+    let out = colo(&[
+        "bench",
+        "transport",
+        "--size",
+        "64MiB",
+        "--random-pages",
+        "1024",
+        "--reps",
+        "1",
+        "--streams",
+        "1",
+        "--transport",
+        "ofi",
+        "--ofi-provider",
+        "tcp",
+        "--json",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "status {}\n{stderr}", out.status);
+    let v = serde_json::from_str::<Value>(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(v.at("checksums_verified").bool());
+    // 2 cases x (1 TCP stream count + the libfabric endpoint) x 1 rep.
+    assert_eq!(v.at("verified_epochs").num(), 4.0);
+    for c in v.at("cases").arr() {
+        let name = c.at("name").str();
+        let pushes = c.at("push").arr();
+        let ofi: Vec<&Value> = pushes.iter().filter(|p| p.at("ofi").bool()).collect();
+        assert_eq!(ofi.len(), 1, "{name}: one libfabric push");
+        assert!(ofi[0].at("checksums_verified").bool(), "{name}");
+        assert_rates(ofi[0], &format!("{name} ofi push"));
+        assert!(ofi[0].at("ofi_over_tcp").num() > 0.0, "{name}");
+    }
+}

@@ -978,6 +978,27 @@ impl OfiEndpoint {
         ))
     }
 
+    /// Posts with `call`, retrying for up to [`POST_WAIT`] while the provider's queue is
+    /// full (driving its progress meanwhile, and keeping what completes for the next poll).
+    fn post(&mut self, what: &'static str, call: impl Fn() -> isize) -> Result<()> {
+        let deadline = Instant::now() + POST_WAIT;
+        loop {
+            let rc = call();
+            if rc == 0 {
+                return Ok(());
+            }
+            if rc != -(sys::FI_EAGAIN as isize) || Instant::now() >= deadline {
+                return Err(Error::Post(format!(
+                    "{what}: {}",
+                    strerror(rc.unsigned_abs() as i32)
+                )));
+            }
+            let mut got = std::mem::take(&mut self.pending);
+            self.read_tx(&mut got, None)?;
+            self.pending = got;
+        }
+    }
+
     /// Reads up to [`POLL_BATCH`] send completions (waiting up to `timeout`) into `out`.
     fn read_tx(&mut self, out: &mut Vec<Wc>, timeout: Option<Duration>) -> Result<()> {
         let mut entries = [sys::fi_cq_data_entry::default(); POLL_BATCH];
@@ -1114,27 +1135,12 @@ impl Endpoint for OfiEndpoint {
                 context: wr.wr_id as *mut c_void,
                 data: 0,
             };
-            let deadline = Instant::now() + POST_WAIT;
-            loop {
+            let ep = self.ep.ptr;
+            self.post("fi_writemsg", || {
                 // SAFETY: live endpoint; `msg` and the arrays it points to live for the
                 // call (the provider copies them); the local memory is registered.
-                let rc = unsafe { sys::colo_fi_writemsg(self.ep.ptr, &msg, flags) };
-                if rc == 0 {
-                    break;
-                }
-                if rc == -(sys::FI_EAGAIN as isize) && Instant::now() < deadline {
-                    // The provider's queue is full: drive its progress, keeping what
-                    // completes for the next poll.
-                    let mut got = std::mem::take(&mut self.pending);
-                    self.read_tx(&mut got, None)?;
-                    self.pending = got;
-                    continue;
-                }
-                return Err(Error::Post(format!(
-                    "fi_writemsg: {}",
-                    strerror(rc.unsigned_abs() as i32)
-                )));
-            }
+                unsafe { sys::colo_fi_writemsg(ep, &msg, flags) }
+            })?;
             iovs.clear();
             descs.clear();
             rmas.clear();
@@ -1165,26 +1171,13 @@ impl Endpoint for OfiEndpoint {
             data: u64::from(imm),
         };
         let flags = u64::from(sys::FI_COMPLETION | sys::FI_REMOTE_CQ_DATA);
-        let deadline = Instant::now() + POST_WAIT;
-        loop {
-            // SAFETY: live endpoint; `m` and what it points to live for the call; the send
-            // buffer is registered and not reused until this send completes (the pipeline
-            // keeps one send outstanding).
-            let rc = unsafe { sys::colo_fi_sendmsg(self.ep.ptr, &m, flags) };
-            if rc == 0 {
-                return Ok(());
-            }
-            if rc == -(sys::FI_EAGAIN as isize) && Instant::now() < deadline {
-                let mut got = std::mem::take(&mut self.pending);
-                self.read_tx(&mut got, None)?;
-                self.pending = got;
-                continue;
-            }
-            return Err(Error::Post(format!(
-                "fi_sendmsg: {}",
-                strerror(rc.unsigned_abs() as i32)
-            )));
-        }
+        // SAFETY: live endpoint; `m` and what it points to live for the call; the send
+        // buffer is registered and not reused until this send completes (the pipeline
+        // keeps one send outstanding).
+        let ep = self.ep.ptr;
+        self.post("fi_sendmsg", || unsafe {
+            sys::colo_fi_sendmsg(ep, &m, flags)
+        })
     }
 
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
