@@ -1171,12 +1171,12 @@ impl Endpoint for OfiEndpoint {
             data: u64::from(imm),
         };
         let flags = u64::from(sys::FI_COMPLETION | sys::FI_REMOTE_CQ_DATA);
-        // SAFETY: live endpoint; `m` and what it points to live for the call; the send
-        // buffer is registered and not reused until this send completes (the pipeline
-        // keeps one send outstanding).
         let ep = self.ep.ptr;
-        self.post("fi_sendmsg", || unsafe {
-            sys::colo_fi_sendmsg(ep, &m, flags)
+        self.post("fi_sendmsg", || {
+            // SAFETY: live endpoint; `m` and what it points to live for the call; the send
+            // buffer is registered and not reused until this send completes (the pipeline
+            // keeps one send outstanding).
+            unsafe { sys::colo_fi_sendmsg(ep, &m, flags) }
         })
     }
 
