@@ -25,6 +25,10 @@ pub(super) struct Ending {
     pub(super) cpu: (f64, f64),
     /// Their CPU seconds when the load started (after the initial sync).
     pub(super) cpu_at_start: (f64, f64),
+    /// CPU seconds of the primary's and the secondary's vCPU threads.
+    pub(super) vcpu: (f64, f64),
+    /// Their vCPU threads' CPU seconds when the load started.
+    pub(super) vcpu_at_start: (f64, f64),
     /// The side serving at the end: "primary", "secondary" or "none".
     pub(super) active: &'static str,
     /// The client's acknowledged value of every key it wrote.
@@ -250,6 +254,8 @@ fn json(
         "cpu_secondary_s": end.cpu.1,
         "cpu_primary_load_s": end.cpu.0 - end.cpu_at_start.0,
         "cpu_secondary_load_s": end.cpu.1 - end.cpu_at_start.1,
+        "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
+        "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
         "replies": replies,
         "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
         "lost_acked": f.lost,
