@@ -824,3 +824,76 @@ fn a_held_secondary_goes_on_at_failover_and_is_never_held_without_a_lead() {
     assert!(pace_frames(&mut h).is_empty());
     assert!(!h.e.secondary_held());
 }
+
+#[test]
+fn a_commit_counts_the_output_the_secondary_ran_ahead_or_behind() {
+    let mut h = H::new();
+    h.handshake();
+    // Both sent "AB"; the secondary also "CDE" (ahead), which the commit throws away.
+    h.p(&pseg(0, b"AB"));
+    h.s(&sseg(0, b"ABCDE"));
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    let m = h.m();
+    assert_eq!(
+        (m.secondary_discarded_bytes, m.secondary_skipped_bytes),
+        (3, 0)
+    );
+    // Now the primary runs ahead by "GHIJ" (after "AB" at offset 2): the secondary skips it.
+    h.p(&pseg(2, b"FGHIJ"));
+    h.s(&pseg(2, b"F"));
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    let m = h.m();
+    assert_eq!(
+        (m.secondary_discarded_bytes, m.secondary_skipped_bytes),
+        (3, 4)
+    );
+}
+
+#[test]
+fn a_secondary_more_bytes_ahead_than_the_byte_lead_is_held_at_once() {
+    let mut h = H::with(Config {
+        secondary_lead_bytes: Some(8),
+        ..Config::default()
+    });
+    h.handshake();
+    let hold = crate::framing::PACE_HOLD.to_vec();
+    let go = crate::framing::PACE_GO.to_vec();
+    // Eight bytes ahead is within the lead; nine is over it: held at the next poll, with
+    // no time passing.
+    h.s(&sseg(0, b"OK\nOK\nOK"));
+    h.e.poll(h.t, &mut h.out);
+    assert!(pace_frames(&mut h).is_empty(), "8 bytes: within the lead");
+    h.s(&sseg(8, b"\n"));
+    assert_eq!(h.e.next_deadline(), Some(h.t), "a look is due at once");
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![hold.clone()], "9 bytes: hold");
+    assert!(h.e.secondary_held());
+    // The primary catches up to 5 bytes behind: over half the lead, still held.
+    h.p(&pseg(0, b"OK\nO"));
+    h.e.poll(h.t, &mut h.out);
+    assert!(pace_frames(&mut h).is_empty(), "hysteresis: 5 bytes, held");
+    // 4 bytes ahead: at most half, so it goes on at once.
+    h.p(&pseg(4, b"K"));
+    assert_eq!(h.e.next_deadline(), Some(h.t));
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![go.clone()], "4 bytes: go");
+    // Over the lead again, then a commit: the secondary is the primary's copy and goes on.
+    h.s(&sseg(9, b"OK\nOK\n"));
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![hold]);
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    h.e.poll(h.t, &mut h.out);
+    assert_eq!(pace_frames(&mut h), vec![go]);
+    assert_eq!(h.m().secondary_holds, 2);
+    assert_eq!(h.m().secondary_discarded_bytes, 10);
+    assert!(h.requests().is_empty(), "pacing asks for no checkpoint");
+}
+
+#[test]
+fn a_zero_byte_lead_is_refused() {
+    let config = Config {
+        secondary_lead_bytes: Some(0),
+        ..Config::default()
+    };
+    assert!(Engine::new(config).is_err());
+}

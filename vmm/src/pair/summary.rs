@@ -198,10 +198,21 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
         );
     }
     if f.pm.secondary_holds > 0 {
+        let bytes = if a.svm_lead_bytes > 0 {
+            format!(" or {} bytes", a.svm_lead_bytes)
+        } else {
+            String::new()
+        };
         println!(
-            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms ahead of the PVM",
+            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms{bytes} ahead of the PVM",
             f.pm.secondary_holds,
             a.svm_lead.as_secs_f64() * 1e3
+        );
+    }
+    if f.pm.secondary_discarded_bytes + f.pm.secondary_skipped_bytes > 0 {
+        println!(
+            "  at commits: {} bytes of SVM output thrown away (it ran ahead), {} bytes of PVM output the SVM skipped (it was behind); {} bytes compared",
+            f.pm.secondary_discarded_bytes, f.pm.secondary_skipped_bytes, f.pm.matched_tcp_bytes
         );
     }
     if let Some(k) = t.killed_primary {
@@ -231,7 +242,7 @@ fn json(
     end: &Ending,
 ) -> serde_json::Value {
     let (s, secs, replies) = (&f.s, f.secs, f.replies);
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "secs": secs,
         "svm_holds": f.pm.secondary_holds,
         "epochs": s.epochs,
@@ -254,8 +265,6 @@ fn json(
         "cpu_secondary_s": end.cpu.1,
         "cpu_primary_load_s": end.cpu.0 - end.cpu_at_start.0,
         "cpu_secondary_load_s": end.cpu.1 - end.cpu_at_start.1,
-        "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
-        "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
         "replies": replies,
         "acked_sets": stats.acked_sets.load(Ordering::Relaxed),
         "lost_acked": f.lost,
@@ -284,5 +293,17 @@ fn json(
             })
             .unwrap_or_default(),
         "active": end.active,
-    })
+    });
+    // A second object: one literal this long reaches serde_json's macro recursion limit.
+    let pacing = serde_json::json!({
+        "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
+        "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
+        "svm_discarded_bytes": f.pm.secondary_discarded_bytes,
+        "svm_skipped_bytes": f.pm.secondary_skipped_bytes,
+        "matched_tcp_bytes": f.pm.matched_tcp_bytes,
+    });
+    if let (Some(o), serde_json::Value::Object(more)) = (v.as_object_mut(), pacing) {
+        o.extend(more);
+    }
+    v
 }

@@ -151,6 +151,15 @@ struct PairReport {
     vcpu_primary_load_s: f64,
     /// CPU seconds of the SVM's vCPU threads over the client load.
     vcpu_secondary_load_s: f64,
+    /// Times the proxy held the SVM (`colo pair --svm-lead`).
+    svm_holds: u64,
+    /// SVM output bytes not yet compared when a checkpoint committed: work thrown away.
+    svm_discarded_bytes: u64,
+    /// PVM output bytes the SVM had not produced when a checkpoint committed: work the
+    /// SVM skipped.
+    svm_skipped_bytes: u64,
+    /// TCP output bytes both sides produced and the proxy compared.
+    matched_tcp_bytes: u64,
     /// The client load window in seconds (not in the JSON): `--duration`, or `secs` if the
     /// run ended sooner. `secs` of `colo pair` also counts its teardown after the load.
     #[serde(skip)]

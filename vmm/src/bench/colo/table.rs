@@ -321,6 +321,20 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
             ),
             _ => "not measured (no replies or no vCPU time)".into(),
         };
+        for r in &of_rate {
+            let rep = &r.report;
+            let of = |b: u64| b as f64 / rep.matched_tcp_bytes.max(1) as f64 * 100.0;
+            println!(
+                "  {} {rate} MiB/s: SVM output thrown away at commits {} ({:.1}% of the \
+                 compared output), skipped {} ({:.1}%); held {} times",
+                r.name(args.rounds),
+                fmt_bytes(rep.svm_discarded_bytes),
+                of(rep.svm_discarded_bytes),
+                fmt_bytes(rep.svm_skipped_bytes),
+                of(rep.svm_skipped_bytes),
+                rep.svm_holds
+            );
+        }
         println!(
             "target: SVM vCPU CPU per reply <= PVM's in colo mode, {rate} MiB/s dirty, pipeline \
              {}: {verdict}",
