@@ -59,13 +59,6 @@ pub struct Config {
     /// understands them on a socket port (colo's does); a tap cannot carry them. Default
     /// off.
     pub secondary_lead: Option<Duration>,
-    /// Pace the secondary VM by bytes as well: hold it (as for
-    /// [`secondary_lead`](Self::secondary_lead)) once its TCP output not yet compared, over
-    /// all connections, is more than this many bytes, and let it go once that is at most
-    /// half. Those bytes are exactly what a checkpoint committing now would throw away
-    /// (counted in `secondary_discarded_bytes`). Either lead holds; both may be set.
-    /// Default off.
-    pub secondary_lead_bytes: Option<usize>,
 }
 
 impl Default for Config {
@@ -81,7 +74,6 @@ impl Default for Config {
             passthrough: Vec::new(),
             commit_marker: false,
             secondary_lead: None,
-            secondary_lead_bytes: None,
         }
     }
 }
@@ -103,11 +95,6 @@ impl Config {
         }
         if self.secondary_lead.is_some_and(|d| d.is_zero()) {
             return Err(Error::Config("secondary_lead must be positive".into()));
-        }
-        if self.secondary_lead_bytes == Some(0) {
-            return Err(Error::Config(
-                "secondary_lead_bytes must be positive".into(),
-            ));
         }
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));

@@ -43,7 +43,6 @@ pub fn engine_ingest(data: &[u8]) {
         max_queue_size: 8,
         max_connections: 16,
         secondary_lead: Some(Duration::from_millis(15)),
-        secondary_lead_bytes: Some(64),
         ..Config::default()
     };
     let Ok(mut engine) = Engine::new(config) else {

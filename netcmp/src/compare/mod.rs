@@ -360,14 +360,12 @@ impl Engine {
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
         let mut secondary_waits = false;
-        let mut ahead = None;
         let r = match (&mut conn.state, &parsed.payload) {
             (ConnState::Tcp(t), Payload::Tcp(seg)) => {
                 let r = t.primary(seg, frame, how, &mut ctx);
                 // Learning the offset replays the secondary's early segments into its
                 // queue.
                 secondary_waits = t.oldest_secondary().is_some();
-                ahead = Some(t.secondary_ahead());
                 r
             }
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
@@ -385,9 +383,6 @@ impl Engine {
         }
         if secondary_waits {
             self.schedule_pace(now);
-        }
-        if ahead.is_some_and(|a| self.bytes_cross(a)) {
-            self.pace_now(now);
         }
     }
 
@@ -428,13 +423,8 @@ impl Engine {
         );
         let how = conn.handling();
         let mut ctx = Self::ctx(&self.metrics, &self.config, out, now);
-        let mut ahead = None;
         let r = match (&mut conn.state, &parsed.payload) {
-            (ConnState::Tcp(t), Payload::Tcp(seg)) => {
-                let r = t.secondary(seg, frame, how, &mut ctx);
-                ahead = Some(t.secondary_ahead());
-                r
-            }
+            (ConnState::Tcp(t), Payload::Tcp(seg)) => t.secondary(seg, frame, how, &mut ctx),
             (ConnState::Datagram(d), Payload::Datagram { compare, tag }) => {
                 d.secondary(frame, compare.clone(), *tag, how, &mut ctx)
             }
@@ -444,9 +434,6 @@ impl Engine {
             self.trigger(Some(key), reason, now, out);
         }
         self.schedule_pace(now);
-        if ahead.is_some_and(|a| self.bytes_cross(a)) {
-            self.pace_now(now);
-        }
     }
 
     /// Failover: the secondary's frame goes to the client, TCP sequence numbers rewritten
@@ -615,64 +602,39 @@ impl Engine {
         self.secondary_held
     }
 
-    /// Whether the secondary is paced at all ([`Config::secondary_lead`],
-    /// [`Config::secondary_lead_bytes`]).
-    fn paced(&self) -> bool {
-        self.config.secondary_lead.is_some() || self.config.secondary_lead_bytes.is_some()
+    /// How often the secondary's lead is looked at while it has output waiting.
+    fn pace_cycle(lead: Duration) -> Duration {
+        (lead / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
     }
 
-    /// How often the secondary's lead is looked at while it has output waiting: a quarter
-    /// of the time lead (1 to 50 ms), or every millisecond when only bytes count.
-    fn pace_cycle(&self) -> Duration {
-        self.config
-            .secondary_lead
-            .map_or(Duration::from_millis(1), |lead| {
-                (lead / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
-            })
-    }
-
-    /// Paces the secondary ([`Config::secondary_lead`], [`Config::secondary_lead_bytes`]):
-    /// asks it to hold once its oldest TCP output not yet compared is older than the lead,
-    /// or that output is more than the byte lead, and to go on once both are under half
-    /// (hysteresis, so that it has output ready when the primary catches up) or gone.
-    /// Outside compare mode it is never held.
+    /// Paces the secondary ([`Config::secondary_lead`]): asks it to hold once its oldest
+    /// TCP output not yet compared is older than the lead, and to go on once that is
+    /// younger than half the lead (hysteresis, so that it has output ready when the
+    /// primary catches up) or gone. Outside compare mode it is never held.
     fn pace(&mut self, now: Instant, out: &mut Output) {
-        if !self.paced() {
+        let Some(lead) = self.config.secondary_lead else {
             return;
-        }
+        };
         // Looks are scheduled only while something of the secondary waits (or it is held):
         // with nothing scheduled there is nothing to look at, and no table walk per frame.
         if self.next_pace.is_none_or(|t| now < t) {
             return;
         }
-        let (oldest, ahead) = if self.mode == Mode::Compare {
+        let oldest = if self.mode == Mode::Compare {
             self.conns
                 .values()
                 .filter(|c| c.handling() == Handling::Compare)
                 .filter_map(|c| match &c.state {
-                    ConnState::Tcp(t) => Some((t.oldest_secondary(), t.secondary_ahead())),
+                    ConnState::Tcp(t) => t.oldest_secondary(),
                     ConnState::Datagram(_) => None,
                 })
-                .fold((None, 0usize), |(o, a), (t, n)| {
-                    (o.into_iter().chain(t).min(), a.saturating_add(n))
-                })
+                .min()
         } else {
-            (None, 0)
+            None
         };
-        let held = self.secondary_held;
-        let by_time = match (self.config.secondary_lead, oldest) {
-            (Some(lead), Some(t)) => {
-                let limit = if held { lead / 2 } else { lead };
-                now.saturating_duration_since(t) > limit
-            }
-            _ => false,
-        };
-        let by_bytes = self
-            .config
-            .secondary_lead_bytes
-            .is_some_and(|b| ahead > if held { b / 2 } else { b });
-        let hold = by_time || by_bytes;
-        self.next_pace = (hold || oldest.is_some()).then(|| now + self.pace_cycle());
+        let limit = if self.secondary_held { lead / 2 } else { lead };
+        let hold = oldest.is_some_and(|t| now.saturating_duration_since(t) > limit);
+        self.next_pace = (hold || oldest.is_some()).then(|| now + Self::pace_cycle(lead));
         if hold != self.secondary_held {
             self.secondary_held = hold;
             if hold {
@@ -687,29 +649,18 @@ impl Engine {
     /// Schedules a look at the secondary's lead one cycle from now, unless one is due
     /// sooner: secondary output may have started to wait.
     fn schedule_pace(&mut self, now: Instant) {
-        if self.next_pace.is_none() && self.paced() {
-            self.next_pace = Some(now + self.pace_cycle());
+        if self.next_pace.is_none()
+            && let Some(lead) = self.config.secondary_lead
+        {
+            self.next_pace = Some(now + Self::pace_cycle(lead));
         }
     }
 
     /// Makes the next [`poll`](Self::poll) look at the secondary's lead.
     fn pace_now(&mut self, now: Instant) {
-        if self.paced() {
+        if self.config.secondary_lead.is_some() {
             self.next_pace = Some(now);
         }
-    }
-
-    /// With a byte lead, whether one connection's secondary lead (`ahead` bytes) calls for
-    /// a look at once rather than at the next cycle: over the lead while the secondary
-    /// runs, or at most half of it while it is held.
-    fn bytes_cross(&self, ahead: usize) -> bool {
-        self.config.secondary_lead_bytes.is_some_and(|b| {
-            if self.secondary_held {
-                ahead <= b / 2
-            } else {
-                ahead > b
-            }
-        })
     }
 
     /// Looks at the secondary's lead when due ([`Config::secondary_lead`]), and runs the

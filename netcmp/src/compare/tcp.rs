@@ -131,12 +131,6 @@ impl TcpState {
         self.s_pending.front().map(|(_, t)| *t)
     }
 
-    /// Bytes of secondary output not yet compared: how far the secondary's stream runs
-    /// ahead of the primary's.
-    pub(crate) fn secondary_ahead(&self) -> usize {
-        self.s.buf.held_bytes()
-    }
-
     /// Primary frames held.
     pub(crate) fn held_len(&self) -> usize {
         self.held.len()

@@ -60,7 +60,7 @@ pub struct ProxyArgs {
     #[arg(
         long,
         requires = "vm",
-        conflicts_with_all = ["primary", "secondary", "secondary_lead_ms", "secondary_lead_bytes", "commit_delay_ms"]
+        conflicts_with_all = ["primary", "secondary", "secondary_lead_ms", "commit_delay_ms"]
     )]
     cluster: bool,
 
@@ -105,12 +105,6 @@ pub struct ProxyArgs {
     /// secondary. Default: off.
     #[arg(long)]
     secondary_lead_ms: Option<u64>,
-
-    /// Pace the secondary by bytes too: hold its VM once its output still waiting for the
-    /// primary's is more than this many bytes, until that is at most half. Needs a socket
-    /// port for the secondary. Default: off.
-    #[arg(long)]
-    secondary_lead_bytes: Option<usize>,
 
     /// Delay before a checkpoint request counts as committed, in milliseconds.
     #[arg(long, default_value_t = 0)]
@@ -161,12 +155,11 @@ impl ProxyArgs {
             passthrough: self.passthrough.clone(),
             commit_marker: self.commit_marker,
             secondary_lead: self.secondary_lead_ms.map(Duration::from_millis),
-            secondary_lead_bytes: self.secondary_lead_bytes,
             ..Config::default()
         };
         engine.validate()?;
         let vms = self.vm_ports()?;
-        if (engine.secondary_lead.is_some() || engine.secondary_lead_bytes.is_some())
+        if engine.secondary_lead.is_some()
             && matches!(
                 &vms,
                 VmPorts::Pair {
@@ -176,7 +169,7 @@ impl ProxyArgs {
             )
         {
             return Err(crate::Error::Config(
-                "--secondary-lead-ms and --secondary-lead-bytes need a socket port for the secondary: a tap cannot carry the pacing words".into(),
+                "--secondary-lead-ms needs a socket port for the secondary: a tap cannot carry the pacing words".into(),
             ));
         }
         Ok(ProxyConfig {

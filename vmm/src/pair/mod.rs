@@ -75,12 +75,6 @@ pub struct PairArgs {
     /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
     #[arg(long, default_value = "10ms", value_parser = parse_ms_or_zero)]
     pub svm_lead: Duration,
-    /// COLO mode: also hold the SVM once its output still waiting for the PVM's is more
-    /// than this many bytes (netcmp's secondary_lead_bytes), until it is at most half:
-    /// those bytes are what the next checkpoint would throw away. 0 (the default) turns it
-    /// off.
-    #[arg(long, default_value_t = 0)]
-    pub svm_lead_bytes: usize,
     /// Guest RAM of each VM [default: 64MiB; 256MiB with --kernel]. Above 3GiB the RAM is
     /// split around the 32-bit hole.
     #[arg(long, value_parser = parse_size)]

@@ -198,13 +198,8 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
         );
     }
     if f.pm.secondary_holds > 0 {
-        let bytes = if a.svm_lead_bytes > 0 {
-            format!(" or {} bytes", a.svm_lead_bytes)
-        } else {
-            String::new()
-        };
         println!(
-            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms{bytes} ahead of the PVM",
+            "  pacing: the proxy held the SVM {} times, when it ran more than {} ms ahead of the PVM",
             f.pm.secondary_holds,
             a.svm_lead.as_secs_f64() * 1e3
         );

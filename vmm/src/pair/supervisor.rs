@@ -52,7 +52,6 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let config = colo_netcmp::Config {
         commit_marker: true,
         secondary_lead: (!a.svm_lead.is_zero()).then_some(a.svm_lead),
-        secondary_lead_bytes: (a.svm_lead_bytes > 0).then_some(a.svm_lead_bytes),
         ..colo_netcmp::Config::default()
     };
     let (proxy, clients) = start_proxy(a, dir, config)?;

@@ -151,6 +151,11 @@ struct PairReport {
     vcpu_primary_load_s: f64,
     /// CPU seconds of the SVM's vCPU threads over the client load.
     vcpu_secondary_load_s: f64,
+    /// CPU seconds of the PVM process (the baseline's VM in an unprotected run) over the
+    /// client load.
+    cpu_primary_load_s: f64,
+    /// CPU seconds of the SVM process over the client load.
+    cpu_secondary_load_s: f64,
     /// Times the proxy held the SVM (`colo pair --svm-lead`).
     svm_holds: u64,
     /// SVM output bytes not yet compared when a checkpoint committed: work thrown away.

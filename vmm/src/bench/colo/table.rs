@@ -323,15 +323,21 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
         };
         for r in &of_rate {
             let rep = &r.report;
-            let of = |b: u64| b as f64 / rep.matched_tcp_bytes.max(1) as f64 * 100.0;
+            // The PVM's TCP output: compared with the SVM's, or released by a commit
+            // before the SVM had produced it.
+            let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
+            let of = |b: u64| b as f64 / out * 100.0;
             println!(
-                "  {} {rate} MiB/s: SVM output thrown away at commits {} ({:.1}% of the \
-                 compared output), skipped {} ({:.1}%); held {} times",
+                "  {} {rate} MiB/s: of the PVM's TCP output {} was compared and {} ({:.1}%) \
+                 went out at a commit before the SVM had produced it (the SVM was behind; it \
+                 skips that work); the SVM's output thrown away at commits (it was ahead): {} \
+                 ({:.1}% of the PVM's); the SVM was held {} times",
                 r.name(args.rounds),
-                fmt_bytes(rep.svm_discarded_bytes),
-                of(rep.svm_discarded_bytes),
+                fmt_bytes(rep.matched_tcp_bytes),
                 fmt_bytes(rep.svm_skipped_bytes),
                 of(rep.svm_skipped_bytes),
+                fmt_bytes(rep.svm_discarded_bytes),
+                of(rep.svm_discarded_bytes),
                 rep.svm_holds
             );
         }
@@ -367,6 +373,37 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
         COLO_THROUGHPUT_TARGET * 100.0,
         args.pipeline.max(1)
     );
+    // Where the time went, measured in the same runs: the CPU both sides took from this
+    // machine's cores, and how much of the PVM's output had to wait for a checkpoint
+    // because the SVM had not produced it yet.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    for r in runs
+        .iter()
+        .filter(|r| r.kind == colo && r.rate_mib == COLO_THROUGHPUT_RATE_MIB)
+    {
+        let (rep, secs) = (&r.report, r.report.load_secs.max(1e-9));
+        let base = runs.iter().find(|b| {
+            b.kind == Kind::Unprotected && b.rate_mib == r.rate_mib && b.round == r.round
+        });
+        let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
+        println!(
+            "  {}: PVM {:.2} + SVM {:.2} CPUs busy over the load, of {cpus} (the unprotected \
+             VM: {}); {:.1}% of the PVM's output waited for a checkpoint (up to {} ms) \
+             because the SVM had not produced it",
+            r.name(args.rounds),
+            rep.cpu_primary_load_s / secs,
+            rep.cpu_secondary_load_s / secs,
+            base.map_or_else(
+                || "-".into(),
+                |b| format!(
+                    "{:.2}",
+                    b.report.cpu_primary_load_s / b.report.load_secs.max(1e-9)
+                )
+            ),
+            rep.svm_skipped_bytes as f64 / out * 100.0,
+            args.checkpoint_delay.as_millis()
+        );
+    }
 }
 
 fn met(ok: bool) -> &'static str {
