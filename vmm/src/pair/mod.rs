@@ -75,6 +75,11 @@ pub struct PairArgs {
     /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
     #[arg(long, default_value = "10ms", value_parser = parse_ms_or_zero)]
     pub svm_lead: Duration,
+    /// COLO mode: pace the SVM by the PVM's disk flushes (the secondary's
+    /// --disk-flush-lead): an SVM flush waits until the PVM has sent as many since the last
+    /// checkpoint, less this lead. Off unless given.
+    #[arg(long)]
+    pub svm_flush_lead: Option<u64>,
     /// Guest RAM of each VM [default: 64MiB; 256MiB with --kernel]. Above 3GiB the RAM is
     /// split around the 32-bit hole.
     #[arg(long, value_parser = parse_size)]
