@@ -77,6 +77,13 @@ counters! {
     secondary_holds,
     /// Checkpoints the controller reported committed.
     checkpoints_committed,
+    /// Secondary TCP stream bytes not yet compared when a checkpoint committed: output the
+    /// secondary produced ahead of the primary, work the checkpoint threw away (the
+    /// secondary, now a copy of the primary, produces those bytes again).
+    secondary_discarded_bytes,
+    /// Primary TCP stream bytes not yet compared when a checkpoint committed: output the
+    /// secondary had not produced yet, work it skips (the checkpoint brings it there).
+    secondary_skipped_bytes,
     /// Held primary frames released by a committed checkpoint.
     released_on_commit,
     /// Primary frames released without compare by a passthrough rule.

@@ -121,6 +121,40 @@ pub(crate) struct State {
     pub flush_pending: bool,
     /// When writeback was last started at a primary flush.
     pub last_writeback: Option<Instant>,
+    /// Pacing of the SVM by the primary's flushes ([`SecondaryDisk::set_flush_lead`]).
+    pub pace: FlushPace,
+}
+
+/// The SVM paced by its disk: an SVM flush waits until the primary has sent at least as
+/// many flushes since the last checkpoint, less the lead.
+#[derive(Debug, Default)]
+pub(crate) struct FlushPace {
+    /// How many flushes the SVM may be ahead; `None`: not paced.
+    pub lead: Option<u64>,
+    /// The primary's flushes since its last end-of-epoch marker.
+    pub primary: u64,
+    /// The SVM's flushes since the last commit.
+    pub svm: u64,
+    /// Bumped to let every waiting SVM flush go (a checkpoint starts, or a commit).
+    pub generation: u64,
+    /// A checkpoint is under way: no SVM flush waits until the next commit.
+    pub open: bool,
+    /// SVM flushes waiting now (the receiver wakes them at each primary flush).
+    pub waiting: u32,
+    /// SVM flushes that waited, and the time they waited in all.
+    pub waits: u64,
+    pub waited: Duration,
+}
+
+impl FlushPace {
+    /// Whether an SVM flush of `generation` must wait on.
+    fn must_wait(&self, generation: u64) -> bool {
+        self.generation == generation
+            && !self.open
+            && self
+                .lead
+                .is_some_and(|lead| self.svm > self.primary.saturating_add(lead))
+    }
 }
 
 #[derive(Debug)]
@@ -152,6 +186,7 @@ impl Inner {
                 writes: 0,
                 write_bytes: 0,
                 sync_bytes: 0,
+                pace: FlushPace::default(),
             }),
             cond: Condvar::new(),
             disk_len,
@@ -373,6 +408,10 @@ impl SecondaryDisk {
         st.buf.drop_all()?;
         let drop_time = t.elapsed();
         st.committed = epoch;
+        // The SVM is the primary's copy as of the marker: its flushes count afresh.
+        st.pace.svm = 0;
+        st.pace.open = false;
+        st.pace.generation = st.pace.generation.wrapping_add(1);
         drop(st);
         self.inner.cond.notify_all();
         tracing::debug!(
@@ -537,13 +576,70 @@ impl SecondaryDisk {
     /// # Errors
     /// [`Error::DiskFlush`].
     pub fn flush(&self) -> Result<()> {
-        let st = self.inner.lock();
+        let mut st = self.inner.lock();
         match st.phase {
             SecondaryPhase::FailedOver => st.buf.disk().sync(),
+            SecondaryPhase::Replicating if st.pace.lead.is_some() => {
+                st.pace.svm += 1;
+                let generation = st.pace.generation;
+                if !st.pace.must_wait(generation) {
+                    return Ok(());
+                }
+                let t = Instant::now();
+                st.pace.waiting += 1;
+                let (mut st, _) = self
+                    .inner
+                    .cond
+                    .wait_timeout_while(st, MAX_FLUSH_WAIT, |st| {
+                        st.phase == SecondaryPhase::Replicating
+                            && !st.stop
+                            && st.pace.must_wait(generation)
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                st.pace.waiting -= 1;
+                st.pace.waits += 1;
+                st.pace.waited += t.elapsed();
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
+
+    /// Paces the SVM by the primary's flushes (`Some(lead)`), or not (`None`, the
+    /// default). The SVM answers without the primary's disk latency (its writes land in
+    /// the buffer), so unpaced it runs ahead of the primary, and each checkpoint throws
+    /// that work away. Paced, the SVM's flush waits (at most 100 ms each) until the
+    /// primary has sent as many flushes since the last checkpoint, less `lead`;
+    /// [`release_flushes`](Self::release_flushes), a commit and a failover let waiting
+    /// flushes go at once.
+    pub fn set_flush_lead(&self, lead: Option<u64>) {
+        let mut st = self.inner.lock();
+        st.pace.lead = lead;
+        st.pace.generation = st.pace.generation.wrapping_add(1);
+        drop(st);
+        self.inner.cond.notify_all();
+    }
+
+    /// Lets every SVM flush that waits for the primary's go now, and any until the next
+    /// commit: call it when a checkpoint starts, so that the SVM's disk requests end
+    /// before its epoch commits.
+    pub fn release_flushes(&self) {
+        let mut st = self.inner.lock();
+        st.pace.open = true;
+        st.pace.generation = st.pace.generation.wrapping_add(1);
+        drop(st);
+        self.inner.cond.notify_all();
+    }
+
+    /// SVM flushes that waited for the primary's, and how long they waited in all.
+    pub fn flush_waits(&self) -> (u64, Duration) {
+        let st = self.inner.lock();
+        (st.pace.waits, st.pace.waited)
+    }
 }
+
+/// Longest an SVM flush waits for the primary's ([`SecondaryDisk::set_flush_lead`]).
+const MAX_FLUSH_WAIT: Duration = Duration::from_millis(100);
 
 impl Drop for SecondaryDisk {
     fn drop(&mut self) {

@@ -187,7 +187,7 @@ pub(crate) fn serve_loop<R: Read, W: Write>(
         };
         since_ack += 1;
         since_ack_bytes += payload.len() as u64;
-        if !matches!(next, Next::Continue) {
+        if !matches!(next, Next::Continue) || st.pace.waiting > 0 {
             inner.cond.notify_all();
         }
         let ack_now = match next {
@@ -293,6 +293,7 @@ fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<
             // I/O here (in `colo pair`, on one shared disk, that competed with the
             // primary's own flushes). A failure here costs only that head start.
             st.flush_pending = true;
+            st.pace.primary += 1;
             if st
                 .last_writeback
                 .is_none_or(|t| t.elapsed() >= WRITEBACK_EVERY)
@@ -316,6 +317,8 @@ fn apply(st: &mut State, disk_len: u64, frame: Frame, payload: &[u8]) -> Result<
             }
             st.last_marker = Some(epoch);
             st.applied_seq = seq;
+            // The primary's flushes after this one belong to the next epoch.
+            st.pace.primary = 0;
             Next::Pause(epoch)
         }
         Frame::Goodbye => Next::Stop,

@@ -46,7 +46,7 @@ impl StreamBuf {
     }
 
     /// Bytes held, contiguous and out of order.
-    fn held_bytes(&self) -> usize {
+    pub(crate) fn held_bytes(&self) -> usize {
         self.avail() + self.ooo.iter().map(|(_, b)| b.len()).sum::<usize>()
     }
 

@@ -570,6 +570,14 @@ impl TcpState {
     /// restart at the primary's highest sequence number).
     pub(crate) fn commit(&mut self, ctx: &mut Ctx<'_>) {
         self.release_all(ctx);
+        Metrics::add(
+            &ctx.m.secondary_discarded_bytes,
+            self.s.buf.held_bytes() as u64,
+        );
+        Metrics::add(
+            &ctx.m.secondary_skipped_bytes,
+            self.p.buf.held_bytes() as u64,
+        );
         let (p, p_ack, p_high) = (std::mem::take(&mut self.p), self.p_ack, self.p_high);
         let (client_fin, client_rst) = (self.client_fin, self.client_rst);
         let mut p_buf = p.buf;

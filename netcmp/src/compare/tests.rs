@@ -824,3 +824,27 @@ fn a_held_secondary_goes_on_at_failover_and_is_never_held_without_a_lead() {
     assert!(pace_frames(&mut h).is_empty());
     assert!(!h.e.secondary_held());
 }
+
+#[test]
+fn a_commit_counts_the_output_the_secondary_ran_ahead_or_behind() {
+    let mut h = H::new();
+    h.handshake();
+    // Both sent "AB"; the secondary also "CDE" (ahead), which the commit throws away.
+    h.p(&pseg(0, b"AB"));
+    h.s(&sseg(0, b"ABCDE"));
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    let m = h.m();
+    assert_eq!(
+        (m.secondary_discarded_bytes, m.secondary_skipped_bytes),
+        (3, 0)
+    );
+    // Now the primary runs ahead by "GHIJ" (after "AB" at offset 2): the secondary skips it.
+    h.p(&pseg(2, b"FGHIJ"));
+    h.s(&pseg(2, b"F"));
+    h.e.checkpoint_committed(h.t, &mut h.out);
+    let m = h.m();
+    assert_eq!(
+        (m.secondary_discarded_bytes, m.secondary_skipped_bytes),
+        (3, 4)
+    );
+}

@@ -448,6 +448,13 @@ pub struct SecondaryArgs {
     /// the PVM and the checkpoint threads go first.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub vcpu_nice: i32,
+    /// COLO mode with a replicated disk: pace the SVM by the primary's disk flushes. An
+    /// SVM flush waits (at most 100 ms) until the primary has sent as many flushes since
+    /// the last checkpoint, less this lead, so that the SVM, whose writes land in memory,
+    /// does not run ahead of the primary into work the next checkpoint throws away. Off
+    /// by default.
+    #[arg(long)]
+    pub disk_flush_lead: Option<u64>,
     /// Say this side's role to a proxy in cluster mode (`colo proxy --cluster`) on the
     /// --net-socket stream, in order with the VM's frames: `Follower` from the start (its
     /// output is not for clients), `Alone` when it takes over (before its VM resumes), and,
@@ -804,6 +811,7 @@ pub fn run_secondary(a: &SecondaryArgs) -> Result<()> {
             }
         }
         tracing::info!("disk in sync with the primary");
+        d.set_flush_lead(a.disk_flush_lead);
         s.disk = Some(d);
     }
     let qmp_state = qmp_socket.as_ref().map(QmpSocket::state);

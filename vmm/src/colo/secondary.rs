@@ -237,6 +237,11 @@ impl Secondary {
         let _span = tracing::info_span!("checkpoint", epoch = self.checkpoints + 1, push_epoch = k)
             .entered();
         self.landing.hold(k);
+        if let Some(d) = &self.disk {
+            // An SVM flush waiting for the primary's ends now: the epoch commits only once
+            // the SVM's disk requests are done.
+            d.release_flushes();
+        }
         if self.running {
             self.vm.pause()?;
         }

@@ -45,18 +45,53 @@ impl Kid {
 
     /// CPU seconds (user + system) the process used so far, from /proc.
     pub(super) fn cpu_secs(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map_or(0.0, |s| stat_cpu_secs(&s))
+    }
+
+    /// CPU seconds (user + system) the process's vCPU threads (named `vcpu<i>-<vm>` by
+    /// the machine's runner) used so far, from /proc: the guest's own work and its exits,
+    /// without the VMM's device, push, proxy link or control threads. Threads that
+    /// already ended are not counted (the runner keeps its vCPU threads for the VM's
+    /// life).
+    pub(super) fn vcpu_cpu_secs(&self) -> f64 {
+        let dir = format!("/proc/{}/task", self.child.id());
+        let Ok(tasks) = std::fs::read_dir(&dir) else {
             return 0.0;
         };
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        (t(11) + t(12)) / hz
+        let mut sum = 0.0;
+        // A process has a few dozen threads; the bound only guards against a runaway.
+        for task in tasks.flatten().take(MAX_TASKS) {
+            let path = task.path();
+            let is_vcpu = std::fs::read_to_string(path.join("comm"))
+                .is_ok_and(|c| is_vcpu_thread(c.trim_end()));
+            if is_vcpu && let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+                sum += stat_cpu_secs(&stat);
+            }
+        }
+        sum
     }
+}
+
+/// Threads of a child looked at for [`Kid::vcpu_cpu_secs`], at most.
+const MAX_TASKS: usize = 4096;
+
+/// Whether a thread's name (`comm`, at most 15 bytes) is a vCPU thread's: `vcpu<i>-...`.
+fn is_vcpu_thread(comm: &str) -> bool {
+    comm.strip_prefix("vcpu")
+        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// User + system CPU seconds of a `/proc/.../stat` line; 0 if it does not parse.
+fn stat_cpu_secs(stat: &str) -> f64 {
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (t(11) + t(12)) / hz
 }
 
 impl Drop for Kid {
@@ -116,4 +151,29 @@ pub(super) fn spawn(
         });
     }
     Ok(Kid { name, child })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_threads_are_told_by_their_name() {
+        assert!(is_vcpu_thread("vcpu0-primary"));
+        assert!(is_vcpu_thread("vcpu12-secondar"));
+        assert!(!is_vcpu_thread("vcpu"));
+        assert!(!is_vcpu_thread("vcpux"));
+        assert!(!is_vcpu_thread("dev-primary"));
+        assert!(!is_vcpu_thread("push-tx-0"));
+    }
+
+    #[test]
+    fn stat_lines_give_user_plus_system_time() {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let line = "42 (vcpu0-a b) R 1 2 3 4 5 6 7 8 9 10 300 100 0 0 20 0 1 0";
+        assert!((stat_cpu_secs(line) - 400.0 / hz).abs() < 1e-9);
+        assert!(stat_cpu_secs("").abs() < f64::EPSILON);
+        assert!(stat_cpu_secs("42 (x) R 1 2").abs() < f64::EPSILON);
+    }
 }

@@ -171,6 +171,9 @@ pub(super) fn secondary_args(
     ];
     v.push(format!("--takeover-check=test ! -e {}", alive.display()));
     v.push(format!("--vcpu-nice={}", a.svm_nice));
+    if let Some(lead) = a.svm_flush_lead.0 {
+        v.push(format!("--disk-flush-lead={lead}"));
+    }
     v.extend(metrics_flag(a, 1));
     v.extend(vm_flags(a, dir, "secondary"));
     v.extend(colo_flags(&a.colo));

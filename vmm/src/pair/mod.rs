@@ -75,6 +75,14 @@ pub struct PairArgs {
     /// and on one machine it takes CPU from the PVM. 0 turns pacing off.
     #[arg(long, default_value = "10ms", value_parser = parse_ms_or_zero)]
     pub svm_lead: Duration,
+    /// COLO mode: pace the SVM by the PVM's disk flushes (the secondary's
+    /// --disk-flush-lead): an SVM flush waits (at most 100 ms) until the PVM has sent as
+    /// many since the last checkpoint, less this lead. The SVM, whose writes land in
+    /// memory, otherwise answers the PVM's whole backlog of requests ahead of it, and every
+    /// checkpoint throws that away. 1 lets a lone request go on both VMs at once; `off`
+    /// turns it off.
+    #[arg(long, default_value = "1", value_parser = parse_flush_lead)]
+    pub svm_flush_lead: FlushLead,
     /// Guest RAM of each VM [default: 64MiB; 256MiB with --kernel]. Above 3GiB the RAM is
     /// split around the 32-bit hole.
     #[arg(long, value_parser = parse_size)]
@@ -167,6 +175,20 @@ impl Client {
             Client::Load(t) => t.join().unwrap_or_default(),
             Client::None { .. } => std::collections::HashMap::new(),
         }
+    }
+}
+
+/// `colo pair --svm-flush-lead`: a lead in flushes, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushLead(pub Option<u64>);
+
+fn parse_flush_lead(s: &str) -> std::result::Result<FlushLead, String> {
+    match s.trim() {
+        "off" => Ok(FlushLead(None)),
+        n => n
+            .parse()
+            .map(|n| FlushLead(Some(n)))
+            .map_err(|_| format!("'{s}' is not a number of flushes or `off`")),
     }
 }
 
@@ -264,4 +286,18 @@ fn start_client(
         });
         client::run(net, out, rx, &stats, &stop)
     }))
+}
+
+#[cfg(test)]
+mod flush_lead_tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_lead_is_a_number_or_off() {
+        assert_eq!(parse_flush_lead("1"), Ok(FlushLead(Some(1))));
+        assert_eq!(parse_flush_lead(" 0 "), Ok(FlushLead(Some(0))));
+        assert_eq!(parse_flush_lead("off"), Ok(FlushLead(None)));
+        assert!(parse_flush_lead("-1").is_err());
+        assert!(parse_flush_lead("").is_err());
+    }
 }

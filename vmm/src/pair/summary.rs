@@ -25,6 +25,10 @@ pub(super) struct Ending {
     pub(super) cpu: (f64, f64),
     /// Their CPU seconds when the load started (after the initial sync).
     pub(super) cpu_at_start: (f64, f64),
+    /// CPU seconds of the primary's and the secondary's vCPU threads.
+    pub(super) vcpu: (f64, f64),
+    /// Their vCPU threads' CPU seconds when the load started.
+    pub(super) vcpu_at_start: (f64, f64),
     /// The side serving at the end: "primary", "secondary" or "none".
     pub(super) active: &'static str,
     /// The client's acknowledged value of every key it wrote.
@@ -200,6 +204,12 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
             a.svm_lead.as_secs_f64() * 1e3
         );
     }
+    if f.pm.secondary_discarded_bytes + f.pm.secondary_skipped_bytes > 0 {
+        println!(
+            "  at commits: {} bytes of SVM output thrown away (it ran ahead), {} bytes of PVM output the SVM skipped (it was behind); {} bytes compared",
+            f.pm.secondary_discarded_bytes, f.pm.secondary_skipped_bytes, f.pm.matched_tcp_bytes
+        );
+    }
     if let Some(k) = t.killed_primary {
         let after = replies.saturating_sub(t.replies_at_kill);
         match f.failover {
@@ -227,7 +237,7 @@ fn json(
     end: &Ending,
 ) -> serde_json::Value {
     let (s, secs, replies) = (&f.s, f.secs, f.replies);
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "secs": secs,
         "svm_holds": f.pm.secondary_holds,
         "epochs": s.epochs,
@@ -278,5 +288,17 @@ fn json(
             })
             .unwrap_or_default(),
         "active": end.active,
-    })
+    });
+    // A second object: one literal this long reaches serde_json's macro recursion limit.
+    let pacing = serde_json::json!({
+        "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
+        "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
+        "svm_discarded_bytes": f.pm.secondary_discarded_bytes,
+        "svm_skipped_bytes": f.pm.secondary_skipped_bytes,
+        "matched_tcp_bytes": f.pm.matched_tcp_bytes,
+    });
+    if let (Some(o), serde_json::Value::Object(more)) = (v.as_object_mut(), pacing) {
+        o.extend(more);
+    }
+    v
 }

@@ -38,6 +38,10 @@ const PAUSE_TARGET_RATE_MIB: u64 = 100;
 const PAUSE_TARGET_MS: f64 = 5.0;
 /// Target: periodic mode keeps this fraction of the unprotected request rate.
 const THROUGHPUT_TARGET: f64 = 0.80;
+/// Target: COLO mode keeps this fraction of the unprotected request rate...
+const COLO_THROUGHPUT_TARGET: f64 = 0.90;
+/// ...at this dirty rate.
+const COLO_THROUGHPUT_RATE_MIB: u64 = 10;
 /// `colo bench colo`.
 #[derive(Debug, Args)]
 #[command(
@@ -142,6 +146,25 @@ struct PairReport {
     failover: bool,
     cpu_primary_s: f64,
     cpu_secondary_s: f64,
+    /// CPU seconds of the PVM's vCPU threads over the client load (the baseline's VM's in
+    /// an unprotected run).
+    vcpu_primary_load_s: f64,
+    /// CPU seconds of the SVM's vCPU threads over the client load.
+    vcpu_secondary_load_s: f64,
+    /// CPU seconds of the PVM process (the baseline's VM in an unprotected run) over the
+    /// client load.
+    cpu_primary_load_s: f64,
+    /// CPU seconds of the SVM process over the client load.
+    cpu_secondary_load_s: f64,
+    /// Times the proxy held the SVM (`colo pair --svm-lead`).
+    svm_holds: u64,
+    /// SVM output bytes not yet compared when a checkpoint committed: work thrown away.
+    svm_discarded_bytes: u64,
+    /// PVM output bytes the SVM had not produced when a checkpoint committed: work the
+    /// SVM skipped.
+    svm_skipped_bytes: u64,
+    /// TCP output bytes both sides produced and the proxy compared.
+    matched_tcp_bytes: u64,
     /// The client load window in seconds (not in the JSON): `--duration`, or `secs` if the
     /// run ended sooner. `secs` of `colo pair` also counts its teardown after the load.
     #[serde(skip)]
@@ -152,6 +175,18 @@ impl PairReport {
     /// Replies per second of the client load window.
     fn rps(&self) -> f64 {
         self.replies as f64 / self.load_secs.max(1e-9)
+    }
+
+    /// vCPU CPU microseconds per reply of the PVM (or the baseline's VM) and of the SVM
+    /// over the client load; `None` without replies.
+    fn vcpu_us_per_reply(&self) -> Option<(f64, f64)> {
+        (self.replies > 0).then(|| {
+            let per = |s: f64| s * 1e6 / self.replies as f64;
+            (
+                per(self.vcpu_primary_load_s),
+                per(self.vcpu_secondary_load_s),
+            )
+        })
     }
 }
 

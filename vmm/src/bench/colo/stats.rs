@@ -118,6 +118,19 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_cpu_per_reply_needs_replies() {
+        let mut r = PairReport {
+            replies: 2000,
+            vcpu_primary_load_s: 0.5,
+            vcpu_secondary_load_s: 0.25,
+            ..PairReport::default()
+        };
+        assert_eq!(r.vcpu_us_per_reply(), Some((250.0, 125.0)));
+        r.replies = 0;
+        assert_eq!(r.vcpu_us_per_reply(), None);
+    }
+
+    #[test]
     fn each_run_is_compared_with_the_baseline_of_its_own_round() {
         let run = |round, kind, replies| Run {
             round,

@@ -4,8 +4,8 @@ use colo_machine::SCRATCH_GPA;
 
 use super::stats::{Steady, median_range, over_rounds, ratio};
 use super::{
-    ColoBenchArgs, GIB, Kind, MIB, PAGE, PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB,
-    Run, THROUGHPUT_TARGET, mode_name,
+    COLO_THROUGHPUT_RATE_MIB, COLO_THROUGHPUT_TARGET, ColoBenchArgs, GIB, Kind, MIB, PAGE,
+    PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB, Run, THROUGHPUT_TARGET, mode_name,
 };
 use crate::bench::report::fmt_bytes;
 use crate::colo::Mode;
@@ -35,7 +35,7 @@ fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         fmt_bytes(args.ram - SCRATCH_GPA)
     );
     println!(
-        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6}",
+        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>7}",
         "",
         "dirty",
         "",
@@ -49,10 +49,12 @@ fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         "client",
         "vs",
         "CPU s",
-        "CPU s"
+        "CPU s",
+        "us/rep",
+        "us/rep"
     );
     println!(
-        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6}",
+        "{:<14} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>7}",
         "mode",
         "MiB/s",
         "epochs",
@@ -66,7 +68,9 @@ fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
         "req/s",
         "unprot",
         "PVM",
-        "SVM"
+        "SVM",
+        "vCPU P",
+        "vCPU S"
     );
     for run in runs {
         let r = &run.report;
@@ -75,17 +79,19 @@ fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
             Kind::Unprotected => {
                 let (name, rate, d) = (run.name(args.rounds), run.rate_mib, "-");
                 let (rps, cpu) = (r.rps(), r.cpu_primary_s);
+                let per = opt(r.vcpu_us_per_reply().map(|v| v.0), 7, 0);
                 println!(
                     "{name:<14} {rate:>6} {d:>6} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} {d:>7} \
-                     {d:>8} {rps:>7.0} {vs:>6} {cpu:>6.1} {d:>6}"
+                     {d:>8} {rps:>7.0} {vs:>6} {cpu:>6.1} {d:>6} {per} {d:>7}"
                 );
             }
             Kind::Protected(_) => {
                 let s = Steady::of(r, args.ram);
                 let pushed = (r.load_secs > 0.0).then(|| s.bytes as f64 / GIB / r.load_secs);
+                let per = r.vcpu_us_per_reply();
                 println!(
                     "{:<14} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {} {} {} {} {:>7.0} {vs:>6} \
-                     {:>6.1} {:>6.1}",
+                     {:>6.1} {:>6.1} {} {}",
                     run.name(args.rounds),
                     run.rate_mib,
                     s.epochs,
@@ -98,7 +104,9 @@ fn print_runs(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
                     opt(s.bytes_per_pause_s().map(|b| b / GIB), 8, 2),
                     r.rps(),
                     r.cpu_primary_s,
-                    r.cpu_secondary_s
+                    r.cpu_secondary_s,
+                    opt(per.map(|v| v.0), 7, 0),
+                    opt(per.map(|v| v.1), 7, 0)
                 );
             }
         }
@@ -125,7 +133,12 @@ fn print_notes(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
          / the same-run unprotected baseline of the same dirty rate\n  \
          CPU s          user+system CPU seconds of the PVM process (colo primary, or the VM of \
          the baseline) and of the SVM process (colo secondary) from their start (VM boot and \
-         initial sync included) to the end of the client load"
+         initial sync included) to the end of the client load\n  \
+         us/rep vCPU    CPU microseconds (user+system) of the VM's vCPU threads (the guest's \
+         work and its exits, without the VMM's device, push and control threads) over the \
+         client load window / the client's replies in it: P the PVM (or the baseline's VM), \
+         S the SVM; both sides answer the same requests, so S above P is work the SVM did \
+         that a checkpoint threw away (or its exits cost more)"
     );
     let protected: Vec<&Run> = runs
         .iter()
@@ -232,6 +245,7 @@ fn print_targets(args: &ColoBenchArgs, runs: &[Run]) {
              {name}: {verdict}"
         );
     }
+    print_colo_targets(args, runs);
     if !args.modes.contains(&Mode::Periodic) {
         println!(
             "target: service throughput >= {:.0}% of unprotected in periodic mode: not \
@@ -261,6 +275,133 @@ fn print_targets(args: &ColoBenchArgs, runs: &[Run]) {
             "target: service throughput >= {:.0}% of unprotected in periodic mode, {rate} MiB/s \
              dirty: {verdict}",
             THROUGHPUT_TARGET * 100.0,
+        );
+    }
+}
+
+/// The verdict on COLO mode's targets: the SVM's vCPU CPU per reply against the PVM's of
+/// the same run at every dirty rate, and the service against its baseline at
+/// [`COLO_THROUGHPUT_RATE_MIB`].
+fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
+    let colo = Kind::Protected(Mode::Colo);
+    if !args.modes.contains(&Mode::Colo) {
+        println!(
+            "target: SVM vCPU CPU per reply <= PVM's in colo mode: not measured (colo is not \
+             in --modes)"
+        );
+        return;
+    }
+    for &rate in &args.rates {
+        let of_rate: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.kind == colo && r.rate_mib == rate)
+            .collect();
+        let svm_over_pvm: Vec<f64> = of_rate
+            .iter()
+            .filter_map(|r| r.report.vcpu_us_per_reply())
+            .filter(|v| v.0 > 0.0)
+            .map(|v| v.1 / v.0)
+            .collect();
+        let n = svm_over_pvm.len();
+        let per = |f: fn((f64, f64)) -> f64| {
+            median_range(
+                of_rate
+                    .iter()
+                    .filter_map(|r| r.report.vcpu_us_per_reply().map(f))
+                    .collect(),
+            )
+        };
+        let verdict = match (median_range(svm_over_pvm), per(|v| v.0), per(|v| v.1)) {
+            (Some(v), Some(p), Some(s)) => format!(
+                "SVM/PVM {} (PVM {:.0} us, SVM {:.0} us per reply) -> {}",
+                over_rounds(v, n, |x| format!("{x:.2}")),
+                p.0,
+                s.0,
+                met(v.0 <= 1.0)
+            ),
+            _ => "not measured (no replies or no vCPU time)".into(),
+        };
+        for r in &of_rate {
+            let rep = &r.report;
+            // The PVM's TCP output: compared with the SVM's, or released by a commit
+            // before the SVM had produced it.
+            let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
+            let of = |b: u64| b as f64 / out * 100.0;
+            println!(
+                "  {} {rate} MiB/s: of the PVM's TCP output {} was compared and {} ({:.1}%) \
+                 went out at a commit before the SVM had produced it (the SVM was behind; it \
+                 skips that work); the SVM's output thrown away at commits (it was ahead): {} \
+                 ({:.1}% of the PVM's); the SVM was held {} times",
+                r.name(args.rounds),
+                fmt_bytes(rep.matched_tcp_bytes),
+                fmt_bytes(rep.svm_skipped_bytes),
+                of(rep.svm_skipped_bytes),
+                fmt_bytes(rep.svm_discarded_bytes),
+                of(rep.svm_discarded_bytes),
+                rep.svm_holds
+            );
+        }
+        println!(
+            "target: SVM vCPU CPU per reply <= PVM's in colo mode, {rate} MiB/s dirty, pipeline \
+             {}: {verdict}",
+            args.pipeline.max(1)
+        );
+    }
+    let ratios: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.kind == colo && r.rate_mib == COLO_THROUGHPUT_RATE_MIB)
+        .filter_map(|r| ratio(runs, r))
+        .collect();
+    let n = ratios.len();
+    let verdict = if !args.rates.contains(&COLO_THROUGHPUT_RATE_MIB) {
+        format!("not measured ({COLO_THROUGHPUT_RATE_MIB} is not in --rates)")
+    } else {
+        median_range(ratios).map_or_else(
+            || "not measured (the baseline got no replies)".into(),
+            |v| {
+                format!(
+                    "{} -> {}",
+                    over_rounds(v, n, |x| format!("{:.0}%", x * 100.0)),
+                    met(v.0 >= COLO_THROUGHPUT_TARGET)
+                )
+            },
+        )
+    };
+    println!(
+        "target: service throughput >= {:.0}% of unprotected in colo mode, \
+         {COLO_THROUGHPUT_RATE_MIB} MiB/s dirty, pipeline {}: {verdict}",
+        COLO_THROUGHPUT_TARGET * 100.0,
+        args.pipeline.max(1)
+    );
+    // Where the time went, measured in the same runs: the CPU both sides took from this
+    // machine's cores, and how much of the PVM's output had to wait for a checkpoint
+    // because the SVM had not produced it yet.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    for r in runs
+        .iter()
+        .filter(|r| r.kind == colo && r.rate_mib == COLO_THROUGHPUT_RATE_MIB)
+    {
+        let (rep, secs) = (&r.report, r.report.load_secs.max(1e-9));
+        let base = runs.iter().find(|b| {
+            b.kind == Kind::Unprotected && b.rate_mib == r.rate_mib && b.round == r.round
+        });
+        let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
+        println!(
+            "  {}: PVM {:.2} + SVM {:.2} CPUs busy over the load, of {cpus} (the unprotected \
+             VM: {}); {:.1}% of the PVM's output waited for a checkpoint (up to {} ms) \
+             because the SVM had not produced it",
+            r.name(args.rounds),
+            rep.cpu_primary_load_s / secs,
+            rep.cpu_secondary_load_s / secs,
+            base.map_or_else(
+                || "-".into(),
+                |b| format!(
+                    "{:.2}",
+                    b.report.cpu_primary_load_s / b.report.load_secs.max(1e-9)
+                )
+            ),
+            rep.svm_skipped_bytes as f64 / out * 100.0,
+            args.checkpoint_delay.as_millis()
         );
     }
 }
