@@ -773,7 +773,6 @@ mod tests {
             reason: ExitReason::PeerLost {
                 lost: LostReason::Closed,
             },
-            timing: None,
         });
         assert_eq!(sample(&m.render(), r#"colo_state{state="fenced"}"#), 1.0);
     }
