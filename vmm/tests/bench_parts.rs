@@ -109,3 +109,75 @@ fn idle_bench_shows_both_sides_beside_the_unprotected_guest() {
         "{out}"
     );
 }
+
+/// `colo bench failover` with two dying runs (a kill and a crash at a checkpoint step) and
+/// one baseline: its JSON has every figure's distribution, the heartbeat timeout and each
+/// run, and nothing was lost or contradicted. The times themselves are not asserted.
+#[test]
+fn failover_bench_reports_the_gap_beside_a_baseline_and_loses_nothing() {
+    if !common::kvm() {
+        eprintln!("skipped: no usable /dev/kvm");
+        return;
+    }
+    let (code, out, err) = colo(&[
+        "bench",
+        "failover",
+        "--runs",
+        "2",
+        "--baseline-runs",
+        "1",
+        "--crash-every",
+        "2",
+        "--duration",
+        "4s",
+        "--kill-from",
+        "1500ms",
+        "--kill-to",
+        "2500ms",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["contradicted"], 0, "{v}");
+    assert_eq!(v["baseline_runs"], 1, "{v}");
+    assert_eq!(v["heartbeat_timeout_ms"], 1000.0, "{v}");
+    let deaths = v["runs"].as_u64().unwrap();
+    assert_eq!(
+        v["failovers"].as_u64(),
+        Some(deaths),
+        "every death fails over: {v}"
+    );
+    assert_eq!(deaths + v["no_death"].as_u64().unwrap(), 2, "{v}");
+    assert!(deaths >= 1, "the kill at least happened: {v}");
+    for key in [
+        "max_wait_ms",
+        "baseline_max_wait_ms",
+        "gap_ms",
+        "switched_ms",
+        "resumed_ms",
+    ] {
+        let d = &v["figures"][key];
+        for q in ["min", "median", "p90", "p99", "max"] {
+            assert!(d[q].as_f64().is_some(), "{key}.{q}: {v}");
+        }
+        assert!(d["min"].as_f64() <= d["max"].as_f64(), "{key}: {v}");
+    }
+    let each = v["each"].as_array().unwrap();
+    assert_eq!(each.len(), 3, "{v}");
+    assert_eq!(each[0]["fault"], "none", "the baseline goes first: {v}");
+    assert!(
+        v["target"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat timeout 1000 ms"),
+        "{v}"
+    );
+    assert!(err.contains("run 3/3: "), "a progress line per run:\n{err}");
+
+    let (code, _, err) = colo(&["bench", "failover", "--kill-to", "9s", "--duration", "8s"]);
+    assert_eq!(code, 2, "kills past the run are refused: {err}");
+    assert!(err.contains("invalid arguments"), "{err}");
+}

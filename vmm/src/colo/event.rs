@@ -117,6 +117,10 @@ pub enum Event {
         side: Side,
         /// Why.
         reason: ExitReason,
+        /// A secondary's takeover: when it lost the primary and when it decided to take
+        /// over (absent from a primary, and from older secondaries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timing: Option<TakeoverTiming>,
     },
     /// The secondary lost the primary, but its takeover check says the primary still
     /// serves: it stays passive.
@@ -124,6 +128,19 @@ pub enum Event {
         /// Why it would have taken over.
         reason: ExitReason,
     },
+}
+
+/// When a secondary's takeover passed its first steps, as wall-clock times (microseconds
+/// since the Unix epoch), so that a supervisor on the same host can put them beside its
+/// own: the time from losing the primary to the decision is the detection's and the
+/// takeover check's share of the client's wait at failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverTiming {
+    /// The link to the primary was lost (closed, or silent for the heartbeat timeout).
+    pub lost_unix_us: u64,
+    /// The takeover check passed and the takeover began (the event is sent then, before
+    /// the disk buffer is flushed and the SVM resumed).
+    pub decided_unix_us: u64,
 }
 
 /// What a supervisor asks of the primary.
@@ -258,6 +275,7 @@ mod tests {
         let ev = Event::Failover {
             side: Side::Secondary,
             reason: lost,
+            timing: None,
         };
         assert_eq!(
             line_of(&ev),
@@ -271,9 +289,24 @@ mod tests {
                 side: Side::Secondary,
                 reason: ExitReason::PeerLost {
                     lost: LostReason::HeartbeatTimeout { silent_ms: 1013 }
-                }
+                },
+                timing: None,
             }
         ));
+        let timed = Event::Failover {
+            side: Side::Secondary,
+            reason: ExitReason::PeerLost {
+                lost: LostReason::Closed,
+            },
+            timing: Some(TakeoverTiming {
+                lost_unix_us: 10,
+                decided_unix_us: 12,
+            }),
+        };
+        assert_eq!(
+            line_of(&timed)["timing"],
+            json!({"lost_unix_us": 10, "decided_unix_us": 12})
+        );
 
         assert_eq!(
             line_of(&Event::AbortedPause { pause_us: 7 }),

@@ -144,6 +144,9 @@ struct Inner {
     lost: AtomicBool,
     /// Set once, before `lost`.
     why: Mutex<Option<LostReason>>,
+    /// When the link was lost (wall clock, microseconds since the Unix epoch; 0 while it
+    /// is not): the start of a takeover's timeline, comparable across processes.
+    lost_at_unix_us: AtomicU64,
     /// Milliseconds since `epoch` when the peer was last heard.
     last_heard_ms: AtomicU64,
     /// The last heartbeat sent: its sequence number and microseconds since `epoch`.
@@ -187,6 +190,7 @@ impl Link {
             tx: Mutex::new(ch),
             lost: AtomicBool::new(false),
             why: Mutex::default(),
+            lost_at_unix_us: AtomicU64::new(0),
             last_heard_ms: AtomicU64::new(0),
             hb_sent: Mutex::new((0, 0)),
             rtt_us: AtomicU64::new(u64::MAX),
@@ -337,6 +341,12 @@ impl Link {
             .clone()
     }
 
+    /// When the link was lost, in microseconds since the Unix epoch (`None` while it is
+    /// not).
+    pub fn lost_at_unix_us(&self) -> Option<u64> {
+        Some(self.inner.lost_at_unix_us.load(Ordering::SeqCst)).filter(|&t| t > 0)
+    }
+
     /// `x-colo-lost-heartbeat`: declares the peer lost now.
     pub fn force_lost(&self) {
         self.inner.lose(LostReason::Forced);
@@ -369,6 +379,12 @@ impl Link {
         // Lost without a reason cannot be: `lose` sets the reason first.
         ColoError::PeerLost(self.why().unwrap_or(LostReason::Closed))
     }
+}
+
+/// `t` in microseconds since the Unix epoch (0 before it, which a clock here never is).
+pub fn unix_us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Reads how long a link's peer has been silent, without keeping the link alive.
@@ -444,6 +460,8 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if w.is_none() {
             tracing::warn!(reason = %Chain(&why), "peer lost");
+            self.lost_at_unix_us
+                .store(unix_us(std::time::SystemTime::now()), Ordering::SeqCst);
             *w = Some(why);
             self.lost.store(true, Ordering::SeqCst);
             drop(w);

@@ -625,6 +625,7 @@ impl Primary {
         self.events.emit(&Event::Failover {
             side: Side::Primary,
             reason,
+            timing: None,
         });
         self.link = None;
         self.push = None;

@@ -737,6 +737,7 @@ mod tests {
             reason: ExitReason::PeerLost {
                 lost: LostReason::Closed,
             },
+            timing: None,
         });
         let t = m.render();
         assert_eq!(sample(&t, r#"colo_state{state="unprotected"}"#), 1.0);
@@ -763,6 +764,7 @@ mod tests {
             reason: ExitReason::PeerLost {
                 lost: LostReason::Closed,
             },
+            timing: None,
         });
         let t = m.render();
         assert_eq!(sample(&t, r#"colo_state{state="failed-over"}"#), 1.0);

@@ -19,10 +19,17 @@ use colo_ramcache::{Landing, LandingEnd, RamCache};
 use colo_transport::control::{ControlChannel, Hello, Kind, MemRegion, Message, Role};
 use colo_transport::push::RegionDesc;
 
-use super::event::{Event, Events, ExitReason, Side};
-use super::link::{Link, LostReason, MessageId};
+use super::event::{Event, Events, ExitReason, Side, TakeoverTiming};
+use super::link::{Link, LostReason, MessageId, unix_us};
 use super::qmp::ColoExitReason;
 use super::{ColoError, Mode, Params, Result, STEP_TIMEOUT};
+
+/// The pause between two runs of the takeover check at first...
+const CHECK_RETRY_FAST: Duration = Duration::from_millis(2);
+/// ...for this long...
+const CHECK_FAST_FOR: Duration = Duration::from_millis(250);
+/// ...and then.
+const CHECK_RETRY_SLOW: Duration = Duration::from_millis(50);
 
 /// How the secondary's COLO session ended.
 #[derive(Debug, Clone)]
@@ -349,22 +356,41 @@ impl Secondary {
     }
 
     /// Runs the takeover check until it passes or the heartbeat timeout passes.
+    ///
+    /// The retries come [`CHECK_RETRY_FAST`] apart for the first [`CHECK_FAST_FOR`], then
+    /// [`CHECK_RETRY_SLOW`] apart: a closed link is seen a moment before whatever the
+    /// check asks knows the primary is gone (`colo pair`'s alive file goes when the
+    /// process has ended, 5-20 ms after its sockets closed here), and every millisecond
+    /// waited here is one the client waits for a reply.
     fn may_take_over(&self) -> bool {
         let Some(cmd) = &self.takeover_check else {
             return true;
         };
-        let deadline = Instant::now() + self.params.heartbeat.timeout.max(Duration::from_secs(1));
-        loop {
+        let start = Instant::now();
+        let deadline = start + self.params.heartbeat.timeout.max(Duration::from_secs(1));
+        for attempt in 1u32.. {
             match std::process::Command::new("sh").args(["-c", cmd]).status() {
-                Ok(s) if s.success() => return true,
+                Ok(s) if s.success() => {
+                    tracing::debug!(
+                        attempt,
+                        after_us = start.elapsed().as_micros() as u64,
+                        "the takeover check passed"
+                    );
+                    return true;
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot run the takeover check"),
             }
             if Instant::now() >= deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(if start.elapsed() < CHECK_FAST_FOR {
+                CHECK_RETRY_FAST
+            } else {
+                CHECK_RETRY_SLOW
+            });
         }
+        false
     }
 
     /// Failover: drop an incomplete epoch, and let the SVM serve.
@@ -376,6 +402,10 @@ impl Secondary {
             mid_epoch
         )
         .entered();
+        let lost_unix_us = self
+            .link
+            .lost_at_unix_us()
+            .unwrap_or_else(|| unix_us(std::time::SystemTime::now()));
         self.failover.request(false);
         // No more pages land: the cache's incomplete epoch is dropped below and the SVM
         // goes on from its own state.
@@ -417,6 +447,10 @@ impl Secondary {
         self.events.emit(&Event::Failover {
             side: Side::Secondary,
             reason: reason.clone(),
+            timing: Some(TakeoverTiming {
+                lost_unix_us,
+                decided_unix_us: unix_us(std::time::SystemTime::now()),
+            }),
         });
         self.failover.activate();
         // The SVM is the only VM now: nothing may hold it, and its guest's end is the end.

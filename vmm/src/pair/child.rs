@@ -3,8 +3,10 @@
 //! shared log, killed when dropped.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::shared::{Shared, lock};
@@ -92,6 +94,64 @@ fn stat_cpu_secs(stat: &str) -> f64 {
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     (t(11) + t(12)) / hz
+}
+
+/// How often an exit watcher looks at its stop flag.
+const WATCH_TICK_MS: i32 = 100;
+
+/// Stops an exit watcher's thread when dropped.
+pub(super) struct ExitWatch(Arc<AtomicBool>);
+
+impl Drop for ExitWatch {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Kid {
+    /// Runs `on_exit` on a thread as soon as the process ends (not waiting for a poll
+    /// round: a pidfd wakes the thread), unless the returned guard is dropped first.
+    /// `None` where the kernel has no pidfd (the caller's own poll is then all there is).
+    pub(super) fn watch_exit(&self, on_exit: impl FnOnce() + Send + 'static) -> Option<ExitWatch> {
+        // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1; the
+        // pid is our own child's, not reaped yet (we hold its `Child`), so it is this one.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id() as libc::pid_t, 0) };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: `fd` was just returned to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let name = self.name;
+        std::thread::Builder::new()
+            .name(format!("exit-watch-{name}"))
+            .spawn(move || {
+                // Bounded by the guard: the pair drops it when it ends.
+                while !stopped.load(Ordering::SeqCst) {
+                    let mut p = libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, which lives across the call.
+                    let n = unsafe { libc::poll(&mut p, 1, WATCH_TICK_MS) };
+                    if n > 0 {
+                        // A stop asked for before the exit is an orderly one.
+                        if !stopped.load(Ordering::SeqCst) {
+                            on_exit();
+                        }
+                        return;
+                    }
+                    if n < 0
+                        && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                    {
+                        tracing::warn!(child = name, "cannot watch the process's exit");
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(ExitWatch(stop))
+    }
 }
 
 impl Drop for Kid {

@@ -48,6 +48,17 @@ pub struct ClientStats {
     pub connects: AtomicU64,
     /// Whether the connection is up.
     pub connected: AtomicBool,
+    /// Set by the supervisor when the primary dies (killed, or seen to end): from then on
+    /// the client notes its longest silence and its longest wait, which the failover
+    /// causes.
+    pub watch_failover: AtomicBool,
+    /// The silences (at least [`SILENCE_MIN`] between two replies) whose end came after
+    /// `watch_failover` was set, in order: when the reply before came, and the one after
+    /// (the first [`SILENCES_KEPT`]).
+    pub failover_silences: std::sync::Mutex<Vec<(Instant, Instant)>>,
+    /// The longest wait for one reply that came after `watch_failover` was set, in
+    /// microseconds.
+    pub failover_max_wait_us: AtomicU64,
     /// The first few anomalies (lost or contradicted), for the report.
     pub anomalies: std::sync::Mutex<Vec<String>>,
     /// The worker vCPUs' counters in the latest `VCPUS` reply (vCPUs 1 and up).
@@ -122,6 +133,7 @@ pub fn run(
     let window = net.window.max(1);
     let mut inbuf = Vec::new();
     let mut last_vcpus = Instant::now();
+    let mut last_reply: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         iface.poll(now(), &mut dev, &mut sockets);
         let s = sockets.get_mut::<tcp::Socket<'_>>(h);
@@ -181,9 +193,17 @@ pub fn run(
                     continue;
                 };
                 stats.replies.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .max_wait_us
-                    .fetch_max(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let (got, wait) = (Instant::now(), at.elapsed().as_micros() as u64);
+                stats.max_wait_us.fetch_max(wait, Ordering::Relaxed);
+                if stats.watch_failover.load(Ordering::Relaxed) {
+                    stats
+                        .failover_max_wait_us
+                        .fetch_max(wait, Ordering::Relaxed);
+                    if let Some(prev) = last_reply {
+                        note_silence(stats, prev, got);
+                    }
+                }
+                last_reply = Some(got);
                 check(&req, &line, &mut acked, stats, net.vcpus);
             }
         }
@@ -199,6 +219,23 @@ pub fn run(
         }
     }
     acked
+}
+
+/// The shortest time between two replies kept as a silence after the primary's death.
+pub const SILENCE_MIN: Duration = Duration::from_millis(1);
+/// Silences kept after the primary's death.
+pub const SILENCES_KEPT: usize = 4096;
+
+/// Keeps `(prev, got)` as a silence after the primary's death, if it is one.
+fn note_silence(stats: &ClientStats, prev: Instant, got: Instant) {
+    if got - prev < SILENCE_MIN {
+        return;
+    }
+    if let Ok(mut s) = stats.failover_silences.lock() {
+        if s.len() < SILENCES_KEPT {
+            s.push((prev, got));
+        }
+    }
 }
 
 fn check(req: &str, reply: &str, acked: &mut HashMap<u64, u64>, stats: &ClientStats, vcpus: u32) {

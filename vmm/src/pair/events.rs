@@ -14,7 +14,7 @@ use colo_netcmp::proxy::{Proxy, ProxyControl};
 use super::child::Kid;
 use super::shared::{Shared, lock};
 use crate::colo::ColoError;
-use crate::colo::event::{self, Event, Request, Side};
+use crate::colo::event::{self, Event, Request, Side, TakeoverTiming};
 use crate::colo::metrics::{EpochRecord, Trigger};
 
 /// Waits (at most 60 s, while both sides run) for the primary to connect its event socket;
@@ -124,10 +124,9 @@ fn serve(s: UnixStream, proxy: ProxyControl, shared: &Shared) {
             } => *lock(&shared.secondary_lost) = true,
             Event::Failover {
                 side: Side::Secondary,
+                timing,
                 ..
-            } => {
-                lock(&shared.failover_at).get_or_insert_with(Instant::now);
-            }
+            } => took_over(timing, &proxy, shared),
             Event::Fenced { .. } => shared.fenced.store(true, Ordering::SeqCst),
             Event::Protected => {
                 // A new secondary joined: compare again from its first checkpoint on.
@@ -140,6 +139,23 @@ fn serve(s: UnixStream, proxy: ProxyControl, shared: &Shared) {
                 shared.reprotected.fetch_add(1, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// The secondary took over: the client goes to it at once (every millisecond here is one
+/// the client waits). Under the `secondary_lost` lock, so that the supervisor's
+/// "secondary gone: primary only" cannot come between (see `Shared::secondary_lost`).
+fn took_over(timing: Option<TakeoverTiming>, proxy: &ProxyControl, shared: &Shared) {
+    let _lost = lock(&shared.secondary_lost);
+    if lock(&shared.failover_at).is_some() {
+        return;
+    }
+    *lock(&shared.failover_at) = Some(Instant::now());
+    *lock(&shared.takeover) = timing;
+    match proxy.set_mode(colo_netcmp::Mode::SecondaryOnly) {
+        Ok(()) => *lock(&shared.proxy_switched_at) = Some(Instant::now()),
+        // The supervisor tries again on its next round and fails the run if it cannot.
+        Err(e) => tracing::warn!(error = %e, "proxy did not switch to the secondary"),
     }
 }
 
@@ -211,6 +227,7 @@ mod tests {
             Event::Failover {
                 side: Side::Primary,
                 reason: lost(),
+                timing: None,
             },
         ] {
             lines.extend(event::encode(&ev));
@@ -230,12 +247,21 @@ mod tests {
         let took_over = Event::Failover {
             side: Side::Secondary,
             reason: lost(),
+            timing: Some(TakeoverTiming {
+                lost_unix_us: 1,
+                decided_unix_us: 2,
+            }),
         };
         feed(&[event::encode(&took_over), event::encode(&Event::Protected)].concat());
         assert!(
             lock(&shared.failover_at).is_some(),
             "the secondary took over"
         );
+        assert!(
+            lock(&shared.proxy_switched_at).is_some(),
+            "the event itself switched the proxy to the secondary"
+        );
+        assert_eq!(lock(&shared.takeover).map(|t| t.decided_unix_us), Some(2));
         assert!(!*lock(&shared.secondary_lost), "protected again");
         assert_eq!(shared.reprotected.load(Ordering::SeqCst), 1);
         proxy.shutdown().unwrap();

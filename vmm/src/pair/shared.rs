@@ -6,12 +6,43 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::colo::event::TakeoverTiming;
 use crate::colo::metrics::{EpochRecord, Summary};
 
 /// Locks `m`, also when a thread panicked while it held it (the data is figures and log
 /// lines, still fit to show).
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A moment on both clocks: the monotonic one for this process's own intervals, the wall
+/// clock (microseconds since the Unix epoch) to set beside the times the sides report.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Moment {
+    pub(super) at: Instant,
+    pub(super) unix_us: u64,
+}
+
+impl Moment {
+    pub(super) fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            unix_us: crate::colo::link::unix_us(std::time::SystemTime::now()),
+        }
+    }
+
+    /// Milliseconds from this moment to `later` (negative if it came before).
+    pub(super) fn ms_to(&self, later: Instant) -> f64 {
+        match later.checked_duration_since(self.at) {
+            Some(d) => d.as_secs_f64() * 1e3,
+            None => -(self.at - later).as_secs_f64() * 1e3,
+        }
+    }
+
+    /// Milliseconds from this moment to a wall-clock time `unix_us` (negative if before).
+    pub(super) fn ms_to_unix(&self, unix_us: u64) -> f64 {
+        (unix_us as f64 - self.unix_us as f64) / 1e3
+    }
 }
 
 /// The supervisor's state, written by the event and log reader threads.
@@ -25,6 +56,12 @@ pub(super) struct Shared {
     pub(super) longest: Mutex<Option<EpochRecord>>,
     /// When the secondary first reported that it took over (its `failover` event).
     pub(super) failover_at: Mutex<Option<Instant>>,
+    /// The secondary's own times of that takeover (lost the primary, decided).
+    pub(super) takeover: Mutex<Option<TakeoverTiming>>,
+    /// When the proxy had switched the client to the secondary.
+    pub(super) proxy_switched_at: Mutex<Option<Instant>>,
+    /// When the supervisor saw the primary process end (its pidfd, or its poll).
+    pub(super) primary_exit_seen: Mutex<Option<Moment>>,
     /// Whether the secondary reported that it stayed passive (its `fenced` event).
     pub(super) fenced: AtomicBool,
     /// The longest pause of a checkpoint that failed (the secondary vanished mid-way), in

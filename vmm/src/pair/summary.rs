@@ -17,6 +17,11 @@ use super::{PairArgs, flags};
 use crate::colo::ColoError;
 use crate::colo::metrics::Summary;
 
+/// A silence of the client at least this long is listed in the failover timeline...
+const LONG_SILENCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// ...up to this many.
+const LONG_SILENCES_SHOWN: usize = 8;
+
 /// What the supervisor noted when the load ended, before it stopped the sides.
 pub(super) struct Ending {
     /// Seconds of client load.
@@ -215,16 +220,71 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
         match f.failover {
             Some(fo) if a.client_load() => println!(
                 "  failover: the secondary took over {:.0} ms after the primary was killed; the client got {after} replies after the kill on {} connection(s)",
-                fo.saturating_duration_since(k).as_secs_f64() * 1e3,
+                k.ms_to(fo),
                 stats.connects.load(Ordering::Relaxed)
             ),
             Some(fo) => println!(
                 "  failover: the secondary took over {:.0} ms after the primary was killed",
-                fo.saturating_duration_since(k).as_secs_f64() * 1e3,
+                k.ms_to(fo),
             ),
             None => println!("  failover: the secondary did NOT take over"),
         }
     }
+}
+
+/// Where the client's wait at the primary's death went, in milliseconds from that death
+/// (the SIGKILL of `--kill-primary-after`, else the moment the supervisor saw the primary
+/// process end), or `null` if the primary did not die while the load ran:
+///
+/// - `exit_seen_ms`: the supervisor saw the process end (its alive file went then);
+/// - `lost_ms`: the secondary lost its link to the primary;
+/// - `decided_ms`: its takeover check passed (the takeover event goes out);
+/// - `switched_ms`: the proxy sends the client to the secondary;
+/// - `resumed_ms`: the client's first reply after the switch, and `gap_ms` the silence
+///   that reply ended (from the reply before it);
+/// - `longest_silence_ms`: the client's longest silence that ended after the death (the
+///   failover's, or a later stall of the secondary serving alone), and `max_wait_ms` the
+///   longest wait for a reply that came after the death;
+/// - `long_silences`: the first few silences of at least 20 ms after the death, each as
+///   `[ms when it ended, its length in ms]`.
+fn failover_timeline(t: &Timeline, shared: &Shared, stats: &ClientStats) -> serde_json::Value {
+    let seen = *lock(&shared.primary_exit_seen);
+    let (cause, t0) = match (t.killed_primary, seen) {
+        (Some(k), _) => ("kill", k),
+        (None, Some(s)) => ("exit", s),
+        (None, None) => return serde_json::Value::Null,
+    };
+    let round = |ms: f64| (ms * 1e3).round() / 1e3;
+    let at = |i: Option<Instant>| i.map(|i| round(t0.ms_to(i)));
+    let len = |(a, b): (Instant, Instant)| round((b - a).as_secs_f64() * 1e3);
+    let takeover = *lock(&shared.takeover);
+    let switched = *lock(&shared.proxy_switched_at);
+    let silences = stats
+        .failover_silences
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    // The silence the switch ended: the first one that ends after it.
+    let across = switched.and_then(|w| silences.iter().copied().find(|s| s.1 >= w));
+    let longest = silences.iter().copied().max_by_key(|(a, b)| *b - *a);
+    let long: Vec<[f64; 2]> = silences
+        .iter()
+        .filter(|(a, b)| *b - *a >= LONG_SILENCE)
+        .take(LONG_SILENCES_SHOWN)
+        .map(|&(a, b)| [round(t0.ms_to(b)), len((a, b))])
+        .collect();
+    serde_json::json!({
+        "cause": cause,
+        "exit_seen_ms": at(seen.map(|s| s.at)),
+        "lost_ms": takeover.map(|x| round(t0.ms_to_unix(x.lost_unix_us))),
+        "decided_ms": takeover.map(|x| round(t0.ms_to_unix(x.decided_unix_us))),
+        "switched_ms": at(switched),
+        "resumed_ms": at(across.map(|s| s.1)),
+        "gap_ms": across.map(len),
+        "longest_silence_ms": longest.map(len),
+        "long_silences": long,
+        "max_wait_ms": stats.failover_max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+    })
 }
 
 /// The summary as one JSON object (`--json`).
@@ -274,6 +334,7 @@ fn json(
         "disk_missing": f.disk_missing,
         "aborted_pause_ms": shared.aborted_pause_us.load(Ordering::SeqCst) as f64 / 1e3,
         "max_wait_ms": stats.max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+        "failover_timeline": failover_timeline(t, shared, stats),
         "anomalies": stats.anomalies.lock().map(|a| a.clone()).unwrap_or_default(),
         "child_warnings": shared
             .log

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use colo_netcmp::proxy::Proxy;
 
-use super::child::{Kid, spawn};
+use super::child::{ExitWatch, Kid, spawn};
 use super::client::ClientStats;
-use super::shared::{Shared, lock};
+use super::shared::{Moment, Shared, lock};
 use super::status::StatusLine;
 use super::summary::{self, Ending};
 use super::{Client, PairArgs, events, flags, start_client, start_proxy};
@@ -63,9 +63,9 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             .set_mode(colo_netcmp::Mode::Periodic)
             .map_err(ColoError::Proxy)?;
     }
-    let mut sup = Supervisor::start(a, dir, shared, proxy)?;
-    sup.wait_initial_sync()?;
     let stats = Arc::new(ClientStats::default());
+    let mut sup = Supervisor::start(a, dir, shared, proxy, &stats)?;
+    sup.wait_initial_sync()?;
     let stop = Arc::new(AtomicBool::new(false));
     // CPU from here on is the load's (the start-up and the initial sync are not).
     let cpu_at_start = (sup.primary.cpu_secs(), sup.secondary.cpu_secs());
@@ -81,11 +81,19 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
 }
 
+/// The primary process has ended: noted (the first time) with the moment, the client
+/// watches its failover gap, and the alive file goes, so the secondary may take over.
+fn primary_gone(shared: &Shared, stats: &ClientStats, alive: &Path) {
+    lock(&shared.primary_exit_seen).get_or_insert_with(Moment::now);
+    stats.watch_failover.store(true, Ordering::SeqCst);
+    let _ = std::fs::remove_file(alive);
+}
+
 /// What happened to the sides while the load ran, for the status line and the summary.
 #[derive(Debug, Default)]
 pub(super) struct Timeline {
     /// When the primary was killed (`--kill-primary-after`).
-    pub(super) killed_primary: Option<Instant>,
+    pub(super) killed_primary: Option<Moment>,
     /// The client's replies by then.
     pub(super) replies_at_kill: u64,
     /// The client's replies when the supervisor saw the failover.
@@ -103,6 +111,9 @@ pub(super) struct Timeline {
 /// The two sides and the proxy between them and the client.
 pub(super) struct Supervisor<'a> {
     a: &'a PairArgs,
+    /// Removes `alive` the moment the primary process ends (until dropped or disarmed).
+    /// First, so that it is disarmed before the sides are killed when dropped.
+    exit_watch: Option<ExitWatch>,
     // The sides go first when dropped (killed), then the proxy.
     primary: Kid,
     secondary: Kid,
@@ -127,6 +138,7 @@ impl<'a> Supervisor<'a> {
         dir: &Path,
         shared: Arc<Shared>,
         proxy: Proxy,
+        stats: &Arc<ClientStats>,
     ) -> Result<Self, ColoError> {
         let events_path: PathBuf = dir.join("events.sock");
         let events = UnixListener::bind(&events_path)
@@ -152,6 +164,10 @@ impl<'a> Supervisor<'a> {
         );
         let mut secondary = spawn("secondary", &sec_args, &shared, a.verbose)?;
         let mut primary = spawn("primary", &pri_args, &shared, a.verbose)?;
+        let exit_watch = {
+            let (shared, stats, alive) = (Arc::clone(&shared), Arc::clone(stats), alive.clone());
+            primary.watch_exit(move || primary_gone(&shared, &stats, &alive))
+        };
         events::connect(&events, &mut primary, &mut secondary, &proxy, &shared)?;
         Ok(Self {
             a,
@@ -161,6 +177,7 @@ impl<'a> Supervisor<'a> {
             shared,
             sec_args,
             alive,
+            exit_watch,
         })
     }
 
@@ -233,8 +250,9 @@ impl<'a> Supervisor<'a> {
                 "\ncolo pair: killing the primary (SIGKILL) at {:.1} s",
                 el.as_secs_f64()
             );
+            stats.watch_failover.store(true, Ordering::SeqCst);
+            t.killed_primary = Some(Moment::now());
             self.primary.kill();
-            t.killed_primary = Some(Instant::now());
             t.replies_at_kill = stats.replies.load(Ordering::Relaxed);
         }
         if a.kill_secondary_after.is_some_and(|k| el >= k)
@@ -264,13 +282,16 @@ impl<'a> Supervisor<'a> {
     /// over (the client goes to it), or the secondary lost (the primary alone).
     fn follow_sides(&mut self, t: &mut Timeline, stats: &ClientStats) -> Result<(), ColoError> {
         if !self.primary.alive() && self.alive.exists() {
-            let _ = std::fs::remove_file(&self.alive);
+            // Without a pidfd (or before its thread ran): the poll sees it.
+            primary_gone(&self.shared, stats, &self.alive);
         }
         let failover = *lock(&self.shared.failover_at);
         if !t.failover_done && failover.is_some() {
             t.failover_done = true;
             t.replies_at_failover = Some(stats.replies.load(Ordering::Relaxed));
             t.vcpu_turns_at_failover = Some(lock(&stats.vcpu_turns).clone());
+            // The event thread switched it already (see `events::took_over`); again here
+            // (a no-op then) so that a switch that failed there fails the run.
             self.proxy
                 .control()
                 .set_mode(colo_netcmp::Mode::SecondaryOnly)
@@ -278,9 +299,11 @@ impl<'a> Supervisor<'a> {
             eprintln!("\ncolo pair: failover: the secondary took over; the client now talks to it");
         }
         if failover.is_none() && self.primary.alive() {
-            // Decided and applied under the lock: see `Shared::secondary_lost`.
+            // Decided and applied under the lock: see `Shared::secondary_lost`. A takeover
+            // is applied under it too, so it is read again here.
             let lost = lock(&self.shared.secondary_lost);
-            if *lost || !self.secondary.alive() {
+            let took_over = lock(&self.shared.failover_at).is_some();
+            if !took_over && (*lost || !self.secondary.alive()) {
                 let _ = self
                     .proxy
                     .control()
@@ -326,6 +349,8 @@ impl<'a> Supervisor<'a> {
             (false, false) => "none",
         };
         stop.store(true, Ordering::SeqCst);
+        // The primary's end from here on is the orderly stop, not a death to act on.
+        drop(self.exit_watch.take());
         let acked = client.finish();
         self.primary.stop(Duration::from_secs(5));
         self.secondary.stop(Duration::from_secs(5));
