@@ -36,8 +36,22 @@ const PAGES_PER_MIB: u64 = MIB / PAGE;
 const PAUSE_TARGET_RATE_MIB: u64 = 100;
 /// ...at most this long.
 const PAUSE_TARGET_MS: f64 = 5.0;
-/// Target: periodic mode keeps this fraction of the unprotected request rate.
-const THROUGHPUT_TARGET: f64 = 0.80;
+/// Target: periodic mode keeps this fraction of the unprotected request rate up to 100 MiB/s
+/// dirtied...
+const THROUGHPUT_TARGET: f64 = 0.90;
+/// ...and this fraction from [`HEAVY_RATE_MIB`] on.
+const HEAVY_THROUGHPUT_TARGET: f64 = 0.60;
+/// The dirty rate from which [`HEAVY_THROUGHPUT_TARGET`] applies.
+const HEAVY_RATE_MIB: u64 = 400;
+
+/// The periodic-mode service target at `rate` MiB/s dirtied.
+fn periodic_target(rate: u64) -> f64 {
+    if rate >= HEAVY_RATE_MIB {
+        HEAVY_THROUGHPUT_TARGET
+    } else {
+        THROUGHPUT_TARGET
+    }
+}
 /// Target: COLO mode keeps this fraction of the unprotected request rate...
 const COLO_THROUGHPUT_TARGET: f64 = 0.90;
 /// ...at this dirty rate.

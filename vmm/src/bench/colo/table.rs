@@ -6,6 +6,7 @@ use super::stats::{Steady, median_range, over_rounds, ratio};
 use super::{
     COLO_THROUGHPUT_RATE_MIB, COLO_THROUGHPUT_TARGET, ColoBenchArgs, GIB, Kind, MIB, PAGE,
     PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB, Run, THROUGHPUT_TARGET, mode_name,
+    periodic_target,
 };
 use crate::bench::report::fmt_bytes;
 use crate::colo::Mode;
@@ -261,20 +262,22 @@ fn print_targets(args: &ColoBenchArgs, runs: &[Run]) {
             .filter_map(|r| ratio(runs, r))
             .collect();
         let n = ratios.len();
+        let goal = periodic_target(rate);
         let verdict = median_range(ratios).map_or_else(
             || "not measured (the baseline got no replies)".into(),
             |v| {
                 format!(
                     "{} -> {}",
                     over_rounds(v, n, |x| format!("{:.0}%", x * 100.0)),
-                    met(v.0 >= THROUGHPUT_TARGET)
+                    met(v.0 >= goal)
                 )
             },
         );
         println!(
             "target: service throughput >= {:.0}% of unprotected in periodic mode, {rate} MiB/s \
-             dirty: {verdict}",
-            THROUGHPUT_TARGET * 100.0,
+             dirty, {} pattern: {verdict}",
+            goal * 100.0,
+            args.dirty_pattern.name(),
         );
     }
 }
