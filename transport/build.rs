@@ -4,9 +4,13 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var_os("CARGO_FEATURE_OFI").is_none() {
-        return;
-    }
+    // The build dependencies are there only with the feature.
+    #[cfg(feature = "ofi")]
+    ofi();
+}
+
+#[cfg(feature = "ofi")]
+fn ofi() {
     println!("cargo:rerun-if-changed=ofi/shim.h");
     println!("cargo:rerun-if-changed=ofi/shim.c");
     let lib = match pkg_config::Config::new()

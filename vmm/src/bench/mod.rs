@@ -21,6 +21,7 @@ mod error;
 mod failover;
 mod guest32;
 mod idle;
+mod output;
 mod pages;
 mod protocol;
 mod ramcache;

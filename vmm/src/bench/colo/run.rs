@@ -1,18 +1,15 @@
 //! One `colo pair` child run of the benchmark, to its end, and the JSON summary it prints.
 
-use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{ColoBenchArgs, Kind, PAGES_PER_MIB, PairReport, mode_name};
 use crate::bench::error::{Error, Result};
+use crate::bench::output::{collect_lines, tail};
 
 /// A child run may take this much longer than `--duration` (VM start, initial sync, stop).
 const RUN_SLACK: Duration = Duration::from_secs(180);
-/// Lines of a failed child's stderr shown in the error.
-const TAIL_LINES: usize = 30;
 
 /// Keys every run's summary must have.
 const KEYS: &[&str] = &[
@@ -100,32 +97,6 @@ fn plot_paths(args: &ColoBenchArgs, kind: Kind, rate_mib: u64, round: u32) -> Op
         String::new()
     };
     Some(dir.join(format!("{}-{rate_mib}MiBs{round}", mode_name(m))))
-}
-
-/// Starts a reader of `pipe` that collects its lines.
-fn collect_lines(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        pipe.map(|p| {
-            BufReader::new(p)
-                .lines()
-                .map_while(std::result::Result::ok)
-                .collect()
-        })
-        .unwrap_or_default()
-    })
-}
-
-/// The last lines of `lines`, indented, for an error message.
-fn tail(lines: &[String]) -> String {
-    let from = lines.len().saturating_sub(TAIL_LINES);
-    let mut s = String::new();
-    for l in &lines[from..] {
-        let _ = writeln!(s, "    {l}");
-    }
-    if s.is_empty() {
-        s.push_str("    (nothing)\n");
-    }
-    s
 }
 
 /// Runs one `colo pair` child to its end and returns its report.

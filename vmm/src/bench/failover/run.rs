@@ -2,7 +2,6 @@
 //! summary the benchmark reads.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,11 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::FailoverArgs;
 use crate::bench::error::{Error, Result};
+use crate::bench::output::{collect_lines, tail};
 
 /// A child run may take this much longer than `--duration` (VM start, initial sync, stop).
 const RUN_SLACK: Duration = Duration::from_secs(120);
-/// Lines of a failed child's stderr shown in the error.
-const TAIL_LINES: usize = 30;
 
 /// What a run does to the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -157,32 +155,6 @@ fn pair_args(a: &FailoverArgs, fault: Fault) -> Vec<String> {
     }
     v.extend(a.pair_args.iter().cloned());
     v
-}
-
-/// Starts a reader of `pipe` that collects its lines.
-fn collect_lines(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        pipe.map(|p| {
-            BufReader::new(p)
-                .lines()
-                .map_while(std::result::Result::ok)
-                .collect()
-        })
-        .unwrap_or_default()
-    })
-}
-
-/// The last lines of `lines`, indented, for an error message.
-fn tail(lines: &[String]) -> String {
-    let from = lines.len().saturating_sub(TAIL_LINES);
-    let mut s = String::new();
-    for l in &lines[from..] {
-        let _ = writeln!(s, "    {l}");
-    }
-    if s.is_empty() {
-        s.push_str("    (nothing)\n");
-    }
-    s
 }
 
 /// Runs one `colo pair` child to its end and returns its report. A run that lost data
