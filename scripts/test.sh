@@ -50,6 +50,11 @@ cargo fmt --all -- --check
 echo "==> cargo clippy --all-features -D warnings"
 cargo clippy --workspace --all-features --all-targets -- -D warnings
 
+# The README's main command builds colo-vmm alone with its default features, which the
+# workspace-wide builds above never do (there every optional feature is on).
+echo "==> cargo check -p colo-vmm (default features)"
+cargo check -p colo-vmm
+
 echo "==> cargo test --all-features"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
