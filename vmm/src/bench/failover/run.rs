@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::FailoverArgs;
 use crate::bench::error::{Error, Result};
-use crate::bench::output::{collect_lines, tail};
+use crate::bench::output::{Ended, tail, wait_bounded};
 
 /// A child run may take this much longer than `--duration` (VM start, initial sync, stop).
 const RUN_SLACK: Duration = Duration::from_secs(120);
@@ -189,38 +189,19 @@ pub(super) fn run_one(
         ))
     };
     let t = Instant::now();
-    let mut child = cmd.spawn().map_err(Error::io("start a `colo pair` run"))?;
-    let out = collect_lines(child.stdout.take());
-    let err = collect_lines(child.stderr.take());
+    let child = cmd.spawn().map_err(Error::io("start a `colo pair` run"))?;
     let limit = a.duration + RUN_SLACK;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child
-            .try_wait()
-            .map_err(Error::io("wait for a `colo pair` run"))?
-        {
-            break s;
-        }
-        if t.elapsed() > limit && !timed_out {
-            // SIGTERM first: `colo pair` then stops its own children before it exits.
-            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet
-            // (try_wait just saw it running), so the pid cannot have been reused.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            timed_out = true;
-        }
-        if timed_out && t.elapsed() > limit + Duration::from_secs(20) {
-            let _ = child.kill();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    if timed_out {
+    let Ended {
+        status,
+        stdout,
+        stderr,
+    } = wait_bounded(child, t, limit)?;
+    let Some(status) = status else {
         return Err(fail(
             format!("did not finish within {} s", limit.as_secs()),
             &stderr,
         ));
-    }
+    };
     let summary =
         parse_summary(&stdout).map_err(|e| fail(format!("failed ({status}): {e}"), &stderr))?;
     if !status.success() && summary.lost_acked == 0 && summary.contradictions == 0 {
