@@ -75,6 +75,12 @@ impl Kid {
     }
 }
 
+/// CPU seconds (user + system) this process (`colo pair`: the proxy, the client and the
+/// supervisor) used so far, from /proc; its children are not counted.
+pub(super) fn own_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| stat_cpu_secs(&s))
+}
+
 /// Threads of a child looked at for [`Kid::vcpu_cpu_secs`], at most.
 const MAX_TASKS: usize = 4096;
 

@@ -34,6 +34,9 @@ pub(super) struct Ending {
     pub(super) vcpu: (f64, f64),
     /// Their vCPU threads' CPU seconds when the load started.
     pub(super) vcpu_at_start: (f64, f64),
+    /// This process's CPU seconds (proxy, client, supervisor) when the load started and
+    /// when it ended.
+    pub(super) own_cpu: (f64, f64),
     /// The side serving at the end: "primary", "secondary" or "none".
     pub(super) active: &'static str,
     /// The client's acknowledged value of every key it wrote.
@@ -354,6 +357,7 @@ fn json(
     let pacing = serde_json::json!({
         "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
         "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
+        "cpu_pair_load_s": end.own_cpu.1 - end.own_cpu.0,
         "svm_discarded_bytes": f.pm.secondary_discarded_bytes,
         "svm_skipped_bytes": f.pm.secondary_skipped_bytes,
         "matched_tcp_bytes": f.pm.matched_tcp_bytes,

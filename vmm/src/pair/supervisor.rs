@@ -70,12 +70,14 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     // CPU from here on is the load's (the start-up and the initial sync are not).
     let cpu_at_start = (sup.primary.cpu_secs(), sup.secondary.cpu_secs());
     let vcpu_at_start = (sup.primary.vcpu_cpu_secs(), sup.secondary.vcpu_cpu_secs());
+    let own_at_start = super::child::own_cpu_secs();
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
     let timeline = sup.watch(start, &stats)?;
     let mut ending = sup.stop(start, &timeline, &stop, client);
     ending.cpu_at_start = cpu_at_start;
     ending.vcpu_at_start = vcpu_at_start;
+    ending.own_cpu.0 = own_at_start;
     let Supervisor { shared, proxy, .. } = sup;
     proxy_metrics.stop();
     summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
@@ -343,6 +345,7 @@ impl<'a> Supervisor<'a> {
         let secs = start.elapsed().as_secs_f64();
         let cpu = (self.primary.cpu_secs(), self.secondary.cpu_secs());
         let vcpu = (self.primary.vcpu_cpu_secs(), self.secondary.vcpu_cpu_secs());
+        let own = super::child::own_cpu_secs();
         let active = match (self.primary.alive(), t.failover_done) {
             (_, true) => "secondary",
             (true, false) => "primary",
@@ -360,6 +363,7 @@ impl<'a> Supervisor<'a> {
             cpu_at_start: (0.0, 0.0),
             vcpu,
             vcpu_at_start: (0.0, 0.0),
+            own_cpu: (0.0, own),
             active,
             acked,
         }

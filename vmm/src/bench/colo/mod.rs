@@ -170,6 +170,8 @@ struct PairReport {
     cpu_primary_load_s: f64,
     /// CPU seconds of the SVM process over the client load.
     cpu_secondary_load_s: f64,
+    /// CPU seconds of the `colo pair` process itself (proxy, client) over the load.
+    cpu_pair_load_s: f64,
     /// Times the proxy held the SVM (`colo pair --svm-lead`).
     svm_holds: u64,
     /// SVM output bytes not yet compared when a checkpoint committed: work thrown away.

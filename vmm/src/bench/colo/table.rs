@@ -390,18 +390,23 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
         });
         let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
         println!(
-            "  {}: PVM {:.2} + SVM {:.2} CPUs busy over the load, of {cpus} (the unprotected \
-             VM: {}); {:.1}% of the PVM's output waited for a checkpoint (up to {} ms) \
-             because the SVM had not produced it",
+            "  {}: PVM {:.2} + SVM {:.2} + proxy and client {:.2} CPUs busy over the load, \
+             of {cpus} (unprotected: {}); {:.1}% of the PVM's output waited for a checkpoint \
+             (up to {} ms) because the SVM had not produced it",
             r.name(args.rounds),
             rep.cpu_primary_load_s / secs,
             rep.cpu_secondary_load_s / secs,
+            rep.cpu_pair_load_s / secs,
             base.map_or_else(
                 || "-".into(),
-                |b| format!(
-                    "{:.2}",
-                    b.report.cpu_primary_load_s / b.report.load_secs.max(1e-9)
-                )
+                |b| {
+                    let s = b.report.load_secs.max(1e-9);
+                    format!(
+                        "the VM {:.2} + proxy and client {:.2}",
+                        b.report.cpu_primary_load_s / s,
+                        b.report.cpu_pair_load_s / s
+                    )
+                }
             ),
             rep.svm_skipped_bytes as f64 / out * 100.0,
             args.checkpoint_delay.as_millis()
