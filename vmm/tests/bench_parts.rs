@@ -151,6 +151,10 @@ fn failover_bench_reports_the_gap_beside_a_baseline_and_loses_nothing() {
         "every death fails over: {v}"
     );
     assert_eq!(deaths + v["no_death"].as_u64().unwrap(), 2, "{v}");
+    assert_eq!(
+        v["stalled"], 0,
+        "the client got replies after every takeover: {v}"
+    );
     assert!(deaths >= 1, "the kill at least happened: {v}");
     for key in [
         "max_wait_ms",

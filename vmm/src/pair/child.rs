@@ -16,6 +16,8 @@ use crate::colo::ColoError;
 pub(super) struct Kid {
     name: &'static str,
     child: Child,
+    /// The supervisor's end of the child's lifeline, until a watcher takes it.
+    lifeline: Option<Lifeline>,
 }
 
 impl Kid {
@@ -114,34 +116,108 @@ impl Drop for ExitWatch {
     }
 }
 
+/// A child's lifeline: one end of a socket pair that the child holds, without knowing,
+/// at the highest descriptor its limit allows, and never closes; the supervisor holds
+/// the other end and reads its end of stream.
+///
+/// Why it tells the child's death sooner than its pidfd: the child's descriptors are
+/// released only when its file table is, which the kernel does in `do_exit` after every
+/// thread of the process has left user space for good (`exit_mm` comes before
+/// `exit_files`, and the table is shared by all threads), so from then on the process can
+/// send nothing and write nothing. The descriptors are then released highest first, so
+/// this one goes before the guest memory and the KVM VM, whose release is most of a
+/// process's end here (5-20 ms, and hundreds of ms on a loaded host), after which the
+/// pidfd wakes. A grandchild that inherited the descriptor only delays the end of
+/// stream, never brings it forward.
+pub(super) struct Lifeline(std::os::unix::net::UnixStream);
+
+impl Lifeline {
+    /// Makes `cmd`'s child hold a lifeline; returns the supervisor's end and the child's,
+    /// which the caller must keep open until the spawn has returned, then drop.
+    ///
+    /// # Errors
+    /// The socket pair cannot be made.
+    fn attach(cmd: &mut Command) -> std::io::Result<(Self, std::os::unix::net::UnixStream)> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct it is given, which lives across the call.
+        let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        let top = if r == 0 { lim.rlim_cur.min(4096) } else { 1024 };
+        let fd = i32::try_from(top.saturating_sub(1)).unwrap_or(1023).max(3);
+        let src = theirs.as_raw_fd();
+        // SAFETY: the hook runs in the child between fork and exec and calls only dup2,
+        // which is async-signal-safe; the caller keeps `theirs` (and so `src`) open until
+        // the spawn has returned, so the child's copy of it is valid. dup2 leaves
+        // the new descriptor without close-on-exec, so the program keeps it; a failure
+        // fails the spawn (a child without its lifeline would look dead at once).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                if libc::dup2(src, fd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok((Self(ours), theirs))
+    }
+}
+
 impl Kid {
-    /// Runs `on_exit` on a thread as soon as the process ends (not waiting for a poll
-    /// round: a pidfd wakes the thread), unless the returned guard is dropped first.
-    /// `None` where the kernel has no pidfd (the caller's own poll is then all there is).
-    pub(super) fn watch_exit(&self, on_exit: impl FnOnce() + Send + 'static) -> Option<ExitWatch> {
+    /// Runs `on_exit` on a thread as soon as the process can no longer act: its lifeline
+    /// ended (if it has one), or it exited (its pidfd), whichever comes first; unless the
+    /// returned guard is dropped first. `None` where the kernel has no pidfd and there
+    /// is no lifeline (the caller's own poll is then all there is).
+    pub(super) fn watch_exit(
+        &mut self,
+        on_exit: impl FnOnce() + Send + 'static,
+    ) -> Option<ExitWatch> {
         // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1; the
         // pid is our own child's, not reaped yet (we hold its `Child`), so it is this one.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id() as libc::pid_t, 0) };
-        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-        // SAFETY: `fd` was just returned to us and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a descriptor just returned to us, which nothing else owns.
+        let pidfd = i32::try_from(fd)
+            .ok()
+            .filter(|&fd| fd >= 0)
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        let lifeline = self.lifeline.take();
+        if pidfd.is_none() && lifeline.is_none() {
+            return None;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let name = self.name;
         std::thread::Builder::new()
             .name(format!("exit-watch-{name}"))
             .spawn(move || {
+                let fds: Vec<i32> = [
+                    pidfd.as_ref().map(AsRawFd::as_raw_fd),
+                    lifeline.as_ref().map(|l| l.0.as_raw_fd()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 // Bounded by the guard: the pair drops it when it ends.
                 while !stopped.load(Ordering::SeqCst) {
-                    let mut p = libc::pollfd {
-                        fd: fd.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
+                    let mut p: Vec<libc::pollfd> = fds
+                        .iter()
+                        .map(|&fd| libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        })
+                        .collect();
+                    // SAFETY: `p` holds p.len() valid pollfds and lives across the call.
+                    let n = unsafe {
+                        libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, WATCH_TICK_MS)
                     };
-                    // SAFETY: one valid pollfd, which lives across the call.
-                    let n = unsafe { libc::poll(&mut p, 1, WATCH_TICK_MS) };
                     if n > 0 {
-                        // A stop asked for before the exit is an orderly one.
+                        // Nobody writes on the lifeline: readable is its end (or an error:
+                        // either way the child's end is gone). A stop asked for before is
+                        // an orderly end.
                         if !stopped.load(Ordering::SeqCst) {
                             on_exit();
                         }
@@ -150,7 +226,7 @@ impl Kid {
                     if n < 0
                         && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
                     {
-                        tracing::warn!(child = name, "cannot watch the process's exit");
+                        tracing::warn!(child = name, "cannot watch the process's end");
                         return;
                     }
                 }
@@ -177,14 +253,35 @@ pub(super) fn spawn(
     shared: &Arc<Shared>,
     verbose: bool,
 ) -> Result<Kid, ColoError> {
+    spawn_with(name, args, shared, verbose, false)
+}
+
+/// [`spawn`], and with `lifeline` the child holds a [`Lifeline`] (for
+/// [`Kid::watch_exit`]).
+pub(super) fn spawn_with(
+    name: &'static str,
+    args: &[String],
+    shared: &Arc<Shared>,
+    verbose: bool,
+    lifeline: bool,
+) -> Result<Kid, ColoError> {
     let exe = std::env::current_exe().map_err(ColoError::io("find the own executable"))?;
-    let mut child = Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stderr(Stdio::piped());
+    let ends = lifeline
+        .then(|| Lifeline::attach(&mut cmd))
+        .transpose()
         .map_err(|source| ColoError::Child { name, source })?;
+    let spawned = cmd.spawn();
+    // Only the child holds its end from here on.
+    let ours = ends.map(|(ours, theirs)| {
+        drop(theirs);
+        ours
+    });
+    let mut child = spawned.map_err(|source| ColoError::Child { name, source })?;
     for pipe in [
         child
             .stdout
@@ -200,10 +297,20 @@ pub(super) fn spawn(
     {
         let s = Arc::clone(shared);
         std::thread::spawn(move || {
-            for line in BufReader::new(pipe)
-                .lines()
-                .map_while(std::result::Result::ok)
-            {
+            // To the pipe's end: a line that is not UTF-8 must not stop the reading (the
+            // child would block once the pipe is full).
+            let mut r = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                }
+                let text = String::from_utf8_lossy(&buf);
+                let line = text.trim_end_matches(['\n', '\r']);
                 if verbose {
                     eprintln!("{name}| {line}");
                 }
@@ -216,7 +323,11 @@ pub(super) fn spawn(
             }
         });
     }
-    Ok(Kid { name, child })
+    Ok(Kid {
+        name,
+        child,
+        lifeline: ours,
+    })
 }
 
 #[cfg(test)]

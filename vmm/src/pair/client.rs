@@ -59,6 +59,11 @@ pub struct ClientStats {
     /// The longest wait for one reply that came after `watch_failover` was set, in
     /// microseconds.
     pub failover_max_wait_us: AtomicU64,
+    /// When the proxy switched the client to the secondary (set by the supervisor).
+    pub switched: Arc<std::sync::OnceLock<Instant>>,
+    /// The longest wait, in microseconds, of a request the failover caught: sent before
+    /// `switched`, answered after `watch_failover` was set.
+    pub caught_max_wait_us: AtomicU64,
     /// The first few anomalies (lost or contradicted), for the report.
     pub anomalies: std::sync::Mutex<Vec<String>>,
     /// The worker vCPUs' counters in the latest `VCPUS` reply (vCPUs 1 and up).
@@ -199,6 +204,9 @@ pub fn run(
                     stats
                         .failover_max_wait_us
                         .fetch_max(wait, Ordering::Relaxed);
+                    if stats.switched.get().is_none_or(|&w| at <= w) {
+                        stats.caught_max_wait_us.fetch_max(wait, Ordering::Relaxed);
+                    }
                     if let Some(prev) = last_reply {
                         note_silence(stats, prev, got);
                     }

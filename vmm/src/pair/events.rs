@@ -153,7 +153,9 @@ fn took_over(timing: Option<TakeoverTiming>, proxy: &ProxyControl, shared: &Shar
     *lock(&shared.failover_at) = Some(Instant::now());
     *lock(&shared.takeover) = timing;
     match proxy.set_mode(colo_netcmp::Mode::SecondaryOnly) {
-        Ok(()) => *lock(&shared.proxy_switched_at) = Some(Instant::now()),
+        Ok(()) => {
+            let _ = shared.proxy_switched_at.set(Instant::now());
+        }
         // The supervisor tries again on its next round and fails the run if it cannot.
         Err(e) => tracing::warn!(error = %e, "proxy did not switch to the secondary"),
     }
@@ -258,7 +260,7 @@ mod tests {
             "the secondary took over"
         );
         assert!(
-            lock(&shared.proxy_switched_at).is_some(),
+            shared.proxy_switched_at.get().is_some(),
             "the event itself switched the proxy to the secondary"
         );
         assert_eq!(lock(&shared.takeover).map(|t| t.decided_unix_us), Some(2));

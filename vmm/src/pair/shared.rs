@@ -3,7 +3,7 @@
 //! and whether the secondary is lost.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::colo::event::TakeoverTiming;
@@ -58,8 +58,9 @@ pub(super) struct Shared {
     pub(super) failover_at: Mutex<Option<Instant>>,
     /// The secondary's own times of that takeover (lost the primary, decided).
     pub(super) takeover: Mutex<Option<TakeoverTiming>>,
-    /// When the proxy had switched the client to the secondary.
-    pub(super) proxy_switched_at: Mutex<Option<Instant>>,
+    /// When the proxy had switched the client to the secondary (the client's
+    /// [`ClientStats::switched`](super::client::ClientStats::switched), shared).
+    pub(super) proxy_switched_at: Arc<OnceLock<Instant>>,
     /// When the supervisor saw the primary process end (its pidfd, or its poll).
     pub(super) primary_exit_seen: Mutex<Option<Moment>>,
     /// Whether the secondary reported that it stayed passive (its `fenced` event).

@@ -248,6 +248,9 @@ fn print_text(a: &PairArgs, f: &Figures, stats: &ClientStats, t: &Timeline) {
 /// - `longest_silence_ms`: the client's longest silence that ended after the death (the
 ///   failover's, or a later stall of the secondary serving alone), and `max_wait_ms` the
 ///   longest wait for a reply that came after the death;
+/// - `caught_wait_ms`: the longest wait of a request the failover caught: sent before
+///   the proxy switched, answered after the death (later stalls of the secondary serving
+///   alone are not in it);
 /// - `long_silences`: the first few silences of at least 20 ms after the death, each as
 ///   `[ms when it ended, its length in ms]`.
 fn failover_timeline(t: &Timeline, shared: &Shared, stats: &ClientStats) -> serde_json::Value {
@@ -261,7 +264,7 @@ fn failover_timeline(t: &Timeline, shared: &Shared, stats: &ClientStats) -> serd
     let at = |i: Option<Instant>| i.map(|i| round(t0.ms_to(i)));
     let len = |(a, b): (Instant, Instant)| round((b - a).as_secs_f64() * 1e3);
     let takeover = *lock(&shared.takeover);
-    let switched = *lock(&shared.proxy_switched_at);
+    let switched = shared.proxy_switched_at.get().copied();
     let silences = stats
         .failover_silences
         .lock()
@@ -287,6 +290,7 @@ fn failover_timeline(t: &Timeline, shared: &Shared, stats: &ClientStats) -> serd
         "longest_silence_ms": longest.map(len),
         "long_silences": long,
         "max_wait_ms": stats.failover_max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
+        "caught_wait_ms": stats.caught_max_wait_us.load(Ordering::Relaxed) as f64 / 1e3,
     })
 }
 

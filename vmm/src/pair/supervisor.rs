@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use colo_netcmp::proxy::Proxy;
 
-use super::child::{ExitWatch, Kid, spawn};
+use super::child::{ExitWatch, Kid, spawn, spawn_with};
 use super::client::ClientStats;
 use super::shared::{Moment, Shared, lock};
 use super::status::StatusLine;
@@ -42,7 +42,11 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             .and_then(|m| port_after(m, 2))
             .as_deref(),
     )?;
-    let shared = Arc::new(Shared::default());
+    let stats = Arc::new(ClientStats::default());
+    let shared = Arc::new(Shared {
+        proxy_switched_at: Arc::clone(&stats.switched),
+        ..Shared::default()
+    });
     if let Some(path) = &a.metrics {
         let f = crate::colo::metrics::open_stream(path)?;
         *lock(&shared.metrics) = Some(f);
@@ -63,7 +67,6 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             .set_mode(colo_netcmp::Mode::Periodic)
             .map_err(ColoError::Proxy)?;
     }
-    let stats = Arc::new(ClientStats::default());
     let mut sup = Supervisor::start(a, dir, shared, proxy, &stats)?;
     sup.wait_initial_sync()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,7 +168,7 @@ impl<'a> Supervisor<'a> {
             dir.display()
         );
         let mut secondary = spawn("secondary", &sec_args, &shared, a.verbose)?;
-        let mut primary = spawn("primary", &pri_args, &shared, a.verbose)?;
+        let mut primary = spawn_with("primary", &pri_args, &shared, a.verbose, true)?;
         let exit_watch = {
             let (shared, stats, alive) = (Arc::clone(&shared), Arc::clone(stats), alive.clone());
             primary.watch_exit(move || primary_gone(&shared, &stats, &alive))

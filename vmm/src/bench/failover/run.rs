@@ -65,6 +65,7 @@ pub(super) struct Timeline {
     pub(super) gap_ms: Option<f64>,
     pub(super) longest_silence_ms: Option<f64>,
     pub(super) max_wait_ms: Option<f64>,
+    pub(super) caught_wait_ms: Option<f64>,
 }
 
 /// The keys of `colo pair --json` this benchmark reads.
@@ -75,8 +76,18 @@ pub(super) struct Summary {
     pub(super) lost_acked: u64,
     pub(super) contradictions: u64,
     pub(super) failover: bool,
+    /// Replies the client got after the supervisor saw the takeover.
+    #[serde(default)]
+    pub(super) replies_after_failover: Option<u64>,
     #[serde(default)]
     pub(super) failover_timeline: Option<Timeline>,
+}
+
+impl Summary {
+    /// The secondary took over but the client got no reply from it (to the run's end).
+    pub(super) fn stalled(&self) -> bool {
+        self.failover && self.replies_after_failover == Some(0)
+    }
 }
 
 /// One run: what it did and what it reported.
@@ -100,12 +111,16 @@ impl RunReport {
         );
         if self.fault != Fault::None {
             match (&s.failover_timeline, s.failover) {
+                (Some(_), true) if s.stalled() => {
+                    l.push_str("; NO REPLY after the takeover");
+                }
                 (Some(t), true) => {
                     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
                     let _ = write!(
                         l,
-                        "; after the death: wait {} ms, gap {} ms; lost {} / seen {} / \
-                         decided {} / switched {} / resumed {} ms",
+                        "; caught by the death: wait {} ms; after it: wait {} ms, gap {} ms; \
+                         lost {} / seen {} / decided {} / switched {} / resumed {} ms",
+                        f(t.caught_wait_ms),
                         f(t.max_wait_ms),
                         f(t.gap_ms),
                         f(t.lost_ms),
