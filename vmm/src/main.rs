@@ -7,6 +7,7 @@
 mod args;
 mod bench;
 mod colo;
+mod fault_signals;
 mod interrupt;
 mod pair;
 mod report;
@@ -131,8 +132,15 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    let foreign = fault_signals::drop_foreign_handlers();
     let cli = Cli::parse();
     init_logging();
+    if !foreign.is_empty() {
+        tracing::debug!(
+            signals = ?foreign,
+            "fatal-signal handlers a linked library installed were reset to the default"
+        );
+    }
     // Before any thread starts, so that all inherit it (the vCPU threads give it back).
     sched::init(cli.command.mode());
     match cli.command {

@@ -41,6 +41,11 @@ pub enum TransportKind {
 /// provider is no faster than colo's own TCP push; it is there for `--transport ofi`.
 const OFI_HARDWARE: [&str; 5] = ["verbs", "efa", "cxi", "opx", "psm3"];
 
+/// Where the kernel lists the devices those providers drive: InfiniBand, RoCE, EFA and
+/// Omni-Path (`infiniband`, also opx's and psm3's), Slingshot (`cxi`).
+#[cfg(feature = "ofi")]
+const FABRIC_DEVICE_CLASSES: [&str; 2] = ["/sys/class/infiniband", "/sys/class/cxi"];
+
 /// Checkpoint and heartbeat options shared by both sides.
 #[derive(Debug, Args, Clone)]
 pub struct ColoArgs {
@@ -270,8 +275,18 @@ impl ColoArgs {
 
     /// For `--transport auto`: a libfabric provider of RDMA-class hardware, if this build
     /// and this machine have one (`--ofi-provider` narrows the choice).
+    ///
+    /// libfabric is not asked at all on a machine with no fabric device in sysfs: asking
+    /// it starts every provider it has (0.1-0.3 s here, and each may probe the network),
+    /// for an answer that is known to be no.
     #[cfg(feature = "ofi")]
     fn ofi_hardware(&self) -> Option<PushTransport> {
+        if !FABRIC_DEVICE_CLASSES
+            .iter()
+            .any(|c| std::fs::read_dir(c).is_ok_and(|mut d| d.next().is_some()))
+        {
+            return None;
+        }
         let present = colo_transport::ofi::providers();
         OFI_HARDWARE
             .iter()
