@@ -368,7 +368,9 @@ impl Secondary {
         };
         let start = Instant::now();
         let deadline = start + self.params.heartbeat.timeout.max(Duration::from_secs(1));
-        for attempt in 1u32.. {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             match std::process::Command::new("sh").args(["-c", cmd]).status() {
                 Ok(s) if s.success() => {
                     tracing::debug!(
@@ -390,7 +392,6 @@ impl Secondary {
                 CHECK_RETRY_SLOW
             });
         }
-        false
     }
 
     /// Failover: drop an incomplete epoch, and let the SVM serve.
