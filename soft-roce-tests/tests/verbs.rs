@@ -77,3 +77,49 @@ fn sim_write_outside_the_region_is_refused() {
 fn device_write_outside_the_region_is_refused() {
     write_outside_the_region_is_refused(&device()).unwrap();
 }
+
+/// Reliable datagram endpoints: the endpoint names travel in the descriptor and the
+/// sender's first message, and completions retire in order.
+mod rdm {
+    use super::*;
+
+    #[test]
+    fn ofi_shm_random_pages_land_and_commit() {
+        random_pages_land_and_commit(&Ofi::rdm("shm"), 1024, 6).unwrap();
+    }
+
+    #[test]
+    fn ofi_shm_bad_rkey_is_refused() {
+        bad_rkey_is_refused(&Ofi::rdm("shm")).unwrap();
+    }
+
+    #[test]
+    fn ofi_shm_qp_error_mid_epoch_keeps_the_previous_epoch() {
+        qp_error_mid_epoch_keeps_the_previous_epoch(&Ofi::rdm("shm")).unwrap();
+    }
+
+    #[test]
+    fn ofi_shm_write_outside_the_region_is_refused() {
+        write_outside_the_region_is_refused(&Ofi::rdm("shm")).unwrap();
+    }
+
+    #[test]
+    fn ofi_tcp_rxm_random_pages_land_and_commit() {
+        random_pages_land_and_commit(&Ofi::rdm("tcp"), 1024, 6).unwrap();
+    }
+
+    #[test]
+    fn ofi_tcp_rxm_bad_rkey_is_refused() {
+        bad_rkey_is_refused(&Ofi::rdm("tcp")).unwrap();
+    }
+
+    #[test]
+    fn ofi_tcp_rxm_qp_error_mid_epoch_keeps_the_previous_epoch() {
+        qp_error_mid_epoch_keeps_the_previous_epoch(&Ofi::rdm("tcp")).unwrap();
+    }
+
+    #[test]
+    fn ofi_tcp_rxm_write_outside_the_region_is_refused() {
+        write_outside_the_region_is_refused(&Ofi::rdm("tcp")).unwrap();
+    }
+}

@@ -57,6 +57,17 @@ int colo_fi_mr_reg(struct fid_domain *domain, const void *buf, size_t len, uint6
 uint64_t colo_fi_mr_key(struct fid_mr *mr) { return fi_mr_key(mr); }
 void *colo_fi_mr_desc(struct fid_mr *mr) { return fi_mr_desc(mr); }
 int colo_fi_close(struct fid *fid) { return fi_close(fid); }
+int colo_fi_av_open(struct fid_domain *domain, struct fi_av_attr *attr, struct fid_av **av) {
+	return fi_av_open(domain, attr, av, NULL);
+}
+int colo_fi_av_insert(struct fid_av *av, const void *addr, size_t count, fi_addr_t *fi_addr,
+		      uint64_t flags) {
+	return fi_av_insert(av, addr, count, fi_addr, flags, NULL);
+}
+int colo_fi_mr_bind(struct fid_mr *mr, struct fid *bfid, uint64_t flags) {
+	return fi_mr_bind(mr, bfid, flags);
+}
+int colo_fi_mr_enable(struct fid_mr *mr) { return fi_mr_enable(mr); }
 ssize_t colo_fi_writemsg(struct fid_ep *ep, const struct fi_msg_rma *msg, uint64_t flags) {
 	return fi_writemsg(ep, msg, flags);
 }

@@ -39,6 +39,11 @@ int colo_fi_mr_reg(struct fid_domain *domain, const void *buf, size_t len, uint6
 uint64_t colo_fi_mr_key(struct fid_mr *mr);
 void *colo_fi_mr_desc(struct fid_mr *mr);
 int colo_fi_close(struct fid *fid);
+int colo_fi_av_open(struct fid_domain *domain, struct fi_av_attr *attr, struct fid_av **av);
+int colo_fi_av_insert(struct fid_av *av, const void *addr, size_t count, fi_addr_t *fi_addr,
+		      uint64_t flags);
+int colo_fi_mr_bind(struct fid_mr *mr, struct fid *bfid, uint64_t flags);
+int colo_fi_mr_enable(struct fid_mr *mr);
 ssize_t colo_fi_writemsg(struct fid_ep *ep, const struct fi_msg_rma *msg, uint64_t flags);
 ssize_t colo_fi_sendmsg(struct fid_ep *ep, const struct fi_msg *msg, uint64_t flags);
 ssize_t colo_fi_senddata(struct fid_ep *ep, const void *buf, size_t len, void *desc, uint64_t data,

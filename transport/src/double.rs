@@ -50,6 +50,7 @@ impl DoubleReceiver {
             len: target.len() as u64,
             page_size,
             port: 0,
+            name: crate::push::EndpointName::EMPTY,
         };
         Self {
             desc,

@@ -26,7 +26,7 @@ pub fn hello(data: &[u8]) {
     }
 }
 
-/// Decodes `data` as a verbs push message (commit or release): the first four bytes are
+/// Decodes `data` as a verbs push message (commit, release or address): the first four bytes are
 /// the immediate data, the rest the message. A valid message re-encodes to the same bytes.
 pub fn verbs_message(data: &[u8]) {
     use crate::verbs::message::{self, Message};
@@ -41,6 +41,7 @@ pub fn verbs_message(data: &[u8]) {
             bitmap,
         }) => message::encode_commit(&mut again, epoch, bytes, &bitmap),
         Ok(Message::Release { epoch }) => message::encode_release(&mut again, epoch),
+        Ok(Message::Address { name }) => message::encode_address(&mut again, &name),
         Err(_) => return,
     }
     assert_eq!(again, msg);
@@ -63,6 +64,7 @@ pub fn push_stream(data: &[u8]) {
         len: 64 * PAGE as u64,
         page_size: PAGE as u32,
         port: 0,
+        name: crate::push::EndpointName::EMPTY,
     };
     let (shared, commits) = Shared::new(Arc::clone(&inner), desc, 1);
     let mut s = MemStream::new(data);

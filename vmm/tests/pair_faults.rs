@@ -717,3 +717,30 @@ fn the_libfabric_push_fails_over_like_the_tcp_one() {
         check_failover(&v, &format!("ofi {args:?} {crash:?}"));
     }
 }
+
+/// The same over libfabric's `shm` provider, whose endpoints are reliable datagram ones:
+/// the secondary publishes its endpoint's name over the control channel, the primary
+/// announces its own in its first message, and completions retire in order. A kill, and
+/// a crash with an epoch's writes posted but not committed.
+#[cfg(feature = "ofi")]
+#[test]
+fn the_shared_memory_libfabric_push_fails_over_too() {
+    let _one_at_a_time = serial();
+    if !kvm() {
+        return;
+    }
+    let ofi = ["--transport", "ofi", "--ofi-provider", "shm"];
+    let runs: [(&[&str], Option<&str>); 2] = [
+        (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
+        (&["--duration", "3s"], Some("push:6")),
+    ];
+    for (args, crash) in runs {
+        let all: Vec<&str> = ofi.iter().chain(args).copied().collect();
+        let v = pair(
+            &all,
+            crash.map(|c| ("COLO_TEST_CRASH_AT", c.to_string())),
+            None,
+        );
+        check_failover(&v, &format!("ofi shm {args:?} {crash:?}"));
+    }
+}

@@ -12,8 +12,9 @@ use crate::framing::{self, Header};
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 
 /// The control protocol version this build speaks. Peers must speak the same one.
-/// Version 2: the Hello carries the VM's vCPU count.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 2: the Hello carries the VM's vCPU count. Version 3: heartbeats are answered.
+/// Version 4: a Region may carry the receiver's endpoint name (libfabric RDM endpoints).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_LEN: usize = 24;
@@ -120,7 +121,7 @@ mod tests {
     /// A golden checkpoint-request header for epoch 7, byte for byte.
     const GOLDEN: [u8; HEADER_LEN] = [
         b'C', b'O', b'L', b'O', // magic
-        3, 0, // version
+        4, 0, // version
         17, 0, // kind: checkpoint-request
         7, 0, 0, 0, 0, 0, 0, 0, // arg: epoch 7
         0, 0, 0, 0, // payload length
@@ -155,12 +156,12 @@ mod tests {
             }))
         ));
         let mut b = GOLDEN;
-        b[4] = 4;
+        b[4] = 5;
         assert!(matches!(
             FrameHeader::read_from(&b),
             Err(Error::Frame(FrameError::VersionMismatch {
-                ours: 3,
-                theirs: 4,
+                ours: 4,
+                theirs: 5,
                 ..
             }))
         ));

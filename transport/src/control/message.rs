@@ -7,7 +7,7 @@ use super::frame::{ControlFields, FrameHeader, HEADER_LEN, Kind};
 use super::handshake::{Hello, MAX_HELLO_LEN};
 use crate::error::{Error, Result};
 use crate::framing;
-use crate::push::RegionDesc;
+use crate::push::{EndpointName, RegionDesc};
 
 /// Longest reason text a Reject may carry.
 pub const MAX_REJECT_LEN: usize = 4096;
@@ -81,9 +81,11 @@ struct RegionWire {
     len: U64,
     page_size: U32,
     port: U16,
-    reserved: U16,
+    /// Bytes of the endpoint name that follow.
+    name_len: U16,
 }
 
+/// A region's fixed part; its endpoint name (up to [`EndpointName::MAX`] bytes) follows.
 const REGION_LEN: usize = size_of::<RegionWire>();
 
 impl Message {
@@ -148,9 +150,11 @@ impl Message {
                     len: d.len.into(),
                     page_size: d.page_size.into(),
                     port: d.port.into(),
-                    reserved: 0.into(),
+                    name_len: (d.name.as_bytes().len() as u16).into(),
                 };
-                (0, w.as_bytes().to_vec().into())
+                let mut p = w.as_bytes().to_vec();
+                p.extend_from_slice(d.name.as_bytes());
+                (0, p.into())
             }
         };
         let len = u32::try_from(payload.len()).map_err(|_| framing::Error::TooLarge {
@@ -172,7 +176,7 @@ impl Message {
             Kind::Hello => MAX_HELLO_LEN as u32,
             Kind::Reject => MAX_REJECT_LEN as u32,
             Kind::VmstateSize => max_state,
-            Kind::Region => REGION_LEN as u32,
+            Kind::Region => (REGION_LEN + EndpointName::MAX) as u32,
             _ => 0,
         }
     }
@@ -216,18 +220,26 @@ impl Message {
                 Ok(Self::VmstateSize { state: payload })
             }
             Kind::Region => {
-                let w = RegionWire::read_from_bytes(&payload).map_err(|_| {
+                let (w, name) = RegionWire::read_from_prefix(&payload).map_err(|_| {
                     Error::Protocol(format!(
-                        "region payload is {} bytes, expected {REGION_LEN}",
+                        "region payload is {} bytes, under the {REGION_LEN} of its fixed part",
                         payload.len()
                     ))
                 })?;
+                if name.len() != usize::from(w.name_len.get()) {
+                    return Err(Error::Protocol(format!(
+                        "region says its endpoint name has {} bytes but {} follow",
+                        w.name_len.get(),
+                        name.len()
+                    )));
+                }
                 Ok(Self::Region(RegionDesc {
                     addr: w.addr.get(),
                     key: w.key.get(),
                     len: w.len.get(),
                     page_size: w.page_size.get(),
                     port: w.port.get(),
+                    name: EndpointName::new(name)?,
                 }))
             }
         }

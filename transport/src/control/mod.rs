@@ -85,6 +85,15 @@ mod tests {
                 len: 1 << 30,
                 page_size: 4096,
                 port: 4444,
+                name: crate::push::EndpointName::EMPTY,
+            }),
+            Message::Region(RegionDesc {
+                addr: 0,
+                key: u64::MAX,
+                len: 4096,
+                page_size: 4096,
+                port: 0,
+                name: crate::push::EndpointName::new(b"fi_shm://4242").unwrap(),
             }),
         ]
     }
@@ -207,7 +216,7 @@ mod tests {
         )
         .unwrap();
         let t = std::thread::spawn(move || ControlChannel::new(b).handshake(&s));
-        // A peer from the future: version 4 header.
+        // A peer from the future: version 5 header.
         let mut f = Message::Hello(
             Hello::new(
                 Role::Primary,
@@ -219,15 +228,15 @@ mod tests {
         )
         .encode()
         .unwrap();
-        f[4] = 4;
+        f[4] = 5;
         std::io::Write::write_all(&mut a, &f).unwrap();
         let e = t.join().unwrap().unwrap_err();
         assert!(
             matches!(
                 e,
                 Error::Frame(FrameError::VersionMismatch {
-                    ours: 3,
-                    theirs: 4,
+                    ours: 4,
+                    theirs: 5,
                     ..
                 })
             ),

@@ -20,9 +20,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use colo_memory::Region;
 
 use super::sys;
-use super::{OfiError, OfiOptions};
+use super::{EndpointKind, OfiError, OfiOptions};
 use crate::error::{Error, Result};
-use crate::push::RegionDesc;
+use crate::push::{EndpointName, RegionDesc};
 use crate::verbs::{
     Caps, Endpoint, LocalMr, Sge, VerbsOptions, VerbsReceiver, VerbsSender, Wc, WcStatus, WriteWr,
     memlock_limit, message,
@@ -152,8 +152,14 @@ impl Info {
 const MR_MODES: u32 =
     sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY;
 
-/// Finds a connected RMA endpoint of `opts.provider` for `node:service`.
-fn getinfo(node: Option<&str>, service: &str, flags: u64, opts: &OfiOptions) -> Result<Info> {
+/// Finds an RMA endpoint of type `ep_type` of `opts.provider` for `node:service`.
+fn getinfo(
+    node: Option<&str>,
+    service: Option<&str>,
+    flags: u64,
+    opts: &OfiOptions,
+    ep_type: sys::fi_ep_type,
+) -> Result<Info> {
     // SAFETY: fi_allocinfo returns a zeroed fi_info with its attribute structs allocated,
     // or null.
     let hints = Info(unsafe { sys::colo_fi_allocinfo() });
@@ -166,7 +172,7 @@ fn getinfo(node: Option<&str>, service: &str, flags: u64, opts: &OfiOptions) -> 
         let h = &mut *hints.0;
         h.caps = u64::from(sys::FI_MSG | sys::FI_RMA | sys::FI_WRITE | sys::FI_REMOTE_WRITE);
         h.mode = 0;
-        (*h.ep_attr).type_ = sys::fi_ep_type_FI_EP_MSG;
+        (*h.ep_attr).type_ = ep_type;
         (*h.domain_attr).mr_mode = MR_MODES as c_int;
         (*h.domain_attr).threading = sys::fi_threading_FI_THREAD_SAFE;
         if let Some(p) = &opts.provider {
@@ -179,15 +185,17 @@ fn getinfo(node: Option<&str>, service: &str, flags: u64, opts: &OfiOptions) -> 
         .map(CString::new)
         .transpose()
         .map_err(|_| Error::Protocol("address with a NUL byte".into()))?;
-    let service_c =
-        CString::new(service).map_err(|_| Error::Protocol("port with a NUL byte".into()))?;
+    let service_c = service
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| Error::Protocol("port with a NUL byte".into()))?;
     let mut info = ptr::null_mut();
     // SAFETY: valid C strings (or null), live hints, a valid out-pointer.
     let rc = unsafe {
         sys::fi_getinfo(
             sys::colo_fi_version(),
             node_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
-            service_c.as_ptr(),
+            service_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
             flags,
             hints.0,
             &mut info,
@@ -195,14 +203,20 @@ fn getinfo(node: Option<&str>, service: &str, flags: u64, opts: &OfiOptions) -> 
     };
     let info = Info(info);
     if rc == -(sys::FI_ENODATA as c_int) || (rc == 0 && info.0.is_null()) {
-        return Err(no_rma(opts));
+        let kind = if ep_type == sys::fi_ep_type_FI_EP_RDM {
+            EndpointKind::Rdm
+        } else {
+            EndpointKind::Msg
+        };
+        return Err(no_rma(opts, kind));
     }
     check("fi_getinfo", rc)?;
     Ok(info)
 }
 
-/// Why `fi_getinfo` found nothing: an unknown provider, or one without what colo needs.
-fn no_rma(opts: &OfiOptions) -> Error {
+/// Why `fi_getinfo` found nothing of `kind`: an unknown provider, or one without what colo
+/// needs.
+fn no_rma(opts: &OfiOptions, kind: EndpointKind) -> Error {
     let present = providers();
     match &opts.provider {
         Some(p) if !present.contains(p) => Error::Ofi(OfiError::UnknownProvider {
@@ -211,14 +225,45 @@ fn no_rma(opts: &OfiOptions) -> Error {
         }),
         p => Error::Ofi(OfiError::NoRma {
             provider: p.clone().unwrap_or_else(|| "any".into()),
-            hint: if p.as_deref() == Some("shm") {
-                ": shm offers only reliable datagram (FI_EP_RDM) endpoints; use tcp on one \
-                 machine"
-            } else {
-                ": try --ofi-provider tcp (user space, any network) or verbs (InfiniBand, RoCE)"
+            kinds: kind.describe(),
+            hint: match kind {
+                EndpointKind::Msg => {
+                    ": try --ofi-endpoint rdm (efa, cxi and shm offer RMA only on reliable \
+                     datagram endpoints)"
+                }
+                _ => {
+                    ": try --ofi-provider tcp (user space, any network), shm (one machine) or \
+                     verbs (InfiniBand, RoCE)"
+                }
             },
         }),
     }
+}
+
+/// Finds an endpoint of the kind `opts` asks for: connected where the provider offers RMA
+/// on one (and `opts` allows it), else reliable datagram. `msg_at` is the node, port and
+/// flags a connected endpoint is looked up with.
+fn find(opts: &OfiOptions, msg_at: (Option<&str>, &str, u64)) -> Result<(Info, EndpointKind)> {
+    let (node, service, flags) = msg_at;
+    if opts.endpoint != EndpointKind::Rdm {
+        match getinfo(node, Some(service), flags, opts, sys::fi_ep_type_FI_EP_MSG) {
+            Ok(info) => return Ok((info, EndpointKind::Msg)),
+            Err(e @ Error::Ofi(OfiError::NoRma { .. })) if opts.endpoint == EndpointKind::Any => {
+                tracing::debug!(error = %e, "no connected libfabric endpoint; trying RDM");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let info = getinfo(None, None, 0, opts, sys::fi_ep_type_FI_EP_RDM).map_err(|e| match e {
+        // Neither kind: say so once, with both.
+        Error::Ofi(OfiError::NoRma { provider, hint, .. }) => Error::Ofi(OfiError::NoRma {
+            provider,
+            kinds: opts.endpoint.describe(),
+            hint,
+        }),
+        e => e,
+    })?;
+    Ok((info, EndpointKind::Rdm))
 }
 
 /// The providers libfabric lists on this machine (as `fi_info -l` does).
@@ -264,19 +309,73 @@ pub fn providers() -> Vec<String> {
 }
 
 /// Checks that `opts.provider` (or, without one, any provider) offers what colo needs, and
-/// returns the provider libfabric would use.
+/// returns the provider libfabric would use and the kind of endpoint.
 ///
 /// # Errors
 /// [`OfiError::UnknownProvider`] or [`OfiError::NoRma`], each saying what to change.
-pub fn probe(opts: &OfiOptions) -> Result<String> {
-    Ok(getinfo(None, "0", sys::FI_SOURCE, opts)?.provider())
+pub fn probe(opts: &OfiOptions) -> Result<(String, EndpointKind)> {
+    let (info, kind) = find(opts, (None, "0", sys::FI_SOURCE))?;
+    Ok((info.provider(), kind))
 }
 
 type Fabric = Object<sys::fid_fabric>;
 type Domain = Object<sys::fid_domain>;
 type Eq = Object<sys::fid_eq>;
-type Cq = Object<sys::fid_cq>;
+/// A completion queue, and whether it has a wait object to block on.
+struct Cq {
+    cq: Object<sys::fid_cq>,
+    /// Opened with a file descriptor to wait on. Providers without one (shm: its queues
+    /// live in shared memory, with nothing to sleep on) are polled with short naps; their
+    /// own blocking read only spins with `sched_yield` (and in libfabric 1.17 shm's
+    /// sometimes never returned).
+    blocking: bool,
+}
+
+/// The longest nap between empty reads of a completion queue that cannot block.
+const MAX_NAP: Duration = Duration::from_micros(500);
+
+impl Cq {
+    fn fid(&self) -> *mut sys::fid {
+        self.cq.fid()
+    }
+
+    /// Reads up to `count` entries into `buf`: at once (`timeout` `None`), or waiting up
+    /// to `timeout` for the first. Returns the count, or a negative `FI_E*` code
+    /// (`-FI_EAGAIN` when nothing came).
+    fn read(&self, buf: *mut c_void, count: usize, timeout: Option<Duration>) -> isize {
+        let once = || {
+            // SAFETY: live CQ; the caller gives room for `count` data entries.
+            unsafe { sys::colo_fi_cq_read(self.cq.ptr, buf, count) }
+        };
+        let Some(t) = timeout else {
+            return once();
+        };
+        if self.blocking {
+            let ms = c_int::try_from(t.as_millis()).unwrap_or(c_int::MAX);
+            // SAFETY: as above; the CQ has a wait object.
+            return unsafe { sys::colo_fi_cq_sread(self.cq.ptr, buf, count, ptr::null(), ms) };
+        }
+        let deadline = Instant::now() + t;
+        let mut nap = Duration::from_micros(10);
+        loop {
+            let rc = once();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rc != -(sys::FI_EAGAIN as isize) || left.is_zero() {
+                return rc;
+            }
+            std::thread::sleep(nap.min(left));
+            nap = (nap * 2).min(MAX_NAP);
+        }
+    }
+
+    /// Reads the error entry of a failed completion into `err`.
+    fn read_err(&self, err: &mut sys::fi_cq_err_entry) -> isize {
+        // SAFETY: live CQ; a valid error entry to fill.
+        unsafe { sys::colo_fi_cq_readerr(self.cq.ptr, err, 0) }
+    }
+}
 type Mr = Object<sys::fid_mr>;
+type Av = Object<sys::fid_av>;
 
 fn open_fabric(info: &Info) -> Result<Arc<Fabric>> {
     let mut f = ptr::null_mut();
@@ -310,19 +409,59 @@ fn open_eq(fabric: &Arc<Fabric>) -> Result<Arc<Eq>> {
     Ok(Arc::new(Object::new(eq, vec![fabric.clone() as Parent])))
 }
 
+/// Opens a completion queue with a file descriptor to block on, or, where the provider
+/// has none, one that is polled.
 fn open_cq(domain: &Arc<Domain>, size: usize) -> Result<Arc<Cq>> {
-    let mut attr = sys::fi_cq_attr {
-        size,
-        format: sys::fi_cq_format_FI_CQ_FORMAT_DATA,
-        wait_obj: sys::fi_wait_obj_FI_WAIT_UNSPEC,
+    let open = |wait_obj| {
+        let mut attr = sys::fi_cq_attr {
+            size,
+            format: sys::fi_cq_format_FI_CQ_FORMAT_DATA,
+            wait_obj,
+            ..Default::default()
+        };
+        let mut cq = ptr::null_mut();
+        // SAFETY: live domain; valid attributes and out-pointer.
+        let rc = unsafe { sys::colo_fi_cq_open(domain.ptr, &mut attr, &mut cq) };
+        (rc, cq)
+    };
+    let (rc, cq, blocking) = match open(sys::fi_wait_obj_FI_WAIT_FD) {
+        (0, cq) => (0, cq, true),
+        (rc, _) => {
+            tracing::debug!(
+                code = rc,
+                "libfabric completion queue without a file descriptor to wait on; polled"
+            );
+            let (rc, cq) = open(sys::fi_wait_obj_FI_WAIT_NONE);
+            (rc, cq, false)
+        }
+    };
+    check("fi_cq_open", rc)?;
+    Ok(Arc::new(Cq {
+        cq: Object::new(cq, vec![domain.clone() as Parent]),
+        blocking,
+    }))
+}
+
+/// An address vector for a reliable datagram endpoint: of the type the provider prefers,
+/// else a table.
+fn open_av(domain: &Arc<Domain>, info: &Info) -> Result<Arc<Av>> {
+    // SAFETY: every fi_info from libfabric has its domain attributes.
+    let preferred = unsafe { (*info.get().domain_attr).av_type };
+    let mut attr = sys::fi_av_attr {
+        type_: if preferred == sys::fi_av_type_FI_AV_UNSPEC {
+            sys::fi_av_type_FI_AV_TABLE
+        } else {
+            preferred
+        },
+        count: 2,
         ..Default::default()
     };
-    let mut cq = ptr::null_mut();
+    let mut av = ptr::null_mut();
     // SAFETY: live domain; valid attributes and out-pointer.
-    check("fi_cq_open", unsafe {
-        sys::colo_fi_cq_open(domain.ptr, &mut attr, &mut cq)
+    check("fi_av_open", unsafe {
+        sys::colo_fi_av_open(domain.ptr, &mut attr, &mut av)
     })?;
-    Ok(Arc::new(Object::new(cq, vec![domain.clone() as Parent])))
+    Ok(Arc::new(Object::new(av, vec![domain.clone() as Parent])))
 }
 
 /// Registers `len` bytes at `addr` (owned by `owner`, kept alive by the registration).
@@ -449,10 +588,22 @@ impl Buf {
     }
 }
 
-/// The receiving side's passive endpoint, with the RAM cache registered for remote write.
+/// How the receiver waits for its sender.
+enum Listening {
+    /// A passive endpoint the sender connects to (`FI_EP_MSG`).
+    Msg {
+        pep: Object<sys::fid_pep>,
+        eq: Arc<Eq>,
+    },
+    /// The reliable datagram endpoint itself, whose name the descriptor carries; the
+    /// sender's first message gives its own name. `None` once accepted.
+    Rdm(Option<Box<OfiEndpoint>>),
+}
+
+/// The receiving side's endpoint before the sender arrives, with the RAM cache registered
+/// for remote write.
 pub struct OfiListener {
-    pep: Object<sys::fid_pep>,
-    eq: Arc<Eq>,
+    listening: Listening,
     domain: Arc<Domain>,
     region_mr: Arc<Mr>,
     desc: RegionDesc,
@@ -488,39 +639,51 @@ impl OfiListener {
         page_size: u32,
         opts: &OfiOptions,
     ) -> Result<Self> {
-        let info = getinfo(
-            Some(&addr.ip().to_string()),
-            &addr.port().to_string(),
-            sys::FI_SOURCE,
-            opts,
-        )?;
+        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+        let (info, kind) = find(opts, (Some(&ip), &port, sys::FI_SOURCE))?;
         let provider = info.provider();
         let fabric = open_fabric(&info)?;
-        let eq = open_eq(&fabric)?;
-        let mut pep = ptr::null_mut();
-        // SAFETY: live fabric and info; a valid out-pointer.
-        check("fi_passive_ep", unsafe {
-            sys::colo_fi_passive_ep(fabric.ptr, info.0, &mut pep)
-        })?;
-        let pep = Object::new(pep, vec![eq.clone() as Parent, fabric.clone() as Parent]);
-        // SAFETY: live passive endpoint and EQ.
-        check("fi_pep_bind", unsafe {
-            sys::colo_fi_pep_bind(pep.ptr, eq.fid(), 0)
-        })?;
-        // SAFETY: a bound passive endpoint.
-        check("fi_listen", unsafe { sys::colo_fi_listen(pep.ptr) })?;
-        let mut name = [0u8; 128];
-        let mut len = name.len();
-        // SAFETY: live endpoint; `name` has `len` bytes.
-        check("fi_getname", unsafe {
-            sys::colo_fi_getname(pep.fid(), name.as_mut_ptr().cast(), &mut len)
-        })?;
-        let port = port_of(&name[..len.min(name.len())]).ok_or_else(|| {
-            Error::Protocol(format!(
-                "libfabric provider {provider} listens on an address that is not IP"
-            ))
-        })?;
-        let domain = open_domain(&fabric, &info)?;
+        let (listening, domain, port) = match kind {
+            EndpointKind::Rdm => {
+                let domain = open_domain(&fabric, &info)?;
+                let av = open_av(&domain, &info)?;
+                let recv_len = message::commit_len(region_words(region.len(), page_size))
+                    .max(message::ADDRESS_MAX_LEN);
+                let mut ep = OfiEndpoint::open(
+                    &domain,
+                    Link::Unconnected(av),
+                    &info,
+                    opts,
+                    (recv_len, message::HEADER_LEN),
+                    None,
+                )?;
+                ep.start_progress()?;
+                (Listening::Rdm(Some(Box::new(ep))), domain, 0)
+            }
+            _ => {
+                let eq = open_eq(&fabric)?;
+                let mut pep = ptr::null_mut();
+                // SAFETY: live fabric and info; a valid out-pointer.
+                check("fi_passive_ep", unsafe {
+                    sys::colo_fi_passive_ep(fabric.ptr, info.0, &mut pep)
+                })?;
+                let pep = Object::new(pep, vec![eq.clone() as Parent, fabric.clone() as Parent]);
+                // SAFETY: live passive endpoint and EQ.
+                check("fi_pep_bind", unsafe {
+                    sys::colo_fi_pep_bind(pep.ptr, eq.fid(), 0)
+                })?;
+                // SAFETY: a bound passive endpoint.
+                check("fi_listen", unsafe { sys::colo_fi_listen(pep.ptr) })?;
+                let name = getname(pep.fid())?;
+                let port = port_of(name.as_bytes()).ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "libfabric provider {provider} listens on an address that is not IP"
+                    ))
+                })?;
+                let domain = open_domain(&fabric, &info)?;
+                (Listening::Msg { pep, eq }, domain, port)
+            }
+        };
         // Remote write and nothing else: never remote read.
         let region_mr = register(
             &domain,
@@ -529,6 +692,10 @@ impl OfiListener {
             region.len(),
             u64::from(sys::FI_REMOTE_WRITE),
         )?;
+        let name = match &listening {
+            Listening::Rdm(Some(ep)) => ep.name()?,
+            _ => EndpointName::EMPTY,
+        };
         let virt = info.mr_mode() & sys::FI_MR_VIRT_ADDR != 0;
         let desc = RegionDesc {
             addr: if virt { region.as_ptr() as u64 } else { 0 },
@@ -536,11 +703,18 @@ impl OfiListener {
             len: region.len() as u64,
             page_size,
             port,
+            name,
         };
-        tracing::info!(%provider, port, virt_addr = virt, "libfabric push listener");
+        tracing::info!(
+            %provider,
+            endpoint = ?kind,
+            port,
+            name = ?desc.name,
+            virt_addr = virt,
+            "libfabric push listener"
+        );
         Ok(Self {
-            pep,
-            eq,
+            listening,
             domain,
             region_mr,
             desc,
@@ -572,9 +746,37 @@ impl OfiListener {
     /// As [`accept`](Self::accept).
     pub fn accept_endpoint(&mut self, timeout: Duration) -> Result<OfiEndpoint> {
         let deadline = Instant::now() + timeout;
+        let (pep, eq) = match &mut self.listening {
+            Listening::Msg { pep, eq } => (&*pep, eq.clone()),
+            Listening::Rdm(slot) => {
+                let mut ep = *slot.take().ok_or_else(|| {
+                    Error::Protocol("this libfabric listener has accepted its sender".into())
+                })?;
+                // The sender's first message names it; writes and releases go to it.
+                let mut buf = Vec::new();
+                let imm = ep.recv(&mut buf, timeout).map_err(|e| match e {
+                    Error::Timeout(t, _) => Error::Timeout(t, "the libfabric sender's address"),
+                    e => e,
+                })?;
+                match message::decode(&buf, imm, 0)? {
+                    message::Message::Address { name } => ep.insert_peer(&name)?,
+                    other => {
+                        return Err(Error::Protocol(format!(
+                            "expected the libfabric sender's address, got {other:?}"
+                        )));
+                    }
+                }
+                ep.region = Some(self.region_mr.clone());
+                tracing::info!(
+                    provider = %self.provider,
+                    "libfabric push sender known (reliable datagram)"
+                );
+                return Ok(ep);
+            }
+        };
         let req = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (event, _, info) = eq_wait(&self.eq, left, "the libfabric sender to connect")?;
+            let (event, _, info) = eq_wait(&eq, left, "the libfabric sender to connect")?;
             if event == sys::FI_CONNREQ && !info.0.is_null() {
                 break info;
             }
@@ -583,7 +785,7 @@ impl OfiListener {
         let recv_len = message::commit_len(self.desc.bitmap_words());
         let mut ep = OfiEndpoint::open(
             &self.domain,
-            &self.eq,
+            Link::Connected(eq),
             &req,
             &self.opts,
             (recv_len, message::HEADER_LEN),
@@ -596,9 +798,38 @@ impl OfiListener {
         })?;
         ep.wait_connected(deadline.saturating_duration_since(Instant::now()))?;
         tracing::info!(provider = %self.provider, "libfabric push connection accepted");
-        let _ = &self.pep;
+        let _ = pep;
         Ok(ep)
     }
+}
+
+/// Words in the epoch bitmap of a region of `len` bytes in pages of `page_size`.
+fn region_words(len: usize, page_size: u32) -> usize {
+    RegionDesc {
+        addr: 0,
+        key: 0,
+        len: len as u64,
+        page_size,
+        port: 0,
+        name: EndpointName::EMPTY,
+    }
+    .bitmap_words()
+}
+
+/// The name of an endpoint (active or passive).
+fn getname(fid: *mut sys::fid) -> Result<EndpointName> {
+    let mut name = [0u8; EndpointName::MAX];
+    let mut len = name.len();
+    // SAFETY: a live endpoint; `name` has `len` bytes.
+    let rc = unsafe { sys::colo_fi_getname(fid, name.as_mut_ptr().cast(), &mut len) };
+    if rc == -(sys::FI_ETOOSMALL as c_int) {
+        return Err(Error::Protocol(format!(
+            "the libfabric endpoint's name has {len} bytes; colo carries at most {}",
+            EndpointName::MAX
+        )));
+    }
+    check("fi_getname", rc)?;
+    EndpointName::new(&name[..len.min(name.len())])
 }
 
 /// Connects to the receiver at `addr` (the control channel's peer) and the port of
@@ -628,10 +859,21 @@ pub fn connect_endpoint(
     source: Arc<Region>,
     opts: &OfiOptions,
 ) -> Result<OfiEndpoint> {
-    let info = getinfo(Some(&addr.to_string()), &remote.port.to_string(), 0, opts)?;
+    // The receiver's descriptor says which kind it listens on: a name, or a port.
+    let rdm = !remote.name.is_empty();
+    let info = if rdm {
+        getinfo(None, None, 0, opts, sys::fi_ep_type_FI_EP_RDM)?
+    } else {
+        getinfo(
+            Some(&addr.to_string()),
+            Some(&remote.port.to_string()),
+            0,
+            opts,
+            sys::fi_ep_type_FI_EP_MSG,
+        )?
+    };
     let provider = info.provider();
     let fabric = open_fabric(&info)?;
-    let eq = open_eq(&fabric)?;
     let domain = open_domain(&fabric, &info)?;
     // The source is only read by the provider.
     let local = match register(
@@ -653,23 +895,35 @@ pub fn connect_endpoint(
             Local::Bounce(b.mr, b.mem)
         }
     };
-    let send_len = message::commit_len(remote.bitmap_words());
+    let send_len = message::commit_len(remote.bitmap_words()).max(message::ADDRESS_MAX_LEN);
+    let link = if rdm {
+        Link::Unconnected(open_av(&domain, &info)?)
+    } else {
+        Link::Connected(open_eq(&fabric)?)
+    };
     let mut ep = OfiEndpoint::open(
         &domain,
-        &eq,
+        link,
         &info,
         opts,
         (message::HEADER_LEN, send_len),
         Some(local),
     )?;
-    // SAFETY: an enabled endpoint with receives posted; the destination address is the
-    // info's own.
-    check("fi_connect", unsafe {
-        sys::colo_fi_connect(ep.ep.ptr, info.get().dest_addr, ptr::null(), 0)
-    })?;
-    ep.wait_connected(Duration::from_secs(10))?;
+    if rdm {
+        ep.start_progress()?;
+        ep.insert_peer(&remote.name)?;
+        ep.announce(Duration::from_secs(10))?;
+    } else {
+        // SAFETY: an enabled endpoint with receives posted; the destination address is
+        // the info's own.
+        check("fi_connect", unsafe {
+            sys::colo_fi_connect(ep.ep.ptr, info.get().dest_addr, ptr::null(), 0)
+        })?;
+        ep.wait_connected(Duration::from_secs(10))?;
+    }
     tracing::info!(
         %provider,
+        rdm,
         max_sge = ep.caps.max_sge,
         send_queue = ep.caps.max_send_wr,
         "libfabric push connection established"
@@ -677,10 +931,90 @@ pub fn connect_endpoint(
     Ok(ep)
 }
 
-/// One side of a connected `FI_EP_MSG` endpoint.
+/// How an endpoint reaches its peer.
+enum Link {
+    /// Connected (`FI_EP_MSG`): the event queue tells of its connection and shutdown.
+    Connected(Arc<Eq>),
+    /// Reliable datagram (`FI_EP_RDM`): the peer is an entry of this address vector.
+    Unconnected(Arc<Av>),
+}
+
+/// The context of the sender's address message (never a pipeline's work request id).
+const ADDRESS_ID: u64 = u64::MAX;
+
+/// In-order retirement of an unconnected endpoint's operations. A reliable datagram
+/// endpoint promises no order between writes and sends, so every operation asks a
+/// delivery-complete completion, and completions are handed to the pipeline in the order
+/// of their posts, as a queue pair retires them: a signaled write's completion then means
+/// every write before it landed, and the commit, posted after it, follows them all.
+#[derive(Debug, Default)]
+struct InOrder {
+    /// Token of the oldest operation not retired.
+    base: u64,
+    /// Operations posted and not retired, oldest first: (work request id, signaled, done).
+    queue: std::collections::VecDeque<(u64, bool, bool)>,
+}
+
+impl InOrder {
+    /// Notes a post; returns the token its completion will carry as context.
+    fn post(&mut self, wr_id: u64, signaled: bool) -> u64 {
+        self.queue.push_back((wr_id, signaled, false));
+        self.base + self.queue.len() as u64 - 1
+    }
+
+    /// Undoes the last [`post`](Self::post) (the provider refused it).
+    fn unpost(&mut self) {
+        self.queue.pop_back();
+    }
+
+    /// The operation of `token` failed: it retires without a success, and its work
+    /// request id (or the token, for none outstanding) is returned for the error.
+    fn fail(&mut self, token: u64) -> u64 {
+        let at = token
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok());
+        match at.and_then(|i| self.queue.get_mut(i)) {
+            Some(e) => {
+                e.1 = false;
+                e.0
+            }
+            None => token,
+        }
+    }
+
+    /// Marks `token` done and retires what is done from the oldest on: the signaled ones
+    /// go to `out`.
+    fn complete(&mut self, token: u64, out: &mut Vec<Wc>) {
+        let at = token
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok());
+        match at.and_then(|i| self.queue.get_mut(i)) {
+            Some(e) => e.2 = true,
+            None => tracing::debug!(token, "libfabric completion of no outstanding operation"),
+        }
+        while let Some(&(wr_id, signaled, true)) = self.queue.front() {
+            self.queue.pop_front();
+            self.base += 1;
+            if signaled {
+                out.push(Wc {
+                    wr_id,
+                    status: WcStatus::Success,
+                });
+            }
+        }
+    }
+}
+
+/// One side of a libfabric push link: a connected `FI_EP_MSG` endpoint, or a reliable
+/// datagram (`FI_EP_RDM`) endpoint with its one peer in an address vector.
 pub struct OfiEndpoint {
     ep: Object<sys::fid_ep>,
-    eq: Arc<Eq>,
+    link: Link,
+    /// The peer's address in the address vector (unconnected endpoints; ignored when
+    /// connected).
+    peer: sys::fi_addr_t,
+    /// Unconnected endpoints: the operations posted, retired in order.
+    in_order: Option<InOrder>,
     tx: Arc<Cq>,
     rx: Arc<Cq>,
     caps: Caps,
@@ -740,14 +1074,11 @@ impl Drop for Progress {
 /// How long the progress thread blocks in the provider per read.
 const PROGRESS_SLICE: Duration = Duration::from_millis(50);
 
-fn drive_rx(rx: &Cq, eq: &Eq, ep: usize, out: &Sender<RxEvent>, stop: &AtomicBool) {
-    let ms = PROGRESS_SLICE.as_millis() as c_int;
+fn drive_rx(rx: &Cq, eq: Option<&Eq>, ep: usize, out: &Sender<RxEvent>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let mut e = sys::fi_cq_data_entry::default();
         // SAFETY: live CQ (held by this thread); room for one data entry.
-        let rc = unsafe {
-            sys::colo_fi_cq_sread(rx.ptr, ptr::from_mut(&mut e).cast(), 1, ptr::null(), ms)
-        };
+        let rc = rx.read(ptr::from_mut(&mut e).cast(), 1, Some(PROGRESS_SLICE));
         let event = if rc > 0 {
             RxEvent::Message {
                 slot: e.op_context as usize,
@@ -756,14 +1087,15 @@ fn drive_rx(rx: &Cq, eq: &Eq, ep: usize, out: &Sender<RxEvent>, stop: &AtomicBoo
                 data: e.data,
             }
         } else if rc == -(sys::FI_EAGAIN as isize) {
-            if !shut_down(eq, ep) {
+            // Only a connection ends; a reliable datagram peer's loss shows as failed
+            // operations and missing messages.
+            if !eq.is_some_and(|eq| shut_down(eq, ep)) {
                 continue;
             }
             RxEvent::Shutdown
         } else if rc == -(sys::FI_EAVAIL as isize) {
             let mut err = sys::fi_cq_err_entry::default();
-            // SAFETY: live CQ; a valid error entry to fill.
-            unsafe { sys::colo_fi_cq_readerr(rx.ptr, &mut err, 0) };
+            rx.read_err(&mut err);
             RxEvent::Failed(status_of(err.err))
         } else {
             RxEvent::Failed(WcStatus::Other(rc.unsigned_abs() as u32))
@@ -803,6 +1135,14 @@ fn shut_down(eq: &Eq, ep: usize) -> bool {
     true
 }
 
+impl Drop for OfiEndpoint {
+    fn drop(&mut self) {
+        // The thread that drives the receive queue reads it inside the provider: it must be
+        // gone before the endpoint (and its queues) close, whatever order the fields drop in.
+        drop(self.progress.take());
+    }
+}
+
 impl std::fmt::Debug for OfiEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OfiEndpoint")
@@ -817,7 +1157,7 @@ impl OfiEndpoint {
     /// receives posted. `lens` is (receive buffer, send buffer) in bytes.
     fn open(
         domain: &Arc<Domain>,
-        eq: &Arc<Eq>,
+        link: Link,
         info: &Info,
         opts: &OfiOptions,
         (recv_len, send_len): (usize, usize),
@@ -839,18 +1179,25 @@ impl OfiEndpoint {
         check("fi_endpoint", unsafe {
             sys::colo_fi_endpoint(domain.ptr, info.0, &mut raw)
         })?;
+        let (bound, bound_fid): (Parent, _) = match &link {
+            Link::Connected(eq) => (eq.clone(), eq.fid()),
+            Link::Unconnected(av) => (av.clone(), av.fid()),
+        };
         let ep = Object::new(
             raw,
             vec![
                 tx.clone() as Parent,
                 rx.clone() as Parent,
-                eq.clone() as Parent,
+                bound,
                 domain.clone() as Parent,
             ],
         );
-        // SAFETY: live endpoint, EQ and CQs; flags as libfabric documents them.
+        // SAFETY: live endpoint, EQ or AV, and CQs; flags as libfabric documents them.
         unsafe {
-            check("fi_ep_bind(eq)", sys::colo_fi_ep_bind(ep.ptr, eq.fid(), 0))?;
+            check(
+                "fi_ep_bind(eq/av)",
+                sys::colo_fi_ep_bind(ep.ptr, bound_fid, 0),
+            )?;
             check(
                 "fi_ep_bind(tx cq)",
                 sys::colo_fi_ep_bind(
@@ -868,9 +1215,12 @@ impl OfiEndpoint {
         let send = Buf::new(domain, send_len, u64::from(sys::FI_SEND))?;
         let recv = Buf::new(domain, recv_len * RECV_DEPTH, u64::from(sys::FI_RECV))?;
         let (events_tx, rx_events) = crossbeam_channel::unbounded();
+        let in_order = matches!(link, Link::Unconnected(_)).then(InOrder::default);
         let mut e = Self {
             ep,
-            eq: eq.clone(),
+            link,
+            peer: 0,
+            in_order,
             tx,
             rx,
             caps,
@@ -895,27 +1245,99 @@ impl OfiEndpoint {
     /// Waits for this endpoint's `FI_CONNECTED` event, then starts the thread that drives
     /// its receive queue.
     fn wait_connected(&mut self, timeout: Duration) -> Result<()> {
+        let Link::Connected(eq) = &self.link else {
+            return Err(Error::Protocol(
+                "a reliable datagram endpoint has no connection to wait for".into(),
+            ));
+        };
+        let eq = eq.clone();
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (event, fid, _) = eq_wait(&self.eq, left, "the libfabric connection")?;
+            let (event, fid, _) = eq_wait(&eq, left, "the libfabric connection")?;
             if event == sys::FI_CONNECTED && fid == self.ep.fid() {
-                let out = self.rx_events_tx.take().ok_or(Error::Closed)?;
-                let stop = Arc::new(AtomicBool::new(false));
-                let (rx, eq, ep) = (self.rx.clone(), self.eq.clone(), self.ep.fid() as usize);
-                let flag = stop.clone();
-                let handle = std::thread::Builder::new()
-                    .name("ofi-progress".into())
-                    .spawn(move || drive_rx(&rx, &eq, ep, &out, &flag))
-                    .map_err(Error::Thread)?;
-                self.progress = Some(Progress {
-                    stop,
-                    handle: Some(handle),
-                });
-                return Ok(());
+                return self.start_progress();
             }
             if event == sys::FI_SHUTDOWN && fid == self.ep.fid() {
                 return Err(Error::Closed);
+            }
+        }
+    }
+
+    /// Starts the thread that drives the receive queue (once).
+    fn start_progress(&mut self) -> Result<()> {
+        let out = self.rx_events_tx.take().ok_or(Error::Closed)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let eq = match &self.link {
+            Link::Connected(eq) => Some(eq.clone()),
+            Link::Unconnected(_) => None,
+        };
+        let (rx, ep) = (self.rx.clone(), self.ep.fid() as usize);
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("ofi-progress".into())
+            .spawn(move || drive_rx(&rx, eq.as_deref(), ep, &out, &flag))
+            .map_err(Error::Thread)?;
+        self.progress = Some(Progress {
+            stop,
+            handle: Some(handle),
+        });
+        Ok(())
+    }
+
+    /// This endpoint's name (its address on the fabric).
+    fn name(&self) -> Result<EndpointName> {
+        getname(self.ep.fid())
+    }
+
+    /// Makes `name` this unconnected endpoint's peer.
+    fn insert_peer(&mut self, name: &EndpointName) -> Result<()> {
+        let Link::Unconnected(av) = &self.link else {
+            return Err(Error::Protocol(
+                "a connected libfabric endpoint takes no peer name".into(),
+            ));
+        };
+        let mut addr: sys::fi_addr_t = 0;
+        // SAFETY: live AV; the name is the provider's own format, from the peer's
+        // fi_getname, and `addr` has room for one address.
+        let rc = unsafe {
+            sys::colo_fi_av_insert(av.ptr, name.as_bytes().as_ptr().cast(), 1, &mut addr, 0)
+        };
+        if rc != 1 {
+            return Err(if rc < 0 {
+                call_error("fi_av_insert", rc.into())
+            } else {
+                Error::Protocol(format!(
+                    "libfabric could not resolve the peer's endpoint name {name:?}"
+                ))
+            });
+        }
+        self.peer = addr;
+        Ok(())
+    }
+
+    /// Sends this endpoint's name to its peer (the sender's first message on an
+    /// unconnected endpoint), and waits until it is delivered.
+    fn announce(&mut self, timeout: Duration) -> Result<()> {
+        let mut msg = Vec::new();
+        message::encode_address(&mut msg, &self.name()?);
+        self.post_send(ADDRESS_ID, 0, &msg)?;
+        let deadline = Instant::now() + timeout;
+        let mut wcs = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(
+                    timeout,
+                    "the libfabric receiver to take our address",
+                ));
+            }
+            self.poll_send(&mut wcs, left)?;
+            if let Some(wc) = wcs.iter().find(|w| w.wr_id == ADDRESS_ID) {
+                return match wc.status {
+                    WcStatus::Success => Ok(()),
+                    s => Err(s.into_error("the address message to the libfabric receiver")),
+                };
             }
         }
     }
@@ -1002,24 +1424,20 @@ impl OfiEndpoint {
     /// Reads up to [`POLL_BATCH`] send completions (waiting up to `timeout`) into `out`.
     fn read_tx(&mut self, out: &mut Vec<Wc>, timeout: Option<Duration>) -> Result<()> {
         let mut entries = [sys::fi_cq_data_entry::default(); POLL_BATCH];
-        // SAFETY: live CQ; `entries` has room for POLL_BATCH data entries.
-        let rc = unsafe {
-            match timeout {
-                Some(t) => sys::colo_fi_cq_sread(
-                    self.tx.ptr,
-                    entries.as_mut_ptr().cast(),
-                    POLL_BATCH,
-                    ptr::null(),
-                    c_int::try_from(t.as_millis()).unwrap_or(c_int::MAX),
-                ),
-                None => sys::colo_fi_cq_read(self.tx.ptr, entries.as_mut_ptr().cast(), POLL_BATCH),
-            }
-        };
+        let rc = self
+            .tx
+            .read(entries.as_mut_ptr().cast(), POLL_BATCH, timeout);
         if rc > 0 {
-            out.extend(entries[..rc as usize].iter().map(|e| Wc {
-                wr_id: e.op_context as u64,
-                status: WcStatus::Success,
-            }));
+            let done = &entries[..rc as usize];
+            match &mut self.in_order {
+                Some(q) => done
+                    .iter()
+                    .for_each(|e| q.complete(e.op_context as u64, out)),
+                None => out.extend(done.iter().map(|e| Wc {
+                    wr_id: e.op_context as u64,
+                    status: WcStatus::Success,
+                })),
+            }
             return Ok(());
         }
         if rc == -(sys::FI_EAGAIN as isize) {
@@ -1027,17 +1445,26 @@ impl OfiEndpoint {
         }
         if rc == -(sys::FI_EAVAIL as isize) {
             let mut err = sys::fi_cq_err_entry::default();
-            // SAFETY: live CQ; a valid error entry to fill.
-            let n = unsafe { sys::colo_fi_cq_readerr(self.tx.ptr, &mut err, 0) };
+            let n = self.tx.read_err(&mut err);
             if n > 0 {
+                let context = err.op_context as u64;
+                let wr_id = match &mut self.in_order {
+                    Some(q) => {
+                        let id = q.fail(context);
+                        // It retires with the error; what follows it may retire now.
+                        q.complete(context, out);
+                        id
+                    }
+                    None => context,
+                };
                 tracing::debug!(
                     err = err.err,
                     prov_errno = err.prov_errno,
-                    wr_id = err.op_context as u64,
+                    wr_id,
                     "libfabric send completion failed"
                 );
                 out.push(Wc {
-                    wr_id: err.op_context as u64,
+                    wr_id,
                     status: status_of(err.err),
                 });
                 return Ok(());
@@ -1111,36 +1538,51 @@ impl Endpoint for OfiEndpoint {
             if !wr.signaled && !last && next_fits {
                 continue;
             }
-            let mut flags = 0u64;
-            if wr.signaled {
-                flags |= u64::from(sys::FI_COMPLETION);
-            }
-            if !last {
-                flags |= u64::from(sys::FI_MORE);
-            } else if wr.signaled {
-                // The last write of a chain completes only once the target placed it (and,
-                // the connection being ordered, every write before it): a write the target
-                // refused, which makes it close the connection, then fails here, before
-                // the pipeline posts a commit, as on verbs. The others complete when sent,
-                // which spares a round trip each.
-                flags |= u64::from(sys::FI_DELIVERY_COMPLETE);
-            }
+            let mut flags = if last { 0 } else { u64::from(sys::FI_MORE) };
+            let context = match &mut self.in_order {
+                // Unconnected: every write completes once the target placed it, and
+                // completions retire in order (see `InOrder`).
+                Some(q) => {
+                    flags |= u64::from(sys::FI_COMPLETION) | u64::from(sys::FI_DELIVERY_COMPLETE);
+                    q.post(wr.wr_id, wr.signaled)
+                }
+                None => {
+                    if wr.signaled {
+                        flags |= u64::from(sys::FI_COMPLETION);
+                    }
+                    if last && wr.signaled {
+                        // The last write of a chain completes only once the target placed
+                        // it (and, the connection being ordered, every write before it): a
+                        // write the target refused, which makes it close the connection,
+                        // then fails here, before the pipeline posts a commit, as on verbs.
+                        // The others complete when sent, which spares a round trip each.
+                        flags |= u64::from(sys::FI_DELIVERY_COMPLETE);
+                    }
+                    wr.wr_id
+                }
+            };
             let msg = sys::fi_msg_rma {
                 msg_iov: iovs.as_ptr(),
                 desc: descs.as_mut_ptr(),
                 iov_count: iovs.len(),
-                addr: 0,
+                addr: self.peer,
                 rma_iov: rmas.as_ptr(),
                 rma_iov_count: rmas.len(),
-                context: wr.wr_id as *mut c_void,
+                context: context as *mut c_void,
                 data: 0,
             };
             let ep = self.ep.ptr;
-            self.post("fi_writemsg", || {
+            let posted = self.post("fi_writemsg", || {
                 // SAFETY: live endpoint; `msg` and the arrays it points to live for the
                 // call (the provider copies them); the local memory is registered.
                 unsafe { sys::colo_fi_writemsg(ep, &msg, flags) }
-            })?;
+            });
+            if posted.is_err()
+                && let Some(q) = &mut self.in_order
+            {
+                q.unpost();
+            }
+            posted?;
             iovs.clear();
             descs.clear();
             rmas.clear();
@@ -1162,22 +1604,32 @@ impl Endpoint for OfiEndpoint {
             iov_len: msg.len(),
         };
         let mut desc = self.desc(&self.send.mr);
+        let context = match &mut self.in_order {
+            Some(q) => q.post(wr_id, true),
+            None => wr_id,
+        };
         let m = sys::fi_msg {
             msg_iov: &iov,
             desc: &mut desc,
             iov_count: 1,
-            addr: 0,
-            context: wr_id as *mut c_void,
+            addr: self.peer,
+            context: context as *mut c_void,
             data: u64::from(imm),
         };
         let flags = u64::from(sys::FI_COMPLETION | sys::FI_REMOTE_CQ_DATA);
         let ep = self.ep.ptr;
-        self.post("fi_sendmsg", || {
+        let posted = self.post("fi_sendmsg", || {
             // SAFETY: live endpoint; `m` and what it points to live for the call; the send
             // buffer is registered and not reused until this send completes (the pipeline
             // keeps one send outstanding).
             unsafe { sys::colo_fi_sendmsg(ep, &m, flags) }
-        })
+        });
+        if posted.is_err()
+            && let Some(q) = &mut self.in_order
+        {
+            q.unpost();
+        }
+        posted
     }
 
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {

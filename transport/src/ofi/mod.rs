@@ -32,12 +32,38 @@ mod sys;
 
 pub use endpoint::{OfiEndpoint, OfiListener, connect, connect_endpoint, probe, providers};
 
+impl EndpointKind {
+    /// How the kinds read in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Any => "connected (FI_EP_MSG) or reliable datagram (FI_EP_RDM)",
+            Self::Msg => "connected (FI_EP_MSG)",
+            Self::Rdm => "reliable datagram (FI_EP_RDM)",
+        }
+    }
+}
+
+/// The kind of libfabric endpoint the push runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointKind {
+    /// Connected (`FI_EP_MSG`) where the provider offers RMA on it, else reliable datagram.
+    #[default]
+    Any,
+    /// Connected (`FI_EP_MSG`): a listener and a port, like TCP (tcp, verbs).
+    Msg,
+    /// Reliable datagram (`FI_EP_RDM`): an address vector and endpoint names exchanged
+    /// over the control channel (efa, cxi, shm; tcp through `ofi_rxm`).
+    Rdm,
+}
+
 /// Which provider and how big the queues are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfiOptions {
-    /// The provider (`tcp`, `verbs`, `efa`, `cxi`, ...); `None` lets libfabric pick the
-    /// first that offers connected RMA.
+    /// The provider (`tcp`, `verbs`, `efa`, `cxi`, `shm`, ...); `None` lets libfabric pick
+    /// the first that offers RMA.
     pub provider: Option<String>,
+    /// Connected or reliable datagram endpoints.
+    pub endpoint: EndpointKind,
     /// Send queue depth asked for (clamped to the provider's).
     pub send_queue: u32,
     /// Scatter-gather entries per write asked for (clamped to the provider's).
@@ -50,6 +76,7 @@ impl Default for OfiOptions {
     fn default() -> Self {
         Self {
             provider: None,
+            endpoint: EndpointKind::Any,
             send_queue: 256,
             max_sge: 16,
             bounce_len: 32 << 20,
@@ -72,16 +99,18 @@ pub enum OfiError {
         /// The providers libfabric lists.
         present: Vec<String>,
     },
-    /// The provider exists but offers no connected endpoint with RMA writes under the memory
-    /// registration modes colo handles.
+    /// The provider exists but offers no endpoint of the kinds asked with RMA writes under
+    /// the memory registration modes colo handles.
     #[error(
-        "libfabric provider {provider:?} offers no connected (FI_EP_MSG) endpoint with RMA \
-         writes and remote CQ data under the MR modes colo handles (local, virtual address, \
-         allocated, provider keys){hint}"
+        "libfabric provider {provider:?} offers no {kinds} endpoint with RMA writes and remote \
+         CQ data under the MR modes colo handles (local, virtual address, allocated, provider \
+         keys; not FI_MR_ENDPOINT){hint}"
     )]
     NoRma {
         /// The provider (or "any").
         provider: String,
+        /// The endpoint kinds looked for.
+        kinds: &'static str,
         /// What to try instead.
         hint: &'static str,
     },
@@ -126,8 +155,27 @@ mod tests {
 
     #[test]
     fn tcp_offers_what_colo_needs() {
-        assert_eq!(probe(&opts("tcp")).unwrap(), "tcp");
+        assert_eq!(
+            probe(&opts("tcp")).unwrap(),
+            ("tcp".to_string(), EndpointKind::Msg)
+        );
         assert!(providers().iter().any(|p| p == "tcp"));
+    }
+
+    #[test]
+    fn shm_and_tcp_offer_reliable_datagram_endpoints() {
+        // shm has no connected endpoint, so any kind finds its RDM one.
+        assert_eq!(
+            probe(&opts("shm")).unwrap(),
+            ("shm".into(), EndpointKind::Rdm)
+        );
+        let rdm = OfiOptions {
+            endpoint: EndpointKind::Rdm,
+            ..opts("tcp")
+        };
+        let (name, kind) = probe(&rdm).unwrap();
+        assert_eq!(kind, EndpointKind::Rdm);
+        assert!(name.starts_with("tcp"), "{name}");
     }
 
     #[test]
@@ -144,9 +192,15 @@ mod tests {
     #[test]
     fn a_provider_without_connected_rma_is_refused_with_a_hint() {
         // shm offers RMA on reliable datagram endpoints only.
-        match probe(&opts("shm")) {
+        let msg = OfiOptions {
+            endpoint: EndpointKind::Msg,
+            ..opts("shm")
+        };
+        match probe(&msg) {
             Err(e @ Error::Ofi(OfiError::NoRma { .. })) => {
-                assert!(e.to_string().contains("use tcp"), "{e}");
+                let text = e.to_string();
+                assert!(text.contains("--ofi-endpoint rdm"), "{text}");
+                assert!(text.contains("FI_EP_MSG"), "{text}");
             }
             other => panic!("expected no RMA, got {other:?}"),
         }

@@ -38,6 +38,75 @@ pub struct RegionDesc {
     pub page_size: u32,
     /// Port of the receiver's push listener (TCP, or rdma_cm).
     pub port: u16,
+    /// The receiver's endpoint name, where its transport addresses endpoints by name
+    /// rather than by port (libfabric's reliable datagram endpoints); empty otherwise.
+    pub name: EndpointName,
+}
+
+/// An endpoint's transport address as its provider gives it (`fi_getname`): opaque bytes,
+/// at most [`EndpointName::MAX`] of them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct EndpointName {
+    len: u8,
+    bytes: [u8; EndpointName::MAX],
+}
+
+impl EndpointName {
+    /// The longest name carried (libfabric's `FI_NAME_MAX`).
+    pub const MAX: usize = 64;
+
+    /// No name.
+    pub const EMPTY: Self = Self {
+        len: 0,
+        bytes: [0; Self::MAX],
+    };
+
+    /// A name of these bytes.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] if longer than [`EndpointName::MAX`].
+    pub fn new(bytes: &[u8]) -> Result<Self> {
+        let mut n = Self::EMPTY;
+        let dst = n.bytes.get_mut(..bytes.len()).ok_or_else(|| {
+            Error::Protocol(format!(
+                "an endpoint name of {} bytes (at most {} are carried)",
+                bytes.len(),
+                Self::MAX
+            ))
+        })?;
+        dst.copy_from_slice(bytes);
+        n.len = bytes.len() as u8;
+        Ok(n)
+    }
+
+    /// The name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Whether there is no name.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for EndpointName {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl std::fmt::Debug for EndpointName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Printable names (shm's "fi_shm://...") as text, others in hex.
+        let b = self.as_bytes();
+        if b.iter().all(|c| c.is_ascii_graphic() || *c == 0) {
+            let text = String::from_utf8_lossy(b);
+            write!(f, "{:?}", text.trim_end_matches('\0'))
+        } else {
+            b.iter().try_for_each(|c| write!(f, "{c:02x}"))
+        }
+    }
 }
 
 impl RegionDesc {
@@ -267,6 +336,7 @@ mod tests {
             len,
             page_size: 4096,
             port: 0,
+            name: crate::push::EndpointName::EMPTY,
         }
     }
 

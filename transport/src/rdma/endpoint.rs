@@ -369,6 +369,7 @@ impl RdmaListener {
             len: region.len() as u64,
             page_size,
             port,
+            name: crate::push::EndpointName::EMPTY,
         };
         std::mem::forget(guard);
         Ok(Self {

@@ -64,6 +64,7 @@ impl TcpPushListener {
             len: region.len() as u64,
             page_size,
             port,
+            name: crate::push::EndpointName::EMPTY,
         };
         Ok(Self {
             listener,

@@ -15,6 +15,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, TryFromBytes, Unali
 
 use crate::error::{Error, Result};
 use crate::framing::{self, Header};
+use crate::push::EndpointName;
 
 /// "CPSH" (colo push).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CPSH");
@@ -29,6 +30,7 @@ pub const HEADER_LEN: usize = 32;
 enum Kind {
     Commit = 1,
     Release = 2,
+    Address = 3,
 }
 
 impl framing::Protocol for Kind {
@@ -69,7 +71,16 @@ pub enum Message {
         /// The epoch.
         epoch: u64,
     },
+    /// The sender's endpoint name, its first message where endpoints are not connected
+    /// (libfabric's reliable datagram endpoints): the receiver answers to that address.
+    Address {
+        /// The name, as the sender's provider gave it.
+        name: EndpointName,
+    },
 }
+
+/// The size of an address message: the header and the longest name.
+pub const ADDRESS_MAX_LEN: usize = HEADER_LEN + EndpointName::MAX;
 
 /// The size of a commit message carrying `words` bitmap words.
 pub fn commit_len(words: usize) -> usize {
@@ -100,6 +111,13 @@ pub fn encode_release(out: &mut Vec<u8>, epoch: u64) {
     header(out, Kind::Release, epoch, 0, 0);
 }
 
+/// Encodes an address message into `out` (cleared first); its immediate is 0.
+pub fn encode_address(out: &mut Vec<u8>, name: &EndpointName) {
+    let b = name.as_bytes();
+    header(out, Kind::Address, 0, b.len() as u64, 0);
+    out.extend_from_slice(b);
+}
+
 /// Decodes a message that arrived with immediate data `imm`, accepting at most
 /// `max_words` bitmap words.
 ///
@@ -121,6 +139,19 @@ pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
         return Err(Error::Protocol(format!(
             "push message: immediate {imm:#x} does not match epoch {epoch}"
         )));
+    }
+    if kind == Kind::Address {
+        // The name's length is in `bytes`; no epoch, no bitmap.
+        let name = &data[HEADER_LEN..];
+        if epoch != 0 || words != 0 || bytes != name.len() as u64 {
+            return Err(Error::Protocol(format!(
+                "push address message: epoch {epoch}, {words} bitmap words, a {bytes}-byte                  name in {} bytes",
+                name.len()
+            )));
+        }
+        return Ok(Message::Address {
+            name: EndpointName::new(name)?,
+        });
     }
     if words > max_words {
         return Err(framing::Error::TooLarge {
@@ -151,6 +182,7 @@ pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
         Kind::Release => Err(Error::Protocol(
             "push message: a release carries no bitmap or byte count".into(),
         )),
+        Kind::Address => unreachable!("decoded above"),
     }
 }
 
@@ -178,6 +210,27 @@ mod tests {
             decode(&b, 0, 0).unwrap(),
             Message::Release { epoch: 1 << 40 }
         );
+    }
+
+    #[test]
+    fn address_messages_round_trip_and_are_checked() {
+        let name = EndpointName::new(b"fi_shm://77").unwrap();
+        let mut b = Vec::new();
+        encode_address(&mut b, &name);
+        assert_eq!(b.len(), HEADER_LEN + 11);
+        assert_eq!(decode(&b, 0, 0).unwrap(), Message::Address { name });
+        // The immediate must be the (zero) epoch; the length must match the name.
+        assert!(matches!(decode(&b, 1, 0), Err(Error::Protocol(_))));
+        assert!(matches!(
+            decode(&b[..b.len() - 1], 0, 0),
+            Err(Error::Protocol(_))
+        ));
+        // A name over the most carried is refused.
+        let mut long = b[..HEADER_LEN].to_vec();
+        long[16..24].copy_from_slice(&65u64.to_le_bytes());
+        long.extend_from_slice(&[b'x'; 65]);
+        assert!(matches!(decode(&long, 0, 0), Err(Error::Protocol(_))));
+        assert!(b.len() <= ADDRESS_MAX_LEN);
     }
 
     #[test]

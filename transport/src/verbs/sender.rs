@@ -581,6 +581,7 @@ mod tests {
             len: 256 * 4096,
             page_size: 4096,
             port: 0,
+            name: crate::push::EndpointName::EMPTY,
         };
         let opts = VerbsOptions {
             signal_every: 4,

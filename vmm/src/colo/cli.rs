@@ -37,6 +37,19 @@ pub enum TransportKind {
     Ofi,
 }
 
+/// The kind of libfabric endpoint (`--ofi-endpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OfiEndpointArg {
+    /// Connected where the provider offers RMA on it (tcp, verbs), else reliable datagram
+    /// (efa, cxi, shm).
+    Auto,
+    /// Connected (FI_EP_MSG): the receiver listens on a port.
+    Msg,
+    /// Reliable datagram (FI_EP_RDM): the endpoints' names travel over the control
+    /// channel; tcp this way runs through libfabric's ofi_rxm layer.
+    Rdm,
+}
+
 /// libfabric providers `--transport auto` takes: those of RDMA-class hardware. The `tcp`
 /// provider is no faster than colo's own TCP push; it is there for `--transport ofi`.
 const OFI_HARDWARE: [&str; 5] = ["verbs", "efa", "cxi", "opx", "psm3"];
@@ -110,11 +123,15 @@ pub struct ColoArgs {
     #[arg(long)]
     pub rdma_gid_index: Option<u8>,
     /// libfabric (--transport ofi): the provider, e.g. tcp (user space, any network),
-    /// verbs (InfiniBand, RoCE), efa (AWS), cxi (HPE Slingshot); `fi_info -l` lists this
-    /// machine's. Default: the first that offers connected RMA writes. Both sides need
-    /// the same one.
+    /// shm (one machine, shared memory), verbs (InfiniBand, RoCE), efa (AWS), cxi (HPE
+    /// Slingshot); `fi_info -l` lists this machine's. Default: the first that offers RMA
+    /// writes. Both sides need the same one.
     #[arg(long, value_name = "NAME")]
     pub ofi_provider: Option<String>,
+    /// libfabric: the kind of endpoint. Only the secondary's choice counts (the primary
+    /// follows the secondary's published region: a port or an endpoint name).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ofi_endpoint: OfiEndpointArg,
     /// The pair key file (`colo keygen --out FILE`, mode 0600; the same file on both
     /// sides): every connection between the two sides (control, push streams, disk)
     /// proves it before anything else crosses. `colo pair` makes one for its two sides.
@@ -251,15 +268,26 @@ impl ColoArgs {
     /// `--transport ofi` with `provider` (or libfabric's first with connected RMA).
     #[cfg(feature = "ofi")]
     fn ofi(&self, provider: Option<&str>) -> Result<PushTransport> {
+        use colo_transport::ofi::EndpointKind;
         let opts = colo_transport::ofi::OfiOptions {
             provider: provider.map(str::to_string),
+            endpoint: match self.ofi_endpoint {
+                OfiEndpointArg::Auto => EndpointKind::Any,
+                OfiEndpointArg::Msg => EndpointKind::Msg,
+                OfiEndpointArg::Rdm => EndpointKind::Rdm,
+            },
             ..colo_transport::ofi::OfiOptions::default()
         };
-        let chosen =
+        let (chosen, kind) =
             colo_transport::ofi::probe(&opts).map_err(ColoError::transport("--transport ofi"))?;
-        tracing::info!(provider = %chosen, "pushing pages with libfabric RMA writes");
+        tracing::info!(
+            provider = %chosen,
+            endpoint = kind.describe(),
+            "pushing pages with libfabric RMA writes"
+        );
         Ok(PushTransport::Ofi(colo_transport::ofi::OfiOptions {
             provider: Some(chosen),
+            endpoint: kind,
             ..opts
         }))
     }

@@ -55,25 +55,52 @@ impl Kid {
 
     /// CPU seconds (user + system) the process's vCPU threads (named `vcpu<i>-<vm>` by
     /// the machine's runner) used so far, from /proc: the guest's own work and its exits,
-    /// without the VMM's device, push, proxy link or control threads. Threads that
-    /// already ended are not counted (the runner keeps its vCPU threads for the VM's
-    /// life).
-    pub(super) fn vcpu_cpu_secs(&self) -> f64 {
+    /// without the VMM's device, push, proxy link or control threads; and the seconds they
+    /// were runnable but waited for a CPU (the scheduler's run delay, from `schedstat`).
+    /// Threads that already ended are not counted (the runner keeps its vCPU threads for
+    /// the VM's life).
+    pub(super) fn vcpu_times(&self) -> VcpuTimes {
         let dir = format!("/proc/{}/task", self.child.id());
         let Ok(tasks) = std::fs::read_dir(&dir) else {
-            return 0.0;
+            return VcpuTimes::default();
         };
-        let mut sum = 0.0;
+        let mut sum = VcpuTimes::default();
         // A process has a few dozen threads; the bound only guards against a runaway.
         for task in tasks.flatten().take(MAX_TASKS) {
             let path = task.path();
             let is_vcpu = std::fs::read_to_string(path.join("comm"))
                 .is_ok_and(|c| is_vcpu_thread(c.trim_end()));
-            if is_vcpu && let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
-                sum += stat_cpu_secs(&stat);
+            if !is_vcpu {
+                continue;
+            }
+            if let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+                sum.cpu_s += stat_cpu_secs(&stat);
+            }
+            if let Ok(sched) = std::fs::read_to_string(path.join("schedstat")) {
+                sum.wait_s += schedstat_wait_secs(&sched);
             }
         }
         sum
+    }
+}
+
+/// Time of a process's vCPU threads, in seconds: see [`Kid::vcpu_times`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct VcpuTimes {
+    /// User + system CPU: the guest's work and its exits.
+    pub(super) cpu_s: f64,
+    /// Runnable but waiting for a CPU that another thread held.
+    pub(super) wait_s: f64,
+}
+
+impl std::ops::Sub for VcpuTimes {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            cpu_s: self.cpu_s - earlier.cpu_s,
+            wait_s: self.wait_s - earlier.wait_s,
+        }
     }
 }
 
@@ -83,7 +110,7 @@ pub(super) fn own_cpu_secs() -> f64 {
     std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| stat_cpu_secs(&s))
 }
 
-/// Threads of a child looked at for [`Kid::vcpu_cpu_secs`], at most.
+/// Threads of a child looked at for [`Kid::vcpu_times`], at most.
 const MAX_TASKS: usize = 4096;
 
 /// Whether a thread's name (`comm`, at most 15 bytes) is a vCPU thread's: `vcpu<i>-...`.
@@ -102,6 +129,15 @@ fn stat_cpu_secs(stat: &str) -> f64 {
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     (t(11) + t(12)) / hz
+}
+
+/// The run delay of a `/proc/.../schedstat` line (`<on-CPU ns> <run-queue ns> <slices>`)
+/// in seconds; 0 if it does not parse.
+fn schedstat_wait_secs(line: &str) -> f64 {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 /// How often an exit watcher looks at its stop flag.
@@ -352,5 +388,31 @@ mod tests {
         assert!((stat_cpu_secs(line) - 400.0 / hz).abs() < 1e-9);
         assert!(stat_cpu_secs("").abs() < f64::EPSILON);
         assert!(stat_cpu_secs("42 (x) R 1 2").abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn schedstat_lines_give_the_run_delay() {
+        assert!((schedstat_wait_secs("7000000000 250000000 1234\n") - 0.25).abs() < 1e-12);
+        assert!(schedstat_wait_secs("").abs() < f64::EPSILON);
+        assert!(schedstat_wait_secs("12 x 3").abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn vcpu_times_subtract_field_by_field() {
+        let a = VcpuTimes {
+            cpu_s: 3.0,
+            wait_s: 0.5,
+        };
+        let b = VcpuTimes {
+            cpu_s: 1.0,
+            wait_s: 0.25,
+        };
+        assert_eq!(
+            a - b,
+            VcpuTimes {
+                cpu_s: 2.0,
+                wait_s: 0.25
+            }
+        );
     }
 }

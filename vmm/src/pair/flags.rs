@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{GUEST, PairArgs};
 use crate::colo::ColoError;
-use crate::colo::cli::{ColoArgs, TransportKind};
+use crate::colo::cli::{ColoArgs, OfiEndpointArg, TransportKind};
 
 /// The checkpoint and heartbeat options, as both sides take them.
 fn colo_flags(c: &ColoArgs) -> Vec<String> {
@@ -43,6 +43,13 @@ fn colo_flags(c: &ColoArgs) -> Vec<String> {
     }
     if let Some(p) = &c.ofi_provider {
         flags.push(format!("--ofi-provider={p}"));
+    }
+    if c.ofi_endpoint != OfiEndpointArg::Auto {
+        flags.push(format!(
+            "--ofi-endpoint={}",
+            clap::ValueEnum::to_possible_value(&c.ofi_endpoint)
+                .map_or("auto".into(), |v| v.get_name().to_string())
+        ));
     }
     flags
 }

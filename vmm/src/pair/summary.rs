@@ -9,6 +9,7 @@ use std::time::Instant;
 use colo_netcmp::MetricsSnapshot;
 use colo_netcmp::proxy::Proxy;
 
+use super::child::VcpuTimes;
 use super::client::ClientStats;
 use super::disklog;
 use super::shared::{Shared, lock};
@@ -30,10 +31,10 @@ pub(super) struct Ending {
     pub(super) cpu: (f64, f64),
     /// Their CPU seconds when the load started (after the initial sync).
     pub(super) cpu_at_start: (f64, f64),
-    /// CPU seconds of the primary's and the secondary's vCPU threads.
-    pub(super) vcpu: (f64, f64),
-    /// Their vCPU threads' CPU seconds when the load started.
-    pub(super) vcpu_at_start: (f64, f64),
+    /// The primary's and the secondary's vCPU threads' CPU and run-queue seconds.
+    pub(super) vcpu: (VcpuTimes, VcpuTimes),
+    /// The same when the load started.
+    pub(super) vcpu_at_start: (VcpuTimes, VcpuTimes),
     /// This process's CPU seconds (proxy, client, supervisor) when the load started and
     /// when it ended.
     pub(super) own_cpu: (f64, f64),
@@ -359,8 +360,10 @@ fn json(
     });
     // A second object: one literal this long reaches serde_json's macro recursion limit.
     let pacing = serde_json::json!({
-        "vcpu_primary_load_s": end.vcpu.0 - end.vcpu_at_start.0,
-        "vcpu_secondary_load_s": end.vcpu.1 - end.vcpu_at_start.1,
+        "vcpu_primary_load_s": (end.vcpu.0 - end.vcpu_at_start.0).cpu_s,
+        "vcpu_secondary_load_s": (end.vcpu.1 - end.vcpu_at_start.1).cpu_s,
+        "vcpu_primary_wait_load_s": (end.vcpu.0 - end.vcpu_at_start.0).wait_s,
+        "vcpu_secondary_wait_load_s": (end.vcpu.1 - end.vcpu_at_start.1).wait_s,
         "cpu_pair_load_s": end.own_cpu.1 - end.own_cpu.0,
         "svm_discarded_bytes": f.pm.secondary_discarded_bytes,
         "svm_skipped_bytes": f.pm.secondary_skipped_bytes,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use colo_netcmp::proxy::Proxy;
 
-use super::child::{ExitWatch, Kid, spawn, spawn_with};
+use super::child::{ExitWatch, Kid, VcpuTimes, spawn, spawn_with};
 use super::client::ClientStats;
 use super::shared::{Moment, Shared, lock};
 use super::status::StatusLine;
@@ -72,7 +72,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let stop = Arc::new(AtomicBool::new(false));
     // CPU from here on is the load's (the start-up and the initial sync are not).
     let cpu_at_start = (sup.primary.cpu_secs(), sup.secondary.cpu_secs());
-    let vcpu_at_start = (sup.primary.vcpu_cpu_secs(), sup.secondary.vcpu_cpu_secs());
+    let vcpu_at_start = (sup.primary.vcpu_times(), sup.secondary.vcpu_times());
     let own_at_start = super::child::own_cpu_secs();
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
@@ -347,7 +347,7 @@ impl<'a> Supervisor<'a> {
     ) -> Ending {
         let secs = start.elapsed().as_secs_f64();
         let cpu = (self.primary.cpu_secs(), self.secondary.cpu_secs());
-        let vcpu = (self.primary.vcpu_cpu_secs(), self.secondary.vcpu_cpu_secs());
+        let vcpu = (self.primary.vcpu_times(), self.secondary.vcpu_times());
         let own = super::child::own_cpu_secs();
         let active = match (self.primary.alive(), t.failover_done) {
             (_, true) => "secondary",
@@ -365,7 +365,7 @@ impl<'a> Supervisor<'a> {
             cpu,
             cpu_at_start: (0.0, 0.0),
             vcpu,
-            vcpu_at_start: (0.0, 0.0),
+            vcpu_at_start: (VcpuTimes::default(), VcpuTimes::default()),
             own_cpu: (0.0, own),
             active,
             acked,

@@ -34,14 +34,14 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
     let cpu_at_start = vm.cpu_secs();
-    let vcpu_at_start = vm.vcpu_cpu_secs();
+    let vcpu_at_start = vm.vcpu_times();
     let own_at_start = super::child::own_cpu_secs();
     let limit = a.colo.duration.unwrap_or(Duration::from_secs(3600));
     while start.elapsed() < limit && !interrupted() && vm.alive() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu = vm.cpu_secs();
-    let vcpu = vm.vcpu_cpu_secs();
+    let vcpu = vm.vcpu_times();
     let own = super::child::own_cpu_secs() - own_at_start;
     let secs = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
@@ -60,8 +60,10 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
             "client_rps": replies as f64 / secs,
             "cpu_primary_s": cpu,
             "cpu_primary_load_s": cpu - cpu_at_start,
-            "vcpu_primary_load_s": vcpu - vcpu_at_start,
+            "vcpu_primary_load_s": (vcpu - vcpu_at_start).cpu_s,
+            "vcpu_primary_wait_load_s": (vcpu - vcpu_at_start).wait_s,
             "cpu_pair_load_s": own,
+            "vcpus": a.vcpus,
             "lost_acked": stats.lost_acked.load(Ordering::Relaxed),
             "contradictions": stats.contradictions.load(Ordering::Relaxed),
         });

@@ -165,6 +165,13 @@ struct PairReport {
     vcpu_primary_load_s: f64,
     /// CPU seconds of the SVM's vCPU threads over the client load.
     vcpu_secondary_load_s: f64,
+    /// Seconds the PVM's (the baseline VM's) vCPU threads were runnable but waited for a
+    /// CPU, over the client load.
+    vcpu_primary_wait_load_s: f64,
+    /// The same of the SVM's.
+    vcpu_secondary_wait_load_s: f64,
+    /// vCPUs of each VM.
+    vcpus: u64,
     /// CPU seconds of the PVM process (the baseline's VM in an unprotected run) over the
     /// client load.
     cpu_primary_load_s: f64,

@@ -48,8 +48,50 @@ impl Steady {
     }
 }
 
+/// How a VM's vCPU threads spent the client load window, as shares of it (all its vCPUs'
+/// time together): running (the guest's work and its exits), runnable but waiting for a
+/// CPU another thread held, stopped for checkpoints, and the rest (halted in the guest, or
+/// blocked in the VMM).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct VcpuShares {
+    pub(super) running: f64,
+    pub(super) waiting: f64,
+    pub(super) paused: f64,
+    pub(super) rest: f64,
+}
+
+impl VcpuShares {
+    /// The PVM's (the baseline VM's) shares; `None` without a load window.
+    pub(super) fn primary(r: &PairReport) -> Option<Self> {
+        let window = r.load_secs * r.vcpus.max(1) as f64;
+        (window > 0.0).then(|| {
+            // Every vCPU stops for each pause; the pauses are those of the load window.
+            let paused = r.pauses_us.iter().sum::<u64>() as f64 / 1e6 * r.vcpus.max(1) as f64;
+            let running = r.vcpu_primary_load_s / window;
+            let waiting = r.vcpu_primary_wait_load_s / window;
+            let paused = (paused / window).min(1.0);
+            Self {
+                running,
+                waiting,
+                paused,
+                rest: (1.0 - running - waiting - paused).max(0.0),
+            }
+        })
+    }
+}
+
+/// A protected run's service against its baseline's, split into its two factors (their
+/// product is the ratio): how much of the load window the PVM's vCPUs ran, against the
+/// baseline VM's, and the baseline's vCPU CPU per reply against the PVM's.
+pub(super) fn service_factors(runs: &[Run], run: &Run) -> Option<(f64, f64)> {
+    let b = baseline(runs, run)?;
+    let (rb, rr) = (VcpuShares::primary(b)?, VcpuShares::primary(&run.report)?);
+    let (pb, pr) = (b.vcpu_us_per_reply()?.0, run.report.vcpu_us_per_reply()?.0);
+    (rb.running > 0.0 && pr > 0.0).then(|| (rr.running / rb.running, pb / pr))
+}
+
 /// The unprotected run of the same round and dirty rate.
-fn baseline<'a>(runs: &'a [Run], run: &Run) -> Option<&'a PairReport> {
+pub(super) fn baseline<'a>(runs: &'a [Run], run: &Run) -> Option<&'a PairReport> {
     runs.iter()
         .find(|r| r.kind == Kind::Unprotected && r.rate_mib == run.rate_mib && r.round == run.round)
         .map(|r| &r.report)
@@ -128,6 +170,45 @@ mod tests {
         assert_eq!(r.vcpu_us_per_reply(), Some((250.0, 125.0)));
         r.replies = 0;
         assert_eq!(r.vcpu_us_per_reply(), None);
+    }
+
+    #[test]
+    fn the_service_ratio_is_the_product_of_its_factors() {
+        let report = |replies, vcpu, wait, pauses_us| PairReport {
+            replies,
+            load_secs: 10.0,
+            vcpu_primary_load_s: vcpu,
+            vcpu_primary_wait_load_s: wait,
+            pauses_us,
+            vcpus: 1,
+            ..PairReport::default()
+        };
+        let colo = Kind::Protected(Mode::Colo);
+        let runs = [
+            Run {
+                round: 1,
+                kind: Kind::Unprotected,
+                rate_mib: 10,
+                report: report(100_000, 9.0, 0.5, Vec::new()),
+            },
+            Run {
+                round: 1,
+                kind: colo,
+                rate_mib: 10,
+                report: report(50_000, 6.0, 2.0, vec![500_000, 500_000]),
+            },
+        ];
+        let s = VcpuShares::primary(&runs[1].report).unwrap();
+        assert!((s.running - 0.6).abs() < 1e-9);
+        assert!((s.waiting - 0.2).abs() < 1e-9);
+        assert!((s.paused - 0.1).abs() < 1e-9);
+        assert!((s.rest - 0.1).abs() < 1e-9);
+        let (busy, cost) = service_factors(&runs, &runs[1]).unwrap();
+        // Ran 6 of the baseline's 9 s; 90 us per reply against 120.
+        assert!((busy - 6.0 / 9.0).abs() < 1e-9);
+        assert!((cost - 90.0 / 120.0).abs() < 1e-9);
+        assert!((busy * cost - ratio(&runs, &runs[1]).unwrap()).abs() < 1e-9);
+        assert_eq!(VcpuShares::primary(&PairReport::default()), None);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 use colo_machine::SCRATCH_GPA;
 
-use super::stats::{Steady, median_range, over_rounds, ratio};
+use super::stats::{
+    Steady, VcpuShares, baseline, median_range, over_rounds, ratio, service_factors,
+};
 use super::{
     COLO_THROUGHPUT_RATE_MIB, COLO_THROUGHPUT_TARGET, ColoBenchArgs, GIB, Kind, MIB, PAGE,
     PAGES_PER_MIB, PAUSE_TARGET_MS, PAUSE_TARGET_RATE_MIB, Run, THROUGHPUT_TARGET, mode_name,
@@ -22,6 +24,7 @@ fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
 pub(super) fn print_table(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
     print_runs(args, runs, cpus);
     print_notes(args, runs, cpus);
+    print_service_factors(args, runs);
     print_targets(args, runs);
 }
 
@@ -217,6 +220,56 @@ fn print_notes(args: &ColoBenchArgs, runs: &[Run], cpus: usize) {
     }
 }
 
+/// Where each protected run's service went, against its baseline's, measured in the same
+/// run: the ratio is (how much of the load window the PVM's vCPUs ran) x (the CPU they
+/// took per reply), each against the unprotected VM's; and how the PVM's vCPUs spent the
+/// window they did not run.
+fn print_service_factors(args: &ColoBenchArgs, runs: &[Run]) {
+    let pct = |s: &VcpuShares| {
+        format!(
+            "running {:.0}%, waiting for a CPU {:.0}%, paused {:.0}%, halted or blocked {:.0}%",
+            s.running * 100.0,
+            s.waiting * 100.0,
+            s.paused * 100.0,
+            s.rest * 100.0
+        )
+    };
+    let mut heading = true;
+    for r in runs.iter().filter(|r| r.kind != Kind::Unprotected) {
+        let (Some(v), Some((busy, cost)), Some(b)) =
+            (ratio(runs, r), service_factors(runs, r), baseline(runs, r))
+        else {
+            continue;
+        };
+        let (Some(sr), Some(sb)) = (VcpuShares::primary(&r.report), VcpuShares::primary(b)) else {
+            continue;
+        };
+        let (Some(pr), Some(pb)) = (r.report.vcpu_us_per_reply(), b.vcpu_us_per_reply()) else {
+            continue;
+        };
+        if heading {
+            println!(
+                "\nWhere the service went (each protected run against the unprotected run of \
+                 its round; the ratio = the vCPU's running share x its CPU per reply, each \
+                 against the baseline's):"
+            );
+            heading = false;
+        }
+        println!(
+            "  {} {} MiB/s: {:.0}% = ran {:.2} of the baseline's time (x{busy:.2}) x {:.0} us \
+             per reply against {:.0} (x{cost:.2}); PVM vCPU {}; unprotected VM {}",
+            r.name(args.rounds),
+            r.rate_mib,
+            v * 100.0,
+            busy,
+            pr.0,
+            pb.0,
+            pct(&sr),
+            pct(&sb)
+        );
+    }
+}
+
 /// The verdict on each target: pause p99 per mode, periodic throughput per dirty rate.
 fn print_targets(args: &ColoBenchArgs, runs: &[Run]) {
     println!();
@@ -385,9 +438,7 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
         .filter(|r| r.kind == colo && r.rate_mib == COLO_THROUGHPUT_RATE_MIB)
     {
         let (rep, secs) = (&r.report, r.report.load_secs.max(1e-9));
-        let base = runs.iter().find(|b| {
-            b.kind == Kind::Unprotected && b.rate_mib == r.rate_mib && b.round == r.round
-        });
+        let base = baseline(runs, r);
         let out = (rep.matched_tcp_bytes + rep.svm_skipped_bytes).max(1) as f64;
         println!(
             "  {}: PVM {:.2} + SVM {:.2} + proxy and client {:.2} CPUs busy over the load, \
@@ -400,11 +451,11 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
             base.map_or_else(
                 || "-".into(),
                 |b| {
-                    let s = b.report.load_secs.max(1e-9);
+                    let s = b.load_secs.max(1e-9);
                     format!(
                         "the VM {:.2} + proxy and client {:.2}",
-                        b.report.cpu_primary_load_s / s,
-                        b.report.cpu_pair_load_s / s
+                        b.cpu_primary_load_s / s,
+                        b.cpu_pair_load_s / s
                     )
                 }
             ),
