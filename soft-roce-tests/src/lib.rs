@@ -334,7 +334,8 @@ fn check(cond: bool, what: impl Into<String>) -> Result<()> {
 }
 
 /// Random page sets over `epochs` epochs: after each commit the receiver's region matches
-/// a model of every page byte for byte, and the commit's bitmap is exactly the set sent.
+/// a model of every page byte for byte, and the commit's bitmap is exactly the set sent;
+/// then the sender closes, and the receiver sees it.
 ///
 /// # Errors
 /// The first transport error or mismatch.
@@ -385,7 +386,16 @@ pub fn random_pages_land_and_commit<F: Fabric>(f: &F, pages: u64, epochs: u64) -
         }
         rx.release(epoch)?;
     }
-    Ok(())
+    // An orderly end: the receiver's next wait returns the sender's close.
+    tx.close()?;
+    let end = rx.next_commit(T);
+    check(
+        matches!(
+            end,
+            Err(Error::Frame(colo_transport::framing::Error::PeerClosed))
+        ),
+        format!("after the sender's close the receiver got {end:?}"),
+    )
 }
 
 /// A descriptor with a wrong rkey: the first write fails ([`Fabric::refusal`]), no

@@ -26,7 +26,7 @@ pub fn hello(data: &[u8]) {
     }
 }
 
-/// Decodes `data` as a verbs push message (commit, release or address): the first four bytes are
+/// Decodes `data` as a verbs push message (commit, release, close or address): the first four bytes are
 /// the immediate data, the rest the message. A valid message re-encodes to the same bytes.
 pub fn verbs_message(data: &[u8]) {
     use crate::verbs::message::{self, Message};
@@ -42,6 +42,7 @@ pub fn verbs_message(data: &[u8]) {
         }) => message::encode_commit(&mut again, epoch, bytes, &bitmap),
         Ok(Message::Release { epoch }) => message::encode_release(&mut again, epoch),
         Ok(Message::Address { name }) => message::encode_address(&mut again, &name),
+        Ok(Message::Close { epoch }) => message::encode_close(&mut again, epoch),
         Err(_) => return,
     }
     assert_eq!(again, msg);

@@ -332,7 +332,7 @@ struct Cq {
 }
 
 /// The longest nap between empty reads of a completion queue that cannot block.
-const MAX_NAP: Duration = Duration::from_micros(500);
+const MAX_NAP: Duration = Duration::from_micros(50);
 
 impl Cq {
     fn fid(&self) -> *mut sys::fid {

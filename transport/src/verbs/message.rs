@@ -5,6 +5,9 @@
 //!   receiver can see it. The immediate carries E's low 32 bits; the payload carries the full
 //!   epoch, the payload byte count and the epoch's page bitmap.
 //! - **release** (receiver → sender): epoch E has been applied; writes of E+1 may land.
+//! - **close** (sender → receiver): the session ends in order.
+//! - **address** (sender → receiver, first): the sender's endpoint name, where endpoints
+//!   are not connected (libfabric's reliable datagram endpoints).
 //!
 //! Layout (little-endian): magic `u32`, version `u16`, kind `u16`, epoch `u64`, bytes `u64`,
 //! bitmap words `u32`, reserved `u32` (zero), then the bitmap words. The decoder treats the
@@ -31,6 +34,7 @@ enum Kind {
     Commit = 1,
     Release = 2,
     Address = 3,
+    Close = 4,
 }
 
 impl framing::Protocol for Kind {
@@ -71,6 +75,12 @@ pub enum Message {
         /// The epoch.
         epoch: u64,
     },
+    /// The sender ends the session in order; `epoch` is its open (uncommitted) epoch.
+    /// Reliable datagram endpoints have no connection whose end the receiver would see.
+    Close {
+        /// The sender's open epoch.
+        epoch: u64,
+    },
     /// The sender's endpoint name, its first message where endpoints are not connected
     /// (libfabric's reliable datagram endpoints): the receiver answers to that address.
     Address {
@@ -109,6 +119,11 @@ pub fn encode_commit(out: &mut Vec<u8>, epoch: u64, bytes: u64, bitmap: &[u64]) 
 /// Encodes a release into `out` (cleared first).
 pub fn encode_release(out: &mut Vec<u8>, epoch: u64) {
     header(out, Kind::Release, epoch, 0, 0);
+}
+
+/// Encodes a close into `out` (cleared first); its immediate is the epoch's low bits.
+pub fn encode_close(out: &mut Vec<u8>, epoch: u64) {
+    header(out, Kind::Close, epoch, 0, 0);
 }
 
 /// Encodes an address message into `out` (cleared first); its immediate is 0.
@@ -182,6 +197,10 @@ pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
         Kind::Release => Err(Error::Protocol(
             "push message: a release carries no bitmap or byte count".into(),
         )),
+        Kind::Close if words == 0 && bytes == 0 => Ok(Message::Close { epoch }),
+        Kind::Close => Err(Error::Protocol(
+            "push message: a close carries no bitmap or byte count".into(),
+        )),
         Kind::Address => unreachable!("decoded above"),
     }
 }
@@ -210,6 +229,10 @@ mod tests {
             decode(&b, 0, 0).unwrap(),
             Message::Release { epoch: 1 << 40 }
         );
+        encode_close(&mut b, 9);
+        assert_eq!(decode(&b, 9, 0).unwrap(), Message::Close { epoch: 9 });
+        b[16] = 1;
+        assert!(matches!(decode(&b, 9, 0), Err(Error::Protocol(_))));
     }
 
     #[test]

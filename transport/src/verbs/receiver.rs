@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::message::{self, Message};
 use super::{Endpoint, POLL_SLICE, Wc, WcStatus};
 use crate::error::{Error, Result};
+use crate::framing;
 use crate::push::{EpochCommit, PushReceiver, RegionDesc};
 
 const RELEASE_ID: u64 = 1 << 62;
@@ -100,6 +101,11 @@ impl<E: Endpoint> PushReceiver for VerbsReceiver<E> {
             Ok(m) => m,
             Err(e) => return Err(self.fail(e)),
         };
+        if let Message::Close { .. } = m {
+            // The sender's orderly end, as a TCP stream's goodbye.
+            self.closed = true;
+            return Err(framing::Error::PeerClosed.into());
+        }
         let Message::Commit {
             epoch,
             bytes,

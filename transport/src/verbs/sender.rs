@@ -190,6 +190,33 @@ impl<E: Endpoint> VerbsSender<E> {
         })
     }
 
+    /// Ends the session in order: every posted write completes, then a close message
+    /// tells the receiver, whose next wait returns the peer's close
+    /// ([`framing::Error::PeerClosed`]), as a TCP push's goodbye does. A reliable datagram
+    /// endpoint has no connection whose end the receiver would otherwise see.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after a failure, or the error of the fence or of the send.
+    pub fn close(mut self) -> Result<()> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        self.fence()?;
+        let epoch = self.epoch;
+        message::encode_close(&mut self.msg, epoch);
+        if let Err(e) = self
+            .ep
+            .post_send(COMMIT_ID | epoch, epoch as u32, &self.msg)
+        {
+            return Err(self.fail(e));
+        }
+        while self.commit_done < epoch {
+            self.reap()?;
+        }
+        self.closed = true;
+        Ok(())
+    }
+
     /// A handle that ends this sender's waits from another thread.
     pub fn abort_handle(&self) -> VerbsAbort {
         VerbsAbort(Arc::clone(&self.abort))

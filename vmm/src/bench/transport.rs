@@ -305,18 +305,17 @@ impl Tx {
         }
     }
 
-    /// Ends the session: TCP says goodbye on every stream; a libfabric endpoint closes,
-    /// which the receiver sees as the connection's shutdown.
+    /// Ends the session: TCP says goodbye on every stream; the libfabric sender sends its
+    /// close message (a reliable datagram endpoint has no connection to shut down).
     fn close(self) -> Result<()> {
         match self {
             Self::Tcp(t) => t
                 .close()
                 .map_err(Error::transport("closing the push sender")),
             #[cfg(feature = "ofi")]
-            Self::Ofi(t) => {
-                drop(t);
-                Ok(())
-            }
+            Self::Ofi(t) => t
+                .close()
+                .map_err(Error::transport("closing the libfabric push sender")),
         }
     }
 }
