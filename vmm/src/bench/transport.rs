@@ -162,6 +162,7 @@ pub fn run(plan: &Plan) -> Result<()> {
         batch_bytes: plan.opts.batch_bytes,
         batch_runs: plan.opts.batch_runs,
         seed: plan.seed,
+        ofi_provider: plan.ofi.clone(),
         cases: results,
     };
     if plan.json {
