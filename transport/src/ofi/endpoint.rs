@@ -133,6 +133,12 @@ impl Info {
         unsafe { (*self.get().domain_attr).mr_mode as u32 }
     }
 
+    /// Bytes of the keys the provider takes (1 to 8 colo asks for).
+    fn mr_key_size(&self) -> usize {
+        // SAFETY: every fi_info from libfabric has its domain attributes.
+        unsafe { (*self.get().domain_attr).mr_key_size }.clamp(1, 8)
+    }
+
     fn provider(&self) -> String {
         // SAFETY: fabric attributes and their prov_name are set by libfabric.
         unsafe {
@@ -464,17 +470,23 @@ fn open_av(domain: &Arc<Domain>, info: &Info) -> Result<Arc<Av>> {
     Ok(Arc::new(Object::new(av, vec![domain.clone() as Parent])))
 }
 
-/// Registers `len` bytes at `addr` (owned by `owner`, kept alive by the registration).
+/// Bytes of the random key asked for a buffer only this side reads or writes.
+const LOCAL_KEY_BYTES: usize = 4;
+
+/// Registers `len` bytes at `addr` (owned by `owner`, kept alive by the registration),
+/// asking a random key of `key_bytes` bytes (at most 8) unless the provider picks keys.
 fn register(
     domain: &Arc<Domain>,
     owner: Parent,
     addr: *mut u8,
     len: usize,
     access: u64,
+    key_bytes: usize,
 ) -> Result<Arc<Mr>> {
-    let mut key = [0u8; 4];
+    let mut key = [0u8; 8];
     // A fresh key per registration, so a key from an earlier connection never matches.
-    getrandom::fill(&mut key).map_err(|e| Error::Protocol(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut key[..key_bytes.clamp(1, 8)])
+        .map_err(|e| Error::Protocol(format!("no randomness: {e}")))?;
     let mut mr = ptr::null_mut();
     // SAFETY: live domain; `addr..addr+len` is mapped memory kept alive by `owner`, which
     // the registration holds until it is closed.
@@ -485,7 +497,7 @@ fn register(
             len,
             access,
             0,
-            u64::from(u32::from_ne_bytes(key)),
+            u64::from_le_bytes(key),
             0,
             &mut mr,
             ptr::null_mut(),
@@ -583,6 +595,7 @@ impl Buf {
             mem.as_ptr(),
             mem.len(),
             access,
+            LOCAL_KEY_BYTES,
         )?;
         Ok(Self { mem, mr })
     }
@@ -684,13 +697,15 @@ impl OfiListener {
                 (Listening::Msg { pep, eq }, domain, port)
             }
         };
-        // Remote write and nothing else: never remote read.
+        // Remote write and nothing else: never remote read. The key is as wide as the
+        // provider's keys go (up to 64 bits): it is what keeps other writers out.
         let region_mr = register(
             &domain,
             region.clone() as Parent,
             region.as_ptr(),
             region.len(),
             u64::from(sys::FI_REMOTE_WRITE),
+            info.mr_key_size(),
         )?;
         let name = match &listening {
             Listening::Rdm(Some(ep)) => ep.name()?,
@@ -882,6 +897,7 @@ pub fn connect_endpoint(
         source.as_ptr(),
         source.len(),
         u64::from(sys::FI_WRITE),
+        LOCAL_KEY_BYTES,
     ) {
         Ok(mr) => Local::Source(mr, source),
         Err(e) => {
@@ -1171,6 +1187,7 @@ impl OfiEndpoint {
             max_send_wr: (opts.send_queue as usize).min(tx_attr.size).max(2),
             max_msg: ep_attr.max_msg_size as u64,
             recv_len,
+            wide_keys: true,
         };
         let tx = open_cq(domain, caps.max_send_wr + RECV_DEPTH)?;
         let rx = open_cq(domain, RECV_DEPTH * 2)?;
@@ -1529,7 +1546,7 @@ impl Endpoint for OfiEndpoint {
             rmas.push(sys::fi_rma_iov {
                 addr: wr.remote_addr,
                 len: wr.len(sges) as usize,
-                key: u64::from(wr.rkey),
+                key: wr.rkey,
             });
             let last = n + 1 == wrs.len();
             let next_fits = wrs.get(n + 1).is_some_and(|next| {

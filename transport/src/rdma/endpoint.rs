@@ -292,6 +292,7 @@ fn create_qp(id: *mut rdma_cm_id, pd: &Pd, opts: &RdmaOptions, max_msg: u64) -> 
         max_send_wr: attr.cap.max_send_wr.min(asked) as usize,
         max_msg: if max_msg == 0 { 1 << 30 } else { max_msg },
         recv_len: 0,
+        wide_keys: false,
     })
 }
 
@@ -887,7 +888,13 @@ impl Endpoint for RdmaEndpoint {
             };
             wr.wr.rdma = rdma_t {
                 remote_addr: w.remote_addr,
-                rkey: w.rkey,
+                // The sender checked the key against a verbs rkey (no wide keys here).
+                rkey: u32::try_from(w.rkey).map_err(|_| {
+                    Error::Post(format!(
+                        "remote key {:#x} is wider than a verbs rkey",
+                        w.rkey
+                    ))
+                })?,
             };
             self.wrs.push(wr);
         }

@@ -117,7 +117,7 @@ pub struct WriteWr {
     /// The remote address.
     pub remote_addr: u64,
     /// The remote key.
-    pub rkey: u32,
+    pub rkey: u64,
     /// Index of the first SGE.
     pub first_sge: usize,
     /// Number of SGEs.
@@ -156,6 +156,9 @@ pub struct Caps {
     pub max_msg: u64,
     /// Size of each posted receive buffer (the largest message this side can receive).
     pub recv_len: usize,
+    /// Whether writes carry remote keys wider than a verbs rkey (32 bits): libfabric keys
+    /// are 64 bits.
+    pub wide_keys: bool,
 }
 
 /// One side of a connected RC queue pair, as the pipeline uses it.

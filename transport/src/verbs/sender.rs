@@ -78,7 +78,7 @@ struct Building {
 pub struct VerbsSender<E: Endpoint> {
     ep: E,
     remote: RegionDesc,
-    rkey: u32,
+    rkey: u64,
     source: Arc<Region>,
     opts: VerbsOptions,
     caps: Caps,
@@ -123,7 +123,8 @@ impl<E: Endpoint> VerbsSender<E> {
     /// whose first epoch is `first_epoch` (the receiver has released `first_epoch - 1`).
     ///
     /// # Errors
-    /// [`Error::Protocol`] for a remote key wider than a verbs rkey, or bounce buffers too
+    /// [`Error::Protocol`] for a remote key wider than the endpoint's keys (a verbs rkey
+    /// is 32 bits, a libfabric key 64), or bounce buffers too
     /// small to hold one page per in-flight request.
     pub fn new(
         ep: E,
@@ -132,8 +133,12 @@ impl<E: Endpoint> VerbsSender<E> {
         first_epoch: u64,
         opts: VerbsOptions,
     ) -> Result<Self> {
-        let rkey = rkey_of(remote.key)?;
         let caps = ep.caps();
+        let rkey = if caps.wide_keys {
+            remote.key
+        } else {
+            u64::from(rkey_of(remote.key)?)
+        };
         if caps.max_send_wr < 2 || caps.max_sge == 0 {
             return Err(Error::Protocol(format!(
                 "queue pair too small: {} send requests, {} SGEs",
@@ -541,6 +546,8 @@ mod tests {
     /// an error status at `fail_at`, and logs everything.
     #[derive(Debug, Default)]
     struct Script {
+        /// Caps::wide_keys.
+        wide_keys: bool,
         log: Vec<Event>,
         pending: VecDeque<(u64, bool)>,
         posted: u64,
@@ -555,6 +562,7 @@ mod tests {
                 max_send_wr: 16,
                 max_msg: 1 << 20,
                 recv_len: 64,
+                wide_keys: self.wide_keys,
             }
         }
         fn bounce(&self) -> Option<&Region> {
@@ -620,6 +628,34 @@ mod tests {
             ..Script::default()
         };
         VerbsSender::new(ep, remote, src, 1, opts).unwrap()
+    }
+
+    /// A key wider than 32 bits is refused by an endpoint with verbs rkeys and carried
+    /// whole by one with wide (libfabric) keys.
+    #[test]
+    fn keys_wider_than_an_rkey_need_an_endpoint_with_wide_keys() {
+        let src = Arc::new(Region::anonymous(4 * 4096).unwrap());
+        let remote = RegionDesc {
+            addr: 0,
+            key: (1 << 40) | 5,
+            len: 4 * 4096,
+            page_size: 4096,
+            port: 0,
+            name: crate::push::EndpointName::EMPTY,
+        };
+        let narrow = Script::default();
+        assert!(matches!(
+            VerbsSender::new(narrow, remote, Arc::clone(&src), 1, VerbsOptions::default()),
+            Err(Error::Protocol(_))
+        ));
+        let wide = Script {
+            wide_keys: true,
+            ..Script::default()
+        };
+        let mut tx = VerbsSender::new(wide, remote, src, 1, VerbsOptions::default()).unwrap();
+        tx.post(&[WriteRun::pages(1, 1, 4096)]).unwrap();
+        tx.flush_chain().unwrap();
+        assert_eq!(tx.rkey, remote.key);
     }
 
     /// 40 separate pages: 40 requests, every 4th signaled, never more than 8 in flight,

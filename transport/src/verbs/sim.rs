@@ -138,6 +138,7 @@ pub fn connect(
         max_send_wr: cfg.max_send_wr,
         max_msg: cfg.max_msg,
         recv_len,
+        wide_keys: false,
     };
     let local = match &bounce {
         Some(b) => (None, Some(Arc::clone(b))),
@@ -423,7 +424,7 @@ impl Nic {
             .remote_addr
             .checked_sub(base)
             .is_some_and(|off| t.region.check(off, len).is_ok());
-        if w.rkey != t.rkey || !in_bounds {
+        if w.rkey != u64::from(t.rkey) || !in_bounds {
             // The responder NAKs: its queue pair goes to error too, flushing its receives.
             let flushed = || Error::Completion {
                 what: "a posted receive (the peer's request violated the region's access rules)",
