@@ -179,7 +179,14 @@ fn getinfo(
         h.caps = u64::from(sys::FI_MSG | sys::FI_RMA | sys::FI_WRITE | sys::FI_REMOTE_WRITE);
         h.mode = 0;
         (*h.ep_attr).type_ = ep_type;
-        (*h.domain_attr).mr_mode = MR_MODES as c_int;
+        // Registrations bound to the endpoint: on reliable datagram endpoints only, where
+        // the endpoint exists before anything is registered (cxi needs it).
+        let endpoint_mrs = if ep_type == sys::fi_ep_type_FI_EP_RDM {
+            sys::FI_MR_ENDPOINT
+        } else {
+            0
+        };
+        (*h.domain_attr).mr_mode = (MR_MODES | endpoint_mrs) as c_int;
         (*h.domain_attr).threading = sys::fi_threading_FI_THREAD_SAFE;
         if let Some(p) = &opts.provider {
             let c = CString::new(p.as_str())
@@ -382,6 +389,7 @@ impl Cq {
 }
 type Mr = Object<sys::fid_mr>;
 type Av = Object<sys::fid_av>;
+type Ep = Object<sys::fid_ep>;
 
 fn open_fabric(info: &Info) -> Result<Arc<Fabric>> {
     let mut f = ptr::null_mut();
@@ -475,13 +483,15 @@ const LOCAL_KEY_BYTES: usize = 4;
 
 /// Registers `len` bytes at `addr` (owned by `owner`, kept alive by the registration),
 /// asking a random key of `key_bytes` bytes (at most 8) unless the provider picks keys.
+/// Under `FI_MR_ENDPOINT` (`bind_to`) the registration is bound to the endpoint and
+/// enabled, and holds the endpoint, which therefore closes after it.
 fn register(
     domain: &Arc<Domain>,
     owner: Parent,
-    addr: *mut u8,
-    len: usize,
+    (addr, len): (*mut u8, usize),
     access: u64,
     key_bytes: usize,
+    bind_to: Option<&Arc<Ep>>,
 ) -> Result<Arc<Mr>> {
     let mut key = [0u8; 8];
     // A fresh key per registration, so a key from an earlier connection never matches.
@@ -511,10 +521,19 @@ fn register(
             message: strerror(code),
         }));
     }
-    Ok(Arc::new(Object::new(
-        mr,
-        vec![domain.clone() as Parent, owner],
-    )))
+    let mut parents = vec![domain.clone() as Parent, owner];
+    if let Some(ep) = bind_to {
+        parents.push(ep.clone() as Parent);
+    }
+    let mr = Arc::new(Object::new(mr, parents));
+    if let Some(ep) = bind_to {
+        // SAFETY: a live registration and endpoint of the same domain.
+        unsafe {
+            check("fi_mr_bind", sys::colo_fi_mr_bind(mr.ptr, ep.fid(), 0))?;
+            check("fi_mr_enable", sys::colo_fi_mr_enable(mr.ptr))?;
+        }
+    }
+    Ok(mr)
 }
 
 fn mr_key(mr: &Mr) -> u64 {
@@ -587,15 +606,20 @@ struct Buf {
 }
 
 impl Buf {
-    fn new(domain: &Arc<Domain>, len: usize, access: u64) -> Result<Self> {
+    fn new(
+        domain: &Arc<Domain>,
+        len: usize,
+        access: u64,
+        bind_to: Option<&Arc<Ep>>,
+    ) -> Result<Self> {
         let mem = Arc::new(Region::anonymous(len.max(1))?);
         let mr = register(
             domain,
             mem.clone() as Parent,
-            mem.as_ptr(),
-            mem.len(),
+            (mem.as_ptr(), mem.len()),
             access,
             LOCAL_KEY_BYTES,
+            bind_to,
         )?;
         Ok(Self { mem, mr })
     }
@@ -668,7 +692,6 @@ impl OfiListener {
                     &info,
                     opts,
                     (recv_len, message::HEADER_LEN),
-                    None,
                 )?;
                 ep.start_progress()?;
                 (Listening::Rdm(Some(Box::new(ep))), domain, 0)
@@ -699,13 +722,17 @@ impl OfiListener {
         };
         // Remote write and nothing else: never remote read. The key is as wide as the
         // provider's keys go (up to 64 bits): it is what keeps other writers out.
+        let bind_to = match &listening {
+            Listening::Rdm(Some(ep)) => ep.mr_endpoint(),
+            _ => None,
+        };
         let region_mr = register(
             &domain,
             region.clone() as Parent,
-            region.as_ptr(),
-            region.len(),
+            (region.as_ptr(), region.len()),
             u64::from(sys::FI_REMOTE_WRITE),
             info.mr_key_size(),
+            bind_to,
         )?;
         let name = match &listening {
             Listening::Rdm(Some(ep)) => ep.name()?,
@@ -726,6 +753,7 @@ impl OfiListener {
             port,
             name = ?desc.name,
             virt_addr = virt,
+            mr_endpoint = bind_to.is_some(),
             "libfabric push listener"
         );
         Ok(Self {
@@ -804,7 +832,6 @@ impl OfiListener {
             &req,
             &self.opts,
             (recv_len, message::HEADER_LEN),
-            None,
         )?;
         ep.region = Some(self.region_mr.clone());
         // SAFETY: an enabled endpoint from this request, with receives posted.
@@ -890,41 +917,42 @@ pub fn connect_endpoint(
     let provider = info.provider();
     let fabric = open_fabric(&info)?;
     let domain = open_domain(&fabric, &info)?;
-    // The source is only read by the provider.
-    let local = match register(
-        &domain,
-        source.clone() as Parent,
-        source.as_ptr(),
-        source.len(),
-        u64::from(sys::FI_WRITE),
-        LOCAL_KEY_BYTES,
-    ) {
-        Ok(mr) => Local::Source(mr, source),
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                bounce_bytes = opts.bounce_len,
-                "cannot register guest memory with libfabric; pushing through registered \
-                 bounce buffers"
-            );
-            let b = Buf::new(&domain, opts.bounce_len, u64::from(sys::FI_WRITE))?;
-            Local::Bounce(b.mr, b.mem)
-        }
-    };
     let send_len = message::commit_len(remote.bitmap_words()).max(message::ADDRESS_MAX_LEN);
     let link = if rdm {
         Link::Unconnected(open_av(&domain, &info)?)
     } else {
         Link::Connected(open_eq(&fabric)?)
     };
-    let mut ep = OfiEndpoint::open(
-        &domain,
-        link,
-        &info,
-        opts,
-        (message::HEADER_LEN, send_len),
-        Some(local),
-    )?;
+    let mut ep = OfiEndpoint::open(&domain, link, &info, opts, (message::HEADER_LEN, send_len))?;
+    // The source is only read by the provider.
+    let bind_to = ep.mr_endpoint().cloned();
+    ep.local = Some(
+        match register(
+            &domain,
+            source.clone() as Parent,
+            (source.as_ptr(), source.len()),
+            u64::from(sys::FI_WRITE),
+            LOCAL_KEY_BYTES,
+            bind_to.as_ref(),
+        ) {
+            Ok(mr) => Local::Source(mr, source),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    bounce_bytes = opts.bounce_len,
+                    "cannot register guest memory with libfabric; pushing through registered \
+                     bounce buffers"
+                );
+                let b = Buf::new(
+                    &domain,
+                    opts.bounce_len,
+                    u64::from(sys::FI_WRITE),
+                    bind_to.as_ref(),
+                )?;
+                Local::Bounce(b.mr, b.mem)
+            }
+        },
+    );
     if rdm {
         ep.start_progress()?;
         ep.insert_peer(&remote.name)?;
@@ -1024,7 +1052,8 @@ impl InOrder {
 /// One side of a libfabric push link: a connected `FI_EP_MSG` endpoint, or a reliable
 /// datagram (`FI_EP_RDM`) endpoint with its one peer in an address vector.
 pub struct OfiEndpoint {
-    ep: Object<sys::fid_ep>,
+    /// Shared with registrations bound to it (`FI_MR_ENDPOINT`), which close first.
+    ep: Arc<Ep>,
     link: Link,
     /// The peer's address in the address vector (unconnected endpoints; ignored when
     /// connected).
@@ -1037,6 +1066,8 @@ pub struct OfiEndpoint {
     /// Remote ranges per write the provider takes.
     rma_iov_limit: usize,
     local_mr: bool,
+    /// Registrations must be bound to this endpoint (`FI_MR_ENDPOINT`).
+    mr_endpoint: bool,
     local: Option<Local>,
     send: Buf,
     recv: Buf,
@@ -1177,7 +1208,6 @@ impl OfiEndpoint {
         info: &Info,
         opts: &OfiOptions,
         (recv_len, send_len): (usize, usize),
-        local: Option<Local>,
     ) -> Result<Self> {
         let i = info.get();
         // SAFETY: libfabric fills the attributes of every info it returns.
@@ -1200,7 +1230,7 @@ impl OfiEndpoint {
             Link::Connected(eq) => (eq.clone(), eq.fid()),
             Link::Unconnected(av) => (av.clone(), av.fid()),
         };
-        let ep = Object::new(
+        let ep = Arc::new(Object::new(
             raw,
             vec![
                 tx.clone() as Parent,
@@ -1208,7 +1238,7 @@ impl OfiEndpoint {
                 bound,
                 domain.clone() as Parent,
             ],
-        );
+        ));
         // SAFETY: live endpoint, EQ or AV, and CQs; flags as libfabric documents them.
         unsafe {
             check(
@@ -1229,8 +1259,15 @@ impl OfiEndpoint {
             )?;
             check("fi_enable", sys::colo_fi_enable(ep.ptr))?;
         }
-        let send = Buf::new(domain, send_len, u64::from(sys::FI_SEND))?;
-        let recv = Buf::new(domain, recv_len * RECV_DEPTH, u64::from(sys::FI_RECV))?;
+        let mr_endpoint = info.mr_mode() & sys::FI_MR_ENDPOINT != 0;
+        let bind_to = mr_endpoint.then_some(&ep);
+        let send = Buf::new(domain, send_len, u64::from(sys::FI_SEND), bind_to)?;
+        let recv = Buf::new(
+            domain,
+            recv_len * RECV_DEPTH,
+            u64::from(sys::FI_RECV),
+            bind_to,
+        )?;
         let (events_tx, rx_events) = crossbeam_channel::unbounded();
         let in_order = matches!(link, Link::Unconnected(_)).then(InOrder::default);
         let mut e = Self {
@@ -1243,7 +1280,8 @@ impl OfiEndpoint {
             caps,
             rma_iov_limit: tx_attr.rma_iov_limit.max(1),
             local_mr: info.mr_mode() & sys::FI_MR_LOCAL != 0,
-            local,
+            mr_endpoint,
+            local: None,
             send,
             recv,
             recv_len,
@@ -1300,6 +1338,11 @@ impl OfiEndpoint {
             handle: Some(handle),
         });
         Ok(())
+    }
+
+    /// The endpoint registrations must be bound to (`FI_MR_ENDPOINT`), if they must.
+    fn mr_endpoint(&self) -> Option<&Arc<Ep>> {
+        self.mr_endpoint.then_some(&self.ep)
     }
 
     /// This endpoint's name (its address on the fabric).

@@ -104,7 +104,7 @@ pub enum OfiError {
     #[error(
         "libfabric provider {provider:?} offers no {kinds} endpoint with RMA writes and remote \
          CQ data under the MR modes colo handles (local, virtual address, allocated, provider \
-         keys; not FI_MR_ENDPOINT){hint}"
+         keys, and endpoint-bound on reliable datagram endpoints){hint}"
     )]
     NoRma {
         /// The provider (or "any").
