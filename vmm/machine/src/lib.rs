@@ -22,6 +22,7 @@ pub mod cpuid;
 pub mod devices;
 mod error;
 pub mod guest_image;
+pub mod kvm_stats;
 pub mod linux;
 pub mod memory;
 pub mod peer;
@@ -295,6 +296,9 @@ pub struct Machine {
     linux: bool,
     /// Instructions colo completed for the host's emulator.
     pub(crate) assists: Assists,
+    /// Each vCPU's counts of the page faults KVM took and of its exits (empty where the
+    /// kernel has no binary statistics). The runner takes them when it starts.
+    pub(crate) exit_counters: Vec<kvm_stats::VcpuCounters>,
 }
 
 /// Counts of the instructions colo completed because the host's KVM could not emulate
@@ -458,6 +462,11 @@ impl Machine {
         // After CPUID: which MSRs exist depends on the features the vCPU has (the same on
         // every vCPU).
         let saved_msrs = vcpu::saved_msrs(&kvm, &vcpus.lock(0))?;
+        // Every vCPU's or none: a partial sum would be a wrong figure.
+        let exit_counters = (0..vcpus.len())
+            .map(|i| kvm_stats::VcpuCounters::open(&vcpus.lock(i)))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         // Tracking starts here: the loader's writes (which marked their pages) are not
         // dirty pages of a checkpoint.
         let tracker = DirtyTracker::new(ram.mem().clone(), manual)?;
@@ -471,6 +480,7 @@ impl Machine {
         Ok(Self {
             vcpus,
             saved_msrs,
+            exit_counters,
             vm: Arc::new(vm),
             _kvm: kvm,
             devices,

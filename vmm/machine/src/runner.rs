@@ -91,6 +91,8 @@ struct Shared {
     pace: Arc<Pace>,
     /// The vCPU threads' kernel thread ids (0 until each runs).
     tids: Vec<AtomicI32>,
+    /// Each vCPU's counts of page faults and exits (empty without KVM statistics).
+    counters: Vec<crate::kvm_stats::VcpuCounters>,
 }
 
 impl Shared {
@@ -166,6 +168,7 @@ impl VmHandle {
         let n = machine.vcpus.len();
         let vcpus: Vec<SharedVcpu> = (0..n).map(|i| machine.vcpus.shared(i)).collect();
         let pace = Arc::clone(machine.devices.net.device.pace());
+        let counters = std::mem::take(&mut machine.exit_counters);
         let events = machine
             .devices
             .take_events()
@@ -191,6 +194,7 @@ impl VmHandle {
             dev_wake,
             pace,
             tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
+            counters,
         });
         let mut h = Self {
             shared: Arc::clone(&shared),
@@ -282,6 +286,21 @@ impl VmHandle {
     /// The number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.shared.wakes.len()
+    }
+
+    /// The page faults KVM took for the VM's vCPUs so far and their exits (KVM's binary
+    /// statistics `pf_taken` and `exits`; under dirty logging the faults are mostly the
+    /// write-protect faults of first writes after each collection), read without stopping
+    /// them; `None` where the kernel keeps no such statistics.
+    pub fn vcpu_exit_counts(&self) -> Option<crate::kvm_stats::ExitCounts> {
+        if self.shared.counters.is_empty() {
+            return None;
+        }
+        self.shared
+            .counters
+            .iter()
+            .map(crate::kvm_stats::VcpuCounters::read)
+            .sum()
     }
 
     /// Sets every vCPU thread's nice value (e.g. back to 0 when an SVM that ran at a low

@@ -76,6 +76,14 @@ pub struct EpochRecord {
     pub bytes: u64,
     /// Bytes of device state.
     pub state_bytes: u64,
+    /// The page faults KVM had taken for the PVM's vCPUs when the checkpoint committed,
+    /// since the VM started (`pf_taken`; mostly the write-protect faults of dirty
+    /// logging); absent where the kernel keeps no binary statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_faults: Option<u64>,
+    /// The PVM's vCPUs' exits from the guest by then (`exits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_exits: Option<u64>,
 }
 
 /// Opens `path` for appending checkpoint records (`--metrics`), creating it if needed.

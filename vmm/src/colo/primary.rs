@@ -857,6 +857,7 @@ impl Primary {
                 tracing::warn!(error = %e, "cannot mark the commit in the network output");
             }
         }
+        let counts = self.vm.vcpu_exit_counts();
         let rec = EpochRecord {
             epoch: self.epoch,
             at_ms: Some(
@@ -882,6 +883,8 @@ impl Primary {
             background_pages: self.bg_pages,
             bytes: stats.bytes + self.bg_bytes,
             state_bytes,
+            vcpu_faults: counts.map(|c| c.faults),
+            vcpu_exits: counts.map(|c| c.exits),
         };
         self.bg_pages = 0;
         self.bg_bytes = 0;

@@ -651,6 +651,8 @@ mod tests {
             background_pages: 7,
             bytes: 40_960,
             state_bytes: 100,
+            vcpu_faults: None,
+            vcpu_exits: None,
         }
     }
 

@@ -23,6 +23,15 @@ const LONG_SILENCE: std::time::Duration = std::time::Duration::from_millis(20);
 /// ...up to this many.
 const LONG_SILENCES_SHOWN: usize = 8;
 
+/// The PVM's vCPU page faults and exits so far at a checkpoint, and when it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ExitSnapshot {
+    pub(super) faults: u64,
+    pub(super) exits: u64,
+    /// Milliseconds since the primary started.
+    pub(super) at_ms: u64,
+}
+
 /// What the supervisor noted when the load ended, before it stopped the sides.
 pub(super) struct Ending {
     /// Seconds of client load.
@@ -38,10 +47,24 @@ pub(super) struct Ending {
     /// This process's CPU seconds (proxy, client, supervisor) when the load started and
     /// when it ended.
     pub(super) own_cpu: (f64, f64),
+    /// The PVM's vCPU page faults and exits at the last checkpoint before the load and at
+    /// the last before its end.
+    pub(super) exits: (Option<ExitSnapshot>, Option<ExitSnapshot>),
     /// The side serving at the end: "primary", "secondary" or "none".
     pub(super) active: &'static str,
     /// The client's acknowledged value of every key it wrote.
     pub(super) acked: HashMap<u64, u64>,
+}
+
+/// A count per second between two checkpoints' snapshots, if both were reported and time
+/// passed between them.
+fn per_s(
+    at: (Option<ExitSnapshot>, Option<ExitSnapshot>),
+    count: fn(&ExitSnapshot) -> u64,
+) -> Option<f64> {
+    let (a, b) = (at.0?, at.1?);
+    (b.at_ms > a.at_ms)
+        .then(|| count(&b).saturating_sub(count(&a)) as f64 / ((b.at_ms - a.at_ms) as f64 / 1e3))
 }
 
 /// The run's figures, gathered once the proxy has stopped.
@@ -363,6 +386,8 @@ fn json(
         "vcpu_primary_load_s": (end.vcpu.0 - end.vcpu_at_start.0).cpu_s,
         "vcpu_secondary_load_s": (end.vcpu.1 - end.vcpu_at_start.1).cpu_s,
         "vcpu_primary_wait_load_s": (end.vcpu.0 - end.vcpu_at_start.0).wait_s,
+        "vcpu_primary_faults_per_s": per_s(end.exits, |c| c.faults),
+        "vcpu_primary_exits_per_s": per_s(end.exits, |c| c.exits),
         "vcpu_secondary_wait_load_s": (end.vcpu.1 - end.vcpu_at_start.1).wait_s,
         "cpu_pair_load_s": end.own_cpu.1 - end.own_cpu.0,
         "svm_discarded_bytes": f.pm.secondary_discarded_bytes,
@@ -373,4 +398,25 @@ fn json(
         o.extend(more);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_need_two_snapshots_apart_in_time() {
+        let at = |faults, exits, at_ms| {
+            Some(ExitSnapshot {
+                faults,
+                exits,
+                at_ms,
+            })
+        };
+        let two = (at(1000, 10, 2000), at(4000, 510, 2500));
+        assert_eq!(per_s(two, |c| c.faults), Some(6000.0));
+        assert_eq!(per_s(two, |c| c.exits), Some(1000.0));
+        assert_eq!(per_s((None, two.1), |c| c.faults), None);
+        assert_eq!(per_s((at(1, 1, 2500), two.1), |c| c.faults), None);
+    }
 }

@@ -74,6 +74,7 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     let cpu_at_start = (sup.primary.cpu_secs(), sup.secondary.cpu_secs());
     let vcpu_at_start = (sup.primary.vcpu_times(), sup.secondary.vcpu_times());
     let own_at_start = super::child::own_cpu_secs();
+    let exits_at_start = last_exits(&sup.shared);
     let client = start_client(a.pipeline, a.vcpus, clients, &stats, &stop);
     let start = Instant::now();
     let timeline = sup.watch(start, &stats)?;
@@ -81,9 +82,22 @@ pub(super) fn run(a: &PairArgs, dir: &Path) -> Result<(), ColoError> {
     ending.cpu_at_start = cpu_at_start;
     ending.vcpu_at_start = vcpu_at_start;
     ending.own_cpu.0 = own_at_start;
+    ending.exits.0 = exits_at_start;
     let Supervisor { shared, proxy, .. } = sup;
     proxy_metrics.stop();
     summary::report(a, dir, &shared, proxy, &stats, &timeline, &ending)
+}
+
+/// The PVM's vCPU page faults and exits at the last committed checkpoint, with when it
+/// was taken, if the primary reports them.
+fn last_exits(shared: &Shared) -> Option<super::summary::ExitSnapshot> {
+    let last = lock(&shared.last);
+    let r = last.as_ref()?;
+    Some(super::summary::ExitSnapshot {
+        faults: r.vcpu_faults?,
+        exits: r.vcpu_exits?,
+        at_ms: r.at_ms?,
+    })
 }
 
 /// The primary process has ended: noted (the first time) with the moment, the client
@@ -349,6 +363,7 @@ impl<'a> Supervisor<'a> {
         let cpu = (self.primary.cpu_secs(), self.secondary.cpu_secs());
         let vcpu = (self.primary.vcpu_times(), self.secondary.vcpu_times());
         let own = super::child::own_cpu_secs();
+        let exits = last_exits(&self.shared);
         let active = match (self.primary.alive(), t.failover_done) {
             (_, true) => "secondary",
             (true, false) => "primary",
@@ -367,6 +382,7 @@ impl<'a> Supervisor<'a> {
             vcpu,
             vcpu_at_start: (VcpuTimes::default(), VcpuTimes::default()),
             own_cpu: (0.0, own),
+            exits: (None, exits),
             active,
             acked,
         }

@@ -172,6 +172,11 @@ struct PairReport {
     vcpu_secondary_wait_load_s: f64,
     /// vCPUs of each VM.
     vcpus: u64,
+    /// The PVM's vCPU page faults per second over the load (KVM's `pf_taken`), where the
+    /// kernel reports them; protected runs only.
+    vcpu_primary_faults_per_s: Option<f64>,
+    /// The PVM's vCPU exits per second over the load (KVM's `exits`).
+    vcpu_primary_exits_per_s: Option<f64>,
     /// CPU seconds of the PVM process (the baseline's VM in an unprotected run) over the
     /// client load.
     cpu_primary_load_s: f64,

@@ -255,9 +255,10 @@ fn print_service_factors(args: &ColoBenchArgs, runs: &[Run]) {
             );
             heading = false;
         }
+        let faults = exit_figures(runs, r);
         println!(
             "  {} {} MiB/s: {:.0}% = ran {:.2} of the baseline's time (x{busy:.2}) x {:.0} us \
-             per reply against {:.0} (x{cost:.2}); PVM vCPU {}; unprotected VM {}",
+             per reply against {:.0} (x{cost:.2}); PVM vCPU {}; unprotected VM {}{faults}",
             r.name(args.rounds),
             r.rate_mib,
             v * 100.0,
@@ -268,6 +269,48 @@ fn print_service_factors(args: &ColoBenchArgs, runs: &[Run]) {
             pct(&sb)
         );
     }
+}
+
+/// A protected run's vCPU page faults and exits per second, and what one fault cost the
+/// PVM's vCPU: the slope of its CPU per reply over its faults per reply, against the run
+/// of the same mode and round at the lowest dirty rate (both measured in this bench).
+fn exit_figures(runs: &[Run], r: &Run) -> String {
+    let (Some(f), Some(x)) = (
+        r.report.vcpu_primary_faults_per_s,
+        r.report.vcpu_primary_exits_per_s,
+    ) else {
+        return String::new();
+    };
+    let per_reply = |run: &Run| -> Option<(f64, f64)> {
+        let rep = &run.report;
+        let f = rep.vcpu_primary_faults_per_s?;
+        (rep.replies > 0).then(|| {
+            (
+                rep.vcpu_primary_load_s / rep.replies as f64,
+                f * rep.load_secs / rep.replies as f64,
+            )
+        })
+    };
+    let low = runs
+        .iter()
+        .filter(|o| o.kind == r.kind && o.round == r.round && o.rate_mib < r.rate_mib)
+        .min_by_key(|o| o.rate_mib);
+    let cost = match (low.and_then(per_reply), per_reply(r)) {
+        (Some((c0, f0)), Some((c1, f1))) if f1 > f0 && c1 > c0 => format!(
+            "; {:.1} us of vCPU CPU per fault (against {} MiB/s: {:.1} more faults and {:.0} \
+             us more CPU per reply)",
+            (c1 - c0) / (f1 - f0) * 1e6,
+            low.map_or(0, |l| l.rate_mib),
+            f1 - f0,
+            (c1 - c0) * 1e6
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "; PVM vCPU page faults {:.1}k/s, exits {:.1}k/s{cost}",
+        f / 1e3,
+        x / 1e3
+    )
 }
 
 /// The verdict on each target: pause p99 per mode, periodic throughput per dirty rate.
@@ -467,4 +510,46 @@ fn print_colo_targets(args: &ColoBenchArgs, runs: &[Run]) {
 
 fn met(ok: bool) -> &'static str {
     if ok { "MET" } else { "NOT MET" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::colo::PairReport;
+
+    fn periodic(rate_mib: u64, replies: u64, vcpu: f64, faults: f64) -> Run {
+        Run {
+            round: 1,
+            kind: Kind::Protected(Mode::Periodic),
+            rate_mib,
+            report: PairReport {
+                replies,
+                load_secs: 10.0,
+                vcpu_primary_load_s: vcpu,
+                vcpu_primary_faults_per_s: Some(faults),
+                vcpu_primary_exits_per_s: Some(faults * 2.0),
+                ..PairReport::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_fault_costs_the_slope_of_cpu_over_faults_per_reply() {
+        // 10 000 replies each: 100 and 300 us of vCPU per reply; 1 and 5 faults per reply.
+        let runs = [
+            periodic(0, 10_000, 1.0, 1_000.0),
+            periodic(100, 10_000, 3.0, 5_000.0),
+        ];
+        let text = exit_figures(&runs, &runs[1]);
+        assert!(text.contains("page faults 5.0k/s, exits 10.0k/s"), "{text}");
+        // 200 us more over 4 more faults per reply: 50 us each.
+        assert!(text.contains("50.0 us of vCPU CPU per fault"), "{text}");
+        assert!(text.contains("against 0 MiB/s"), "{text}");
+        // The lowest rate has nothing to compare with.
+        assert!(!exit_figures(&runs, &runs[0]).contains("per fault"));
+        // Without the kernel's counters, nothing is said.
+        let mut bare = periodic(100, 1, 1.0, 1.0);
+        bare.report.vcpu_primary_faults_per_s = None;
+        assert_eq!(exit_figures(&runs, &bare), "");
+    }
 }
