@@ -697,24 +697,33 @@ fn pages_kept_writable_reach_the_secondary_before_a_failover() {
 #[cfg(feature = "ofi")]
 #[test]
 fn the_libfabric_push_fails_over_like_the_tcp_one() {
+    ofi_failovers(
+        "tcp",
+        &[
+            (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
+            (&["--duration", "3s"], Some("push:6")),
+            (&["--duration", "3s"], Some("commit:9")),
+        ],
+    );
+}
+
+/// `colo pair --transport ofi --ofi-provider PROVIDER` once per run (its arguments, and
+/// the crash point if any), each checked for a clean failover.
+#[cfg(feature = "ofi")]
+fn ofi_failovers(provider: &str, runs: &[(&[&str], Option<&str>)]) {
     let _one_at_a_time = serial();
     if !kvm() {
         return;
     }
-    let ofi = ["--transport", "ofi", "--ofi-provider", "tcp"];
-    let runs: [(&[&str], Option<&str>); 3] = [
-        (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
-        (&["--duration", "3s"], Some("push:6")),
-        (&["--duration", "3s"], Some("commit:9")),
-    ];
-    for (args, crash) in runs {
+    let ofi = ["--transport", "ofi", "--ofi-provider", provider];
+    for &(args, crash) in runs {
         let all: Vec<&str> = ofi.iter().chain(args).copied().collect();
         let v = pair(
             &all,
             crash.map(|c| ("COLO_TEST_CRASH_AT", c.to_string())),
             None,
         );
-        check_failover(&v, &format!("ofi {args:?} {crash:?}"));
+        check_failover(&v, &format!("ofi {provider} {args:?} {crash:?}"));
     }
 }
 
@@ -725,22 +734,11 @@ fn the_libfabric_push_fails_over_like_the_tcp_one() {
 #[cfg(feature = "ofi")]
 #[test]
 fn the_shared_memory_libfabric_push_fails_over_too() {
-    let _one_at_a_time = serial();
-    if !kvm() {
-        return;
-    }
-    let ofi = ["--transport", "ofi", "--ofi-provider", "shm"];
-    let runs: [(&[&str], Option<&str>); 2] = [
-        (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
-        (&["--duration", "3s"], Some("push:6")),
-    ];
-    for (args, crash) in runs {
-        let all: Vec<&str> = ofi.iter().chain(args).copied().collect();
-        let v = pair(
-            &all,
-            crash.map(|c| ("COLO_TEST_CRASH_AT", c.to_string())),
-            None,
-        );
-        check_failover(&v, &format!("ofi shm {args:?} {crash:?}"));
-    }
+    ofi_failovers(
+        "shm",
+        &[
+            (&["--duration", "4s", "--kill-primary-after", "1.5s"], None),
+            (&["--duration", "3s"], Some("push:6")),
+        ],
+    );
 }

@@ -209,6 +209,14 @@ impl<E: Endpoint> VerbsSender<E> {
         self.fence()?;
         let epoch = self.epoch;
         message::encode_close(&mut self.msg, epoch);
+        self.send_message(epoch)?;
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Sends the message in `self.msg` (a commit or a close of `epoch`, its immediate the
+    /// epoch's low bits) and waits for its completion.
+    fn send_message(&mut self, epoch: u64) -> Result<()> {
         if let Err(e) = self
             .ep
             .post_send(COMMIT_ID | epoch, epoch as u32, &self.msg)
@@ -218,7 +226,6 @@ impl<E: Endpoint> VerbsSender<E> {
         while self.commit_done < epoch {
             self.reap()?;
         }
-        self.closed = true;
         Ok(())
     }
 
@@ -505,15 +512,7 @@ impl<E: Endpoint> PushSender for VerbsSender<E> {
             }
             .into());
         }
-        if let Err(e) = self
-            .ep
-            .post_send(COMMIT_ID | epoch, epoch as u32, &self.msg)
-        {
-            return Err(self.fail(e));
-        }
-        while self.commit_done < epoch {
-            self.reap()?;
-        }
+        self.send_message(epoch)?;
         self.epoch += 1;
         self.epoch_bytes = 0;
         self.stats.commits += 1;
