@@ -857,6 +857,8 @@ impl Primary {
                 tracing::warn!(error = %e, "cannot mark the commit in the network output");
             }
         }
+        let pause = paused_at.elapsed();
+        // After the pause's end is taken: not part of it.
         let counts = self.vm.vcpu_exit_counts();
         let rec = EpochRecord {
             epoch: self.epoch,
@@ -866,8 +868,8 @@ impl Primary {
                     .as_millis() as u64,
             ),
             trigger,
-            pause_us: paused_at.elapsed().as_micros() as u64,
-            release_us: (paused_at.elapsed() - received_at).as_micros() as u64,
+            pause_us: pause.as_micros() as u64,
+            release_us: (pause - received_at).as_micros() as u64,
             park_us: start.park.as_micros() as u64,
             vcpu_stop_us: start
                 .vcpu_stops
