@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Counts the shadow-MMU entries KVM sets, per thread, for SECS seconds (default 1), while a
 # VM runs (e.g. `colo pair --mode periodic --dirty-rate 25600 --pipeline 2048` in another
-# shell). Under dirty logging on this host's shadow paging, each one is a write-protect
-# fault the vCPU took on its first write to a page since the last log collection. Also
+# shell). Under dirty logging on this host's shadow paging most follow a write-protect
+# fault the vCPU took on its first write to a page since the last log collection, but KVM
+# also sets entries for neighbouring pages it prefetches, so this is not a fault count:
+# `colo pair --json` gives the vCPU's real fault rate (KVM's `pf_taken` statistic,
+# `vcpu_primary_faults_per_s`) and `colo bench colo` the cost of one fault. Also
 # prints the median gap between faults on consecutive guest pages: the cost of one fault
 # when the guest writes pages back to back (the dirty load does).
 # Needs root and tracefs (/sys/kernel/tracing) with the kvmmmu events.
