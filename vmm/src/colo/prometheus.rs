@@ -23,6 +23,8 @@
 //! | `colo_pushed_pages_total` | counter | primary: guest pages pushed (background and pause) |
 //! | `colo_pushed_bytes_total` | counter | primary: payload bytes pushed |
 //! | `colo_aborted_checkpoints_total` | counter | primary: checkpoints abandoned mid-way |
+//! | `colo_vcpu_page_faults_total` | counter | primary: page faults KVM took for the PVM's vCPUs (mostly dirty logging's write-protect faults; where the kernel reports them) |
+//! | `colo_vcpu_exits_total` | counter | primary: the PVM's vCPUs' exits from the guest |
 //! | `colo_checkpoints_applied_total` | counter | secondary: checkpoints applied to the SVM |
 //! | `colo_applied_pages_total` | counter | secondary: pages copied into the SVM |
 //! | `colo_failovers_total` | counter | secondary: takeovers; primary: secondaries lost |
@@ -134,7 +136,29 @@ pub struct SideMetrics {
     applied: Counter,
     applied_pages: Counter,
     failovers: Counter,
+    /// The PVM's vCPU page faults and exits, raised to each checkpoint's cumulative count.
+    vcpu_faults: Cumulative,
+    vcpu_exits: Cumulative,
     probes: Arc<Mutex<Probes>>,
+}
+
+/// A counter fed cumulative counts (KVM's, since the VM started): each new count raises it
+/// by what it grew since the last.
+#[derive(Debug, Default, Clone)]
+struct Cumulative {
+    counter: Counter,
+    last: Arc<Mutex<u64>>,
+}
+
+impl Cumulative {
+    fn observe(&self, count: Option<u64>) {
+        let Some(count) = count else {
+            return;
+        };
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        self.counter.inc_by(count.saturating_sub(*last));
+        *last = (*last).max(count);
+    }
 }
 
 impl SideMetrics {
@@ -165,8 +189,20 @@ impl SideMetrics {
         let (pages, bytes, aborted) = (Counter::default(), Counter::default(), Counter::default());
         let (applied, applied_pages) = (Counter::default(), Counter::default());
         let failovers = Counter::default();
+        let (vcpu_faults, vcpu_exits) = (Cumulative::default(), Cumulative::default());
         match side {
             Side::Primary => {
+                registry.register(
+                    "vcpu_page_faults",
+                    "Page faults KVM took for the PVM's vCPUs (mostly dirty logging's \
+                     write-protect faults)",
+                    vcpu_faults.counter.clone(),
+                );
+                registry.register(
+                    "vcpu_exits",
+                    "The PVM's vCPUs' exits from the guest",
+                    vcpu_exits.counter.clone(),
+                );
                 registry.register(
                     "checkpoints",
                     "Checkpoints committed, by cause",
@@ -231,6 +267,8 @@ impl SideMetrics {
             applied,
             applied_pages,
             failovers,
+            vcpu_faults,
+            vcpu_exits,
             probes,
         };
         m.set_state(State::Waiting);
@@ -277,6 +315,8 @@ impl SideMetrics {
         }
         self.pages.inc_by(rec.pause_pages + rec.background_pages);
         self.bytes.inc_by(rec.bytes);
+        self.vcpu_faults.observe(rec.vcpu_faults);
+        self.vcpu_exits.observe(rec.vcpu_exits);
         self.set_state(State::Protected);
     }
 
@@ -663,6 +703,25 @@ mod tests {
             .unwrap_or_else(|| panic!("no {series} in\n{text}"))
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn vcpu_counters_rise_by_what_the_cumulative_counts_grew() {
+        let m = SideMetrics::new(Side::Primary);
+        assert_eq!(sample(&m.render(), "colo_vcpu_page_faults_total"), 0.0);
+        for (faults, exits) in [
+            (Some(100), Some(1000)),
+            (None, None),
+            (Some(250), Some(1600)),
+        ] {
+            let mut r = rec(Trigger::Timer, 1_000);
+            r.vcpu_faults = faults;
+            r.vcpu_exits = exits;
+            m.observe(&Event::Checkpoint(r));
+        }
+        let t = m.render();
+        assert_eq!(sample(&t, "colo_vcpu_page_faults_total"), 250.0);
+        assert_eq!(sample(&t, "colo_vcpu_exits_total"), 1600.0);
     }
 
     #[test]
