@@ -1,29 +1,40 @@
-//! The libfabric (OFI) backend (feature `ofi`): an [`Endpoint`] on a connected `FI_EP_MSG`
-//! endpoint of any libfabric provider that offers RMA, driven by the same pipeline as the
-//! verbs device ([`crate::verbs`]).
+//! The libfabric (OFI) backend (feature `ofi`): an [`Endpoint`] on a libfabric endpoint of
+//! any provider that offers RMA, driven by the same pipeline as the verbs device
+//! ([`crate::verbs`]): a connected `FI_EP_MSG` endpoint where the provider offers RMA on
+//! one, else a reliable datagram `FI_EP_RDM` one ([`EndpointKind`]).
 //!
 //! libfabric is the portable one-sided API of HPC fabrics: its `verbs` provider drives
-//! InfiniBand and RoCE, `efa` AWS EFA, `cxi` HPE Slingshot, and its `tcp` provider does the
-//! same RMA writes in user space over TCP, so the one-sided pipeline also runs on a machine
-//! without RDMA hardware (the test command runs it over `tcp` on loopback).
+//! InfiniBand and RoCE, `efa` AWS EFA, `cxi` HPE Slingshot, and its `tcp` and `shm`
+//! providers do the same RMA writes in user space, so the one-sided pipeline also runs on
+//! a machine without RDMA hardware (the test command runs it over `tcp`, `tcp;ofi_rxm` and
+//! `shm`).
 //!
 //! - Bindings: generated with bindgen from the installed headers (`ofi/shim.h`), since
 //!   libfabric's own Rust binding (`ofi-libfabric-sys` 0.1) needs libfabric 2.x headers
 //!   (`fi_profile.h`) and Debian 12 ships 1.17. Most `fi_*` calls are `static inline`;
 //!   `ofi/shim.c` gives each a real symbol.
-//! - Connection: the receiver listens on a passive endpoint ([`OfiListener`]); the sender
-//!   connects to the address of the control channel's peer and the port published in the
-//!   [`RegionDesc`]. Connection events come from an event queue read with a blocking wait.
+//! - Connection, connected: the receiver listens on a passive endpoint ([`OfiListener`]);
+//!   the sender connects to the address of the control channel's peer and the port
+//!   published in the [`RegionDesc`]. Connection events come from an event queue read
+//!   with a blocking wait.
+//! - Reliable datagram: the receiver publishes its endpoint's name in the [`RegionDesc`];
+//!   the sender puts it in an address vector and sends its own name as its first message
+//!   (the push protocol's address message). Every write asks delivery completion, and
+//!   completions retire in the order of their posts, as a queue pair's do. The sender
+//!   ends with the push protocol's close message.
 //! - Registration: the receiver registers its RAM cache for remote write only. The key
-//!   (chosen by colo, or by the provider under `FI_MR_PROV_KEY`) and the base address
-//!   (the virtual address under `FI_MR_VIRT_ADDR`, else 0: offsets) go in the descriptor.
-//!   The sender registers its source for local reads; where that fails it registers
-//!   bounce buffers, as the verbs device does.
-//! - Work: each RDMA WRITE work request is one `fi_writemsg` (a chain passes `FI_MORE` to
-//!   all but its last), completions only where the pipeline signals one
+//!   (random and as wide as the provider's keys, or the provider's under
+//!   `FI_MR_PROV_KEY`) and the base address (the virtual address under `FI_MR_VIRT_ADDR`,
+//!   else 0: offsets) go in the descriptor. The sender registers its source for local
+//!   reads; where that fails it registers bounce buffers, as the verbs device does. Under
+//!   `FI_MR_ENDPOINT` (reliable datagram only) registrations are bound to the endpoint.
+//! - Work: consecutive RDMA WRITE work requests go in one `fi_writemsg` up to the
+//!   provider's iov limits (a chain passes `FI_MORE` to all but its last); on a connected
+//!   endpoint completions come only where the pipeline signals one
 //!   (`FI_SELECTIVE_COMPLETION`); the epoch message is a send with remote CQ data (the
-//!   immediate). Completion queues are read with `fi_cq_sread`, which blocks in the
-//!   provider (and drives its progress), so an idle side does not spin.
+//!   immediate). Completion queues with a file descriptor are read with `fi_cq_sread`,
+//!   which blocks in the provider (and drives its progress), so an idle side does not
+//!   spin; those without one (`shm`) are polled with short naps.
 //!
 //! [`Endpoint`]: crate::verbs::Endpoint
 
