@@ -37,6 +37,7 @@
 //!   spin; those without one (`shm`) are polled with short naps.
 //!
 //! [`Endpoint`]: crate::verbs::Endpoint
+//! [`RegionDesc`]: crate::push::RegionDesc
 
 mod endpoint;
 mod sys;
