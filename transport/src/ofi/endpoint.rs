@@ -158,14 +158,16 @@ impl Info {
 const MR_MODES: u32 =
     sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY;
 
-/// Finds an RMA endpoint of type `ep_type` of `opts.provider` for `node:service`.
+/// Finds an RMA endpoint of `kind` (connected or reliable datagram; not `Any`) of
+/// `opts.provider` for `node:service`.
 fn getinfo(
     node: Option<&str>,
     service: Option<&str>,
     flags: u64,
     opts: &OfiOptions,
-    ep_type: sys::fi_ep_type,
+    kind: EndpointKind,
 ) -> Result<Info> {
+    let rdm = kind == EndpointKind::Rdm;
     // SAFETY: fi_allocinfo returns a zeroed fi_info with its attribute structs allocated,
     // or null.
     let hints = Info(unsafe { sys::colo_fi_allocinfo() });
@@ -178,14 +180,14 @@ fn getinfo(
         let h = &mut *hints.0;
         h.caps = u64::from(sys::FI_MSG | sys::FI_RMA | sys::FI_WRITE | sys::FI_REMOTE_WRITE);
         h.mode = 0;
-        (*h.ep_attr).type_ = ep_type;
+        (*h.ep_attr).type_ = if rdm {
+            sys::fi_ep_type_FI_EP_RDM
+        } else {
+            sys::fi_ep_type_FI_EP_MSG
+        };
         // Registrations bound to the endpoint: on reliable datagram endpoints only, where
         // the endpoint exists before anything is registered (cxi needs it).
-        let endpoint_mrs = if ep_type == sys::fi_ep_type_FI_EP_RDM {
-            sys::FI_MR_ENDPOINT
-        } else {
-            0
-        };
+        let endpoint_mrs = if rdm { sys::FI_MR_ENDPOINT } else { 0 };
         (*h.domain_attr).mr_mode = (MR_MODES | endpoint_mrs) as c_int;
         (*h.domain_attr).threading = sys::fi_threading_FI_THREAD_SAFE;
         if let Some(p) = &opts.provider {
@@ -216,11 +218,6 @@ fn getinfo(
     };
     let info = Info(info);
     if rc == -(sys::FI_ENODATA as c_int) || (rc == 0 && info.0.is_null()) {
-        let kind = if ep_type == sys::fi_ep_type_FI_EP_RDM {
-            EndpointKind::Rdm
-        } else {
-            EndpointKind::Msg
-        };
         return Err(no_rma(opts, kind));
     }
     check("fi_getinfo", rc)?;
@@ -259,7 +256,7 @@ fn no_rma(opts: &OfiOptions, kind: EndpointKind) -> Error {
 fn find(opts: &OfiOptions, msg_at: (Option<&str>, &str, u64)) -> Result<(Info, EndpointKind)> {
     let (node, service, flags) = msg_at;
     if opts.endpoint != EndpointKind::Rdm {
-        match getinfo(node, Some(service), flags, opts, sys::fi_ep_type_FI_EP_MSG) {
+        match getinfo(node, Some(service), flags, opts, EndpointKind::Msg) {
             Ok(info) => return Ok((info, EndpointKind::Msg)),
             Err(e @ Error::Ofi(OfiError::NoRma { .. })) if opts.endpoint == EndpointKind::Any => {
                 tracing::debug!(error = %e, "no connected libfabric endpoint; trying RDM");
@@ -267,7 +264,7 @@ fn find(opts: &OfiOptions, msg_at: (Option<&str>, &str, u64)) -> Result<(Info, E
             Err(e) => return Err(e),
         }
     }
-    let info = getinfo(None, None, 0, opts, sys::fi_ep_type_FI_EP_RDM).map_err(|e| match e {
+    let info = getinfo(None, None, 0, opts, EndpointKind::Rdm).map_err(|e| match e {
         // Neither kind: say so once, with both.
         Error::Ofi(OfiError::NoRma { provider, hint, .. }) => Error::Ofi(OfiError::NoRma {
             provider,
@@ -629,7 +626,8 @@ impl Buf {
 enum Listening {
     /// A passive endpoint the sender connects to (`FI_EP_MSG`).
     Msg {
-        pep: Object<sys::fid_pep>,
+        /// Open while the listener is: closing it stops the listening.
+        _pep: Object<sys::fid_pep>,
         eq: Arc<Eq>,
     },
     /// The reliable datagram endpoint itself, whose name the descriptor carries; the
@@ -684,8 +682,9 @@ impl OfiListener {
             EndpointKind::Rdm => {
                 let domain = open_domain(&fabric, &info)?;
                 let av = open_av(&domain, &info)?;
-                let recv_len = message::commit_len(region_words(region.len(), page_size))
-                    .max(message::ADDRESS_MAX_LEN);
+                let recv_len =
+                    message::commit_len(RegionDesc::words_for(region.len() as u64, page_size))
+                        .max(message::ADDRESS_MAX_LEN);
                 let mut ep = OfiEndpoint::open(
                     &domain,
                     Link::Unconnected(av),
@@ -717,7 +716,7 @@ impl OfiListener {
                     ))
                 })?;
                 let domain = open_domain(&fabric, &info)?;
-                (Listening::Msg { pep, eq }, domain, port)
+                (Listening::Msg { _pep: pep, eq }, domain, port)
             }
         };
         // Remote write and nothing else: never remote read. The key is as wide as the
@@ -789,8 +788,10 @@ impl OfiListener {
     /// As [`accept`](Self::accept).
     pub fn accept_endpoint(&mut self, timeout: Duration) -> Result<OfiEndpoint> {
         let deadline = Instant::now() + timeout;
-        let (pep, eq) = match &mut self.listening {
-            Listening::Msg { pep, eq } => (&*pep, eq.clone()),
+        let eq = match &mut self.listening {
+            // The passive endpoint stays with the listener; its event queue tells of the
+            // connection request.
+            Listening::Msg { eq, .. } => eq.clone(),
             Listening::Rdm(slot) => {
                 let mut ep = *slot.take().ok_or_else(|| {
                     Error::Protocol("this libfabric listener has accepted its sender".into())
@@ -840,22 +841,8 @@ impl OfiListener {
         })?;
         ep.wait_connected(deadline.saturating_duration_since(Instant::now()))?;
         tracing::info!(provider = %self.provider, "libfabric push connection accepted");
-        let _ = pep;
         Ok(ep)
     }
-}
-
-/// Words in the epoch bitmap of a region of `len` bytes in pages of `page_size`.
-fn region_words(len: usize, page_size: u32) -> usize {
-    RegionDesc {
-        addr: 0,
-        key: 0,
-        len: len as u64,
-        page_size,
-        port: 0,
-        name: EndpointName::EMPTY,
-    }
-    .bitmap_words()
 }
 
 /// The name of an endpoint (active or passive).
@@ -904,14 +891,14 @@ pub fn connect_endpoint(
     // The receiver's descriptor says which kind it listens on: a name, or a port.
     let rdm = !remote.name.is_empty();
     let info = if rdm {
-        getinfo(None, None, 0, opts, sys::fi_ep_type_FI_EP_RDM)?
+        getinfo(None, None, 0, opts, EndpointKind::Rdm)?
     } else {
         getinfo(
             Some(&addr.to_string()),
             Some(&remote.port.to_string()),
             0,
             opts,
-            sys::fi_ep_type_FI_EP_MSG,
+            EndpointKind::Msg,
         )?
     };
     let provider = info.provider();
@@ -995,14 +982,27 @@ const ADDRESS_ID: u64 = u64::MAX;
 struct InOrder {
     /// Token of the oldest operation not retired.
     base: u64,
-    /// Operations posted and not retired, oldest first: (work request id, signaled, done).
-    queue: std::collections::VecDeque<(u64, bool, bool)>,
+    /// Operations posted and not retired, oldest first.
+    queue: std::collections::VecDeque<Op>,
+}
+
+/// One operation posted on an unconnected endpoint.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    wr_id: u64,
+    /// The pipeline wants its completion.
+    signaled: bool,
+    done: bool,
 }
 
 impl InOrder {
     /// Notes a post; returns the token its completion will carry as context.
     fn post(&mut self, wr_id: u64, signaled: bool) -> u64 {
-        self.queue.push_back((wr_id, signaled, false));
+        self.queue.push_back(Op {
+            wr_id,
+            signaled,
+            done: false,
+        });
         self.base + self.queue.len() as u64 - 1
     }
 
@@ -1011,16 +1011,19 @@ impl InOrder {
         self.queue.pop_back();
     }
 
+    /// The outstanding operation of `token`.
+    fn op(&mut self, token: u64) -> Option<&mut Op> {
+        let i = usize::try_from(token.checked_sub(self.base)?).ok()?;
+        self.queue.get_mut(i)
+    }
+
     /// The operation of `token` failed: it retires without a success, and its work
     /// request id (or the token, for none outstanding) is returned for the error.
     fn fail(&mut self, token: u64) -> u64 {
-        let at = token
-            .checked_sub(self.base)
-            .and_then(|i| usize::try_from(i).ok());
-        match at.and_then(|i| self.queue.get_mut(i)) {
-            Some(e) => {
-                e.1 = false;
-                e.0
+        match self.op(token) {
+            Some(op) => {
+                op.signaled = false;
+                op.wr_id
             }
             None => token,
         }
@@ -1029,14 +1032,16 @@ impl InOrder {
     /// Marks `token` done and retires what is done from the oldest on: the signaled ones
     /// go to `out`.
     fn complete(&mut self, token: u64, out: &mut Vec<Wc>) {
-        let at = token
-            .checked_sub(self.base)
-            .and_then(|i| usize::try_from(i).ok());
-        match at.and_then(|i| self.queue.get_mut(i)) {
-            Some(e) => e.2 = true,
+        match self.op(token) {
+            Some(op) => op.done = true,
             None => tracing::debug!(token, "libfabric completion of no outstanding operation"),
         }
-        while let Some(&(wr_id, signaled, true)) = self.queue.front() {
+        while let Some(&Op {
+            wr_id,
+            signaled,
+            done: true,
+        }) = self.queue.front()
+        {
             self.queue.pop_front();
             self.base += 1;
             if signaled {
@@ -1481,6 +1486,29 @@ impl OfiEndpoint {
         }
     }
 
+    /// Posts one operation for work request `wr_id` with `call`, which gets the context
+    /// its completion will carry: the id itself on a connected endpoint, the operation's
+    /// in-order token on an unconnected one (forgotten again if the post fails).
+    fn post_op(
+        &mut self,
+        what: &'static str,
+        wr_id: u64,
+        signaled: bool,
+        call: impl Fn(*mut c_void) -> isize,
+    ) -> Result<()> {
+        let context = match &mut self.in_order {
+            Some(q) => q.post(wr_id, signaled),
+            None => wr_id,
+        };
+        let posted = self.post(what, || call(context as *mut c_void));
+        if posted.is_err()
+            && let Some(q) = &mut self.in_order
+        {
+            q.unpost();
+        }
+        posted
+    }
+
     /// Reads up to [`POLL_BATCH`] send completions (waiting up to `timeout`) into `out`.
     fn read_tx(&mut self, out: &mut Vec<Wc>, timeout: Option<Duration>) -> Result<()> {
         let mut entries = [sys::fi_cq_data_entry::default(); POLL_BATCH];
@@ -1599,50 +1627,39 @@ impl Endpoint for OfiEndpoint {
                 continue;
             }
             let mut flags = if last { 0 } else { u64::from(sys::FI_MORE) };
-            let context = match &mut self.in_order {
+            if self.in_order.is_some() {
                 // Unconnected: every write completes once the target placed it, and
                 // completions retire in order (see `InOrder`).
-                Some(q) => {
-                    flags |= u64::from(sys::FI_COMPLETION) | u64::from(sys::FI_DELIVERY_COMPLETE);
-                    q.post(wr.wr_id, wr.signaled)
+                flags |= u64::from(sys::FI_COMPLETION) | u64::from(sys::FI_DELIVERY_COMPLETE);
+            } else if wr.signaled {
+                flags |= u64::from(sys::FI_COMPLETION);
+                if last {
+                    // The last write of a chain completes only once the target placed it
+                    // (and, the connection being ordered, every write before it): a write
+                    // the target refused, which makes it close the connection, then fails
+                    // here, before the pipeline posts a commit, as on verbs. The others
+                    // complete when sent, which spares a round trip each.
+                    flags |= u64::from(sys::FI_DELIVERY_COMPLETE);
                 }
-                None => {
-                    if wr.signaled {
-                        flags |= u64::from(sys::FI_COMPLETION);
-                    }
-                    if last && wr.signaled {
-                        // The last write of a chain completes only once the target placed
-                        // it (and, the connection being ordered, every write before it): a
-                        // write the target refused, which makes it close the connection,
-                        // then fails here, before the pipeline posts a commit, as on verbs.
-                        // The others complete when sent, which spares a round trip each.
-                        flags |= u64::from(sys::FI_DELIVERY_COMPLETE);
-                    }
-                    wr.wr_id
-                }
-            };
-            let msg = sys::fi_msg_rma {
-                msg_iov: iovs.as_ptr(),
-                desc: descs.as_mut_ptr(),
-                iov_count: iovs.len(),
-                addr: self.peer,
-                rma_iov: rmas.as_ptr(),
-                rma_iov_count: rmas.len(),
-                context: context as *mut c_void,
-                data: 0,
-            };
-            let ep = self.ep.ptr;
-            let posted = self.post("fi_writemsg", || {
+            }
+            let (ep, peer) = (self.ep.ptr, self.peer);
+            let (iov_count, rma_iov_count) = (iovs.len(), rmas.len());
+            let (iov_ptr, desc_ptr, rma_ptr) = (iovs.as_ptr(), descs.as_mut_ptr(), rmas.as_ptr());
+            self.post_op("fi_writemsg", wr.wr_id, wr.signaled, |context| {
+                let msg = sys::fi_msg_rma {
+                    msg_iov: iov_ptr,
+                    desc: desc_ptr,
+                    iov_count,
+                    addr: peer,
+                    rma_iov: rma_ptr,
+                    rma_iov_count,
+                    context,
+                    data: 0,
+                };
                 // SAFETY: live endpoint; `msg` and the arrays it points to live for the
                 // call (the provider copies them); the local memory is registered.
                 unsafe { sys::colo_fi_writemsg(ep, &msg, flags) }
-            });
-            if posted.is_err()
-                && let Some(q) = &mut self.in_order
-            {
-                q.unpost();
-            }
-            posted?;
+            })?;
             iovs.clear();
             descs.clear();
             rmas.clear();
@@ -1664,32 +1681,23 @@ impl Endpoint for OfiEndpoint {
             iov_len: msg.len(),
         };
         let mut desc = self.desc(&self.send.mr);
-        let context = match &mut self.in_order {
-            Some(q) => q.post(wr_id, true),
-            None => wr_id,
-        };
-        let m = sys::fi_msg {
-            msg_iov: &iov,
-            desc: &mut desc,
-            iov_count: 1,
-            addr: self.peer,
-            context: context as *mut c_void,
-            data: u64::from(imm),
-        };
+        let desc_ptr: *mut *mut c_void = &mut desc;
         let flags = u64::from(sys::FI_COMPLETION | sys::FI_REMOTE_CQ_DATA);
-        let ep = self.ep.ptr;
-        let posted = self.post("fi_sendmsg", || {
+        let (ep, peer) = (self.ep.ptr, self.peer);
+        self.post_op("fi_sendmsg", wr_id, true, |context| {
+            let m = sys::fi_msg {
+                msg_iov: &iov,
+                desc: desc_ptr,
+                iov_count: 1,
+                addr: peer,
+                context,
+                data: u64::from(imm),
+            };
             // SAFETY: live endpoint; `m` and what it points to live for the call; the send
             // buffer is registered and not reused until this send completes (the pipeline
             // keeps one send outstanding).
             unsafe { sys::colo_fi_sendmsg(ep, &m, flags) }
-        });
-        if posted.is_err()
-            && let Some(q) = &mut self.in_order
-        {
-            q.unpost();
-        }
-        posted
+        })
     }
 
     fn poll_send(&mut self, out: &mut Vec<Wc>, timeout: Duration) -> Result<()> {
@@ -1731,5 +1739,41 @@ impl Endpoint for OfiEndpoint {
         self.recv.mem.read_at((slot * self.recv_len) as u64, buf)?;
         self.post_recv(slot)?;
         Ok(imm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(out: &[Wc]) -> Vec<u64> {
+        out.iter().map(|w| w.wr_id).collect()
+    }
+
+    #[test]
+    fn completions_retire_in_the_order_of_their_posts() {
+        let mut q = InOrder::default();
+        let (a, b, c) = (q.post(1, false), q.post(2, true), q.post(3, true));
+        let mut out = Vec::new();
+        // The last completes first: nothing retires before the ones posted ahead of it.
+        q.complete(c, &mut out);
+        q.complete(a, &mut out);
+        assert!(out.is_empty());
+        q.complete(b, &mut out);
+        assert_eq!(ids(&out), [2, 3], "unsignaled 1 retires silently");
+        // A failed operation retires without a success; what follows it retires after.
+        out.clear();
+        let (d, e) = (q.post(4, true), q.post(5, true));
+        q.complete(e, &mut out);
+        assert_eq!(q.fail(d), 4);
+        q.complete(d, &mut out);
+        assert_eq!(ids(&out), [5]);
+        // A refused post is forgotten; a stray token changes nothing.
+        let f = q.post(6, true);
+        q.unpost();
+        q.complete(f, &mut out);
+        q.complete(u64::MAX, &mut out);
+        assert_eq!(ids(&out), [5]);
+        assert!(q.queue.is_empty());
     }
 }

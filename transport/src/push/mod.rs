@@ -117,7 +117,13 @@ impl RegionDesc {
 
     /// Words in an epoch bitmap of this region.
     pub fn bitmap_words(&self) -> usize {
-        self.pages().div_ceil(64) as usize
+        Self::words_for(self.len, self.page_size)
+    }
+
+    /// Words in an epoch bitmap of a region of `len` bytes in pages of `page_size` (a
+    /// trailing partial page counts as one).
+    pub fn words_for(len: u64, page_size: u32) -> usize {
+        len.div_ceil(u64::from(page_size.max(1))).div_ceil(64) as usize
     }
 
     /// Checks a run against this (remote) region and `source`: not empty, and inside

@@ -160,7 +160,8 @@ pub fn decode(data: &[u8], imm: u32, max_words: usize) -> Result<Message> {
         let name = &data[HEADER_LEN..];
         if epoch != 0 || words != 0 || bytes != name.len() as u64 {
             return Err(Error::Protocol(format!(
-                "push address message: epoch {epoch}, {words} bitmap words, a {bytes}-byte                  name in {} bytes",
+                "push address message: epoch {epoch}, {words} bitmap words, a {bytes}-byte \
+                 name in {} bytes",
                 name.len()
             )));
         }
